@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random GPT-2, OPT and Llama models built from configs (no downloads).
+
+Every test runs with HF_HUB_OFFLINE=1 and a private LANDSCAPE_CACHE so nothing touches the network or
+the user's cache. Tests marked ``slow`` need the bundled corpus or SmolLM2 and are skipped by `make test`.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from landscape.data import TokenSet, token_set_from_tensor
+from landscape.models import prepare_model
+
+VOCAB = 97
+
+
+def tiny_model(arch: str = "gpt2", dtype: torch.dtype = torch.float32, seed: int = 0, vocab: int = VOCAB,
+               hidden: int = 32, layers: int = 2):
+    """A tiny randomly initialised causal LM of the given architecture, eval mode, eager attention."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=hidden, n_layer=layers, n_head=2)
+        model = GPT2LMHeadModel(cfg)
+    elif arch == "opt":
+        cfg = OPTConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, ffn_dim=2 * hidden, word_embed_proj_dim=hidden)
+        model = OPTForCausalLM(cfg)
+    elif arch == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=hidden, num_hidden_layers=layers,
+                          num_attention_heads=2, num_key_value_heads=1, intermediate_size=2 * hidden)
+        model = LlamaForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    return prepare_model(model).to(dtype)
+
+
+def random_tokens(n: int = 6, seq_len: int = 16, seed: int = 0, vocab: int = VOCAB) -> TokenSet:
+    g = torch.Generator().manual_seed(seed)
+    return token_set_from_tensor(torch.randint(0, vocab, (n, seq_len), generator=g), name=f"random-{seed}")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path_factory.getbasetemp() / "landscape-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(params=["gpt2", "opt", "llama"])
+def arch(request) -> str:
+    return request.param
