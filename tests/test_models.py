@@ -1,0 +1,119 @@
+"""Model loading and quantizable-layer discovery on tiny GPT-2, OPT and Llama models (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from landscape.models import (
+    ModelNotFoundError,
+    builtin_model_names,
+    load_model,
+    quantizable_layers,
+    swapped_weights,
+    weight_matrix,
+    weights_fingerprint,
+)
+from tests.conftest import tiny_model
+
+EXPECTED_PER_BLOCK = {"gpt2": 4, "opt": 6, "llama": 7}
+
+
+def test_quantizable_layers_cover_decoder_linears_only(arch):
+    model = tiny_model(arch)
+    layers = quantizable_layers(model)
+    assert len(layers) == 2 * EXPECTED_PER_BLOCK[arch]
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert all(m is not emb and m is not head for m in layers.values())
+    # forward order: block 0 before block 1
+    names = list(layers)
+    assert names.index(next(n for n in names if ".0." in n)) < names.index(next(n for n in names if ".1." in n))
+    with_extra = quantizable_layers(model, include_embeddings=True, include_lm_head=True)
+    assert len(with_extra) == len(layers) + 2
+
+
+def test_weight_matrix_is_out_by_in_and_writes_through(arch):
+    model = tiny_model(arch)
+    for name, module in quantizable_layers(model).items():
+        w = weight_matrix(module)
+        x = torch.randn(3, w.shape[1])
+        # y = x W^T (+ bias) in the common orientation, whatever the module type
+        bias = module.bias if module.bias is not None else 0
+        torch.testing.assert_close(module(x), x @ w.T + bias)
+    module = next(iter(quantizable_layers(model).values()))
+    with torch.no_grad():
+        weight_matrix(module)[0, 0] = 123.0
+    assert weight_matrix(module)[0, 0].item() == 123.0
+
+
+def test_swapped_weights_restores_bit_exactly_even_on_error():
+    model = tiny_model("gpt2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    name = next(iter(quantizable_layers(model)))
+    new = torch.zeros_like(weight_matrix(model.get_submodule(name)))
+    with pytest.raises(RuntimeError):
+        with swapped_weights(model, {name: new}):
+            assert float(weight_matrix(model.get_submodule(name)).abs().sum()) == 0.0
+            raise RuntimeError("boom")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_swapped_weights_rejects_wrong_shape_and_unknown_layer():
+    model = tiny_model("llama")
+    name = next(iter(quantizable_layers(model)))
+    with pytest.raises(ValueError, match="shape"):
+        with swapped_weights(model, {name: torch.zeros(3, 3)}):
+            pass
+    with pytest.raises(KeyError, match="unknown layer"):
+        with swapped_weights(model, {"model.layers.9.nope": torch.zeros(3, 3)}):
+            pass
+
+
+def test_fingerprint_changes_with_weights():
+    model = tiny_model("opt")
+    fp = weights_fingerprint(model)
+    assert fp == weights_fingerprint(model)
+    name = next(iter(quantizable_layers(model)))
+    with swapped_weights(model, {name: weight_matrix(model.get_submodule(name)) + 1e-3}):
+        assert weights_fingerprint(model) != fp
+    assert weights_fingerprint(model) == fp
+
+
+def test_local_directory_loads_through_the_hub_code_path(tmp_path, arch):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model = tiny_model(arch)
+    model.save_pretrained(tmp_path)
+    vocab = {chr(ord("a") + i): i for i in range(26)} | {"<eos>": 26}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), dtype=torch.float64)
+    assert loaded.info.architecture == model.config.model_type
+    assert not loaded.model.training
+    assert loaded.model.config._attn_implementation == "eager"
+    assert next(loaded.model.parameters()).dtype == torch.float64
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), loaded.model.named_parameters()):
+        assert n1 == n2 and torch.equal(p1.double(), p2)
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ModelNotFoundError) as err:
+        load_model("no-such-model-xyz")
+    for name in builtin_model_names():
+        assert name in str(err.value)
+    assert "HF_HUB_OFFLINE" in str(err.value)
+
+
+def test_prepare_model_sets_eval_and_eager():
+    from landscape.models import prepare_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=1))
+    assert model.training
+    prepare_model(model)
+    assert not model.training and not any(m.training for m in model.modules() if isinstance(m, nn.Dropout))
+    assert model.config._attn_implementation == "eager"
