@@ -17,9 +17,15 @@ Format names (:func:`parse_format`):
 ``int4-sym``                  4-bit symmetric (codes -7..7), per output channel
 ``int4-g64`` / ``int4-g64-sym``  one scale (and zero) per group of 64 input columns
 ``int4-tensor``               one scale for the whole matrix
+``int4-g32-fz``               asymmetric with a real-valued ("float") zero point: the lattice spans
+                              exactly [min, max] of each group (GGUF Q4_1's grid)
 ``mxint4-32`` (``mxint4_32``)  MX block format: 4-bit symmetric elements, a shared power-of-two
                               scale (8-bit exponent) per block of 32 input columns
 ============================  =============================================================
+
+Asymmetric formats use an integer zero point by default (the GPTQ convention: codes and zero point in
+the same integer format, so 0.0 is exactly representable). SmolLM2-135M's GGUF weights lie on the
+``int4-g32-fz`` lattice, where RTN is lossless; on ``int4-g32`` (integer zero point) it is not.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class QuantFormat:
     symmetric: bool = False
     granularity: Granularity = "channel"
     group_size: int | None = None
+    float_zero: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
@@ -64,6 +71,8 @@ class QuantFormat:
             raise FormatError(f"group_size is only for 'group' and 'mx' granularity, not {self.granularity!r}")
         if self.granularity == "mx" and not self.symmetric:
             raise FormatError("MX block formats are symmetric: use symmetric=True")
+        if self.float_zero and self.symmetric:
+            raise FormatError("float_zero applies to asymmetric formats only (symmetric formats have no zero point)")
 
     # ------------------------------------------------------------------------------------- naming
     @property
@@ -75,7 +84,7 @@ class QuantFormat:
             base += f"-g{self.group_size}"
         elif self.granularity == "tensor":
             base += "-tensor"
-        return base + ("-sym" if self.symmetric else "")
+        return base + ("-sym" if self.symmetric else "-fz" if self.float_zero else "")
 
     def __str__(self) -> str:
         return self.name
@@ -108,7 +117,8 @@ class QuantFormat:
         """Bits needed to store a matrix of ``shape`` in this format (codes + scales + zero points)."""
         out_f, in_f = shape
         n_groups = 1 if self.granularity == "tensor" else out_f * (in_f // self.group_size_for(in_f))
-        per_group = MX_EXPONENT_BITS if self.granularity == "mx" else SCALE_BITS + (0 if self.symmetric else self.bits)
+        zero_bits = 0 if self.symmetric else SCALE_BITS if self.float_zero else self.bits
+        per_group = MX_EXPONENT_BITS if self.granularity == "mx" else SCALE_BITS + zero_bits
         return out_f * in_f * self.bits + n_groups * per_group
 
     def bits_per_weight(self, shape: tuple[int, int]) -> float:
@@ -116,7 +126,7 @@ class QuantFormat:
 
 
 _FORMAT_RE = re.compile(r"^(?P<mx>mx)?int(?P<bits>\d+)(?:[-_](?:g(?P<group>\d+)|(?P<block>\d+)|(?P<tensor>tensor)))?"
-                        r"(?P<sym>-sym)?$")
+                        r"(?P<sym>-sym|-fz)?$")
 
 
 def parse_format(spec: str | QuantFormat) -> QuantFormat:
@@ -126,13 +136,17 @@ def parse_format(spec: str | QuantFormat) -> QuantFormat:
     m = _FORMAT_RE.match(str(spec).strip().lower())
     if not m or (m["mx"] and not m["block"]) or (m["block"] and not m["mx"]):
         raise FormatError(f"unknown format {spec!r}; accepted: int<b> (per-channel asymmetric), int<b>-sym, "
-                          f"int<b>-g<G>[-sym], int<b>-tensor[-sym], mxint<b>-<block>, with b in {MIN_BITS}..{MAX_BITS}")
+                          f"int<b>-g<G>[-sym|-fz], int<b>-tensor[-sym|-fz], int<b>-fz, mxint<b>-<block>, "
+                          f"with b in {MIN_BITS}..{MAX_BITS}")
     bits = int(m["bits"])
     if m["mx"]:
+        if m["sym"]:
+            raise FormatError(f"format {spec!r}: MX formats are always symmetric; drop the suffix {m['sym']!r}")
         return QuantFormat(bits, True, "mx", int(m["block"]))
+    sym, fz = m["sym"] == "-sym", m["sym"] == "-fz"
     if m["group"]:
-        return QuantFormat(bits, bool(m["sym"]), "group", int(m["group"]))
-    return QuantFormat(bits, bool(m["sym"]), "tensor" if m["tensor"] else "channel")
+        return QuantFormat(bits, sym, "group", int(m["group"]), float_zero=fz)
+    return QuantFormat(bits, sym, "tensor" if m["tensor"] else "channel", float_zero=fz)
 
 
 # ----------------------------------------------------------------------------------------------- grid
@@ -156,9 +170,13 @@ class Grid:
         return t.repeat_interleave(self.group_size, dim=1)  # (out, in)
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
-        """Integer codes (same dtype as ``w``, integral values) of the nearest lattice points of ``w``."""
+        """Integer codes (same dtype as ``w``, integral values) of the nearest lattice points of ``w``.
+
+        ``q = clamp(round(w / scale + zero), qmin, qmax)``; with an integer zero point this equals the usual
+        ``round(w / scale) + zero``, with a real-valued one (``-fz``) the lattice is offset by ``zero``.
+        """
         s, z = self._per_column(self.scale).to(w), self._per_column(self.zero).to(w)
-        return torch.clamp(torch.round(w / s) + z, self.fmt.qmin, self.fmt.qmax)
+        return torch.clamp(torch.round(w / s + z), self.fmt.qmin, self.fmt.qmax)
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
         s, z = self._per_column(self.scale).to(q), self._per_column(self.zero).to(q)
@@ -176,7 +194,7 @@ class Grid:
         """Round the columns ``start : start + w.shape[1]`` of the matrix (GPTQ rounds column blocks)."""
         cols = torch.arange(start, start + w.shape[1], device=self.scale.device) // self.group_size
         s, z = self.scale[:, cols].to(w), self.zero[:, cols].to(w)
-        return s * (torch.clamp(torch.round(w / s) + z, self.fmt.qmin, self.fmt.qmax) - z)
+        return s * (torch.clamp(torch.round(w / s + z), self.fmt.qmin, self.fmt.qmax) - z)
 
     def contains(self, w: torch.Tensor, rtol: float = 1e-5) -> bool:
         """True if every entry of ``w`` is a lattice point (up to float tolerance relative to the scale)."""
@@ -191,7 +209,8 @@ def make_grid(w: torch.Tensor, fmt: QuantFormat | str, name: str = "weight") -> 
     """The min-max lattice of ``fmt`` on ``w`` (the pretrained weights; computed once, shared by all methods).
 
     Asymmetric: ``scale = (max - min) / qmax`` and ``zero = round(-min / scale)`` with the range widened
-    to include 0; symmetric: ``scale = absmax / qmax``; MX: ``scale = 2^(floor(log2 absmax) - (bits - 2))``.
+    to include 0 (``float_zero``: ``zero = -min / scale`` unrounded, the range not widened); symmetric:
+    ``scale = absmax / qmax``; MX: ``scale = 2^(floor(log2 absmax) - (bits - 2))``.
     Groups whose weights are all zero get scale 1 (any scale represents them exactly).
     """
     fmt = parse_format(fmt)
@@ -214,10 +233,13 @@ def make_grid(w: torch.Tensor, fmt: QuantFormat | str, name: str = "weight") -> 
             scale = absmax / fmt.qmax
         zero = torch.zeros_like(scale)
     else:
-        lo = wg.amin(dim=-1).clamp(max=0)
-        hi = wg.amax(dim=-1).clamp(min=0)
+        lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+        if not fmt.float_zero:
+            lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         scale = (hi - lo) / fmt.qmax
-        zero = torch.round(-lo / torch.where(scale > 0, scale, torch.ones_like(scale)))
+        zero = -lo / torch.where(scale > 0, scale, torch.ones_like(scale))
+        if not fmt.float_zero:
+            zero = torch.round(zero)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if fmt.granularity == "tensor":
         scale, zero = scale.expand(out_f, 1).clone(), zero.expand(out_f, 1).clone()
