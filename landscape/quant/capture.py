@@ -1,0 +1,395 @@
+"""Calibration inputs of decoder blocks and their linear layers, and the block-by-block driver of
+layer-wise quantizers (GPTQ).
+
+How inputs are obtained, without relying on any transformers block signature:
+
+1. :func:`capture_block_inputs` runs the calibration batches through the model once with a forward
+   pre-hook on the first decoder block (``with_kwargs=True``) and records exactly what the model passes
+   to it (hidden states plus every other argument: masks, position ids, rotary embeddings); a private
+   exception stops each forward pass there, so the rest of the model never runs.
+2. A block is then replayed as ``block(*call.args, **call.kwargs)`` (:func:`run_block`), with forward
+   hooks on its linear layers accumulating each layer's input second moment. A block's outputs are the
+   next block's inputs.
+
+Conventions:
+
+* The Hessian of a layer's local objective is ``H = 2/n * sum_x x x^T`` (``(in, in)``, in the compute
+  dtype), summed over all ``n`` token positions of the calibration set; ``x`` is the layer's input row.
+* The local output MSE of a weight change ``dW`` (``(out, in)``) is ``mean over tokens and outputs of
+  (dW x)^2 = tr(dW H dW^T) / (2 * out)`` (units: squared activations), the same quantity as
+  :func:`landscape.objectives.layer_mse`.
+* Layers are always named by module name and handled as ``(out, in)`` matrices
+  (:func:`landscape.models.weight_matrix`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import TokenSet
+from ..models import decoder_blocks_prefix, quantizable_layers, weight_matrix
+from .formats import QuantFormat, parse_format
+
+COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: the first block's inputs are recorded, the rest of the forward is not needed."""
+
+
+# ------------------------------------------------------------------------------------ validation
+def resolve_layers(model: nn.Module, layers: Sequence[str] | str | None = None,
+                   fmt: QuantFormat | str | None = None) -> list[str]:
+    """Names of the layers to quantize, in forward order, after checking every one of them up front.
+
+    Args:
+        layers: ``None`` (every linear layer of the decoder blocks, see
+            :func:`landscape.models.quantizable_layers`), or layer names and/or glob patterns
+            (``"*.mlp.*"``). Every entry must match at least one quantizable layer.
+        fmt: when given, every selected weight's shape is checked against it (group size divides
+            ``in_features``) and every weight must be finite.
+
+    Raises:
+        KeyError: an entry matches no quantizable layer (the message lists valid names).
+        landscape.quant.formats.FormatError: a layer's shape does not fit ``fmt``.
+        ValueError: a weight contains NaN or Inf.
+    """
+    available = quantizable_layers(model)
+    if layers is None:
+        names = list(available)
+    else:
+        patterns = [layers] if isinstance(layers, str) else list(layers)
+        if not patterns:
+            raise KeyError("layers is an empty list; pass None for every quantizable layer")
+        chosen: set[str] = set()
+        for pattern in patterns:
+            matched = [n for n in available if fnmatch.fnmatchcase(n, pattern)]
+            if not matched:
+                examples = ", ".join(list(available)[:4])
+                raise KeyError(f"unknown layer {pattern!r}: it matches none of the {len(available)} quantizable "
+                               f"layers (decoder-block linears), e.g. {examples}")
+            chosen.update(matched)
+        names = [n for n in available if n in chosen]
+    fmt = parse_format(fmt) if fmt is not None else None
+    for name in names:
+        w = weight_matrix(available[name])
+        if fmt is not None:
+            fmt.check_shape(tuple(w.shape), name)
+        if not torch.isfinite(w).all():
+            bad = (~torch.isfinite(w)).nonzero()[0].tolist()
+            raise ValueError(f"layer {name!r}: weight contains NaN or Inf (first at index {bad}); refusing to quantize")
+    return names
+
+
+def check_calibration(model: nn.Module, calib: TokenSet) -> None:
+    """Raise ``ValueError`` unless ``calib`` holds integer token ids inside the model's vocabulary."""
+    if not isinstance(calib, TokenSet):
+        raise TypeError(f"calibration data must be a landscape.data.TokenSet, got {type(calib).__name__}")
+    tokens = calib.tokens
+    if tokens.is_floating_point() or tokens.is_complex():
+        raise ValueError(f"calibration tokens must be integer token ids, got dtype {tokens.dtype}")
+    if tokens.ndim != 2 or tokens.numel() == 0:
+        raise ValueError(f"calibration tokens must be a non-empty (n_segments, seq_len) tensor, got {tuple(tokens.shape)}")
+    vocab = model.get_input_embeddings().num_embeddings
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"calibration token ids must lie in 0..{vocab - 1} (the model's vocabulary), got {lo}..{hi}")
+
+
+def check_compute_dtype(compute_dtype: torch.dtype) -> None:
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype!r}")
+
+
+def check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+# --------------------------------------------------------------------------------- block inputs
+@dataclass(frozen=True)
+class BlockCall:
+    """One batch's call of a decoder block, exactly as the model made it.
+
+    ``args[0]`` (or ``kwargs["hidden_states"]`` when the model passed it by keyword) is the hidden
+    state ``(batch, seq, hidden)``; everything else (masks, position ids, rotary embeddings) is
+    replayed unchanged for every block.
+    """
+
+    args: tuple
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def with_hidden(self, hidden: torch.Tensor) -> "BlockCall":
+        if self.args:
+            return BlockCall((hidden, *self.args[1:]), self.kwargs)
+        return BlockCall((), {**self.kwargs, "hidden_states": hidden})
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of decoder blocks (see :func:`landscape.models.decoder_blocks_prefix`)."""
+    return model.get_submodule(decoder_blocks_prefix(model))
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, calib: TokenSet, batch_size: int = 8) -> list[BlockCall]:
+    """What the model passes to its first decoder block, one :class:`BlockCall` per calibration batch.
+
+    One forward pass per batch (``use_cache=False``), cut short after the embeddings by a private
+    exception raised from a forward pre-hook on block 0. Raises ``ValueError`` if the hidden states
+    are not finite (e.g. NaN in the embeddings), before anything is quantized.
+    """
+    check_calibration(model, calib)
+    check_batch_size(batch_size)
+    device = next(model.parameters()).device
+    calls: list[BlockCall] = []
+
+    def record(module, args, kwargs):
+        if not args and "hidden_states" not in kwargs:
+            raise ValueError(f"{type(module).__name__} was called without positional hidden states or a "
+                             f"'hidden_states' keyword (got {sorted(kwargs)}); cannot capture its inputs")
+        calls.append(BlockCall(tuple(args), dict(kwargs)))
+        raise _StopForward
+
+    handle = decoder_blocks(model)[0].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for tokens, _ in calib.batches(batch_size):
+            try:
+                model(input_ids=tokens.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    for i, call in enumerate(calls):
+        if not torch.isfinite(call.hidden).all():
+            raise ValueError(f"hidden states entering the first decoder block contain NaN or Inf (calibration batch "
+                             f"{i}): check the model's embeddings; refusing to quantize")
+    return calls
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    """A block returns its hidden states as a tensor (transformers 5) or as the first item of a tuple."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_block(
+    block: nn.Module,
+    calls: Sequence[BlockCall],
+    watched: Mapping[str, nn.Module] | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+    keep_outputs: bool = True,
+) -> tuple[list[BlockCall], dict[str, torch.Tensor]]:
+    """Replay ``block`` on every call; optionally accumulate the Hessians of some of its linear layers.
+
+    Args:
+        watched: layer name -> module inside ``block`` whose input Hessian ``H = 2/n sum x x^T`` is wanted.
+        compute_dtype: dtype of the accumulated Hessians.
+        keep_outputs: return the block outputs as the next block's calls (else an empty list).
+
+    Returns:
+        ``(next_calls, hessians)``: ``hessians[name]`` is ``(in, in)`` on the module's device.
+
+    Raises:
+        ValueError: a watched layer received no input during the pass.
+    """
+    watched = dict(watched or {})
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(watched, 0)
+
+    def hook_for(name: str):
+        def accumulate(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(compute_dtype)  # (tokens, in)
+            sums[name] = x.T @ x if name not in sums else sums[name].addmm_(x.T, x)
+            counts[name] += x.shape[0]
+
+        return accumulate
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in watched.items()]
+    outputs: list[BlockCall] = []
+    try:
+        for call in calls:
+            out = _block_output(block(*call.args, **call.kwargs))
+            if keep_outputs:
+                outputs.append(call.with_hidden(out))
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n, c in counts.items() if c == 0]
+    if missing:
+        raise ValueError(f"layers {missing} received no input when their decoder block ran; cannot build their Hessian")
+    return outputs, {n: sums[n] * (2.0 / counts[n]) for n in watched}
+
+
+@torch.no_grad()
+def input_groups(block: nn.Module, layers: Mapping[str, nn.Module], call: BlockCall) -> list[list[str]]:
+    """Layers of ``block`` that read the same input tensor (e.g. q/k/v), as groups in forward order.
+
+    Detected by tensor identity during one replay of ``call``: layers whose pre-hooks see the same
+    tensor object form a group. Order inside a group and between groups is the order of first call.
+    """
+    seen: list[tuple[torch.Tensor, list[str]]] = []  # keeps the tensors alive, so identity is meaningful
+
+    def hook_for(name: str):
+        def record(module, args):
+            if any(name in group for _, group in seen):
+                return
+            for tensor, group in seen:
+                if tensor is args[0]:
+                    group.append(name)
+                    return
+            seen.append((args[0], [name]))
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers.items()]
+    try:
+        block(*call.args, **call.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    grouped = [g for _, g in seen]
+    missing = [n for n in layers if not any(n in g for g in grouped)]
+    if missing:
+        raise ValueError(f"layers {missing} received no input when their decoder block ran")
+    return grouped
+
+
+def output_mse(delta: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``mean over tokens and outputs of (delta x)^2 = tr(delta H delta^T) / (2 * out)`` for ``H = 2/n sum x x^T``.
+
+    ``delta`` is a ``(out, in)`` weight change; the result is in squared activation units.
+    """
+    d = delta.to(hessian.dtype)
+    return float(((d @ hessian) * d).sum() / (2 * d.shape[0]))
+
+
+# ------------------------------------------------------------------------------------- the driver
+LayerSolver = Callable[[str, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]]
+"""``solve(name, w0, hessian) -> (w_q, info)``: quantize one layer's ``(out, in)`` weight given its Hessian."""
+
+
+@dataclass(frozen=True)
+class SolvedLayer:
+    """One layer as the driver saw it solved.
+
+    Attributes:
+        weight: quantized ``(out, in)`` weight in the model's dtype, on the model's device.
+        info: whatever the solver reported (e.g. :class:`landscape.quant.gptq.GPTQLayerInfo`).
+        output_mse: local output MSE of ``weight - w0`` on the inputs the layer was solved on
+            (squared activations; see the module docstring).
+        seconds: wall time of the solver call alone.
+    """
+
+    weight: torch.Tensor
+    info: Any
+    output_mse: float
+    seconds: float
+
+
+@contextmanager
+def restored_on_exit(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield copies of the named layers' ``(out, in)`` weights (w0); write them back bit-exactly on exit,
+    also when the body raises."""
+    modules = quantizable_layers(model)
+    saved = {n: weight_matrix(modules[n]).detach().clone() for n in names}
+    try:
+        yield saved
+    finally:
+        with torch.no_grad():
+            for n, w0 in saved.items():
+                weight_matrix(modules[n]).copy_(w0)
+
+
+def quantize_block_by_block(
+    model: nn.Module,
+    calib: TokenSet,
+    names: Sequence[str],
+    solve: LayerSolver,
+    *,
+    sequential: bool = True,
+    true_sequential: bool = True,
+    batch_size: int = 8,
+    compute_dtype: torch.dtype = torch.float64,
+    progress: bool = True,
+) -> dict[str, SolvedLayer]:
+    """Quantize the named layers block by block with a layer-wise solver; the model is left as it was.
+
+    Args:
+        names: layers to quantize (already validated, e.g. by :func:`resolve_layers`).
+        solve: the layer solver, called once per layer in forward order.
+        sequential: each block's inputs come from the model whose earlier blocks are already
+            quantized (GPTQ's default). ``False``: every layer sees the full-precision model's inputs.
+        true_sequential: with ``sequential``, layers inside a block are solved group by group (layers
+            reading the same tensor form a group, see :func:`input_groups`), and each group's inputs
+            are recaptured after the earlier groups are quantized. Ignored when ``sequential=False``.
+        compute_dtype: dtype of the Hessians handed to ``solve``.
+
+    Returns:
+        layer name -> :class:`SolvedLayer`, in forward order. The model's weights are restored to w0
+        bit-exactly before returning (and on any exception).
+    """
+    check_compute_dtype(compute_dtype)
+    modules = quantizable_layers(model)
+    unknown = [n for n in names if n not in modules]
+    if not names or unknown:
+        raise KeyError(f"names must be a non-empty list of quantizable layers; not quantizable: {unknown[:4]}")
+    blocks = decoder_blocks(model)
+    prefix = decoder_blocks_prefix(model)
+    per_block: list[dict[str, nn.Module]] = [{} for _ in blocks]
+    for name in names:
+        per_block[int(name[len(prefix) + 1:].split(".")[0])][name] = modules[name]
+    last_block = max(i for i, layers in enumerate(per_block) if layers)
+    calls = capture_block_inputs(model, calib, batch_size)
+
+    solved: dict[str, SolvedLayer] = {}
+    bar = _progress(len(names), progress)
+    with restored_on_exit(model, names) as w0:
+
+        def solve_and_install(name: str, hessian: torch.Tensor) -> None:
+            t0 = time.perf_counter()
+            w_q, info = solve(name, w0[name], hessian)
+            seconds = time.perf_counter() - t0
+            target = weight_matrix(modules[name]).detach()
+            target.copy_(w_q)  # later layers (sequential) see this layer quantized
+            installed = target.clone(memory_format=torch.contiguous_format)
+            solved[name] = SolvedLayer(installed, info, output_mse(installed - w0[name], hessian), seconds)
+            bar.update(1)
+
+        try:
+            for index in range(last_block + 1):
+                block, layers = blocks[index], per_block[index]
+                bar.set_postfix_str(f"block {index}")
+                if layers and sequential:
+                    groups = input_groups(block, layers, calls[0]) if true_sequential else [list(layers)]
+                    for group in groups:
+                        _, hessians = run_block(block, calls, {n: layers[n] for n in group}, compute_dtype,
+                                                keep_outputs=False)
+                        for name in group:
+                            solve_and_install(name, hessians.pop(name))
+                    if index < last_block:
+                        calls, _ = run_block(block, calls)
+                else:  # inputs and outputs of the full-precision block, in one pass
+                    calls, hessians = run_block(block, calls, layers, compute_dtype, keep_outputs=index < last_block)
+                    for name in layers:
+                        solve_and_install(name, hessians.pop(name))
+        finally:
+            bar.close()
+    return {n: solved[n] for n in names}
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="quantize layers", unit="layer", disable=not enabled, leave=False)

@@ -1,0 +1,137 @@
+"""``landscape quantize``: quantize a model's decoder-block linears and save the :class:`QuantResult`.
+
+Methods live in :data:`METHODS` (name -> runner); a runner takes the loaded model, the calibration set,
+the format and the parsed arguments and returns a :class:`QuantResult`. ``"<base>+lorc"`` adds a
+LoRC correction (``--rank``) on top of any base method, so registering a new base method (``qaft``,
+``fp-finetune``, ``llm-qat``) is one entry here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+from ..cli import _default_seq_len, command
+from ..data import TokenSet
+from ..models import LoadedModel
+from .formats import QuantFormat, parse_format
+from .result import QuantResult
+
+MethodRunner = Callable[[LoadedModel, TokenSet, QuantFormat, argparse.Namespace], QuantResult]
+
+
+def _run_rtn(lm: LoadedModel, calib: TokenSet, fmt: QuantFormat, args: argparse.Namespace) -> QuantResult:
+    from .rtn import rtn
+
+    return rtn(lm.model, fmt, layers=args.layers, calib=calib, batch_size=args.batch_size, model_name=lm.info.name)
+
+
+def _run_gptq(lm: LoadedModel, calib: TokenSet, fmt: QuantFormat, args: argparse.Namespace) -> QuantResult:
+    from .gptq import gptq
+
+    return gptq(lm.model, calib, fmt, damp=args.damp, block_size=args.block_size, act_order=args.act_order,
+                layers=args.layers, batch_size=args.batch_size, progress=not args.no_progress,
+                model_name=lm.info.name)
+
+
+def with_lorc(base_method: str) -> MethodRunner:
+    """A runner for ``f"{base_method}+lorc"``: the base method, then a rank ``args.rank`` LoRC correction."""
+
+    def run(lm: LoadedModel, calib: TokenSet, fmt: QuantFormat, args: argparse.Namespace) -> QuantResult:
+        from .lorc import lorc
+
+        base = METHODS[base_method](lm, calib, fmt, args)
+        return lorc(lm.model, base, rank=args.rank, calib=calib, batch_size=args.batch_size,
+                    progress=not args.no_progress)
+
+    return run
+
+
+METHODS: dict[str, MethodRunner] = {
+    "rtn": _run_rtn,
+    "gptq": _run_gptq,
+    "rtn+lorc": with_lorc("rtn"),
+    "gptq+lorc": with_lorc("gptq"),
+}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _format(text: str) -> QuantFormat:
+    try:
+        return parse_format(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    from .gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP
+    from .lorc import DEFAULT_RANK
+
+    p.add_argument("model", help="smollm2-135m, ref-small, ref-tiny, a hub id or a local directory")
+    p.add_argument("--method", required=True, choices=sorted(METHODS), help="quantization method")
+    p.add_argument("--format", required=True, type=_format, dest="fmt", metavar="FORMAT",
+                   help="weight format: int4, int3-g128, int4-sym, int8-tensor, mxint4-32 ...")
+    p.add_argument("--out", required=True, help="output path: writes PATH.safetensors and PATH.json")
+    p.add_argument("--calib-sequences", type=_positive_int, default=128,
+                   help="calibration sequences (default 128, the study's data budget)")
+    p.add_argument("--calib-seq-len", type=_positive_int, default=None,
+                   help="tokens per calibration sequence (default 512 for smollm2-135m, else min(256, context))")
+    p.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration draw (default 0)")
+    p.add_argument("--no-act-order", dest="act_order", action="store_false",
+                   help="GPTQ: process columns in natural order instead of decreasing diag(H)")
+    p.add_argument("--damp", type=_positive_float, default=DEFAULT_DAMP,
+                   help=f"GPTQ relative damping, x mean diag(H) (default {DEFAULT_DAMP}; escalates x10 on failure)")
+    p.add_argument("--block-size", type=_positive_int, default=DEFAULT_BLOCK_SIZE,
+                   help=f"GPTQ lazy-update block in columns (default {DEFAULT_BLOCK_SIZE})")
+    p.add_argument("--rank", type=_positive_int, default=DEFAULT_RANK,
+                   help=f"LoRC rank (default {DEFAULT_RANK}; only for *+lorc methods)")
+    p.add_argument("--layers", action="append", default=None, metavar="GLOB",
+                   help="quantize only layers matching this glob (repeatable), e.g. '*.mlp.*'; default all")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="calibration segments per forward pass")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("quantize", "quantize a model's linear layers (rtn, gptq, +lorc) and save the result")
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from ..data import calibration_set
+    from ..models import load_model
+
+    t0 = time.perf_counter()
+    lm = load_model(args.model)
+    seq_len = args.calib_seq_len or _default_seq_len(lm.info)
+    calib = calibration_set(lm.tokenizer, args.calib_sequences, seq_len, args.calib_seed,
+                            context_length=lm.info.context_length)
+    result = METHODS[args.method](lm, calib, args.fmt, args)
+    path = result.save(args.out)
+    n_weights = sum(w.numel() for w in result.weights.values())
+    bits = sum(args.fmt.storage_bits(tuple(w.shape)) for w in result.weights.values())
+    bits += result.extra.get("extra_storage_bits_total", 0)
+    print(f"model    {lm.info.name} ({lm.info.source})")
+    if lm.info.caveat:
+        print(f"caveat   {lm.info.caveat}")
+    print(f"method   {result.method}  format {args.fmt.name}  ({len(result.weights)} layers, "
+          f"{bits / n_weights:.3f} bits per weight incl. scales)")
+    print(f"calib    {calib.n_segments} x {calib.seq_len} tokens, {calib.corpus}/{calib.split}, seed {calib.seed}, "
+          f"data {calib.content_hash}")
+    print(f"seconds  {result.seconds:.2f} (method), {time.perf_counter() - t0:.2f} (total)")
+    print(f"layer MSE summed over layers: {result.total_layer_mse:.6g} "
+          f"(inputs: {result.extra.get('layer_mse_inputs')})")
+    print(f"saved    {path.with_suffix('.safetensors')} and {path.with_suffix('.json')}")
+    return 0
+
+
+cmd_quantize.add_arguments = _quantize_args

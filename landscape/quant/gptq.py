@@ -1,0 +1,269 @@
+"""GPTQ (Frantar et al., 2023): layer-wise quantization with second-order error feedback.
+
+For one linear layer with weight ``W`` (``(out, in)``) and inputs ``x``, GPTQ minimises the local
+output error ``||W x - Q x||^2`` over lattice points ``Q``. With ``H = 2/n sum x x^T`` it rounds the
+columns one at a time and spreads each column's rounding error over the columns not yet rounded,
+using the upper Cholesky factor ``U`` of ``(H + lambda I)^-1``:
+
+    for each column j (in act-order: decreasing H_jj):
+        q_j   = round(w_j)                       # onto the grid of the pretrained w0
+        e_j   = (w_j - q_j) / U_jj
+        w_k  -= e_j * U_jk   for every k > j      # error feedback
+
+Lazy batch updates apply the feedback inside a block of ``block_size`` columns at once per column and
+to the columns after the block only once per block (one matrix product). The grid is not the solver's
+business: it comes from :func:`landscape.quant.formats.make_grid` on w0 (static groups), and rounding
+happens only through :meth:`Grid.round_columns`, so RTN, GPTQ and QAFT land on the same lattice; with
+act-order each column keeps its own group's scale.
+
+Damping ``lambda = damp * mean(diag H)``; if a Cholesky factorisation fails, ``damp`` is multiplied by
+10 (at most ``max_escalations`` times) and the value used is recorded. Inputs never active on the
+calibration data (``H_jj = 0``) get ``H_jj = 1`` and plain rounding; their weights are *not* zeroed
+(the displacement ``w_q - w0`` is what the study measures).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..data import TokenSet
+from ..models import weights_fingerprint
+from .capture import (check_batch_size, check_calibration, check_compute_dtype, quantize_block_by_block,
+                      resolve_layers)
+from .formats import Grid, QuantFormat, make_grid, parse_format
+from .result import QuantResult
+
+DEFAULT_DAMP = 0.01
+DEFAULT_BLOCK_SIZE = 128
+MAX_DAMP_ESCALATIONS = 4  # 0.01 -> 0.1 -> 1 -> 10 -> 100 x mean diag H
+
+
+class CholeskyError(ValueError):
+    """The damped Hessian could not be factorised at any damping tried."""
+
+
+@dataclass(frozen=True)
+class GPTQLayerInfo:
+    """What :func:`gptq_layer` did on one layer.
+
+    Attributes:
+        damp: relative damping used (fraction of ``mean(diag H)``), after any escalation.
+        damp_absolute: ``lambda`` added to the diagonal of ``H``.
+        escalations: how many times the damping was multiplied by 10 after a failed Cholesky.
+        dead_inputs: input columns with ``H_jj == 0`` (left to plain rounding).
+        act_order: whether columns were processed in decreasing ``H_jj`` order.
+        block_size: columns per lazy-update block.
+    """
+
+    damp: float
+    damp_absolute: float
+    escalations: int
+    dead_inputs: int
+    act_order: bool
+    block_size: int
+
+
+def check_solver_settings(damp: float, block_size: int, max_escalations: int = MAX_DAMP_ESCALATIONS) -> None:
+    """Raise ``ValueError`` for a damping that is not a positive finite number or a bad block size."""
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp <= 0:
+        raise ValueError(f"damp must be a positive finite fraction of mean(diag H) (e.g. 0.01), got {damp!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer (e.g. 128), got {block_size!r}")
+    if isinstance(max_escalations, bool) or not isinstance(max_escalations, int) or max_escalations < 0:
+        raise ValueError(f"max_escalations must be a non-negative integer, got {max_escalations!r}")
+
+
+def _check_layer_problem(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, name: str) -> None:
+    if w.ndim != 2:
+        raise ValueError(f"{name}: weight must be an (out, in) matrix, got shape {tuple(w.shape)}")
+    n_in = w.shape[1]
+    if tuple(hessian.shape) != (n_in, n_in):
+        raise ValueError(f"{name}: Hessian must be ({n_in}, {n_in}) for a weight of shape {tuple(w.shape)}, "
+                         f"got {tuple(hessian.shape)}")
+    if grid.shape != tuple(w.shape):
+        raise ValueError(f"{name}: grid is for shape {grid.shape}, weight has shape {tuple(w.shape)}")
+    for what, t in (("weight", w), ("Hessian", hessian)):
+        if not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+            raise ValueError(f"{name}: {what} contains NaN or Inf (first at index {bad}); refusing to quantize")
+    min_diag = float(hessian.diagonal().min())
+    if min_diag < 0:
+        raise ValueError(f"{name}: Hessian has a negative diagonal entry ({min_diag:.3g}); a second-moment matrix "
+                         f"2/n sum x x^T has diag >= 0")
+
+
+def inverse_cholesky_upper(hessian: torch.Tensor, damp: float, max_escalations: int = MAX_DAMP_ESCALATIONS,
+                           name: str = "layer") -> tuple[torch.Tensor, float, float, int]:
+    """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` with ``lambda = damp * mean(diag H)``.
+
+    On a failed factorisation the relative damping is multiplied by 10, at most ``max_escalations``
+    times. Returns ``(U, damp_used, lambda_used, escalations)``; raises :class:`CholeskyError` when every
+    damping failed.
+    """
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    mean_diag = float(hessian.diagonal().mean())
+    tried = []
+    for escalations in range(max_escalations + 1):
+        rel = damp * 10.0**escalations
+        lam = rel * mean_diag
+        tried.append(rel)
+        chol, info = torch.linalg.cholesky_ex(hessian + lam * eye)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                return upper, rel, lam, escalations
+    raise CholeskyError(f"{name}: Cholesky of the damped Hessian failed at every damping tried "
+                        f"({', '.join(f'{d:g}' for d in tried)} x mean diag H = {mean_diag:.3g}); the Hessian is "
+                        f"not positive semi-definite (smallest eigenvalue "
+                        f"{float(torch.linalg.eigvalsh(hessian)[0]):.3g})")
+
+
+@torch.no_grad()
+def gptq_layer(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    grid: Grid,
+    damp: float = DEFAULT_DAMP,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    act_order: bool = True,
+    *,
+    compute_dtype: torch.dtype = torch.float64,
+    max_escalations: int = MAX_DAMP_ESCALATIONS,
+    name: str = "layer",
+) -> tuple[torch.Tensor, GPTQLayerInfo]:
+    """GPTQ on one layer: the lattice point ``Q`` of ``grid`` that GPTQ finds for ``w`` under ``hessian``.
+
+    Args:
+        w: pretrained ``(out, in)`` weight w0.
+        hessian: ``(in, in)`` ``H = 2/n sum x x^T`` of the layer's calibration inputs (undamped).
+        grid: the format's lattice on w0 (:func:`make_grid`); columns round with their own group's scale.
+        damp: relative damping, ``lambda = damp * mean(diag H)`` (escalates x10 on Cholesky failure).
+        block_size: columns per lazy batch update (128 in the paper; any value gives the same result up
+            to float rounding).
+        act_order: process columns in decreasing ``H_jj`` (the paper's "act-order" heuristic).
+        compute_dtype: float64 (default) or float32; the result is returned in ``w``'s dtype.
+        max_escalations: damping escalations allowed before :class:`CholeskyError`.
+
+    Returns:
+        ``(w_q, info)``: ``w_q`` ``(out, in)`` on ``grid``, in ``w``'s dtype and device; see :class:`GPTQLayerInfo`.
+    """
+    check_solver_settings(damp, block_size, max_escalations)
+    check_compute_dtype(compute_dtype)
+    _check_layer_problem(w, hessian, grid, name)
+    n_in = w.shape[1]
+    W = w.detach().to(compute_dtype).clone()  # (out, in), updated in place by the error feedback
+    H = hessian.detach().to(device=w.device, dtype=compute_dtype).clone()  # (in, in)
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1.0
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+    else:
+        perm = torch.arange(n_in, device=w.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    U, damp_used, lam, escalations = inverse_cholesky_upper(H, damp, max_escalations, name)  # (in, in) upper
+    column = perm.tolist()  # position in the permuted order -> original column (for its group's scale)
+
+    Q = torch.empty_like(W)
+    for i1 in range(0, n_in, block_size):
+        i2 = min(i1 + block_size, n_in)
+        W1 = W[:, i1:i2]  # (out, b) view: the block's columns, error-fed as we go
+        E1 = torch.empty_like(W1)  # scaled rounding errors (w_j - q_j) / U_jj
+        for j in range(i2 - i1):
+            w_j = W1[:, j : j + 1]  # (out, 1)
+            q_j = grid.round_columns(w_j, column[i1 + j])
+            Q[:, i1 + j : i1 + j + 1] = q_j
+            E1[:, j : j + 1] = (w_j - q_j) / U[i1 + j, i1 + j]
+            W1[:, j + 1 :] -= E1[:, j : j + 1] @ U[i1 + j : i1 + j + 1, i1 + j + 1 : i2]
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy batch update of every later column
+
+    w_q = torch.empty_like(Q)
+    w_q[:, perm] = Q  # undo the act-order permutation
+    info = GPTQLayerInfo(damp_used, lam, escalations, int(dead.sum()), act_order, block_size)
+    return w_q.to(w.dtype), info
+
+
+def gptq(
+    model: nn.Module,
+    calib: TokenSet,
+    fmt: QuantFormat | str,
+    *,
+    damp: float = DEFAULT_DAMP,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    act_order: bool = True,
+    sequential: bool = True,
+    true_sequential: bool = True,
+    layers: list[str] | str | None = None,
+    batch_size: int = 8,
+    compute_dtype: torch.dtype = torch.float64,
+    progress: bool = True,
+    model_name: str | None = None,
+) -> QuantResult:
+    """Quantize the decoder-block linear layers of ``model`` with GPTQ on the calibration set ``calib``.
+
+    Every argument is validated (format against every layer's shape, finite weights, token ids, solver
+    settings) before any forward pass. Blocks are processed in order (see
+    :func:`landscape.quant.capture.quantize_block_by_block` for ``sequential`` and ``true_sequential``);
+    each layer's grid is ``make_grid(w0, fmt)``. The model is left with its weights w0 (bit-exact).
+
+    Args:
+        fmt: a :class:`QuantFormat` or a name such as ``"int3-g128"``.
+        layers: layer names or glob patterns (default: every quantizable layer).
+        batch_size: calibration segments per forward pass (memory only).
+        compute_dtype: dtype of the Hessians and of the solver.
+        model_name: recorded as ``base_model`` (default: the model config's ``name_or_path``).
+
+    Returns:
+        A :class:`QuantResult` with the quantized weights (model dtype and device), per-layer local MSE
+        on the inputs each layer was solved on (``extra["layer_mse_inputs"]`` says which), damping used
+        per layer, solver seconds per layer, settings and calibration provenance.
+    """
+    fmt = parse_format(fmt)
+    check_solver_settings(damp, block_size)
+    check_compute_dtype(compute_dtype)
+    check_batch_size(batch_size)
+    names = resolve_layers(model, layers, fmt)
+    check_calibration(model, calib)
+
+    start = time.perf_counter()
+
+    def solve(name: str, w0: torch.Tensor, hessian: torch.Tensor):
+        return gptq_layer(w0, hessian, make_grid(w0, fmt, name), damp, block_size, act_order,
+                          compute_dtype=compute_dtype, name=name)
+
+    solved = quantize_block_by_block(model, calib, names, solve, sequential=sequential,
+                                     true_sequential=true_sequential, batch_size=batch_size,
+                                     compute_dtype=compute_dtype, progress=progress)
+    seconds = time.perf_counter() - start
+    return QuantResult(
+        weights={n: s.weight for n, s in solved.items()},
+        format=fmt,
+        method="gptq",
+        settings={
+            "damp": damp,
+            "block_size": block_size,
+            "act_order": act_order,
+            "sequential": sequential,
+            "true_sequential": true_sequential and sequential,
+            "batch_size": batch_size,
+            "compute_dtype": str(compute_dtype).removeprefix("torch."),
+            "grid": "min-max of w0, static groups",
+            "layers": layers if layers is None or isinstance(layers, str) else list(layers),
+        },
+        base_model=model_name or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__,
+        base_fingerprint=weights_fingerprint(model, names),
+        calibration=calib.provenance(),
+        seconds=seconds,
+        layer_mse={n: s.output_mse for n, s in solved.items()},
+        extra={
+            "layer_mse_inputs": "quantized earlier layers (sequential)" if sequential else "full-precision model",
+            "damp_used": {n: s.info.damp for n, s in solved.items()},
+            "damp_escalations": sum(s.info.escalations for s in solved.values()),
+            "dead_inputs": {n: s.info.dead_inputs for n, s in solved.items() if s.info.dead_inputs},
+            "layer_seconds": {n: round(s.seconds, 4) for n, s in solved.items()},
+        },
+    )
