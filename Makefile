@@ -35,10 +35,10 @@ test-all: setup
 	$(PY) -m pytest -q
 
 figures: setup
-	$(PY) -m landscape.cli eval smollm2-135m --quant-table
+	$(PY) -m landscape eval smollm2-135m --quant-table
 
 figures-full: setup
-	$(PY) -m landscape.cli eval smollm2-135m --quant-table
+	$(PY) -m landscape eval smollm2-135m --quant-table
 
 bench: setup
 	@echo "benchmarks arrive with issue 8"

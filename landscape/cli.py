@@ -147,5 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run through the package module so lazily registered commands share COMMANDS
+    from landscape.cli import main as _main
+
+    sys.exit(_main())

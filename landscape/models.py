@@ -310,5 +310,5 @@ def weights_fingerprint(model: nn.Module, names: list[str] | None = None) -> str
     h = hashlib.sha256()
     for name, w in layer_weights(model, names).items():
         h.update(name.encode())
-        h.update(w.to(torch.float32).contiguous().numpy().tobytes())
+        h.update(w.to(torch.float32).cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -80,13 +80,11 @@ class QuantResult:
         """Write ``<path>.safetensors`` and ``<path>.json`` (atomically: temporary names, then rename)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        if path.suffix in (".safetensors", ".json"):
-            path = path.with_suffix("")
+        path = _stem(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: w.detach().contiguous().cpu() for name, w in self.weights.items()}
         meta = self.metadata()
-        st, js = path.with_suffix(".safetensors"), path.with_suffix(".json")
+        st, js = _with_ext(path, ".safetensors"), _with_ext(path, ".json")
         st_tmp, js_tmp = st.with_name(st.name + ".tmp"), js.with_name(js.name + ".tmp")
         save_file(tensors, str(st_tmp), metadata={"landscape": json.dumps({"method": self.method})})
         js_tmp.write_text(json.dumps(meta, indent=1, default=_jsonable))
@@ -100,10 +98,8 @@ class QuantResult:
         result computed on a different base model."""
         from safetensors.torch import load_file
 
-        path = Path(path)
-        if path.suffix in (".safetensors", ".json"):
-            path = path.with_suffix("")
-        st, js = path.with_suffix(".safetensors"), path.with_suffix(".json")
+        path = _stem(path)
+        st, js = _with_ext(path, ".safetensors"), _with_ext(path, ".json")
         if not st.exists() or not js.exists():
             raise FileNotFoundError(f"quantized model {path} needs both {st.name} and {js.name}")
         meta = json.loads(js.read_text())
@@ -128,6 +124,16 @@ class QuantResult:
             layer_mse=meta["layer_mse"],
             extra=meta["extra"],
         )
+
+
+def _stem(path: str | os.PathLike) -> Path:
+    """``run/x.int4`` stays ``run/x.int4``; a given ``.safetensors`` or ``.json`` extension is dropped."""
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+
+
+def _with_ext(stem: Path, ext: str) -> Path:
+    return stem.with_name(stem.name + ext)
 
 
 def _jsonable(obj: Any) -> Any:
