@@ -266,9 +266,15 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     GPT-2's ``Conv1D`` stores ``(in, out)``; its transpose view is returned. Embeddings are
     ``(vocab, hidden)``: each vocabulary row is treated as an output channel.
     """
-    if type(module).__name__ == "Conv1D":
+    if weight_is_transposed(module):
         return module.weight.T
     return module.weight
+
+
+def weight_is_transposed(module: nn.Module) -> bool:
+    """True if the module stores its weight as ``(in, out)`` (GPT-2 ``Conv1D``), so that
+    :func:`weight_matrix` is the transpose of the parameter."""
+    return type(module).__name__ == "Conv1D"
 
 
 def weight_param_name(layer_name: str) -> str:

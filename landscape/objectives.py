@@ -81,7 +81,11 @@ def segment_nll_sums(model: nn.Module, tokens: torch.Tensor, score_mask: torch.T
     """
     device = next(model.parameters()).device
     tokens, score_mask = tokens.to(device), score_mask.to(device)
-    logits = model(input_ids=tokens).logits  # (b, t, vocab)
+    return nll_sums_from_logits(model(input_ids=tokens).logits, tokens, score_mask)
+
+
+def nll_sums_from_logits(logits: torch.Tensor, tokens: torch.Tensor, score_mask: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of the scored tokens of each segment from ``(b, t, vocab)`` logits: ``(b,)``."""
     logp = F.log_softmax(logits[:, :-1], dim=-1)  # predicts tokens[:, 1:]
     nll_tok = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (b, t-1)
     return (nll_tok * score_mask[:, 1:]).sum(dim=1)

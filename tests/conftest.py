@@ -48,6 +48,15 @@ def random_tokens(n: int = 6, seq_len: int = 16, seed: int = 0, vocab: int = VOC
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest (and most reproducibly) on one thread; oversubscribed cores make them 100x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path_factory.getbasetemp() / "landscape-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,450 @@
+"""Curvature against dense float64 linear algebra on tiny models.
+
+Every spectral quantity is checked against an independent computation: the dense Hessian built row by row
+with double backward (``torch.autograd.grad`` of each gradient entry), ``torch.linalg.eigh``, a dense
+J^T H_logits J with the closed-form softmax Hessian, and central finite differences of the NLL.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_tokens, tiny_model
+
+from landscape import curvature
+from landscape.curvature import (
+    ConvergenceWarning,
+    CurvatureError,
+    DirectionMismatchError,
+    curvature_along_path,
+    curvature_operator,
+    direction_space,
+    hessian_density,
+    hessian_spectrum,
+    hessian_trace,
+    rayleigh_quotient,
+    second_directional_derivative,
+    weight_space,
+)
+from landscape.models import layer_weights, quantizable_layers, swapped_weights
+from landscape.objectives import nll, segment_nll_sums
+
+# Tiny problems are dominated by per-op overhead; extra threads only contend on the shared cores.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------------- dense references
+def _is_conv1d(module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def jacobian_rows(output: torch.Tensor, params: list[torch.Tensor], chunk: int = 128) -> torch.Tensor:
+    """d output / d params as a dense (output.numel(), n_params) matrix, one reverse-mode pass per row
+    (rows batched with ``is_grads_batched``; parameters in stored layout, concatenated)."""
+    flat = output.reshape(-1)
+    basis = torch.eye(flat.numel(), dtype=flat.dtype)
+    rows = []
+    for start in range(0, flat.numel(), chunk):
+        grads = torch.autograd.grad(flat, params, grad_outputs=basis[start : start + chunk], is_grads_batched=True,
+                                    retain_graph=True)
+        rows.append(torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1))
+    return torch.cat(rows).detach()
+
+
+def dense_hessian(model, data, layers: list[str]) -> torch.Tensor:
+    """d2 NLL / dw2 over the named layers' weight parameters (stored layout, concatenated in ``layers`` order):
+    the Jacobian of the gradient, by double backward."""
+    modules = quantizable_layers(model)
+    params = [modules[name].weight for name in layers]
+    loss = segment_nll_sums(model, data.tokens, data.score_mask).sum() / data.n_scored_tokens
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, create_graph=True)])
+    return jacobian_rows(grad, params)
+
+
+def dense_ggn(model, data, layers: list[str]) -> torch.Tensor:
+    """sum over scored positions of J^T (diag(p) - p p^T) J / N: the closed-form softmax cross-entropy Hessian
+    between dense logit Jacobians."""
+    modules = quantizable_layers(model)
+    params = [modules[name].weight for name in layers]
+    logits = model(input_ids=data.tokens).logits[:, :-1]  # (b, t-1, vocab): predicts tokens[:, 1:]
+    positions = data.score_mask[:, 1:].nonzero().tolist()
+    jac = jacobian_rows(torch.stack([logits[b, t] for b, t in positions]), params)  # (positions * vocab, n)
+    jac = jac.reshape(len(positions), logits.shape[-1], -1)
+    ggn = torch.zeros(jac.shape[-1], jac.shape[-1], dtype=torch.float64)
+    for (b, t), jac_position in zip(positions, jac):
+        p = F.softmax(logits[b, t], dim=-1).detach()
+        ggn += jac_position.T @ (torch.diag(p) - torch.outer(p, p)) @ jac_position
+    return ggn / data.n_scored_tokens
+
+
+def to_stored_layout(model, direction: dict[str, torch.Tensor], layers: list[str]) -> torch.Tensor:
+    """(out, in) direction -> flat vector in the parameters' stored layout (Conv1D is (in, out))."""
+    modules = quantizable_layers(model)
+    return torch.cat([(direction[n].T if _is_conv1d(modules[n]) else direction[n]).reshape(-1) for n in layers])
+
+
+def nll_at(model, data, weights) -> float:
+    with swapped_weights(model, weights):
+        return nll(model, data).value
+
+
+def fd_second_derivative(model, data, direction, h: float = 1e-2) -> float:
+    """Second derivative of the token-mean NLL (objectives.nll) along the unit direction: central differences
+    at steps h and 2h, Richardson-extrapolated to remove the O(h^2) error (float64 roundoff ~ 1e-10 here)."""
+    norm = torch.sqrt(sum((d.double() ** 2).sum() for d in direction.values()))
+    w0 = layer_weights(model, list(direction))
+    f = {s: nll_at(model, data, {n: w0[n] + s * h * direction[n] / norm for n in direction}) for s in (-2, -1, 0, 1, 2)}
+    central_h = (f[1] - 2 * f[0] + f[-1]) / h**2
+    central_2h = (f[2] - 2 * f[0] + f[-2]) / (2 * h) ** 2
+    return (4 * central_h - central_2h) / 3
+
+
+def random_direction(model, layers: list[str], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {n: tuple(m.weight.shape[::-1]) if _is_conv1d(m) else tuple(m.weight.shape)
+              for n, m in quantizable_layers(model).items()}
+    return {n: torch.randn(shapes[n], generator=g, dtype=torch.float64) for n in layers}
+
+
+@pytest.fixture(scope="module")
+def gpt2_problem(one_thread):
+    """Tiny GPT-2 (768 quantizable weights, Conv1D layers), float64, 4 x 8 random tokens, and its dense Hessian."""
+    model = tiny_model("gpt2", torch.float64, hidden=8, layers=1)
+    data = random_tokens(4, 8)
+    layers = list(quantizable_layers(model))
+    return model, data, layers, dense_hessian(model, data, layers)
+
+
+@pytest.fixture(scope="module")
+def gpt2_spectrum(gpt2_problem):
+    model, data, _, _ = gpt2_problem
+    # batch_size=3 splits the 4 segments 3 + 1: unequal batches, so a wrong per-batch weighting would show.
+    return hessian_spectrum(model, data, k=3, k_bottom=2, lanczos_steps=80, batch_size=3, progress=False)
+
+
+def _block(layers: list[str], model, chosen: list[str]) -> torch.Tensor:
+    """Indices of the chosen layers' weights in the dense matrix of ``layers``."""
+    modules = quantizable_layers(model)
+    offsets, start = {}, 0
+    for n in layers:
+        offsets[n] = (start, start + modules[n].weight.numel())
+        start += modules[n].weight.numel()
+    return torch.cat([torch.arange(*offsets[n]) for n in chosen])
+
+
+# ------------------------------------------------------------------------------------------ spectra
+def test_dense_reference_uses_the_objectives_nll(gpt2_problem):
+    model, data, _, _ = gpt2_problem
+    with torch.no_grad():
+        loss = float(segment_nll_sums(model, data.tokens, data.score_mask).sum() / data.n_scored_tokens)
+    assert loss == pytest.approx(nll(model, data).value, rel=1e-14)
+
+
+def test_operator_products_equal_the_dense_hessian(gpt2_problem):
+    model, data, layers, hessian = gpt2_problem
+    v = torch.randn(hessian.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for batch_size in (1, 3):  # the token-mean NLL of the whole set, whatever the batching
+        operator = curvature_operator(model, data, batch_size=batch_size)
+        with torch.no_grad():  # products enable autograd themselves
+            torch.testing.assert_close(operator.matvec(v), hessian @ v, rtol=1e-10, atol=1e-12)
+        assert operator.n_matvecs == 1
+    assert weight_space(model).parameter_names == tuple(f"{n}.weight" for n in layers)
+
+
+def test_top_and_bottom_eigenvalues_match_dense_eigh(gpt2_problem, gpt2_spectrum):
+    _, _, _, hessian = gpt2_problem
+    exact = torch.linalg.eigvalsh(hessian).numpy()  # ascending
+    assert gpt2_spectrum.converged and gpt2_spectrum.top.converged.all()
+    np.testing.assert_allclose(gpt2_spectrum.top.eigenvalues, exact[::-1][:3], rtol=1e-6)
+    np.testing.assert_allclose(gpt2_spectrum.bottom.eigenvalues, exact[:2], rtol=1e-6)
+    assert gpt2_spectrum.n_params == hessian.shape[0] == 768
+    assert gpt2_spectrum.lanczos_steps == 80
+
+
+def test_eigenvectors_are_out_in_directions_of_the_dense_hessian(gpt2_problem, gpt2_spectrum):
+    model, _, layers, hessian = gpt2_problem
+    for pairs in (gpt2_spectrum.top, gpt2_spectrum.bottom):
+        for i, value in enumerate(pairs.eigenvalues):
+            direction = pairs.direction(i)
+            for name, tensor in direction.items():  # (out, in): GPT-2 Conv1D weights are stored (in, out)
+                assert tuple(tensor.shape) == tuple(quantizable_layers(model)[name].weight.shape[::-1])
+            v = to_stored_layout(model, direction, layers)
+            assert float(v.norm()) == pytest.approx(1.0, abs=1e-10)
+            residual = float((hessian @ v - value * v).norm())
+            assert residual <= 1e-6 * abs(value)
+
+
+def test_reported_residuals_are_the_true_residuals(gpt2_problem):
+    model, data, layers, hessian = gpt2_problem
+    with pytest.warns(ConvergenceWarning):  # 30 steps leave some pairs unconverged: their residuals matter most
+        spectrum = hessian_spectrum(model, data, k=3, k_bottom=1, lanczos_steps=30, progress=False)
+    for pairs in (spectrum.top, spectrum.bottom):
+        for i, (value, reported) in enumerate(zip(pairs.eigenvalues, pairs.residuals)):
+            v = to_stored_layout(model, pairs.direction(i), layers)
+            true = float((hessian @ v - value * v).norm())
+            assert reported == pytest.approx(true, rel=1e-4, abs=1e-12)
+
+
+def test_non_converged_lanczos_is_flagged(gpt2_problem):
+    model, data, layers, hessian = gpt2_problem
+    with pytest.warns(ConvergenceWarning, match="not converged"):
+        spectrum = hessian_spectrum(model, data, k=3, k_bottom=1, lanczos_steps=5, progress=False)
+    assert not spectrum.converged
+    top = torch.linalg.eigvalsh(hessian).numpy()[::-1][:3]
+    for ok, value, exact_value in zip(spectrum.top.converged, spectrum.top.eigenvalues, top):
+        if abs(value - exact_value) > 1e-4 * abs(exact_value):  # every wrong eigenvalue must be flagged
+            assert not ok
+    assert not spectrum.top.converged.all()
+    assert spectrum.to_record()["attrs"]["converged"] is False
+
+
+def test_a_closed_krylov_space_returns_exact_eigenvalues_with_a_warning(gpt2_problem):
+    model, data, layers, hessian = gpt2_problem
+    chosen = ["transformer.h.0.attn.c_proj"]  # 64 weights but fewer distinct eigenvalues
+    block = hessian[_block(layers, model, chosen)][:, _block(layers, model, chosen)]
+    exact = torch.linalg.eigvalsh(block).numpy()
+    distinct = exact[np.concatenate([[True], np.diff(exact) > 1e-9 * np.abs(exact).max()])]
+    with pytest.warns(ConvergenceWarning, match="Krylov space closed"):
+        spectrum = hessian_spectrum(model, data, k=40, k_bottom=24, layers=chosen, lanczos_steps=64, progress=False)
+    assert spectrum.lanczos_steps == len(distinct) < 64
+    assert len(spectrum.top) == 40 and len(spectrum.bottom) == len(distinct) - 40
+    found = np.sort(np.concatenate([spectrum.top.eigenvalues, spectrum.bottom.eigenvalues]))
+    np.testing.assert_allclose(found, distinct, atol=1e-8)
+    assert spectrum.converged
+
+
+@pytest.mark.parametrize("arch, selection", [
+    ("gpt2", "transformer.h.0.attn.c_attn"),  # one layer (Conv1D)
+    ("gpt2", "transformer.h.0.mlp.*"),  # a glob subset
+    ("llama", ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]),  # nn.Linear layers
+])
+def test_layer_subset_spectrum_is_the_diagonal_block(arch, selection, gpt2_problem):
+    if arch == "gpt2":
+        model, data, layers, hessian = gpt2_problem
+        chosen = weight_space(model, selection).layers
+        block = hessian[_block(layers, model, list(chosen))][:, _block(layers, model, list(chosen))]
+    else:
+        model, data = tiny_model("llama", torch.float64, hidden=8, layers=1), random_tokens(3, 8)
+        chosen = weight_space(model, selection).layers
+        block = dense_hessian(model, data, list(chosen))
+    spectrum = hessian_spectrum(model, data, k=2, k_bottom=2, layers=selection, lanczos_steps=min(block.shape[0], 150),
+                                progress=False)
+    exact = torch.linalg.eigvalsh(block).numpy()
+    assert spectrum.layers == chosen
+    np.testing.assert_allclose(spectrum.top.eigenvalues, exact[::-1][:2], rtol=1e-6)
+    np.testing.assert_allclose(spectrum.bottom.eigenvalues, exact[:2], rtol=1e-6)
+    v = to_stored_layout(model, spectrum.top.direction(0), list(chosen))
+    assert float((block @ v - exact[-1] * v).norm()) <= 1e-6 * abs(exact[-1])
+
+
+def test_ggn_eigenvalues_match_dense_jt_h_j(gpt2_problem):
+    model, _, _, _ = gpt2_problem
+    data = random_tokens(2, 6, seed=1)
+    chosen = ["transformer.h.0.mlp.c_proj"]
+    ggn = dense_ggn(model, data, chosen)
+    exact = torch.linalg.eigvalsh(ggn).numpy()
+    assert exact.min() > -1e-12  # the GGN of softmax cross-entropy is positive semi-definite
+    spectrum = hessian_spectrum(model, data, k=3, k_bottom=0, layers=chosen, operator="ggn", lanczos_steps=60,
+                                progress=False)
+    np.testing.assert_allclose(spectrum.top.eigenvalues, exact[::-1][:3], rtol=1e-6)
+    assert spectrum.operator == "ggn"
+    direction = random_direction(model, chosen, seed=3)
+    u = to_stored_layout(model, direction, chosen)
+    assert rayleigh_quotient(model, data, direction, operator="ggn", progress=False).value == pytest.approx(
+        float(u @ ggn @ u / (u @ u)), rel=1e-9)
+
+
+# --------------------------------------------------------------------------------- trace and density
+def test_trace_is_within_its_stated_error_of_the_exact_trace(gpt2_problem):
+    model, data, _, hessian = gpt2_problem
+    exact = float(hessian.trace())
+    estimate = hessian_trace(model, data, n_matvecs=30, seed=1, progress=False)
+    assert estimate.n_matvecs == 30 and estimate.stderr > 0
+    assert abs(estimate.value - exact) <= 3 * estimate.stderr
+    assert estimate.interval(0.997).contains(exact)
+    ggn = dense_ggn(model, random_tokens(2, 6, seed=1), ["transformer.h.0.mlp.c_proj"])
+    ggn_estimate = hessian_trace(model, random_tokens(2, 6, seed=1), layers="transformer.h.0.mlp.c_proj",
+                                 operator="ggn", n_matvecs=30, progress=False)
+    assert abs(ggn_estimate.value - float(ggn.trace())) <= 3 * ggn_estimate.stderr
+
+
+def test_density_nodes_and_moments_match_the_dense_block(gpt2_problem):
+    model, data, layers, hessian = gpt2_problem
+    chosen = ["transformer.h.0.attn.c_proj"]  # 64 weights: a full Krylov space recovers every eigenvalue
+    block = hessian[_block(layers, model, chosen)][:, _block(layers, model, chosen)]
+    exact = torch.linalg.eigvalsh(block).numpy()
+    density = hessian_density(model, data, layers=chosen, n_runs=3, lanczos_steps=64, n_grid=4000, progress=False)
+    tol = 1e-9 * np.abs(exact).max()
+    distinct = exact[np.concatenate([[True], np.diff(exact) > tol])]  # the block has repeated eigenvalues
+    for nodes in density.nodes:
+        nodes = nodes[np.isfinite(nodes)]  # runs stop when the Krylov space closes (one node per distinct value)
+        assert len(nodes) == len(distinct)
+        np.testing.assert_allclose(np.sort(nodes), distinct, atol=tol)
+    np.testing.assert_allclose(density.weights.sum(axis=1), 1.0, atol=1e-12)
+    step = density.grid[1] - density.grid[0]
+    assert float(density.density.sum() * step) == pytest.approx(1.0, abs=1e-3)
+    # First moment of each run = u^T H u / n for a Rademacher u: an unbiased estimate of tr(H) / n.
+    moments = (density.nodes * density.weights).sum(axis=1)
+    stderr = moments.std(ddof=1) / np.sqrt(len(moments))
+    assert abs(moments.mean() - exact.mean()) <= 4 * stderr
+
+
+# ------------------------------------------------------------------------------ directional curvature
+def test_rayleigh_quotient_equals_dense_and_finite_difference(gpt2_problem):
+    model, data, layers, hessian = gpt2_problem
+    direction = random_direction(model, layers, seed=0)
+    u = to_stored_layout(model, direction, layers)
+    dense = float(u @ hessian @ u / (u @ u))
+    rq = rayleigh_quotient(model, data, direction, progress=False)
+    assert rq.value == pytest.approx(dense, rel=1e-9)
+    assert rq.direction_norm == pytest.approx(float(u.norm()), rel=1e-12)
+    assert rq.value == pytest.approx(fd_second_derivative(model, data, direction), rel=1e-6)
+    fd = second_directional_derivative(model, data, direction, progress=False)
+    assert fd.value == pytest.approx(dense, rel=1e-5)
+    assert fd.method == "finite-difference" and fd.step == 1e-3 and fd.settings["extrapolate"]
+    # At a coarse step the plain central difference shows its O(h^2) error; Richardson removes it.
+    plain = second_directional_derivative(model, data, direction, step=2e-2, extrapolate=False, progress=False)
+    richardson = second_directional_derivative(model, data, direction, step=2e-2, progress=False)
+    assert abs(plain.value - dense) > 30 * abs(richardson.value - dense)
+    assert richardson.value == pytest.approx(dense, rel=1e-6)
+
+
+def test_rayleigh_quotient_over_batches_and_its_interval(gpt2_problem):
+    model, data, layers, _ = gpt2_problem
+    direction = random_direction(model, ["transformer.h.0.mlp.c_fc"], seed=5)
+    whole = rayleigh_quotient(model, data, direction, batch_size=4, progress=False)
+    per_segment = rayleigh_quotient(model, data, direction, batch_size=1, level=0.9, n_resamples=500, progress=False)
+    assert per_segment.value == pytest.approx(whole.value, rel=1e-12)  # batches are memory only
+    assert len(per_segment.unit_sums) == 4 and per_segment.unit_tokens.sum() == data.n_scored_tokens
+    separate = [rayleigh_quotient(model, data.subset([i]), direction, progress=False).value for i in range(4)]
+    np.testing.assert_allclose(per_segment.unit_sums / per_segment.unit_tokens, separate, rtol=1e-10)
+    assert per_segment.interval.low <= per_segment.value <= per_segment.interval.high
+    assert per_segment.interval.low < per_segment.interval.high and per_segment.interval.unit == "batches"
+    fd = second_directional_derivative(model, data, direction, level=0.9, n_resamples=500, progress=False)
+    np.testing.assert_allclose(fd.unit_sums / fd.unit_tokens, separate, rtol=1e-4, atol=1e-8)
+    with pytest.raises(CurvatureError, match="needs >= 2 batches"):
+        rayleigh_quotient(model, data, direction, batch_size=4, level=0.95, progress=False)
+
+
+def test_curvature_along_path_moves_and_restores_the_model(gpt2_problem, monkeypatch):
+    model, data, layers, _ = gpt2_problem
+    chosen = ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj"]
+    direction = {n: 0.3 * d for n, d in random_direction(model, chosen, seed=7).items()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    path = curvature_along_path(model, data, direction, t=(0.0, 0.5, 1.0), progress=False)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name  # bit-exact restore
+    w0 = layer_weights(model, chosen)
+    for t, value in zip(path.t, path.curvature):
+        with swapped_weights(model, {n: w0[n] + t * direction[n] for n in chosen}):
+            assert value == pytest.approx(fd_second_derivative(model, data, direction), rel=1e-6)
+    assert not np.isclose(path.curvature[0], path.curvature[2], rtol=1e-3)  # it does change along the path
+    assert np.isnan(path.low).all()
+
+    calls = []
+
+    def fail_on_second_point(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return rayleigh_quotient(*args, **kwargs)
+
+    monkeypatch.setattr(curvature, "rayleigh_quotient", fail_on_second_point)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        curvature_along_path(model, data, direction, t=(0.5, 1.0), progress=False)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+# ------------------------------------------------------------------------------- refusals and records
+def test_directions_from_another_model_are_refused_before_any_work(gpt2_problem, monkeypatch):
+    model, data, layers, _ = gpt2_problem
+    good = random_direction(model, layers[:1], seed=0)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("work started before validation")
+
+    monkeypatch.setattr(curvature, "segment_nll_sums", no_forward)
+    other = tiny_model("llama", torch.float64, hidden=8, layers=1)
+    foreign = random_direction(other, list(quantizable_layers(other))[:2], seed=0)
+    with pytest.raises(DirectionMismatchError, match="does not have"):
+        rayleigh_quotient(model, data, foreign, progress=False)
+    with pytest.raises(DirectionMismatchError, match="without '.weight'"):
+        rayleigh_quotient(model, data, {f"{layers[0]}.weight": good[layers[0]]}, progress=False)
+    with pytest.raises(DirectionMismatchError, match="looks transposed"):
+        second_directional_derivative(model, data, {layers[0]: good[layers[0]].T}, progress=False)
+    bigger = tiny_model("gpt2", torch.float64, hidden=16, layers=1)
+    with pytest.raises(DirectionMismatchError, match="another model"):
+        curvature_along_path(model, data, random_direction(bigger, layers[:1], seed=0), progress=False)
+    with pytest.raises(DirectionMismatchError, match="zero"):
+        rayleigh_quotient(model, data, {layers[0]: torch.zeros_like(good[layers[0]])}, progress=False)
+    assert direction_space(model, good).layers == (layers[0],)
+
+
+def test_bad_requests_are_clear_errors(gpt2_problem):
+    model, data, _, _ = gpt2_problem
+    with pytest.raises(CurvatureError, match="matches no quantizable layer"):
+        hessian_spectrum(model, data, layers="transformer.h.7.*", progress=False)
+    with pytest.raises(CurvatureError, match="operator must be one of"):
+        hessian_trace(model, data, operator="fisher", progress=False)
+    with pytest.raises(CurvatureError, match="lanczos_steps"):
+        hessian_spectrum(model, data, k=3, k_bottom=2, lanczos_steps=4, progress=False)
+    with pytest.raises(CurvatureError, match="n_matvecs"):
+        hessian_trace(model, data, n_matvecs=3, progress=False)
+    with pytest.raises(CurvatureError, match="TokenSet"):
+        hessian_spectrum(model, data.tokens, progress=False)
+    model.train()
+    try:
+        with pytest.raises(CurvatureError, match="train mode"):
+            hessian_spectrum(model, data, progress=False)
+    finally:
+        model.eval()
+    sdpa = tiny_model("gpt2", torch.float64, hidden=8, layers=1)
+    sdpa.config._attn_implementation = "sdpa"
+    with pytest.raises(CurvatureError, match="eager"):
+        hessian_trace(sdpa, data, progress=False)
+
+
+def test_same_seed_gives_bit_identical_results_and_records_serialise(gpt2_problem, gpt2_spectrum):
+    model, data, _, _ = gpt2_problem
+    again = hessian_spectrum(model, data, k=3, k_bottom=2, lanczos_steps=80, batch_size=3, progress=False)
+    for end in ("top", "bottom"):
+        a, b = getattr(gpt2_spectrum, end), getattr(again, end)
+        assert np.array_equal(a.eigenvalues, b.eigenvalues)
+        assert all(torch.equal(a.eigenvectors[n], b.eigenvectors[n]) for n in a.eigenvectors)
+    t1 = hessian_trace(model, data, n_matvecs=9, seed=4, progress=False)
+    t2 = hessian_trace(model, data, n_matvecs=9, seed=4, progress=False)
+    assert (t1.value, t1.stderr) == (t2.value, t2.stderr)
+
+    record = gpt2_spectrum.to_record()
+    json.dumps(record["attrs"])
+    assert record["arrays"]["top/eigenvectors/transformer.h.0.mlp.c_fc"].shape == (3, 32, 8)
+    np.testing.assert_array_equal(record["arrays"]["bottom/eigenvalues"], gpt2_spectrum.bottom.eigenvalues)
+    for result in (t1, hessian_density(model, data, layers="transformer.h.0.attn.c_proj", n_runs=1, lanczos_steps=8,
+                                       progress=False)):
+        rec = result.to_record()
+        json.dumps(rec["attrs"])
+        assert all(isinstance(v, np.ndarray) for v in rec["arrays"].values())
+
+
+def test_eigenvectors_work_as_toolkit_directions_and_foreign_bases_are_refused(gpt2_problem, gpt2_spectrum):
+    directions = pytest.importorskip("landscape.directions")
+    model, data, _, _ = gpt2_problem
+    top = directions.eigenvector_direction(model, gpt2_spectrum.top.direction(0), source="test top eigenvector")
+    rq = rayleigh_quotient(model, data, top, progress=False)
+    assert rq.value == pytest.approx(gpt2_spectrum.top.eigenvalues[0], rel=1e-9)  # v^T H v = lambda for a unit v
+    other_w0 = tiny_model("gpt2", torch.float64, hidden=8, layers=1, seed=1)  # same shapes, other weights
+    with pytest.raises(DirectionMismatchError, match="fingerprint"):
+        rayleigh_quotient(other_w0, data, top, progress=False)
