@@ -1,0 +1,386 @@
+"""Scans: objectives measured at ``w0 + a·u`` (1-D) and ``w0 + a·u + b·v`` (2-D) over a grid of coefficients.
+
+The model is perturbed **in place**: :class:`Perturbation` saves a copy of w0 for the layers the
+directions touch (never a copy of the model), writes ``w0 + sum_k c_k d_k`` into them for a point, and
+after every point (and on any exception) copies the saved w0 back, so the weights are bit-identical to
+w0 afterwards. Each point starts from the saved w0, so a point is a pure function of (model, direction
+specs, coordinates, data): shards and resumed runs give bit-identical values.
+
+Objectives are pluggable (:class:`Objective`): the default is :class:`NLLObjective` (token-mean NLL,
+nats per scored token, :func:`landscape.objectives.nll`) over a :class:`~landscape.data.TokenSet`, plus
+:class:`LayerMSEObjective` (each perturbed layer's output MSE against w0,
+:func:`landscape.objectives.layer_mse`) on request; :class:`FunctionObjective` wraps any
+``model -> float`` (e.g. a closed-form quadratic in a test).
+
+Grid convention: ``grid[k]`` holds the coefficients of ``directions[k]`` (units: multiples of that
+direction, so for a unit-norm direction the coefficient is the Euclidean norm of the displacement).
+Points are numbered in C order over the grid (last axis fastest); shard ``i`` of ``n`` evaluates the
+points ``i, i + n, i + 2n, ...``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import TokenSet
+from .directions import Direction, DirectionSpec, check_direction, layer_weight, perturbable_layers
+from .models import weights_fingerprint
+from .objectives import InputSource, NLLConvention, layer_mse, nll
+from .store import StoreData, finish_run, read_store, start_run
+
+COORDINATE_PREFIX = "coords/axis"
+
+
+# ---------------------------------------------------------------------------------------- objectives
+class Objective(Protocol):
+    """What a scan measures at each point. Called with the model holding the perturbed weights."""
+
+    def output_names(self, layers: Sequence[str]) -> tuple[str, ...]:
+        """Names of the scalar values it returns, given the perturbed layers (fixed before the scan starts)."""
+
+    def __call__(self, model: nn.Module, w0: Mapping[str, torch.Tensor]) -> Mapping[str, float]:
+        """The values at the model's current weights; ``w0`` holds the unperturbed ``(out, in)`` weights of
+        the perturbed layers (read-only)."""
+
+    def provenance(self) -> dict[str, Any]:
+        """JSON description stored with the results."""
+
+
+@dataclass(frozen=True)
+class NLLObjective:
+    """Token-mean NLL (nats per scored token) of the perturbed model on ``data`` (output ``nll``)."""
+
+    data: TokenSet
+    batch_size: int = 8
+    model_name: str = ""
+
+    def output_names(self, layers: Sequence[str]) -> tuple[str, ...]:
+        return ("nll",)
+
+    def __call__(self, model: nn.Module, w0: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        return {"nll": nll(model, self.data, batch_size=self.batch_size, model_name=self.model_name).value}
+
+    def convention(self) -> NLLConvention:
+        """The convention of every NLL of this objective (the one :func:`~landscape.objectives.nll` reports)."""
+        return NLLConvention.for_data(self.data, self.model_name)
+
+    def provenance(self) -> dict[str, Any]:
+        return {"objective": "nll", "batch_size": self.batch_size, "nll_convention": self.convention().to_dict()}
+
+
+@dataclass(frozen=True)
+class LayerMSEObjective:
+    """Output MSE of every perturbed layer against w0, ``mean((x dW^T)^2)`` (units: squared activations).
+
+    Outputs ``layer_mse/<layer name>``. ``inputs="reference"``: each layer sees the inputs of the
+    unperturbed model (the paper's layer-wise objective); ``"modified"``: the inputs of the perturbed
+    model (sequential GPTQ's view). One extra forward pass over ``data`` per point.
+    """
+
+    data: TokenSet
+    inputs: InputSource = "reference"
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.inputs not in ("reference", "modified"):
+            raise ValueError(f"inputs must be 'reference' or 'modified', got {self.inputs!r}")
+
+    def output_names(self, layers: Sequence[str]) -> tuple[str, ...]:
+        return tuple(f"layer_mse/{name}" for name in layers)
+
+    def __call__(self, model: nn.Module, w0: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        # objectives.layer_mse compares the model's current weights (here w0 + d) with given ones (here w0);
+        # its "modified" mode swaps w0 back in for the forward pass, i.e. the unperturbed model's inputs.
+        swap_inputs = "modified" if self.inputs == "reference" else "reference"
+        mse = layer_mse(model, self.data, w0, inputs=swap_inputs, batch_size=self.batch_size)
+        return {f"layer_mse/{name}": value for name, value in mse.items()}
+
+    def provenance(self) -> dict[str, Any]:
+        return {"objective": "layer_mse", "inputs": self.inputs, "batch_size": self.batch_size,
+                "data_hash": self.data.content_hash, "unit": "squared activations, mean over tokens and outputs"}
+
+
+@dataclass(frozen=True)
+class FunctionObjective:
+    """Any scalar function of the (perturbed) model, under the output name ``name``."""
+
+    name: str
+    function: Callable[[nn.Module], float]
+    description: str = ""
+
+    def output_names(self, layers: Sequence[str]) -> tuple[str, ...]:
+        return (self.name,)
+
+    def __call__(self, model: nn.Module, w0: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        return {self.name: float(self.function(model))}
+
+    def provenance(self) -> dict[str, Any]:
+        return {"objective": self.name, "description": self.description}
+
+
+def default_objectives(data: TokenSet | None, with_layer_mse: bool = False, batch_size: int = 8,
+                       model_name: str = "") -> tuple[Objective, ...]:
+    """NLL on ``data`` (and layer MSE with reference inputs if asked)."""
+    if data is None:
+        raise ValueError("pass data (a TokenSet) for the default NLL objective, or objectives=[...]")
+    objectives: tuple[Objective, ...] = (NLLObjective(data, batch_size, model_name),)
+    return objectives + ((LayerMSEObjective(data, "reference", batch_size),) if with_layer_mse else ())
+
+
+# -------------------------------------------------------------------------------------- perturbation
+class Perturbation:
+    """Moves a model's weights in place to ``w0 + sum_k c_k d_k`` and back to w0, bit-exactly.
+
+    Construction checks every direction against the model (:func:`~landscape.directions.check_direction`)
+    and saves w0 of the layers they touch. Use as a context manager: leaving it (normally or by an
+    exception) restores w0 by copying the saved weights back (never by subtracting).
+    """
+
+    def __init__(self, model: nn.Module, directions: Sequence[Direction]):
+        if not directions:
+            raise ValueError("a perturbation needs at least one direction")
+        for direction in directions:
+            check_direction(model, direction)
+        self.model = model
+        self.layers: list[str] = list(dict.fromkeys(n for d in directions for n in d.names))
+        self._targets = {n: layer_weight(model, n) for n in self.layers}  # (out, in) views of the parameters
+        self.w0: dict[str, torch.Tensor] = {n: t.detach().clone() for n, t in self._targets.items()}
+        self._steps = [{n: t.to(self._targets[n]) for n, t in d.tensors.items()} for d in directions]
+
+    def move_to(self, coefficients: Sequence[float]) -> None:
+        """Set the touched layers to ``w0 + sum_k coefficients[k] * directions[k]`` (always starting from w0)."""
+        if len(coefficients) != len(self._steps):
+            raise ValueError(f"need {len(self._steps)} coefficients, got {len(coefficients)}")
+        with torch.no_grad():
+            for name, target in self._targets.items():
+                target.copy_(self.w0[name])
+                for step, coefficient in zip(self._steps, coefficients):
+                    if name in step:
+                        target.add_(step[name], alpha=float(coefficient))
+
+    def restore(self) -> None:
+        """Copy the saved w0 back into every touched layer."""
+        with torch.no_grad():
+            for name, target in self._targets.items():
+                target.copy_(self.w0[name])
+
+    def measure(self, coefficients: Sequence[float], objectives: Sequence[Objective]) -> dict[str, float]:
+        """The objectives at ``w0 + sum_k c_k d_k``; w0 is restored afterwards, also if an objective raises."""
+        self.move_to(coefficients)
+        try:
+            values: dict[str, float] = {}
+            for objective in objectives:
+                values.update(objective(self.model, self.w0))
+            return values
+        finally:
+            self.restore()
+
+    def __enter__(self) -> Perturbation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def output_names(objectives: Sequence[Objective], layers: Sequence[str]) -> tuple[str, ...]:
+    """All output names of the objectives; raises if two objectives would write the same name."""
+    names = [n for objective in objectives for n in objective.output_names(layers)]
+    if len(set(names)) != len(names):
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"objectives produce duplicate output names: {duplicates}")
+    if not names:
+        raise ValueError("objectives produce no outputs")
+    return tuple(names)
+
+
+def model_label(model: nn.Module, model_name: str = "") -> str:
+    """``model_name`` if given, else the model's ``config.name_or_path``, else its class name (for provenance)."""
+    return model_name or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+
+
+def nll_convention(objectives: Sequence[Objective]) -> dict[str, Any] | None:
+    """The NLL convention of the first :class:`NLLObjective` among ``objectives`` (``None`` if there is none)."""
+    return next((o.convention().to_dict() for o in objectives if isinstance(o, NLLObjective)), None)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """:func:`~landscape.models.weights_fingerprint` of w0 on every perturbable layer (the model in provenance)."""
+    return weights_fingerprint(model, perturbable_layers(model))
+
+
+# ---------------------------------------------------------------------------------------------- scans
+@dataclass(frozen=True)
+class ScanResult:
+    """Objective values over a grid of coefficients.
+
+    Attributes:
+        grid: one array of coefficients per direction (``grid[k]`` multiplies ``directions[k]``).
+        values: output name (``nll``, ``layer_mse/<layer>``...) -> array of shape ``grid_shape``
+            (NaN where ``done`` is False, e.g. points of other shards).
+        done: boolean mask of evaluated points.
+        directions: the specs of the directions (regenerable for random ones).
+        provenance: model, fingerprints, data, NLL convention, objectives, shard, code version.
+        path: the store it was read from, if any.
+    """
+
+    grid: tuple[np.ndarray, ...]
+    values: dict[str, np.ndarray]
+    done: np.ndarray
+    directions: tuple[DirectionSpec, ...]
+    provenance: dict[str, Any]
+    path: Path | None = None
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        return tuple(len(axis) for axis in self.grid)
+
+    @classmethod
+    def from_store(cls, path: str | Path) -> ScanResult:
+        """Read a scan written by :func:`scan` (finished, or a ``.partial`` file by that name)."""
+        return cls.from_data(read_store(path), Path(path))
+
+    @classmethod
+    def from_data(cls, data: StoreData, path: Path | None = None) -> ScanResult:
+        """The scan held in a store's contents."""
+        if data.provenance.get("kind") != "scan":
+            raise ValueError(f"{path or 'the data'} holds a {data.provenance.get('kind')!r} run, not a scan")
+        grid = tuple(data.arrays[f"{COORDINATE_PREFIX}{k}"] for k in range(len(data.grid_shape)))
+        specs = tuple(DirectionSpec.from_dict(s) for s in data.provenance["directions"])
+        values = {name: data.arrays[name] for name in data.point_arrays}
+        return cls(grid, values, data.done, specs, data.provenance, path)
+
+
+def scan(
+    model: nn.Module,
+    directions: Direction | Sequence[Direction],
+    grid: Sequence[Sequence[float] | np.ndarray] | np.ndarray,
+    objectives: Sequence[Objective] | None = None,
+    *,
+    data: TokenSet | None = None,
+    with_layer_mse: bool = False,
+    batch_size: int = 8,
+    model_name: str = "",
+    store: str | Path | None = None,
+    resume: bool = False,
+    shard: tuple[int, int] = (0, 1),
+    provenance: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> ScanResult:
+    """Measure objectives at ``w0 + sum_k grid[k][i_k] * directions[k]`` for every grid point, in place.
+
+    Args:
+        model: the model at w0 (left bit-identical to w0, also on errors).
+        directions: one direction (1-D scan) or a sequence (2-D: ``(u, v)``).
+        grid: the coefficients along each direction; a single 1-D array is accepted for a 1-D scan.
+        objectives: what to measure; default: NLL on ``data`` (plus layer MSE if ``with_layer_mse``).
+        batch_size: segments per forward pass of the default objectives.
+        model_name: recorded in the NLL convention and the provenance.
+        store: path of an HDF5 result store (:mod:`landscape.store`): every point is flushed as it
+            finishes and the file is moved into place when the run (or its shard) completes.
+        resume: continue an unfinished store at ``store`` (skipping finished points).
+        shard: ``(i, n)``: evaluate only the points ``i, i + n, ...`` of the C-ordered grid.
+        provenance: extra JSON entries for the store (e.g. the model's :class:`~landscape.models.ModelInfo`).
+        progress: show a tqdm progress bar over the points.
+
+    Returns:
+        The values of this run (and of earlier runs of a resumed store).
+
+    Raises:
+        ValueError (DirectionError, StoreError...): bad directions, grid, shard, objectives or store,
+            before any point is evaluated.
+    """
+    directions = (directions,) if isinstance(directions, Direction) else tuple(directions)
+    axes = _check_grid(grid, len(directions))
+    shard_index, shard_count = _check_shard(shard)
+    if resume and store is None:
+        raise ValueError("resume=True needs a store path to resume from")
+    model_name = model_label(model, model_name)
+    if objectives is None:
+        objectives = default_objectives(data, with_layer_mse, batch_size, model_name)
+    objectives = tuple(objectives)
+    grid_shape = tuple(len(axis) for axis in axes)
+    specs = tuple(d.spec for d in directions)
+
+    with Perturbation(model, directions) as perturbation:
+        names = output_names(objectives, perturbation.layers)
+        run_provenance = {
+            "kind": "scan",
+            "model": model_name,
+            "model_fingerprint": model_fingerprint(model),
+            "directions": [s.to_dict() for s in specs],
+            "grid": [axis.tolist() for axis in axes],
+            "objectives": [o.provenance() for o in objectives],
+            "nll_convention": nll_convention(objectives),
+            "data": data.provenance() if data is not None else None,
+            "shard": {"index": shard_index, "count": shard_count},
+            "point_order": "C order over the grid; shard i of n evaluates points i, i+n, ...",
+            **dict(provenance or {}),
+        }
+        mine = np.zeros(grid_shape, dtype=bool)
+        mine.flat[shard_index::shard_count] = True
+        with start_run(store, run_provenance, {n: ((), np.float64) for n in names}, grid_shape, resume) as record:
+            if record.writable:
+                for k, axis in enumerate(axes):
+                    record.write_array(f"{COORDINATE_PREFIX}{k}", axis)
+            for flat in progress_bar(np.flatnonzero(mine & ~record.done), progress, f"scan ({len(directions)}-D)"):
+                coefficients = [axes[k][i] for k, i in enumerate(np.unravel_index(flat, grid_shape))]
+                record.write_point(int(flat), perturbation.measure(coefficients, objectives))
+            data, path = finish_run(record)
+    return ScanResult.from_data(data, path)
+
+
+def _check_grid(grid: Sequence[Sequence[float] | np.ndarray] | np.ndarray, n_directions: int) -> tuple[np.ndarray, ...]:
+    if isinstance(grid, np.ndarray) and grid.ndim == 1:
+        grid = [grid]
+    elif isinstance(grid, Sequence) and len(grid) > 0 and all(isinstance(g, (int, float, np.number)) for g in grid):
+        grid = [grid]  # a single axis for a 1-D scan
+    axes = []
+    for k, axis in enumerate(grid):
+        try:
+            axis = np.asarray(axis, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"grid axis {k} must be a sequence of numbers, got {axis!r}") from None
+        if axis.ndim != 1 or axis.size == 0:
+            raise ValueError(f"grid axis {k} must be a non-empty 1-D sequence of coefficients, got shape {axis.shape}")
+        if not np.isfinite(axis).all():
+            bad = np.flatnonzero(~np.isfinite(axis)).tolist()
+            raise ValueError(f"grid axis {k} has non-finite coefficients {axis[bad].tolist()} at positions {bad}; "
+                             f"every coefficient must be a finite number")
+        axes.append(axis)
+    if len(axes) != n_directions:
+        raise ValueError(f"the grid has {len(axes)} axes but there are {n_directions} directions: "
+                         f"give one array of coefficients per direction")
+    return tuple(axes)
+
+
+def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in shard)
+    except (TypeError, ValueError):
+        raise ValueError(f"shard must be a pair (i, n), got {shard!r}") from None
+    if not (count >= 1 and 0 <= index < count):
+        raise ValueError(f"shard must be (i, n) with n >= 1 and 0 <= i < n, got {shard!r}")
+    return index, count
+
+
+def progress_bar(items, enabled: bool, description: str):
+    """``items`` wrapped in a tqdm bar (``enabled=False``: no bar)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=description, disable=not enabled, leave=False)
+
+
+def grid_axis(start: float, stop: float, count: int) -> np.ndarray:
+    """``count`` evenly spaced coefficients from ``start`` to ``stop`` inclusive (``numpy.linspace``)."""
+    if not (math.isfinite(start) and math.isfinite(stop)) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"a grid axis needs finite start and stop and an integer count >= 1, "
+                         f"got {start}:{stop}:{count}")
+    return np.linspace(start, stop, count)
