@@ -27,7 +27,8 @@ def command(name: str, help: str):
     return wrap
 
 
-def _default_seq_len(info) -> int:
+def default_seq_len(info) -> int:
+    """Default segment length of a model: 512 for smollm2-135m, else its context (at most 256)."""
     return 512 if info.name == "smollm2-135m" else min(256, info.context_length or 256)
 
 
@@ -55,7 +56,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     t0 = time.time()
     lm = load_model(args.model)
     load_s = time.time() - t0
-    seq_len = args.seq_len or _default_seq_len(lm.info)
+    seq_len = args.seq_len or default_seq_len(lm.info)
     sets = [heldout_set(lm.tokenizer, seq_len, c, args.segments, args.stride, lm.info.context_length) for c in corpora]
     if not args.json:
         print(f"model {lm.info.name} ({lm.info.source}; {lm.info.n_params:,} parameters; loaded in {load_s:.1f} s)")
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError) as err:
+    except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -256,8 +256,11 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        valid = list(quantizable_layers(model))
-        raise KeyError(f"unknown layer {name!r}; quantizable layers are e.g. {valid[:4]} ... ({len(valid)} in all)") from None
+        try:
+            valid = list(quantizable_layers(model))
+        except (AttributeError, ValueError):  # not a transformers decoder: list its linear layers
+            valid = [n for n, m in model.named_modules() if _is_linear(m)]
+        raise KeyError(f"unknown layer {name!r}; valid layers are e.g. {valid[:4]} ... ({len(valid)} in all)") from None
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:

@@ -39,6 +39,12 @@ class NLLConvention:
     reduction: str = "token-mean"
     unit: str = "nats/token"
 
+    @classmethod
+    def for_data(cls, data: TokenSet, model_name: str) -> "NLLConvention":
+        """The convention of an NLL of ``model_name`` over ``data`` (what :func:`nll` reports)."""
+        return cls(model_name, data.corpus, data.split, data.content_hash, data.seq_len, data.stride,
+                   data.n_segments, data.n_scored_tokens)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -113,8 +119,7 @@ def nll(model: nn.Module, data: TokenSet, batch_size: int = 8, model_name: str |
     s = torch.cat(sums).numpy()
     c = torch.cat(counts).numpy().astype(np.int64)
     name = model_name or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
-    conv = NLLConvention(name, data.corpus, data.split, data.content_hash, data.seq_len, data.stride,
-                         data.n_segments, int(c.sum()))
+    conv = NLLConvention.for_data(data, name)
     return NLLResult(float(s.sum() / c.sum()), s, c, conv)
 
 

@@ -15,7 +15,7 @@ from landscape.models import (
     weight_matrix,
     weights_fingerprint,
 )
-from tests.conftest import tiny_model
+from conftest import tiny_model
 
 EXPECTED_PER_BLOCK = {"gpt2": 4, "opt": 6, "llama": 7}
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from landscape.data import segments_from_stream, TokenSet
 from landscape.models import quantizable_layers, weight_matrix
 from landscape.objectives import layer_mse, nll
-from tests.conftest import random_tokens, tiny_model
+from conftest import random_tokens, tiny_model
 
 
 def test_nll_equals_independent_cross_entropy_float64(arch):

@@ -12,7 +12,7 @@ import argparse
 import time
 from collections.abc import Callable
 
-from ..cli import _default_seq_len, command
+from ..cli import default_seq_len, command
 from ..data import TokenSet
 from ..models import LoadedModel
 from .formats import QuantFormat, parse_format
@@ -112,7 +112,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     lm = load_model(args.model)
-    seq_len = args.calib_seq_len or _default_seq_len(lm.info)
+    seq_len = args.calib_seq_len or default_seq_len(lm.info)
     calib = calibration_set(lm.tokenizer, args.calib_sequences, seq_len, args.calib_seed,
                             context_length=lm.info.context_length)
     result = METHODS[args.method](lm, calib, args.fmt, args)

@@ -80,7 +80,7 @@ class QuantResult:
         """Write ``<path>.safetensors`` and ``<path>.json`` (atomically: temporary names, then rename)."""
         from safetensors.torch import save_file
 
-        path = _stem(path)
+        path = result_stem(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: w.detach().contiguous().cpu() for name, w in self.weights.items()}
         meta = self.metadata()
@@ -98,7 +98,7 @@ class QuantResult:
         result computed on a different base model."""
         from safetensors.torch import load_file
 
-        path = _stem(path)
+        path = result_stem(path)
         st, js = _with_ext(path, ".safetensors"), _with_ext(path, ".json")
         if not st.exists() or not js.exists():
             raise FileNotFoundError(f"quantized model {path} needs both {st.name} and {js.name}")
@@ -126,7 +126,7 @@ class QuantResult:
         )
 
 
-def _stem(path: str | os.PathLike) -> Path:
+def result_stem(path: str | os.PathLike) -> Path:
     """``run/x.int4`` stays ``run/x.int4``; a given ``.safetensors`` or ``.json`` extension is dropped."""
     path = Path(path)
     return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path

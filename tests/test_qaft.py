@@ -1,0 +1,386 @@
+"""QAFT, its full-precision control and learning-rate selection, on tiny random models.
+
+Every expectation is computed independently of the training loop: RTN from the grid, NLL and KL from
+logits, data order from seeded permutations, schedules from their closed form.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_tokens, tiny_model
+
+from landscape.models import layer_weights, swapped_weights, weights_fingerprint
+from landscape.objectives import nll
+from landscape.quant.formats import Grid, make_grid, parse_format
+from landscape.quant.qaft import (
+    QAFTError,
+    fp_finetune,
+    learning_rate_at,
+    lsq_fake_quant,
+    paired_control,
+    qaft,
+    select_learning_rate,
+)
+from landscape.quant.result import QuantResult
+
+FAST = dict(steps=3, batch_size=4, progress=False)
+ONE_STEP = dict(steps=1, batch_size=4, progress=False)
+
+
+def rtn_weights(model, fmt) -> dict[str, torch.Tensor]:
+    return {n: make_grid(w, fmt, n).round(w) for n, w in layer_weights(model).items()}
+
+
+def quant_result(model, weights, fmt, method="rtn") -> QuantResult:
+    return QuantResult(weights=weights, format=parse_format(fmt), method=method,
+                       base_fingerprint=weights_fingerprint(model, list(weights)))
+
+
+def model_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model, state) -> None:
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[k], state[k]) for k in state)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def count_forwards(model) -> list[int]:
+    calls = [0]
+    model.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+# --------------------------------------------------------------------------------------- quantizers
+def test_fake_quant_is_grid_round_forward_and_identity_backward():
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    grid = make_grid(w0, "int3")
+    w = (w0 + 0.3 * torch.randn(3, 8, generator=g, dtype=torch.float64)).requires_grad_(True)
+    assert torch.equal(grid.fake_quant(w), grid.round(w.detach()))
+    jacobian = torch.autograd.functional.jacobian(grid.fake_quant, w.detach())  # (3, 8, 3, 8)
+    assert torch.equal(jacobian.reshape(24, 24), torch.eye(24, dtype=torch.float64))
+
+
+def test_lsq_fake_quant_forward_and_closed_form_gradients():
+    g = torch.Generator().manual_seed(1)
+    w0 = torch.randn(2, 8, generator=g, dtype=torch.float64)
+    grid = make_grid(w0, "int3-g4")
+    w = w0 * 1.3  # some entries now lie beyond the grid's range (clipped)
+    log_scale = torch.zeros_like(grid.scale, requires_grad=True)
+    w = w.requires_grad_(True)
+    y = lsq_fake_quant(w, grid, log_scale)
+    assert torch.equal(y.detach(), grid.round(w.detach()))
+    upstream = torch.randn(w.shape, generator=g, dtype=torch.float64)
+    grad_w, grad_log_scale = torch.autograd.grad((y * upstream).sum(), (w, log_scale))
+    s = grid.scale.repeat_interleave(4, dim=1)
+    z = grid.zero.repeat_interleave(4, dim=1)
+    codes = torch.round(w.detach() / s + z)
+    inside = (codes >= 0) & (codes <= 7)
+    assert (~inside).any() and inside.any()
+    assert torch.allclose(grad_w, torch.where(inside, upstream, torch.zeros_like(upstream)), rtol=1e-15, atol=0)
+    # d/d log s of s * (q - z) with q = clamp(round_ste(w / s + z)): s * (q - z - w / s) inside, s * (q - z) clipped
+    d_output = torch.where(inside, s * (codes - z) - w.detach(), s * (codes.clamp(0, 7) - z))
+    expected = (d_output * upstream).reshape(2, 2, 4).sum(-1)
+    assert torch.allclose(grad_log_scale, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_learning_rate_schedule_closed_form():
+    assert learning_rate_at(0, 1.0, 10, 2) == 0.5 and learning_rate_at(1, 1.0, 10, 2) == 1.0
+    assert learning_rate_at(2, 1.0, 10, 2) == 1.0
+    assert math.isclose(learning_rate_at(6, 1.0, 10, 2), 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert learning_rate_at(0, 3e-4, 5, 0) == 3e-4
+
+
+# ------------------------------------------------------------------------------------------- QAFT
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_qaft_lowers_calibration_nll_from_rtn_and_lands_on_the_grid_of_w0(arch):
+    model = tiny_model(arch)
+    calib = random_tokens(8, 16)
+    w0 = layer_weights(model)
+    with swapped_weights(model, rtn_weights(model, "int3")):
+        rtn_nll = nll(model, calib).value
+    result = qaft(model, calib, "int3", lr=1e-2, steps=8, batch_size=4, progress=False)
+    with swapped_weights(model, result.weights):
+        qaft_nll = nll(model, calib).value
+    assert qaft_nll < rtn_nll - 0.01
+    assert result.method == "qaft" and result.format.name == "int3"
+    assert result.base_fingerprint == weights_fingerprint(model)
+    changed = 0
+    for name, w in result.weights.items():
+        grid = make_grid(w0[name], "int3")
+        assert grid.contains(w) and torch.equal(grid.round(w), w)
+        changed += int((w != grid.round(w0[name])).sum())
+    assert changed > 0
+    assert result.extra["changed_vs_rtn"] == changed / sum(w.numel() for w in w0.values())
+    assert len(result.extra["loss_curve"]) == 8 and set(result.layer_mse) == set(w0)
+
+
+def test_model_is_left_at_w0_bit_exactly_after_training_and_on_exception():
+    model = tiny_model("gpt2")
+    calib = random_tokens(8, 16)
+    state = model_state(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    qaft(model, calib, "int4", lr=1e-2, distill_weight=0.5, learned_scales=True, activations=8, kv=4, **FAST)
+    assert_same_state(model, state)
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+    calls = [0]
+
+    def explode(module, args, output):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("interrupted")
+
+    handle = model.transformer.h[1].mlp.register_forward_hook(explode)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        qaft(model, calib, "int4", lr=1e-2, activations=8, kv=4, **FAST)
+    handle.remove()
+    assert_same_state(model, state)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+def test_training_is_deterministic():
+    model = tiny_model("opt")
+    calib = random_tokens(8, 16)
+    runs = [qaft(model, calib, "int3-g16", lr=5e-3, learned_scales=True, seed=3, **FAST) for _ in range(2)]
+    assert runs[0].extra["loss_curve"] == runs[1].extra["loss_curve"]
+    assert all(torch.equal(runs[0].weights[n], runs[1].weights[n]) for n in runs[0].weights)
+
+
+def test_learned_scales_land_on_the_learned_lattice():
+    model = tiny_model("gpt2")
+    calib = random_tokens(8, 16)
+    w0 = layer_weights(model)
+    fmt = parse_format("int3")
+    result = qaft(model, calib, fmt, lr=1e-2, learned_scales=True, **FAST)
+    moved = 0
+    for name, w in result.weights.items():
+        grid0 = make_grid(w0[name], fmt)
+        scale = torch.tensor(result.extra["learned_scales"][name], dtype=w.dtype)
+        assert torch.all(scale > 0)
+        moved += int((scale != grid0.scale).sum())
+        assert Grid(fmt, scale, grid0.zero, grid0.group_size).contains(w)
+    assert moved > 0
+    at_zero_lr = qaft(model, calib, fmt, lr=0.0, learned_scales=True, **ONE_STEP)
+    assert all(torch.equal(at_zero_lr.weights[n], rtn_weights(model, fmt)[n]) for n in w0)
+
+
+def test_first_step_losses_equal_independent_nll_and_kl_of_rtn():
+    model = tiny_model("llama", torch.float64)
+    calib = random_tokens(8, 16)
+    result = qaft(model, calib, "int3", lr=0.0, distill_weight=0.25, **FAST)
+    batch = calib.tokens[result.extra["batch_order"][0]]
+    with torch.no_grad():
+        teacher = F.log_softmax(model(input_ids=batch).logits[:, :-1], dim=-1)
+        with swapped_weights(model, rtn_weights(model, "int3")):
+            student = F.log_softmax(model(input_ids=batch).logits[:, :-1], dim=-1)
+    nll_rtn = -student.gather(-1, batch[:, 1:, None]).mean().item()
+    kl_rtn = (F.kl_div(student, teacher, log_target=True, reduction="sum") / teacher.shape[0] / teacher.shape[1]).item()
+    assert math.isclose(result.extra["nll_curve"][0], float(nll_rtn), rel_tol=1e-10)
+    assert math.isclose(result.extra["kl_curve"][0], float(kl_rtn), rel_tol=1e-8)
+    assert math.isclose(result.extra["loss_curve"][0], 0.75 * float(nll_rtn) + 0.25 * float(kl_rtn), rel_tol=1e-8)
+    assert result.extra["lr_curve"] == [0.0] * 3
+
+
+def test_training_with_quantized_activations_sees_them_in_the_student_only():
+    from landscape.quant.activations import quantized_activations
+
+    model = tiny_model("gpt2", torch.float64)
+    calib = random_tokens(8, 16)
+    result = qaft(model, calib, "int4", lr=0.0, distill_weight=0.5, activations=4, kv=3, **ONE_STEP)
+    batch = calib.tokens[result.extra["batch_order"][0]]
+    with torch.no_grad():
+        teacher = F.log_softmax(model(input_ids=batch).logits[:, :-1], dim=-1)
+        with swapped_weights(model, rtn_weights(model, "int4")), quantized_activations(model, 4, kv=3):
+            student = F.log_softmax(model(input_ids=batch).logits[:, :-1], dim=-1)
+    assert math.isclose(result.extra["nll_curve"][0], -student.gather(-1, batch[:, 1:, None]).mean().item(),
+                        rel_tol=1e-10)
+    assert math.isclose(result.extra["kl_curve"][0], (teacher.exp() * (teacher - student)).sum(-1).mean().item(),
+                        rel_tol=1e-8)
+
+
+def test_start_result_is_the_starting_point():
+    model = tiny_model("gpt2")
+    calib = random_tokens(8, 16)
+    w0 = layer_weights(model)
+    start = {}
+    for name, w in w0.items():  # another lattice point: one code step up wherever that stays in range
+        grid = make_grid(w, "int4")
+        codes = grid.quantize(w)
+        start[name] = grid.dequantize(torch.where(codes < 15, codes + 1, codes))
+    result = qaft(model, calib, "int4", lr=0.0, start=quant_result(model, start, "int4", "gptq"), **ONE_STEP)
+    assert all(torch.equal(result.weights[n], start[n]) for n in w0)
+    assert result.settings["start"] == "gptq int4"
+
+
+def test_qaft_starts_from_gptq_and_refuses_an_off_grid_lorc_result():
+    from landscape.quant import gptq, lorc
+
+    model = tiny_model("opt")
+    calib = random_tokens(8, 16)
+    start = gptq(model, calib, "int3", progress=False)
+    result = qaft(model, calib, "int3", lr=0.0, start=start, **ONE_STEP)
+    assert all(torch.equal(result.weights[n], start.weights[n]) for n in start.weights)
+    with pytest.raises(QAFTError, match="not on the int3 grid"):
+        qaft(model, calib, "int3", start=lorc(model, start, rank=2, progress=False), **ONE_STEP)
+
+
+# ------------------------------------------------------------------------------ full-precision control
+def test_control_with_zero_lr_returns_w0_bit_exactly():
+    model = tiny_model("gpt2")
+    calib = random_tokens(8, 16)
+    w0 = layer_weights(model)
+    control = fp_finetune(model, calib, "int4", lr=0.0, **FAST)
+    assert control.format is None and control.method == "fp-finetune"
+    assert all(torch.equal(control.weights[n], w0[n]) for n in w0)
+    assert control.extra["changed_vs_rtn"] == 0.0 and control.extra["displacement_norm"] == 0.0
+    paired = qaft(model, calib, "int4", lr=0.0, **FAST)
+    differing = {k for k in paired.settings if paired.settings[k] != control.settings[k]}
+    assert differing == {"quantize", "start"} and control.settings["format"] == "int4"
+
+
+def test_paired_control_repeats_the_qaft_run_with_the_quantizer_off():
+    model = tiny_model("llama")
+    calib = random_tokens(8, 16)
+    run = qaft(model, calib, "int3", lr=2e-3, warmup_steps=1, seed=5, layers="*.mlp.*", **FAST)
+    control = paired_control(model, calib, run, progress=False)
+    assert list(control.weights) == list(run.weights) and all("mlp" in n for n in run.weights)
+    assert control.extra["batch_order"] == run.extra["batch_order"] and control.extra["lr_curve"] == run.extra["lr_curve"]
+    differing = {k for k in run.settings if run.settings[k] != control.settings[k]}
+    assert differing == {"quantize", "start", "layers"} and control.extra["paired_with"]["label"] == "qaft int3"
+    with pytest.raises(QAFTError, match="calibration data"):
+        paired_control(model, random_tokens(8, 16, seed=9), run, progress=False)
+    with pytest.raises(QAFTError, match="qaft result"):
+        paired_control(model, calib, control, progress=False)
+
+
+def test_control_and_qaft_see_the_same_batches_in_the_seeded_order():
+    model = tiny_model("gpt2")
+    calib = random_tokens(6, 16)
+    steps, batch_size, seed = 3, 4, 7
+
+    def batches_seen(train, **kw):
+        seen = []
+        handle = model.register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True)
+        train(model, calib, "int4", lr=1e-3, steps=steps, batch_size=batch_size, seed=seed, progress=False, **kw)
+        handle.remove()
+        return seen[:steps]  # later forwards measure the layer MSE
+
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(6, generator=generator), torch.randperm(6, generator=generator)])
+    expected = [calib.tokens[order[i * batch_size:(i + 1) * batch_size]] for i in range(steps)]
+    for seen in (batches_seen(qaft), batches_seen(fp_finetune)):
+        assert len(seen) == steps and all(torch.equal(a, b) for a, b in zip(seen, expected))
+
+
+def test_one_control_step_is_an_adamw_step_along_the_autograd_gradient():
+    """First AdamW step (bias-corrected): w1 = w0 - lr * g / (|g| + eps), g = d NLL(batch 0) / d w at w0."""
+    model = tiny_model("gpt2", torch.float64)
+    calib = random_tokens(8, 16)
+    w0 = layer_weights(model)
+    lr = 1e-3
+    control = fp_finetune(model, calib, lr=lr, steps=1, progress=False)
+    batch = calib.tokens[control.extra["batch_order"][0]]
+    model.zero_grad(set_to_none=True)
+    logp = F.log_softmax(model(input_ids=batch).logits[:, :-1], dim=-1)  # float64, on the model's parameters
+    (-logp.gather(-1, batch[:, 1:, None]).mean()).backward()
+    for name in w0:
+        g = model.get_submodule(name).weight.grad.T  # GPT-2's Conv1D stores (in, out)
+        expected = w0[name] - lr * g / (g.abs() + 1e-8)
+        assert not torch.equal(control.weights[name], w0[name])
+        assert torch.allclose(control.weights[name], expected, rtol=0, atol=1e-12)
+    model.zero_grad(set_to_none=True)
+
+
+def test_the_distillation_teacher_is_the_model_at_w0():
+    model = tiny_model("opt")
+    calib = random_tokens(8, 16)
+    control = fp_finetune(model, calib, lr=1e-2, distill_weight=1.0, **ONE_STEP)  # student == teacher at step 0
+    assert control.extra["kl_curve"] == [0.0] and control.extra["loss_curve"] == [0.0]
+
+
+def test_control_moves_weights_off_w0_and_lowers_nll():
+    model = tiny_model("llama")
+    calib = random_tokens(8, 16)
+    before = nll(model, calib).value
+    control = fp_finetune(model, calib, lr=1e-2, steps=6, batch_size=4, progress=False)
+    with swapped_weights(model, control.weights):
+        assert nll(model, calib).value < before - 0.01
+    assert control.settings["format"] is None and "changed_vs_rtn" not in control.extra
+
+
+# --------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("bad, message", [
+    (dict(lr=-1e-4), "lr must be"), (dict(lr=float("nan")), "lr must be"), (dict(steps=0), "steps must be"),
+    (dict(steps=2.5), "steps must be"), (dict(epochs=0), "epochs must be"), (dict(batch_size=0), "batch_size"),
+    (dict(batch_size=9), "batch_size=9 exceeds"), (dict(warmup_steps=3), "warmup_steps=3"),
+    (dict(distill_weight=1.5), "distill_weight"), (dict(weight_decay=-1.0), "weight_decay"),
+    (dict(activations=12), "2..8, got 12"), (dict(kv=1), "2..8, got 1"),
+    (dict(quantize=False, learned_scales=True), "learned_scales"), (dict(layers=["no.such.layer"]), "no.such.layer"),
+])
+def test_bad_settings_are_refused_before_training(bad, message):
+    model = tiny_model("gpt2")
+    calib = random_tokens(8, 16)
+    forwards = count_forwards(model)
+    settings = {**FAST, **bad}
+    with pytest.raises((ValueError, KeyError), match=message):
+        qaft(model, calib, "int4", lr=settings.pop("lr", 1e-3), **settings)
+    assert forwards[0] == 0
+
+
+def test_bad_start_points_are_refused_before_training():
+    model = tiny_model("gpt2")
+    calib = random_tokens(8, 16)
+    forwards = count_forwards(model)
+    other_base = tiny_model("gpt2", seed=1)
+    cases = {
+        "fingerprint": quant_result(other_base, rtn_weights(other_base, "int4"), "int4"),
+        "int3": quant_result(model, rtn_weights(model, "int4"), "int4"),  # asked for int3 below
+        "not on the int4 grid": quant_result(model, {n: w + 1e-3 for n, w in layer_weights(model).items()}, "int4"),
+        "has no weights": quant_result(model, dict(list(rtn_weights(model, "int4").items())[:2]), "int4"),
+    }
+    for message, start in cases.items():
+        fmt = "int3" if message == "int3" else "int4"
+        with pytest.raises(QAFTError, match=message):
+            qaft(model, calib, fmt, start=start, **FAST)
+    with pytest.raises(QAFTError, match="w0"):
+        qaft(model, calib, "int4", start=cases["int3"], quantize=False, **FAST)
+    with pytest.raises(QAFTError, match="format"):
+        qaft(model, calib, None, **FAST)
+    assert forwards[0] == 0
+
+
+# -------------------------------------------------------------------------------- lr selection
+def test_learning_rate_selection_uses_a_split_of_the_calibration_set_only():
+    model = tiny_model("gpt2")
+    calib = random_tokens(12, 16)
+    sweep = select_learning_rate(model, calib, "int3", candidates=[1e-2, 1e-4], n_validation=4, steps=2,
+                                 progress=False)
+    assert sweep.candidates == (1e-4, 1e-2)
+    train, validation = list(sweep.train_sequences), list(sweep.validation_sequences)
+    assert len(validation) == 4 and sorted(train + validation) == list(range(12))
+    # Recompute one candidate by hand: train on the training part, score the held-back part.
+    result = qaft(model, calib.subset(train), "int3", lr=1e-2, steps=2, progress=False)
+    with swapped_weights(model, result.weights):
+        assert nll(model, calib.subset(validation)).value == sweep.validation_nll[1]
+    with swapped_weights(model, rtn_weights(model, "int3")):
+        assert nll(model, calib.subset(validation)).value == sweep.start_validation_nll
+    assert sweep.best_lr == sweep.candidates[min(range(2), key=lambda i: sweep.validation_nll[i])]
+    chosen = qaft(model, calib, "int3", lr=sweep, steps=2, progress=False)
+    assert chosen.settings["lr"] == sweep.best_lr and chosen.extra["lr_selection"]["best_lr"] == sweep.best_lr
+    with pytest.raises(QAFTError, match="calibration data"):
+        qaft(model, random_tokens(12, 16, seed=5), "int3", lr=sweep, progress=False)
+    with pytest.raises(QAFTError, match="int4"):
+        qaft(model, calib, "int4", lr=sweep, progress=False)
+    with pytest.raises(QAFTError, match="n_validation"):
+        select_learning_rate(model, calib, "int3", n_validation=12, progress=False)
+    with pytest.raises(QAFTError, match="unknown settings"):
+        select_learning_rate(model, calib, "int3", n_validation=4, lr=1e-3, progress=False)
