@@ -280,6 +280,11 @@ def weight_is_transposed(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
+def parameter_layout(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """An ``(out, in)`` matrix in the layout of ``module.weight``: the inverse of :func:`weight_matrix`."""
+    return w.T if weight_is_transposed(module) else w
+
+
 def weight_param_name(layer_name: str) -> str:
     """Parameter name of a layer's weight (``layer.weight``)."""
     return f"{layer_name}.weight"

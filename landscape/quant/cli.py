@@ -35,6 +35,48 @@ def _run_gptq(lm: LoadedModel, calib: TokenSet, fmt: QuantFormat, args: argparse
                 model_name=lm.info.name)
 
 
+def _lr(lm: LoadedModel, calib: TokenSet, fmt: QuantFormat | None, args: argparse.Namespace, quantize: bool):
+    """``--lr`` as a number, or ``auto``: a sweep on a held-back part of the calibration set (never held-out text)."""
+    if args.lr != "auto":
+        return float(args.lr)
+    from .qaft import select_learning_rate
+
+    sweep = select_learning_rate(lm.model, calib, fmt, steps=args.steps, layers=args.layers, quantize=quantize,
+                                 progress=not args.no_progress)
+    print(sweep.table())
+    return sweep
+
+
+def _finetune_kwargs(args: argparse.Namespace) -> dict:
+    return {"steps": args.steps, "epochs": args.epochs, "batch_size": args.train_batch_size, "seed": args.seed,
+            "layers": args.layers, "progress": not args.no_progress}
+
+
+def _run_qaft(lm: LoadedModel, calib: TokenSet, fmt: QuantFormat, args: argparse.Namespace) -> QuantResult:
+    from .qaft import qaft
+
+    return qaft(lm.model, calib, fmt, lr=_lr(lm, calib, fmt, args, True), distill_weight=args.distill_weight,
+                learned_scales=args.learned_scales, model_name=lm.info.name, **_finetune_kwargs(args))
+
+
+def _run_fp_finetune(lm: LoadedModel, calib: TokenSet, fmt: QuantFormat, args: argparse.Namespace) -> QuantResult:
+    from .qaft import fp_finetune
+
+    return fp_finetune(lm.model, calib, fmt, lr=_lr(lm, calib, fmt, args, False), distill_weight=args.distill_weight,
+                       model_name=lm.info.name, **_finetune_kwargs(args))
+
+
+def _run_llm_qat(lm: LoadedModel, calib: TokenSet, fmt: QuantFormat, args: argparse.Namespace) -> QuantResult:
+    from .llm_qat import llm_qat
+
+    lr = float(args.lr) if args.lr != "auto" else None
+    if lr is None:
+        raise ValueError("--lr auto is not available for llm-qat (its text is generated, there is no calibration "
+                         "split to select on); give a number")
+    return llm_qat(lm.model, fmt, calib.seq_len, n_sequences=calib.n_segments, lr=lr, model_name=lm.info.name,
+                   **_finetune_kwargs(args))
+
+
 def with_lorc(base_method: str) -> MethodRunner:
     """A runner for ``f"{base_method}+lorc"``: the base method, then a rank ``args.rank`` LoRC correction."""
 
@@ -51,8 +93,12 @@ def with_lorc(base_method: str) -> MethodRunner:
 METHODS: dict[str, MethodRunner] = {
     "rtn": _run_rtn,
     "gptq": _run_gptq,
+    "qaft": _run_qaft,
+    "fp-finetune": _run_fp_finetune,
+    "llm-qat": _run_llm_qat,
     "rtn+lorc": with_lorc("rtn"),
     "gptq+lorc": with_lorc("gptq"),
+    "qaft+lorc": with_lorc("qaft"),
 }
 
 
@@ -102,10 +148,21 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", action="append", default=None, metavar="GLOB",
                    help="quantize only layers matching this glob (repeatable), e.g. '*.mlp.*'; default all")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="calibration segments per forward pass")
+    p.add_argument("--lr", default="3e-4",
+                   help="qaft / fp-finetune / llm-qat peak learning rate, or 'auto' (qaft, fp-finetune): chosen on "
+                        "16 held-back calibration sequences (default 3e-4)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps (default: --epochs)")
+    p.add_argument("--epochs", type=_positive_float, default=1.0, help="fine-tuning passes over the sequences")
+    p.add_argument("--train-batch-size", type=_positive_int, default=4, help="fine-tuning sequences per step")
+    p.add_argument("--seed", type=int, default=0, help="fine-tuning data-order seed")
+    p.add_argument("--distill-weight", type=float, default=0.0,
+                   help="weight a of the KL to the fp model in (1-a) NLL + a KL (qaft, fp-finetune)")
+    p.add_argument("--learned-scales", action="store_true", help="qaft: LSQ-style learned per-group scales")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@command("quantize", "quantize a model's linear layers (rtn, gptq, +lorc) and save the result")
+@command("quantize", "quantize a model's linear layers (rtn, gptq, qaft, llm-qat, +lorc; fp-finetune control) "
+                     "and save the result")
 def cmd_quantize(args: argparse.Namespace) -> int:
     from ..data import calibration_set
     from ..models import load_model
@@ -118,19 +175,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     result = METHODS[args.method](lm, calib, args.fmt, args)
     path = result.save(args.out)
     n_weights = sum(w.numel() for w in result.weights.values())
-    bits = sum(args.fmt.storage_bits(tuple(w.shape)) for w in result.weights.values())
+    bits = sum((result.format.storage_bits(tuple(w.shape)) if result.format else 32 * w.numel())
+               for w in result.weights.values())
     bits += result.extra.get("extra_storage_bits_total", 0)
     print(f"model    {lm.info.name} ({lm.info.source})")
     if lm.info.caveat:
         print(f"caveat   {lm.info.caveat}")
-    print(f"method   {result.method}  format {args.fmt.name}  ({len(result.weights)} layers, "
+    print(f"method   {result.method}  format {result.format.name if result.format else 'fp32'}  ({len(result.weights)} layers, "
           f"{bits / n_weights:.3f} bits per weight incl. scales)")
     print(f"calib    {calib.n_segments} x {calib.seq_len} tokens, {calib.corpus}/{calib.split}, seed {calib.seed}, "
           f"data {calib.content_hash}")
     print(f"seconds  {result.seconds:.2f} (method), {time.perf_counter() - t0:.2f} (total)")
-    print(f"layer MSE summed over layers: {result.total_layer_mse:.6g} "
-          f"(inputs: {result.extra.get('layer_mse_inputs')})")
-    print(f"saved    {path.with_suffix('.safetensors')} and {path.with_suffix('.json')}")
+    inputs = result.extra.get("layer_mse_inputs", "full-precision model")
+    print(f"layer MSE summed over layers: {result.total_layer_mse:.6g} (inputs: {inputs})")
+    print(f"saved    {path}.safetensors and {path}.json")
     return 0
 
 

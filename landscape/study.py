@@ -1,0 +1,304 @@
+"""The quantization study: every method on every format under one protocol, into one HDF5 store.
+
+A :class:`Protocol` fixes everything that defines the numbers: the model, the calibration budget (128
+sequences, seeded), the evaluation sets (in-domain ``wiki`` and out-of-domain ``sotu``, same
+convention), the formats, the methods and their settings. :func:`run_quant_table` then
+
+1. quantizes with each method (``rtn``, ``gptq`` with act-order, ``gptq-noact``, ``gptq+lorc``,
+   ``qaft``, and the full-precision control ``fp-finetune`` paired with each QAFT run), saving every
+   :class:`~landscape.quant.result.QuantResult` so nothing is ever recomputed;
+2. evaluates each variant's NLL on every evaluation corpus with a 95 % bootstrap interval over segments
+   (the per-segment sums are stored, so paired differences can be computed later from the store alone);
+3. writes one point per variant to a resumable store (a killed run continues where it stopped).
+
+Figures and reports read the store only (:func:`read_quant_table`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import calibration_set, heldout_set
+from .models import LoadedModel, layer_weights, load_model, swapped_weights, weights_fingerprint
+from .objectives import nll
+from .quant import parse_format
+from .quant.result import QuantResult
+from .stats import nll_interval
+from .store import ResultStore, read_store
+
+FP32 = "fp32"
+METHODS = ("rtn", "gptq", "gptq-noact", "gptq+lorc", "qaft", "fp-finetune")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Everything that defines the study's numbers. Stored as the store's provenance.
+
+    Attributes:
+        model: model name (:func:`landscape.models.load_model`).
+        calib_sequences, calib_seq_len, calib_seed: the calibration budget (the same for every method).
+        eval_corpora, eval_seq_len, eval_segments: held-out evaluation (token-mean NLL, disjoint windows).
+        formats: weight formats (:func:`landscape.quant.parse_format` names).
+        methods: subset of :data:`METHODS`; ``fp-finetune`` is paired with each ``qaft`` run.
+        seeds: seeds of the stochastic methods (QAFT and its control); deterministic methods use one.
+        qaft_lr, qaft_epochs, qaft_batch_size: QAFT (and control) settings.
+        lorc_rank: rank of LoRC's correction.
+        act_bits: extra variants evaluated with per-token activation fake quantization at these bits
+            on top of the GPTQ weights (e.g. ``((4, 8),)`` for W4A8: (weight bits, activation bits)).
+    """
+
+    model: str = "smollm2-135m"
+    calib_sequences: int = 128
+    calib_seq_len: int = 512
+    calib_seed: int = 0
+    eval_corpora: tuple[str, ...] = ("wiki", "sotu")
+    eval_seq_len: int = 512
+    eval_segments: int = 24
+    formats: tuple[str, ...] = ("int4", "int3")
+    methods: tuple[str, ...] = METHODS
+    seeds: tuple[int, ...] = (0,)
+    qaft_lr: float = 1e-4
+    qaft_epochs: float = 1.0
+    qaft_batch_size: int = 4
+    lorc_rank: int = 8
+    act_bits: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        for f in self.formats:
+            parse_format(f)  # raises FormatError naming the bad format
+        unknown = set(self.methods) - set(METHODS)
+        if unknown:
+            raise ValueError(f"unknown methods {sorted(unknown)}; valid: {METHODS}")
+        if "fp-finetune" in self.methods and "qaft" not in self.methods:
+            raise ValueError("fp-finetune is the paired control of qaft: include 'qaft' too")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: a method at a format (and seed), optionally with quantized activations."""
+
+    method: str
+    format: str | None
+    seed: int = 0
+    act_bits: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.method == FP32:
+            return FP32
+        s = f"{self.method} {self.format}"
+        if self.act_bits:
+            s += f" A{self.act_bits}"
+        if self.method in ("qaft", "fp-finetune"):
+            s += f" s{self.seed}"
+        return s
+
+    @property
+    def key(self) -> str:
+        return self.label.replace(" ", "_")
+
+
+def variants(protocol: Protocol) -> list[Variant]:
+    """Rows of the table, in a fixed order: fp32, then per format each method (and seed)."""
+    rows = [Variant(FP32, None)]
+    for fmt in protocol.formats:
+        for method in protocol.methods:
+            seeds = protocol.seeds if method in ("qaft", "fp-finetune") else (0,)
+            rows += [Variant(method, parse_format(fmt).name, s) for s in seeds]
+    for w_bits, a_bits in protocol.act_bits:
+        rows.append(Variant("gptq", parse_format(f"int{w_bits}").name, 0, a_bits))
+    return rows
+
+
+@dataclass
+class _Context:
+    lm: LoadedModel
+    protocol: Protocol
+    calib: Any
+    results_dir: Path
+    fingerprint: str
+    progress: bool
+    cache: dict[str, QuantResult] = field(default_factory=dict)
+
+
+def _quantized(ctx: _Context, v: Variant) -> QuantResult:
+    """The QuantResult of a variant: from memory, from disk, or computed now (and saved)."""
+    from .quant import gptq, lorc, rtn
+    from .quant.qaft import paired_control, qaft
+
+    key = f"{v.method}-{v.format}-s{v.seed}" if v.method in ("qaft", "fp-finetune") else f"{v.method}-{v.format}"
+    if key in ctx.cache:
+        return ctx.cache[key]
+    path = ctx.results_dir / key
+    if path.with_name(key + ".json").exists():
+        result = QuantResult.load(path, base_fingerprint=ctx.fingerprint)
+    else:
+        model, calib, p, name = ctx.lm.model, ctx.calib, ctx.protocol, ctx.lm.info.name
+        if v.method == "rtn":
+            result = rtn(model, v.format, calib=calib, model_name=name)
+        elif v.method in ("gptq", "gptq-noact"):
+            result = gptq(model, calib, v.format, act_order=v.method == "gptq", progress=ctx.progress, model_name=name)
+        elif v.method == "gptq+lorc":
+            result = lorc(model, _quantized(ctx, Variant("gptq", v.format)), rank=p.lorc_rank, calib=calib,
+                          progress=ctx.progress)
+        elif v.method == "qaft":
+            result = qaft(model, calib, v.format, lr=p.qaft_lr, epochs=p.qaft_epochs, batch_size=p.qaft_batch_size,
+                          seed=v.seed, model_name=name, progress=ctx.progress)
+        elif v.method == "fp-finetune":
+            result = paired_control(model, calib, _quantized(ctx, Variant("qaft", v.format, v.seed)),
+                                    progress=ctx.progress)
+        else:
+            raise ValueError(f"unknown method {v.method!r}; valid: {METHODS}")
+        result.save(path)
+    ctx.cache[key] = result
+    return result
+
+
+def _arrays(protocol: Protocol) -> dict[str, tuple[tuple[int, ...], str]]:
+    arrays: dict[str, tuple[tuple[int, ...], str]] = {
+        "seconds": ((), "f8"), "layer_mse_sum": ((), "f8"), "displacement_norm": ((), "f8"),
+        "bits_per_weight": ((), "f8"),
+    }
+    for c in protocol.eval_corpora:
+        arrays |= {f"nll/{c}": ((), "f8"), f"nll_low/{c}": ((), "f8"), f"nll_high/{c}": ((), "f8"),
+                   f"segment_nll_sum/{c}": ((protocol.eval_segments,), "f8"),
+                   f"segment_tokens/{c}": ((protocol.eval_segments,), "i8")}
+    return arrays
+
+
+def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = True,
+                    lm: LoadedModel | None = None) -> Path:
+    """Run (or resume) the study of ``protocol``; returns the path of the finished store ``quant_table.h5``.
+
+    Quantized models are saved under ``out_dir/results/`` and reused; the store gets one point per
+    :func:`variants` row, each flushed as soon as it is measured.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    lm = lm or load_model(protocol.model)
+    tok, ctx_len = lm.tokenizer, lm.info.context_length
+    calib = calibration_set(tok, protocol.calib_sequences, protocol.calib_seq_len, protocol.calib_seed,
+                            context_length=ctx_len)
+    evals = {c: heldout_set(tok, protocol.eval_seq_len, c, protocol.eval_segments, context_length=ctx_len)
+             for c in protocol.eval_corpora}
+    for c, data in evals.items():
+        if data.n_segments != protocol.eval_segments:
+            raise ValueError(f"corpus {c!r} has only {data.n_segments} segments of {protocol.eval_seq_len} tokens; "
+                             f"the protocol asks for {protocol.eval_segments}")
+    fingerprint = weights_fingerprint(lm.model)
+    rows = variants(protocol)
+    provenance = {
+        "kind": "quant_table",
+        "protocol": protocol.to_dict(),
+        "model": lm.info.name,
+        "model_fingerprint": fingerprint,
+        "model_caveat": lm.info.caveat,
+        "calibration": calib.provenance(),
+        "evaluation": {c: d.provenance() for c, d in evals.items()},
+        "nll_convention": "token-mean nats per scored token over disjoint windows (stride = seq_len)",
+        "variants": [r.label for r in rows],
+    }
+    ctx = _Context(lm, protocol, calib, out_dir / "results", fingerprint, progress)
+    w0 = layer_weights(lm.model)
+    w0_norm = float(torch.sqrt(sum(w.double().pow(2).sum() for w in w0.values())))
+    store = ResultStore.open_run(out_dir / "quant_table.h5", provenance, _arrays(protocol), (len(rows),), resume=True)
+    try:
+        if store.writable:  # (re)written on every resume: both are functions of the protocol only
+            store.write_array("w0_norm", np.float64(w0_norm))
+            store.write_table("variants", {"label": [r.label for r in rows], "method": [r.method for r in rows],
+                                           "format": [r.format or "" for r in rows],
+                                           "seed": [r.seed for r in rows], "act_bits": [r.act_bits or 0 for r in rows]})
+        todo = [i for i in range(len(rows)) if not store.done[i]]
+        for i in tqdm(todo, desc=f"quant table {lm.info.name}", disable=not progress):
+            store.write_point(i, _measure(ctx, rows[i], evals, w0))
+        return store.finish()
+    finally:
+        store.close()
+
+
+def _measure(ctx: _Context, v: Variant, evals: dict, w0: dict[str, torch.Tensor]) -> dict[str, Any]:
+    from .quant.activations import quantized_activations
+
+    t0 = time.time()
+    result = None if v.method == FP32 else _quantized(ctx, v)
+    weights = result.weights if result else {}
+    values: dict[str, Any] = {
+        "seconds": result.seconds if result else 0.0,
+        "layer_mse_sum": result.total_layer_mse if result else 0.0,
+        "displacement_norm": float(torch.sqrt(sum((weights[n].double() - w0[n].double()).pow(2).sum()
+                                                  for n in weights))) if result else 0.0,
+        "bits_per_weight": _bits_per_weight(result, w0),
+    }
+    with swapped_weights(ctx.lm.model, weights), quantized_activations(ctx.lm.model, v.act_bits):
+        for c, data in evals.items():
+            r = nll(ctx.lm.model, data, batch_size=4, model_name=ctx.lm.info.name)
+            ci = nll_interval(r)
+            values |= {f"nll/{c}": r.value, f"nll_low/{c}": ci.low, f"nll_high/{c}": ci.high,
+                       f"segment_nll_sum/{c}": r.segment_nll_sum, f"segment_tokens/{c}": r.segment_tokens}
+    if ctx.progress:
+        nlls = ", ".join(f"{c} {values[f'nll/{c}']:.4f}" for c in evals)
+        print(f"  {v.label:<28} {nlls}  ({time.time() - t0:.0f} s eval)", flush=True)
+    return values
+
+
+def _bits_per_weight(result: QuantResult | None, w0: dict[str, torch.Tensor]) -> float:
+    """Storage bits per weight of the quantized layers (fp32: 16, the half-precision deployment baseline)."""
+    if result is None or result.format is None:
+        return 16.0
+    total = sum(result.format.storage_bits(tuple(w0[n].shape)) for n in result.weights)
+    total += int(result.extra.get("extra_storage_bits_total", 0))  # LoRC's U and V
+    return total / sum(w0[n].numel() for n in result.weights)
+
+
+# ------------------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class QuantTable:
+    """The study's table as read from its store."""
+
+    rows: list[dict[str, Any]]
+    provenance: dict[str, Any]
+    complete: bool
+
+    def markdown(self) -> str:
+        corpora = self.provenance["protocol"]["eval_corpora"]
+        head = "| variant | " + " | ".join(f"NLL {c} [95 % CI]" for c in corpora) + \
+               " | ‖w_q − w0‖ | layer-MSE sum | bits/weight | seconds |"
+        lines = [head, "|" + "---|" * (5 + len(corpora))]
+        for r in self.rows:
+            cells = [f"{r['nll'][c]:.4f} [{r['nll_low'][c]:.3f}, {r['nll_high'][c]:.3f}]" for c in corpora]
+            lines.append(f"| {r['label']} | " + " | ".join(cells) +
+                         f" | {r['displacement_norm']:.1f} | {r['layer_mse_sum']:.3g} | {r['bits_per_weight']:.2f}"
+                         f" | {r['seconds']:.0f} |")
+        return "\n".join(lines)
+
+
+def read_quant_table(path: str | Path) -> QuantTable:
+    """Rows (one dict per finished variant) and provenance of a quant-table store (finished or partial)."""
+    data = read_store(path)
+    table = data.table("variants")
+    corpora = data.provenance["protocol"]["eval_corpora"]
+    rows = []
+    for i, label in enumerate(table["label"]):
+        if not data.done[i]:
+            continue
+        row = {k: table[k][i] for k in ("label", "method", "format", "seed", "act_bits")}
+        for k in ("seconds", "layer_mse_sum", "displacement_norm", "bits_per_weight"):
+            row[k] = float(data.arrays[k][i])
+        for k in ("nll", "nll_low", "nll_high"):
+            row[k] = {c: float(data.arrays[f"{k}/{c}"][i]) for c in corpora}
+        row["segment_nll_sum"] = {c: data.arrays[f"segment_nll_sum/{c}"][i] for c in corpora}
+        row["segment_tokens"] = {c: data.arrays[f"segment_tokens/{c}"][i] for c in corpora}
+        rows.append(row)
+    return QuantTable(rows, data.provenance, data.complete)
