@@ -64,11 +64,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"caveat: {lm.info.caveat}")
     variants: list[tuple[str, dict | None]] = [("fp32", None)]
     if args.rtn:
-        from .models import quantizable_layers  # noqa: F401  (validated by the quant core)
         from .quant import parse_format, rtn
 
-        for spec in args.rtn:
-            fmt = parse_format(spec)
+        for fmt in [parse_format(spec) for spec in args.rtn]:  # every format checked before any work
             variants.append((f"rtn {fmt.name}", rtn(lm.model, fmt).weights))
     from .models import swapped_weights
 
