@@ -32,6 +32,16 @@ def default_seq_len(info) -> int:
     return 512 if info.name == "smollm2-135m" else min(256, info.context_length or 256)
 
 
+def format_arg(text: str):
+    """argparse type: a :class:`~landscape.quant.formats.QuantFormat` (bad names fail before any work)."""
+    from .quant.formats import parse_format
+
+    try:
+        return parse_format(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 # ----------------------------------------------------------------------------------------------- eval
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="smollm2-135m, ref-small, ref-tiny, a hub id or a local directory")
@@ -41,7 +51,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--segments", type=int, default=24, help="number of held-out segments (default 24)")
     p.add_argument("--stride", type=int, default=None, help="window stride (default: seq-len, disjoint windows)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--rtn", action="append", default=[], metavar="FORMAT",
+    p.add_argument("--rtn", action="append", default=[], metavar="FORMAT", type=format_arg,
                    help="also evaluate round-to-nearest at this format (repeatable), e.g. int4, int3-g64")
     p.add_argument("--json", action="store_true", help="print one JSON object per result")
 
@@ -64,9 +74,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"caveat: {lm.info.caveat}")
     variants: list[tuple[str, dict | None]] = [("fp32", None)]
     if args.rtn:
-        from .quant import parse_format, rtn
+        from .quant import rtn
 
-        for fmt in [parse_format(spec) for spec in args.rtn]:  # every format checked before any work
+        for fmt in args.rtn:  # parsed (and so checked) by argparse, before the model loads
             variants.append((f"rtn {fmt.name}", rtn(lm.model, fmt).weights))
     from .models import swapped_weights
 

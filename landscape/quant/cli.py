@@ -12,10 +12,10 @@ import argparse
 import time
 from collections.abc import Callable
 
-from ..cli import default_seq_len, command
+from ..cli import command, default_seq_len, format_arg
 from ..data import TokenSet
 from ..models import LoadedModel
-from .formats import QuantFormat, parse_format
+from .formats import QuantFormat
 from .result import QuantResult
 
 MethodRunner = Callable[[LoadedModel, TokenSet, QuantFormat, argparse.Namespace], QuantResult]
@@ -116,20 +116,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _format(text: str) -> QuantFormat:
-    try:
-        return parse_format(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def _quantize_args(p: argparse.ArgumentParser) -> None:
     from .gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP
     from .lorc import DEFAULT_RANK
 
     p.add_argument("model", help="smollm2-135m, ref-small, ref-tiny, a hub id or a local directory")
     p.add_argument("--method", required=True, choices=sorted(METHODS), help="quantization method")
-    p.add_argument("--format", required=True, type=_format, dest="fmt", metavar="FORMAT",
+    p.add_argument("--format", required=True, type=format_arg, dest="fmt", metavar="FORMAT",
                    help="weight format: int4, int3-g128, int4-sym, int8-tensor, mxint4-32 ...")
     p.add_argument("--out", required=True, help="output path: writes PATH.safetensors and PATH.json")
     p.add_argument("--calib-sequences", type=_positive_int, default=128,
