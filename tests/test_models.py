@@ -54,7 +54,7 @@ def test_swapped_weights_restores_bit_exactly_even_on_error():
     new = torch.zeros_like(weight_matrix(model.get_submodule(name)))
     with pytest.raises(RuntimeError):
         with swapped_weights(model, {name: new}):
-            assert float(weight_matrix(model.get_submodule(name)).abs().sum()) == 0.0
+            assert weight_matrix(model.get_submodule(name)).abs().sum().item() == 0.0
             raise RuntimeError("boom")
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
