@@ -28,6 +28,7 @@ from .data import calibration_set, heldout_set
 from .models import LoadedModel, layer_weights, load_model, swapped_weights, weights_fingerprint
 from .objectives import nll
 from .quant import parse_format
+from .quant.qaft import DEFAULT_LR
 from .quant.result import QuantResult
 from .stats import nll_interval
 from .store import ResultStore, read_store
@@ -63,7 +64,7 @@ class Protocol:
     formats: tuple[str, ...] = ("int4", "int3")
     methods: tuple[str, ...] = METHODS
     seeds: tuple[int, ...] = (0,)
-    qaft_lr: float = 1e-4
+    qaft_lr: float = DEFAULT_LR
     qaft_epochs: float = 1.0
     qaft_batch_size: int = 4
     lorc_rank: int = 8
@@ -137,10 +138,11 @@ def _quantized(ctx: _Context, v: Variant) -> QuantResult:
     from .quant import gptq, lorc, rtn
     from .quant.qaft import paired_control, qaft
 
-    key = f"{v.method}-{v.format}-s{v.seed}" if v.method in ("qaft", "fp-finetune") else f"{v.method}-{v.format}"
+    key = _result_key(ctx.protocol, v)
     if key in ctx.cache:
         return ctx.cache[key]
-    path = ctx.results_dir / key
+    # Saved results are keyed by the calibration data too: a result is reused only under the same budget.
+    path = ctx.results_dir / f"calib-{ctx.calib.content_hash}" / key
     if path.with_name(key + ".json").exists():
         result = QuantResult.load(path, base_fingerprint=ctx.fingerprint)
     else:
@@ -163,6 +165,15 @@ def _quantized(ctx: _Context, v: Variant) -> QuantResult:
         result.save(path)
     ctx.cache[key] = result
     return result
+
+
+def _result_key(p: Protocol, v: Variant) -> str:
+    """File name of a variant's QuantResult: the method, the format and every setting that changes it."""
+    if v.method in ("qaft", "fp-finetune"):
+        return f"{v.method}-{v.format}-lr{p.qaft_lr:g}-e{p.qaft_epochs:g}-b{p.qaft_batch_size}-s{v.seed}"
+    if v.method == "gptq+lorc":
+        return f"{v.method}-{v.format}-r{p.lorc_rank}"
+    return f"{v.method}-{v.format}"
 
 
 def _arrays(protocol: Protocol) -> dict[str, tuple[tuple[int, ...], str]]:

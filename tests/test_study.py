@@ -1,0 +1,61 @@
+"""The methods x formats study: one resumable store, results reused, numbers equal direct computations."""
+
+from __future__ import annotations
+
+import pytest
+
+from landscape.data import calibration_set, heldout_set
+from landscape.models import load_model, swapped_weights
+from landscape.objectives import nll
+from landscape.quant import gptq, parse_format
+from landscape.study import Protocol, read_quant_table, run_quant_table, variants
+
+TINY = dict(model="ref-tiny", calib_seq_len=32, eval_seq_len=32, eval_segments=4, formats=("int3",),
+            methods=("rtn", "gptq", "qaft", "fp-finetune"), qaft_lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model("ref-tiny")
+
+
+def test_table_matches_direct_computation_and_resumes(lm, tmp_path):
+    protocol = Protocol(**TINY)
+    path = run_quant_table(protocol, tmp_path, progress=False, lm=lm)
+    table = read_quant_table(path)
+    assert table.complete and [r["label"] for r in table.rows] == [v.label for v in variants(protocol)]
+    rows = {r["label"]: r for r in table.rows}
+    held = heldout_set(lm.tokenizer, 32, "wiki", 4)
+    assert rows["fp32"]["nll"]["wiki"] == pytest.approx(nll(lm.model, held).value, rel=1e-12)
+    calib = calibration_set(lm.tokenizer, 128, 32, 0)
+    direct = gptq(lm.model, calib, "int3", progress=False)
+    with swapped_weights(lm.model, direct.weights):
+        assert rows["gptq int3"]["nll"]["wiki"] == pytest.approx(nll(lm.model, held).value, rel=1e-12)
+    for r in table.rows:
+        for c in ("wiki", "sotu"):
+            assert r["nll_low"][c] <= r["nll"][c] <= r["nll_high"][c]
+    assert rows["fp-finetune int3 s0"]["bits_per_weight"] == 16.0
+    assert rows["rtn int3"]["bits_per_weight"] == pytest.approx(
+        parse_format("int3").bits_per_weight((1, 64)), rel=0.05)  # 3 bits + per-row scale and zero
+
+    # A rerun recomputes nothing: the store is complete and the results are on disk.
+    before = path.stat().st_mtime_ns
+    assert run_quant_table(protocol, tmp_path, progress=False, lm=lm) == path
+    assert path.stat().st_mtime_ns == before
+
+
+def test_changed_protocol_is_refused_not_silently_reused(lm, tmp_path):
+    from landscape.store import StoreMismatchError
+
+    run_quant_table(Protocol(**{**TINY, "methods": ("rtn",)}), tmp_path, progress=False, lm=lm)
+    with pytest.raises(StoreMismatchError, match="calib_seed"):
+        run_quant_table(Protocol(**{**TINY, "methods": ("rtn",), "calib_seed": 1}), tmp_path, progress=False, lm=lm)
+
+
+def test_protocol_rejects_bad_input():
+    with pytest.raises(ValueError, match="bits"):
+        Protocol(formats=("int9",))
+    with pytest.raises(ValueError, match="unknown methods"):
+        Protocol(methods=("awq",))
+    with pytest.raises(ValueError, match="paired control"):
+        Protocol(methods=("fp-finetune",))
