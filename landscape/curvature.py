@@ -900,6 +900,11 @@ def _check_problem(model: nn.Module, data: TokenSet, operator: str, batch_size: 
         raise CurvatureError(f"operator must be one of {OPERATORS}, got {operator!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise CurvatureError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_curvature_model(model, needs_double_backward)
+
+
+def check_curvature_model(model: nn.Module, needs_double_backward: bool = True) -> None:
+    """Raise :class:`CurvatureError` unless the model is in eval mode with eager attention (needed for HVPs)."""
     if model.training:
         raise CurvatureError("model is in train mode (dropout makes the curvature random): call model.eval() "
                              "or landscape.models.prepare_model(model) first")

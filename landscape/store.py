@@ -28,7 +28,7 @@ import datetime
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -551,3 +551,44 @@ def _same_array(a: np.ndarray, b: np.ndarray | None) -> bool:
     if b is None or a.shape != b.shape or a.dtype.kind != b.dtype.kind:
         return False
     return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+
+
+# ----------------------------------------------------------------------------------- whole records
+@dataclass(frozen=True)
+class StoreRecord:
+    """What a result writes to an HDF5 store (:mod:`landscape.store`).
+
+    Attributes:
+        provenance: JSON-able description (``kind`` says what the store holds).
+        rows: per-row arrays ``(n_rows, ...)``, stored as the store's points (one point per row).
+        arrays: whole arrays (matrices, coordinates, scalars).
+        tables: small tables, name -> columns of equal length.
+    """
+
+    provenance: Mapping[str, Any]
+    rows: Mapping[str, np.ndarray]
+    arrays: Mapping[str, Any] = field(default_factory=dict)
+    tables: Mapping[str, Mapping[str, Sequence[Any]]] = field(default_factory=dict)
+
+
+def write_record(path: str | os.PathLike, record: StoreRecord) -> Path:
+    """Write a :class:`StoreRecord` to a new store at ``path`` (written as ``<path>.partial``, then moved into
+    place, so a reader never sees half of it). Refused if ``path`` exists."""
+    rows = {name: np.asarray(values) for name, values in record.rows.items()}
+    counts = {len(v) for v in rows.values()}
+    if len(counts) != 1 or 0 in counts:
+        raise StoreError(f"a record needs row arrays of one common, nonzero length; got lengths "
+                              f"{ {k: len(v) for k, v in rows.items()} }")
+    n = counts.pop()
+    store = ResultStore.create(path, record.provenance, {k: (v.shape[1:], v.dtype) for k, v in rows.items()}, (n,))
+    try:
+        store.write_points(rows, np.ones(n, dtype=bool))
+        for name, array in record.arrays.items():
+            store.write_array(name, array)
+        for name, columns in record.tables.items():
+            store.write_table(name, columns)
+    except BaseException:
+        store.close()
+        os.remove(partial_path(path))
+        raise
+    return store.finish()

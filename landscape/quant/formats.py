@@ -166,7 +166,8 @@ class Grid:
     def shape(self) -> tuple[int, int]:
         return (self.scale.shape[0], self.scale.shape[1] * self.group_size)
 
-    def _per_column(self, t: torch.Tensor) -> torch.Tensor:
+    def per_column(self, t: torch.Tensor) -> torch.Tensor:
+        """Expand a per-group ``(out, n_groups)`` tensor (``scale``, ``zero``) to ``(out, in)``."""
         return t.repeat_interleave(self.group_size, dim=1)  # (out, in)
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
@@ -175,11 +176,11 @@ class Grid:
         ``q = clamp(round(w / scale + zero), qmin, qmax)``; with an integer zero point this equals the usual
         ``round(w / scale) + zero``, with a real-valued one (``-fz``) the lattice is offset by ``zero``.
         """
-        s, z = self._per_column(self.scale).to(w), self._per_column(self.zero).to(w)
+        s, z = self.per_column(self.scale).to(w), self.per_column(self.zero).to(w)
         return torch.clamp(torch.round(w / s + z), self.fmt.qmin, self.fmt.qmax)
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
-        s, z = self._per_column(self.scale).to(q), self._per_column(self.zero).to(q)
+        s, z = self.per_column(self.scale).to(q), self.per_column(self.zero).to(q)
         return s * (q - z)
 
     def round(self, w: torch.Tensor) -> torch.Tensor:
@@ -198,7 +199,7 @@ class Grid:
 
     def contains(self, w: torch.Tensor, rtol: float = 1e-5) -> bool:
         """True if every entry of ``w`` is a lattice point (up to float tolerance relative to the scale)."""
-        s = self._per_column(self.scale).to(w)
+        s = self.per_column(self.scale).to(w)
         return bool(((w - self.round(w)).abs() <= rtol * s).all())
 
     def to(self, *args, **kwargs) -> "Grid":

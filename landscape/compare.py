@@ -1,0 +1,679 @@
+"""Displacement analysis of quantized models of one base model: where each quantizer moved w0, and what it cost.
+
+For quantized models ``w_q`` of the same pretrained weights ``w0`` (RTN, GPTQ, QAFT, LoRC..., at several
+formats) :func:`compare_displacements` measures, for every displacement ``d = w_q - w0``:
+
+* **size**: ``||d||`` and ``||d|| / ||w0||``, in total and per layer;
+* **direction**: pairwise cosines ``<d_a, d_b> / (||d_a|| ||d_b||)`` and the coefficients ``<d, v_i>`` on
+  unit Hessian eigenvectors ``v_i`` (e.g. :func:`landscape.curvature.hessian_spectrum`), with the share
+  ``sum_i <d, v_i>^2 / ||d||^2`` of the squared displacement they capture;
+* **steepness**: the Rayleigh quotient ``u^T H u`` (``u = d / ||d||``) at points ``w0 + t d`` of the path
+  (:func:`landscape.curvature.curvature_along_path`): at w0 every displacement looks flat, differences
+  show along the path;
+* **cost**: token-mean NLL (nats/token, with a bootstrap interval over segments) at each endpoint, along
+  the straight path ``w0 + t (w_q - w0)`` and along the segment between two endpoints (default: every
+  GPTQ and QAFT pair of the same format), and each layer's output MSE ``mean((x d^T)^2)`` on the inputs
+  of the full-precision model (:func:`landscape.objectives.layer_mse`), summed and per layer.
+
+Conventions: norms, dot products and cosines are Euclidean over every entry of the ``(out, in)`` weights
+of the compared layers (the union of the results' layers; a layer a result did not quantize has zero
+displacement), computed in float64. Path points are ``torch.lerp(a, b, t)``, exact at ``t = 0`` (``a``)
+and ``t = 1`` (``b``), so the path NLL at ``t = 0`` is NLL(w0) and at ``t = 1`` the endpoint's NLL.
+A result is grouped under its format's name; a full-precision control (``fp-finetune``, no format) under
+the format it was paired with (``settings["format"]``), else under ``"none"``.
+
+Every result must come from this model's w0 (its ``base_fingerprint`` equals
+:func:`~landscape.models.weights_fingerprint` of the model on its layers); that and every other argument
+is checked before any evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import TokenSet
+from .models import get_layer, quantizable_layers, swapped_weights, weight_matrix, weights_fingerprint
+from .objectives import NLLResult, layer_mse, nll
+from .quant.result import QuantResult
+from .stats import DEFAULT_RESAMPLES, Interval, nll_interval
+from .store import StoreRecord, read_store, write_record
+
+if TYPE_CHECKING:
+    from .curvature import Eigenpairs, Spectrum
+    from .directions import Direction
+
+# Eigenvectors to project on: a Spectrum (its top pairs), Eigenpairs, or a sequence of directions (a
+# landscape.directions.Direction or a mapping layer name -> (out, in) tensor).
+EigenBasis = Union["Spectrum", "Eigenpairs", Sequence[Union["Direction", Mapping[str, torch.Tensor]]]]
+DEFAULT_PATH_T: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_CURVATURE_T: tuple[float, ...] = (0.0, 0.5, 1.0)
+NO_FORMAT = "none"
+
+
+class ComparisonError(ValueError):
+    """Quantized models that cannot be compared: other base weights, unknown layers, bad settings."""
+
+
+# ------------------------------------------------------------------------------------------ results
+@dataclass(frozen=True)
+class DisplacementMeasures:
+    """Everything measured about one quantized model's displacement ``d = w_q - w0``.
+
+    Attributes:
+        label, method: the result's label (table row) and method (``rtn``, ``gptq``, ``qaft``...).
+        format: the group it is reported under (its format's name; see the module docstring).
+        norm: ``||d||`` over the compared layers (weight units); ``relative_norm``: ``||d|| / ||w0||``.
+        layer_norms, layer_relative_norms: per layer, ``||d_l||`` and ``||d_l|| / ||w0_l||``.
+        layer_mse: per layer output MSE on the full-precision model's inputs (squared activations).
+        nll: token-mean NLL at ``w_q`` (nats/token) with its bootstrap interval over segments.
+        path_nll: NLL at ``w0 + t d`` for ``t`` in :attr:`Comparison.path_t`.
+        curvature: ``u^T H u`` at ``w0 + t d`` for ``t`` in :attr:`Comparison.curvature_t` (nats/token per
+            squared weight unit); ``curvature_low`` / ``curvature_high``: interval bounds over batches
+            (NaN when there were fewer than two batches).
+        projections: ``<d, v_i>`` on each unit eigenvector ``v_i`` (weight units; sign is arbitrary
+            because an eigenvector's is).
+    """
+
+    label: str
+    method: str
+    format: str
+    norm: float
+    relative_norm: float
+    layer_norms: Mapping[str, float]
+    layer_relative_norms: Mapping[str, float]
+    layer_mse: Mapping[str, float]
+    nll: Interval
+    path_nll: np.ndarray
+    curvature: np.ndarray
+    curvature_low: np.ndarray
+    curvature_high: np.ndarray
+    projections: np.ndarray
+
+    @property
+    def layer_mse_sum(self) -> float:
+        """Output MSE summed over layers (GPTQ's objective, squared activations)."""
+        return float(sum(self.layer_mse.values()))
+
+    @property
+    def captured_fraction(self) -> float:
+        """``sum_i <d, v_i>^2 / ||d||^2``: the share of the squared displacement in the span of the (orthonormal)
+        eigenvectors (NaN for a zero displacement)."""
+        return float(np.sum(self.projections**2) / self.norm**2) if self.norm > 0 else math.nan
+
+
+@dataclass(frozen=True)
+class SegmentProfile:
+    """NLL along the straight segment from one endpoint to another, ``lerp(w_start, w_end, t)``.
+
+    Attributes:
+        start, end: labels of the endpoints; ``distance``: ``||w_end - w_start||`` (weight units).
+        t: ``(P,)`` segment coordinates; ``nll``: ``(P,)`` token-mean NLL there (nats/token).
+    """
+
+    start: str
+    end: str
+    distance: float
+    t: np.ndarray
+    nll: np.ndarray
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Displacement analysis of quantized models of one base (see the module docstring).
+
+    Attributes:
+        model: the base model's name; ``w0_norm``: ``||w0||`` over :attr:`layers`.
+        layers: the compared layers (union of the results' layers, in forward order).
+        layer_w0_norms: ``||w0_l||`` per layer.
+        center_nll: NLL(w0) with its interval, on the same data as every other NLL.
+        rows: one :class:`DisplacementMeasures` per result, in the order given.
+        cosines: ``(n, n)`` pairwise cosines of the displacements (NaN where one is zero).
+        path_t, curvature_t: path coordinates of ``path_nll`` and ``curvature``.
+        eigenvalues: ``(k,)`` eigenvalues of the eigenvectors projected on (NaN where unknown).
+        between: NLL along the segments between endpoints.
+        provenance: model fingerprint, data and NLL convention, settings, the results' provenance.
+    """
+
+    model: str
+    w0_norm: float
+    layers: tuple[str, ...]
+    layer_w0_norms: Mapping[str, float]
+    center_nll: Interval
+    rows: tuple[DisplacementMeasures, ...]
+    cosines: np.ndarray
+    path_t: np.ndarray
+    curvature_t: np.ndarray
+    eigenvalues: np.ndarray
+    between: tuple[SegmentProfile, ...]
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list[str]:
+        return [r.label for r in self.rows]
+
+    @property
+    def formats(self) -> list[str]:
+        """The format groups, in order of first appearance."""
+        return list(dict.fromkeys(r.format for r in self.rows))
+
+    def row(self, label: str) -> DisplacementMeasures:
+        for r in self.rows:
+            if r.label == label:
+                return r
+        raise KeyError(f"no result labelled {label!r}; labels: {self.labels}")
+
+    def cosine(self, a: str, b: str) -> float:
+        """Cosine between the displacements of the results labelled ``a`` and ``b``."""
+        labels = self.labels
+        for x in (a, b):
+            if x not in labels:
+                raise KeyError(f"no result labelled {x!r}; labels: {labels}")
+        return float(self.cosines[labels.index(a), labels.index(b)])
+
+    # ------------------------------------------------------------------------------------- report
+    def markdown(self, per_layer: bool = False) -> str:
+        """The printed report: one table per format (and optionally per layer), cosines, segments."""
+        conv = self.provenance.get("nll_convention", {})
+        lines = [f"# Displacements of quantized {self.model}",
+                 (f"||w0|| = {self.w0_norm:.4g} over {len(self.layers)} layers; NLL(w0) = {_interval(self.center_nll)} "
+                  f"nats/token ({conv.get('corpus', '?')}/{conv.get('split', '?')}, {conv.get('n_segments', '?')} x "
+                  f"{conv.get('seq_len', '?')} tokens, {conv.get('n_tokens', '?')} scored, data "
+                  f"{conv.get('data_hash', '?')}); layer MSE on the full-precision model's inputs.")]
+        path_inner = [t for t in self.path_t if t not in (0.0, 1.0)]
+        k = len(self.eigenvalues)
+        for fmt in self.formats:
+            rows = [r for r in self.rows if r.format == fmt]
+            head = ["method", "‖d‖", "‖d‖/‖w0‖", "layer-MSE sum", "NLL [CI]", "ΔNLL"]
+            head += [f"NLL t={t:g}" for t in path_inner]
+            head += [f"uᵀHu t={t:g}" for t in self.curvature_t]
+            head += [f"top-{k} share"] if k else []
+            lines += ["", f"## {fmt}", "", _md_row(head), _md_row(["---"] * len(head))]
+            for r in rows:
+                cells = [r.label, f"{r.norm:.4g}", f"{r.relative_norm:.3%}", f"{r.layer_mse_sum:.4g}", _interval(r.nll),
+                         f"{r.nll.value - self.center_nll.value:+.4f}"]
+                cells += [f"{r.path_nll[list(self.path_t).index(t)]:.4f}" for t in path_inner]
+                cells += [_with_interval(c, lo, hi)
+                          for c, lo, hi in zip(r.curvature, r.curvature_low, r.curvature_high)]
+                cells += [f"{r.captured_fraction:.3g}"] if k else []
+                lines.append(_md_row(cells))
+            lines += ["", "cosines:", "", _md_row([""] + [r.label for r in rows]), _md_row(["---"] * (len(rows) + 1))]
+            for r in rows:
+                lines.append(_md_row([r.label] + [f"{self.cosine(r.label, s.label):+.3f}" for s in rows]))
+            segments = [s for s in self.between if self.row(s.start).format == fmt]
+            if segments:
+                head = ["segment", "‖w_end − w_start‖"] + [f"NLL t={t:g}" for t in segments[0].t]
+                lines += ["", "NLL between endpoints:", "", _md_row(head), _md_row(["---"] * len(head))]
+                lines += [_md_row([f"{s.start} → {s.end}", f"{s.distance:.4g}"] + [f"{v:.4f}" for v in s.nll])
+                          for s in segments]
+            if per_layer:
+                head = ["layer"] + [f"{r.label} ‖d‖/‖w0‖" for r in rows] + [f"{r.label} MSE" for r in rows]
+                lines += ["", "per layer:", "", _md_row(head), _md_row(["---"] * len(head))]
+                lines += [_md_row([n] + [f"{r.layer_relative_norms[n]:.3%}" for r in rows]
+                                  + [f"{r.layer_mse[n]:.4g}" for r in rows]) for n in self.layers]
+        if k:
+            lines += ["", (f"eigenvalues projected on: {np.array2string(self.eigenvalues, precision=4)} "
+                           f"(nats/token per squared weight unit)")]
+        return "\n".join(lines)
+
+    # -------------------------------------------------------------------------------------- store
+    def to_record(self) -> StoreRecord:
+        """Everything as arrays and tables: one point per result (norms, NLLs, curvatures, projections,
+        per-layer values in the order of ``layers``), the cosine matrix, the segments, and one summary
+        table per format under ``tables/<format>`` (the rows of :meth:`markdown`)."""
+        n, level = len(self.rows), self.center_nll.level
+        rows = {
+            "norm": np.array([r.norm for r in self.rows]),
+            "relative_norm": np.array([r.relative_norm for r in self.rows]),
+            "layer_mse_sum": np.array([r.layer_mse_sum for r in self.rows]),
+            "nll": np.array([r.nll.value for r in self.rows]),
+            "nll_low": np.array([r.nll.low for r in self.rows]),
+            "nll_high": np.array([r.nll.high for r in self.rows]),
+            "path_nll": _stack([r.path_nll for r in self.rows], len(self.path_t)),
+            "curvature": _stack([r.curvature for r in self.rows], len(self.curvature_t)),
+            "curvature_low": _stack([r.curvature_low for r in self.rows], len(self.curvature_t)),
+            "curvature_high": _stack([r.curvature_high for r in self.rows], len(self.curvature_t)),
+            "projections": _stack([r.projections for r in self.rows], len(self.eigenvalues)),
+            "layer_norm": np.array([[r.layer_norms[n_] for n_ in self.layers] for r in self.rows]).reshape(n, -1),
+            "layer_relative_norm": np.array([[r.layer_relative_norms[n_] for n_ in self.layers]
+                                             for r in self.rows]).reshape(n, -1),
+            "layer_mse": np.array([[r.layer_mse[n_] for n_ in self.layers] for r in self.rows]).reshape(n, -1),
+        }
+        arrays = {"cosines": self.cosines, "path_t": self.path_t, "curvature_t": self.curvature_t,
+                  "eigenvalues": self.eigenvalues, "w0_norm": np.float64(self.w0_norm),
+                  "layer_w0_norm": np.array([self.layer_w0_norms[n_] for n_ in self.layers]),
+                  "center_nll": np.array([self.center_nll.value, self.center_nll.low, self.center_nll.high]),
+                  "between_nll": _stack([s.nll for s in self.between], len(self.between[0].t) if self.between else 0),
+                  "between_t": self.between[0].t if self.between else np.empty(0)}
+        tables: dict[str, dict[str, list]] = {
+            "results": {"label": self.labels, "method": [r.method for r in self.rows],
+                        "format": [r.format for r in self.rows]},
+            "layers": {"name": list(self.layers)},
+            "between": {"start": [s.start for s in self.between], "end": [s.end for s in self.between],
+                        "distance": [s.distance for s in self.between]},
+        }
+        for fmt in self.formats:
+            chosen = [r for r in self.rows if r.format == fmt]
+            tables[f"tables/{fmt}"] = {
+                "label": [r.label for r in chosen], "method": [r.method for r in chosen],
+                "norm": [r.norm for r in chosen], "relative_norm": [r.relative_norm for r in chosen],
+                "layer_mse_sum": [r.layer_mse_sum for r in chosen], "nll": [r.nll.value for r in chosen],
+                "nll_low": [r.nll.low for r in chosen], "nll_high": [r.nll.high for r in chosen],
+                "delta_nll": [r.nll.value - self.center_nll.value for r in chosen],
+                "captured_fraction": [r.captured_fraction for r in chosen]}
+        provenance = {"kind": "comparison", "model": self.model, "nll_level": level,
+                      "nll_interval_method": self.center_nll.method, "n_resamples": self.center_nll.n_resamples,
+                      **{k: v for k, v in self.provenance.items() if k not in ("kind", "model")}}
+        return StoreRecord(provenance, rows, arrays, tables)
+
+    def to_store(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_record` to a new HDF5 store at ``path`` (refused if it exists); returns the path."""
+        return write_record(path, self.to_record())
+
+    @classmethod
+    def from_store(cls, path: str | os.PathLike) -> Comparison:
+        """Read a comparison written by :meth:`to_store`."""
+        data = read_store(path)
+        prov, a = data.provenance, data.arrays
+        if prov.get("kind") != "comparison":
+            raise ComparisonError(f"{path} holds a {prov.get('kind')!r} run, not a comparison")
+        level, method, resamples = prov["nll_level"], prov["nll_interval_method"], prov["n_resamples"]
+        n_segments = prov["nll_convention"]["n_segments"]
+        layers = tuple(str(x) for x in data.table("layers")["name"]) if "layers/name" in a else ()
+        results = data.table("results")
+
+        def interval(value, low, high) -> Interval:
+            return Interval(float(value), float(low), float(high), level, method, resamples, n_segments)
+
+        def per_layer(key: str, i: int) -> dict[str, float]:
+            return {n: float(a[key][i][j]) for j, n in enumerate(layers)}
+
+        rows = []
+        for i, label in enumerate(results["label"]):
+            rows.append(DisplacementMeasures(
+                str(label), str(results["method"][i]), str(results["format"][i]), float(a["norm"][i]),
+                float(a["relative_norm"][i]), per_layer("layer_norm", i), per_layer("layer_relative_norm", i),
+                per_layer("layer_mse", i), interval(a["nll"][i], a["nll_low"][i], a["nll_high"][i]), a["path_nll"][i],
+                a["curvature"][i], a["curvature_low"][i], a["curvature_high"][i], a["projections"][i]))
+        between = data.table("between") if "between/start" in a else {"start": [], "end": [], "distance": []}
+        segments = tuple(SegmentProfile(str(s), str(e), float(d), a["between_t"], a["between_nll"][j])
+                         for j, (s, e, d) in enumerate(zip(between["start"], between["end"], between["distance"])))
+        center = a["center_nll"]
+        return cls(prov["model"], float(a["w0_norm"]), layers, dict(zip(layers, map(float, a["layer_w0_norm"]))),
+                   interval(*center), tuple(rows), a["cosines"], a["path_t"], a["curvature_t"], a["eigenvalues"],
+                   segments, prov)
+
+
+# ------------------------------------------------------------------------------------ the analysis
+def compare_displacements(
+    model: nn.Module,
+    results: Mapping[str, QuantResult] | Sequence[QuantResult],
+    data: TokenSet,
+    *,
+    mse_data: TokenSet | None = None,
+    curvature_data: TokenSet | None = None,
+    eigenvectors: EigenBasis | None = None,
+    path_t: Sequence[float] = DEFAULT_PATH_T,
+    curvature_t: Sequence[float] = DEFAULT_CURVATURE_T,
+    between: Sequence[tuple[str, str]] | Literal["gptq-qaft"] = "gptq-qaft",
+    level: float = 0.95,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    batch_size: int = 8,
+    model_name: str = "",
+    progress: bool = True,
+) -> Comparison:
+    """Compare the displacements ``w_q - w0`` of quantized models of ``model`` (see the module docstring).
+
+    Args:
+        model: the base model at w0 (left bit-exactly at w0).
+        results: label -> :class:`QuantResult`, or results labelled by ``result.label`` (must be unique).
+        data: held-out segments for every NLL (token-mean, nats/token; >= 2 segments for the interval).
+        mse_data: inputs of the layer MSE (default ``data``); e.g. the calibration set.
+        curvature_data: data of the Hessian-vector products (default ``data``; each path point costs one
+            product per batch of ``batch_size`` segments).
+        eigenvectors: directions to project the displacements on, e.g. a
+            :func:`~landscape.curvature.hessian_spectrum` result (its top pairs); ``None`` for none.
+            Each is rescaled to unit norm; a Direction made on other base weights is refused.
+        path_t: coordinates ``t`` of the NLL along ``w0 + t d`` (and of the segments between endpoints).
+        curvature_t: coordinates of the Rayleigh quotient along the path; ``()`` skips the curvature.
+        between: pairs of labels whose endpoints are joined by a segment, or ``"gptq-qaft"``: every pair of a
+            ``gptq`` and a ``qaft`` result in the same format group.
+        level, n_resamples, seed: bootstrap intervals (NLL over segments, curvature over batches).
+        batch_size: segments per forward pass (memory only).
+        model_name: the base model's name in the report (default: its config's ``name_or_path``).
+        progress: a progress bar over the results.
+
+    Raises:
+        ComparisonError (a ValueError): results of another base, unknown layers or labels, bad settings or
+            eigenvectors; all before any evaluation.
+    """
+    labelled = labelled_results(results)
+    layers = check_same_base(model, labelled)
+    path_points = _coordinates(path_t, "path_t", allow_empty=False)
+    curvature_points = _coordinates(curvature_t, "curvature_t", allow_empty=True)
+    mse_data, curvature_data = mse_data or data, curvature_data or data
+    for name, value in (("data", data), ("mse_data", mse_data), ("curvature_data", curvature_data)):
+        if not isinstance(value, TokenSet):
+            raise ComparisonError(f"{name} must be a landscape.data.TokenSet, got {type(value).__name__}")
+    if data.n_segments < 2:
+        raise ComparisonError(f"data has {data.n_segments} segment; the NLL interval needs >= 2 segments")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ComparisonError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if len(curvature_points):
+        from .curvature import CurvatureError, check_curvature_model
+
+        try:  # checked before any work: the curvature along the path needs eval mode and eager attention
+            check_curvature_model(model)
+        except CurvatureError as err:
+            raise ComparisonError(f"{err} (or pass curvature_t=() to skip the curvature)") from None
+    eigenvalues, basis = eigen_basis(model, eigenvectors)
+    pairs = _pairs(labelled, between)
+    name = model_name or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+    n_curvature_batches = -(-curvature_data.n_segments // batch_size)
+    curvature_level = level if n_curvature_batches >= 2 else None
+    check_interval_settings(level, n_resamples)
+    interval_args = {"level": level, "n_resamples": n_resamples, "seed": seed}
+
+    w0 = {n: weight_matrix(get_layer(model, n)).detach().clone() for n in layers}
+    endpoints = {label: _endpoint(result, w0) for label, result in labelled.items()}
+    geometry = _geometry(w0, endpoints, basis)
+    center = _nll(model, {}, data, batch_size, name)
+    endpoint_nll: dict[str, NLLResult] = {}
+    rows = []
+    for i, (label, result) in enumerate(tqdm(labelled.items(), desc="compare", disable=not progress)):
+        endpoint_nll[label] = _nll(model, endpoints[label], data, batch_size, name)
+        known = {0.0: center.value, 1.0: endpoint_nll[label].value}
+        path_nll = _segment_nll(model, w0, endpoints[label], path_points, known, data, batch_size, name)
+        curvature, low, high = _path_curvature(model, curvature_data, w0, endpoints[label], curvature_points,
+                                               curvature_level, n_resamples, seed, batch_size)
+        mse = layer_mse(model, mse_data, endpoints[label], inputs="reference", batch_size=batch_size)
+        layer_norms = {n: math.sqrt(geometry.layer_sq[i, j]) for j, n in enumerate(layers)}
+        rows.append(DisplacementMeasures(
+            label, result.method, format_group(result), math.sqrt(geometry.gram[i, i]),
+            math.sqrt(geometry.gram[i, i]) / geometry.w0_norm, layer_norms,
+            {n: layer_norms[n] / geometry.layer_w0_norms[n] for n in layers}, {n: float(mse[n]) for n in layers},
+            nll_interval(endpoint_nll[label], **interval_args), path_nll, curvature, low, high,
+            geometry.projections[i]))
+    labels = list(labelled)
+    segments = []
+    for start, end in pairs:
+        i, j = labels.index(start), labels.index(end)
+        known = {0.0: endpoint_nll[start].value, 1.0: endpoint_nll[end].value}
+        distance = math.sqrt(max(geometry.gram[i, i] + geometry.gram[j, j] - 2 * geometry.gram[i, j], 0.0))
+        segments.append(SegmentProfile(start, end, distance, path_points, _segment_nll(
+            model, endpoints[start], endpoints[end], path_points, known, data, batch_size, name)))
+    provenance = {
+        "model": name,
+        "model_fingerprint": weights_fingerprint(model, layers),
+        "data": data.provenance(),
+        "nll_convention": center.convention.to_dict(),
+        "mse_data": mse_data.provenance(),
+        "mse_inputs": "full-precision model (reference)",
+        "curvature_data": curvature_data.provenance(),
+        "curvature_level": curvature_level,
+        "eigenvectors": _basis_source(eigenvectors),
+        "settings": {"batch_size": batch_size, "seed": seed, "between": [list(p) for p in pairs]},
+        "results": {label: _describe(result) for label, result in labelled.items()},
+        "units": "norms: Euclidean over the (out, in) weights of the compared layers; NLL: nats/token; "
+                 "curvature: nats/token per squared weight unit",
+    }
+    return Comparison(name, geometry.w0_norm, tuple(layers), geometry.layer_w0_norms,
+                      nll_interval(center, **interval_args), tuple(rows), geometry.cosines, path_points,
+                      curvature_points, eigenvalues, tuple(segments), provenance)
+
+
+# ------------------------------------------------------------------------------------- validation
+def labelled_results(results: Mapping[str, QuantResult] | Sequence[QuantResult]) -> dict[str, QuantResult]:
+    """``label -> QuantResult`` from a mapping, or from a sequence labelled by ``result.label`` (unique labels)."""
+    if isinstance(results, Mapping):
+        labelled = dict(results)
+    elif isinstance(results, Sequence) and not isinstance(results, str):
+        labels = [getattr(r, "label", None) for r in results]
+        duplicates = sorted({x for x in labels if labels.count(x) > 1}, key=str)
+        if duplicates:
+            raise ComparisonError(f"results share the labels {duplicates}: pass a mapping label -> QuantResult")
+        labelled = dict(zip(labels, results))
+    else:
+        raise ComparisonError(f"results must be a mapping label -> QuantResult or a sequence of QuantResults, "
+                              f"got {type(results).__name__}")
+    if not labelled:
+        raise ComparisonError("need at least one quantized model to compare")
+    for label, result in labelled.items():
+        if not isinstance(label, str) or not label:
+            raise ComparisonError(f"labels must be non-empty strings, got {label!r}")
+        if not isinstance(result, QuantResult):
+            raise ComparisonError(f"result {label!r} is a {type(result).__name__}, not a QuantResult")
+        if not result.weights:
+            raise ComparisonError(f"result {label!r} has no layers")
+    return labelled
+
+
+def check_same_base(model: nn.Module, results: Mapping[str, QuantResult]) -> list[str]:
+    """The union of the results' layers (forward order), after checking every result against ``model``.
+
+    Raises:
+        ComparisonError: a layer the model does not have, a weight of the wrong shape, or a result computed on
+            other base weights (its ``base_fingerprint`` differs from :func:`weights_fingerprint` of this model
+            on the result's layers).
+    """
+    available = quantizable_layers(model)
+    for label, result in results.items():
+        unknown = [n for n in result.weights if n not in available]
+        if unknown:
+            raise ComparisonError(f"result {label!r} has layers this model does not have, e.g. {unknown[:3]}; "
+                                  f"its quantizable layers are e.g. {list(available)[:3]} ({len(available)} in all)")
+        for n, w in result.weights.items():
+            expected = tuple(weight_matrix(available[n]).shape)
+            if tuple(w.shape) != expected:
+                raise ComparisonError(f"result {label!r}: weight of {n!r} has shape {tuple(w.shape)}, the layer's "
+                                      f"(out, in) weight is {expected}")
+        actual = weights_fingerprint(model, list(result.weights))
+        if result.base_fingerprint != actual:
+            raise ComparisonError(
+                f"result {label!r} ({result.label}) was computed on base {result.base_model!r} with fingerprint "
+                f"{result.base_fingerprint or 'missing'}, not on this model (fingerprint {actual} on its "
+                f"{len(result.weights)} layers): compare only quantized models of the same w0")
+    used = {n for r in results.values() for n in r.weights}
+    return [n for n in available if n in used]
+
+
+def format_group(result: QuantResult) -> str:
+    """The format a result is reported under: its format's name, else the format of the run it controls
+    (``settings["format"]``, e.g. fp-finetune paired with QAFT), else ``"none"``."""
+    if result.format is not None:
+        return result.format.name
+    paired = result.settings.get("format") if isinstance(result.settings, Mapping) else None
+    return str(paired) if paired else NO_FORMAT
+
+
+def eigen_basis(model: nn.Module, eigenvectors: EigenBasis | None) -> tuple[np.ndarray, list[dict[str, torch.Tensor]]]:
+    """Eigenvalues (NaN where unknown) and unit-norm ``layer -> (out, in)`` float64 vectors, checked against ``model``.
+
+    Raises:
+        ComparisonError: an eigenvector over layers the model lacks, of the wrong shape, zero, non-finite,
+            or a Direction made on other base weights.
+    """
+    from .curvature import CurvatureError, Eigenpairs, Spectrum, direction_space
+
+    if eigenvectors is None:
+        return np.empty(0), []
+    if isinstance(eigenvectors, Spectrum):
+        eigenvectors = eigenvectors.top
+    if isinstance(eigenvectors, Eigenpairs):
+        if eigenvectors.eigenvectors is None:
+            raise ComparisonError("the eigenpairs carry no eigenvectors (computed with return_eigenvectors=False)")
+        values = np.asarray(eigenvectors.eigenvalues, dtype=np.float64)
+        vectors = [eigenvectors.direction(i) for i in range(len(eigenvectors))]
+    elif isinstance(eigenvectors, Sequence) and not isinstance(eigenvectors, str):
+        vectors, values = list(eigenvectors), np.full(len(eigenvectors), math.nan)
+    else:
+        raise ComparisonError(f"eigenvectors must be a Spectrum, Eigenpairs or a sequence of directions, "
+                              f"got {type(eigenvectors).__name__}")
+    basis = []
+    for i, vector in enumerate(vectors):
+        try:
+            space = direction_space(model, vector)
+        except CurvatureError as err:
+            raise ComparisonError(f"eigenvector {i}: {err}") from None
+        tensors = getattr(vector, "tensors", vector)
+        flat = {n: tensors[n].detach().double().cpu() for n in space.layers}
+        length = math.sqrt(sum(float(t.pow(2).sum()) for t in flat.values()))
+        basis.append({n: t / length for n, t in flat.items()})
+    return values, basis
+
+
+def check_interval_settings(level: float, n_resamples: int) -> None:
+    """Raise :class:`ComparisonError` unless ``level`` is a coverage in (0, 1) and ``n_resamples`` an integer >= 100."""
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+        raise ComparisonError(f"level must be a coverage in (0, 1) such as 0.95, got {level!r}")
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 100:
+        raise ComparisonError(f"n_resamples must be an integer >= 100, got {n_resamples!r}")
+
+
+def _coordinates(t: Sequence[float], name: str, allow_empty: bool) -> np.ndarray:
+    try:
+        points = np.asarray(t, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ComparisonError(f"{name} must be a sequence of numbers, got {t!r}") from None
+    if points.ndim != 1 or (points.size == 0 and not allow_empty) or not np.isfinite(points).all():
+        raise ComparisonError(f"{name} must be a {'possibly empty' if allow_empty else 'non-empty'} 1-D sequence of "
+                              f"finite path coordinates (0 = w0, 1 = the endpoint), got {list(np.atleast_1d(points))}")
+    return points
+
+
+def _pairs(results: Mapping[str, QuantResult], between: Sequence[tuple[str, str]] | str) -> list[tuple[str, str]]:
+    if between == "gptq-qaft":
+        return [(a, b) for a, ra in results.items() for b, rb in results.items()
+                if ra.method == "gptq" and rb.method == "qaft" and format_group(ra) == format_group(rb)]
+    if isinstance(between, str) or not isinstance(between, Sequence):
+        raise ComparisonError(f"between must be 'gptq-qaft' or a sequence of (start, end) label pairs, got {between!r}")
+    pairs = []
+    for pair in between:
+        if not (isinstance(pair, Sequence) and len(pair) == 2 and all(x in results for x in pair)):
+            raise ComparisonError(f"between pair {pair!r} must name two of the results' labels: {list(results)}")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+# ----------------------------------------------------------------------------------- measurements
+@dataclass(frozen=True)
+class _Geometry:
+    gram: np.ndarray  # (n, n) <d_a, d_b>
+    layer_sq: np.ndarray  # (n, L) ||d_l||^2
+    projections: np.ndarray  # (n, k) <d, v_i>
+    w0_norm: float
+    layer_w0_norms: dict[str, float]
+
+    @property
+    def cosines(self) -> np.ndarray:
+        norms = np.sqrt(np.diag(self.gram))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(np.outer(norms, norms) > 0, self.gram / np.outer(norms, norms), np.nan)
+
+
+def _geometry(w0: Mapping[str, torch.Tensor], endpoints: Mapping[str, Mapping[str, torch.Tensor]],
+              basis: Sequence[Mapping[str, torch.Tensor]]) -> _Geometry:
+    """Gram matrix, per-layer squared norms and eigenvector coefficients of the displacements, one layer at a time
+    (float64; never more than one layer of every displacement in memory)."""
+    n, layers = len(endpoints), list(w0)
+    gram, layer_sq = np.zeros((n, n)), np.zeros((n, len(layers)))
+    projections = np.zeros((n, len(basis)))
+    w0_norms = {}
+    for j, name in enumerate(layers):
+        base = w0[name].double()
+        d = torch.stack([w[name].double() - base for w in endpoints.values()]).reshape(n, -1).cpu()  # (n, out*in)
+        gram += (d @ d.T).numpy()
+        layer_sq[:, j] = d.pow(2).sum(dim=1).numpy()
+        w0_norms[name] = math.sqrt(float(base.pow(2).sum()))
+        for i, vector in enumerate(basis):
+            if name in vector:
+                projections[:, i] += (d @ vector[name].reshape(-1)).numpy()
+    w0_norm = math.sqrt(sum(v * v for v in w0_norms.values()))
+    return _Geometry(gram, layer_sq, projections, w0_norm, w0_norms)
+
+
+def _endpoint(result: QuantResult, w0: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The result's weights on every compared layer, in the model's dtype and device (w0 where it has none)."""
+    return {n: result.weights[n].to(w) if n in result.weights else w for n, w in w0.items()}
+
+
+def _nll(model: nn.Module, weights: Mapping[str, torch.Tensor], data: TokenSet, batch_size: int,
+         name: str) -> NLLResult:
+    with swapped_weights(model, weights):
+        return nll(model, data, batch_size=batch_size, model_name=name)
+
+
+def _segment_nll(model: nn.Module, start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor], t: np.ndarray,
+                 known: Mapping[float, float], data: TokenSet, batch_size: int, name: str) -> np.ndarray:
+    """NLL at ``lerp(start, end, t)`` for each ``t``; values already ``known`` (at t = 0 and 1: the endpoints,
+    where lerp is exact) are reused."""
+    values = []
+    for point in t:
+        if float(point) in known:
+            values.append(known[float(point)])
+        else:
+            weights = {n: torch.lerp(start[n], end[n], float(point)) for n in start}
+            values.append(_nll(model, weights, data, batch_size, name).value)
+    return np.array(values)
+
+
+def _path_curvature(model: nn.Module, data: TokenSet, w0: Mapping[str, torch.Tensor],
+                    endpoint: Mapping[str, torch.Tensor], t: np.ndarray, level: float | None, n_resamples: int,
+                    seed: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rayleigh quotient of ``d = endpoint - w0`` at ``w0 + t d`` (values, interval low, interval high)."""
+    if len(t) == 0:
+        return np.empty(0), np.empty(0), np.empty(0)
+    from .curvature import curvature_along_path
+
+    direction = {n: endpoint[n] - w0[n] for n in w0 if not torch.equal(endpoint[n], w0[n])}
+    if not direction:  # the result equals w0: no direction to take a curvature along
+        return np.full(len(t), math.nan), np.full(len(t), math.nan), np.full(len(t), math.nan)
+    path = curvature_along_path(model, data, direction, t, batch_size=batch_size, level=level,
+                                n_resamples=n_resamples, seed=seed, progress=False)
+    return path.curvature, path.low, path.high
+
+
+def _basis_source(eigenvectors: Any) -> dict[str, Any] | None:
+    if eigenvectors is None:
+        return None
+    settings = getattr(eigenvectors, "settings", None)
+    if settings is not None:
+        return {"kind": "spectrum", "operator": eigenvectors.operator, "layers": list(eigenvectors.layers),
+                "eigenvalues": eigenvectors.top.eigenvalues.tolist(), "data": settings.get("data"),
+                "seed": settings.get("seed")}
+    return {"kind": type(eigenvectors).__name__, "count": len(eigenvectors)}
+
+
+def _describe(result: QuantResult) -> dict[str, Any]:
+    return {"label": result.label, "method": result.method, "format": result.format.name if result.format else None,
+            "base_model": result.base_model, "base_fingerprint": result.base_fingerprint,
+            "calibration_hash": result.calibration.get("data_hash"), "settings": result.settings,
+            "layers": len(result.weights)}
+
+
+def _stack(arrays: Sequence[np.ndarray], width: int) -> np.ndarray:
+    return np.array([np.asarray(a, dtype=np.float64) for a in arrays]).reshape(len(arrays), width)
+
+
+def _interval(interval: Interval) -> str:
+    return f"{interval.value:.4f} [{interval.low:.4f}, {interval.high:.4f}]"
+
+
+def _with_interval(value: float, low: float, high: float) -> str:
+    if math.isnan(low):
+        return f"{value:.4g}"
+    return f"{value:.4g} [{low:.3g}, {high:.3g}]"
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
