@@ -189,11 +189,12 @@ def _arrays(protocol: Protocol) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = True,
-                    lm: LoadedModel | None = None) -> Path:
-    """Run (or resume) the study of ``protocol``; returns the path of the finished store ``quant_table.h5``.
+                    lm: LoadedModel | None = None, name: str = "quant_table") -> Path:
+    """Run (or resume) the study of ``protocol``; returns the path of the finished store ``<name>.h5``.
 
-    Quantized models are saved under ``out_dir/results/`` and reused; the store gets one point per
-    :func:`variants` row, each flushed as soon as it is measured.
+    Quantized models are saved under ``out_dir/results/`` (keyed by calibration data, method, format and
+    settings) and reused, also by other protocols run into the same ``out_dir``; the store gets one
+    point per :func:`variants` row, each flushed as soon as it is measured.
     """
     from tqdm.auto import tqdm
 
@@ -224,7 +225,7 @@ def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = Tr
     ctx = _Context(lm, protocol, calib, out_dir / "results", fingerprint, progress)
     w0 = layer_weights(lm.model)
     w0_norm = float(torch.sqrt(sum(w.double().pow(2).sum() for w in w0.values())))
-    store = ResultStore.open_run(out_dir / "quant_table.h5", provenance, _arrays(protocol), (len(rows),), resume=True)
+    store = ResultStore.open_run(out_dir / f"{name}.h5", provenance, _arrays(protocol), (len(rows),), resume=True)
     try:
         if store.writable:  # (re)written on every resume: both are functions of the protocol only
             store.write_array("w0_norm", np.float64(w0_norm))
