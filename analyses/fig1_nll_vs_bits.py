@@ -1,0 +1,47 @@
+"""Figure 1: held-out NLL against bits per weight for RTN, GPTQ, GPTQ + LoRC and QAFT, with the fp32 line.
+
+Every method quantizes the same decoder linears onto the same grid of w0 with the same calibration
+sequences (:func:`landscape.study.run_quant_table`); NLL on in-domain (wiki) and out-of-domain (sotu)
+held-out text with 95 % bootstrap intervals over segments, and the full-precision fine-tuning control.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python analyses/fig1_nll_vs_bits.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import plotly.graph_objects as go
+
+from analyses.common import Session, Step, quant_table_steps, run_figure_script, table_stores
+from landscape import plots
+from landscape.store import StoreData, read_store
+
+FIGURE = "fig1_nll_vs_bits"
+TITLE = "NLL against bits per weight"
+
+
+def steps(session: Session) -> list[Step]:
+    return quant_table_steps(session, session.profile.model)
+
+
+def tables(session: Session) -> list[StoreData]:
+    return [read_store(path) for path in table_stores(session, session.profile.model)]
+
+
+def figure(session: Session) -> go.Figure:
+    return plots.nll_vs_bits(tables(session))
+
+
+def reading(session: Session) -> str:
+    return plots.reading_nll_vs_bits(tables(session))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_figure_script(sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

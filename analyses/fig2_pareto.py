@@ -1,0 +1,44 @@
+"""Figure 2: Pareto plot of held-out NLL against model size in bits (MiB), every method and format.
+
+Sizes count the quantized linears at their storage bits (codes, scales, zero points, LoRC factors) and
+every other weight in fp16; the points are those of figure 1's quantization tables.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python analyses/fig2_pareto.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import plotly.graph_objects as go
+
+from analyses.common import Session, Step, facts_step, facts_store, quant_table_steps, run_figure_script
+from analyses.fig1_nll_vs_bits import tables
+from landscape import plots
+from landscape.store import read_store
+
+FIGURE = "fig2_pareto"
+TITLE = "Pareto: NLL against model size"
+
+
+def steps(session: Session) -> list[Step]:
+    model = session.profile.model
+    return [*quant_table_steps(session, model), facts_step(session, model)]
+
+
+def figure(session: Session) -> go.Figure:
+    return plots.pareto(tables(session), read_store(facts_store(session, session.profile.model)))
+
+
+def reading(session: Session) -> str:
+    return plots.reading_pareto(tables(session), read_store(facts_store(session, session.profile.model)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_figure_script(sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Figure 5: 1-D and 2-D slices of the held-out NLL through w0 spanned by the GPTQ and QAFT displacements.
+
+At the headline format: 1-D slices along each unit displacement ``(w_q - w0) / ||w_q - w0||`` from
+``t = -0.5`` to ``1.5`` of its length (``t = 1`` is the quantized model) and along a random
+filter-normalised direction over GPTQ's distances; a 2-D slice ``w0 + a u + b v`` with ``u`` along GPTQ
+and ``v`` the QAFT displacement made orthogonal to it, so both endpoints lie in the plane.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python analyses/fig5_slices.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import plotly.graph_objects as go
+
+from analyses.common import (COSTS, Session, Step, eval_set, model_protocols, quant_table_steps, quantized_model_path,
+                             run_figure_script)
+from landscape import plots
+from landscape.store import read_store
+
+FIGURE = "fig5_slices"
+TITLE = "Slices through w0 along the GPTQ and QAFT displacements"
+LINES = ("gptq", "qaft", "random")
+
+
+def store(session: Session, kind: str) -> Path:
+    model = session.profile.model
+    return session.store_path(model, f"slice-{kind}", {
+        "slices": asdict(session.profile.slices), "format": session.profile.headline_format,
+        "tables": [p.to_dict() for p in model_protocols(session, model)]})
+
+
+def displacement(session: Session, lm, method: str):
+    from landscape.directions import displacement_direction
+
+    path = quantized_model_path(session, session.profile.model, method, session.profile.headline_format)
+    return displacement_direction(lm.model, str(path))
+
+
+def line_step(session: Session, kind: str) -> Step:
+    """A 1-D slice along a displacement (``gptq``, ``qaft``) or a random direction over GPTQ's distances."""
+    p, model = session.profile, session.profile.model
+    fmt = p.headline_format
+    label = "random filter-normalised direction" if kind == "random" else f"{plots.METHOD_LABELS[kind]} {fmt}"
+
+    def run() -> None:
+        from landscape.directions import random_direction
+        from landscape.perturb import scan
+
+        lm = session.model(model)
+        t = np.linspace(-0.5, 1.5, p.slices.points_1d)  # t = 0 (w0) and t = 1 (the endpoint) lie on the grid
+        gptq = displacement(session, lm, "gptq")
+        if kind == "random":
+            direction, length, endpoint = random_direction(lm.model, p.slices.random_seed, "filter"), gptq.norm(), None
+        else:
+            direction = gptq if kind == "gptq" else displacement(session, lm, kind)
+            length = endpoint = direction.norm()
+        scan(lm.model, direction.unit(), t * length, data=eval_set(session, model, p.slices.segments), batch_size=4,
+             model_name=model, store=store(session, kind), resume=True, progress=session.progress,
+             provenance={"model_info": lm.info.to_dict(),
+                         "slice": {"label": label, "method": kind, "format": fmt, "endpoint": endpoint}})
+
+    estimate = p.slices.points_1d * COSTS.forward(model, p.slices.segments * p.eval_seq_len)
+    return Step(f"{model}: 1-D slice along {label} ({p.slices.points_1d} points)", store(session, kind), estimate,
+                run, model)
+
+
+def plane_step(session: Session) -> Step:
+    """The 2-D slice spanned by the GPTQ and QAFT displacements."""
+    p, model = session.profile, session.profile.model
+    n = p.slices.points_2d
+
+    def run() -> None:
+        from landscape.directions import orthogonalize, plane_coordinates
+        from landscape.perturb import scan
+
+        lm = session.model(model)
+        gptq, qaft = displacement(session, lm, "gptq"), displacement(session, lm, "qaft")
+        u, v = gptq.unit(), orthogonalize(qaft, gptq).unit()
+        a_qaft, b_qaft = plane_coordinates(qaft, u, v)
+        a_span = max(gptq.norm(), abs(a_qaft))
+        a = np.linspace(min(0.0, a_qaft) - 0.25 * a_span, max(gptq.norm(), a_qaft) + 0.25 * a_span, n)
+        b = np.linspace(-0.25 * b_qaft, 1.25 * b_qaft, n)
+        fmt = p.headline_format
+        endpoints = {f"GPTQ {fmt}": {"a": gptq.norm(), "b": 0.0, "method": "gptq"},
+                     f"QAFT {fmt}": {"a": a_qaft, "b": b_qaft, "method": "qaft"}}
+        scan(lm.model, [u, v], [a, b], data=eval_set(session, model, p.slices.segments), batch_size=4,
+             model_name=model, store=store(session, "plane"), resume=True, progress=session.progress,
+             provenance={"model_info": lm.info.to_dict(), "slice": {"format": fmt, "endpoints": endpoints}})
+
+    estimate = n * n * COSTS.forward(model, p.slices.segments * p.eval_seq_len)
+    return Step(f"{model}: 2-D slice through w0, GPTQ and QAFT ({n} x {n} points)", store(session, "plane"),
+                estimate, run, model)
+
+
+def steps(session: Session) -> list[Step]:
+    return [*quant_table_steps(session, session.profile.model), *(line_step(session, k) for k in LINES),
+            plane_step(session)]
+
+
+def stores(session: Session):
+    return [read_store(store(session, k)) for k in LINES], read_store(store(session, "plane"))
+
+
+def figure(session: Session) -> go.Figure:
+    return plots.slices(*stores(session))
+
+
+def reading(session: Session) -> str:
+    return plots.reading_slices(*stores(session))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_figure_script(sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

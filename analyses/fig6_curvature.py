@@ -1,0 +1,127 @@
+"""Figure 6: the Hessian of the held-out NLL at w0 (top eigenvalues, trace, density) and the curvature
+along each quantization displacement.
+
+At w0: reorthogonalised Lanczos (top and bottom eigenvalues), a Hutch++ trace and a stochastic Lanczos
+quadrature density (:mod:`landscape.curvature`). Along the path ``w0 + t d`` of each displacement ``d``
+(RTN, GPTQ and QAFT at the headline format, and a random filter-normalised direction of GPTQ's length):
+the Rayleigh quotient ``u^T H u``, ``u = d / ||d||``. One store, one point per task, so a killed run
+resumes at the next task.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python analyses/fig6_curvature.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import plotly.graph_objects as go
+
+from analyses.common import (COSTS, Session, Step, eval_set, model_protocols, quant_table_steps, quantized_model_path,
+                             run_figure_script)
+from landscape import plots
+from landscape.store import read_store
+
+FIGURE = "fig6_curvature"
+TITLE = "Hessian spectrum and curvature along the displacements"
+DISPLACEMENTS = ("rtn", "gptq", "qaft")
+PATH_METHODS = (*DISPLACEMENTS, "random")
+
+
+def store(session: Session) -> Path:
+    model = session.profile.model
+    return session.store_path(model, "curvature", {
+        "curvature": asdict(session.profile.curvature), "format": session.profile.headline_format,
+        "tables": [p.to_dict() for p in model_protocols(session, model)]})
+
+
+def path_label(method: str, fmt: str) -> str:
+    return "random direction (GPTQ's length)" if method == "random" else f"{plots.METHOD_LABELS[method]} {fmt}"
+
+
+def measure(session: Session) -> None:
+    from landscape.curvature import curvature_along_path, hessian_density, hessian_spectrum, hessian_trace
+    from landscape.directions import displacement_direction, random_direction
+    from landscape.models import weights_fingerprint
+    from landscape.objectives import NLLConvention
+    from landscape.store import finish_run, normalize_provenance, start_run
+
+    p, model = session.profile, session.profile.model
+    c, fmt = p.curvature, p.headline_format
+    lm = session.model(model)
+    data = eval_set(session, model, c.segments, seq_len=c.seq_len)
+    sources = {m: str(quantized_model_path(session, model, m, fmt)) for m in DISPLACEMENTS}
+
+    def direction(method: str):
+        """The displacement ``w_q - w0``, or a random filter-normalised direction as long as GPTQ's."""
+        if method != "random":
+            return displacement_direction(lm.model, sources[method])
+        length = displacement_direction(lm.model, sources["gptq"]).norm()
+        unit = random_direction(lm.model, c.random_seed, "filter").unit()
+        return {n: length * t for n, t in unit.tensors.items()}
+
+    common = {"batch_size": 1, "progress": session.progress}
+    tasks = {
+        "spectrum": lambda: hessian_spectrum(lm.model, data, k=c.k_top, k_bottom=c.k_bottom,
+                                             lanczos_steps=c.lanczos_steps, return_eigenvectors=False,
+                                             **common).to_record(include_eigenvectors=False),
+        "trace": lambda: hessian_trace(lm.model, data, n_matvecs=c.trace_matvecs, **common).to_record(),
+        "density": lambda: hessian_density(lm.model, data, n_runs=c.density_runs, lanczos_steps=c.density_steps,
+                                           **common).to_record(),
+        **{f"path/{path_label(m, fmt)}": (lambda m=m: curvature_along_path(
+            lm.model, data, direction(m), t=c.path_t, level=c.level, **common).to_record()) for m in PATH_METHODS},
+    }
+    provenance = {
+        "kind": "curvature", "model": model, "model_info": lm.info.to_dict(),
+        "model_fingerprint": weights_fingerprint(lm.model), "data": data.provenance(),
+        "nll_convention": NLLConvention.for_data(data, model).to_dict(), "settings": asdict(c), "format": fmt,
+        "tasks": list(tasks),
+        "paths": {path_label(m, fmt): {"method": m, "source": sources.get(
+            m, f"random filter-normalised seed {c.random_seed}, scaled to ||w_gptq - w0||")} for m in PATH_METHODS},
+        "layout": "<task>/<array> from each result's to_record(); <task>/attrs: its JSON attributes",
+    }
+    with start_run(store(session), provenance, {"seconds": ((), np.float64)}, (len(tasks),), resume=True) as record:
+        for i, (name, task) in enumerate(tasks.items()):
+            if record.done[i]:
+                continue
+            started = time.perf_counter()
+            result = task()
+            for key, array in result["arrays"].items():
+                record.write_array(f"{name}/{key}", array)
+            record.write_array(f"{name}/attrs", json.dumps(normalize_provenance(result["attrs"]), sort_keys=True))
+            record.write_point(i, {"seconds": time.perf_counter() - started})
+        finish_run(record)
+
+
+def steps(session: Session) -> list[Step]:
+    p, model = session.profile, session.profile.model
+    c = p.curvature
+    # Every product covers all the tokens (a path point: one product per segment of them).
+    products = (c.lanczos_steps + 3 * (c.trace_matvecs // 3) + c.density_runs * c.density_steps
+                + len(PATH_METHODS) * len(c.path_t))
+    estimate = products * COSTS.hvp(model, c.segments * c.seq_len)
+    return [*quant_table_steps(session, model),
+            Step(f"{model}: Hessian at w0 (Lanczos {c.lanczos_steps}, trace {c.trace_matvecs}, density "
+                 f"{c.density_runs}x{c.density_steps}) and along {len(PATH_METHODS)} paths", store(session),
+                 estimate, lambda: measure(session), model)]
+
+
+def figure(session: Session) -> go.Figure:
+    return plots.curvature(read_store(store(session)))
+
+
+def reading(session: Session) -> str:
+    return plots.reading_curvature(read_store(store(session)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_figure_script(sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
