@@ -30,7 +30,7 @@ from .directions import (Direction, DirectionError, DirectionSpec, check_directi
                          layer_weight, regenerate, weights_norm)
 from .perturb import (NLLObjective, Objective, Perturbation, model_fingerprint, model_label, nll_convention,
                       output_names, progress_bar)
-from .store import StoreData, finish_run, read_store, start_run
+from .store import StoreData, check_store_path, finish_run, read_store, start_run
 
 DEFAULT_QUANTILES: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
 
@@ -315,6 +315,8 @@ def basin_statistics(
     """
     if not directions:
         raise ValueError("basin_statistics needs at least one direction")
+    if store is not None:
+        check_store_path(store, resume)
     model_name = model_label(model, model_name)
     if objective is None:
         objective = NLLObjective(_require(data), batch_size, model_name)

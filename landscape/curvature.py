@@ -147,6 +147,10 @@ def weight_space(model: nn.Module, layers: LayerSelection = None) -> WeightSpace
         if not param.requires_grad:
             raise CurvatureError(f"the weight of layer {layer!r} has requires_grad=False: curvature needs gradients "
                                  f"(call .requires_grad_(True) on it)")
+        if not torch.isfinite(matrix).all():
+            first = (~torch.isfinite(matrix)).nonzero()[0].tolist()
+            raise CurvatureError(f"the weight of layer {layer!r} holds NaN or Inf (first at (out, in) index {first}): "
+                                 f"the curvature at a non-finite w0 is undefined; weights must be finite")
         transposed = weight_is_transposed(available[layer])
         entries.append((order[param_names[id(param)]], layer, param_names[id(param)], tuple(matrix.shape), transposed))
     entries.sort()

@@ -156,7 +156,10 @@ def token_stream(tokenizer, corpus: str, split: Split) -> np.ndarray:
     tid = tokenizer_id(tokenizer)
     path = cache_dir() / "tokens" / f"{corpus}-{split}-{tid}.npy"
     if path.exists():
-        return np.load(path)
+        try:
+            return np.load(path, allow_pickle=False)  # a plain int32 array; never unpickle a cache file
+        except ValueError as err:
+            raise DataError(f"token cache {path} is not a plain integer array ({err}); delete it to rebuild") from None
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("tokenizer has no eos_token_id: cannot separate documents")
@@ -192,6 +195,15 @@ class TokenSet:
     tokenizer: str
     seed: int | None = None
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_token_ids(self.tokens)
+        if (not isinstance(self.score_mask, torch.Tensor) or self.score_mask.dtype != torch.bool
+                or self.score_mask.shape != self.tokens.shape):
+            got = (f"{self.score_mask.dtype} of shape {tuple(self.score_mask.shape)}"
+                   if isinstance(self.score_mask, torch.Tensor) else type(self.score_mask).__name__)
+            raise DataError(f"score_mask must be a bool tensor of the tokens' shape {tuple(self.tokens.shape)}, "
+                            f"got {got}")
 
     @property
     def n_segments(self) -> int:
@@ -321,10 +333,24 @@ def calibration_set(
                     {"chunk_index_hash": stable_hash(chosen.tolist())})
 
 
-def token_set_from_tensor(tokens: torch.Tensor, name: str = "custom", seed: int | None = None) -> TokenSet:
-    """Wrap a user's ``(n, seq_len)`` token tensor (every position after the first is scored)."""
-    if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.shape[0] < 1:
+def check_token_ids(tokens: torch.Tensor) -> None:
+    """Raise :class:`DataError` unless ``tokens`` is an ``(n_segments >= 1, seq_len >= 2)`` tensor of integer
+    token ids >= 0 (a float tensor, which could hold NaN or Inf, is refused rather than cast)."""
+    if not isinstance(tokens, torch.Tensor):
+        raise DataError(f"tokens must be a torch tensor of integer token ids, got {type(tokens).__name__}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        non_finite = (tokens.is_floating_point() or tokens.is_complex()) and not bool(torch.isfinite(tokens).all())
+        raise DataError(f"tokens must be integer token ids (torch.int64, int32...), got dtype {tokens.dtype}"
+                        f"{' holding NaN or Inf' if non_finite else ''}")
+    if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 2:
         raise DataError(f"tokens must be (n_segments >= 1, seq_len >= 2), got shape {tuple(tokens.shape)}")
+    if int(tokens.min()) < 0:
+        raise DataError(f"token ids must be >= 0, got a minimum of {int(tokens.min())}")
+
+
+def token_set_from_tensor(tokens: torch.Tensor, name: str = "custom", seed: int | None = None) -> TokenSet:
+    """Wrap a user's ``(n, seq_len)`` tensor of integer token ids (every position after the first is scored)."""
+    check_token_ids(tokens)  # before any cast: .long() would turn NaN into a huge negative id
     mask = torch.ones_like(tokens, dtype=torch.bool)
     mask[:, 0] = False
     return TokenSet(tokens.long(), mask, name, "custom", tokens.shape[1], tokens.shape[1], "custom", seed)

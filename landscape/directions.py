@@ -243,6 +243,7 @@ def check_direction(model: nn.Module, direction: Direction) -> None:
     finite entries, nonzero norm, and (if recorded) made on these base weights w0."""
     if not direction.tensors:
         raise DirectionError(f"direction [{direction.spec.describe()}] covers no layer")
+    check_finite_weights(model, direction.names)
     for name, t in direction.tensors.items():
         w = layer_weight(model, name)
         if tuple(t.shape) != tuple(w.shape):
@@ -255,6 +256,17 @@ def check_direction(model: nn.Module, direction: Direction) -> None:
     if expected and expected != (actual := weights_fingerprint(model, direction.names)):
         raise DirectionError(f"direction [{direction.spec.describe()}] was made on base weights with fingerprint "
                              f"{expected}, but this model's weights on those layers have fingerprint {actual}")
+
+
+def check_finite_weights(model: nn.Module, names: Sequence[str]) -> None:
+    """Raise :class:`DirectionError` if a named layer's w0 holds NaN or Inf: there is no landscape around it
+    (and a normalised direction would inherit the non-finite values)."""
+    for name in names:
+        w = layer_weight(model, name)
+        if not torch.isfinite(w).all():
+            first = (~torch.isfinite(w)).nonzero()[0].tolist()
+            raise DirectionError(f"layer {name!r} of the model has NaN or Inf weights (first at (out, in) index "
+                                 f"{first}): w0 must be finite to perturb around it")
 
 
 def _nonzero_norm(direction: Direction) -> float:
@@ -309,6 +321,10 @@ def displacement_direction(model: nn.Module, result: Any, layers: str | Sequence
     tensors = {}
     for n in names:
         w0 = layer_weight(model, n).detach()
+        if tuple(result.weights[n].shape) != tuple(w0.shape):
+            raise DirectionError(f"quantized model {result.label!r} has a weight of shape "
+                                 f"{tuple(result.weights[n].shape)} for layer {n!r}, whose (out, in) weight is "
+                                 f"{tuple(w0.shape)}")
         tensors[n] = result.weights[n].to(device=w0.device, dtype=w0.dtype) - w0
     spec = DirectionSpec("displacement", patterns, source=source or result.label,
                          base_fingerprint=weights_fingerprint(model, names))
@@ -388,6 +404,7 @@ def _base_layers(model: nn.Module, spec: DirectionSpec) -> tuple[list[str], str]
     else:
         raise DirectionError(f"cannot regenerate a {spec.kind} direction from its spec [{spec.describe()}]: only "
                              f"random directions and displacements saved to a path are; pass the tensors instead")
+    check_finite_weights(model, names)
     actual = weights_fingerprint(model, names)
     if spec.base_fingerprint and spec.base_fingerprint != actual:
         raise DirectionError(f"direction [{spec.describe()}] was made on base weights with fingerprint "

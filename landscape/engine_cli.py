@@ -120,7 +120,9 @@ def _direction(model, kind: str, seed: int, quantized: str | None, layers: str):
 def cmd_scan(args: argparse.Namespace) -> int:
     from .directions import orthogonalize
     from .perturb import scan
+    from .store import check_store_path
 
+    check_store_path(args.out, args.resume)
     kind2 = args.kind2 or args.kind
     two_d = args.grid2 is not None
     if args.kind == "displacement" and not args.quantized:
@@ -169,9 +171,13 @@ def cmd_radius(args: argparse.Namespace) -> int:
     from .basin import RadiusSearch, basin_statistics
     from .directions import DirectionSpec, check_spec, layer_patterns, quant_result_path, weights_norm
     from .models import weights_fingerprint
+    from .store import check_store_path
 
+    check_store_path(args.out, args.resume)
     if args.directions < 1:
         raise ValueError(f"--directions must be >= 1, got {args.directions}")
+    if args.profile is not None and (args.profile < 0).any():
+        raise ValueError(f"--profile radii are fractions of ||w0|| and must be >= 0, got {np.round(args.profile, 6).tolist()}")
     search = RadiusSearch(args.threshold, args.relative, args.tolerance)
     _check_quantized(args.quantized)
     lm, data = _load(args)

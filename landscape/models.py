@@ -55,6 +55,13 @@ class ModelNotFoundError(ValueError):
     """A model name that is neither built in, nor a local directory, nor loadable from the hub."""
 
 
+class UnsafeModelFileError(ValueError):
+    """A model whose weights exist only in a pickle-based format: refused, because unpickling runs code."""
+
+
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a loaded model is, for provenance: every stored result records this."""
@@ -153,10 +160,15 @@ def prepare_model(model: nn.Module) -> nn.Module:
 
 
 def _from_pretrained(path: str | Path, name: str):
+    """Model and tokenizer through transformers, weights from safetensors only (``use_safetensors=True``:
+    a pickled ``pytorch_model.bin`` is never opened; a directory holding only pickles is refused up front)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if os.path.isdir(path):
+        refuse_pickled_weights(Path(path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager",
+                                                     use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
@@ -166,6 +178,19 @@ def _from_pretrained(path: str | Path, name: str):
             f"{' (HF_HUB_OFFLINE=1: only cached hub models load)' if offline else ''}: {err}"
         ) from err
     return model, tokenizer
+
+
+def refuse_pickled_weights(directory: Path) -> None:
+    """Raise :class:`UnsafeModelFileError` if ``directory`` holds model weights only as pickle-based files
+    (``pytorch_model.bin``, ``*.pt``...): loading those can execute arbitrary code. Safetensors are accepted."""
+    if any(directory.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_WEIGHT_SUFFIXES)
+    if pickled:
+        raise UnsafeModelFileError(
+            f"{directory} holds its weights only as pickle-based files {pickled}; landscape loads safetensors only "
+            f"(unpickling can run arbitrary code). Convert a checkpoint you trust once with "
+            f"`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)` (writes model.safetensors)")
 
 
 # --------------------------------------------------------------------------------------------- SmolLM2

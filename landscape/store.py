@@ -9,10 +9,15 @@ results go in with :meth:`ResultStore.write_array` and :meth:`ResultStore.write_
 
 Layout and guarantees (see FIELD_NOTES.md on HDF5):
 
-* While running, the file is ``<path>.partial``; every :meth:`~ResultStore.write_point` writes the
-  values, then the done flag, then flushes, so a killed run keeps every finished point and resumes
-  where it stopped. :meth:`~ResultStore.finish` moves the file to ``<path>`` atomically (``os.replace``):
-  a reader of ``<path>`` never sees a half-written run.
+* While running, the file is ``<path>.partial``; it appears only once its empty layout is written and
+  closed (it is created under a temporary name and renamed), and every :meth:`~ResultStore.write_point`
+  writes the values, then the done flag, then flushes, so a run killed at any instant keeps every
+  finished point and resumes where it stopped. :meth:`~ResultStore.finish` moves the file to ``<path>``
+  atomically (``os.replace``): a reader of ``<path>`` never sees a half-written run, and reading a run
+  that has not finished (only the partial file exists, or its writer holds the file) raises
+  :class:`StoreInProgressError`.
+* An output location that cannot be written, or an existing store without ``resume``, is refused by
+  :func:`check_store_path` before any work (entry points call it first).
 * Root attributes: ``landscape_store`` (format version), ``grid_shape``, ``point_arrays`` (JSON list of
   names) and ``provenance`` (one JSON object: model and its weights fingerprint, data hash, NLL
   convention, direction specs, code version, creation date...).
@@ -35,6 +40,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .outputs import check_output_path
+
 STORE_FORMAT_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
 DONE = "done"
@@ -51,6 +58,23 @@ class StoreError(ValueError):
 
 class StoreMismatchError(StoreError):
     """An existing store was written for a different run (another model, data set, grid, directions...)."""
+
+
+class StoreInProgressError(StoreError):
+    """A store whose run has not finished: its writer is still running (the file is locked), or the run
+    stopped early and only its ``.partial`` file exists (resume it)."""
+
+
+def check_store_path(path: str | os.PathLike, resume: bool = False) -> Path:
+    """Raise before any work unless a run can write its store at ``path``: a writable location
+    (:func:`~landscape.outputs.check_output_path`) and, without ``resume``, neither ``path`` nor its
+    partial file already there. Returns ``path`` as a :class:`Path`."""
+    path = check_output_path(path)
+    if not resume:
+        for existing in (path, partial_path(path)):
+            if existing.exists():
+                raise StoreError(f"{existing} already exists: resume it, or remove it to start over")
+    return path
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -89,28 +113,32 @@ class ResultStore:
                 (UTC, ISO 8601) are added unless present.
             arrays: point array name -> ``(point_shape, dtype)``; stored with shape ``grid_shape + point_shape``.
             grid_shape: shape of the grid of points (``()`` for a store with a single point).
+
+        Raises:
+            OutputPathError: ``path`` cannot be written; StoreError: it (or its partial file) exists already.
         """
         path, partial = Path(path), partial_path(path)
         grid, specs = _check_schema(arrays, grid_shape)
         prov = _stamped(provenance)
-        for existing in (path, partial):
-            if existing.exists():
-                raise StoreError(f"{existing} already exists: resume it, or remove it to start over")
+        check_store_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        file = h5py.File(partial, "w")
+        # The empty store is written under a temporary name and renamed: a run killed while creating it leaves
+        # no .partial that cannot be read (a new HDF5 file is unreadable until it is first flushed).
+        fresh = partial.with_name(partial.name + ".new")
         try:
-            file.attrs["landscape_store"] = STORE_FORMAT_VERSION
-            file.attrs["provenance"] = json.dumps(prov, sort_keys=True)
-            file.attrs["grid_shape"] = np.asarray(grid, dtype=np.int64)
-            file.attrs["point_arrays"] = json.dumps(list(specs))
-            file.create_dataset(DONE, shape=grid, dtype=bool, fillvalue=False)
-            for name, (shape, dtype) in specs.items():
-                file.create_dataset(name, shape=grid + shape, dtype=dtype, fillvalue=_fill_value(dtype))
-            file.flush()
+            with h5py.File(fresh, "w") as file:
+                file.attrs["landscape_store"] = STORE_FORMAT_VERSION
+                file.attrs["provenance"] = json.dumps(prov, sort_keys=True)
+                file.attrs["grid_shape"] = np.asarray(grid, dtype=np.int64)
+                file.attrs["point_arrays"] = json.dumps(list(specs))
+                file.create_dataset(DONE, shape=grid, dtype=bool, fillvalue=False)
+                for name, (shape, dtype) in specs.items():
+                    file.create_dataset(name, shape=grid + shape, dtype=dtype, fillvalue=_fill_value(dtype))
+            os.replace(fresh, partial)
         except BaseException:
-            file.close()
+            fresh.unlink(missing_ok=True)
             raise
-        return cls(file, path, grid, specs)
+        return cls(h5py.File(partial, "r+"), path, grid, specs)
 
     @classmethod
     def resume(cls, path: str | os.PathLike, provenance: Mapping[str, Any], arrays: Mapping[str, ArraySpec],
@@ -338,14 +366,23 @@ def read_store(path: str | os.PathLike) -> StoreData:
     """Read a whole store (finished, or a ``.partial`` one by that name) into numpy arrays.
 
     Raises:
-        StoreError: missing, unreadable (corrupted, truncated, locked by a writer) or not a landscape store.
+        StoreInProgressError: the run has not finished: only its partial file exists, or a writer holds the file.
+        StoreError: missing, unreadable (corrupted, truncated) or not a landscape store.
     """
     path = Path(path)
+    unfinished = partial_path(path).exists()  # looked at first: finish() renames the partial file to path
     if not path.exists():
-        hint = f" (an unfinished run is at {partial_path(path)})" if partial_path(path).exists() else ""
-        raise StoreError(f"no store at {path}{hint}")
+        if unfinished:
+            raise StoreInProgressError(f"no finished store at {path} (an unfinished run is at {partial_path(path)}: "
+                                       f"in progress, or stopped and resumable; readable once no writer holds it)")
+        raise StoreError(f"no store at {path}")
     try:
         file = h5py.File(path, "r")
+    except BlockingIOError:
+        raise StoreInProgressError(f"{path} is open for writing by another process (a run in progress): read it "
+                                   f"when the writer has finished or stopped") from None
+    except FileNotFoundError:
+        raise StoreError(f"no store at {path} (it was moved away as it was opened: its run just finished?)") from None
     except OSError as err:
         raise StoreError(f"{path} is not a readable HDF5 store (corrupted, truncated, or open for writing "
                          f"by another process): {err}") from None

@@ -31,7 +31,7 @@ from .quant import parse_format
 from .quant.qaft import DEFAULT_LR
 from .quant.result import QuantResult
 from .stats import nll_interval
-from .store import ResultStore, read_store
+from .store import ResultStore, check_store_path, read_store
 
 FP32 = "fp32"
 METHODS = ("rtn", "gptq", "gptq-noact", "gptq+lorc", "qaft", "fp-finetune")
@@ -199,6 +199,7 @@ def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = Tr
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
+    check_store_path(out_dir / f"{name}.h5", resume=True)  # an unwritable location fails before any work
     lm = lm or load_model(protocol.model)
     tok, ctx_len = lm.tokenizer, lm.info.context_length
     calib = calibration_set(tok, protocol.calib_sequences, protocol.calib_seq_len, protocol.calib_seed,
@@ -299,6 +300,8 @@ class QuantTable:
 def read_quant_table(path: str | Path) -> QuantTable:
     """Rows (one dict per finished variant) and provenance of a quant-table store (finished or partial)."""
     data = read_store(path)
+    if data.provenance.get("kind") != "quant_table":
+        raise ValueError(f"{path} holds a {data.provenance.get('kind')!r} run, not a quant table")
     table = data.table("variants")
     corpora = data.provenance["protocol"]["eval_corpora"]
     rows = []

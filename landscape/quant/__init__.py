@@ -12,12 +12,11 @@ from .llm_qat import generate_training_text, llm_qat
 from .lorc import lorc
 from .qaft import (FinetuneSettings, LearningRateSweep, QAFTError, finetune, fp_finetune, paired_control, qaft,
                    select_learning_rate)
-from .result import QuantResult, ResultMismatchError
+from .result import QuantResult, ResultFileError, ResultMismatchError
 from .rtn import rtn
 
 __all__ = ["ActivationQuant", "ActivationQuantError", "BitSetting", "CholeskyError", "FinetuneSettings", "FormatError",
-           "GPTQLayerInfo", "Grid", "LearningRateSweep", "QAFTError", "QuantFormat", "QuantResult",
-           "ResultMismatchError", "fake_quant_activations", "finetune", "fp_finetune", "generate_training_text",
-           "gptq", "gptq_layer", "kv_projections", "llm_qat", "lorc", "make_grid", "paired_control",
-           "parse_bit_setting", "parse_format", "qaft", "quantized_activations", "rtn", "select_learning_rate",
-           "sqnr_db"]
+           "GPTQLayerInfo", "Grid", "LearningRateSweep", "QAFTError", "QuantFormat", "QuantResult", "ResultFileError",
+           "ResultMismatchError", "fake_quant_activations", "finetune", "fp_finetune", "generate_training_text", "gptq",
+           "gptq_layer", "kv_projections", "llm_qat", "lorc", "make_grid", "paired_control", "parse_bit_setting",
+           "parse_format", "qaft", "quantized_activations", "rtn", "select_learning_rate", "sqnr_db"]

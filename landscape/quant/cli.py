@@ -159,9 +159,14 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from ..data import calibration_set
     from ..models import load_model
+    from ..outputs import check_output_path
+    from .capture import resolve_layers
+    from .result import result_stem
 
+    check_output_path(f"{result_stem(args.out)}.json")  # an unwritable --out fails before the model loads
     t0 = time.perf_counter()
     lm = load_model(args.model)
+    resolve_layers(lm.model, args.layers, args.fmt)  # layer globs, format vs shapes, finite weights: before any data
     seq_len = args.calib_seq_len or default_seq_len(lm.info)
     calib = calibration_set(lm.tokenizer, args.calib_sequences, seq_len, args.calib_seed,
                             context_length=lm.info.context_length)

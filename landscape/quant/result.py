@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..outputs import check_output_path
 from .formats import QuantFormat, parse_format
 
 RESULT_VERSION = 1
@@ -23,6 +24,16 @@ RESULT_VERSION = 1
 
 class ResultMismatchError(ValueError):
     """A saved quantized model does not belong to the base model it is applied to."""
+
+
+class ResultFileError(ValueError):
+    """A path that does not hold a readable saved result: truncated or corrupted files, or another format
+    (a pickle or torch checkpoint is refused, never unpickled)."""
+
+
+RESULT_EXTENSIONS = (".safetensors", ".json")
+REQUIRED_METADATA = ("version", "format", "method", "settings", "base_model", "base_fingerprint", "calibration",
+                     "seconds", "layer_mse", "extra", "layers")
 
 
 @dataclass
@@ -77,35 +88,63 @@ class QuantResult:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``<path>.safetensors`` and ``<path>.json`` (atomically: temporary names, then rename)."""
+        """Write ``<path>.safetensors`` and ``<path>.json``.
+
+        Both are written to temporary names first and renamed into place; the ``.json`` is the commit
+        marker: an older one is removed before the new tensors move in and the new one comes last, so a
+        run killed at any point leaves either a consistent pair or no ``.json`` (which :meth:`load`
+        refuses), never new tensors under old metadata. Raises
+        :class:`~landscape.outputs.OutputPathError` before writing anything if ``path`` is not writable.
+        """
         from safetensors.torch import save_file
 
         path = result_stem(path)
+        st, js = _with_ext(path, ".safetensors"), _with_ext(path, ".json")
+        check_output_path(js)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: w.detach().contiguous().cpu() for name, w in self.weights.items()}
-        meta = self.metadata()
-        st, js = _with_ext(path, ".safetensors"), _with_ext(path, ".json")
         st_tmp, js_tmp = st.with_name(st.name + ".tmp"), js.with_name(js.name + ".tmp")
-        save_file(tensors, str(st_tmp), metadata={"landscape": json.dumps({"method": self.method})})
-        js_tmp.write_text(json.dumps(meta, indent=1, default=_jsonable))
-        os.replace(st_tmp, st)
-        os.replace(js_tmp, js)
+        try:
+            save_file(tensors, str(st_tmp), metadata={"landscape": json.dumps({"method": self.method})})
+            js_tmp.write_text(json.dumps(self.metadata(), indent=1, default=_jsonable))
+            js.unlink(missing_ok=True)
+            os.replace(st_tmp, st)
+            os.replace(js_tmp, js)
+        except BaseException:
+            st_tmp.unlink(missing_ok=True)
+            js_tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, base_fingerprint: str | None = None) -> "QuantResult":
         """Load a saved result (no pickle: safetensors + JSON). With ``base_fingerprint``, refuse a
         result computed on a different base model."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        given = Path(path)
         path = result_stem(path)
         st, js = _with_ext(path, ".safetensors"), _with_ext(path, ".json")
+        if given.is_file() and given.suffix not in RESULT_EXTENSIONS:
+            raise ResultFileError(f"{given} is not a saved QuantResult: results are read only from STEM.safetensors "
+                                  f"+ STEM.json (no pickle or torch checkpoint is ever unpickled)")
         if not st.exists() or not js.exists():
             raise FileNotFoundError(f"quantized model {path} needs both {st.name} and {js.name}")
-        meta = json.loads(js.read_text())
-        if meta.get("version") != RESULT_VERSION:
-            raise ResultMismatchError(f"{js}: result version {meta.get('version')!r}, this code reads {RESULT_VERSION}")
-        weights = load_file(str(st))
+        try:
+            meta = json.loads(js.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ResultFileError(f"{js} is not valid JSON (truncated or corrupted?): {err}") from None
+        missing = [k for k in REQUIRED_METADATA if k not in meta] if isinstance(meta, dict) else list(REQUIRED_METADATA)
+        if missing:
+            raise ResultFileError(f"{js} is not the metadata of a saved QuantResult: it lacks {missing}")
+        if meta["version"] != RESULT_VERSION:
+            raise ResultMismatchError(f"{js}: result version {meta['version']!r}, this code reads {RESULT_VERSION}")
+        try:
+            weights = load_file(str(st))
+        except SafetensorError as err:
+            raise ResultFileError(f"{st} is not a readable safetensors file (truncated, corrupted, or another format; "
+                                  f"pickles are never loaded): {err}") from None
         if sorted(weights) != sorted(meta["layers"]):
             raise ResultMismatchError(f"{path}: the tensors in {st.name} do not match the layers listed in {js.name}")
         if base_fingerprint is not None and meta["base_fingerprint"] != base_fingerprint:
