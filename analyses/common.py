@@ -509,7 +509,7 @@ def quantized_model_path(session: Session, model: str, method: str, fmt: str, se
         ValueError: no table of ``model`` runs ``method`` at ``fmt``; FileNotFoundError: not measured yet.
     """
     from landscape.quant import parse_format
-    from landscape.study import Variant, _result_key
+    from landscape.study import Variant, result_key
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
@@ -518,7 +518,7 @@ def quantized_model_path(session: Session, model: str, method: str, fmt: str, se
     for protocol in protocols:
         formats = [parse_format(f).name for f in protocol.formats]
         if method in protocol.methods and (name in formats or method == "fp-finetune"):
-            key = _result_key(protocol, Variant(method, name if name in formats else formats[0], seed))
+            key = result_key(protocol, Variant(method, name if name in formats else formats[0], seed))
             found = sorted((table_dir(session, protocol) / "results").glob(f"calib-*/{key}.json"))
             if len(found) != 1:
                 raise FileNotFoundError(f"expected one saved {key} under {table_dir(session, protocol)}/results, "

@@ -32,6 +32,7 @@ from plotly.subplots import make_subplots
 from .quant.formats import parse_format
 from .stats import Interval, difference_interval
 from .store import StoreData
+from .study import quant_table_rows
 
 if TYPE_CHECKING:
     from .basin import BasinStatistics
@@ -65,19 +66,7 @@ def quant_rows(data: StoreData) -> list[dict[str, Any]]:
     Rows with quantized activations (``act_bits``) are left out: these figures compare weight quantization.
     """
     _require_kind(data, "quant_table")
-    table, corpora = data.table("variants"), data.provenance["protocol"]["eval_corpora"]
-    rows = []
-    for i, label in enumerate(table["label"]):
-        if not data.done[i] or int(table["act_bits"][i]):
-            continue
-        row: dict[str, Any] = {"label": str(label), "method": str(table["method"][i]),
-                               "format": str(table["format"][i]), "seed": int(table["seed"][i])}
-        for key in ("bits_per_weight", "displacement_norm", "layer_mse_sum", "seconds"):
-            row[key] = float(data.arrays[key][i])
-        for key in ("nll", "nll_low", "nll_high", "segment_nll_sum", "segment_tokens"):
-            row[key] = {c: data.arrays[f"{key}/{c}"][i] for c in corpora}
-        rows.append(row)
-    return rows
+    return [row for row in quant_table_rows(data) if not row["act_bits"]]
 
 
 def merged_rows(tables: Sequence[StoreData]) -> list[dict[str, Any]]:

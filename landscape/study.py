@@ -31,7 +31,7 @@ from .quant import parse_format
 from .quant.qaft import DEFAULT_LR
 from .quant.result import QuantResult
 from .stats import nll_interval
-from .store import ResultStore, check_store_path, read_store
+from .store import ResultStore, StoreData, check_store_path, read_store
 
 FP32 = "fp32"
 METHODS = ("rtn", "gptq", "gptq-noact", "gptq+lorc", "qaft", "fp-finetune")
@@ -138,11 +138,11 @@ def _quantized(ctx: _Context, v: Variant) -> QuantResult:
     from .quant import gptq, lorc, rtn
     from .quant.qaft import paired_control, qaft
 
-    key = _result_key(ctx.protocol, v)
+    key = result_key(ctx.protocol, v)
     if key in ctx.cache:
         return ctx.cache[key]
     # Saved results are keyed by the calibration data too: a result is reused only under the same budget.
-    path = ctx.results_dir / f"calib-{ctx.calib.content_hash}" / key
+    path = result_path(ctx.results_dir.parent, ctx.protocol, v, ctx.calib.content_hash)
     if path.with_name(key + ".json").exists():
         result = QuantResult.load(path, base_fingerprint=ctx.fingerprint)
     else:
@@ -167,7 +167,7 @@ def _quantized(ctx: _Context, v: Variant) -> QuantResult:
     return result
 
 
-def _result_key(p: Protocol, v: Variant) -> str:
+def result_key(p: Protocol, v: Variant) -> str:
     """File name of a variant's QuantResult: the method, the format and every setting that changes it."""
     if v.method in ("qaft", "fp-finetune"):
         return f"{v.method}-{v.format}-lr{p.qaft_lr:g}-e{p.qaft_epochs:g}-b{p.qaft_batch_size}-s{v.seed}"
@@ -302,18 +302,35 @@ def read_quant_table(path: str | Path) -> QuantTable:
     data = read_store(path)
     if data.provenance.get("kind") != "quant_table":
         raise ValueError(f"{path} holds a {data.provenance.get('kind')!r} run, not a quant table")
+    return QuantTable(quant_table_rows(data), data.provenance, data.complete)
+
+
+def quant_table_rows(data: StoreData) -> list[dict[str, Any]]:
+    """The finished rows of a quant-table store's data, in table order.
+
+    Each row: ``label, method, format, seed, act_bits``, ``seconds``, ``layer_mse_sum``,
+    ``displacement_norm``, ``bits_per_weight``, and per evaluation corpus (dicts keyed by corpus) ``nll``,
+    ``nll_low``, ``nll_high`` (floats), ``segment_nll_sum`` and ``segment_tokens`` (arrays).
+    """
     table = data.table("variants")
     corpora = data.provenance["protocol"]["eval_corpora"]
     rows = []
     for i, label in enumerate(table["label"]):
         if not data.done[i]:
             continue
-        row = {k: table[k][i] for k in ("label", "method", "format", "seed", "act_bits")}
+        row: dict[str, Any] = {"label": str(label), "method": str(table["method"][i]),
+                               "format": str(table["format"][i]), "seed": int(table["seed"][i]),
+                               "act_bits": int(table["act_bits"][i])}
         for k in ("seconds", "layer_mse_sum", "displacement_norm", "bits_per_weight"):
             row[k] = float(data.arrays[k][i])
         for k in ("nll", "nll_low", "nll_high"):
             row[k] = {c: float(data.arrays[f"{k}/{c}"][i]) for c in corpora}
-        row["segment_nll_sum"] = {c: data.arrays[f"segment_nll_sum/{c}"][i] for c in corpora}
-        row["segment_tokens"] = {c: data.arrays[f"segment_tokens/{c}"][i] for c in corpora}
+        for k in ("segment_nll_sum", "segment_tokens"):
+            row[k] = {c: data.arrays[f"{k}/{c}"][i] for c in corpora}
         rows.append(row)
-    return QuantTable(rows, data.provenance, data.complete)
+    return rows
+
+
+def result_path(out_dir: str | Path, protocol: Protocol, variant: Variant, calibration_hash: str) -> Path:
+    """Where :func:`run_quant_table` saves a variant's QuantResult (without the .json/.safetensors extension)."""
+    return Path(out_dir) / "results" / f"calib-{calibration_hash}" / result_key(protocol, variant)
