@@ -47,8 +47,10 @@ chromium:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "[landscape] no Chromium: figures will be HTML only (PNG export skipped)"; }
 
+# Quick profile (tiny random GPT-2/Llama, ref-tiny), one torch thread per worker; `bench/run.py --full` adds
+# SmolLM2-135M. Writes bench/RESULTS.md and bench/results.json.
 bench: setup
-	@echo "benchmarks arrive with issue 8"
+	$(PY) bench/run.py --quick
 
 clean-cache:
 	rm -rf "$$($(PY) -c 'from landscape.cache import cache_dir; print(cache_dir())')"

@@ -1,0 +1,62 @@
+"""The quantization results table (issues #4 and #11): every method at every format, in and out of domain.
+
+    python analyses/quant_table.py --model smollm2-135m --out results/quant_table
+    python analyses/quant_table.py --model ref-small --calib-seq-len 256 --out results/quant_table
+
+Runs two protocols into one directory (so they share their saved quantized models):
+``core`` (RTN, GPTQ with and without act-order, QAFT with its full-precision control, GPTQ+LoRC) at the
+formats where the study's effect lives, and ``wide`` (RTN and GPTQ over 8/4/3/2 bits per-channel and
+4/3 bits in groups, plus W4A8). Both are resumable: rerun the same command after an interruption.
+Prints each table as Markdown with the NLL convention; the stores hold every per-segment NLL sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from landscape.models import load_model
+from landscape.study import Protocol, read_quant_table, run_quant_table
+
+GROUP = {"smollm2-135m": 64}  # SmolLM2's hidden size 576 is not divisible by 128
+
+
+def protocols(args: argparse.Namespace) -> dict[str, Protocol]:
+    g = GROUP.get(args.model, 128)
+    common = dict(model=args.model, calib_seq_len=args.calib_seq_len, eval_seq_len=args.eval_seq_len,
+                  eval_segments=args.eval_segments, qaft_lr=args.qaft_lr, seeds=tuple(range(args.seeds)))
+    core_methods = ("rtn", "gptq", "qaft", "fp-finetune", "gptq-noact", "gptq+lorc")
+    return {
+        **{f"core-{f}": Protocol(**common, formats=(f,), methods=core_methods) for f in args.core_formats},
+        "wide": Protocol(**common, formats=("int8", "int4", "int3", "int2", f"int4-g{g}", f"int3-g{g}"),
+                         methods=("rtn", "gptq"), act_bits=((4, 8),)),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--out", default="results/quant_table")
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--eval-seq-len", type=int, default=256)
+    p.add_argument("--eval-segments", type=int, default=16)
+    p.add_argument("--qaft-lr", type=float, default=3e-4)
+    p.add_argument("--seeds", type=int, default=1, help="seeds of QAFT and its control (>= 3 for a comparison)")
+    p.add_argument("--core-formats", nargs="+", default=["int3", "int4"])
+    args = p.parse_args(argv)
+    runs = protocols(args)  # every protocol is validated before the model loads
+    lm = load_model(args.model)
+    for name, protocol in runs.items():
+        path = run_quant_table(protocol, args.out, lm=lm, name=name)
+        table = read_quant_table(path)
+        print(f"\n## {name}: {args.model}\n")
+        print(table.markdown())
+        ev = table.provenance["evaluation"]
+        print("\nNLL: token-mean nats per scored token; " + "; ".join(
+            f"{c}: {e['n_segments']} x {e['seq_len']} tokens, stride {e['stride']}, {e['n_scored_tokens']} scored, "
+            f"data {e['data_hash']}" for c, e in ev.items()))
+        if lm.info.caveat:
+            print(f"Caveat: {lm.info.caveat}")
+
+
+if __name__ == "__main__":
+    main()

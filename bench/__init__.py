@@ -1,0 +1,6 @@
+"""Speed and memory benchmarks of landscape (issue #8): ``make bench`` runs ``bench/run.py --quick``.
+
+One script per benchmark (``scan``, ``gptq``, ``hessian``, ``memory``, ``scaling``), each runnable alone as
+``python -m bench.<name> --profile quick``; ``bench/run.py`` runs them in fresh one-thread worker processes
+and writes ``bench/RESULTS.md`` and ``bench/results.json``.
+"""

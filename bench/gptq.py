@@ -1,0 +1,286 @@
+"""GPTQ: seconds per layer and for the whole model, ours against a reference-style per-column loop.
+
+The **reference** (:func:`reference_gptq_layer`) is written here for the benchmark, after Algorithm 1 of
+the GPTQ paper (Frantar et al., 2023) without its lazy batch updates: after rounding column ``j`` its
+scaled error updates *every* later column at once (one rank-1 update per column). It uses the same
+conventions as :func:`landscape.quant.gptq.gptq_layer`, so both must give the same lattice points:
+
+* the same lattice: the scale and zero point of :func:`landscape.quant.formats.make_grid` on w0, each
+  column with its own group's (static groups, also under act-order);
+* damping ``lambda = damp * mean(diag H)`` after the act-order permutation, ``U = chol((H + lambda I)^-1)``
+  upper; act-order is a *stable* descending sort of ``diag H`` (ties keep column order);
+* inputs never active (``H_jj = 0``) get ``H_jj = 1`` and their weights are kept (the original code
+  zeroes them; the toolkit keeps them because the displacement ``w_q - w0`` is what the study measures).
+
+**Whole model**: the toolkit's :func:`landscape.quant.gptq.gptq` (sequential, true-sequential, act-order,
+block 128, float64) against the same block-by-block driver
+(:func:`landscape.quant.capture.quantize_block_by_block`) with the reference solver plugged in: the
+calibration data, Hessians and layer order are the same, so the weights must be identical (checked: max
+abs difference over every weight) and the time difference is the solver's.
+
+Target (issue #8): ours at most 1.2x the reference, per layer and for the whole model.
+
+Run alone: ``python -m bench.gptq --profile quick [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/gptq.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from torch import nn
+
+from bench.common import (ModelSpec, Row, Section, Table, Target, bench_main, check_profile, describe_model,
+                          fmt_seconds, interleaved_medians, random_token_set)
+from landscape.data import TokenSet
+from landscape.models import quantizable_layers, weight_matrix
+from landscape.quant.capture import capture_block_inputs, decoder_blocks, quantize_block_by_block, run_block
+from landscape.quant.formats import Grid, QuantFormat, make_grid, parse_format
+from landscape.quant.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, gptq, gptq_layer
+
+OURS_VS_REFERENCE = Target(1.2, "at_most")  # our seconds / reference seconds
+LATTICE_AGREEMENT = 1e-9  # max |ours - reference| as a fraction of the layer's smallest grid step
+
+
+# ------------------------------------------------------------------------------------------ reference
+@torch.no_grad()
+def reference_gptq_layer(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, damp: float = DEFAULT_DAMP,
+                         act_order: bool = True) -> torch.Tensor:
+    """GPTQ on one ``(out, in)`` weight, column by column with no lazy blocks (float64).
+
+    Args:
+        w: pretrained weight w0, ``(out, in)``.
+        hessian: ``(in, in)`` ``H = 2/n sum x x^T`` of the layer's calibration inputs (undamped).
+        grid: the lattice (scale and zero point per output row and input group) to round onto.
+        damp: relative damping, ``lambda = damp * mean(diag H)``.
+        act_order: columns in decreasing ``H_jj``.
+
+    Returns:
+        The quantized weight ``(out, in)`` in ``w``'s dtype, on ``grid``.
+    """
+    W = w.double().clone()  # (out, in), error-fed in place
+    H = hessian.double().clone()  # (in, in)
+    scale = grid.per_column(grid.scale).double()  # (out, in): each column's own group scale
+    zero = grid.per_column(grid.zero).double()
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1.0
+    perm = (torch.argsort(H.diagonal(), descending=True, stable=True) if act_order
+            else torch.arange(W.shape[1], device=W.device))
+    W, H, scale, zero = W[:, perm], H[perm][:, perm], scale[:, perm], zero[:, perm]
+    H.diagonal().add_(damp * float(H.diagonal().mean()))
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # (in, in) upper
+
+    Q = torch.empty_like(W)
+    for j in range(W.shape[1]):
+        s, z = scale[:, j], zero[:, j]
+        Q[:, j] = s * (torch.clamp(torch.round(W[:, j] / s + z), grid.fmt.qmin, grid.fmt.qmax) - z)
+        error = (W[:, j] - Q[:, j]) / U[j, j]  # (out,)
+        W[:, j + 1:] -= torch.outer(error, U[j, j + 1:])  # feed the error to every later column
+
+    w_q = torch.empty_like(Q)
+    w_q[:, perm] = Q
+    return w_q.to(w.dtype)
+
+
+def reference_gptq_model(model: nn.Module, calib: TokenSet, fmt: QuantFormat | str, damp: float = DEFAULT_DAMP,
+                         act_order: bool = True, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Every quantizable layer with :func:`reference_gptq_layer` in the toolkit's sequential block-by-block driver."""
+    fmt = parse_format(fmt)
+
+    def solve(name: str, w0: torch.Tensor, hessian: torch.Tensor):
+        return reference_gptq_layer(w0, hessian, make_grid(w0, fmt, name), damp, act_order), None
+
+    solved = quantize_block_by_block(model, calib, list(quantizable_layers(model)), solve, batch_size=batch_size,
+                                     progress=False)
+    return {name: s.weight for name, s in solved.items()}
+
+
+def lattice_difference(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
+                       grids: dict[str, Grid]) -> tuple[float, float, int]:
+    """``(max abs difference, the same as a fraction of the grid step, entries that differ)`` over every layer."""
+    if set(ours) != set(reference):
+        raise ValueError(f"the two results quantized different layers: {sorted(set(ours) ^ set(reference))}")
+    max_abs = max_steps = 0.0
+    differing = 0
+    for name, w in ours.items():
+        diff = (w.double() - reference[name].double()).abs()
+        step = grids[name].per_column(grids[name].scale).double().abs()  # (out, in)
+        max_abs = max(max_abs, float(diff.max()))
+        max_steps = max(max_steps, float((diff / step).max()))
+        differing += int((diff > 0).sum())
+    return max_abs, max_steps, differing
+
+
+def check_identical(what: str, ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
+                    grids: dict[str, Grid]) -> dict[str, float]:
+    """Raise ``AssertionError`` unless ours and the reference lie on the same lattice points (within rounding)."""
+    max_abs, max_steps, differing = lattice_difference(ours, reference, grids)
+    if not max_steps <= LATTICE_AGREEMENT:
+        raise AssertionError(f"{what}: ours and the reference GPTQ differ by up to {max_abs:.3g} ({max_steps:.3g} grid "
+                             f"steps) in {differing} weights; they must pick the same lattice points")
+    return {"max_abs_difference": max_abs, "max_difference_in_grid_steps": max_steps, "entries_differing": differing}
+
+
+# ------------------------------------------------------------------------------------------ the bench
+@dataclass(frozen=True)
+class GPTQSettings:
+    """Sizes of the GPTQ benchmark.
+
+    Attributes:
+        models: models whose every decoder linear is quantized.
+        formats: weight formats; equality is checked for each, times are measured on the first.
+        calib_segments, calib_seq_len: calibration tokens (random ids; times do not depend on them).
+        repeats: timed repeats (medians reported) per layer and for the whole model.
+    """
+
+    models: tuple[ModelSpec, ...]
+    formats: tuple[str, ...] = ("int4", "int3-g32")
+    calib_segments: int = 16
+    calib_seq_len: int = 64
+    repeats: int = 3
+
+
+PROFILES: dict[str, GPTQSettings] = {
+    "tiny": GPTQSettings((ModelSpec("tiny-gpt2", hidden=32, layers=1),), ("int4",), 4, 16, 1),
+    "quick": GPTQSettings((ModelSpec("tiny-gpt2", "gpt2", hidden=64, layers=2),
+                           ModelSpec("tiny-llama", "llama", hidden=64, layers=2),
+                           ModelSpec("ref-tiny", "pretrained"),
+                           ModelSpec("small-gpt2", "gpt2", hidden=256, layers=2, vocab=512)), repeats=5),
+    "full": GPTQSettings((ModelSpec("tiny-gpt2", "gpt2", hidden=64, layers=2),
+                          ModelSpec("tiny-llama", "llama", hidden=64, layers=2),
+                          ModelSpec("ref-tiny", "pretrained"),
+                          ModelSpec("small-gpt2", "gpt2", hidden=256, layers=2, vocab=512),
+                          ModelSpec("smollm2-135m", "pretrained")),
+                         calib_segments=16, calib_seq_len=128, repeats=2),
+}
+
+
+def layer_hessians(model: nn.Module, calib: TokenSet) -> dict[str, torch.Tensor]:
+    """``H = 2/n sum x x^T`` (float64) of every quantizable layer on the full-precision model's inputs."""
+    layers = quantizable_layers(model)
+    calls = capture_block_inputs(model, calib)
+    hessians: dict[str, torch.Tensor] = {}
+    for block in decoder_blocks(model):
+        watched = {n: m for n, m in layers.items() if any(m is b for b in block.modules())}
+        calls, block_hessians = run_block(block, calls, watched)
+        hessians.update(block_hessians)
+    return hessians
+
+
+def measure_model(spec: ModelSpec, settings: GPTQSettings) -> dict:
+    """Per-layer and whole-model times of ours and the reference on one model; equality for every format."""
+    model = spec.build()
+    calib = random_token_set(model, settings.calib_segments, settings.calib_seq_len, seed=1)
+    layers = quantizable_layers(model)
+    w0 = {n: weight_matrix(m).detach().clone() for n, m in layers.items()}
+    hessians = layer_hessians(model, calib)
+    equality = {}
+    for fmt in settings.formats:
+        grids = {n: make_grid(w, fmt, n) for n, w in w0.items()}
+        per_layer_ours = {n: gptq_layer(w0[n], hessians[n], grids[n])[0] for n in layers}
+        per_layer_ref = {n: reference_gptq_layer(w0[n], hessians[n], grids[n]) for n in layers}
+        whole_ours = gptq(model, calib, fmt, progress=False).weights
+        whole_ref = reference_gptq_model(model, calib, fmt)
+        equality[fmt] = {"per_layer": check_identical(f"{spec.name} {fmt} per layer", per_layer_ours, per_layer_ref,
+                                                      grids),
+                         "whole_model": check_identical(f"{spec.name} {fmt} whole model", whole_ours, whole_ref, grids)}
+
+    fmt = settings.formats[0]
+    grids = {n: make_grid(w, fmt, n) for n, w in w0.items()}
+    per_layer = {}
+    for name in layers:
+        t = interleaved_medians({
+            "ours": lambda n=name: gptq_layer(w0[n], hessians[n], grids[n]),
+            "reference": lambda n=name: reference_gptq_layer(w0[n], hessians[n], grids[n]),
+        }, repeats=settings.repeats)
+        per_layer[name] = {"shape": list(w0[name].shape), "ours_s": t["ours"].median,
+                           "reference_s": t["reference"].median}
+    whole = interleaved_medians({
+        "ours": lambda: gptq(model, calib, fmt, progress=False),
+        "reference": lambda: reference_gptq_model(model, calib, fmt),
+    }, repeats=settings.repeats)
+    return {"model": describe_model(spec.name, model), "format": fmt, "layers": len(layers), "per_layer": per_layer,
+            "whole_model": {k: v.to_dict() for k, v in whole.items()}, "equality": equality}
+
+
+def run(profile: str = "quick") -> Section:
+    """The GPTQ benchmark of a profile (``tiny``, ``quick``, ``full``) as a :class:`Section`."""
+    settings = PROFILES[check_profile(profile)]
+    started = time.perf_counter()
+    cases = [measure_model(spec, settings) for spec in settings.models]
+    data = {"settings": {"models": [m.name for m in settings.models], "formats": list(settings.formats),
+                         "calib_segments": settings.calib_segments, "calib_seq_len": settings.calib_seq_len,
+                         "repeats": settings.repeats, "damp": DEFAULT_DAMP, "block_size": DEFAULT_BLOCK_SIZE,
+                         "act_order": True, "sequential": True, "compute_dtype": "float64"},
+            "cases": cases}
+    return build_section(data, time.perf_counter() - started)
+
+
+def solver_times(case: dict) -> dict[str, float]:
+    """Seconds of one case: each solver summed over the layers, and each whole-model run (medians)."""
+    return {"ours": sum(p["ours_s"] for p in case["per_layer"].values()),
+            "reference": sum(p["reference_s"] for p in case["per_layer"].values()),
+            "whole_ours": case["whole_model"]["ours"]["median_s"],
+            "whole_reference": case["whole_model"]["reference"]["median_s"]}
+
+
+def miss_note(case: dict) -> str | None:
+    """Why ours misses 1.2x the reference on ``case`` (None if it does not), and what would close it."""
+    t = solver_times(case)
+    ratios = {"layer solver": t["ours"] / t["reference"], "whole model": t["whole_ours"] / t["whole_reference"]}
+    missed = [f"{what} {ratio:.2f}x ({OURS_VS_REFERENCE.miss_text(ratio)})" for what, ratio in ratios.items()
+              if not OURS_VS_REFERENCE.met(ratio)]
+    if not missed:
+        return None
+    widest = max(p["shape"][1] for p in case["per_layer"].values())
+    return (f"{case['model']}: ours / reference is {' and '.join(missed)}. Its widest layer has {widest} inputs, so "
+            f"both solvers spend their time on per-column Python overhead, not arithmetic: the reference indexes "
+            f"per-column scales computed once per layer, while ours calls Grid.round_columns for every column (an "
+            f"arange, a division and two gathers of the group's scale and zero point) and fills the buffers of the "
+            f"lazy block update. The whole-model ratio is closer to 1 because both share the driver (block replays, "
+            f"Hessians). Precomputing each column's scale and zero point once per layer in gptq_layer would close "
+            f"it; on wider layers the lazy blocks already win (the wider models' rows and the per-layer table).")
+
+
+def build_section(data: dict, seconds: float = 0.0) -> Section:
+    """The section (rows with targets, tables, notes) from the raw measurements ``data`` alone."""
+    settings = data["settings"]
+    rows, summary, layer_rows, notes = [], [], [], []
+    for c in data["cases"]:
+        t = solver_times(c)
+        case = (f"{c['model']}, {c['format']}, {settings['calib_segments']} x {settings['calib_seq_len']} "
+                f"calibration tokens")
+        rows.append(Row("gptq", case, "ours / reference, layer solver (sum over layers)", t["ours"] / t["reference"],
+                        "x", OURS_VS_REFERENCE,
+                        f"{fmt_seconds(t['ours'])} vs {fmt_seconds(t['reference'])} for {c['layers']} layers"))
+        rows.append(Row("gptq", case, "ours / reference, whole model", t["whole_ours"] / t["whole_reference"], "x",
+                        OURS_VS_REFERENCE, f"{fmt_seconds(t['whole_ours'])} vs {fmt_seconds(t['whole_reference'])}"))
+        worst = max(e["whole_model"]["max_abs_difference"] for e in c["equality"].values())
+        summary.append((c["model"], str(c["layers"]), fmt_seconds(t["ours"] / c["layers"]),
+                        fmt_seconds(t["reference"] / c["layers"]), fmt_seconds(t["whole_ours"]),
+                        fmt_seconds(t["whole_reference"]), ", ".join(c["equality"]), f"{worst:.1e}"))
+        for name, p in c["per_layer"].items():
+            layer_rows.append((c["model"].split(" ")[0], name, "x".join(map(str, p["shape"])), fmt_seconds(p["ours_s"]),
+                               fmt_seconds(p["reference_s"]), f"{p['ours_s'] / p['reference_s']:.2f}"))
+        note = miss_note(c)
+        if note:
+            notes.append(note)
+    tables = (
+        Table("Seconds (medians) per layer and for the whole model; identical lattice points checked for every format",
+              ("model", "layers", "ours per layer", "reference per layer", "ours whole model",
+               "reference whole model", "formats checked", "max |ours - reference|"), tuple(summary)),
+        Table("Per layer (first format)", ("model", "layer", "shape (out x in)", "ours", "reference", "ratio"),
+              tuple(layer_rows)),
+    )
+    return Section("gptq", "GPTQ: ours against a reference per-column loop", tuple(rows), tables, tuple(notes), data,
+                   seconds)
+
+
+if __name__ == "__main__":
+    sys.exit(bench_main(run))

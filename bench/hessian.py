@@ -1,0 +1,152 @@
+"""Hessian: one Hessian-vector product (HVP) against one forward+backward, and the time of a Lanczos top-10.
+
+The HVP is :func:`landscape.curvature.curvature_operator`'s product (``hessian-eigenthings``: a forward, a
+backward that keeps its graph, and a second backward) of the token-mean NLL over every decoder linear's
+weights. The forward+backward is the gradient of the same loss over the same tokens with respect to the
+same weights (``torch.autograd.grad``), and the forward alone is timed too. Lanczos is
+:func:`landscape.curvature.hessian_spectrum` with ``k=10`` (top 10, largest algebraic, reorthogonalised),
+whose cost should be its HVPs: the overhead column is its time over ``steps x`` one HVP.
+
+Target (issue #8): one HVP at most about 3x one forward+backward (double backward theory: 2-3x).
+
+Run alone: ``python -m bench.hessian --profile quick [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/hessian.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from bench.common import (ModelSpec, Row, Section, Table, Target, bench_main, check_profile, describe_model,
+                          fmt_seconds, interleaved_medians, random_token_set)
+from landscape.curvature import ConvergenceWarning, curvature_operator, hessian_spectrum, weight_space
+from landscape.objectives import segment_nll_sums
+
+HVP_VS_FORWARD_BACKWARD = Target(3.0, "at_most")
+TOP_K = 10
+
+
+@dataclass(frozen=True)
+class HessianSettings:
+    """Sizes of the Hessian benchmark.
+
+    Attributes:
+        models: the models (every decoder linear's weights span the Hessian).
+        segments, seq_len: tokens of the loss (one batch).
+        lanczos_steps: Krylov dimension of the top-10 run (= HVPs it spends).
+        repeats: timed repeats of HVP, forward+backward and forward (medians).
+        lanczos_repeats: timed Lanczos runs (median reported; one run is already ``lanczos_steps`` HVPs).
+    """
+
+    models: tuple[ModelSpec, ...]
+    segments: int = 2
+    seq_len: int = 128
+    lanczos_steps: int = 50
+    repeats: int = 9
+    lanczos_repeats: int = 1
+
+
+PROFILES: dict[str, HessianSettings] = {
+    "tiny": HessianSettings((ModelSpec("tiny-gpt2", hidden=16, layers=1),), 1, 16, 12, 1),
+    "quick": HessianSettings((ModelSpec("tiny-gpt2", "gpt2", hidden=64, layers=2),
+                              ModelSpec("tiny-llama", "llama", hidden=64, layers=2),
+                              ModelSpec("ref-tiny", "pretrained"))),
+    "full": HessianSettings((ModelSpec("tiny-gpt2", "gpt2", hidden=64, layers=2),
+                             ModelSpec("tiny-llama", "llama", hidden=64, layers=2),
+                             ModelSpec("ref-tiny", "pretrained"), ModelSpec("smollm2-135m", "pretrained")),
+                            segments=1, seq_len=128, lanczos_steps=12, repeats=3),
+}
+
+
+def measure_model(spec: ModelSpec, settings: HessianSettings) -> dict:
+    """HVP, forward+backward and forward times, and one Lanczos top-10, on one model."""
+    model = spec.build()
+    data = random_token_set(model, settings.segments, settings.seq_len, seed=2)
+    tokens, mask = data.tokens, data.score_mask
+    space = weight_space(model)
+    parameters = dict(model.named_parameters())
+    weights = [parameters[name] for name in space.parameter_names]
+    operator = curvature_operator(model, data, batch_size=settings.segments)
+    vector = torch.randn(operator.size, generator=torch.Generator().manual_seed(0), dtype=operator.dtype)
+    vector = vector.to(operator.device)
+
+    def forward_backward() -> None:  # the gradient of the same token-mean NLL w.r.t. the same weights
+        loss = segment_nll_sums(model, tokens, mask).sum() / data.n_scored_tokens
+        torch.autograd.grad(loss, weights)
+
+    def forward() -> None:
+        with torch.no_grad():
+            segment_nll_sums(model, tokens, mask)
+
+    timings = interleaved_medians({"hvp": lambda: operator.matvec(vector), "forward_backward": forward_backward,
+                                   "forward": forward}, repeats=settings.repeats)
+    steps = min(settings.lanczos_steps, space.size)
+
+    converged: list[int] = []
+
+    def lanczos() -> None:  # timed, not judged: unconverged pairs are counted instead of warned about
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            spectrum = hessian_spectrum(model, data, k=TOP_K, k_bottom=0, lanczos_steps=steps,
+                                        batch_size=settings.segments, return_eigenvectors=False, progress=False)
+        converged.append(int(spectrum.top.converged.sum()))
+
+    lanczos_timing = interleaved_medians({"lanczos": lanczos}, repeats=settings.lanczos_repeats, warmup=0)["lanczos"]
+    return {"model": describe_model(spec.name, model), "weights": space.size, "lanczos_steps": steps,
+            "timings": {k: t.to_dict() for k, t in timings.items()}, "lanczos": lanczos_timing.to_dict(),
+            "lanczos_converged_of_top": converged[-1]}
+
+
+def run(profile: str = "quick") -> Section:
+    """The Hessian benchmark of a profile (``tiny``, ``quick``, ``full``) as a :class:`Section`."""
+    settings = PROFILES[check_profile(profile)]
+    started = time.perf_counter()
+    cases = [measure_model(spec, settings) for spec in settings.models]
+    data = {"settings": {"models": [m.name for m in settings.models], "segments": settings.segments,
+                         "seq_len": settings.seq_len, "lanczos_steps": settings.lanczos_steps,
+                         "repeats": settings.repeats, "k": TOP_K}, "cases": cases}
+    return build_section(data, time.perf_counter() - started)
+
+
+def build_section(data: dict, seconds: float = 0.0) -> Section:
+    """The section (rows with targets, tables, notes) from the raw measurements ``data`` alone."""
+    settings = data["settings"]
+    rows, table, notes = [], [], []
+    for c in data["cases"]:
+        hvp, fb, fwd = (c["timings"][k]["median_s"] for k in ("hvp", "forward_backward", "forward"))
+        lanczos, steps = c["lanczos"]["median_s"], c["lanczos_steps"]
+        case = f"{c['model']}, {settings['segments']} x {settings['seq_len']} tokens, {c['weights']:,} weights"
+        rows.append(Row("hessian", case, "one HVP / one forward+backward", hvp / fb, "x", HVP_VS_FORWARD_BACKWARD,
+                        f"{fmt_seconds(hvp)} vs {fmt_seconds(fb)}"))
+        rows.append(Row("hessian", case, f"Lanczos top-{TOP_K} ({steps} steps) / {steps} HVPs", lanczos / (steps * hvp),
+                        "x", None,
+                        f"Lanczos {fmt_seconds(lanczos)}, {c['lanczos_converged_of_top']}/{TOP_K} pairs converged"))
+        table.append((c["model"], f"{c['weights']:,}", fmt_seconds(fwd), fmt_seconds(fb), fmt_seconds(hvp),
+                      f"{fb / fwd:.2f}", f"{hvp / fb:.2f}", f"{steps}", fmt_seconds(lanczos)))
+        if not HVP_VS_FORWARD_BACKWARD.met(hvp / fb):
+            notes.append(f"{c['model']}: one HVP costs {hvp / fb:.2f}x a forward+backward and "
+                         f"{HVP_VS_FORWARD_BACKWARD.miss_text(hvp / fb)}. The double-backward HVP runs a forward, a "
+                         f"backward that keeps its graph and a second backward through it; a forward-over-reverse "
+                         f"product (torch.func.jvp of the gradient) keeps no second graph and is what to try.")
+    overheads = [c["lanczos"]["median_s"] / (c["lanczos_steps"] * c["timings"]["hvp"]["median_s"])
+                 for c in data["cases"]]
+    notes.append(f"Lanczos top-{TOP_K} (reorthogonalised, {settings['lanczos_steps']} steps) costs "
+                 f"{min(overheads):.2f}-{max(overheads):.2f}x its HVPs timed alone: the products dominate, the rest is "
+                 f"reorthogonalisation, the Ritz step and the operator's bookkeeping. Convergence is not what is timed "
+                 f"here (random models have clustered spectra; see the detail column).")
+    tables = (Table("Seconds (medians)", ("model", "weights", "forward", "forward+backward", "HVP", "fwd+bwd / fwd",
+                                          "HVP / fwd+bwd", "Lanczos steps", f"Lanczos top-{TOP_K}"), tuple(table)),)
+    return Section("hessian", "Hessian-vector products and Lanczos (landscape.curvature)", tuple(rows), tables,
+                   tuple(notes), data, seconds)
+
+
+if __name__ == "__main__":
+    sys.exit(bench_main(run))
