@@ -194,8 +194,15 @@ class Grid:
     def round_columns(self, w: torch.Tensor, start: int) -> torch.Tensor:
         """Round the columns ``start : start + w.shape[1]`` of the matrix (GPTQ rounds column blocks)."""
         cols = torch.arange(start, start + w.shape[1], device=self.scale.device) // self.group_size
-        s, z = self.scale[:, cols].to(w), self.zero[:, cols].to(w)
-        return s * (torch.clamp(torch.round(w / s + z), self.fmt.qmin, self.fmt.qmax) - z)
+        return self.round_on(w, self.scale[:, cols].to(w), self.zero[:, cols].to(w))
+
+    def round_on(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Nearest lattice point of ``w`` given its columns' ``scale`` and ``zero`` (broadcastable to ``w``).
+
+        For solvers that visit columns one at a time (GPTQ): expand ``per_column(scale)`` once and slice
+        it, instead of indexing the groups for every column.
+        """
+        return scale * (torch.clamp(torch.round(w / scale + zero), self.fmt.qmin, self.fmt.qmax) - zero)
 
     def contains(self, w: torch.Tensor, rtol: float = 1e-5) -> bool:
         """True if every entry of ``w`` is a lattice point (up to float tolerance relative to the scale)."""

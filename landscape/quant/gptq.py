@@ -13,7 +13,7 @@ using the upper Cholesky factor ``U`` of ``(H + lambda I)^-1``:
 Lazy batch updates apply the feedback inside a block of ``block_size`` columns at once per column and
 to the columns after the block only once per block (one matrix product). The grid is not the solver's
 business: it comes from :func:`landscape.quant.formats.make_grid` on w0 (static groups), and rounding
-happens only through :meth:`Grid.round_columns`, so RTN, GPTQ and QAFT land on the same lattice; with
+happens only through the grid's rounding (:meth:`Grid.round_on`), so RTN, GPTQ and QAFT land on the same lattice; with
 act-order each column keeps its own group's scale.
 
 Damping ``lambda = damp * mean(diag H)``; if a Cholesky factorisation fails, ``damp`` is multiplied by
@@ -166,7 +166,8 @@ def gptq_layer(
         perm = torch.arange(n_in, device=w.device)
     W, H = W[:, perm], H[perm][:, perm]
     U, damp_used, lam, escalations = inverse_cholesky_upper(H, damp, max_escalations, name)  # (in, in) upper
-    column = perm.tolist()  # position in the permuted order -> original column (for its group's scale)
+    # Each column's grid scale and zero point, in the processing order (a column keeps its own group's).
+    scale, zero = grid.per_column(grid.scale).to(W)[:, perm], grid.per_column(grid.zero).to(W)[:, perm]
 
     Q = torch.empty_like(W)
     for i1 in range(0, n_in, block_size):
@@ -175,7 +176,7 @@ def gptq_layer(
         E1 = torch.empty_like(W1)  # scaled rounding errors (w_j - q_j) / U_jj
         for j in range(i2 - i1):
             w_j = W1[:, j : j + 1]  # (out, 1)
-            q_j = grid.round_columns(w_j, column[i1 + j])
+            q_j = grid.round_on(w_j, scale[:, i1 + j : i1 + j + 1], zero[:, i1 + j : i1 + j + 1])
             Q[:, i1 + j : i1 + j + 1] = q_j
             E1[:, j : j + 1] = (w_j - q_j) / U[i1 + j, i1 + j]
             W1[:, j + 1 :] -= E1[:, j : j + 1] @ U[i1 + j : i1 + j + 1, i1 + j + 1 : i2]
