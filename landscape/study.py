@@ -270,9 +270,7 @@ def _bits_per_weight(result: QuantResult | None, w0: dict[str, torch.Tensor]) ->
     """Storage bits per weight of the quantized layers (fp32: 16, the half-precision deployment baseline)."""
     if result is None or result.format is None:
         return 16.0
-    total = sum(result.format.storage_bits(tuple(w0[n].shape)) for n in result.weights)
-    total += int(result.extra.get("extra_storage_bits_total", 0))  # LoRC's U and V
-    return total / sum(w0[n].numel() for n in result.weights)
+    return result.storage_bits() / sum(w0[n].numel() for n in result.weights)
 
 
 # ------------------------------------------------------------------------------------------- reading

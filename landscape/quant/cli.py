@@ -173,9 +173,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     result = METHODS[args.method](lm, calib, args.fmt, args)
     path = result.save(args.out)
     n_weights = sum(w.numel() for w in result.weights.values())
-    bits = sum((result.format.storage_bits(tuple(w.shape)) if result.format else 32 * w.numel())
-               for w in result.weights.values())
-    bits += result.extra.get("extra_storage_bits_total", 0)
+    bits = result.storage_bits()
     print(f"model    {lm.info.name} ({lm.info.source})")
     if lm.info.caveat:
         print(f"caveat   {lm.info.caveat}")

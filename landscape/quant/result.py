@@ -72,6 +72,13 @@ class QuantResult:
     def total_layer_mse(self) -> float:
         return float(sum(self.layer_mse.values()))
 
+    def storage_bits(self, unquantized_bits: int = 32) -> int:
+        """Bits to store the result's layers: codes, scales and zero points of ``format``, plus any extra
+        tensors (LoRC's U and V); layers of a full-precision result count ``unquantized_bits`` per weight."""
+        total = sum(self.format.storage_bits(tuple(w.shape)) if self.format else unquantized_bits * w.numel()
+                    for w in self.weights.values())
+        return total + int(self.extra.get("extra_storage_bits_total", 0))
+
     def metadata(self) -> dict[str, Any]:
         return {
             "version": RESULT_VERSION,
