@@ -206,7 +206,9 @@ QUICK = Profile(
     calib_sequences=128, calib_seq_len=256, eval_segments=16, eval_seq_len=256, eval_corpora=("wiki", "sotu"),
     tables=(TableSpec(("int3",), ("rtn", "gptq", "gptq+lorc", "qaft", "fp-finetune")),
             TableSpec(("int4",), ("rtn", "gptq", "qaft")),
-            TableSpec(("int4-g64", "int3-g64", "int8", "int2"), ("rtn", "gptq"))),
+            # GPTQ of all 210 linears costs about 4 min per format on 2 cores: the group formats, 8 and 2 bits
+            # get RTN only in quick mode (make figures-full runs GPTQ at every format).
+            TableSpec(("int4-g64", "int3-g64", "int8", "int2"), ("rtn",))),
     headline_format="int3", qaft_lr=3e-4, qaft_epochs=1.0, qaft_batch_size=4, lorc_rank=8,
     misalignment=MisalignmentSettings(formats=("int4", "int3"), strengths=(0.5, 1.0), seeds=(0,), mse_sequences=8),
     basin=BasinSettings(n_directions=4, profile_fractions=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5),
@@ -287,9 +289,9 @@ class Costs:
     estimate). Other models: scaled by parameter count, which underestimates overhead-bound tiny models."""
 
     model_load: float = 15.0             # cached fp32 safetensors (the one-time GGUF conversion: about 35 s)
-    forward_tokens_per_s: float = 615.0  # one NLL evaluation over 24 x 256 tokens in about 10 s
+    forward_tokens_per_s: float = 480.0  # one NLL evaluation over 16 x 256 tokens in 8.5 s (measured)
     layer_mse_slowdown: float = 1.6      # a forward with an error hook on every linear, vs a plain forward
-    gptq_per_format: float = 45.0        # all 210 linears, sequential, act-order, 128 x 256 tokens (25-60 s)
+    gptq_per_format: float = 220.0       # all 210 linears, true-sequential, act-order, 128 x 256 tokens (measured)
     train_tokens_per_s: float = 205.0    # QAFT: about 5 s per step of 4 x 256 tokens
     hvp_tokens_per_s: float = 17.0       # one Hessian-vector product over 2 x 256 tokens in about 30 s
     lorc_svds: float = 15.0              # rank-r SVDs of the 210 error matrices
@@ -315,16 +317,16 @@ class Costs:
         """One :func:`~landscape.study.run_quant_table` store: every variant quantized and evaluated."""
         m = protocol.model
         calib = protocol.calib_sequences * protocol.calib_seq_len
+        mse = self.layer_mse(m, (protocol.layer_mse_sequences or protocol.calib_sequences) * protocol.calib_seq_len)
         evaluation = self.forward(m, len(protocol.eval_corpora) * protocol.eval_segments * protocol.eval_seq_len)
         steps = max(1, round(protocol.qaft_epochs * protocol.calib_sequences / protocol.qaft_batch_size))
-        finetune = self.train(m, steps * protocol.qaft_batch_size * protocol.calib_seq_len) + self.layer_mse(m, calib)
-        method_cost = {"rtn": self.layer_mse(m, calib), "gptq": self.scale(m) * self.gptq_per_format * calib / 32768,
-                       "gptq+lorc": self.scale(m) * self.lorc_svds + self.layer_mse(m, calib), "qaft": finetune,
-                       "fp-finetune": finetune}
+        finetune = self.train(m, steps * protocol.qaft_batch_size * protocol.calib_seq_len) + mse
+        method_cost = {"rtn": 0.0, "gptq": self.scale(m) * self.gptq_per_format * calib / 32768,
+                       "gptq+lorc": self.scale(m) * self.lorc_svds, "qaft": finetune, "fp-finetune": finetune}
         method_cost["gptq-noact"] = method_cost["gptq"]
         total = evaluation  # the fp32 row
-        for _ in protocol.formats:
-            total += sum(method_cost[method] + evaluation for method in protocol.methods)
+        for _ in protocol.formats:  # every row: its method, its layer MSE and its evaluation
+            total += sum(method_cost[method] + mse + evaluation for method in protocol.methods)
         return total
 
 
@@ -461,7 +463,8 @@ def quant_protocols(profile: Profile, main: bool = True) -> list[Protocol]:
                      calib_seed=0, eval_corpora=profile.eval_corpora, eval_seq_len=profile.eval_seq_len,
                      eval_segments=profile.eval_segments, formats=spec.formats, methods=spec.methods, seeds=(0,),
                      qaft_lr=profile.qaft_lr, qaft_epochs=profile.qaft_epochs,
-                     qaft_batch_size=profile.qaft_batch_size, lorc_rank=profile.lorc_rank)
+                     qaft_batch_size=profile.qaft_batch_size, lorc_rank=profile.lorc_rank,
+                     layer_mse_sequences=profile.misalignment.mse_sequences)  # figure 3's convention
             for spec in specs]
 
 

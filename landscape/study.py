@@ -26,7 +26,7 @@ import torch
 
 from .data import calibration_set, heldout_set
 from .models import LoadedModel, layer_weights, load_model, swapped_weights, weights_fingerprint
-from .objectives import nll
+from .objectives import layer_mse, nll
 from .quant import parse_format
 from .quant.qaft import DEFAULT_LR
 from .quant.result import QuantResult
@@ -52,6 +52,9 @@ class Protocol:
         lorc_rank: rank of LoRC's correction.
         act_bits: extra variants evaluated with per-token activation fake quantization at these bits
             on top of the GPTQ weights (e.g. ``((4, 8),)`` for W4A8: (weight bits, activation bits)).
+        layer_mse_sequences: the first calibration sequences on which the table's summed layer MSE is
+            measured, for every variant the same way (inputs of the full-precision model); None: all.
+            Each measurement is a forward pass over them, so fewer cost less.
     """
 
     model: str = "smollm2-135m"
@@ -69,6 +72,7 @@ class Protocol:
     qaft_batch_size: int = 4
     lorc_rank: int = 8
     act_bits: tuple[tuple[int, int], ...] = ()
+    layer_mse_sequences: int | None = None
 
     def __post_init__(self) -> None:
         for f in self.formats:
@@ -80,6 +84,10 @@ class Protocol:
             raise ValueError("fp-finetune is the paired control of qaft: include 'qaft' too")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
+        n = self.layer_mse_sequences
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.calib_sequences):
+            raise ValueError(f"layer_mse_sequences must be None (all) or an integer in 1..calib_sequences="
+                             f"{self.calib_sequences}, got {n!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,6 +135,7 @@ class _Context:
     lm: LoadedModel
     protocol: Protocol
     calib: Any
+    mse_calib: Any  # the calibration sequences of every variant's layer MSE
     results_dir: Path
     fingerprint: str
     progress: bool
@@ -148,18 +157,17 @@ def _quantized(ctx: _Context, v: Variant) -> QuantResult:
     else:
         model, calib, p, name = ctx.lm.model, ctx.calib, ctx.protocol, ctx.lm.info.name
         if v.method == "rtn":
-            result = rtn(model, v.format, calib=calib, model_name=name)
+            result = rtn(model, v.format, model_name=name)  # uses no data (its layer MSE: _measure)
         elif v.method in ("gptq", "gptq-noact"):
             result = gptq(model, calib, v.format, act_order=v.method == "gptq", progress=ctx.progress, model_name=name)
         elif v.method == "gptq+lorc":
-            result = lorc(model, _quantized(ctx, Variant("gptq", v.format)), rank=p.lorc_rank, calib=calib,
-                          progress=ctx.progress)
+            result = lorc(model, _quantized(ctx, Variant("gptq", v.format)), rank=p.lorc_rank, progress=ctx.progress)
         elif v.method == "qaft":
             result = qaft(model, calib, v.format, lr=p.qaft_lr, epochs=p.qaft_epochs, batch_size=p.qaft_batch_size,
-                          seed=v.seed, model_name=name, progress=ctx.progress)
+                          seed=v.seed, model_name=name, progress=ctx.progress, mse_data=ctx.mse_calib)
         elif v.method == "fp-finetune":
             result = paired_control(model, calib, _quantized(ctx, Variant("qaft", v.format, v.seed)),
-                                    progress=ctx.progress)
+                                    progress=ctx.progress, mse_data=ctx.mse_calib)
         else:
             raise ValueError(f"unknown method {v.method!r}; valid: {METHODS}")
         result.save(path)
@@ -212,6 +220,7 @@ def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = Tr
                              f"the protocol asks for {protocol.eval_segments}")
     fingerprint = weights_fingerprint(lm.model)
     rows = variants(protocol)
+    mse_calib = calib if protocol.layer_mse_sequences is None else calib.subset(range(protocol.layer_mse_sequences))
     provenance = {
         "kind": "quant_table",
         "protocol": protocol.to_dict(),
@@ -221,9 +230,11 @@ def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = Tr
         "calibration": calib.provenance(),
         "evaluation": {c: d.provenance() for c, d in evals.items()},
         "nll_convention": "token-mean nats per scored token over disjoint windows (stride = seq_len)",
+        "layer_mse_convention": f"sum over layers of mean (W x - W' x)^2, x: inputs of the full-precision model "
+                                f"on the first {mse_calib.n_segments} calibration sequences",
         "variants": [r.label for r in rows],
     }
-    ctx = _Context(lm, protocol, calib, out_dir / "results", fingerprint, progress)
+    ctx = _Context(lm, protocol, calib, mse_calib, out_dir / "results", fingerprint, progress)
     w0 = layer_weights(lm.model)
     w0_norm = float(torch.sqrt(sum(w.double().pow(2).sum() for w in w0.values())))
     store = ResultStore.open_run(out_dir / f"{name}.h5", provenance, _arrays(protocol), (len(rows),), resume=True)
@@ -247,9 +258,12 @@ def _measure(ctx: _Context, v: Variant, evals: dict, w0: dict[str, torch.Tensor]
     t0 = time.time()
     result = None if v.method == FP32 else _quantized(ctx, v)
     weights = result.weights if result else {}
+    # One convention for every row (GPTQ's own layer_mse is on sequentially quantized inputs, QAFT's on
+    # its training data): the first layer_mse_sequences calibration sequences, full-precision inputs.
+    mse = sum(layer_mse(ctx.lm.model, ctx.mse_calib, weights, inputs="reference").values()) if weights else 0.0
     values: dict[str, Any] = {
         "seconds": result.seconds if result else 0.0,
-        "layer_mse_sum": result.total_layer_mse if result else 0.0,
+        "layer_mse_sum": float(mse),
         "displacement_norm": float(torch.sqrt(sum((weights[n].double() - w0[n].double()).pow(2).sum()
                                                   for n in weights))) if result else 0.0,
         "bits_per_weight": _bits_per_weight(result, w0),

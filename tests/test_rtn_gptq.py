@@ -231,6 +231,28 @@ def test_captured_block_inputs_replay_the_models_own_hidden_states(arch):
     torch.testing.assert_close(torch.cat([c.hidden for c in outputs]), hidden[1], rtol=1e-6, atol=1e-6)
 
 
+def test_a_capture_pass_stops_once_its_layers_have_their_inputs_and_gives_the_same_hessians():
+    """Without outputs to keep, a replay stops after the last watched layer's input: the Hessians must be
+    bit-identical to those of a full replay, and the layers after the group must not run."""
+    model, calib = tiny_model("llama"), calib_set()
+    calls = capture_block_inputs(model, calib, batch_size=3)
+    block = decoder_blocks(model)[0]
+    layers = {n: m for n, m in quantizable_layers(model).items() if ".layers.0.self_attn." in n and "o_proj" not in n}
+    later_calls = []
+    handle = block.mlp.down_proj.register_forward_pre_hook(lambda module, args: later_calls.append(1))
+    try:
+        outputs, full = run_block(block, calls, layers, torch.float64, keep_outputs=True)
+        assert len(later_calls) == len(calls) and len(outputs) == len(calls)
+        later_calls.clear()
+        none, early = run_block(block, calls, layers, torch.float64, keep_outputs=False)
+    finally:
+        handle.remove()
+    assert none == [] and later_calls == [], "the replay ran past the watched layers"
+    assert sorted(early) == sorted(full) == sorted(layers)
+    for name in layers:
+        assert torch.equal(early[name], full[name])
+
+
 EXPECTED_GROUPS = {  # layers reading the same tensor, in forward order, per decoder block
     "gpt2": [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]],
     "opt": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"], ["fc2"]],

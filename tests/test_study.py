@@ -6,12 +6,12 @@ import pytest
 
 from landscape.data import calibration_set, heldout_set
 from landscape.models import load_model, swapped_weights
-from landscape.objectives import nll
+from landscape.objectives import layer_mse, nll
 from landscape.quant import gptq, parse_format
 from landscape.study import Protocol, read_quant_table, run_quant_table, variants
 
 TINY = dict(model="ref-tiny", calib_seq_len=32, eval_seq_len=32, eval_segments=4, formats=("int3",),
-            methods=("rtn", "gptq", "qaft", "fp-finetune"), qaft_lr=1e-3)
+            methods=("rtn", "gptq", "qaft", "fp-finetune"), qaft_lr=1e-3, layer_mse_sequences=8)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,12 @@ def test_table_matches_direct_computation_and_resumes(lm, tmp_path):
     assert rows["rtn int3"]["bits_per_weight"] == pytest.approx(
         parse_format("int3").bits_per_weight((1, 64)), rel=0.05)  # 3 bits + per-row scale and zero
 
+    # Every row's layer-MSE column is one convention: full-precision inputs on the first sequences.
+    first = calib.subset(range(protocol.layer_mse_sequences or protocol.calib_sequences))
+    for label, weights in (("gptq int3", direct.weights), ("fp32", {})):
+        expected = sum(layer_mse(lm.model, first, weights, inputs="reference").values()) if weights else 0.0
+        assert rows[label]["layer_mse_sum"] == pytest.approx(expected, rel=1e-9)
+
     # A rerun recomputes nothing: the store is complete and the results are on disk.
     before = path.stat().st_mtime_ns
     assert run_quant_table(protocol, tmp_path, progress=False, lm=lm) == path
@@ -57,5 +63,7 @@ def test_protocol_rejects_bad_input():
         Protocol(formats=("int9",))
     with pytest.raises(ValueError, match="unknown methods"):
         Protocol(methods=("awq",))
+    with pytest.raises(ValueError, match=r"layer_mse_sequences must be None \(all\) or an integer in 1..calib_sequences=128, got 0"):
+        Protocol(layer_mse_sequences=0)
     with pytest.raises(ValueError, match="paired control"):
         Protocol(methods=("fp-finetune",))

@@ -104,9 +104,9 @@ def check_calibration(model: nn.Module, calib: TokenSet) -> None:
         raise ValueError(f"calibration token ids must lie in 0..{vocab - 1} (the model's vocabulary), got {lo}..{hi}")
 
 
-def check_compute_dtype(compute_dtype: torch.dtype) -> None:
+def check_compute_dtype(compute_dtype: torch.dtype, what: str = "compute_dtype") -> None:
     if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype!r}")
+        raise ValueError(f"{what} must be torch.float32 or torch.float64, got {compute_dtype!r}")
 
 
 def check_batch_size(batch_size: int) -> None:
@@ -196,7 +196,10 @@ def run_block(
     Args:
         watched: layer name -> module inside ``block`` whose input Hessian ``H = 2/n sum x x^T`` is wanted.
         compute_dtype: dtype of the accumulated Hessians.
-        keep_outputs: return the block outputs as the next block's calls (else an empty list).
+        keep_outputs: return the block outputs as the next block's calls (else an empty list). When
+            ``False`` and layers are watched, each replay stops as soon as every watched layer has seen its
+            input (the rest of the block cannot change them): the capture pass for ``q/k/v`` costs a
+            layer norm, not a block.
 
     Returns:
         ``(next_calls, hessians)``: ``hessians[name]`` is ``(in, in)`` on the module's device.
@@ -207,12 +210,17 @@ def run_block(
     watched = dict(watched or {})
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(watched, 0)
+    stop_early = bool(watched) and not keep_outputs
+    seen_this_call: set[str] = set()
 
     def hook_for(name: str):
         def accumulate(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(compute_dtype)  # (tokens, in)
             sums[name] = x.T @ x if name not in sums else sums[name].addmm_(x.T, x)
             counts[name] += x.shape[0]
+            seen_this_call.add(name)
+            if stop_early and len(seen_this_call) == len(watched):
+                raise _StopForward
 
         return accumulate
 
@@ -220,7 +228,11 @@ def run_block(
     outputs: list[BlockCall] = []
     try:
         for call in calls:
-            out = _block_output(block(*call.args, **call.kwargs))
+            seen_this_call.clear()
+            try:
+                out = _block_output(block(*call.args, **call.kwargs))
+            except _StopForward:
+                continue
             if keep_outputs:
                 outputs.append(call.with_hidden(out))
     finally:

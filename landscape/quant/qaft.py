@@ -402,6 +402,7 @@ def finetune(
     model_name: str | None = None,
     progress: bool = True,
     record: dict[str, Any] | None = None,
+    mse_data: TokenSet | None = None,
 ) -> QuantResult:
     """The one training loop behind :func:`qaft`, :func:`fp_finetune` and LLM-QAT (module docstring).
 
@@ -414,6 +415,7 @@ def finetune(
         start: a QuantResult on the same grid to start the latent weights from (QAFT only).
         method: recorded method name (default ``qaft`` / ``fp-finetune``).
         record: extra entries for ``result.extra`` (e.g. the learning-rate sweep, generation settings).
+        mse_data: inputs of the result's ``layer_mse`` (default ``data``; a subset of it costs less).
 
     Returns:
         A :class:`QuantResult` (weights in the model's dtype and device; see :func:`qaft` for ``extra``).
@@ -471,6 +473,8 @@ def finetune(
                    for n in plan.names}
     seconds = time.perf_counter() - t0
     extra = _summary(plan, weights, final_grids, curves, batches, seconds)
+    extra["layer_mse_inputs"] = (f"full-precision model, {'all' if mse_data is None else mse_data.n_segments} "
+                                 f"training sequences")
     extra.update(record or {})
     return QuantResult(
         weights=weights,
@@ -489,7 +493,7 @@ def finetune(
         base_fingerprint=weights_fingerprint(model, plan.names),
         calibration=data.provenance(),
         seconds=seconds,
-        layer_mse=layer_mse(model, data, weights, inputs="reference"),
+        layer_mse=layer_mse(model, data if mse_data is None else mse_data, weights, inputs="reference"),
         extra=extra,
     )
 
@@ -542,6 +546,7 @@ def qaft(
     kv: ActivationQuant | int | None = None,
     model_name: str | None = None,
     progress: bool = True,
+    mse_data: TokenSet | None = None,
 ) -> QuantResult:
     """Quantization-aware fine-tuning on the calibration set: STE through the grid of w0, AdamW, cosine.
 
@@ -563,6 +568,7 @@ def qaft(
         activations, kv: train with activation / KV fake quantization (e.g. W4A8KV4 QAT; the teacher of
             the KL stays full precision).
         model_name: recorded as ``base_model``.
+        mse_data: inputs of ``layer_mse`` (default ``calib``; e.g. its first sequences, which cost less).
 
     Returns:
         A :class:`QuantResult` (method ``qaft`` or ``fp-finetune``) whose ``extra`` holds ``loss_curve``,
@@ -579,7 +585,7 @@ def qaft(
                                 warmup_steps=warmup_steps, seed=seed, distill_weight=distill_weight,
                                 learned_scales=learned_scales, quantize=quantize, activations=activations, kv=kv)
     return finetune(model, calib, fmt, settings, layers=layers, start=start, model_name=model_name,
-                    progress=progress, record=record)
+                    progress=progress, record=record, mse_data=mse_data)
 
 
 def _use_sweep(sweep: LearningRateSweep, calib: TokenSet, fmt: QuantFormat | str | None, quantize: bool) -> float:
@@ -622,7 +628,8 @@ def fp_finetune(
                 layers=layers, quantize=False, model_name=model_name, progress=progress)
 
 
-def paired_control(model: nn.Module, calib: TokenSet, paired: QuantResult, *, progress: bool = True) -> QuantResult:
+def paired_control(model: nn.Module, calib: TokenSet, paired: QuantResult, *, progress: bool = True,
+                   mse_data: TokenSet | None = None) -> QuantResult:
     """The fp-finetune control of a finished QAFT run: its exact settings, layers and data, quantizer off.
 
     ``paired`` must be a ``qaft`` result computed on ``calib`` (same content hash) and on this model
@@ -646,4 +653,5 @@ def paired_control(model: nn.Module, calib: TokenSet, paired: QuantResult, *, pr
                                 weight_decay=s["weight_decay"], warmup_steps=s["warmup_steps"], seed=s["seed"],
                                 distill_weight=s["distill_weight"], quantize=False)
     return finetune(model, calib, paired.format, settings, layers=list(paired.weights), progress=progress,
-                    model_name=paired.base_model, record={"paired_with": {"label": paired.label, "settings": s}})
+                    model_name=paired.base_model, record={"paired_with": {"label": paired.label, "settings": s}},
+                    mse_data=mse_data)
