@@ -23,7 +23,8 @@ GROUP = {"smollm2-135m": 64}  # SmolLM2's hidden size 576 is not divisible by 12
 def protocols(args: argparse.Namespace) -> dict[str, Protocol]:
     g = GROUP.get(args.model, 128)
     common = dict(model=args.model, calib_seq_len=args.calib_seq_len, eval_seq_len=args.eval_seq_len,
-                  eval_segments=args.eval_segments, qaft_lr=args.qaft_lr, seeds=tuple(range(args.seeds)))
+                  eval_segments=args.eval_segments, qaft_lr=args.qaft_lr, seeds=tuple(range(args.seeds)),
+                  layer_mse_sequences=args.layer_mse_sequences)
     core_methods = ("rtn", "gptq", "qaft", "fp-finetune", "gptq-noact", "gptq+lorc")
     return {
         **{f"core-{f}": Protocol(**common, formats=(f,), methods=core_methods) for f in args.core_formats},
@@ -42,8 +43,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--qaft-lr", type=float, default=3e-4)
     p.add_argument("--seeds", type=int, default=1, help="seeds of QAFT and its control (>= 3 for a comparison)")
     p.add_argument("--core-formats", nargs="+", default=["int3", "int4"])
+    p.add_argument("--layer-mse-sequences", type=int, default=16,
+                   help="first calibration sequences of every row's summed layer MSE (one forward pass each)")
+    p.add_argument("--only", nargs="+", default=None, help="run only these protocols (e.g. core-int3 wide)")
     args = p.parse_args(argv)
     runs = protocols(args)  # every protocol is validated before the model loads
+    if args.only:
+        unknown = sorted(set(args.only) - set(runs))
+        if unknown:
+            p.error(f"--only {unknown}: no such protocol; choose from {sorted(runs)}")
+        runs = {name: runs[name] for name in args.only}
     lm = load_model(args.model)
     for name, protocol in runs.items():
         path = run_quant_table(protocol, args.out, lm=lm, name=name)

@@ -28,8 +28,8 @@ from torch import nn
 from .data import TokenSet
 from .directions import (Direction, DirectionError, DirectionSpec, check_direction, check_spec, displacement_direction,
                          layer_weight, regenerate, weights_norm)
-from .perturb import (NLLObjective, Objective, Perturbation, model_fingerprint, model_label, nll_convention,
-                      output_names, progress_bar)
+from .perturb import (NLLObjective, Objective, Perturbation, check_objective_data, model_fingerprint, model_label,
+                      nll_convention, output_names, progress_bar)
 from .store import StoreData, check_store_path, finish_run, read_store, start_run
 
 DEFAULT_QUANTILES: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -320,6 +320,7 @@ def basin_statistics(
     model_name = model_label(model, model_name)
     if objective is None:
         objective = NLLObjective(_require(data), batch_size, model_name)
+    check_objective_data(model, [objective])
     profile = _check_radii(profile_radii) if len(profile_radii) else np.empty(0)
     layer_sets = []
     for d in directions:

@@ -273,6 +273,10 @@ def segments_from_stream(
         raise DataError(f"text has {len(stream)} tokens, fewer than one segment of seq_len={seq_len}")
     starts = list(range(0, len(stream) - seq_len + 1, stride))
     if max_segments is not None:
+        if len(starts) < max_segments:
+            raise DataError(f"max_segments={max_segments} asked for, but the text ({len(stream)} tokens) holds only "
+                            f"{len(starts)} windows of seq_len={seq_len} at stride {stride}: ask for at most "
+                            f"{len(starts)}, or None for all")
         starts = starts[:max_segments]
     tokens = torch.stack([torch.from_numpy(stream[s : s + seq_len].astype(np.int64)) for s in starts])
     mask = torch.zeros_like(tokens, dtype=torch.bool)
@@ -294,7 +298,8 @@ def heldout_set(
 
     Args:
         seq_len: tokens per window.
-        max_segments: keep only the first windows (None: all).
+        max_segments: keep only the first windows (None: all); more than the text holds is a
+            :class:`DataError` (never silently fewer).
         stride: window step; ``None`` = ``seq_len`` (disjoint windows). Smaller strides give every
             scored token more context, at a cost of ``seq_len / stride`` forward passes.
     """

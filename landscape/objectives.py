@@ -97,6 +97,24 @@ def nll_sums_from_logits(logits: torch.Tensor, tokens: torch.Tensor, score_mask:
     return (nll_tok * score_mask[:, 1:]).sum(dim=1)
 
 
+def check_token_ids(model: nn.Module, data: TokenSet, what: str = "data") -> None:
+    """Raise ``ValueError`` unless ``data`` holds integer token ids inside ``model``'s vocabulary.
+
+    Cheap (a min and a max); called before any forward pass so that text tokenized for another model
+    fails at once with the offending range, not deep inside an embedding lookup mid-run.
+    """
+    tokens = data.tokens
+    if tokens.is_floating_point() or tokens.is_complex():
+        raise ValueError(f"{what}: tokens must be integer token ids, got dtype {tokens.dtype}")
+    if tokens.numel() == 0:
+        raise ValueError(f"{what}: no tokens (shape {tuple(tokens.shape)})")
+    vocab = model.get_input_embeddings().num_embeddings
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"{what} ({data.name}): token ids must lie in 0..{vocab - 1} (the model's vocabulary), "
+                         f"got {lo}..{hi}: was it tokenized for another model?")
+
+
 @torch.no_grad()
 def nll(model: nn.Module, data: TokenSet, batch_size: int = 8, model_name: str | None = None,
         progress: bool = False) -> NLLResult:
@@ -107,6 +125,7 @@ def nll(model: nn.Module, data: TokenSet, batch_size: int = 8, model_name: str |
             floating-point summation order).
         model_name: recorded in the convention (default: the model's ``name_or_path``).
     """
+    check_token_ids(model, data)
     sums, counts = [], []
     batches = data.batches(batch_size)
     if progress:
@@ -150,6 +169,7 @@ def layer_mse(
     """
     if inputs not in ("reference", "modified"):
         raise ValueError(f"inputs must be 'reference' or 'modified', got {inputs!r}")
+    check_token_ids(model, data)
     deltas: dict[str, torch.Tensor] = {}
     for name, w in weights.items():
         w0 = weight_matrix(get_layer(model, name))

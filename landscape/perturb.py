@@ -33,7 +33,7 @@ from torch import nn
 from .data import TokenSet
 from .directions import Direction, DirectionSpec, check_direction, layer_weight, perturbable_layers
 from .models import weights_fingerprint
-from .objectives import InputSource, NLLConvention, layer_mse, nll
+from .objectives import InputSource, NLLConvention, check_token_ids, layer_mse, nll
 from .store import StoreData, finish_run, read_store, start_run
 
 COORDINATE_PREFIX = "coords/axis"
@@ -190,6 +190,14 @@ class Perturbation:
         self.restore()
 
 
+def check_objective_data(model: nn.Module, objectives: Sequence[Objective]) -> None:
+    """Token ids of every objective's data inside the model's vocabulary (before any point is measured)."""
+    for objective in objectives:
+        data = getattr(objective, "data", None)
+        if isinstance(data, TokenSet):
+            check_token_ids(model, data, f"{type(objective).__name__} data")
+
+
 def output_names(objectives: Sequence[Objective], layers: Sequence[str]) -> tuple[str, ...]:
     """All output names of the objectives; raises if two objectives would write the same name."""
     names = [n for objective in objectives for n in objective.output_names(layers)]
@@ -306,6 +314,7 @@ def scan(
     if objectives is None:
         objectives = default_objectives(data, with_layer_mse, batch_size, model_name)
     objectives = tuple(objectives)
+    check_objective_data(model, objectives)
     grid_shape = tuple(len(axis) for axis in axes)
     specs = tuple(d.spec for d in directions)
 

@@ -35,7 +35,7 @@ from transformers import AutoTokenizer
 import landscape.data
 import landscape.models
 import landscape.study
-from conftest import random_tokens, tiny_model
+from conftest import VOCAB, random_tokens, tiny_model
 from landscape import cli
 from landscape.basin import BasinStatistics, RadiusSearch, basin_radius, basin_statistics, radial_profile
 from landscape.curvature import CurvatureError, DirectionMismatchError, hessian_spectrum, rayleigh_quotient
@@ -44,6 +44,7 @@ from landscape.data import (DataError, TokenSet, calibration_set, heldout_set, s
 from landscape.directions import (Direction, DirectionError, DirectionSpec, displacement_direction, random_direction,
                                   user_direction)
 from landscape.models import ModelNotFoundError, load_model, quantizable_layers, weight_matrix
+from landscape.objectives import nll
 from landscape.outputs import OutputPathError
 from landscape.perturb import ScanResult, scan
 from landscape.quant import (FormatError, QuantFormat, QuantResult, ResultFileError, ResultMismatchError, gptq, lorc,
@@ -236,6 +237,13 @@ class Row:
     prepare: Callable[[Context], Any] | None = None  # makes the row's input files in ``out``, before the snapshot
 
 
+def oov_tokens() -> TokenSet:
+    """Two segments whose last token id is one past the tiny models' vocabulary."""
+    tokens = random_tokens(2, 8).tokens.clone()
+    tokens[1, -1] = VOCAB
+    return token_set_from_tensor(tokens, "oov")
+
+
 MATRIX: tuple[Row, ...] = (
     # unknown model name
     Row("unknown model name", "load_model", lambda c: load_model("no-such-model"),
@@ -319,6 +327,19 @@ MATRIX: tuple[Row, ...] = (
         lambda c: gptq(c.model, TokenSet(torch.full((2, 8), float("inf")), torch.ones(2, 8, dtype=torch.bool),
                                          "x", "x", 8, 8, "x"), "int4", progress=False),
         DataError, ("dtype torch.float32 holding NaN or Inf", "integer token ids")),
+    # token ids outside the model's vocabulary (text tokenized for another model)
+    Row("token id = vocab size", "scan", lambda c: scan(c.model, random_direction(c.model, 0), [0.0, 1.0],
+                                                        data=oov_tokens(), store=c.out / "s.h5", progress=False),
+        ValueError, ("NLLObjective data", f"0..{VOCAB - 1}", f"got [0-9]+..{VOCAB}", "another model")),
+    Row("token id = vocab size", "basin_statistics",
+        lambda c: basin_statistics(c.model, [DirectionSpec("random", seed=0)], data=oov_tokens(),
+                                   store=c.out / "r.h5", progress=False),
+        ValueError, (f"0..{VOCAB - 1}", f"got [0-9]+..{VOCAB}")),
+    Row("token id = vocab size", "hessian_spectrum",
+        lambda c: hessian_spectrum(c.model, oov_tokens(), k=1, k_bottom=0, progress=False),
+        CurvatureError, (f"0..{VOCAB - 1}", f"got [0-9]+..{VOCAB}")),
+    Row("token id = vocab size", "nll", lambda c: nll(c.model, oov_tokens()),
+        ValueError, (f"0..{VOCAB - 1}", f"got [0-9]+..{VOCAB}")),
     # NaN / Inf in directions
     Row("NaN direction", "user_direction",
         lambda c: user_direction(c.model, direction_with(c, float("nan")).tensors),

@@ -97,3 +97,13 @@ def test_token_set_subset_keeps_provenance(tokenizer):
     sub = held.subset([0, 2])
     assert torch.equal(sub.tokens, held.tokens[[0, 2]])
     assert sub.meta["subset_of"] == held.content_hash
+
+
+def test_asking_for_more_windows_than_the_text_holds_is_an_error_not_fewer_windows():
+    stream = np.arange(100)
+    tokens, _ = D.segments_from_stream(stream, 10, max_segments=10)
+    assert tokens.shape == (10, 10)
+    with pytest.raises(DataError, match=r"max_segments=11 asked for, but the text \(100 tokens\) holds only 10 windows"):
+        D.segments_from_stream(stream, 10, max_segments=11)
+    with pytest.raises(DataError, match="holds only 19 windows of seq_len=10 at stride 5"):
+        D.segments_from_stream(stream, 10, stride=5, max_segments=20)

@@ -300,6 +300,31 @@ def test_one_control_step_is_an_adamw_step_along_the_autograd_gradient():
     model.zero_grad(set_to_none=True)
 
 
+def test_one_qaft_step_moves_latent_w0_along_the_ste_gradient_at_the_rtn_point():
+    """Latent weights start at w0 (not on the RTN lattice points): after one bias-corrected AdamW step,
+    w_q = round(w0 - lr * g / (|g| + eps)) with g = d NLL(batch 0) / d w_q at the RTN model (STE). With lr a
+    fraction of a grid step, weights near a rounding boundary flip; from lattice points none could."""
+    model = tiny_model("gpt2", torch.float64)
+    calib = random_tokens(8, 16)
+    w0 = layer_weights(model)
+    grids = {n: make_grid(w, "int3", n) for n, w in w0.items()}
+    lr = 0.2 * float(min(g.scale.min() for g in grids.values()))  # under half of every grid step
+    result = qaft(model, calib, "int3", lr=lr, steps=1, batch_size=4, progress=False)
+    batch = calib.tokens[result.extra["batch_order"][0]]
+    with swapped_weights(model, {n: g.round(w0[n]) for n, g in grids.items()}):
+        model.zero_grad(set_to_none=True)
+        logp = F.log_softmax(model(input_ids=batch).logits[:, :-1], dim=-1)
+        (-logp.gather(-1, batch[:, 1:, None]).mean()).backward()
+        grads = {n: model.get_submodule(n).weight.grad.T.clone() for n in w0}  # Conv1D stores (in, out)
+    model.zero_grad(set_to_none=True)
+    changed = 0
+    for name, g in grads.items():
+        expected = grids[name].round(w0[name] - lr * g / (g.abs() + 1e-8))
+        assert torch.equal(result.weights[name], expected), name
+        changed += int((expected != grids[name].round(w0[name])).sum())
+    assert changed > 0, "no weight left its RTN point: the latent weights did not start at w0"
+
+
 def test_the_distillation_teacher_is_the_model_at_w0():
     model = tiny_model("opt")
     calib = random_tokens(8, 16)

@@ -307,7 +307,7 @@ def select_learning_rate(
 
     t0 = time.perf_counter()
     with torch.no_grad():
-        start_weights = {n: plan.start_point(n) for n in plan.names}
+        start_weights = {n: plan.start_model(n) for n in plan.names}
     with swapped_weights(model, start_weights):
         start_nll = nll(model, validation_set, batch_size=eval_batch_size).value
     values = []
@@ -342,10 +342,21 @@ class _Plan:
         return "qaft" if self.settings.quantize else "fp-finetune"
 
     def start_point(self, name: str) -> torch.Tensor:
-        """Forward value of the first step: the start result, RTN (grid.round(w0)) or w0 (control)."""
+        """Initial latent weights: the start result's, else w0 (QAFT and the control alike).
+
+        For QAFT, latent w0 makes the first forward pass the RTN model (``grid.round(w0)``) while every
+        weight keeps its distance to the nearest rounding boundary; latent weights placed *on* the RTN
+        lattice points would have to travel half a grid step before any of them changes, which a
+        small learning rate never does (QAFT would silently return RTN).
+        """
         if self.start is not None:
             return self.start.weights[name].to(self.w0[name])
-        return self.grids[name].round(self.w0[name]) if self.settings.quantize else self.w0[name]
+        return self.w0[name]
+
+    def start_model(self, name: str) -> torch.Tensor:
+        """The weights of the model before training: the start result, RTN (``grid.round(w0)``) or w0 (control)."""
+        latent = self.start_point(name)
+        return self.grids[name].round(latent) if self.settings.quantize else latent
 
 
 def _plan(model: nn.Module, data: TokenSet, fmt: QuantFormat | str | None, layers: Sequence[str] | str | None,
