@@ -45,7 +45,7 @@ from .data import TokenSet
 from .models import get_layer, quantizable_layers, swapped_weights, weight_matrix, weights_fingerprint
 from .objectives import NLLResult, layer_mse, nll
 from .quant.result import QuantResult
-from .stats import DEFAULT_RESAMPLES, Interval, nll_interval
+from .stats import DEFAULT_RESAMPLES, ControlAdjustedGap, Interval, control_adjusted_gap, nll_interval
 from .store import StoreRecord, read_store, write_record
 
 if TYPE_CHECKING:
@@ -209,6 +209,7 @@ class Comparison:
             lines += ["", "cosines:", "", _md_row([""] + [r.label for r in rows]), _md_row(["---"] * (len(rows) + 1))]
             for r in rows:
                 lines.append(_md_row([r.label] + [f"{self.cosine(r.label, s.label):+.3f}" for s in rows]))
+            lines += ["", *(g["sentence"] for g in self.provenance.get("control_adjusted", []) if g["format"] == fmt)]
             segments = [s for s in self.between if self.row(s.start).format == fmt]
             if segments:
                 head = ["segment", "‖w_end − w_start‖"] + [f"NLL t={t:g}" for t in segments[0].t]
@@ -412,9 +413,14 @@ def compare_displacements(
         distance = math.sqrt(max(geometry.gram[i, i] + geometry.gram[j, j] - 2 * geometry.gram[i, j], 0.0))
         segments.append(SegmentProfile(start, end, distance, path_points, _segment_nll(
             model, endpoints[start], endpoints[end], path_points, known, data, batch_size, name)))
+    control_adjusted = [{"format": g.format, "corpus": g.corpus, "sentence": g.sentence(),
+                         **{k: [getattr(g, k).value, getattr(g, k).low, getattr(g, k).high]
+                            for k in ("advantage", "adaptation", "remaining")}}
+                        for g in _control_gaps(labelled, endpoint_nll, center, interval_args)]
     provenance = {
         "model": name,
         "model_fingerprint": weights_fingerprint(model, layers),
+        "control_adjusted": control_adjusted,
         "data": data.provenance(),
         "nll_convention": center.convention.to_dict(),
         "mse_data": mse_data.provenance(),
@@ -430,6 +436,25 @@ def compare_displacements(
     return Comparison(name, geometry.w0_norm, tuple(layers), geometry.layer_w0_norms,
                       nll_interval(center, **interval_args), tuple(rows), geometry.cosines, path_points,
                       curvature_points, eigenvalues, tuple(segments), provenance)
+
+
+def _control_gaps(results: Mapping[str, QuantResult], endpoint_nll: Mapping[str, NLLResult], center: NLLResult,
+                  interval_args: Mapping[str, Any]) -> list[ControlAdjustedGap]:
+    """Per format with a GPTQ, a QAFT and a full-precision control result: QAFT's advantage over GPTQ and how
+    much of it remains after the control (seeds averaged; paired over the evaluation segments)."""
+    gaps = []
+    by_format: dict[str, dict[str, list[str]]] = {}
+    for label, result in results.items():
+        by_format.setdefault(format_group(result), {}).setdefault(result.method, []).append(label)
+    for fmt, methods in by_format.items():
+        if not {"gptq", "qaft", "fp-finetune"} <= set(methods):
+            continue
+        gaps.append(control_adjusted_gap(
+            fmt, center.convention.corpus, endpoint_nll[methods["gptq"][0]].segment_nll_sum,
+            [endpoint_nll[x].segment_nll_sum for x in methods["qaft"]], center.segment_nll_sum,
+            [endpoint_nll[x].segment_nll_sum for x in methods["fp-finetune"]], center.segment_tokens,
+            level=interval_args["level"], n_resamples=interval_args["n_resamples"], seed=interval_args["seed"]))
+    return gaps
 
 
 # ------------------------------------------------------------------------------------- validation

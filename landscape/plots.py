@@ -30,7 +30,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .quant.formats import parse_format
-from .stats import Interval, difference_interval
+from .stats import ControlAdjustedGap, Interval, control_adjusted_gap, difference_interval
 from .store import StoreData
 from .study import quant_table_rows
 
@@ -123,6 +123,24 @@ def _find(rows: Sequence[Mapping[str, Any]], method: str, fmt: str | None = None
         if row["method"] == method and (fmt is None or row["format"] == fmt):
             return row
     return None
+
+
+def control_gaps(rows: Sequence[Mapping[str, Any]], corpora: Sequence[str]) -> list[ControlAdjustedGap]:
+    """Per format with GPTQ, QAFT and the fine-tuning control (and fp32), per corpus: QAFT's advantage over GPTQ
+    and how much of it remains after the control (:func:`landscape.stats.control_adjusted_gap`; seeds averaged)."""
+    fp32 = _find(rows, "fp32")
+    gaps = []
+    for fmt in dict.fromkeys(r["format"] for r in rows if r["method"] == "qaft"):
+        gptq = _find(rows, "gptq", fmt)
+        qaft = [r for r in rows if r["method"] == "qaft" and r["format"] == fmt]
+        control = [r for r in rows if r["method"] == "fp-finetune" and r["format"] == fmt]
+        if gptq is None or fp32 is None or not control:
+            continue
+        for c in corpora:
+            gaps.append(control_adjusted_gap(
+                fmt, c, gptq["segment_nll_sum"][c], [r["segment_nll_sum"][c] for r in qaft], fp32["segment_nll_sum"][c],
+                [r["segment_nll_sum"][c] for r in control], fp32["segment_tokens"][c]))
+    return gaps
 
 
 # ---------------------------------------------------------------------------------------- captions
@@ -243,6 +261,7 @@ def nll_vs_bits(tables: Sequence[StoreData]) -> go.Figure:
         "Quantized: every linear layer of the decoder blocks (embeddings and LM head stay full precision). "
         "Solid: per-channel scales; dashed: group scales. Dotted green: QAFT's control, the same fine-tuning loop "
         "on the same calibration text with the quantizer off (what adaptation to that text alone does).",
+        *[gap.sentence() for gap in control_gaps(rows, corpora)],
         table_convention(prov), model_sentence(model, caveat)])
 
 
@@ -264,11 +283,7 @@ def reading_nll_vs_bits(tables: Sequence[StoreData]) -> str:
             sentences.append(f"{fmt} on {c}: GPTQ reaches {_num(float(gptq['nll'][c]))} nats vs QAFT "
                              f"{_num(float(qaft['nll'][c]))}{rtn_text}; GPTQ − QAFT = {gap.value:+.3f} "
                              f"[{gap.low:+.3f}, {gap.high:+.3f}].")
-    control = _find(rows, "fp-finetune")
-    if control is not None and fp32 is not None:
-        sentences.append("The full-precision fine-tuning control moves NLL by " + ", ".join(
-            f"{float(control['nll'][c]) - float(fp32['nll'][c]):+.3f} on {c}" for c in corpora)
-                         + ": the part of QAFT's gain that is adaptation to the calibration text.")
+    sentences += [gap.sentence() for gap in control_gaps(rows, corpora)]
     lowest = min((parse_format(r["format"]).bits for r in rows if r["method"] == "gptq"), default=None)
     if lowest is not None:
         worst = [r for r in rows if r["method"] in ("rtn", "gptq") and parse_format(r["format"]).bits == lowest]

@@ -227,6 +227,107 @@ def nll_difference_interval(
                                paired=paired, level=level, method=method, n_resamples=n_resamples, seed=seed)
 
 
+def contrast_interval(
+    nll_sums: Sequence[Sequence[float] | np.ndarray],
+    token_counts: Sequence[float] | np.ndarray,
+    coefficients: Sequence[float],
+    *,
+    level: float = 0.95,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    unit: str = "segments",
+) -> Interval:
+    """Paired bootstrap interval of ``sum_k c_k * token_mean(model k)`` over models evaluated on the same segments.
+
+    E.g. QAFT's advantage over GPTQ left after the full-precision control,
+    ``[NLL(GPTQ) - NLL(QAFT)] - [NLL(w0) - NLL(control)]``: sums of (GPTQ, QAFT, w0, control) with coefficients
+    (1, -1, -1, 1); several seeds of a method enter with coefficients ``1/n_seeds`` each. Every resample draws
+    one set of segment indices for all models, so shared segment difficulty cancels.
+
+    Args:
+        nll_sums: per model, the summed NLL of each segment (nats), all in the same segment order.
+        token_counts: scored tokens per segment (the same for every model: same segments).
+        coefficients: one per model.
+    """
+    _check_settings(level, "percentile", n_resamples)
+    if len(nll_sums) != len(coefficients) or not nll_sums:
+        raise StatsError(f"one coefficient per model: got {len(nll_sums)} models and {len(coefficients)} coefficients")
+    coef = _finite_1d(coefficients, "coefficients", minimum=1)
+    counts = _finite_1d(token_counts, "token_counts", minimum=2)
+    sums = [_segment_arrays(x, counts, f"nll_sums[{k}]", "token_counts")[0] for k, x in enumerate(nll_sums)]
+    columns = np.stack([*sums, counts], axis=1)  # (n_segments, n_models + 1)
+
+    def statistic(totals: np.ndarray) -> np.ndarray:
+        return (totals[..., :-1] / totals[..., -1:]) @ coef
+
+    value = float(statistic(columns.sum(axis=0)[None])[0])
+    low, high = _bootstrap_of_sums(columns, statistic, level, "percentile", n_resamples, seed)
+    return Interval(value, low, high, level, "paired bootstrap", n_resamples, len(counts), unit)
+
+
+@dataclass(frozen=True)
+class ControlAdjustedGap:
+    """How much of QAFT's advantage over GPTQ is left once the full-precision fine-tuning control is accounted for.
+
+    All NLLs on the same segments of one corpus (nats/token); QAFT and control NLLs averaged over their seeds.
+
+    Attributes:
+        advantage: ``NLL(GPTQ) - NLL(QAFT)``.
+        adaptation: ``NLL(w0) - NLL(control)``: what fine-tuning on the calibration text gains without quantization.
+        remaining: ``advantage - adaptation``: QAFT's advantage not explained by adaptation to that text.
+        n_qaft_seeds, n_control_seeds: seeds averaged.
+    """
+
+    format: str
+    corpus: str
+    advantage: Interval
+    adaptation: Interval
+    remaining: Interval
+    n_qaft_seeds: int
+    n_control_seeds: int
+
+    def sentence(self) -> str:
+        """One sentence with the three numbers and their paired intervals."""
+        def cell(i: Interval) -> str:
+            return f"{i.value:+.3f} [{i.low:+.3f}, {i.high:+.3f}]"
+
+        seeds = (f"{self.n_qaft_seeds} seed{'s' if self.n_qaft_seeds > 1 else ''} of QAFT and "
+                 f"{self.n_control_seeds} of the control")
+        verdict = ("the interval includes 0: no advantage beyond adaptation is shown" if self.remaining.low <= 0
+                   <= self.remaining.high else "")
+        return (f"At {self.format} on {self.corpus}, QAFT beats GPTQ by {cell(self.advantage)} nats/token; fine-tuning in "
+                f"full precision on the same calibration data alone gains {cell(self.adaptation)}, so "
+                f"{cell(self.remaining)} of QAFT's advantage remains after the control ({seeds}; "
+                f"{int(self.remaining.level * 100)} % paired bootstrap over {self.remaining.n_units} segments"
+                f"{'; ' + verdict if verdict else ''}).")
+
+
+def control_adjusted_gap(
+    fmt: str,
+    corpus: str,
+    gptq: Sequence[float] | np.ndarray,
+    qaft: Sequence[Sequence[float] | np.ndarray],
+    fp32: Sequence[float] | np.ndarray,
+    control: Sequence[Sequence[float] | np.ndarray],
+    token_counts: Sequence[float] | np.ndarray,
+    *,
+    level: float = 0.95,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> ControlAdjustedGap:
+    """:class:`ControlAdjustedGap` from per-segment NLL sums on the same segments (QAFT and control: one
+    array per seed)."""
+    if not qaft or not control:
+        raise StatsError(f"need at least one QAFT and one control run, got {len(qaft)} and {len(control)}")
+    args = {"level": level, "n_resamples": n_resamples, "seed": seed}
+    q, c = [1.0 / len(qaft)] * len(qaft), [1.0 / len(control)] * len(control)
+    advantage = contrast_interval([gptq, *qaft], token_counts, [1.0, *(-x for x in q)], **args)
+    adaptation = contrast_interval([fp32, *control], token_counts, [1.0, *(-x for x in c)], **args)
+    remaining = contrast_interval([gptq, *qaft, fp32, *control], token_counts,
+                                  [1.0, *(-x for x in q), -1.0, *c], **args)
+    return ControlAdjustedGap(fmt, corpus, advantage, adaptation, remaining, len(qaft), len(control))
+
+
 # ------------------------------------------------------------------------ over directions and seeds
 def quantile_summary(
     values: Sequence[float] | np.ndarray,

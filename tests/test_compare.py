@@ -256,3 +256,28 @@ def test_cli_compare_on_ref_tiny(tmp_path, capsys):
     d = flat_displacement(lm.model, loaded, layers)
     assert stored.row("rtn int3").norm == pytest.approx(np.linalg.norm(d), rel=1e-9)
     assert stored.eigenvalues.shape == (2,) and stored.eigenvalues[0] >= stored.eigenvalues[1]
+
+
+def test_qaft_advantage_after_the_control_is_stated_from_endpoint_nlls_and_survives_the_store(setting, tmp_path):
+    from landscape.quant.qaft import paired_control
+    from landscape.stats import control_adjusted_gap
+
+    model, results, data = setting
+    calib = random_tokens(8, 16, seed=1)
+    chosen = {k: results[k] for k in ("gptq int4", "qaft int4")}
+    chosen["control"] = paired_control(model, calib, results["qaft int4"])
+    comparison = compare_displacements(model, chosen, data, curvature_t=[], path_t=[0.0, 1.0], progress=False)
+    [gap] = comparison.provenance["control_adjusted"]
+    nlls = {}
+    for label, weights in (("w0", {}), *((k, r.weights) for k, r in chosen.items())):
+        with swapped_weights(model, weights):
+            nlls[label] = nll(model, data)
+    expected = control_adjusted_gap("int4", data.corpus, nlls["gptq int4"].segment_nll_sum,
+                                    [nlls["qaft int4"].segment_nll_sum], nlls["w0"].segment_nll_sum,
+                                    [nlls["control"].segment_nll_sum], nlls["w0"].segment_tokens)
+    assert gap["format"] == "int4" and gap["remaining"] == pytest.approx(
+        [expected.remaining.value, expected.remaining.low, expected.remaining.high], rel=1e-9)
+    assert gap["remaining"][0] == pytest.approx(
+        (nlls["gptq int4"].value - nlls["qaft int4"].value) - (nlls["w0"].value - nlls["control"].value), rel=1e-9)
+    assert gap["sentence"] in comparison.markdown()
+    assert gap["sentence"] in Comparison.from_store(comparison.to_store(tmp_path / "c.h5")).markdown()

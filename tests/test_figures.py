@@ -103,6 +103,14 @@ def test_fig1_shows_the_stored_nll_and_intervals(run):
     caption = plots.caption_of(fig)
     assert "ref-tiny" in caption and "barely notices" in caption and "token-mean nats per scored token" in caption
     assert f"{session.profile.eval_segments} × {session.profile.eval_seq_len} tokens" in caption
+    # ... and how much of QAFT's advantage over GPTQ remains after the full-precision control, per corpus
+    fmt = session.profile.headline_format
+    for c in corpora:
+        value = {label: rows[label][2][f"nll/{c}"][rows[label][3]]
+                 for label in (f"gptq {fmt}", f"qaft {fmt} s0", f"fp-finetune {fmt} s0", "fp32")}
+        remaining = (value[f"gptq {fmt}"] - value[f"qaft {fmt} s0"]) - (value["fp32"] - value[f"fp-finetune {fmt} s0"])
+        pattern = rf"At {fmt} on {c}, QAFT beats GPTQ by .*?, so {re.escape(f'{remaining:+.3f}')} \[.* remains after"
+        assert re.search(pattern, caption.replace("\n", " ")), (c, remaining)
 
 
 def test_fig1_numbers_equal_a_direct_evaluation(run):

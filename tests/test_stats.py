@@ -12,6 +12,8 @@ from scipy import stats as scipy_stats
 from landscape.stats import (
     Interval,
     StatsError,
+    contrast_interval,
+    control_adjusted_gap,
     difference_interval,
     mean_t_interval,
     nll_difference_interval,
@@ -155,3 +157,40 @@ def test_printed_form_and_record():
     assert json.loads(json.dumps(record)) == record and Interval(**record) == interval
     summary = quantile_summary([1.0, 2.0, 3.0], probs=(0.5,))
     assert json.dumps(summary.to_record()) and "q50 2" in str(summary)
+
+
+def test_contrast_of_two_models_is_the_paired_difference_and_its_value_a_closed_form():
+    rng = np.random.default_rng(3)
+    counts = rng.integers(50, 200, size=24).astype(float)
+    a, b, c = (counts * (3.0 + rng.normal(0, 0.3, size=24)) for _ in range(3))
+    pair = contrast_interval([a, b], counts, [-1.0, 1.0])
+    reference = difference_interval(a, counts, b, counts, paired=True)
+    assert (pair.value, pair.low, pair.high) == pytest.approx((reference.value, reference.low, reference.high), abs=1e-12)
+    three = contrast_interval([a, b, c], counts, [0.5, 2.0, -1.0])
+    assert three.value == pytest.approx(0.5 * a.sum() / counts.sum() + 2 * b.sum() / counts.sum() - c.sum() / counts.sum())
+    assert three.low < three.value < three.high and three.method == "paired bootstrap"
+    with pytest.raises(StatsError, match="one coefficient per model: got 2 models and 3 coefficients"):
+        contrast_interval([a, b], counts, [1.0, -1.0, 0.0])
+    with pytest.raises(StatsError, match=r"nll_sums\[1\] has 23 entries but token_counts has 24"):
+        contrast_interval([a, b[:-1]], counts, [1.0, -1.0])
+
+
+def test_control_adjusted_gap_subtracts_the_adaptation_and_averages_seeds():
+    rng = np.random.default_rng(4)
+    counts = np.full(16, 255.0)
+    fp32, gptq, control = (counts * m + rng.normal(0, 5, 16) for m in (3.0, 4.5, 2.7))
+    qaft = [counts * 3.9 + rng.normal(0, 5, 16) for _ in range(3)]
+    gap = control_adjusted_gap("int3", "wiki", gptq, qaft, fp32, [control], counts)
+    mean_qaft = np.mean([q.sum() for q in qaft]) / counts.sum()
+    assert gap.advantage.value == pytest.approx(gptq.sum() / counts.sum() - mean_qaft)
+    assert gap.adaptation.value == pytest.approx((fp32.sum() - control.sum()) / counts.sum())
+    assert gap.remaining.value == pytest.approx(gap.advantage.value - gap.adaptation.value)
+    assert gap.remaining.value == pytest.approx(0.6 - 0.3, abs=0.05)
+    assert gap.remaining.low > 0 and "remains after the control (3 seeds of QAFT and 1 of the control" in gap.sentence()
+    same = control_adjusted_gap("int3", "wiki", gptq, [qaft[0]] * 2, fp32, [control], counts)
+    one = control_adjusted_gap("int3", "wiki", gptq, [qaft[0]], fp32, [control], counts)
+    assert same.remaining.value == pytest.approx(one.remaining.value)
+    null = control_adjusted_gap("int3", "wiki", gptq, [gptq], fp32, [fp32], counts)
+    assert null.remaining.low <= 0 <= null.remaining.high and "no advantage beyond adaptation" in null.sentence()
+    with pytest.raises(StatsError, match="at least one QAFT and one control run, got 0 and 1"):
+        control_adjusted_gap("int3", "wiki", gptq, [], fp32, [control], counts)
