@@ -292,7 +292,7 @@ class Costs:
     forward_tokens_per_s: float = 480.0  # one NLL evaluation over 16 x 256 tokens in 8.5 s (measured)
     layer_mse_slowdown: float = 1.6      # a forward with an error hook on every linear, vs a plain forward
     gptq_per_format: float = 220.0       # all 210 linears, true-sequential, act-order, 128 x 256 tokens (measured)
-    train_tokens_per_s: float = 205.0    # QAFT: about 5 s per step of 4 x 256 tokens
+    train_tokens_per_s: float = 165.0    # QAFT: 6-7 s per step of 4 x 256 tokens (measured, all 210 linears)
     hvp_tokens_per_s: float = 17.0       # one Hessian-vector product over 2 x 256 tokens in about 30 s
     lorc_svds: float = 15.0              # rank-r SVDs of the 210 error matrices
 
