@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 from landscape.models import load_model
+from landscape.plots import control_gaps
 from landscape.study import Protocol, read_quant_table, run_quant_table
 
 GROUP = {"smollm2-135m": 64}  # SmolLM2's hidden size 576 is not divisible by 128
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         print("\nNLL: token-mean nats per scored token; " + "; ".join(
             f"{c}: {e['n_segments']} x {e['seq_len']} tokens, stride {e['stride']}, {e['n_scored_tokens']} scored, "
             f"data {e['data_hash']}" for c, e in ev.items()))
+        for gap in control_gaps(table.rows, list(ev)):  # QAFT's advantage left after the full-precision control
+            print(gap.sentence())
         if lm.info.caveat:
             print(f"Caveat: {lm.info.caveat}")
 
