@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         print("\nNLL: token-mean nats per scored token; " + "; ".join(
             f"{c}: {e['n_segments']} x {e['seq_len']} tokens, stride {e['stride']}, {e['n_scored_tokens']} scored, "
             f"data {e['data_hash']}" for c, e in ev.items()))
-        for gap in control_gaps(table.rows, table.provenance["protocol"]["eval_corpora"]):  # QAFT's advantage left after the full-precision control
+        # how much of QAFT's advantage over GPTQ is left after the full-precision control
+        for gap in control_gaps(table.rows, table.provenance["protocol"]["eval_corpora"]):
             print(gap.sentence())
         if lm.info.caveat:
             print(f"Caveat: {lm.info.caveat}")
