@@ -295,8 +295,8 @@ class ControlAdjustedGap:
                  f"{self.n_control_seeds} of the control")
         verdict = ("the interval includes 0: no advantage beyond adaptation is shown" if self.remaining.low <= 0
                    <= self.remaining.high else "")
-        return (f"At {self.format} on {self.corpus}, QAFT beats GPTQ by {cell(self.advantage)} nats/token; fine-tuning in "
-                f"full precision on the same calibration data alone gains {cell(self.adaptation)}, so "
+        return (f"At {self.format} on {self.corpus}, QAFT beats GPTQ by {cell(self.advantage)} nats/token; "
+                f"fine-tuning in full precision on the same calibration data alone gains {cell(self.adaptation)}, so "
                 f"{cell(self.remaining)} of QAFT's advantage remains after the control ({seeds}; "
                 f"{int(self.remaining.level * 100)} % paired bootstrap over {self.remaining.n_units} segments"
                 f"{'; ' + verdict if verdict else ''}).")
