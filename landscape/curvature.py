@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from .data import TokenSet
 from .models import (layer_weights, quantizable_layers, swapped_weights, weight_is_transposed, weight_matrix,
                      weights_fingerprint)
-from .objectives import check_token_ids, nll_sums_from_logits, segment_nll_sums
+from .objectives import check_in_vocabulary, nll_sums_from_logits, segment_nll_sums
 from .stats import DEFAULT_RESAMPLES, Interval, normal_interval, token_mean_interval
 
 if TYPE_CHECKING:
@@ -906,7 +906,7 @@ def _check_problem(model: nn.Module, data: TokenSet, operator: str, batch_size: 
         raise CurvatureError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     check_curvature_model(model, needs_double_backward)
     try:
-        check_token_ids(model, data)
+        check_in_vocabulary(model, data)
     except ValueError as err:
         raise CurvatureError(str(err)) from None
 

@@ -97,19 +97,16 @@ def nll_sums_from_logits(logits: torch.Tensor, tokens: torch.Tensor, score_mask:
     return (nll_tok * score_mask[:, 1:]).sum(dim=1)
 
 
-def check_token_ids(model: nn.Module, data: TokenSet, what: str = "data") -> None:
-    """Raise ``ValueError`` unless ``data`` holds integer token ids inside ``model``'s vocabulary.
+def check_in_vocabulary(model: nn.Module, data: TokenSet, what: str = "data") -> None:
+    """Raise ``ValueError`` unless every token id of ``data`` is inside ``model``'s vocabulary.
 
-    Cheap (a min and a max); called before any forward pass so that text tokenized for another model
-    fails at once with the offending range, not deep inside an embedding lookup mid-run.
+    A :class:`~landscape.data.TokenSet` already holds non-empty, non-negative integer ids
+    (:func:`landscape.data.check_token_ids`); this is the model-dependent half. Cheap (a min and a max), called
+    before any forward pass so that text tokenized for another model fails at once with the offending range,
+    not deep inside an embedding lookup mid-run.
     """
-    tokens = data.tokens
-    if tokens.is_floating_point() or tokens.is_complex():
-        raise ValueError(f"{what}: tokens must be integer token ids, got dtype {tokens.dtype}")
-    if tokens.numel() == 0:
-        raise ValueError(f"{what}: no tokens (shape {tuple(tokens.shape)})")
     vocab = model.get_input_embeddings().num_embeddings
-    lo, hi = int(tokens.min()), int(tokens.max())
+    lo, hi = int(data.tokens.min()), int(data.tokens.max())
     if lo < 0 or hi >= vocab:
         raise ValueError(f"{what} ({data.name}): token ids must lie in 0..{vocab - 1} (the model's vocabulary), "
                          f"got {lo}..{hi}: was it tokenized for another model?")
@@ -125,7 +122,7 @@ def nll(model: nn.Module, data: TokenSet, batch_size: int = 8, model_name: str |
             floating-point summation order).
         model_name: recorded in the convention (default: the model's ``name_or_path``).
     """
-    check_token_ids(model, data)
+    check_in_vocabulary(model, data)
     sums, counts = [], []
     batches = data.batches(batch_size)
     if progress:
@@ -169,7 +166,7 @@ def layer_mse(
     """
     if inputs not in ("reference", "modified"):
         raise ValueError(f"inputs must be 'reference' or 'modified', got {inputs!r}")
-    check_token_ids(model, data)
+    check_in_vocabulary(model, data)
     deltas: dict[str, torch.Tensor] = {}
     for name, w in weights.items():
         w0 = weight_matrix(get_layer(model, name))

@@ -33,7 +33,7 @@ from torch import nn
 from .data import TokenSet
 from .directions import Direction, DirectionSpec, check_direction, layer_weight, perturbable_layers
 from .models import weights_fingerprint
-from .objectives import InputSource, NLLConvention, check_token_ids, layer_mse, nll
+from .objectives import InputSource, NLLConvention, check_in_vocabulary, layer_mse, nll
 from .store import StoreData, finish_run, read_store, start_run
 
 COORDINATE_PREFIX = "coords/axis"
@@ -195,7 +195,7 @@ def check_objective_data(model: nn.Module, objectives: Sequence[Objective]) -> N
     for objective in objectives:
         data = getattr(objective, "data", None)
         if isinstance(data, TokenSet):
-            check_token_ids(model, data, f"{type(objective).__name__} data")
+            check_in_vocabulary(model, data, f"{type(objective).__name__} data")
 
 
 def output_names(objectives: Sequence[Objective], layers: Sequence[str]) -> tuple[str, ...]:

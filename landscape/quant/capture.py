@@ -36,6 +36,7 @@ from torch import nn
 
 from ..data import TokenSet
 from ..models import decoder_blocks_prefix, quantizable_layers, weight_matrix
+from ..objectives import check_in_vocabulary
 from .formats import QuantFormat, parse_format
 
 COMPUTE_DTYPES = (torch.float32, torch.float64)
@@ -90,18 +91,11 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | str | None = None,
 
 
 def check_calibration(model: nn.Module, calib: TokenSet) -> None:
-    """Raise ``ValueError`` unless ``calib`` holds integer token ids inside the model's vocabulary."""
+    """Raise unless ``calib`` is a :class:`TokenSet` (integer ids, checked when it was built) inside the model's
+    vocabulary (``ValueError`` naming the range)."""
     if not isinstance(calib, TokenSet):
         raise TypeError(f"calibration data must be a landscape.data.TokenSet, got {type(calib).__name__}")
-    tokens = calib.tokens
-    if tokens.is_floating_point() or tokens.is_complex():
-        raise ValueError(f"calibration tokens must be integer token ids, got dtype {tokens.dtype}")
-    if tokens.ndim != 2 or tokens.numel() == 0:
-        raise ValueError(f"calibration tokens must be a non-empty (n_segments, seq_len) tensor, got {tuple(tokens.shape)}")
-    vocab = model.get_input_embeddings().num_embeddings
-    lo, hi = int(tokens.min()), int(tokens.max())
-    if lo < 0 or hi >= vocab:
-        raise ValueError(f"calibration token ids must lie in 0..{vocab - 1} (the model's vocabulary), got {lo}..{hi}")
+    check_in_vocabulary(model, calib, "calibration data")
 
 
 def check_compute_dtype(compute_dtype: torch.dtype, what: str = "compute_dtype") -> None:
