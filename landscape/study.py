@@ -176,8 +176,15 @@ def _quantized(ctx: _Context, v: Variant) -> QuantResult:
 
 
 def result_key(p: Protocol, v: Variant) -> str:
-    """File name of a variant's QuantResult: the method, the format and every setting that changes it."""
-    if v.method in ("qaft", "fp-finetune"):
+    """File name of a variant's QuantResult: the method, the format and every setting that changes it.
+
+    The full-precision control's key has no format: it is the QAFT loop with the quantizer off (same
+    data, seed, batches, steps and layers), so its weights do not depend on the format it is paired with
+    (tested bit-exactly), and one control is trained per seed and shared by every format's table.
+    """
+    if v.method == "fp-finetune":  # the control never quantizes: one result serves every format
+        return f"{v.method}-lr{p.qaft_lr:g}-e{p.qaft_epochs:g}-b{p.qaft_batch_size}-s{v.seed}"
+    if v.method == "qaft":
         return f"{v.method}-{v.format}-lr{p.qaft_lr:g}-e{p.qaft_epochs:g}-b{p.qaft_batch_size}-s{v.seed}"
     if v.method == "gptq+lorc":
         return f"{v.method}-{v.format}-r{p.lorc_rank}"

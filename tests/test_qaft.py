@@ -261,6 +261,18 @@ def test_paired_control_repeats_the_qaft_run_with_the_quantizer_off():
         paired_control(model, calib, control, progress=False)
 
 
+def test_the_control_does_not_depend_on_the_format_it_is_paired_with():
+    # What lets the study train one control per seed for all formats: the quantizer is off, so the
+    # paired format must not reach the weights (same data, seed, batches, steps, layers).
+    model = tiny_model("llama")
+    calib = random_tokens(8, 16)
+    controls = [paired_control(model, calib, qaft(model, calib, fmt, lr=2e-3, seed=3, **FAST), progress=False)
+                for fmt in ("int3", "int4-g8")]
+    w0 = layer_weights(model)
+    assert all(torch.equal(controls[0].weights[n], controls[1].weights[n]) for n in w0)
+    assert any(not torch.equal(controls[0].weights[n], w0[n]) for n in w0)  # it did train
+
+
 def test_control_and_qaft_see_the_same_batches_in_the_seeded_order():
     model = tiny_model("gpt2")
     calib = random_tokens(6, 16)

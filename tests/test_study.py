@@ -50,6 +50,17 @@ def test_table_matches_direct_computation_and_resumes(lm, tmp_path):
     assert path.stat().st_mtime_ns == before
 
 
+def test_one_control_per_seed_serves_every_format(lm, tmp_path):
+    protocol = Protocol(**{**TINY, "formats": ("int3", "int4"), "methods": ("qaft", "fp-finetune")})
+    table = read_quant_table(run_quant_table(protocol, tmp_path, progress=False, lm=lm))
+    saved = sorted(p.name for p in (tmp_path / "results").glob("calib-*/*.json"))
+    assert saved == ["fp-finetune-lr0.001-e1-b4-s0.json", "qaft-int3-lr0.001-e1-b4-s0.json",
+                     "qaft-int4-lr0.001-e1-b4-s0.json"]
+    rows = {r["label"]: r for r in table.rows}
+    assert rows["fp-finetune int3 s0"]["nll"] == rows["fp-finetune int4 s0"]["nll"]
+    assert rows["fp-finetune int3 s0"]["nll"] != rows["fp32"]["nll"]
+
+
 def test_changed_protocol_is_refused_not_silently_reused(lm, tmp_path):
     from landscape.store import StoreMismatchError
 
