@@ -45,7 +45,7 @@ from .models import quantizable_layers, swapped_weights, weight_matrix, weights_
 from .objectives import layer_mse, nll
 from .quant.capture import resolve_layers
 from .quant.formats import QuantFormat, make_grid, parse_format
-from .quant.result import QuantResult
+from .quant.result import QuantResult, read_result_metadata
 from .stats import DEFAULT_RESAMPLES, Interval
 from .store import read_store
 
@@ -192,8 +192,9 @@ def measure_candidates(
     full-precision model's inputs) and token-mean NLL on ``data``.
 
     Args:
-        candidates: label -> :class:`QuantResult` or :class:`RoundingSpec` (built one at a time, so many
-            candidates of a large model never sit in memory together).
+        candidates: label -> :class:`QuantResult`, :class:`RoundingSpec` (built when measured) or the path of a
+            saved QuantResult (loaded when measured), so many candidates of a large model never sit in
+            memory together. A path's metadata is checked against the model before anything is measured.
 
     Raises:
         MisalignmentError / ComparisonError (ValueErrors): no candidates, results of another base, rounding
@@ -201,10 +202,13 @@ def measure_candidates(
     """
     if not isinstance(candidates, Mapping) or not candidates:
         raise MisalignmentError("candidates must be a non-empty mapping label -> QuantResult or RoundingSpec")
+    saved: dict[str, dict[str, Any]] = {}  # label -> metadata of a saved result given by its path
     for label, candidate in candidates.items():
-        if not isinstance(candidate, (QuantResult, RoundingSpec)):
+        if isinstance(candidate, (str, os.PathLike)):
+            saved[label] = _saved_metadata(model, label, candidate)
+        elif not isinstance(candidate, (QuantResult, RoundingSpec)):
             raise MisalignmentError(f"candidate {label!r} is a {type(candidate).__name__}; accepted: QuantResult, "
-                                    f"RoundingSpec")
+                                    f"RoundingSpec, or the path of a saved QuantResult")
         if isinstance(candidate, RoundingSpec):  # checks the layers and that the format fits every one
             resolve_layers(model, list(candidate.layers) if candidate.layers is not None else None, candidate.format)
     check_same_base(model, {k: v for k, v in candidates.items() if isinstance(v, QuantResult)})
@@ -219,7 +223,12 @@ def measure_candidates(
     center = nll(model, data, batch_size=batch_size, model_name=name)
     norms, mses, nlls, methods, formats = [], [], [], [], []
     for label, candidate in tqdm(candidates.items(), desc="candidates", disable=not progress):
-        result = stochastic_rounding(model, candidate, name) if isinstance(candidate, RoundingSpec) else candidate
+        if isinstance(candidate, RoundingSpec):
+            result = stochastic_rounding(model, candidate, name)
+        elif label in saved:
+            result = QuantResult.load(candidate, base_fingerprint=saved[label]["base_fingerprint"])
+        else:
+            result = candidate
         weights = {n: w.to(weight_matrix(quantizable_layers(model)[n])) for n, w in result.weights.items()}
         norms.append(_displacement_norm(model, weights))
         mses.append(sum(layer_mse(model, mse_data, weights, inputs="reference", batch_size=batch_size).values()))
@@ -234,12 +243,34 @@ def measure_candidates(
         "nll_convention": center.convention.to_dict(),
         "mse_data": mse_data.provenance(),
         "mse_inputs": "full-precision model (reference)",
-        "candidates": {label: (c.to_dict() | {"kind": "random rounding"}) if isinstance(c, RoundingSpec)
-                       else {"kind": "quant result", "method": c.method, "settings": c.settings,
-                             "base_fingerprint": c.base_fingerprint} for label, c in candidates.items()},
+        "candidates": {label: _describe_candidate(c, saved.get(label)) for label, c in candidates.items()},
     }
     return CandidateTable(tuple(candidates), tuple(methods), tuple(formats), np.array(norms), np.array(mses),
                           np.array(nlls), center.value, provenance)
+
+
+def _saved_metadata(model: nn.Module, label: str, path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of the saved result at ``path`` after checking its layers and base against ``model``."""
+    meta = read_result_metadata(path)
+    available = quantizable_layers(model)
+    unknown = [n for n in meta["layers"] if n not in available]
+    if unknown:
+        raise ComparisonError(f"saved result {label!r} ({path}) has layers this model does not have, e.g. {unknown[:3]}")
+    actual = weights_fingerprint(model, list(meta["layers"]))
+    if meta["base_fingerprint"] != actual:
+        raise ComparisonError(f"saved result {label!r} ({path}) was computed on base {meta['base_model']!r} with "
+                              f"fingerprint {meta['base_fingerprint']}, not on this model (fingerprint {actual})")
+    return meta
+
+
+def _describe_candidate(candidate: Any, meta: dict[str, Any] | None) -> dict[str, Any]:
+    if isinstance(candidate, RoundingSpec):
+        return candidate.to_dict() | {"kind": "random rounding"}
+    if meta is not None:
+        return {"kind": "saved quant result", "path": str(candidate), "method": meta["method"],
+                "settings": meta["settings"], "base_fingerprint": meta["base_fingerprint"]}
+    return {"kind": "quant result", "method": candidate.method, "settings": candidate.settings,
+            "base_fingerprint": candidate.base_fingerprint}
 
 
 def _displacement_norm(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> float:

@@ -133,7 +133,7 @@ def test_measured_candidates_equal_independent_measurements_and_round_trip(tmp_p
     np.testing.assert_array_equal(read.candidates.nll, table.nll)
 
 
-def test_bad_candidates_are_refused_before_any_work(monkeypatch):
+def test_bad_candidates_are_refused_before_any_work(monkeypatch, tmp_path):
     model = tiny_model("gpt2", torch.float64)
     data = random_tokens(4, 16)
 
@@ -150,3 +150,20 @@ def test_bad_candidates_are_refused_before_any_work(monkeypatch):
         RoundingSpec("int4", 0, fraction=1.5)
     with pytest.raises(MisalignmentError, match="non-empty"):
         measure_candidates(model, {}, data, progress=False)
+    foreign.save(tmp_path / "foreign")  # a saved result is checked from its metadata, before anything loads
+    with pytest.raises(ComparisonError, match="fingerprint"):
+        measure_candidates(model, {"a": RoundingSpec("int4", 0), "b": tmp_path / "foreign"}, data, progress=False)
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        measure_candidates(model, {"a": RoundingSpec("int4", 0), "b": tmp_path / "missing"}, data, progress=False)
+
+
+def test_a_saved_result_given_by_its_path_measures_as_the_loaded_result(tmp_path):
+    model = tiny_model("llama", torch.float64)
+    data = random_tokens(4, 16, seed=3)
+    result = rtn(model, "int3")
+    result.save(tmp_path / "rtn-int3")
+    table = measure_candidates(model, {"in memory": result, "saved": str(tmp_path / "rtn-int3")}, data,
+                               progress=False)
+    assert table.nll[0] == table.nll[1] and table.layer_mse_sum[0] == table.layer_mse_sum[1]
+    assert table.displacement_norm[0] == table.displacement_norm[1] > 0
+    assert table.provenance["candidates"]["saved"]["kind"] == "saved quant result"

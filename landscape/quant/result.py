@@ -136,17 +136,7 @@ class QuantResult:
         if given.is_file() and given.suffix not in RESULT_EXTENSIONS:
             raise ResultFileError(f"{given} is not a saved QuantResult: results are read only from STEM.safetensors "
                                   f"+ STEM.json (no pickle or torch checkpoint is ever unpickled)")
-        if not st.exists() or not js.exists():
-            raise FileNotFoundError(f"quantized model {path} needs both {st.name} and {js.name}")
-        try:
-            meta = json.loads(js.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ResultFileError(f"{js} is not valid JSON (truncated or corrupted?): {err}") from None
-        missing = [k for k in REQUIRED_METADATA if k not in meta] if isinstance(meta, dict) else list(REQUIRED_METADATA)
-        if missing:
-            raise ResultFileError(f"{js} is not the metadata of a saved QuantResult: it lacks {missing}")
-        if meta["version"] != RESULT_VERSION:
-            raise ResultMismatchError(f"{js}: result version {meta['version']!r}, this code reads {RESULT_VERSION}")
+        meta = read_result_metadata(path)
         try:
             weights = load_file(str(st))
         except SafetensorError as err:
@@ -170,6 +160,30 @@ class QuantResult:
             layer_mse=meta["layer_mse"],
             extra=meta["extra"],
         )
+
+
+def read_result_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata of a saved result (format, method, settings, base fingerprint, layers...), without
+    reading its weights: cheap checks of many saved results before any of them is loaded.
+
+    Raises:
+        FileNotFoundError: ``STEM.safetensors`` or ``STEM.json`` is missing; ResultFileError: the JSON is not a
+        saved result's metadata; ResultMismatchError: written by another result version.
+    """
+    path = result_stem(path)
+    st, js = _with_ext(path, ".safetensors"), _with_ext(path, ".json")
+    if not st.exists() or not js.exists():
+        raise FileNotFoundError(f"quantized model {path} needs both {st.name} and {js.name}")
+    try:
+        meta = json.loads(js.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ResultFileError(f"{js} is not valid JSON (truncated or corrupted?): {err}") from None
+    missing = [k for k in REQUIRED_METADATA if k not in meta] if isinstance(meta, dict) else list(REQUIRED_METADATA)
+    if missing:
+        raise ResultFileError(f"{js} is not the metadata of a saved QuantResult: it lacks {missing}")
+    if meta["version"] != RESULT_VERSION:
+        raise ResultMismatchError(f"{js}: result version {meta['version']!r}, this code reads {RESULT_VERSION}")
+    return meta
 
 
 def result_stem(path: str | os.PathLike) -> Path:

@@ -1,0 +1,110 @@
+"""Does layer MSE track NLL inside the basin and stop tracking it outside? (issue #6, finding 2 against 3)
+
+    python analyses/misalignment_basin.py --model smollm2-135m --results results/quant_table/results \\
+        --radius 114.6 --out results/misalignment_basin.h5
+
+Figure 3's candidates all lie outside R(w0) on SmolLM2 (every 2-4-bit displacement is 2-6 R long), so its
+correlation cannot be split at R. This study adds candidates inside and around the basin: RTN and GPTQ at
+8, 6 and 5 bits (per-channel displacements of about 0.15, 0.6 and 1.2 R) and random on-grid roundings of w0
+at 8, 6, 5 and 4 bits (:class:`landscape.misalignment.RoundingSpec`), next to every saved result of the
+quantization tables made on the same calibration set (RTN, GPTQ, GPTQ without act-order, GPTQ + LoRC,
+QAFT seed 0). Every candidate's summed layer MSE is measured the same way (inputs of the full-precision
+model on the first calibration sequences) and its token-mean NLL on held-out wiki windows; then
+:func:`landscape.misalignment.misalignment` gives Spearman(layer MSE, NLL) over all candidates, inside
+(``||d|| <= R``) and outside R, with bootstrap intervals over candidates. Saved results are loaded one at a
+time; quantized models this script computes (RTN/GPTQ at the extra formats) are saved beside the tables'
+results and reused on a rerun.
+
+R(w0) comes from :func:`landscape.basin.basin_statistics` (``landscape radius``; figure 4's store holds it)
+on the same layers: pass its median as ``--radius``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python analyses/misalignment_basin.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from landscape.data import calibration_set, heldout_set
+from landscape.misalignment import measure_candidates, misalignment, random_roundings
+from landscape.models import load_model
+from landscape.outputs import check_output_path
+from landscape.quant import gptq, parse_format, rtn
+from landscape.quant.result import read_result_metadata
+
+TABLE_METHODS = ("rtn", "gptq", "gptq-noact", "gptq+lorc", "qaft")
+
+
+def saved_candidates(results: Path, methods: tuple[str, ...]) -> dict[str, Path]:
+    """label -> path stem of every saved result of ``methods`` under ``results`` (QAFT: seed 0 only)."""
+    out = {}
+    for js in sorted(results.glob("*.json")):
+        meta = read_result_metadata(js)
+        method = "gptq-noact" if meta["method"] == "gptq" and not meta["settings"].get("act_order", True) \
+            else meta["method"]
+        if method not in methods or (method == "qaft" and meta["settings"].get("seed") != 0):
+            continue
+        out[f"{method} {meta['format']}"] = js.with_suffix("")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--results", required=True, help="the quantization tables' results/ folder (study.result_path)")
+    p.add_argument("--radius", type=float, required=True, help="R(w0), median over directions, weight units")
+    p.add_argument("--out", required=True, help="new HDF5 store for the study")
+    p.add_argument("--methods", nargs="+", default=list(TABLE_METHODS), help="saved results to include")
+    p.add_argument("--rtn-formats", nargs="+", default=["int8", "int6", "int5"])
+    p.add_argument("--gptq-formats", nargs="+", default=["int6", "int5"])
+    p.add_argument("--rounding-formats", nargs="+", default=["int8", "int6", "int5", "int4"])
+    p.add_argument("--fractions", nargs="+", type=float, default=[0.5, 1.0])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--eval-seq-len", type=int, default=256)
+    p.add_argument("--eval-segments", type=int, default=8)
+    p.add_argument("--mse-sequences", type=int, default=8)
+    args = p.parse_args(argv)
+    # Everything that can be wrong is checked before the model loads.
+    if not args.radius > 0:
+        p.error(f"--radius must be R(w0) > 0, got {args.radius}")
+    bad = sorted(set(args.methods) - set(TABLE_METHODS))
+    if bad:
+        p.error(f"--methods {bad}: choose from {list(TABLE_METHODS)}")
+    for f in (*args.rtn_formats, *args.gptq_formats, *args.rounding_formats):
+        parse_format(f)
+    out = check_output_path(args.out)
+    if out.exists():
+        p.error(f"--out {out} exists: the study writes a new store (remove it or choose another path)")
+    specs = random_roundings(args.rounding_formats, args.seeds, args.fractions)
+
+    lm = load_model(args.model)
+    tok, ctx = lm.tokenizer, lm.info.context_length
+    calib = calibration_set(tok, 128, args.calib_seq_len, 0, context_length=ctx)
+    results = Path(args.results) / f"calib-{calib.content_hash}"
+    results.mkdir(parents=True, exist_ok=True)
+    for method, formats in (("rtn", args.rtn_formats), ("gptq", args.gptq_formats)):
+        for fmt in (parse_format(f).name for f in formats):
+            stem = results / f"{method}-{fmt}"
+            if not stem.with_name(stem.name + ".json").exists():
+                t0 = time.time()
+                (rtn(lm.model, fmt, model_name=lm.info.name) if method == "rtn" else
+                 gptq(lm.model, calib, fmt, model_name=lm.info.name)).save(stem)
+                print(f"{method} {fmt}: {time.time() - t0:.0f} s, saved to {stem}", flush=True)
+    candidates = {**saved_candidates(results, tuple(args.methods)), **specs}
+    held = heldout_set(tok, args.eval_seq_len, "wiki", args.eval_segments, context_length=ctx)
+    table = measure_candidates(lm.model, candidates, held, mse_data=calib.subset(range(args.mse_sequences)),
+                               batch_size=4, model_name=lm.info.name)
+    study = misalignment(table, args.radius, bins=4)
+    study.to_store(out)
+    print(study.markdown())
+    print(f"\nNLL: {table.provenance['nll_convention']}\nlayer MSE: first {args.mse_sequences} calibration "
+          f"sequences of {args.calib_seq_len} tokens, full-precision inputs; store: {out}")
+
+
+if __name__ == "__main__":
+    main()
