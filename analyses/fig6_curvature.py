@@ -10,16 +10,13 @@ resumes at the next task.
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python analyses/fig6_curvature.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import plotly.graph_objects as go
 
 from analyses.common import (COSTS, Session, Step, eval_set, model_protocols, quant_table_steps, quantized_model_path,
@@ -49,7 +46,7 @@ def measure(session: Session) -> None:
     from landscape.directions import displacement_direction, random_direction
     from landscape.models import weights_fingerprint
     from landscape.objectives import NLLConvention
-    from landscape.store import finish_run, normalize_provenance, start_run
+    from landscape.store import run_tasks
 
     p, model = session.profile, session.profile.model
     c, fmt = p.curvature, p.headline_format
@@ -85,17 +82,7 @@ def measure(session: Session) -> None:
             m, f"random filter-normalised seed {c.random_seed}, scaled to ||w_gptq - w0||")} for m in PATH_METHODS},
         "layout": "<task>/<array> from each result's to_record(); <task>/attrs: its JSON attributes",
     }
-    with start_run(store(session), provenance, {"seconds": ((), np.float64)}, (len(tasks),), resume=True) as record:
-        for i, (name, task) in enumerate(tasks.items()):
-            if record.done[i]:
-                continue
-            started = time.perf_counter()
-            result = task()
-            for key, array in result["arrays"].items():
-                record.write_array(f"{name}/{key}", array)
-            record.write_array(f"{name}/attrs", json.dumps(normalize_provenance(result["attrs"]), sort_keys=True))
-            record.write_point(i, {"seconds": time.perf_counter() - started})
-        finish_run(record)
+    run_tasks(store(session), provenance, tasks)
 
 
 def steps(session: Session) -> list[Step]:

@@ -255,7 +255,8 @@ def _saved_metadata(model: nn.Module, label: str, path: str | os.PathLike) -> di
     available = quantizable_layers(model)
     unknown = [n for n in meta["layers"] if n not in available]
     if unknown:
-        raise ComparisonError(f"saved result {label!r} ({path}) has layers this model does not have, e.g. {unknown[:3]}")
+        raise ComparisonError(f"saved result {label!r} ({path}) has layers this model does not have, "
+                              f"e.g. {unknown[:3]}")
     actual = weights_fingerprint(model, list(meta["layers"]))
     if meta["base_fingerprint"] != actual:
         raise ComparisonError(f"saved result {label!r} ({path}) was computed on base {meta['base_model']!r} with "

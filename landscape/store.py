@@ -32,7 +32,8 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -327,6 +328,29 @@ def finish_run(record: ResultStore | MemoryStore) -> tuple[StoreData, Path | Non
         return record.data(), None
     path = record.finish()
     return read_store(path), path
+
+
+def run_tasks(path: str | os.PathLike | None, provenance: Mapping[str, Any],
+              tasks: Mapping[str, Callable[[], Mapping[str, Any]]]) -> tuple[StoreData, Path | None]:
+    """Run named tasks into one resumable store: one point per task, a killed run resumes at the next task.
+
+    Each task returns ``{"arrays": name -> array, "attrs": JSON-able dict}`` (the ``to_record()`` of a
+    curvature result, for instance); they are stored as ``<task>/<array>`` and ``<task>/attrs`` (JSON), and
+    the point array ``seconds`` holds each task's wall time. ``provenance`` should name the tasks (a rerun with
+    other tasks is refused as another run).
+    """
+    names = list(tasks)
+    with start_run(path, provenance, {"seconds": ((), np.float64)}, (len(names),), resume=True) as record:
+        for i, name in enumerate(names):
+            if record.done[i]:
+                continue
+            started = time.perf_counter()
+            result = tasks[name]()
+            for key, array in result["arrays"].items():
+                record.write_array(f"{name}/{key}", array)
+            record.write_array(f"{name}/attrs", json.dumps(normalize_provenance(result["attrs"]), sort_keys=True))
+            record.write_point(i, {"seconds": time.perf_counter() - started})
+        return finish_run(record)
 
 
 # ------------------------------------------------------------------------------------------ the reader

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from landscape.store import (RUN_SPECIFIC_KEYS, MemoryStore, ResultStore, StoreError, StoreMismatchError,
-                             merge_stores, partial_path, read_store)
+                             merge_stores, partial_path, read_store, run_tasks)
 
 PROVENANCE = {"kind": "test", "model_fingerprint": "aaaa", "data": {"data_hash": "d1", "seq_len": 16}}
 ARRAYS = {"nll": ((), np.float64), "layer_mse/h.0.attn": ((), np.float64), "profile": ((3,), np.float32)}
@@ -179,3 +180,25 @@ def test_a_store_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_pat
     a, b = read_store(tmp_path / "killed.h5"), read_store(tmp_path / "whole.h5")
     assert a.done.all() and b.done.all()
     assert all(np.array_equal(a.arrays[n], b.arrays[n]) for n in ARRAYS)
+
+
+def test_run_tasks_keeps_finished_tasks_and_resumes_at_the_failed_one(tmp_path):
+    calls = []
+
+    def task(name, value, fail=False):
+        def run():
+            calls.append(name)
+            if fail:
+                raise RuntimeError("killed")
+            return {"arrays": {"v": np.arange(value)}, "attrs": {"value": value, "shape": (value,)}}
+        return run
+
+    path, provenance = tmp_path / "tasks.h5", {"kind": "test", "tasks": ["a", "b", "c"]}
+    with pytest.raises(RuntimeError, match="killed"):
+        run_tasks(path, provenance, {"a": task("a", 2), "b": task("b", 3, fail=True), "c": task("c", 4)})
+    assert calls == ["a", "b"] and not path.exists()  # unfinished: only the partial file
+    data, written = run_tasks(path, provenance, {"a": task("a", 2), "b": task("b", 3), "c": task("c", 4)})
+    assert calls == ["a", "b", "b", "c"] and written == path and data.complete
+    np.testing.assert_array_equal(data.arrays["c/v"], np.arange(4))
+    assert json.loads(str(data.arrays["a/attrs"])) == {"value": 2, "shape": [2]}
+    assert data.arrays["seconds"].shape == (3,) and np.all(data.arrays["seconds"] >= 0)

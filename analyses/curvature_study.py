@@ -1,0 +1,141 @@
+"""Curvature at w0 and along several formats' displacements (issue #6; figure 6 covers one format).
+
+    python analyses/curvature_study.py --model smollm2-135m --results results/quant_table/results \\
+        --formats int4 int4-g64 int3-g64 --out results/curvature_study.h5
+
+On held-out wiki windows (``--segments`` x ``--seq-len`` tokens; every Hessian product covers all of them):
+
+* ``spectrum``: the top ``--k-top`` and bottom ``--k-bottom`` Hessian eigenvalues at w0 by reorthogonalised
+  Lanczos with ``--lanczos-steps`` products, with each Ritz pair's residual and convergence flag;
+* ``trace``: Hutch++ with ``--trace-matvecs`` products;
+* ``path/<method> <format>``: the Rayleigh quotient ``u^T H(w0 + t d) u``, ``u = d / ||d||``, at each ``--t``
+  along the displacement ``d`` of RTN, GPTQ and QAFT (seed 0) saved by the quantization tables (same
+  calibration set), and along a random filter-normalised direction of GPTQ's length, with a bootstrap
+  interval over the segments.
+
+One resumable store, one point per task (a killed run resumes at the next task). Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python analyses/curvature_study.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from landscape.data import calibration_set, heldout_set
+from landscape.models import load_model, weights_fingerprint
+from landscape.objectives import NLLConvention
+from landscape.quant import parse_format
+from landscape.store import check_store_path, run_tasks
+from landscape.study import Protocol, Variant, result_key
+
+METHODS = ("rtn", "gptq", "qaft")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--results", required=True, help="the quantization tables' results/ folder")
+    p.add_argument("--formats", nargs="+", default=["int4", "int4-g64", "int3-g64"])
+    p.add_argument("--qaft-lr", type=float, default=3e-4, help="the QAFT runs' learning rate (their file names)")
+    p.add_argument("--calib-seq-len", type=int, default=256, help="the tables' calibration sequence length")
+    p.add_argument("--segments", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--k-top", type=int, default=10)
+    p.add_argument("--k-bottom", type=int, default=3)
+    p.add_argument("--lanczos-steps", type=int, default=80)
+    p.add_argument("--trace-matvecs", type=int, default=30)
+    p.add_argument("--t", nargs="+", type=float, default=[0.0, 0.5, 1.0])
+    p.add_argument("--no-spectrum", action="store_true", help="only the paths")
+    p.add_argument("--random-seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    formats = [parse_format(f).name for f in args.formats]
+    if args.segments < 2:
+        p.error(f"--segments must be >= 2 (the path intervals are over segments), got {args.segments}")
+    out = check_store_path(args.out, resume=True)
+
+    lm = load_model(args.model)
+    from landscape.curvature import curvature_along_path, hessian_spectrum, hessian_trace
+    from landscape.directions import displacement_direction, random_direction
+
+    calib = calibration_set(lm.tokenizer, 128, args.calib_seq_len, 0, context_length=lm.info.context_length)
+    results = Path(args.results) / f"calib-{calib.content_hash}"
+    protocol = Protocol(model=args.model, qaft_lr=args.qaft_lr)  # only its QAFT settings name the files
+    sources = {(m, f): results / result_key(protocol, Variant(m, f)) for f in formats for m in METHODS}
+    missing = [str(s) for s in sources.values() if not s.with_name(s.name + ".json").exists()]
+    if missing:
+        p.error(f"no saved results {missing}: run analyses/quant_table.py first")
+    data = heldout_set(lm.tokenizer, args.seq_len, "wiki", args.segments, context_length=lm.info.context_length)
+
+    def random_like(fmt: str):
+        length = displacement_direction(lm.model, sources[("gptq", fmt)]).norm()
+        unit = random_direction(lm.model, args.random_seed, "filter").unit()
+        return {n: length * t for n, t in unit.tensors.items()}
+
+    common = {"batch_size": 1, "progress": True}
+    tasks = {}
+    if not args.no_spectrum:
+        tasks["spectrum"] = lambda: hessian_spectrum(
+            lm.model, data, k=args.k_top, k_bottom=args.k_bottom, lanczos_steps=args.lanczos_steps,
+            return_eigenvectors=False, **common).to_record(include_eigenvectors=False)
+        tasks["trace"] = lambda: hessian_trace(lm.model, data, n_matvecs=args.trace_matvecs, **common).to_record()
+    paths = {}
+    for f in formats:
+        for m in (*METHODS, "random"):
+            label = f"random (GPTQ {f}'s length)" if m == "random" else f"{m} {f}"
+            paths[label] = str(sources[(m, f)]) if m != "random" else f"filter seed {args.random_seed}, GPTQ {f}'s norm"
+            direction = (lambda f=f: random_like(f)) if m == "random" else \
+                (lambda m=m, f=f: displacement_direction(lm.model, sources[(m, f)]))
+            tasks[f"path/{label}"] = lambda d=direction: curvature_along_path(
+                lm.model, data, d(), t=args.t, level=0.95, **common).to_record()
+    provenance = {"kind": "curvature", "model": args.model, "model_info": lm.info.to_dict(),
+                  "model_fingerprint": weights_fingerprint(lm.model), "data": data.provenance(),
+                  "nll_convention": NLLConvention.for_data(data, args.model).to_dict(),
+                  "settings": {k: v for k, v in vars(args).items() if k not in ("out", "results")},
+                  "tasks": list(tasks), "paths": paths}
+    store, _ = run_tasks(out, provenance, tasks)
+    report(store)
+
+
+def report(store) -> None:
+    import json
+
+    a = store.arrays
+    prov = store.provenance
+    if "spectrum/top/eigenvalues" in a:
+        spec = json.loads(str(a["spectrum/attrs"]))
+        trace = json.loads(str(a["trace/attrs"]))
+        print(f"Hessian of the token-mean NLL over {spec['n_params']:,} weights; {spec['lanczos_steps']} Lanczos steps "
+              f"({spec['seconds_per_matvec']:.1f} s per product)\n")
+        print("| end | eigenvalues | residuals | converged |\n|---|---|---|---|")
+        for end in ("top", "bottom"):
+            ev, res, conv = (a[f"spectrum/{end}/{k}"] for k in ("eigenvalues", "residuals", "converged"))
+            print(f"| {end} | {np.array2string(ev, precision=4)} | {np.array2string(res, precision=2)} | "
+                  f"{int(conv.sum())}/{len(conv)} |")
+        print(f"\ntrace (Hutch++, {trace['n_matvecs']} products): {trace['value']:.5g} +- {trace['stderr']:.2g}; "
+              f"mean eigenvalue {trace['value'] / trace['n_params']:.3g}\n")
+    ts = None
+    rows = []
+    for label in (task[len("path/"):] for task in prov["tasks"] if task.startswith("path/")):
+        t, c, lo, hi = (a[f"path/{label}/{k}"] for k in ("t", "curvature", "low", "high"))
+        ts = t
+        norm = json.loads(str(a[f"path/{label}/attrs"]))["direction_norm"]
+        rows.append(f"| {label} | {norm:.1f} | " + " | ".join(
+            f"{c[i]:.3g} [{lo[i]:.2g}, {hi[i]:.2g}]" for i in range(len(t))) + " |")
+    if rows:
+        print("| direction | ‖d‖ | " + " | ".join(f"u^T H u at t = {x:g} [95 % over segments]" for x in ts) + " |")
+        print("|---|---|" + "---|" * len(ts))
+        print("\n".join(rows))
+    conv = prov["nll_convention"]
+    print(f"\nNLL: token-mean over {conv['n_segments']} x {conv['seq_len']} held-out {conv['corpus']} tokens; "
+          f"curvature in nats/token per squared weight unit")
+
+
+if __name__ == "__main__":
+    main()
