@@ -18,6 +18,7 @@ from landscape.models import load_model
 from landscape.plots import control_gaps
 from landscape.study import Protocol, read_quant_table, run_quant_table
 
+CORE_METHODS = ("rtn", "gptq", "qaft", "fp-finetune", "gptq-noact", "gptq+lorc")
 GROUP = {"smollm2-135m": 64}  # SmolLM2's hidden size 576 is not divisible by 128
 
 
@@ -26,7 +27,7 @@ def protocols(args: argparse.Namespace) -> dict[str, Protocol]:
     common = dict(model=args.model, calib_seq_len=args.calib_seq_len, eval_seq_len=args.eval_seq_len,
                   eval_segments=args.eval_segments, qaft_lr=args.qaft_lr, seeds=tuple(range(args.seeds)),
                   layer_mse_sequences=args.layer_mse_sequences)
-    core_methods = ("rtn", "gptq", "qaft", "fp-finetune", "gptq-noact", "gptq+lorc")
+    core_methods = tuple(args.core_methods)
     return {
         **{f"core-{f}": Protocol(**common, formats=(f,), methods=core_methods) for f in args.core_formats},
         "wide": Protocol(**common, formats=("int8", "int4", "int3", "int2", f"int4-g{g}", f"int3-g{g}"),
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--qaft-lr", type=float, default=3e-4)
     p.add_argument("--seeds", type=int, default=1, help="seeds of QAFT and its control (>= 3 for a comparison)")
     p.add_argument("--core-formats", nargs="+", default=["int3", "int4"])
+    p.add_argument("--core-methods", nargs="+", default=list(CORE_METHODS),
+                   help=f"methods of the core protocols (default all: {' '.join(CORE_METHODS)})")
     p.add_argument("--layer-mse-sequences", type=int, default=16,
                    help="first calibration sequences of every row's summed layer MSE (one forward pass each)")
     p.add_argument("--only", nargs="+", default=None, help="run only these protocols (e.g. core-int3 wide)")
