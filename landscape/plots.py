@@ -47,6 +47,9 @@ METHOD_COLORS: dict[str, str] = {
     "qaft": "#d62728", "fp-finetune": "#2ca02c", "dither": "#ff7f0e", "random": "#17becf",
 }
 QUANTIZED_METHODS = ("rtn", "gptq", "gptq-noact", "gptq+lorc", "qaft")
+# Figure 2: each method labels its points on its own side, so labels of nearby points do not overlap.
+LABEL_SIDE = {"fp32": "top center", "rtn": "middle left", "gptq": "top center", "gptq-noact": "bottom center",
+              "gptq+lorc": "bottom center", "qaft": "middle right"}
 CORPUS_TITLES = {"wiki": "in-domain: wiki held-out", "sotu": "out-of-domain: State of the Union"}
 NLL_AXIS = "held-out NLL (nats/token)"
 DISTANCE_AXIS = "distance from w0, ‖w − w0‖ (Euclidean, weight units)"
@@ -333,7 +336,7 @@ def pareto(tables: Sequence[StoreData], facts: StoreData) -> go.Figure:
                 continue
             fig.add_trace(go.Scatter(
                 x=[sizes[i] for i in index], y=[nlls[i] for i in index], mode="markers+text",
-                text=[rows[i]["format"] or "fp16" for i in index], textposition="top center",
+                text=[rows[i]["format"] or "fp16" for i in index], textposition=LABEL_SIDE.get(method, "top center"),
                 name=METHOD_LABELS[method], legendgroup=method, showlegend=col == 1,
                 marker={"color": METHOD_COLORS[method], "size": 9},
                 hovertemplate="%{text}: %{x:.2f} MiB, %{y:.4f} nats/token<extra></extra>"), row=1, col=col)
@@ -742,6 +745,6 @@ def model_size(models: Sequence[tuple[StoreData, StoreData, StoreData]], fmt: st
 
 def reading_model_size(models: Sequence[tuple[StoreData, StoreData, StoreData]], fmt: str) -> str:
     points = size_points(models, fmt)
-    parts = [f"{p['model']} ({p['n_params']:,} parameters): R/‖w0‖ = {p['relative_radius'][0.5]:.3%}, GPTQ − QAFT = "
-             f"{p['gap'].value:+.3f} [{p['gap'].low:+.3f}, {p['gap'].high:+.3f}] nats" for p in points]
+    parts = [f"{p['model']} ({p['n_params']:,} parameters): R/‖w0‖ = {100 * p['relative_radius'][0.5]:.3g} %, "
+             f"GPTQ − QAFT = {p['gap'].value:+.3f} [{p['gap'].low:+.3f}, {p['gap'].high:+.3f}] nats" for p in points]
     return f"At {fmt}: " + "; ".join(parts) + "."
