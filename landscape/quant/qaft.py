@@ -299,7 +299,9 @@ def select_learning_rate(
     # Check every setting, the layers, the format and the start point before anything trains.
     plan = _plan(model, train_set, fmt, settings.get("layers"), settings.get("start"),
                  FinetuneSettings(lr=rates[0], **{k: v for k, v in settings.items()
-                                                  if k not in ("layers", "start", "model_name")}))
+                                                  if k not in ("layers", "start", "model_name", "mse_data")}))
+    # Each candidate's layer MSE is not used by the selection: measure it on one sequence, not on all of them.
+    settings.setdefault("mse_data", train_set.subset([0]))
 
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -312,7 +314,7 @@ def select_learning_rate(
         with swapped_weights(model, result.weights):
             values.append(nll(model, validation_set, batch_size=eval_batch_size).value)
     best = rates[min(range(len(rates)), key=lambda i: (values[i], i))]
-    recorded = {k: (v.label if isinstance(v, QuantResult) else v) for k, v in settings.items()}
+    recorded = {k: (v.label if isinstance(v, QuantResult) else v) for k, v in settings.items() if k != "mse_data"}
     return LearningRateSweep(
         candidates=tuple(rates), validation_nll=tuple(values), start_validation_nll=start_nll, best_lr=best,
         train_sequences=tuple(train_idx), validation_sequences=tuple(validation_idx),
