@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     formats = [parse_format(f).name for f in args.formats]
     if args.segments < 2:
         p.error(f"--segments must be >= 2 (the path intervals are over segments), got {args.segments}")
+    if args.trace_matvecs < 6:
+        p.error(f"--trace-matvecs must be >= 6 (Hutch++ needs two residual probes for its error), got "
+                f"{args.trace_matvecs}")
     out = check_store_path(args.out, resume=True)
 
     lm = load_model(args.model)

@@ -1,0 +1,100 @@
+"""The study scripts beyond the figures (learning-rate sweep, misalignment split at R, curvature along several
+formats) on ref-tiny: what they store equals what they claim, reruns reuse finished work, bad input stops
+them before the model loads."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from analyses import curvature_study, lr_sweep, misalignment_basin, quant_table
+from landscape.misalignment import Misalignment
+from landscape.store import read_store
+
+pytestmark = pytest.mark.filterwarnings("ignore::landscape.curvature.ConvergenceWarning")  # few Lanczos steps
+SHORT = ["--model", "ref-tiny", "--calib-seq-len", "32"]
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    """RTN, GPTQ and QAFT of ref-tiny at int4 saved the way the quantization tables save them."""
+    out = tmp_path_factory.mktemp("tables")
+    # A module fixture runs before the autouse ones: use the same private cache and thread count as the tests,
+    # so ref-tiny (trained on first use; its weights depend on the thread count) is the model they load.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LANDSCAPE_CACHE", str(tmp_path_factory.getbasetemp() / "landscape-cache"))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _quant_tables(out)
+        finally:
+            torch.set_num_threads(threads)
+    return out / "results"
+
+
+def _quant_tables(out):
+    quant_table.main([*SHORT, "--out", str(out), "--core-formats", "int4", "--only", "core-int4", "--core-methods",
+                      "rtn", "gptq", "qaft", "--eval-seq-len", "32", "--eval-segments", "4",
+                      "--layer-mse-sequences", "2", "--qaft-lr", "1e-3"])
+
+
+def test_lr_sweep_picks_the_lowest_validation_nll_and_reuses_a_finished_sweep(tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    args = [*SHORT, "--formats", "int3", "--candidates", "1e-2", "1e-4", "--out", str(out)]
+    lr_sweep.main(args)
+    (key, sweep), = json.loads(out.read_text()).items()
+    assert key.startswith("ref-tiny/int3/") and sweep["candidates"] == [1e-4, 1e-2]
+    assert sweep["best_lr"] == sweep["candidates"][int(np.argmin(sweep["validation_nll"]))]
+    assert len(sweep["validation_sequences"]) == 16 and len(sweep["train_sequences"]) == 112
+    first = capsys.readouterr().out
+    before = out.stat().st_mtime_ns
+    lr_sweep.main(args)  # finished: printed again, not recomputed
+    assert out.stat().st_mtime_ns == before and capsys.readouterr().out == first
+    assert "**chosen**" in first
+    with pytest.raises(SystemExit):
+        lr_sweep.main([*SHORT, "--candidates", "0", "--out", str(tmp_path / "x.json")])
+
+
+def test_misalignment_split_counts_candidates_inside_the_radius(tables, tmp_path):
+    out = tmp_path / "mis.h5"
+    misalignment_basin.main([*SHORT, "--results", str(tables), "--radius", "0.5", "--out", str(out),
+                             "--gptq-formats", "int6", "--rounding-formats", "int6", "int3", "--seeds", "0",
+                             "--eval-seq-len", "32", "--eval-segments", "4", "--mse-sequences", "2"])
+    study = Misalignment.from_store(out)
+    labels = set(study.candidates.labels)
+    assert {"rtn int4", "gptq int4", "qaft int4", "rtn int8", "gptq int6", "stochastic int3 f1 s0"} <= labels
+    norms = study.candidates.displacement_norm
+    assert study.inside.n == int((norms <= 0.5).sum()) and study.outside.n == int((norms > 0.5).sum())
+    assert study.inside.n + study.outside.n == len(labels) and study.inside.n > 0 and study.outside.n > 0
+    with pytest.raises(SystemExit):  # an existing store is never overwritten
+        misalignment_basin.main([*SHORT, "--results", str(tables), "--radius", "0.5", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        misalignment_basin.main([*SHORT, "--results", str(tables), "--radius", "-1", "--out", str(tmp_path / "y.h5")])
+
+
+def test_curvature_study_paths_have_their_displacement_norms_and_a_rerun_does_nothing(tables, tmp_path, capsys):
+    out = tmp_path / "curv.h5"
+    args = [*SHORT, "--results", str(tables), "--formats", "int4", "--qaft-lr", "1e-3", "--seq-len", "16",
+            "--k-top", "2", "--k-bottom", "1", "--lanczos-steps", "6", "--trace-matvecs", "6", "--t", "0", "1",
+            "--out", str(out)]
+    curvature_study.main(args)
+    data = read_store(out)
+    assert data.complete and list(data.provenance["tasks"])[:2] == ["spectrum", "trace"]
+    attrs = {label: json.loads(str(data.arrays[f"path/{label}/attrs"]))
+             for label in ("rtn int4", "gptq int4", "qaft int4", "random (GPTQ int4's length)")}
+    assert attrs["random (GPTQ int4's length)"]["direction_norm"] == pytest.approx(
+        attrs["gptq int4"]["direction_norm"], rel=1e-6)
+    assert all(math.isfinite(v) for label in attrs for v in data.arrays[f"path/{label}/curvature"])
+    top = data.arrays["spectrum/top/eigenvalues"]
+    assert top[0] >= top[1] >= data.arrays["spectrum/bottom/eigenvalues"][0]
+    printed = capsys.readouterr().out
+    before = out.stat().st_mtime_ns
+    curvature_study.main(args)  # complete: read back, nothing recomputed
+    assert out.stat().st_mtime_ns == before and capsys.readouterr().out == printed
+    with pytest.raises(SystemExit):  # refused before the model loads
+        curvature_study.main([*SHORT, "--results", str(tables), "--trace-matvecs", "3",
+                              "--out", str(tmp_path / "z.h5")])
