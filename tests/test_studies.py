@@ -98,3 +98,21 @@ def test_curvature_study_paths_have_their_displacement_norms_and_a_rerun_does_no
     with pytest.raises(SystemExit):  # refused before the model loads
         curvature_study.main([*SHORT, "--results", str(tables), "--trace-matvecs", "3",
                               "--out", str(tmp_path / "z.h5")])
+
+
+def test_predict_gap_cases_are_the_tables_gptq_minus_qaft(tables, tmp_path):
+    from analyses import predict_gap
+    from landscape.predict import PredictorEvaluation
+    from landscape.study import read_quant_table
+
+    store = tables.parent / "core-int4.h5"
+    out = tmp_path / "predict.h5"
+    predict_gap.main(["--model", "ref-tiny", "0.5", str(store), "--out", str(out)])
+    (case,) = PredictorEvaluation.from_store(out).cases
+    rows = {r["label"]: r for r in read_quant_table(store).rows}
+    assert case.gap == pytest.approx(rows["gptq int4"]["nll"]["wiki"] - rows["qaft int4 s0"]["nll"]["wiki"], abs=1e-12)
+    assert case.score == pytest.approx(rows["rtn int4"]["displacement_norm"] / 0.5, rel=1e-12)
+    for bad in (["--model", "ref-tiny", "-2", str(store)], ["--model", "ref-small", "0.5", str(store)],
+                ["--model", "ref-tiny", "0.5", str(tmp_path / "none.h5")]):
+        with pytest.raises(SystemExit):
+            predict_gap.main(bad)

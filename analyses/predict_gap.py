@@ -1,0 +1,73 @@
+"""How well does ``||w_RTN - w0|| / R(w0)`` predict where GPTQ falls far behind QAFT? (issue #6, item 4)
+
+    python analyses/predict_gap.py \\
+        --model smollm2-135m 114.6 results/quant_table/core-*.h5 \\
+        --model ref-small 34.6 results/quant_table_ref/core-*.h5 --out results/predict_gap.h5
+
+Each ``--model NAME RADIUS STORE...`` gives a model's R(w0) (median over random filter-normalised directions,
+``landscape radius`` or figure 4's store) and its quantization-table stores; every format with RTN, GPTQ and
+QAFT rows becomes one case (QAFT averaged over its seeds). Prints :func:`landscape.predict.evaluate_predictor`'s
+table (score, measured gap, rule verdicts, Spearman(score, gap) with a bootstrap interval over cases) and
+writes it to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python analyses/predict_gap.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from landscape.outputs import check_output_path
+from landscape.predict import cases_from_quant_table, evaluate_predictor
+from landscape.study import read_quant_table
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", nargs="+", action="append", required=True, metavar="NAME RADIUS STORE",
+                   help="a model, its R(w0) and its quant-table stores (repeat per model)")
+    p.add_argument("--corpus", default="wiki")
+    p.add_argument("--gap-threshold", type=float, default=0.1, help="'far behind': gap above this (nats/token)")
+    p.add_argument("--out", default=None, help="also write the evaluation to this new HDF5 store")
+    args = p.parse_args(argv)
+    inputs = []
+    for spec in args.model:
+        if len(spec) < 3:
+            p.error(f"--model needs NAME RADIUS STORE..., got {spec}")
+        try:
+            radius = float(spec[1])
+        except ValueError:
+            radius = math.nan
+        if not radius > 0:
+            p.error(f"--model {spec[0]}: RADIUS must be R(w0) > 0, got {spec[1]!r}")
+        missing = [s for s in spec[2:] if not Path(s).is_file()]
+        if missing:
+            p.error(f"--model {spec[0]}: no store at {missing}")
+        inputs.append((spec[0], radius, spec[2:]))
+    out = check_output_path(args.out) if args.out else None
+    if out is not None and out.exists():
+        p.error(f"--out {out} exists (choose another path or remove it)")
+
+    cases = []
+    for name, radius, stores in inputs:
+        for store in stores:
+            table = read_quant_table(store)
+            if table.provenance["model"] != name:
+                p.error(f"{store} is a table of {table.provenance['model']}, not of {name}")
+            known = {(c.model, c.format) for c in cases}
+            cases += [c for c in cases_from_quant_table(table, radius, corpus=args.corpus)
+                      if (c.model, c.format) not in known]  # a format in two stores counts once
+    evaluation = evaluate_predictor(cases, gap_threshold=args.gap_threshold)
+    print(evaluation.markdown())
+    print(f"\nNLL: token-mean nats per scored token on held-out {args.corpus}, each table's own convention "
+          f"(in its provenance)")
+    if out is not None:
+        evaluation.to_store(out)
+
+
+if __name__ == "__main__":
+    main()
