@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", nargs="+", action="append", required=True, metavar="NAME RADIUS STORE",
                    help="a model, its R(w0) and its quant-table stores (repeat per model)")
     p.add_argument("--corpus", default="wiki")
+    p.add_argument("--adjust-for-control", action="store_true",
+                   help="subtract the full-precision control's gain from each gap (tables with fp-finetune rows)")
     p.add_argument("--gap-threshold", type=float, default=0.1, help="'far behind': gap above this (nats/token)")
     p.add_argument("--out", default=None, help="also write the evaluation to this new HDF5 store")
     args = p.parse_args(argv)
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
             if table.provenance["model"] != name:
                 p.error(f"{store} is a table of {table.provenance['model']}, not of {name}")
             known = {(c.model, c.format) for c in cases}
-            cases += [c for c in cases_from_quant_table(table, radius, corpus=args.corpus)
+            cases += [c for c in cases_from_quant_table(table, radius, corpus=args.corpus,
+                                                                 adjust_for_control=args.adjust_for_control)
                       if (c.model, c.format) not in known]  # a format in two stores counts once
     evaluation = evaluate_predictor(cases, gap_threshold=args.gap_threshold)
     print(evaluation.markdown())

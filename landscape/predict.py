@@ -76,6 +76,9 @@ class PredictionCase:
         rtn_displacement_norm: ``||w_RTN - w0||`` (weight units); ``basin_radius``: R(w0) in the same units.
         nll_gptq, nll_qaft: measured token-mean NLL (nats/token) on the same evaluation data (QAFT: mean
             over its seeds).
+        control_gain: what fine-tuning the same weights in full precision on the same calibration data gains,
+            ``NLL(w0) - NLL(control)`` (nats/token, control averaged over seeds); 0 when not adjusted. The gap
+            then counts only the part of QAFT's advantage that is not adaptation to the calibration text.
     """
 
     model: str
@@ -84,10 +87,11 @@ class PredictionCase:
     basin_radius: float
     nll_gptq: float
     nll_qaft: float
+    control_gain: float = 0.0
 
     def __post_init__(self) -> None:
         difficulty_score(self.rtn_displacement_norm, self.basin_radius)  # validates both
-        for name in ("nll_gptq", "nll_qaft"):
+        for name in ("nll_gptq", "nll_qaft", "control_gain"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise PredictionError(f"{self.model} {self.format}: {name} must be a finite number, got {value!r}")
@@ -98,8 +102,9 @@ class PredictionCase:
 
     @property
     def gap(self) -> float:
-        """``NLL(GPTQ) - NLL(QAFT)`` (nats/token): how far GPTQ falls behind."""
-        return self.nll_gptq - self.nll_qaft
+        """``NLL(GPTQ) - NLL(QAFT) - control_gain`` (nats/token): how far GPTQ falls behind (beyond adaptation,
+        when ``control_gain`` is set)."""
+        return self.nll_gptq - self.nll_qaft - self.control_gain
 
 
 def cases_from_quant_table(
@@ -110,6 +115,7 @@ def cases_from_quant_table(
     corpus: str = "wiki",
     gptq_method: str = "gptq",
     qaft_method: str = "qaft",
+    adjust_for_control: bool = False,
 ) -> list[PredictionCase]:
     """One :class:`PredictionCase` per format of a quant table that has RTN, GPTQ and QAFT rows.
 
@@ -121,6 +127,8 @@ def cases_from_quant_table(
         corpus: which evaluation corpus's NLL is the outcome.
         gptq_method, qaft_method: the table's method names of the two contenders (QAFT rows of several
             seeds are averaged). Rows with quantized activations are ignored.
+        adjust_for_control: subtract the full-precision control's gain (``fp32`` row minus the mean of the
+            ``fp-finetune`` rows) from each gap; the table must have both.
 
     Formats missing one of the three methods are skipped with a warning naming them.
     """
@@ -137,6 +145,14 @@ def cases_from_quant_table(
     for row in rows:
         if row.get("format") and not row.get("act_bits"):
             by_format.setdefault(str(row["format"]), {}).setdefault(str(row["method"]), []).append(row)
+    control_gain = 0.0
+    if adjust_for_control:
+        fp32 = [r for r in rows if r.get("method") == "fp32"]
+        controls = [r for r in rows if r.get("method") == "fp-finetune"]
+        if not fp32 or not controls:
+            raise PredictionError(f"{name}: adjust_for_control needs the table's fp32 and fp-finetune rows "
+                                  f"(it has methods {sorted({str(r.get('method')) for r in rows})})")
+        control_gain = float(fp32[0]["nll"][corpus] - np.mean([r["nll"][corpus] for r in controls]))
     cases, incomplete = [], []
     for fmt, methods in by_format.items():
         if not all(methods.get(m) for m in ("rtn", gptq_method, qaft_method)):
@@ -145,7 +161,7 @@ def cases_from_quant_table(
         cases.append(PredictionCase(
             str(name), fmt, float(methods["rtn"][0]["displacement_norm"]), basin_radius,
             float(np.mean([r["nll"][corpus] for r in methods[gptq_method]])),
-            float(np.mean([r["nll"][corpus] for r in methods[qaft_method]]))))
+            float(np.mean([r["nll"][corpus] for r in methods[qaft_method]])), control_gain))
     if incomplete:
         warnings.warn(f"{name}: formats {incomplete} lack an rtn, {gptq_method} or {qaft_method} row and were skipped",
                       stacklevel=2)
@@ -205,14 +221,17 @@ class PredictorEvaluation:
         rho = self.rank_correlation
         rho_text = (f"{rho.value:+.3f} [{rho.low:+.3f}, {rho.high:+.3f}] ({rho.level:.0%} bootstrap over {rho.n_units} "
                     f"cases)" if rho else "n/a (needs >= 3 cases with varying score and gap)")
+        adjusted = any(c.control_gain for c in self.cases)
+        gap = "NLL(GPTQ) − NLL(QAFT) − control gain" if adjusted else "NLL(GPTQ) − NLL(QAFT)"
         lines = ["# PTQ-difficulty predictor: score = ‖w_RTN − w0‖ / R(w0)",
                  (f"rule: GPTQ falls far behind QAFT when score > {self.score_threshold:g}; measured 'far behind': "
-                  f"NLL(GPTQ) − NLL(QAFT) > {self.gap_threshold:g} nats/token"), "",
-                 "| model | format | ‖w_RTN − w0‖ | R(w0) | score | gap (nats) | predicted | measured |",
-                 "|---|---|---|---|---|---|---|---|"]
+                  f"{gap} > {self.gap_threshold:g} nats/token"), "",
+                 "| model | format | ‖w_RTN − w0‖ | R(w0) | score | " + ("control gain | " if adjusted else "")
+                 + "gap (nats) | predicted | measured |", "|---" * (8 + adjusted) + "|"]
         for c, p, a in zip(self.cases, self.predicted, self.actual):
             lines.append(f"| {c.model} | {c.format} | {c.rtn_displacement_norm:.4g} | {c.basin_radius:.4g} | "
-                         f"{c.score:.3f} | {c.gap:+.4f} | {_verdict(p)} | {_verdict(a)} |")
+                         f"{c.score:.3f} | " + (f"{c.control_gain:+.4f} | " if adjusted else "")
+                         + f"{c.gap:+.4f} | {_verdict(p)} | {_verdict(a)} |")
         lines += ["", f"Spearman(score, gap) = {rho_text}",
                   f"threshold rule accuracy = {self.accuracy:.1%} over {len(self.cases)} cases {self.confusion}"]
         return "\n".join(lines)
@@ -222,12 +241,13 @@ class PredictorEvaluation:
         rows = {"rtn_displacement_norm": np.array([c.rtn_displacement_norm for c in self.cases]),
                 "basin_radius": np.array([c.basin_radius for c in self.cases]),
                 "score": self.scores, "nll_gptq": np.array([c.nll_gptq for c in self.cases]),
-                "nll_qaft": np.array([c.nll_qaft for c in self.cases]), "gap": self.gaps,
+                "nll_qaft": np.array([c.nll_qaft for c in self.cases]),
+                "control_gain": np.array([c.control_gain for c in self.cases]), "gap": self.gaps,
                 "predicted": self.predicted, "actual": self.actual}
         rho = self.rank_correlation
         provenance = {"kind": "ptq_difficulty_prediction", "score": "||w_RTN - w0|| / R(w0)",
                       "score_threshold": self.score_threshold, "gap_threshold": self.gap_threshold,
-                      "gap": "NLL(GPTQ) - NLL(QAFT), nats/token", "accuracy": self.accuracy,
+                      "gap": "NLL(GPTQ) - NLL(QAFT) - control_gain, nats/token", "accuracy": self.accuracy,
                       "confusion": self.confusion, "rank_correlation": rho.to_record() if rho else None}
         tables = {"cases": {"model": [c.model for c in self.cases], "format": [c.format for c in self.cases]}}
         return StoreRecord(provenance, rows, {}, tables)
@@ -245,7 +265,8 @@ class PredictorEvaluation:
             raise PredictionError(f"{path} holds a {prov.get('kind')!r} run, not a predictor evaluation")
         names = data.table("cases")
         cases = tuple(PredictionCase(str(m), str(f), float(a["rtn_displacement_norm"][i]), float(a["basin_radius"][i]),
-                                     float(a["nll_gptq"][i]), float(a["nll_qaft"][i]))
+                                     float(a["nll_gptq"][i]), float(a["nll_qaft"][i]),
+                                     float(a["control_gain"][i]) if "control_gain" in a else 0.0)
                       for i, (m, f) in enumerate(zip(names["model"], names["format"])))
         rho = Interval(**prov["rank_correlation"]) if prov["rank_correlation"] else None
         return cls(cases, prov["score_threshold"], prov["gap_threshold"], rho)

@@ -116,3 +116,21 @@ def test_store_round_trip(tmp_path):
     assert read == evaluation and read.markdown() == evaluation.markdown()
     np.testing.assert_array_equal(read.scores, evaluation.scores)
     assert read.rank_correlation == evaluation.rank_correlation and "| m | int3 |" in read.markdown()
+
+
+def test_control_adjusted_gaps_subtract_the_controls_gain(tmp_path):
+    table = synthetic_table("m1", {"int4": (50.0, 3.30, 3.20, 3.22), "int3": (120.0, 5.00, 4.40, 4.60)})
+    with pytest.raises(PredictionError, match="fp-finetune"):
+        cases_from_quant_table(table, 100.0, adjust_for_control=True)
+    rows = table.rows + [row("fp-finetune", "int4", 1.0, 2.70, seed=0), row("fp-finetune", "int4", 1.0, 2.80, seed=1)]
+    adjusted = QuantTable(rows, table.provenance, True)
+    cases = cases_from_quant_table(adjusted, 100.0, adjust_for_control=True)
+    gain = 3.0 - (2.70 + 2.80) / 2  # fp32 row minus the mean control
+    assert [c.control_gain for c in cases] == pytest.approx([gain, gain])
+    assert cases[1].gap == pytest.approx(5.00 - 4.50 - gain) and cases[0].gap == pytest.approx(3.30 - 3.21 - gain)
+    assert [c.gap for c in cases_from_quant_table(adjusted, 100.0)] == pytest.approx([3.30 - 3.21, 5.00 - 4.50])
+    evaluation = evaluate_predictor(cases + [PredictionCase("m2", "int4", 10.0, 20.0, 3.1, 3.0, 0.05)],
+                                    n_resamples=200)
+    assert "control gain" in evaluation.markdown() and "| +0.2500 |" in evaluation.markdown()
+    np.testing.assert_allclose(evaluation.gaps, [c.gap for c in evaluation.cases])
+    assert PredictorEvaluation.from_store(evaluation.to_store(tmp_path / "p.h5")) == evaluation
