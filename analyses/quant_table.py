@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layer-mse-sequences", type=int, default=16,
                    help="first calibration sequences of every row's summed layer MSE (one forward pass each)")
     p.add_argument("--only", nargs="+", default=None, help="run only these protocols (e.g. core-int3 wide)")
+    p.add_argument("--tag", default="", help="suffix of the store names (e.g. '-lr1e-3' for a variant protocol "
+                                             "beside the default ones, sharing their saved quantized models)")
     args = p.parse_args(argv)
     runs = protocols(args)  # every protocol is validated before the model loads
     if args.only:
@@ -59,9 +61,9 @@ def main(argv: list[str] | None = None) -> None:
         runs = {name: runs[name] for name in args.only}
     lm = load_model(args.model)
     for name, protocol in runs.items():
-        path = run_quant_table(protocol, args.out, lm=lm, name=name)
+        path = run_quant_table(protocol, args.out, lm=lm, name=name + args.tag)
         table = read_quant_table(path)
-        print(f"\n## {name}: {args.model}\n")
+        print(f"\n## {name}{args.tag}: {args.model}\n")
         print(table.markdown())
         ev = table.provenance["evaluation"]
         print("\nNLL: token-mean nats per scored token; " + "; ".join(
