@@ -48,7 +48,8 @@ def saved_candidates(results: Path, methods: tuple[str, ...]) -> dict[str, Path]
             else meta["method"]
         if method not in methods or (method == "qaft" and meta["settings"].get("seed") != 0):
             continue
-        out[f"{method} {meta['format']}"] = js.with_suffix("")
+        lr = f" lr{meta['settings']['lr']:g}" if method == "qaft" else ""  # QAFT at several learning rates
+        out[f"{method} {meta['format']}{lr}"] = js.with_suffix("")
     return out
 
 

@@ -66,7 +66,7 @@ def test_misalignment_split_counts_candidates_inside_the_radius(tables, tmp_path
                              "--eval-seq-len", "32", "--eval-segments", "4", "--mse-sequences", "2"])
     study = Misalignment.from_store(out)
     labels = set(study.candidates.labels)
-    assert {"rtn int4", "gptq int4", "qaft int4", "rtn int8", "gptq int6", "stochastic int3 f1 s0"} <= labels
+    assert {"rtn int4", "gptq int4", "qaft int4 lr0.001", "rtn int8", "gptq int6", "stochastic int3 f1 s0"} <= labels
     norms = study.candidates.displacement_norm
     assert study.inside.n == int((norms <= 0.5).sum()) and study.outside.n == int((norms > 0.5).sum())
     assert study.inside.n + study.outside.n == len(labels) and study.inside.n > 0 and study.outside.n > 0
