@@ -2,7 +2,8 @@
 
     python analyses/lr_sweep.py --model smollm2-135m --formats int3 int4 --out results/lr_sweep.json
 
-For each format, :func:`landscape.quant.qaft.select_learning_rate` splits the 128 calibration sequences
+For each format (``fp32``: the full-precision control, which gets its own rate),
+:func:`landscape.quant.qaft.select_learning_rate` splits the 128 calibration sequences
 (seeded) into 112 training and 16 validation sequences, trains QAFT on the 112 with each candidate rate
 (every other setting as in the quantization table: one epoch, batch 4, seed 0) and measures the token-mean
 NLL of the snapped result on the 16. Held-out text is never read. Writes every sweep (rates, validation
@@ -26,14 +27,15 @@ from landscape.quant.qaft import DEFAULT_VALIDATION_SEQUENCES, select_learning_r
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--formats", nargs="+", default=["int3", "int4"])
+    p.add_argument("--formats", nargs="+", default=["int3", "int4"],
+                   help="QAFT formats; 'fp32' sweeps the full-precision control (fp-finetune) instead")
     p.add_argument("--candidates", nargs="+", type=float, default=[1e-4, 3e-4, 1e-3])
     p.add_argument("--calib-sequences", type=int, default=128)
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--validation", type=int, default=DEFAULT_VALIDATION_SEQUENCES)
     p.add_argument("--out", default="results/lr_sweep.json")
     args = p.parse_args(argv)
-    formats = [parse_format(f).name for f in args.formats]  # a bad format fails before the model loads
+    formats = [f if f == "fp32" else parse_format(f).name for f in args.formats]  # bad ones fail before loading
     if any(c <= 0 for c in args.candidates):
         p.error(f"--candidates must be learning rates > 0, got {args.candidates}")
     out = Path(args.out)
@@ -44,19 +46,21 @@ def main(argv: list[str] | None = None) -> None:
     for fmt in formats:
         key = f"{args.model}/{fmt}/{calib.content_hash}/" + ",".join(f"{c:g}" for c in sorted(args.candidates))
         if key not in done:
-            sweep = select_learning_rate(lm.model, calib, fmt, candidates=args.candidates,
-                                         n_validation=args.validation, model_name=lm.info.name)
+            control = fmt == "fp32"  # the control: the same loop with the quantizer off, its own learning rate
+            sweep = select_learning_rate(lm.model, calib, None if control else fmt, candidates=args.candidates,
+                                         n_validation=args.validation, model_name=lm.info.name, quantize=not control)
             done[key] = sweep.to_dict()
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(".tmp")
             tmp.write_text(json.dumps(done, indent=1))
             os.replace(tmp, out)  # a finished sweep is never lost, a half-written file never seen
         s = done[key]
-        print(f"\n## {args.model} {fmt}: QAFT lr on {len(s['train_sequences'])} calibration sequences, "
+        method = "fp-finetune (control)" if fmt == "fp32" else "QAFT"
+        print(f"\n## {args.model} {fmt}: {method} lr on {len(s['train_sequences'])} calibration sequences, "
               f"validated on {len(s['validation_sequences'])} (token-mean NLL, {args.calib_seq_len}-token "
               f"sequences; {s['seconds']:.0f} s)\n")
         print("| lr | validation NLL | vs start |\n|---|---|---|")
-        print(f"| start (RTN) | {s['start_validation_nll']:.4f} | 0 |")
+        print(f"| start ({'w0' if fmt == 'fp32' else 'RTN'}) | {s['start_validation_nll']:.4f} | 0 |")
         for lr, v in zip(s["candidates"], s["validation_nll"]):
             mark = " **chosen**" if lr == s["best_lr"] else ""
             print(f"| {lr:g}{mark} | {v:.4f} | {v - s['start_validation_nll']:+.4f} |")

@@ -116,3 +116,19 @@ def test_predict_gap_cases_are_the_tables_gptq_minus_qaft(tables, tmp_path):
                 ["--model", "ref-tiny", "0.5", str(tmp_path / "none.h5")]):
         with pytest.raises(SystemExit):
             predict_gap.main(bad)
+
+
+def test_lr_sweep_of_the_control_starts_at_w0_and_never_quantizes(tmp_path):
+    from landscape.data import calibration_set
+    from landscape.models import load_model
+    from landscape.objectives import nll
+
+    out = tmp_path / "sweep.json"
+    lr_sweep.main([*SHORT, "--formats", "fp32", "--candidates", "1e-3", "0.5", "--out", str(out)])
+    (sweep,) = json.loads(out.read_text()).values()
+    assert sweep["method"] == "fp-finetune" and sweep["format"] is None
+    lm = load_model("ref-tiny")
+    calib = calibration_set(lm.tokenizer, 128, 32, 0, context_length=lm.info.context_length)
+    assert sweep["start_validation_nll"] == nll(lm.model, calib.subset(sweep["validation_sequences"]),
+                                                batch_size=8).value  # w0 itself, not a rounded model
+    assert sweep["best_lr"] == 1e-3  # a rate of 0.5 wrecks a full-precision model
