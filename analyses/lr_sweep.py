@@ -21,7 +21,7 @@ from pathlib import Path
 from landscape.data import calibration_set
 from landscape.models import load_model
 from landscape.quant import parse_format
-from landscape.quant.qaft import DEFAULT_VALIDATION_SEQUENCES, select_learning_rate
+from landscape.quant.qaft import DEFAULT_VALIDATION_SEQUENCES, LearningRateSweep, select_learning_rate
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,11 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n## {args.model} {fmt}: {method} lr on {len(s['train_sequences'])} calibration sequences, "
               f"validated on {len(s['validation_sequences'])} (token-mean NLL, {args.calib_seq_len}-token "
               f"sequences; {s['seconds']:.0f} s)\n")
-        print("| lr | validation NLL | vs start |\n|---|---|---|")
-        print(f"| start ({'w0' if fmt == 'fp32' else 'RTN'}) | {s['start_validation_nll']:.4f} | 0 |")
-        for lr, v in zip(s["candidates"], s["validation_nll"]):
-            mark = " **chosen**" if lr == s["best_lr"] else ""
-            print(f"| {lr:g}{mark} | {v:.4f} | {v - s['start_validation_nll']:+.4f} |")
+        print(LearningRateSweep(**s).table())
 
 
 if __name__ == "__main__":

@@ -493,23 +493,33 @@ def check_same_base(model: nn.Module, results: Mapping[str, QuantResult]) -> lis
     """
     available = quantizable_layers(model)
     for label, result in results.items():
-        unknown = [n for n in result.weights if n not in available]
-        if unknown:
-            raise ComparisonError(f"result {label!r} has layers this model does not have, e.g. {unknown[:3]}; "
-                                  f"its quantizable layers are e.g. {list(available)[:3]} ({len(available)} in all)")
+        check_layers_and_base(model, f"result {label!r} ({result.label})", list(result.weights),
+                              result.base_model, result.base_fingerprint)
         for n, w in result.weights.items():
             expected = tuple(weight_matrix(available[n]).shape)
             if tuple(w.shape) != expected:
                 raise ComparisonError(f"result {label!r}: weight of {n!r} has shape {tuple(w.shape)}, the layer's "
                                       f"(out, in) weight is {expected}")
-        actual = weights_fingerprint(model, list(result.weights))
-        if result.base_fingerprint != actual:
-            raise ComparisonError(
-                f"result {label!r} ({result.label}) was computed on base {result.base_model!r} with fingerprint "
-                f"{result.base_fingerprint or 'missing'}, not on this model (fingerprint {actual} on its "
-                f"{len(result.weights)} layers): compare only quantized models of the same w0")
     used = {n for r in results.values() for n in r.weights}
     return [n for n in available if n in used]
+
+
+def check_layers_and_base(model: nn.Module, what: str, layers: Sequence[str], base_model: str,
+                          base_fingerprint: str) -> None:
+    """Raise :class:`ComparisonError` unless every one of ``layers`` is a quantizable layer of ``model`` and
+    ``base_fingerprint`` (of the result described by ``what``) is :func:`weights_fingerprint` of ``model`` on them.
+    Needs only a result's metadata, so saved results can be checked before any is loaded."""
+    available = quantizable_layers(model)
+    unknown = [n for n in layers if n not in available]
+    if unknown:
+        raise ComparisonError(f"{what} has layers this model does not have, e.g. {unknown[:3]}; "
+                              f"its quantizable layers are e.g. {list(available)[:3]} ({len(available)} in all)")
+    actual = weights_fingerprint(model, list(layers))
+    if base_fingerprint != actual:
+        raise ComparisonError(
+            f"{what} was computed on base {base_model!r} with fingerprint {base_fingerprint or 'missing'}, not on "
+            f"this model (fingerprint {actual} on its {len(layers)} layers): compare only quantized models of the "
+            f"same w0")
 
 
 def format_group(result: QuantResult) -> str:

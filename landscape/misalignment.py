@@ -38,7 +38,7 @@ from scipy import stats as scipy_stats
 from torch import nn
 from tqdm.auto import tqdm
 
-from .compare import ComparisonError, check_interval_settings, check_same_base
+from .compare import ComparisonError, check_interval_settings, check_layers_and_base, check_same_base
 from .store import StoreRecord, write_record
 from .data import TokenSet
 from .models import quantizable_layers, swapped_weights, weight_matrix, weights_fingerprint
@@ -226,7 +226,7 @@ def measure_candidates(
         if isinstance(candidate, RoundingSpec):
             result = stochastic_rounding(model, candidate, name)
         elif label in saved:
-            result = QuantResult.load(candidate, base_fingerprint=saved[label]["base_fingerprint"])
+            result = QuantResult.load(candidate)  # its base was checked above, from the metadata
         else:
             result = candidate
         weights = {n: w.to(weight_matrix(quantizable_layers(model)[n])) for n, w in result.weights.items()}
@@ -252,15 +252,8 @@ def measure_candidates(
 def _saved_metadata(model: nn.Module, label: str, path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of the saved result at ``path`` after checking its layers and base against ``model``."""
     meta = read_result_metadata(path)
-    available = quantizable_layers(model)
-    unknown = [n for n in meta["layers"] if n not in available]
-    if unknown:
-        raise ComparisonError(f"saved result {label!r} ({path}) has layers this model does not have, "
-                              f"e.g. {unknown[:3]}")
-    actual = weights_fingerprint(model, list(meta["layers"]))
-    if meta["base_fingerprint"] != actual:
-        raise ComparisonError(f"saved result {label!r} ({path}) was computed on base {meta['base_model']!r} with "
-                              f"fingerprint {meta['base_fingerprint']}, not on this model (fingerprint {actual})")
+    check_layers_and_base(model, f"saved result {label!r} ({path})", meta["layers"], meta["base_model"],
+                          meta["base_fingerprint"])
     return meta
 
 
