@@ -501,6 +501,15 @@ def quant_table_steps(session: Session, model: str) -> list[Step]:
     return [step(p) for p in model_protocols(session, model)]
 
 
+def random_direction_of_length(model, seed: int, length: float) -> dict:
+    """A random filter-normalised direction rescaled to Euclidean norm ``length`` (``layer -> (out, in)``): the
+    baseline of the same length as a displacement (figure 6, ``curvature_study.py``)."""
+    from landscape.directions import random_direction
+
+    unit = random_direction(model, seed, "filter").unit()
+    return {n: length * t for n, t in unit.tensors.items()}
+
+
 def quantized_model_path(session: Session, model: str, method: str, fmt: str, seed: int = 0) -> Path:
     """The saved QuantResult (path stem) of ``method`` at ``fmt`` in the quantization tables of ``model``.
 

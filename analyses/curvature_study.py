@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # run as `python analyses/curvature_study.py`
 
 import numpy as np
 
+from analyses.common import random_direction_of_length
 from landscape.data import calibration_set, heldout_set
 from landscape.models import load_model, weights_fingerprint
 from landscape.objectives import NLLConvention
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
 
     lm = load_model(args.model)
     from landscape.curvature import curvature_along_path, hessian_spectrum, hessian_trace
-    from landscape.directions import displacement_direction, random_direction
+    from landscape.directions import displacement_direction
 
     calib = calibration_set(lm.tokenizer, 128, args.calib_seq_len, 0, context_length=lm.info.context_length)
     results = Path(args.results) / f"calib-{calib.content_hash}"
@@ -78,8 +79,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def random_like(fmt: str):
         length = displacement_direction(lm.model, sources[("gptq", fmt)]).norm()
-        unit = random_direction(lm.model, args.random_seed, "filter").unit()
-        return {n: length * t for n, t in unit.tensors.items()}
+        return random_direction_of_length(lm.model, args.random_seed, length)
 
     common = {"batch_size": 1, "progress": True}
     tasks = {}

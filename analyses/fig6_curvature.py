@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as `python analyses/fig6_curvature.py`
 import plotly.graph_objects as go
 
 from analyses.common import (COSTS, Session, Step, eval_set, model_protocols, quant_table_steps, quantized_model_path,
-                             run_figure_script)
+                             random_direction_of_length, run_figure_script)
 from landscape import plots
 from landscape.store import read_store
 
@@ -43,7 +43,7 @@ def path_label(method: str, fmt: str) -> str:
 
 def measure(session: Session) -> None:
     from landscape.curvature import curvature_along_path, hessian_density, hessian_spectrum, hessian_trace
-    from landscape.directions import displacement_direction, random_direction
+    from landscape.directions import displacement_direction
     from landscape.models import weights_fingerprint
     from landscape.objectives import NLLConvention
     from landscape.store import run_tasks
@@ -58,9 +58,8 @@ def measure(session: Session) -> None:
         """The displacement ``w_q - w0``, or a random filter-normalised direction as long as GPTQ's."""
         if method != "random":
             return displacement_direction(lm.model, sources[method])
-        length = displacement_direction(lm.model, sources["gptq"]).norm()
-        unit = random_direction(lm.model, c.random_seed, "filter").unit()
-        return {n: length * t for n, t in unit.tensors.items()}
+        return random_direction_of_length(lm.model, c.random_seed,
+                                          displacement_direction(lm.model, sources["gptq"]).norm())
 
     common = {"batch_size": 1, "progress": session.progress}
     tasks = {
