@@ -88,15 +88,17 @@ def main(argv: list[str] | None = None) -> None:
             lm.model, data, k=args.k_top, k_bottom=args.k_bottom, lanczos_steps=args.lanczos_steps,
             return_eigenvectors=False, **common).to_record(include_eigenvectors=False)
         tasks["trace"] = lambda: hessian_trace(lm.model, data, n_matvecs=args.trace_matvecs, **common).to_record()
+    def path_task(direction):  # direction: built when the task runs, so a finished task loads nothing
+        return lambda: curvature_along_path(lm.model, data, direction(), t=args.t, level=0.95, **common).to_record()
+
     paths = {}
     for f in formats:
-        for m in (*METHODS, "random"):
-            label = f"random (GPTQ {f}'s length)" if m == "random" else f"{m} {f}"
-            paths[label] = str(sources[(m, f)]) if m != "random" else f"filter seed {args.random_seed}, GPTQ {f}'s norm"
-            direction = (lambda f=f: random_like(f)) if m == "random" else \
-                (lambda m=m, f=f: displacement_direction(lm.model, sources[(m, f)]))
-            tasks[f"path/{label}"] = lambda d=direction: curvature_along_path(
-                lm.model, data, d(), t=args.t, level=0.95, **common).to_record()
+        for m in METHODS:
+            paths[f"{m} {f}"] = str(sources[(m, f)])
+            tasks[f"path/{m} {f}"] = path_task(lambda m=m, f=f: displacement_direction(lm.model, sources[(m, f)]))
+        label = f"random (GPTQ {f}'s length)"
+        paths[label] = f"filter seed {args.random_seed}, GPTQ {f}'s norm"
+        tasks[f"path/{label}"] = path_task(lambda f=f: random_like(f))
     provenance = {"kind": "curvature", "model": args.model, "model_info": lm.info.to_dict(),
                   "model_fingerprint": weights_fingerprint(lm.model), "data": data.provenance(),
                   "nll_convention": NLLConvention.for_data(data, args.model).to_dict(),
