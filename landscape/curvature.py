@@ -433,6 +433,9 @@ def hessian_spectrum(
                              f"{space.size}], got {steps!r}")
     if not tol > 0:
         raise CurvatureError(f"tol must be > 0, got {tol!r}")
+    # Lanczos keeps its whole basis (one vector per step), plus the Ritz vectors if returned.
+    _check_krylov_memory(model, space, steps + 1 + (k + k_bottom if return_eigenvectors else 0),
+                         f"lanczos_steps={steps}", "lanczos_steps")
     batches = _batches(data, batch_size)
     op = _operator(model, batches, len(batches) / _scored_tokens(batches), space, operator)
 
@@ -625,6 +628,7 @@ def hessian_density(
         raise CurvatureError(f"n_grid must be an integer >= 2, got {n_grid!r}")
     if sigma is not None and not sigma > 0:
         raise CurvatureError(f"sigma must be > 0 or None (automatic), got {sigma!r}")
+    _check_krylov_memory(model, space, lanczos_steps + 1, f"lanczos_steps={lanczos_steps}", "lanczos_steps")
     batches = _batches(data, batch_size)
     op = _operator(model, batches, len(batches) / _scored_tokens(batches), space, operator)
     started = time.perf_counter()
@@ -892,6 +896,41 @@ def _match_layers(available: list[str], layers: LayerSelection) -> list[str]:
                                  f"'{available[0].rsplit('.', 1)[0]}.*' work)")
         chosen += [name for name in hits if name not in chosen]
     return chosen
+
+
+KRYLOV_MEMORY_SHARE = 0.8  # of the memory available when a Lanczos run starts; the rest is the HVPs' workspace
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation on ``device`` can use now: free GPU memory, or Linux's ``MemAvailable`` (which counts
+    reclaimable page cache); ``None`` where it cannot be known (the check is then skipped)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_krylov_memory(model: nn.Module, space: WeightSpace, n_vectors: int, request: str, knob: str) -> None:
+    """Refuse, before any product, a Lanczos run whose ``n_vectors`` full-length vectors cannot fit in memory
+    (a 135M-parameter model needs 0.42 GB per fp32 vector: 60 steps are 25 GB)."""
+    parameter = next(model.parameters())
+    itemsize = parameter.element_size()
+    available = available_memory_bytes(parameter.device)
+    need = n_vectors * space.size * itemsize
+    if available is None or need <= KRYLOV_MEMORY_SHARE * available:
+        return
+    per_vector = space.size * itemsize
+    fits = int(KRYLOV_MEMORY_SHARE * available // per_vector)
+    raise CurvatureError(
+        f"{request} keeps {n_vectors} Krylov vectors of {space.size:,} weights ({need / 2**30:.1f} GiB in "
+        f"{parameter.dtype}), more than {KRYLOV_MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GiB available on "
+        f"{parameter.device}: {fits} vectors fit; lower {knob}, select fewer layers, or use a larger machine")
 
 
 def _check_problem(model: nn.Module, data: TokenSet, operator: str, batch_size: int,

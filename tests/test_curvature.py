@@ -417,6 +417,31 @@ def test_bad_requests_are_clear_errors(gpt2_problem):
         hessian_trace(sdpa, data, progress=False)
 
 
+def test_a_krylov_basis_that_cannot_fit_in_memory_is_refused_before_any_product(gpt2_problem, monkeypatch):
+    """Lanczos keeps one full-length vector per step: n_params x itemsize x (steps + 1 + returned pairs) bytes."""
+    model, data, _, _ = gpt2_problem
+    n = weight_space(model).size
+    per_vector = n * 8  # float64
+
+    def no_product(*args, **kwargs):
+        raise AssertionError("work started before the memory check")
+
+    monkeypatch.setattr(curvature, "_operator", no_product)
+    # 13 vectors (12 steps + 1) fit in 80 % of 16.5 vectors' worth; 20 steps do not, and the error says what fits
+    monkeypatch.setattr(curvature, "available_memory_bytes", lambda device: int(16.5 * per_vector))
+    with pytest.raises(CurvatureError, match=r"lanczos_steps=20 keeps 21 Krylov vectors .* 13 vectors fit"):
+        hessian_spectrum(model, data, k=2, k_bottom=0, lanczos_steps=20, return_eigenvectors=False, progress=False)
+    with pytest.raises(CurvatureError, match=r"keeps 15 Krylov vectors"):  # 12 steps + 1 + 2 returned pairs
+        hessian_spectrum(model, data, k=2, k_bottom=0, lanczos_steps=12, progress=False)
+    with pytest.raises(CurvatureError, match=r"lanczos_steps=20 keeps 21"):
+        hessian_density(model, data, lanczos_steps=20, progress=False)
+    with pytest.raises(AssertionError, match="before the memory check"):  # 13 vectors pass the check
+        hessian_spectrum(model, data, k=2, k_bottom=0, lanczos_steps=12, return_eigenvectors=False, progress=False)
+    monkeypatch.setattr(curvature, "available_memory_bytes", lambda device: None)  # unknown: not checked
+    with pytest.raises(AssertionError, match="before the memory check"):
+        hessian_spectrum(model, data, k=2, k_bottom=0, lanczos_steps=20, progress=False)
+
+
 def test_same_seed_gives_bit_identical_results_and_records_serialise(gpt2_problem, gpt2_spectrum):
     model, data, _, _ = gpt2_problem
     again = hessian_spectrum(model, data, k=3, k_bottom=2, lanczos_steps=80, batch_size=3, progress=False)
