@@ -17,6 +17,11 @@ results and reused on a rerun.
 
 R(w0) comes from :func:`landscape.basin.basin_statistics` (``landscape radius``; figure 4's store holds it)
 on the same layers: pass its median as ``--radius``.
+
+Besides all candidates, the correlations are printed for two subsets of them: without the random roundings
+(the methods only), and the post-training methods only (without QAFT, whose NLL also carries what fine-tuning
+on the calibration text gains). ``--from-store STUDY.h5`` re-analyses a finished study's candidates (another
+``--radius``, the subsets) without loading the model; ``--out`` is then optional.
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python analyses/misalignment_basin.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
+
 from landscape.data import calibration_set, heldout_set
-from landscape.misalignment import measure_candidates, misalignment, random_roundings
+from landscape.misalignment import CandidateTable, Misalignment, measure_candidates, misalignment, random_roundings
 from landscape.models import load_model
 from landscape.outputs import check_output_path
 from landscape.quant import gptq, parse_format, rtn
@@ -56,9 +63,11 @@ def saved_candidates(results: Path, methods: tuple[str, ...]) -> dict[str, Path]
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--results", required=True, help="the quantization tables' results/ folder (study.result_path)")
+    p.add_argument("--results", help="the quantization tables' results/ folder (study.result_path); required unless "
+                                     "--from-store")
     p.add_argument("--radius", type=float, required=True, help="R(w0), median over directions, weight units")
-    p.add_argument("--out", required=True, help="new HDF5 store for the study")
+    p.add_argument("--out", help="new HDF5 store for the study (required unless --from-store)")
+    p.add_argument("--from-store", help="re-analyse the candidates of this finished study instead of measuring")
     p.add_argument("--methods", nargs="+", default=list(TABLE_METHODS), help="saved results to include")
     p.add_argument("--rtn-formats", nargs="+", default=["int8", "int6", "int5"])
     p.add_argument("--gptq-formats", nargs="+", default=["int6", "int5"])
@@ -73,14 +82,24 @@ def main(argv: list[str] | None = None) -> None:
     # Everything that can be wrong is checked before the model loads.
     if not args.radius > 0:
         p.error(f"--radius must be R(w0) > 0, got {args.radius}")
+    if args.from_store is None and (args.out is None or args.results is None):
+        p.error("--out (a new store for the study) and --results are required unless --from-store re-analyses a "
+                "finished study")
     bad = sorted(set(args.methods) - set(TABLE_METHODS))
     if bad:
         p.error(f"--methods {bad}: choose from {list(TABLE_METHODS)}")
     for f in (*args.rtn_formats, *args.gptq_formats, *args.rounding_formats):
         parse_format(f)
-    out = check_output_path(args.out)
-    if out.exists():
+    out = check_output_path(args.out) if args.out is not None else None
+    if out is not None and out.exists():
         p.error(f"--out {out} exists: the study writes a new store (remove it or choose another path)")
+    if args.from_store is not None:
+        try:
+            table = Misalignment.from_store(args.from_store).candidates
+        except (OSError, ValueError) as err:  # missing, unreadable or not a misalignment study
+            p.error(f"--from-store {args.from_store}: {err}")
+        report(table, args.radius, out)
+        return
     specs = random_roundings(args.rounding_formats, args.seeds, args.fractions)
 
     lm = load_model(args.model)
@@ -100,11 +119,26 @@ def main(argv: list[str] | None = None) -> None:
     held = heldout_set(tok, args.eval_seq_len, "wiki", args.eval_segments, context_length=ctx)
     table = measure_candidates(lm.model, candidates, held, mse_data=calib.subset(range(args.mse_sequences)),
                                batch_size=4, model_name=lm.info.name)
-    study = misalignment(table, args.radius, bins=4)
-    study.to_store(out)
+    report(table, args.radius, out)
+
+
+def report(table: CandidateTable, radius: float, out: Path | None) -> None:
+    """Print the study of all candidates (with their rows) and of the subsets; store the first at ``out``."""
+    study = misalignment(table, radius, bins=4)
+    if out is not None:
+        study.to_store(out)
     print(study.markdown())
-    print(f"\nNLL: {table.provenance['nll_convention']}\nlayer MSE: first {args.mse_sequences} calibration "
-          f"sequences of {args.calib_seq_len} tokens, full-precision inputs; store: {out}")
+    methods = np.array(table.methods)
+    for name, keep in (("without the random roundings", methods != "stochastic-rounding"),
+                       ("post-training methods only (no random roundings, no QAFT)",
+                        ~np.isin(methods, ["stochastic-rounding", "qaft"]))):
+        print(f"\n## {name}\n")
+        print(misalignment(table.subset(keep), radius, bins=4).markdown(include_candidates=False))
+    conv, mse = table.provenance["nll_convention"], table.provenance.get("mse_data", {})
+    print(f"\nNLL: {conv['reduction']} over {conv['n_segments']} x {conv['seq_len']} held-out {conv['corpus']} tokens "
+          f"(stride {conv['stride']}, {conv['n_tokens']:,} scored), {conv['unit']}; layer MSE: "
+          f"{mse.get('n_segments', '?')} calibration sequences of {mse.get('seq_len', '?')} tokens, full-precision "
+          f"inputs" + (f"; store: {out}" if out else ""))
 
 
 if __name__ == "__main__":

@@ -7,10 +7,14 @@ gives the Spearman rank correlation between summed MSE and NLL, with a bootstrap
 
 * over all candidates,
 * **inside** the basin (``||w_q - w0|| <= R(w0)``) and **outside** it (``> R(w0)``), and
-* in bins of displacement norm,
+* in bins of displacement norm, and
+* **within each format** (candidates on one grid, at similar distances), with the mean of those
+  correlations over the formats inside and outside R,
 
 so the paper's finding reads directly: inside the basin the two objectives agree (correlation near 1),
-outside they do not.
+outside they do not. The within-format view matters when the candidates span several bit-widths: pooled
+over formats, the bit-width orders both MSE and NLL and can hide that, on one grid, the candidate with the
+lower MSE is not the one with the lower NLL.
 
 **Random on-grid roundings** (:class:`RoundingSpec`, :func:`stochastic_rounding`): each weight goes to one of
 the two grid points around it, the upper one with probability equal to its fractional position between
@@ -167,6 +171,23 @@ class CandidateTable:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def subset(self, keep: Sequence[bool] | np.ndarray) -> CandidateTable:
+        """The candidates where ``keep`` (one bool per candidate) is True, e.g.
+        ``table.subset(np.array(table.methods) != "stochastic-rounding")``."""
+        mask = np.asarray(keep)
+        if mask.dtype != np.bool_ or mask.shape != (len(self),):
+            raise MisalignmentError(f"keep must be {len(self)} booleans (one per candidate), got an array of "
+                                    f"dtype {mask.dtype} and shape {mask.shape}")
+        index = np.flatnonzero(mask)
+        pick = lambda values: tuple(values[i] for i in index)  # noqa: E731
+        provenance = dict(self.provenance)
+        if isinstance(provenance.get("candidates"), Mapping):
+            provenance["candidates"] = {k: provenance["candidates"][k] for k in pick(self.labels)
+                                        if k in provenance["candidates"]}
+        return CandidateTable(pick(self.labels), pick(self.methods), pick(self.formats),
+                              self.displacement_norm[index], self.layer_mse_sum[index], self.nll[index], self.nll_w0,
+                              provenance)
 
     def markdown(self) -> str:
         order = np.argsort(self.displacement_norm, kind="stable")
@@ -342,6 +363,88 @@ class GroupCorrelation:
 
 
 @dataclass(frozen=True)
+class FormatCorrelation:
+    """Rank correlation of summed layer MSE and NLL among the candidates of one format (one grid).
+
+    Attributes:
+        format: the format's name.
+        n: candidates of that format.
+        median_norm: median displacement norm of those candidates (weight units).
+        inside: whether ``median_norm <= R(w0)`` (the format counts as inside the basin).
+        correlation: Spearman with its bootstrap interval over the format's candidates; ``None`` with fewer than
+            3 candidates or a constant variable.
+    """
+
+    format: str
+    n: int
+    median_norm: float
+    inside: bool
+    correlation: Interval | None
+
+
+@dataclass(frozen=True)
+class WithinFormat:
+    """Spearman(summed layer MSE, NLL) within each format and its mean over the formats inside and outside R.
+
+    The mean over a side is over the formats whose correlation is defined (at least 3 candidates, neither
+    variable constant); its interval is a stratified bootstrap: each resample redraws every format's candidates
+    with replacement (formats in ``per_format`` order, one generator seeded by ``seed`` per side), recomputes each
+    format's correlation and averages them; resamples in which a format's correlation is undefined are dropped.
+
+    Attributes:
+        per_format: one :class:`FormatCorrelation` per format, by increasing median displacement norm.
+        inside, outside: the mean over the defined formats of each side (``None`` if it has none).
+    """
+
+    per_format: tuple[FormatCorrelation, ...]
+    inside: Interval | None
+    outside: Interval | None
+
+    def side_formats(self, inside: bool) -> tuple[FormatCorrelation, ...]:
+        """The formats of one side whose correlation is defined (those the side's mean is over)."""
+        return tuple(f for f in self.per_format if f.inside == inside and f.correlation is not None)
+
+
+def within_format_correlation(candidates: CandidateTable, basin_radius: float, *, level: float = 0.95,
+                              n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> WithinFormat:
+    """Spearman(summed layer MSE, NLL) among the candidates of each format, and its mean over the formats inside
+    (median ``||d|| <= basin_radius``) and outside R, with stratified bootstrap intervals (see :class:`WithinFormat`).
+    """
+    x_all, y_all, norms = candidates.layer_mse_sum, candidates.nll, candidates.displacement_norm
+    formats = np.asarray(candidates.formats, dtype=object)
+    groups = {f: np.flatnonzero(formats == f) for f in dict.fromkeys(candidates.formats)}
+    order = sorted(groups, key=lambda f: (float(np.median(norms[groups[f]])), f))
+    per_format, members = [], {}
+    for f in order:
+        index = groups[f]
+        x, y = x_all[index], y_all[index]
+        defined = len(index) >= MIN_CANDIDATES and np.ptp(x) > 0 and np.ptp(y) > 0
+        corr = rank_correlation(x, y, level=level, n_resamples=n_resamples, seed=seed) if defined else None
+        median = float(np.median(norms[index]))
+        per_format.append(FormatCorrelation(str(f), len(index), median, median <= basin_radius, corr))
+        if defined:
+            members[str(f)] = index
+
+    def side(inside: bool) -> Interval | None:
+        chosen = [g for g in per_format if g.inside == inside and g.correlation is not None]
+        if not chosen:
+            return None
+        rng = np.random.default_rng(seed)
+        boot = np.zeros(n_resamples)
+        for g in chosen:
+            index = members[g.format]
+            draw = index[rng.integers(0, len(index), size=(n_resamples, len(index)))]
+            boot += _pearson_rows(scipy_stats.rankdata(x_all[draw], axis=1), scipy_stats.rankdata(y_all[draw], axis=1))
+        boot = boot[np.isfinite(boot)] / len(chosen)
+        low, high = (np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]) if boot.size else (math.nan, math.nan))
+        value = float(np.mean([g.correlation.value for g in chosen]))
+        return Interval(value, float(low), float(high), level, "stratified bootstrap", n_resamples,
+                        sum(g.n for g in chosen), "candidates within formats")
+
+    return WithinFormat(tuple(per_format), side(True), side(False))
+
+
+@dataclass(frozen=True)
 class Misalignment:
     """Rank correlation between summed layer MSE and NLL over candidates, overall, inside and outside the
     basin radius, and per displacement-norm bin.
@@ -354,6 +457,8 @@ class Misalignment:
             ``||d|| <= R`` and of those with ``||d|| > R``.
         bins: one :class:`GroupCorrelation` per displacement-norm bin (first bin includes its lower edge).
         settings: level, resamples, seed, bin edges.
+        within_format: :class:`WithinFormat` (correlations among the candidates of each format; ``None`` in
+            stores written before it existed).
     """
 
     candidates: CandidateTable
@@ -363,8 +468,10 @@ class Misalignment:
     outside: GroupCorrelation
     bins: tuple[GroupCorrelation, ...]
     settings: Mapping[str, Any]
+    within_format: WithinFormat | None = None
 
-    def markdown(self) -> str:
+    def markdown(self, include_candidates: bool = True) -> str:
+        """The correlations as Markdown tables, then (``include_candidates``) every candidate's row."""
         c = self.candidates
         level = self.settings["level"]
         lines = [f"# Misalignment of summed layer MSE and NLL ({c.provenance.get('model', '?')})",
@@ -373,7 +480,22 @@ class Misalignment:
                  "| group | ‖d‖ range | n | Spearman(MSE sum, NLL) |", "|---|---|---|---|"]
         for g in (self.overall, self.inside, self.outside, *self.bins):
             lines.append(f"| {g.name} | ({g.lower:.4g}, {g.upper:.4g}] | {g.n} | {g.describe()} |")
-        return "\n".join(lines + ["", c.markdown()])
+        if self.within_format is not None:
+            lines += ["", *self._within_format_markdown()]
+        return "\n".join(lines + (["", c.markdown()] if include_candidates else []))
+
+    def _within_format_markdown(self) -> list[str]:
+        w = self.within_format
+        show = lambda c: "n/a" if c is None else f"{c.value:+.3f} [{c.low:+.3f}, {c.high:+.3f}]"  # noqa: E731
+        lines = ["Within each format (one grid; candidates at similar distances):", "",
+                 "| format | median ‖d‖ | side of R | n | Spearman(MSE sum, NLL) |", "|---|---|---|---|---|"]
+        lines += [f"| {f.format} | {f.median_norm:.4g} | {'inside' if f.inside else 'outside'} | {f.n} | "
+                  f"{show(f.correlation)} |" for f in w.per_format]
+        for name, inside, corr in (("inside R", True, w.inside), ("outside R", False, w.outside)):
+            formats = ", ".join(f.format for f in w.side_formats(inside)) or "none"
+            lines.append(f"| mean {name} ({formats}) | | | {sum(f.n for f in w.side_formats(inside))} | "
+                         f"{show(corr)} |")
+        return lines
 
     def to_record(self) -> StoreRecord:
         """One point per candidate (norm, MSE sum, NLL, inside flag), the group correlations as a table, and
@@ -390,6 +512,19 @@ class Misalignment:
                                    "low": [g.correlation.low if g.correlation else nan for g in groups],
                                    "high": [g.correlation.high if g.correlation else nan for g in groups]}}
         arrays = {"basin_radius": np.float64(self.basin_radius), "nll_w0": np.float64(c.nll_w0)}
+        if self.within_format is not None:
+            w = self.within_format
+            corr = [f.correlation for f in w.per_format]
+            tables["within_format"] = {
+                "format": [f.format for f in w.per_format], "n": [f.n for f in w.per_format],
+                "median_norm": [f.median_norm for f in w.per_format], "inside": [f.inside for f in w.per_format],
+                "rho": [x.value if x else nan for x in corr], "low": [x.low if x else nan for x in corr],
+                "high": [x.high if x else nan for x in corr]}
+            sides = (w.inside, w.outside)
+            tables["within_format_mean"] = {
+                "side": ["inside R", "outside R"], "n": [x.n_units if x else 0 for x in sides],
+                "rho": [x.value if x else nan for x in sides], "low": [x.low if x else nan for x in sides],
+                "high": [x.high if x else nan for x in sides]}
         provenance = {"kind": "misalignment", **c.provenance, "settings": dict(self.settings)}
         return StoreRecord(provenance, rows, arrays, tables)
 
@@ -416,7 +551,27 @@ class Misalignment:
                 float(t["rho"][i]), float(t["low"][i]), float(t["high"][i]), settings["level"], "bootstrap",
                 settings["n_resamples"], int(t["n"][i]), "candidates")
             groups.append(GroupCorrelation(str(name), float(t["lower"][i]), float(t["upper"][i]), int(t["n"][i]), corr))
-        return cls(table, float(a["basin_radius"]), groups[0], groups[1], groups[2], tuple(groups[3:]), settings)
+        within = None
+        if "within_format/format" in a:
+            within = _within_format_from_tables(data.table("within_format"), data.table("within_format_mean"),
+                                                settings)
+        return cls(table, float(a["basin_radius"]), groups[0], groups[1], groups[2], tuple(groups[3:]), settings,
+                   within)
+
+
+def _within_format_from_tables(t: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray],
+                               settings: Mapping[str, Any]) -> WithinFormat:
+    def interval(rho, low, high, n, method, unit) -> Interval | None:
+        return None if math.isnan(rho) else Interval(float(rho), float(low), float(high), settings["level"], method,
+                                                     settings["n_resamples"], int(n), unit)
+
+    per_format = tuple(FormatCorrelation(str(t["format"][i]), int(t["n"][i]), float(t["median_norm"][i]),
+                                         bool(t["inside"][i]), interval(t["rho"][i], t["low"][i], t["high"][i],
+                                                                        t["n"][i], "bootstrap", "candidates"))
+                       for i in range(len(t["format"])))
+    sides = [interval(mean["rho"][i], mean["low"][i], mean["high"][i], mean["n"][i], "stratified bootstrap",
+                      "candidates within formats") for i in range(2)]
+    return WithinFormat(per_format, sides[0], sides[1])
 
 
 def misalignment(
@@ -428,7 +583,8 @@ def misalignment(
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
 ) -> Misalignment:
-    """Spearman correlation of summed layer MSE and NLL over candidates, inside / outside ``basin_radius`` and by bin.
+    """Spearman correlation of summed layer MSE and NLL over candidates, inside / outside ``basin_radius``, by bin
+    and within each format (:func:`within_format_correlation`).
 
     Args:
         candidates: from :func:`measure_candidates`.
@@ -462,7 +618,8 @@ def misalignment(
     return Misalignment(candidates, radius, group("all", 0.0, math.inf, include_lower=True),
                         group("inside R", 0.0, radius, include_lower=True), group("outside R", radius, math.inf),
                         per_bin, {"level": level, "n_resamples": n_resamples, "seed": seed, "bin_edges": edges.tolist(),
-                                  "correlation": "Spearman(layer_mse_sum, nll)"})
+                                  "correlation": "Spearman(layer_mse_sum, nll)"},
+                        within_format_correlation(candidates, radius, level=level, n_resamples=n_resamples, seed=seed))
 
 
 def _bin_edges(norms: np.ndarray, bins: int | Sequence[float]) -> np.ndarray:

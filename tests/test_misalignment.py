@@ -16,7 +16,8 @@ from test_compare import hand_layer_mse
 from landscape import misalignment as misalignment_module
 from landscape.compare import ComparisonError
 from landscape.misalignment import (CandidateTable, Misalignment, MisalignmentError, RoundingSpec, measure_candidates,
-                                    misalignment, random_roundings, rank_correlation, spearman, stochastic_rounding)
+                                    misalignment, random_roundings, rank_correlation, spearman, stochastic_rounding,
+                                    within_format_correlation)
 from landscape.models import layer_weights, swapped_weights
 from landscape.objectives import nll
 from landscape.quant import make_grid, rtn
@@ -107,6 +108,60 @@ def test_groups_inside_outside_the_basin_and_bins_equal_scipy_on_the_subsets():
         misalignment(synthetic_table(norms, mses, nlls), 0.0)
     with pytest.raises(MisalignmentError, match="increasing"):
         misalignment(synthetic_table(norms, mses, nlls), 6.0, bins=[3.0, 1.0])
+
+
+@pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")  # constant resamples in the hand loop
+def test_within_format_correlations_equal_scipy_per_format_and_a_hand_stratified_bootstrap(tmp_path):
+    """Three formats at growing distance, R between the first and the others. Within each format MSE and NLL are
+    aligned (int8) or reversed (int4, int3), while across formats both grow with the distance: pooled, the
+    correlation is high outside R; within formats it is -1 there."""
+    rng = np.random.default_rng(3)
+    formats, norms, mses, nlls = [], [], [], []
+    for fmt, distance, n, sign in (("int8", 1.0, 5, +1), ("int4", 10.0, 6, -1), ("int3", 20.0, 4, -1)):
+        mse = distance * (1 + rng.permutation(n) / 10)
+        formats += [fmt] * n
+        norms += list(distance * (1 + rng.uniform(0, 0.1, n)))
+        mses += list(mse)
+        nlls += list(3 + distance + sign * mse / 100)
+    n = len(formats)
+    table = CandidateTable(tuple(f"c{i}" for i in range(n)), ("synthetic",) * n, tuple(formats), np.array(norms),
+                           np.array(mses), np.array(nlls), 3.0, {"model": "synthetic"})
+    study = misalignment(table, 5.0, bins=2, n_resamples=300, seed=4)
+    w = study.within_format
+    assert [f.format for f in w.per_format] == ["int8", "int4", "int3"]  # by median distance
+    assert [f.inside for f in w.per_format] == [True, False, False] and [f.n for f in w.per_format] == [5, 6, 4]
+    fmts = np.array(formats)
+    for f in w.per_format:
+        chosen = fmts == f.format
+        assert f.correlation.value == pytest.approx(scipy_stats.spearmanr(table.layer_mse_sum[chosen],
+                                                                          table.nll[chosen]).statistic, rel=1e-12)
+        assert f.median_norm == pytest.approx(np.median(table.displacement_norm[chosen]))
+    assert w.inside.value == pytest.approx(1.0) and w.outside.value == pytest.approx(-1.0)
+    assert study.outside.correlation.value > 0.4  # pooled over int4 and int3, the distance orders both: positive
+    # the stratified bootstrap by hand: per side one generator, formats in order, resampled within each format
+    rng_hand = np.random.default_rng(4)
+    boot = np.zeros(300)
+    for fmt in ("int4", "int3"):
+        index = np.flatnonzero(fmts == fmt)
+        draws = index[rng_hand.integers(0, len(index), size=(300, len(index)))]
+        boot += [scipy_stats.spearmanr(table.layer_mse_sum[d], table.nll[d]).statistic for d in draws]
+    boot = boot[np.isfinite(boot)] / 2
+    assert (w.outside.low, w.outside.high) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])), rel=1e-12)
+    assert w.outside.n_units == 10 and w.outside.method == "stratified bootstrap"
+    # a format with fewer than 3 candidates has no correlation and is left out of its side's mean
+    few = table.subset(np.array([f != "int3" or i < 13 for i, f in enumerate(formats)]))  # int3: c11 and c12 only
+    fw = within_format_correlation(few, 5.0, n_resamples=300)
+    assert fw.per_format[-1].correlation is None and [f.format for f in fw.side_formats(False)] == ["int4"]
+    assert fw.outside.value == pytest.approx(-1.0)
+    assert "| mean outside R (int4) |" in misalignment(few, 5.0, n_resamples=300).markdown()
+    # stores round-trip it; subsets keep the chosen candidates in order
+    read = Misalignment.from_store(study.to_store(tmp_path / "w.h5"))
+    assert read.within_format == study.within_format and read.markdown() == study.markdown()
+    sub = table.subset(fmts == "int4")
+    assert sub.labels == tuple(np.array(table.labels)[fmts == "int4"]) and len(sub) == 6
+    np.testing.assert_array_equal(sub.nll, table.nll[fmts == "int4"])
+    with pytest.raises(MisalignmentError, match="booleans"):
+        table.subset([1, 0])
 
 
 def test_measured_candidates_equal_independent_measurements_and_round_trip(tmp_path):

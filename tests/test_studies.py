@@ -59,7 +59,7 @@ def test_lr_sweep_picks_the_lowest_validation_nll_and_reuses_a_finished_sweep(tm
         lr_sweep.main([*SHORT, "--candidates", "0", "--out", str(tmp_path / "x.json")])
 
 
-def test_misalignment_split_counts_candidates_inside_the_radius(tables, tmp_path):
+def test_misalignment_split_counts_candidates_inside_the_radius(tables, tmp_path, capsys):
     out = tmp_path / "mis.h5"
     misalignment_basin.main([*SHORT, "--results", str(tables), "--radius", "0.5", "--out", str(out),
                              "--gptq-formats", "int6", "--rounding-formats", "int6", "int3", "--seeds", "0",
@@ -72,6 +72,20 @@ def test_misalignment_split_counts_candidates_inside_the_radius(tables, tmp_path
     assert study.inside.n + study.outside.n == len(labels) and study.inside.n > 0 and study.outside.n > 0
     with pytest.raises(SystemExit):  # an existing store is never overwritten
         misalignment_basin.main([*SHORT, "--results", str(tables), "--radius", "0.5", "--out", str(out)])
+    # re-analysis of the measured candidates at another radius, without the model; the subsets are printed
+    capsys.readouterr()
+    again = tmp_path / "mis-r2.h5"
+    misalignment_basin.main(["--from-store", str(out), "--radius", "2.0", "--out", str(again)])
+    printed = capsys.readouterr().out
+    assert "## post-training methods only" in printed and "Within each format" in printed
+    redo = Misalignment.from_store(again)
+    assert redo.inside.n == int((norms <= 2.0).sum()) and redo.candidates.labels == study.candidates.labels
+    np.testing.assert_array_equal(redo.candidates.nll, study.candidates.nll)
+    assert {f.format for f in redo.within_format.per_format} == set(study.candidates.formats)
+    with pytest.raises(SystemExit):  # not a misalignment study
+        misalignment_basin.main(["--from-store", str(tmp_path / "missing.h5"), "--radius", "2.0"])
+    with pytest.raises(SystemExit):  # measuring needs --results and --out
+        misalignment_basin.main([*SHORT, "--radius", "0.5"])
     with pytest.raises(SystemExit):
         misalignment_basin.main([*SHORT, "--results", str(tables), "--radius", "-1", "--out", str(tmp_path / "y.h5")])
 
