@@ -53,12 +53,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--trace-matvecs", type=int, default=30)
     p.add_argument("--t", nargs="+", type=float, default=[0.0, 0.5, 1.0])
     p.add_argument("--no-spectrum", action="store_true", help="only the paths")
+    p.add_argument("--no-paths", action="store_true", help="only the spectrum and the trace")
+    p.add_argument("--krylov-dir", help="keep the Lanczos basis in memory-mapped files in this directory (60 steps "
+                                        "on SmolLM2 need 25 GiB, more than a 24 GiB machine has)")
     p.add_argument("--random-seed", type=int, default=0)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     formats = [parse_format(f).name for f in args.formats]
     if args.segments < 2:
         p.error(f"--segments must be >= 2 (the path intervals are over segments), got {args.segments}")
+    if args.no_spectrum and args.no_paths:
+        p.error("--no-spectrum and --no-paths leave nothing to do")
+    if args.krylov_dir is not None and not Path(args.krylov_dir).is_dir():
+        p.error(f"--krylov-dir {args.krylov_dir} is not an existing directory")
     if args.trace_matvecs < 6:
         p.error(f"--trace-matvecs must be >= 6 (Hutch++ needs two residual probes for its error), got "
                 f"{args.trace_matvecs}")
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     results = Path(args.results) / f"calib-{calib.content_hash}"
     protocol = Protocol(model=args.model, qaft_lr=args.qaft_lr)  # only its QAFT settings name the files
     sources = {(m, f): results / result_key(protocol, Variant(m, f)) for f in formats for m in METHODS}
-    missing = [str(s) for s in sources.values() if not s.with_name(s.name + ".json").exists()]
+    missing = [] if args.no_paths else [str(s) for s in sources.values() if not s.with_name(s.name + ".json").exists()]
     if missing:
         p.error(f"no saved results {missing}: run analyses/quant_table.py first")
     data = heldout_set(lm.tokenizer, args.seq_len, "wiki", args.segments, context_length=lm.info.context_length)
@@ -86,13 +93,13 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_spectrum:
         tasks["spectrum"] = lambda: hessian_spectrum(
             lm.model, data, k=args.k_top, k_bottom=args.k_bottom, lanczos_steps=args.lanczos_steps,
-            return_eigenvectors=False, **common).to_record(include_eigenvectors=False)
+            return_eigenvectors=False, krylov_dir=args.krylov_dir, **common).to_record(include_eigenvectors=False)
         tasks["trace"] = lambda: hessian_trace(lm.model, data, n_matvecs=args.trace_matvecs, **common).to_record()
     def path_task(direction):  # direction: built when the task runs, so a finished task loads nothing
         return lambda: curvature_along_path(lm.model, data, direction(), t=args.t, level=0.95, **common).to_record()
 
     paths = {}
-    for f in formats:
+    for f in formats if not args.no_paths else ():
         for m in METHODS:
             paths[f"{m} {f}"] = str(sources[(m, f)])
             tasks[f"path/{m} {f}"] = path_task(lambda m=m, f=f: displacement_direction(lm.model, sources[(m, f)]))
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     provenance = {"kind": "curvature", "model": args.model, "model_info": lm.info.to_dict(),
                   "model_fingerprint": weights_fingerprint(lm.model), "data": data.provenance(),
                   "nll_convention": NLLConvention.for_data(data, args.model).to_dict(),
-                  "settings": {k: v for k, v in vars(args).items() if k not in ("out", "results")},
+                  "settings": {k: v for k, v in vars(args).items() if k not in ("out", "results", "krylov_dir")},
                   "tasks": list(tasks), "paths": paths}
     store, _ = run_tasks(out, provenance, tasks)
     report(store)

@@ -29,10 +29,15 @@ forward+backward on ref-tiny (95 ms for 4 x 128 tokens, 1 CPU thread); a GGN pro
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
+import os
+import shutil
+import tempfile
 import time
 import warnings
+from pathlib import Path
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Union
@@ -48,6 +53,7 @@ from hessian_eigenthings import (
     spectral_density,
     trace,
 )
+from hessian_eigenthings.linalg import SingleDeviceBackend
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -399,6 +405,7 @@ def hessian_spectrum(
     batch_size: int = 8,
     seed: int = 0,
     return_eigenvectors: bool = True,
+    krylov_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Spectrum:
     """Top-``k`` and bottom-``k_bottom`` eigenpairs of the NLL Hessian (or GGN) by reorthogonalised Lanczos.
@@ -417,6 +424,10 @@ def hessian_spectrum(
         batch_size: segments per forward pass (memory only).
         seed: seed of the start vector.
         return_eigenvectors: keep the eigenvectors (``k + k_bottom`` vectors of every selected weight).
+        krylov_dir: ``None`` keeps the Krylov basis (one full-length vector per step) in memory; a directory keeps
+            it in memory-mapped files there instead (CPU only; removed when the run ends), so the operating system
+            can page it out: 60 steps on a 135M-parameter model need 25 GiB, more than a 24 GiB machine has.
+            The numbers are bit-identical either way.
 
     Returns:
         A :class:`Spectrum`; a :class:`ConvergenceWarning` is issued if any pair did not converge.
@@ -433,20 +444,39 @@ def hessian_spectrum(
                              f"{space.size}], got {steps!r}")
     if not tol > 0:
         raise CurvatureError(f"tol must be > 0, got {tol!r}")
-    # Lanczos keeps its whole basis (one vector per step), plus the Ritz vectors if returned.
-    _check_krylov_memory(model, space, steps + 1 + (k + k_bottom if return_eigenvectors else 0),
-                         f"lanczos_steps={steps}", "lanczos_steps")
+    # Lanczos keeps its whole basis (one vector per step; on disk with krylov_dir), plus the Ritz vectors if returned.
+    returned = k + k_bottom if return_eigenvectors else 0
+    _check_krylov_memory(model, space, steps + 1, returned, f"lanczos_steps={steps}", "lanczos_steps", krylov_dir)
     batches = _batches(data, batch_size)
     op = _operator(model, batches, len(batches) / _scored_tokens(batches), space, operator)
 
     generator = torch.Generator().manual_seed(seed)
     start_vector = torch.randn(space.size, generator=generator, dtype=op.dtype).to(op.device)
     started = time.perf_counter()
-    with tqdm(total=steps, desc=f"Lanczos ({operator})", disable=not progress, leave=False) as bar:
+    with contextlib.ExitStack() as stack:  # a disk basis lives until the Ritz vectors are formed
+        backend = stack.enter_context(_krylov_backend(krylov_dir))
+        bar = stack.enter_context(tqdm(total=steps, desc=f"Lanczos ({operator})", disable=not progress, leave=False))
         counted = _CountedOperator(op, bar)
-        krylov = lanczos_tridiagonal(counted, start_vector, steps, reorthogonalize=True)
-    seconds = time.perf_counter() - started
+        krylov = lanczos_tridiagonal(counted, start_vector, steps, reorthogonalize=True, backend=backend)
+        seconds = time.perf_counter() - started
+        spectrum = _ritz_spectrum(krylov, space, op, k, k_bottom, tol, return_eigenvectors, operator, seconds,
+                                  counted, {"tol": tol, "seed": seed, "k": k, "k_bottom": k_bottom,
+                                            "reorthogonalize": True, "krylov_storage": "disk" if krylov_dir else
+                                            "memory", **_provenance(model, data, batch_size)})
+    if not spectrum.converged:
+        top, bottom = spectrum.top, spectrum.bottom
+        bad = [f"{p.end} {v:.4g} (residual {r:.2g})" for p in (top, bottom)
+               for v, r, ok in zip(p.eigenvalues, p.residuals, p.converged) if not ok]
+        warnings.warn(f"{len(bad)} of {len(top) + len(bottom)} Ritz pairs not converged after {krylov.iterations} "
+                      f"Lanczos steps at tol={tol:g}: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}; "
+                      f"raise lanczos_steps", ConvergenceWarning, stacklevel=2)
+    return spectrum
 
+
+def _ritz_spectrum(krylov: LanczosTridiag, space: WeightSpace, op: CurvatureOperator, k: int, k_bottom: int,
+                   tol: float, return_eigenvectors: bool, operator: str, seconds: float, counted: _CountedOperator,
+                   settings: dict[str, Any]) -> Spectrum:
+    """The top-``k`` and bottom-``k_bottom`` Ritz pairs of a Lanczos run, with residuals and convergence flags."""
     ritz_values, ritz_coords = torch.linalg.eigh(_tridiagonal(krylov))  # ascending; columns = Ritz coordinates
     residuals = ritz_coords[-1].abs() * krylov.last_beta  # ||H y - theta y|| of each Ritz pair
     # A residual at rounding level of the spectrum's scale is converged even for an eigenvalue near 0.
@@ -457,7 +487,7 @@ def hessian_spectrum(
     if len(top_index) < k or len(bottom_index) < k_bottom:
         warnings.warn(f"the Krylov space closed after {m} steps (an invariant subspace): only {m} Ritz pairs exist, "
                       f"fewer than k + k_bottom = {k + k_bottom}; returning {len(top_index)} top and "
-                      f"{len(bottom_index)} bottom pairs", ConvergenceWarning, stacklevel=2)
+                      f"{len(bottom_index)} bottom pairs", ConvergenceWarning, stacklevel=3)
 
     def pairs(end: Literal["top", "bottom"], index: list[int]) -> Eigenpairs:
         idx = torch.tensor(index, dtype=torch.long, device=ritz_values.device)
@@ -472,17 +502,8 @@ def hessian_spectrum(
         return Eigenpairs(end, _numpy(values), _numpy(res), _numpy(converged), vectors)
 
     top, bottom = pairs("top", top_index), pairs("bottom", bottom_index)
-    spectrum = Spectrum(top, bottom, operator, space.layers, space.size, krylov.iterations, seconds,
-                        counted.seconds / max(counted.n_matvecs, 1),
-                        {"tol": tol, "seed": seed, "k": k, "k_bottom": k_bottom, "reorthogonalize": True,
-                         **_provenance(model, data, batch_size)})
-    if not spectrum.converged:
-        bad = [f"{p.end} {v:.4g} (residual {r:.2g})" for p in (top, bottom)
-               for v, r, ok in zip(p.eigenvalues, p.residuals, p.converged) if not ok]
-        warnings.warn(f"{len(bad)} of {len(top) + len(bottom)} Ritz pairs not converged after {krylov.iterations} "
-                      f"Lanczos steps at tol={tol:g}: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}; "
-                      f"raise lanczos_steps", ConvergenceWarning, stacklevel=2)
-    return spectrum
+    return Spectrum(top, bottom, operator, space.layers, space.size, krylov.iterations, seconds,
+                    counted.seconds / max(counted.n_matvecs, 1), settings)
 
 
 def _tridiagonal(krylov: LanczosTridiag) -> torch.Tensor:
@@ -611,12 +632,14 @@ def hessian_density(
     sigma: float | None = None,
     batch_size: int = 8,
     seed: int = 0,
+    krylov_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Density:
     """Smoothed eigenvalue density by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017).
 
     ``n_runs`` reorthogonalised Lanczos runs of ``lanczos_steps`` products from Rademacher start vectors
-    (seeds ``seed``, ``seed + 1``...); ``sigma`` defaults to the node range / ``lanczos_steps``.
+    (seeds ``seed``, ``seed + 1``...); ``sigma`` defaults to the node range / ``lanczos_steps``; ``krylov_dir``
+    as in :func:`hessian_spectrum`.
     """
     _check_problem(model, data, operator, batch_size)
     space = weight_space(model, layers)
@@ -628,14 +651,16 @@ def hessian_density(
         raise CurvatureError(f"n_grid must be an integer >= 2, got {n_grid!r}")
     if sigma is not None and not sigma > 0:
         raise CurvatureError(f"sigma must be > 0 or None (automatic), got {sigma!r}")
-    _check_krylov_memory(model, space, lanczos_steps + 1, f"lanczos_steps={lanczos_steps}", "lanczos_steps")
+    _check_krylov_memory(model, space, lanczos_steps + 1, 0, f"lanczos_steps={lanczos_steps}", "lanczos_steps",
+                         krylov_dir)
     batches = _batches(data, batch_size)
     op = _operator(model, batches, len(batches) / _scored_tokens(batches), space, operator)
     started = time.perf_counter()
-    with tqdm(total=n_runs * lanczos_steps, desc=f"SLQ ({operator})", disable=not progress, leave=False) as bar:
+    with (_krylov_backend(krylov_dir) as backend,
+          tqdm(total=n_runs * lanczos_steps, desc=f"SLQ ({operator})", disable=not progress, leave=False) as bar):
         counted = _CountedOperator(op, bar)
         result = spectral_density(counted, num_runs=n_runs, lanczos_steps=lanczos_steps, num_grid_points=n_grid,
-                                  sigma=sigma, seed=seed)
+                                  sigma=sigma, seed=seed, backend=backend)
     return Density(_numpy(result.grid), _numpy(result.density), float(result.sigma), _numpy(result.raw_eigenvalues),
                    _numpy(result.raw_weights), operator, space.layers, space.size, counted.n_matvecs,
                    time.perf_counter() - started,
@@ -916,21 +941,67 @@ def available_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
-def _check_krylov_memory(model: nn.Module, space: WeightSpace, n_vectors: int, request: str, knob: str) -> None:
-    """Refuse, before any product, a Lanczos run whose ``n_vectors`` full-length vectors cannot fit in memory
-    (a 135M-parameter model needs 0.42 GB per fp32 vector: 60 steps are 25 GB)."""
+def _check_krylov_memory(model: nn.Module, space: WeightSpace, n_basis: int, n_returned: int, request: str,
+                         knob: str, krylov_dir: str | os.PathLike | None) -> None:
+    """Refuse, before any product, a Lanczos run whose vectors cannot fit: ``n_basis`` Krylov vectors (in memory,
+    or in files under ``krylov_dir``, which must then have the disk space) and ``n_returned`` Ritz vectors (in
+    memory). A 135M-parameter model needs 0.42 GB per fp32 vector: 60 steps are 25 GB."""
     parameter = next(model.parameters())
-    itemsize = parameter.element_size()
+    per_vector = space.size * parameter.element_size()
+    if krylov_dir is not None:
+        if parameter.device.type != "cpu":
+            raise CurvatureError(f"krylov_dir keeps the Krylov basis in memory-mapped files, which needs the model "
+                                 f"on the CPU; it is on {parameter.device}: pass krylov_dir=None")
+        directory = Path(krylov_dir)
+        if not directory.is_dir():
+            raise CurvatureError(f"krylov_dir {str(directory)!r} is not an existing directory")
+        free = shutil.disk_usage(directory).free
+        if n_basis * per_vector > free:
+            raise CurvatureError(
+                f"{request} keeps {n_basis} Krylov vectors of {space.size:,} weights "
+                f"({n_basis * per_vector / 2**30:.1f} GiB) in krylov_dir {str(directory)!r}, which has "
+                f"{free / 2**30:.1f} GiB free: "
+                f"{free // per_vector} vectors fit; lower {knob} or choose another directory")
+    in_memory = n_returned + (n_basis if krylov_dir is None else 0)
     available = available_memory_bytes(parameter.device)
-    need = n_vectors * space.size * itemsize
+    need = in_memory * per_vector
     if available is None or need <= KRYLOV_MEMORY_SHARE * available:
         return
-    per_vector = space.size * itemsize
     fits = int(KRYLOV_MEMORY_SHARE * available // per_vector)
+    what = (f"keeps {in_memory} vectors" if krylov_dir is not None and n_returned else
+            f"keeps {in_memory} Krylov vectors")
     raise CurvatureError(
-        f"{request} keeps {n_vectors} Krylov vectors of {space.size:,} weights ({need / 2**30:.1f} GiB in "
-        f"{parameter.dtype}), more than {KRYLOV_MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GiB available on "
-        f"{parameter.device}: {fits} vectors fit; lower {knob}, select fewer layers, or use a larger machine")
+        f"{request} {what} of {space.size:,} weights in memory ({need / 2**30:.1f} GiB in {parameter.dtype}), more "
+        f"than {KRYLOV_MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GiB available on {parameter.device}: "
+        f"{fits} vectors fit; lower {knob}, select fewer layers"
+        + ("" if krylov_dir is not None else ", keep the basis on disk (krylov_dir)") + " or use a larger machine")
+
+
+class _MappedBasisBackend(SingleDeviceBackend):
+    """hessian-eigenthings' vector arithmetic, except that ``scale``, which Lanczos uses to make each new (unit)
+    basis vector, writes its result into a new memory-mapped file: the basis lives in the page cache, which the
+    operating system can write out, instead of in process memory. Same kernels, so bit-identical results."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.n_files = 0
+
+    def scale(self, alpha: float | torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        path = self.directory / f"v{self.n_files:06d}.f{a.element_size()}"
+        self.n_files += 1
+        out = torch.from_file(str(path), shared=True, size=a.numel(), dtype=a.dtype).view(a.shape)
+        return torch.mul(a, alpha, out=out)
+
+
+@contextlib.contextmanager
+def _krylov_backend(krylov_dir: str | os.PathLike | None):
+    """The vector backend of a Lanczos run: in memory (``None``), or mapped files in a temporary folder under
+    ``krylov_dir`` that is removed when the run ends."""
+    if krylov_dir is None:
+        yield SingleDeviceBackend()
+        return
+    with tempfile.TemporaryDirectory(prefix="krylov-", dir=krylov_dir) as folder:
+        yield _MappedBasisBackend(Path(folder))
 
 
 def _check_problem(model: nn.Module, data: TokenSet, operator: str, batch_size: int,

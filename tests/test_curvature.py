@@ -442,6 +442,53 @@ def test_a_krylov_basis_that_cannot_fit_in_memory_is_refused_before_any_product(
         hessian_spectrum(model, data, k=2, k_bottom=0, lanczos_steps=20, progress=False)
 
 
+def test_a_krylov_basis_on_disk_gives_bit_identical_spectra_and_leaves_no_files(gpt2_problem, tmp_path, monkeypatch):
+    model, data, _, _ = gpt2_problem
+    made = []
+    original = curvature._MappedBasisBackend.scale
+
+    def spy(self, alpha, a):
+        out = original(self, alpha, a)
+        made.append(sorted(p.name for p in self.directory.iterdir()))
+        return out
+
+    monkeypatch.setattr(curvature._MappedBasisBackend, "scale", spy)
+    settings = {"k": 3, "k_bottom": 2, "lanczos_steps": 14, "progress": False}
+    with pytest.warns(curvature.ConvergenceWarning):  # 14 steps: not converged, and the same either way
+        memory = hessian_spectrum(model, data, **settings)
+    with pytest.warns(curvature.ConvergenceWarning):
+        disk = hessian_spectrum(model, data, krylov_dir=tmp_path, **settings)
+    assert len(made) == 14 and len(made[-1]) == 14  # every basis vector went to its own mapped file
+    assert list(tmp_path.iterdir()) == []  # removed when the run ended
+    for end in ("top", "bottom"):
+        a, b = getattr(memory, end), getattr(disk, end)
+        np.testing.assert_array_equal(a.eigenvalues, b.eigenvalues)
+        np.testing.assert_array_equal(a.residuals, b.residuals)
+        assert a.eigenvectors.keys() == b.eigenvectors.keys()
+        assert all(torch.equal(a.eigenvectors[name], b.eigenvectors[name]) for name in a.eigenvectors)
+    assert disk.settings["krylov_storage"] == "disk" and memory.settings["krylov_storage"] == "memory"
+    made.clear()
+    dense = hessian_density(model, data, n_runs=2, lanczos_steps=6, progress=False)
+    mapped = hessian_density(model, data, n_runs=2, lanczos_steps=6, krylov_dir=tmp_path, progress=False)
+    assert len(made) == 12 and list(tmp_path.iterdir()) == []
+    np.testing.assert_array_equal(dense.density, mapped.density)
+    # with the basis on disk only the returned Ritz vectors count against memory; the disk must hold the basis
+    monkeypatch.setattr(curvature, "available_memory_bytes", lambda device: int(16.5 * weight_space(model).size * 8))
+    with pytest.warns(curvature.ConvergenceWarning):
+        assert hessian_spectrum(model, data, k=2, k_bottom=0, lanczos_steps=20, krylov_dir=tmp_path,
+                                progress=False).lanczos_steps == 20
+    monkeypatch.setattr(curvature.shutil, "disk_usage", lambda path: shutil_usage(free=1000))
+    with pytest.raises(CurvatureError, match=r"in krylov_dir .* has 0.0 GiB free: 0 vectors fit"):
+        hessian_spectrum(model, data, k=2, lanczos_steps=20, krylov_dir=tmp_path, progress=False)
+    with pytest.raises(CurvatureError, match="not an existing directory"):
+        hessian_spectrum(model, data, k=2, lanczos_steps=20, krylov_dir=tmp_path / "missing", progress=False)
+
+
+def shutil_usage(free: int):
+    import collections
+    return collections.namedtuple("usage", "total used free")(free, 0, free)
+
+
 def test_same_seed_gives_bit_identical_results_and_records_serialise(gpt2_problem, gpt2_spectrum):
     model, data, _, _ = gpt2_problem
     again = hessian_spectrum(model, data, k=3, k_bottom=2, lanczos_steps=80, batch_size=3, progress=False)

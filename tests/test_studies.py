@@ -112,6 +112,18 @@ def test_curvature_study_paths_have_their_displacement_norms_and_a_rerun_does_no
     with pytest.raises(SystemExit):  # refused before the model loads
         curvature_study.main([*SHORT, "--results", str(tables), "--trace-matvecs", "3",
                               "--out", str(tmp_path / "z.h5")])
+    # the spectrum alone, its basis on disk: the same eigenvalues as the run above
+    krylov = tmp_path / "krylov"
+    krylov.mkdir()
+    spectrum_only = tmp_path / "spectrum.h5"
+    curvature_study.main([*args[:args.index("--out")], "--no-paths", "--krylov-dir", str(krylov),
+                          "--out", str(spectrum_only)])
+    alone = read_store(spectrum_only)
+    assert [t for t in alone.provenance["tasks"]] == ["spectrum", "trace"] and list(krylov.iterdir()) == []
+    np.testing.assert_array_equal(alone.arrays["spectrum/top/eigenvalues"], data.arrays["spectrum/top/eigenvalues"])
+    for bad in (["--no-paths", "--no-spectrum"], ["--krylov-dir", str(tmp_path / "missing")]):
+        with pytest.raises(SystemExit):
+            curvature_study.main([*SHORT, "--results", str(tables), *bad, "--out", str(tmp_path / "z.h5")])
 
 
 def test_predict_gap_cases_are_the_tables_gptq_minus_qaft(tables, tmp_path):
