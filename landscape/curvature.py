@@ -576,6 +576,8 @@ def hessian_trace(
         raise CurvatureError(f"n_matvecs must be an integer >= 6 (Hutch++ spends a third on residual probes, and "
                              f"needs >= 2 of them for an error estimate), got {n_matvecs!r}")
     budget = 3 * (n_matvecs // 3)
+    # the sketch H S (n x budget/3), its QR factor Q and LAPACK's copy are in memory together
+    _check_krylov_memory(model, space, 0, budget, f"n_matvecs={n_matvecs}", "n_matvecs", None)
     batches = _batches(data, batch_size)
     op = _operator(model, batches, len(batches) / _scored_tokens(batches), space, operator)
     started = time.perf_counter()
@@ -968,13 +970,13 @@ def _check_krylov_memory(model: nn.Module, space: WeightSpace, n_basis: int, n_r
     if available is None or need <= KRYLOV_MEMORY_SHARE * available:
         return
     fits = int(KRYLOV_MEMORY_SHARE * available // per_vector)
-    what = (f"keeps {in_memory} vectors" if krylov_dir is not None and n_returned else
-            f"keeps {in_memory} Krylov vectors")
     raise CurvatureError(
-        f"{request} {what} of {space.size:,} weights in memory ({need / 2**30:.1f} GiB in {parameter.dtype}), more "
-        f"than {KRYLOV_MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GiB available on {parameter.device}: "
+        f"{request} keeps {in_memory} full-length vectors of {space.size:,} weights in memory "
+        f"({need / 2**30:.1f} GiB in {parameter.dtype}), more than {KRYLOV_MEMORY_SHARE:.0%} of the "
+        f"{available / 2**30:.1f} GiB available on {parameter.device}: "
         f"{fits} vectors fit; lower {knob}, select fewer layers"
-        + ("" if krylov_dir is not None else ", keep the basis on disk (krylov_dir)") + " or use a larger machine")
+        + ("" if krylov_dir is not None or n_basis == 0 else ", keep the basis on disk (krylov_dir)")
+        + " or use a larger machine")
 
 
 class _MappedBasisBackend(SingleDeviceBackend):

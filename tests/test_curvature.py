@@ -429,12 +429,16 @@ def test_a_krylov_basis_that_cannot_fit_in_memory_is_refused_before_any_product(
     monkeypatch.setattr(curvature, "_operator", no_product)
     # 13 vectors (12 steps + 1) fit in 80 % of 16.5 vectors' worth; 20 steps do not, and the error says what fits
     monkeypatch.setattr(curvature, "available_memory_bytes", lambda device: int(16.5 * per_vector))
-    with pytest.raises(CurvatureError, match=r"lanczos_steps=20 keeps 21 Krylov vectors .* 13 vectors fit"):
+    with pytest.raises(CurvatureError, match=r"lanczos_steps=20 keeps 21 full-length vectors .* 13 vectors fit"):
         hessian_spectrum(model, data, k=2, k_bottom=0, lanczos_steps=20, return_eigenvectors=False, progress=False)
-    with pytest.raises(CurvatureError, match=r"keeps 15 Krylov vectors"):  # 12 steps + 1 + 2 returned pairs
+    with pytest.raises(CurvatureError, match=r"keeps 15 full-length vectors"):  # 12 steps + 1 + 2 returned pairs
         hessian_spectrum(model, data, k=2, k_bottom=0, lanczos_steps=12, progress=False)
     with pytest.raises(CurvatureError, match=r"lanczos_steps=20 keeps 21"):
         hessian_density(model, data, lanczos_steps=20, progress=False)
+    with pytest.raises(CurvatureError, match=r"n_matvecs=30 keeps 30 full-length vectors"):  # Hutch++: 3 x 10
+        hessian_trace(model, data, n_matvecs=30, progress=False)
+    with pytest.raises(AssertionError, match="before the memory check"):
+        hessian_trace(model, data, n_matvecs=12, progress=False)
     with pytest.raises(AssertionError, match="before the memory check"):  # 13 vectors pass the check
         hessian_spectrum(model, data, k=2, k_bottom=0, lanczos_steps=12, return_eigenvectors=False, progress=False)
     monkeypatch.setattr(curvature, "available_memory_bytes", lambda device: None)  # unknown: not checked
