@@ -25,8 +25,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python analyses/curvature_study.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
-
 from analyses.common import random_direction_of_length
 from landscape.data import calibration_set, heldout_set
 from landscape.models import load_model, weights_fingerprint
@@ -118,20 +116,12 @@ def main(argv: list[str] | None = None) -> None:
 def report(store) -> None:
     import json
 
+    from landscape.curvature_cli import spectrum_report
+
     a = store.arrays
     prov = store.provenance
-    if "spectrum/top/eigenvalues" in a:
-        spec = json.loads(str(a["spectrum/attrs"]))
-        trace = json.loads(str(a["trace/attrs"]))
-        print(f"Hessian of the token-mean NLL over {spec['n_params']:,} weights; {spec['lanczos_steps']} Lanczos steps "
-              f"({spec['seconds_per_matvec']:.1f} s per product)\n")
-        print("| end | eigenvalues | residuals | converged |\n|---|---|---|---|")
-        for end in ("top", "bottom"):
-            ev, res, conv = (a[f"spectrum/{end}/{k}"] for k in ("eigenvalues", "residuals", "converged"))
-            print(f"| {end} | {np.array2string(ev, precision=4)} | {np.array2string(res, precision=2)} | "
-                  f"{int(conv.sum())}/{len(conv)} |")
-        print(f"\ntrace (Hutch++, {trace['n_matvecs']} products): {trace['value']:.5g} +- {trace['stderr']:.2g}; "
-              f"mean eigenvalue {trace['value'] / trace['n_params']:.3g}\n")
+    if "spectrum/attrs" in a:
+        print(spectrum_report(store) + "\n")
     ts = None
     rows = []
     for label in (task[len("path/"):] for task in prov["tasks"] if task.startswith("path/")):

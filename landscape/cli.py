@@ -139,7 +139,7 @@ def _load_command_modules() -> None:
     """Import modules that register further commands (kept lazy: heavy imports happen per command)."""
     import importlib
 
-    for mod in ("landscape.quant.cli", "landscape.engine_cli", "landscape.compare_cli"):
+    for mod in ("landscape.quant.cli", "landscape.engine_cli", "landscape.compare_cli", "landscape.curvature_cli"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as err:

@@ -524,3 +524,46 @@ def test_eigenvectors_work_as_toolkit_directions_and_foreign_bases_are_refused(g
     other_w0 = tiny_model("gpt2", torch.float64, hidden=8, layers=1, seed=1)  # same shapes, other weights
     with pytest.raises(DirectionMismatchError, match="fingerprint"):
         rayleigh_quotient(other_w0, data, top, progress=False)
+
+
+def test_cli_spectrum_stores_what_the_library_computes_and_resumes(tmp_path, capsys, monkeypatch):
+    import landscape.curvature_cli  # noqa: F401  (registers the command)
+    from landscape import models
+    from landscape.cli import main
+    from landscape.data import heldout_set
+    from landscape.models import load_model
+    from landscape.store import read_store
+
+    out = tmp_path / "s.h5"
+    base = ["spectrum", "ref-tiny", "--seq-len", "16", "--segments", "2", "--k", "2", "--k-bottom", "1",
+            "--lanczos-steps", "10", "--trace-matvecs", "6", "--density-runs", "1", "--density-steps", "5",
+            "--layers", "transformer.h.0.*", "--no-progress"]
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    for bad, message in ((["--trace-matvecs", "3"], "--trace-matvecs"), (["--k", "0"], "--k must be"),
+                         (["--lanczos-steps", "2"], "k_bottom = 3"), (["--krylov-dir", str(tmp_path / "no")],
+                                                                      "not an existing directory")):
+        assert main([*base, *bad, "--out", str(tmp_path / "bad.h5")]) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.setattr(models, "load_model", real_load)
+    with pytest.warns(ConvergenceWarning):
+        assert main([*base, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    store = read_store(out)
+    assert store.complete and store.provenance["tasks"] == ["spectrum", "trace", "density"]
+    lm = load_model("ref-tiny")
+    data = heldout_set(lm.tokenizer, 16, "wiki", 2, context_length=lm.info.context_length)
+    layers = ["transformer.h.0.*"]
+    with pytest.warns(ConvergenceWarning):
+        direct = hessian_spectrum(lm.model, data, k=2, k_bottom=1, lanczos_steps=10, layers=layers, batch_size=1,
+                                  progress=False)
+    np.testing.assert_allclose(store.arrays["spectrum/top/eigenvalues"], direct.top.eigenvalues, rtol=1e-6)
+    np.testing.assert_allclose(store.arrays["spectrum/bottom/eigenvalues"], direct.bottom.eigenvalues, rtol=1e-6)
+    trace = hessian_trace(lm.model, data, n_matvecs=6, layers=layers, batch_size=1, progress=False)
+    assert json.loads(str(store.arrays["trace/attrs"]))["value"] == pytest.approx(trace.value, rel=1e-6)
+    assert float(np.trapezoid(store.arrays["density/density"], store.arrays["density/grid"])) == pytest.approx(
+        1.0, abs=0.02)
+    assert "| top |" in printed and "trace (Hutch++, 6 products)" in printed and "density (SLQ" in printed
+    before = out.stat().st_mtime_ns
+    assert main([*base, "--out", str(out)]) == 0  # finished: read back, nothing recomputed
+    assert out.stat().st_mtime_ns == before and capsys.readouterr().out == printed

@@ -1,0 +1,136 @@
+"""``landscape spectrum``: Hessian (or Gauss-Newton) curvature of the held-out NLL at a model's weights w0.
+
+Example::
+
+    landscape spectrum ref-small --k 10 --k-bottom 3 --trace-matvecs 30 --density-runs 4 --out spectrum.h5
+    landscape spectrum smollm2-135m --segments 2 --seq-len 128 --lanczos-steps 60 --krylov-dir /scratch --out s.h5
+
+One resumable store (:func:`landscape.store.run_tasks`): the tasks ``spectrum`` (top/bottom eigenpairs with
+residuals and convergence flags), ``trace`` (Hutch++) and ``density`` (stochastic Lanczos quadrature), one point
+each, so a killed run resumes at the next task. Every setting is checked before the model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .cli import command, default_seq_len
+
+
+def _spectrum_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="smollm2-135m, ref-small, ref-tiny, a hub id or a local directory")
+    p.add_argument("--layers", default=None,
+                   help="glob(s), comma-separated, of the layers whose weights span the space (default: every "
+                        "quantizable decoder linear); a subset gives that diagonal block of the Hessian")
+    p.add_argument("--operator", default="hessian", choices=["hessian", "ggn"],
+                   help="the NLL Hessian, or the generalized Gauss-Newton matrix (PSD)")
+    p.add_argument("--corpus", default="wiki", help="held-out corpus (wiki, sotu; default wiki)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per segment (default 512 smollm2, else 256)")
+    p.add_argument("--segments", type=int, default=4, help="held-out segments in every product (default 4)")
+    p.add_argument("--batch-size", type=int, default=1, help="segments per forward pass (memory only; default 1)")
+    p.add_argument("--k", type=int, default=10, help="top eigenpairs (largest algebraic; default 10)")
+    p.add_argument("--k-bottom", type=int, default=3, help="bottom eigenpairs (default 3; 0 for none)")
+    p.add_argument("--lanczos-steps", type=int, default=None,
+                   help="Krylov dimension = products spent (default max(50, 2 (k + k_bottom)))")
+    p.add_argument("--trace-matvecs", type=int, default=30, help="Hutch++ products (>= 6; 0 skips the trace)")
+    p.add_argument("--density-runs", type=int, default=0, help="SLQ runs of the spectral density (0: none)")
+    p.add_argument("--density-steps", type=int, default=50, help="Lanczos steps per SLQ run (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the start and probe vectors")
+    p.add_argument("--krylov-dir", type=Path, default=None,
+                   help="keep Lanczos bases in memory-mapped files in this directory instead of in memory")
+    p.add_argument("--save-eigenvectors", action="store_true",
+                   help="store the eigenvectors too ((k + k_bottom) x every selected weight)")
+    p.add_argument("--out", required=True, type=Path, help="HDF5 store (resumed if unfinished, read if finished)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def check_spectrum_args(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the bad setting (before the model loads)."""
+    for name, low in (("segments", 1), ("batch_size", 1), ("k", 1), ("k_bottom", 0), ("density_runs", 0),
+                      ("density_steps", 1)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.trace_matvecs != 0 and args.trace_matvecs < 6:
+        raise ValueError(f"--trace-matvecs must be 0 (no trace) or >= 6 (Hutch++ needs two residual probes for its "
+                         f"error), got {args.trace_matvecs}")
+    if args.lanczos_steps is not None and args.lanczos_steps < args.k + args.k_bottom:
+        raise ValueError(f"--lanczos-steps must be >= k + k_bottom = {args.k + args.k_bottom}, got "
+                         f"{args.lanczos_steps}")
+    if args.krylov_dir is not None and not args.krylov_dir.is_dir():
+        raise ValueError(f"--krylov-dir {args.krylov_dir} is not an existing directory")
+
+
+@command("spectrum", "Hessian (or GGN) eigenvalues at w0: top/bottom eigenpairs, Hutch++ trace, SLQ density, "
+                     "into a resumable store")
+def cmd_spectrum(args: argparse.Namespace) -> int:
+    from .curvature import hessian_density, hessian_spectrum, hessian_trace
+    from .data import heldout_set
+    from .models import load_model, weights_fingerprint
+    from .objectives import NLLConvention
+    from .store import check_store_path, run_tasks
+
+    check_spectrum_args(args)
+    out = check_store_path(args.out, resume=True)
+    lm = load_model(args.model)
+    seq_len = args.seq_len or default_seq_len(lm.info)
+    data = heldout_set(lm.tokenizer, seq_len, args.corpus, args.segments, context_length=lm.info.context_length)
+    layers = [g.strip() for g in args.layers.split(",")] if args.layers else None
+    common = {"layers": layers, "operator": args.operator, "batch_size": args.batch_size, "seed": args.seed,
+              "progress": not args.no_progress}
+    tasks = {"spectrum": lambda: hessian_spectrum(
+        lm.model, data, k=args.k, k_bottom=args.k_bottom, lanczos_steps=args.lanczos_steps,
+        return_eigenvectors=args.save_eigenvectors, krylov_dir=args.krylov_dir,
+        **common).to_record(include_eigenvectors=args.save_eigenvectors)}
+    if args.trace_matvecs:
+        tasks["trace"] = lambda: hessian_trace(lm.model, data, n_matvecs=args.trace_matvecs, **common).to_record()
+    if args.density_runs:
+        tasks["density"] = lambda: hessian_density(lm.model, data, n_runs=args.density_runs,
+                                                   lanczos_steps=args.density_steps, krylov_dir=args.krylov_dir,
+                                                   **common).to_record()
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k not in ("func", "out", "krylov_dir", "no_progress", "model")}
+    provenance = {"kind": "curvature", "model": lm.info.name, "model_info": lm.info.to_dict(),
+                  "model_fingerprint": weights_fingerprint(lm.model), "data": data.provenance(),
+                  "nll_convention": NLLConvention.for_data(data, lm.info.name).to_dict(), "settings": settings,
+                  "tasks": list(tasks)}
+    store, _ = run_tasks(out, provenance, tasks)
+    if lm.info.caveat:
+        print(f"caveat: {lm.info.caveat}\n")
+    print(spectrum_report(store))
+    print(f"\nunits: nats/token per squared weight unit; store: {out}")
+    return 0
+
+
+def spectrum_report(store) -> str:
+    """Markdown of a ``landscape spectrum`` (or ``analyses/curvature_study.py``) store."""
+    import numpy as np
+
+    a, lines = store.arrays, []
+    conv = store.provenance["nll_convention"]
+    spec = json.loads(str(a["spectrum/attrs"]))
+    lines += [f"{spec['operator']} of the token-mean NLL ({conv['n_segments']} x {conv['seq_len']} held-out "
+              f"{conv['corpus']} tokens, {conv['n_tokens']:,} scored) over {spec['n_params']:,} weights of "
+              f"{len(spec['layers'])} layers; {spec['lanczos_steps']} Lanczos steps, "
+              f"{spec['seconds_per_matvec']:.2g} s per product",
+              "", "| end | eigenvalues | residuals | converged |", "|---|---|---|---|"]
+    for end in ("top", "bottom"):
+        ev, res, ok = (a[f"spectrum/{end}/{k}"] for k in ("eigenvalues", "residuals", "converged"))
+        if len(ev):
+            lines.append(f"| {end} | {np.array2string(ev, precision=4)} | {np.array2string(res, precision=2)} | "
+                         f"{int(ok.sum())}/{len(ok)} |")
+    if "trace/attrs" in a:
+        trace = json.loads(str(a["trace/attrs"]))
+        lines += ["", f"trace (Hutch++, {trace['n_matvecs']} products): {trace['value']:.5g} +- {trace['stderr']:.2g} "
+                      f"(standard error); mean eigenvalue {trace['value'] / trace['n_params']:.3g}"]
+    if "density/attrs" in a:
+        density = json.loads(str(a["density/attrs"]))
+        grid, values = a["density/grid"], a["density/density"]
+        mass = float(np.trapezoid(values, grid))
+        lines += ["", f"density (SLQ, {density['n_runs']} runs x {density['lanczos_steps']} steps): support "
+                      f"[{grid[0]:.4g}, {grid[-1]:.4g}], integral {mass:.3f}"]
+    return "\n".join(lines)
+
+
+cmd_spectrum.add_arguments = _spectrum_args
