@@ -11,7 +11,9 @@ On held-out wiki windows (``--segments`` x ``--seq-len`` tokens; every Hessian p
 * ``path/<method> <format>``: the Rayleigh quotient ``u^T H(w0 + t d) u``, ``u = d / ||d||``, at each ``--t``
   along the displacement ``d`` of RTN, GPTQ and QAFT (seed 0) saved by the quantization tables (same
   calibration set), and along a random filter-normalised direction of GPTQ's length, with a bootstrap
-  interval over the segments.
+  interval over the segments; and the slope ``g(w0 + t d)^T u`` there, so the printed table can split the
+  quadratic model of ``NLL(w0 + d) - NLL(w0)`` into its first-order (``||d|| g^T u``) and second-order
+  (``||d||^2 u^T H u / 2``) parts at w0.
 
 One resumable store, one point per task (a killed run resumes at the next task). Prints a Markdown table.
 """
@@ -24,6 +26,8 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python analyses/curvature_study.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
 
 from analyses.common import random_direction_of_length
 from landscape.data import calibration_set, heldout_set
@@ -94,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
             return_eigenvectors=False, krylov_dir=args.krylov_dir, **common).to_record(include_eigenvectors=False)
         tasks["trace"] = lambda: hessian_trace(lm.model, data, n_matvecs=args.trace_matvecs, **common).to_record()
     def path_task(direction):  # direction: built when the task runs, so a finished task loads nothing
-        return lambda: curvature_along_path(lm.model, data, direction(), t=args.t, level=0.95, **common).to_record()
+        return lambda: curvature_along_path(lm.model, data, direction(), t=args.t, level=0.95, slope=True,
+                                            **common).to_record()
 
     paths = {}
     for f in formats if not args.no_paths else ():
@@ -122,21 +127,29 @@ def report(store) -> None:
     prov = store.provenance
     if "spectrum/attrs" in a:
         print(spectrum_report(store) + "\n")
-    ts = None
+    ts, with_slope = None, False
     rows = []
     for label in (task[len("path/"):] for task in prov["tasks"] if task.startswith("path/")):
         t, c, lo, hi = (a[f"path/{label}/{k}"] for k in ("t", "curvature", "low", "high"))
-        ts = t
+        ts, with_slope = t, f"path/{label}/slope" in a
         norm = json.loads(str(a[f"path/{label}/attrs"]))["direction_norm"]
-        rows.append(f"| {label} | {norm:.1f} | " + " | ".join(
-            f"{c[i]:.3g} [{lo[i]:.2g}, {hi[i]:.2g}]" for i in range(len(t))) + " |")
+        cells = [f"{c[i]:.3g} [{lo[i]:.2g}, {hi[i]:.2g}]" for i in range(len(t))]
+        if with_slope:
+            g, glo, ghi = (a[f"path/{label}/{k}"] for k in ("slope", "slope_low", "slope_high"))
+            cells += [f"{g[i]:.3g} [{glo[i]:.2g}, {ghi[i]:.2g}]" for i in range(len(t))]
+            start = int(np.argmin(np.abs(t)))  # the quadratic model at w0 (t = 0), if measured there
+            cells.append(f"{norm * g[start] + norm ** 2 * c[start] / 2:+.3g}" if t[start] == 0 else "")
+        rows.append(f"| {label} | {norm:.1f} | " + " | ".join(cells) + " |")
     if rows:
-        print("| direction | ‖d‖ | " + " | ".join(f"u^T H u at t = {x:g} [95 % over segments]" for x in ts) + " |")
-        print("|---|---|" + "---|" * len(ts))
+        head = [f"u^T H u at t = {x:g} [95 % over segments]" for x in ts]
+        if with_slope:
+            head += [f"g^T u at t = {x:g}" for x in ts] + ["‖d‖ g^T u + ‖d‖² u^T H u / 2 at t = 0 (nats)"]
+        print("| direction | ‖d‖ | " + " | ".join(head) + " |")
+        print("|---|---|" + "---|" * len(head))
         print("\n".join(rows))
     conv = prov["nll_convention"]
     print(f"\nNLL: token-mean over {conv['n_segments']} x {conv['seq_len']} held-out {conv['corpus']} tokens; "
-          f"curvature in nats/token per squared weight unit")
+          f"curvature in nats/token per squared weight unit, slope g^T u (u = d / ||d||) per weight unit")
 
 
 if __name__ == "__main__":

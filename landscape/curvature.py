@@ -683,14 +683,15 @@ class DirectionalCurvature:
 
     Attributes:
         method: ``hvp`` (Rayleigh quotient from exact products) or ``finite-difference``
-            (``(L(w+h u) - 2 L(w) + L(w-h u)) / h^2`` with ``h = step``).
+            (``(L(w+h u) - 2 L(w) + L(w-h u)) / h^2`` with ``h = step``); ``gradient`` marks the *first*
+            directional derivative ``g^T u`` of :func:`directional_slope` (same units per weight unit, not squared).
         operator: ``hessian`` or ``ggn`` (``hvp`` only).
         interval: bootstrap interval over the units, or ``None`` when not requested.
         direction_norm: ``||d||`` of the direction as given (weight units).
     """
 
     value: float
-    method: Literal["hvp", "finite-difference"]
+    method: Literal["hvp", "finite-difference", "gradient"]
     operator: str
     unit_sums: np.ndarray
     unit_tokens: np.ndarray
@@ -754,6 +755,44 @@ def rayleigh_quotient(
         sums.append(float(torch.dot(unit_vector, product)))
         tokens.append(int(batch[1][:, 1:].sum()))
     return _directional(sums, tokens, "batches", "hvp", operator, norm, None, level, n_resamples, seed,
+                        time.perf_counter() - started, _provenance(model, data, batch_size))
+
+
+def directional_slope(
+    model: nn.Module,
+    data: TokenSet,
+    direction: Direction,
+    *,
+    batch_size: int = 8,
+    level: float | None = None,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    progress: bool = True,
+) -> DirectionalCurvature:
+    """Slope ``g^T u`` of the token-mean NLL along ``u = d / ||d||`` at the current weights (nats/token per weight
+    unit): the first-order term of ``NLL(w + h u) = NLL(w) + h g^T u + h^2 u^T H u / 2 + ...``.
+
+    One backward pass per batch of ``batch_size`` segments (no double backward: any attention); with ``level``
+    a bootstrap interval over batches. Returned as a :class:`DirectionalCurvature` with ``method="gradient"``
+    (``unit_sums[i]``: the slope of batch ``i``'s summed NLL). Arguments as in :func:`rayleigh_quotient`.
+    """
+    _check_problem(model, data, "hessian", batch_size, needs_double_backward=False)
+    space = direction_space(model, direction)
+    tensors = _direction_tensors(direction)
+    batches = _batches(data, batch_size)
+    _check_interval_request(level, n_resamples, len(batches), "batches", batch_size, data)
+    norm = _norm(tensors, space.layers)
+    parameters = dict(model.named_parameters())
+    selected = [parameters[name] for name in space.parameter_names]  # the order of space.flatten
+    unit_vector = space.flatten(tensors, selected[0]) / norm
+    started = time.perf_counter()
+    sums, tokens = [], []
+    for batch in tqdm(batches, desc="g^T u", disable=not progress, leave=False):
+        with torch.enable_grad():
+            grads = torch.autograd.grad(segment_nll_sums(model, *batch).sum(), selected)
+        sums.append(float(torch.dot(torch.cat([g.reshape(-1) for g in grads]), unit_vector)))
+        tokens.append(int(batch[1][:, 1:].sum()))
+    return _directional(sums, tokens, "batches", "gradient", "gradient", norm, None, level, n_resamples, seed,
                         time.perf_counter() - started, _provenance(model, data, batch_size))
 
 
@@ -832,6 +871,9 @@ class PathCurvature:
         t: ``(P,)`` path coordinates; ``curvature``: ``(P,)`` ``u^T H(w0 + t d) u`` with ``u = d / ||d||``.
         low, high: ``(P,)`` interval bounds (NaN when no interval was requested).
         estimates: the full :class:`DirectionalCurvature` at each point.
+        slope, slope_low, slope_high: ``(P,)`` slope ``g(w0 + t d)^T u`` (nats/token per weight unit) and its
+            interval, when asked for (``slope=True``); else ``None``. With the curvature at ``t = 0`` they give
+            the quadratic model ``NLL(w0 + d) - NLL(w0) ~ ||d|| slope + ||d||^2 curvature / 2``.
     """
 
     t: np.ndarray
@@ -842,10 +884,16 @@ class PathCurvature:
     direction_norm: float
     operator: str
     settings: Mapping[str, Any] = field(default_factory=dict)
+    slope: np.ndarray | None = None
+    slope_low: np.ndarray | None = None
+    slope_high: np.ndarray | None = None
 
     def to_record(self) -> dict[str, Any]:
-        """``{"arrays": t, curvature, low, high; "attrs": JSON-able dict}`` for an HDF5 store."""
-        return {"arrays": {"t": self.t, "curvature": self.curvature, "low": self.low, "high": self.high},
+        """``{"arrays": t, curvature, low, high (and slope, slope_low, slope_high); "attrs": JSON-able dict}``."""
+        arrays = {"t": self.t, "curvature": self.curvature, "low": self.low, "high": self.high}
+        if self.slope is not None:
+            arrays |= {"slope": self.slope, "slope_low": self.slope_low, "slope_high": self.slope_high}
+        return {"arrays": arrays,
                 "attrs": {"kind": "path_curvature", "direction_norm": self.direction_norm, "operator": self.operator,
                           **self.settings}}
 
@@ -861,9 +909,11 @@ def curvature_along_path(
     level: float | None = None,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
+    slope: bool = False,
     progress: bool = True,
 ) -> PathCurvature:
-    """Curvature along ``direction`` at several points ``w0 + t * direction`` of the path from w0.
+    """Curvature along ``direction`` at several points ``w0 + t * direction`` of the path from w0 (and, with
+    ``slope``, the slope :func:`directional_slope` there too: one backward pass more per batch and point).
 
     At w0 itself a quantization displacement looks as flat as a random direction; differences in steepness
     between methods show along the path. The model is moved in place (only the direction's layers; no
@@ -878,22 +928,30 @@ def curvature_along_path(
         raise CurvatureError(f"t must be a non-empty sequence of finite path coordinates, got {t!r}")
     _check_interval_request(level, n_resamples, len(_batches(data, batch_size)), "batches", batch_size, data)
     w0 = layer_weights(model, list(space.layers))
-    estimates = []
+    estimates, slopes = [], []
+    interval_args = {"batch_size": batch_size, "level": level, "n_resamples": n_resamples, "seed": seed,
+                     "progress": False}
     for point in tqdm(points, desc="curvature along path", disable=not progress, leave=False):
         moved = {n: w0[n] + float(point) * tensors[n].to(w0[n]) for n in space.layers}
         with swapped_weights(model, moved):
-            estimates.append(rayleigh_quotient(model, data, tensors, operator=operator, batch_size=batch_size,
-                                               level=level, n_resamples=n_resamples, seed=seed, progress=False))
-    nan = float("nan")
-    return PathCurvature(
-        points, np.array([e.value for e in estimates]),
-        np.array([e.interval.low if e.interval else nan for e in estimates]),
-        np.array([e.interval.high if e.interval else nan for e in estimates]),
-        tuple(estimates), estimates[0].direction_norm, operator,
-        {"level": level, "seed": seed, **_provenance(model, data, batch_size)})
+            estimates.append(rayleigh_quotient(model, data, tensors, operator=operator, **interval_args))
+            if slope:
+                slopes.append(directional_slope(model, data, tensors, **interval_args))
+
+    def columns(results: list[DirectionalCurvature]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        nan = float("nan")
+        return (np.array([e.value for e in results]),
+                np.array([e.interval.low if e.interval else nan for e in results]),
+                np.array([e.interval.high if e.interval else nan for e in results]))
+
+    slope_columns = columns(slopes) if slope else (None, None, None)
+    return PathCurvature(points, *columns(estimates), tuple(estimates), estimates[0].direction_norm, operator,
+                         {"level": level, "seed": seed, "slope": slope, **_provenance(model, data, batch_size)},
+                         *slope_columns)
 
 
-def _directional(sums: Sequence[float], tokens: Sequence[int], unit: str, method: Literal["hvp", "finite-difference"],
+def _directional(sums: Sequence[float], tokens: Sequence[int], unit: str,
+                 method: Literal["hvp", "finite-difference", "gradient"],
                  operator: str, norm: float, step: float | None, level: float | None, n_resamples: int, seed: int,
                  seconds: float, provenance: dict[str, Any]) -> DirectionalCurvature:
     sums_array, tokens_array = np.asarray(sums, dtype=np.float64), np.asarray(tokens, dtype=np.int64)

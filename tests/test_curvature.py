@@ -23,6 +23,7 @@ from landscape.curvature import (
     curvature_along_path,
     curvature_operator,
     direction_space,
+    directional_slope,
     hessian_density,
     hessian_spectrum,
     hessian_trace,
@@ -109,6 +110,15 @@ def fd_second_derivative(model, data, direction, h: float = 1e-2) -> float:
     central_h = (f[1] - 2 * f[0] + f[-1]) / h**2
     central_2h = (f[2] - 2 * f[0] + f[-2]) / (2 * h) ** 2
     return (4 * central_h - central_2h) / 3
+
+
+def fd_first_derivative(model, data, direction, h: float = 1e-3) -> float:
+    """First derivative of the token-mean NLL along the unit direction: central differences at h and 2h,
+    Richardson-extrapolated (error O(h^4))."""
+    norm = torch.sqrt(sum((d.double() ** 2).sum() for d in direction.values()))
+    w0 = layer_weights(model, list(direction))
+    f = {s: nll_at(model, data, {n: w0[n] + s * h * direction[n] / norm for n in direction}) for s in (-2, -1, 1, 2)}
+    return (4 * (f[1] - f[-1]) / (2 * h) - (f[2] - f[-2]) / (4 * h)) / 3
 
 
 def random_direction(model, layers: list[str], seed: int) -> dict[str, torch.Tensor]:
@@ -319,6 +329,31 @@ def test_rayleigh_quotient_equals_dense_and_finite_difference(gpt2_problem):
     richardson = second_directional_derivative(model, data, direction, step=2e-2, progress=False)
     assert abs(plain.value - dense) > 30 * abs(richardson.value - dense)
     assert richardson.value == pytest.approx(dense, rel=1e-6)
+
+
+def test_slope_equals_the_dense_gradient_and_a_finite_difference_and_rides_along_the_path(gpt2_problem):
+    model, data, layers, _ = gpt2_problem
+    direction = random_direction(model, layers, seed=3)
+    u = to_stored_layout(model, direction, layers)
+    params = dict(model.named_parameters())
+    weights = [params[f"{n}.weight"] for n in layers]
+    with torch.enable_grad():
+        loss = segment_nll_sums(model, data.tokens, data.score_mask).sum() / data.n_scored_tokens
+        grads = torch.autograd.grad(loss, weights)
+    dense = float(torch.cat([g.reshape(-1) for g in grads]) @ u / u.norm())
+    slope = directional_slope(model, data, direction, batch_size=1, level=0.9, n_resamples=200, progress=False)
+    assert slope.value == pytest.approx(dense, rel=1e-9) and slope.method == "gradient"
+    assert slope.value == pytest.approx(fd_first_derivative(model, data, direction), rel=1e-6)
+    assert len(slope.unit_sums) == data.n_segments and slope.interval.low <= slope.value <= slope.interval.high
+    chosen = layers[:2]
+    sub = {n: direction[n] for n in chosen}
+    path = curvature_along_path(model, data, sub, t=(0.0, 1.0), slope=True, progress=False)
+    w0 = layer_weights(model, chosen)
+    for t, value in zip(path.t, path.slope):
+        with swapped_weights(model, {n: w0[n] + t * sub[n] for n in chosen}):
+            assert value == pytest.approx(fd_first_derivative(model, data, sub), rel=1e-6)
+    assert "slope" in path.to_record()["arrays"] and np.isnan(path.slope_low).all()
+    assert curvature_along_path(model, data, sub, t=(0.0,), progress=False).slope is None
 
 
 def test_rayleigh_quotient_over_batches_and_its_interval(gpt2_problem):

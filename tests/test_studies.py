@@ -100,6 +100,7 @@ def test_curvature_study_paths_have_their_displacement_norms_and_a_rerun_does_no
     assert data.complete and list(data.provenance["tasks"])[:2] == ["spectrum", "trace"]
     attrs = {label: json.loads(str(data.arrays[f"path/{label}/attrs"]))
              for label in ("rtn int4", "gptq int4", "qaft int4", "random (GPTQ int4's length)")}
+    assert all(f"path/{label}/slope" in data.arrays for label in attrs)  # the first-order term rides along
     assert attrs["random (GPTQ int4's length)"]["direction_norm"] == pytest.approx(
         attrs["gptq int4"]["direction_norm"], rel=1e-6)
     assert all(math.isfinite(v) for label in attrs for v in data.arrays[f"path/{label}/curvature"])
