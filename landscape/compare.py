@@ -7,9 +7,9 @@ formats) :func:`compare_displacements` measures, for every displacement ``d = w_
 * **direction**: pairwise cosines ``<d_a, d_b> / (||d_a|| ||d_b||)`` and the coefficients ``<d, v_i>`` on
   unit Hessian eigenvectors ``v_i`` (e.g. :func:`landscape.curvature.hessian_spectrum`), with the share
   ``sum_i <d, v_i>^2 / ||d||^2`` of the squared displacement they capture;
-* **steepness**: the Rayleigh quotient ``u^T H u`` (``u = d / ||d||``) at points ``w0 + t d`` of the path
-  (:func:`landscape.curvature.curvature_along_path`): at w0 every displacement looks flat, differences
-  show along the path;
+* **steepness**: the slope ``g^T u`` and the Rayleigh quotient ``u^T H u`` (``u = d / ||d||``) at points
+  ``w0 + t d`` of the path (:func:`landscape.curvature.curvature_along_path`): at w0 every displacement looks
+  flat in curvature, differences show along the path; the slope at w0 is the first-order part of the cost;
 * **cost**: token-mean NLL (nats/token, with a bootstrap interval over segments) at each endpoint, along
   the straight path ``w0 + t (w_q - w0)`` and along the segment between two endpoints (default: every
   GPTQ and QAFT pair of the same format), and each layer's output MSE ``mean((x d^T)^2)`` on the inputs
@@ -82,6 +82,8 @@ class DisplacementMeasures:
             (NaN when there were fewer than two batches).
         projections: ``<d, v_i>`` on each unit eigenvector ``v_i`` (weight units; sign is arbitrary
             because an eigenvector's is).
+        slope: ``g^T u`` at the same points as ``curvature`` (nats/token per weight unit), with ``slope_low`` /
+            ``slope_high`` as for the curvature (NaN in stores written before the slope was measured).
     """
 
     label: str
@@ -98,6 +100,9 @@ class DisplacementMeasures:
     curvature_low: np.ndarray
     curvature_high: np.ndarray
     projections: np.ndarray
+    slope: np.ndarray = field(default_factory=lambda: np.empty(0))
+    slope_low: np.ndarray = field(default_factory=lambda: np.empty(0))
+    slope_high: np.ndarray = field(default_factory=lambda: np.empty(0))
 
     @property
     def layer_mse_sum(self) -> float:
@@ -196,6 +201,7 @@ class Comparison:
             head = ["method", "‖d‖", "‖d‖/‖w0‖", "layer-MSE sum", "NLL [CI]", "ΔNLL"]
             head += [f"NLL t={t:g}" for t in path_inner]
             head += [f"uᵀHu t={t:g}" for t in self.curvature_t]
+            head += [f"gᵀu t={t:g}" for t in self.curvature_t]
             head += [f"top-{k} share"] if k else []
             lines += ["", f"## {fmt}", "", _md_row(head), _md_row(["---"] * len(head))]
             for r in rows:
@@ -204,6 +210,8 @@ class Comparison:
                 cells += [f"{r.path_nll[list(self.path_t).index(t)]:.4f}" for t in path_inner]
                 cells += [_with_interval(c, lo, hi)
                           for c, lo, hi in zip(r.curvature, r.curvature_low, r.curvature_high)]
+                cells += ([_with_interval(g, lo, hi) for g, lo, hi in zip(r.slope, r.slope_low, r.slope_high)]
+                          if len(r.slope) else ["n/a"] * len(self.curvature_t))
                 cells += [f"{r.captured_fraction:.3g}"] if k else []
                 lines.append(_md_row(cells))
             lines += ["", "cosines:", "", _md_row([""] + [r.label for r in rows]), _md_row(["---"] * (len(rows) + 1))]
@@ -243,6 +251,9 @@ class Comparison:
             "curvature": _stack([r.curvature for r in self.rows], len(self.curvature_t)),
             "curvature_low": _stack([r.curvature_low for r in self.rows], len(self.curvature_t)),
             "curvature_high": _stack([r.curvature_high for r in self.rows], len(self.curvature_t)),
+            "slope": _stack([r.slope for r in self.rows], len(self.curvature_t)),
+            "slope_low": _stack([r.slope_low for r in self.rows], len(self.curvature_t)),
+            "slope_high": _stack([r.slope_high for r in self.rows], len(self.curvature_t)),
             "projections": _stack([r.projections for r in self.rows], len(self.eigenvalues)),
             "layer_norm": np.array([[r.layer_norms[n_] for n_ in self.layers] for r in self.rows]).reshape(n, -1),
             "layer_relative_norm": np.array([[r.layer_relative_norms[n_] for n_ in self.layers]
@@ -300,11 +311,12 @@ class Comparison:
 
         rows = []
         for i, label in enumerate(results["label"]):
+            slope = {k: a[k][i] for k in ("slope", "slope_low", "slope_high") if k in a}  # absent in older stores
             rows.append(DisplacementMeasures(
                 str(label), str(results["method"][i]), str(results["format"][i]), float(a["norm"][i]),
                 float(a["relative_norm"][i]), per_layer("layer_norm", i), per_layer("layer_relative_norm", i),
                 per_layer("layer_mse", i), interval(a["nll"][i], a["nll_low"][i], a["nll_high"][i]), a["path_nll"][i],
-                a["curvature"][i], a["curvature_low"][i], a["curvature_high"][i], a["projections"][i]))
+                a["curvature"][i], a["curvature_low"][i], a["curvature_high"][i], a["projections"][i], **slope))
         between = data.table("between") if "between/start" in a else {"start": [], "end": [], "distance": []}
         segments = tuple(SegmentProfile(str(s), str(e), float(d), a["between_t"], a["between_nll"][j])
                          for j, (s, e, d) in enumerate(zip(between["start"], between["end"], between["distance"])))
@@ -395,16 +407,16 @@ def compare_displacements(
         endpoint_nll[label] = _nll(model, endpoints[label], data, batch_size, name)
         known = {0.0: center.value, 1.0: endpoint_nll[label].value}
         path_nll = _segment_nll(model, w0, endpoints[label], path_points, known, data, batch_size, name)
-        curvature, low, high = _path_curvature(model, curvature_data, w0, endpoints[label], curvature_points,
-                                               curvature_level, n_resamples, seed, batch_size)
+        steepness = _path_curvature(model, curvature_data, w0, endpoints[label], curvature_points,
+                                    curvature_level, n_resamples, seed, batch_size)
         mse = layer_mse(model, mse_data, endpoints[label], inputs="reference", batch_size=batch_size)
         layer_norms = {n: math.sqrt(geometry.layer_sq[i, j]) for j, n in enumerate(layers)}
         rows.append(DisplacementMeasures(
             label, result.method, format_group(result), math.sqrt(geometry.gram[i, i]),
             math.sqrt(geometry.gram[i, i]) / geometry.w0_norm, layer_norms,
             {n: layer_norms[n] / geometry.layer_w0_norms[n] for n in layers}, {n: float(mse[n]) for n in layers},
-            nll_interval(endpoint_nll[label], **interval_args), path_nll, curvature, low, high,
-            geometry.projections[i]))
+            nll_interval(endpoint_nll[label], **interval_args), path_nll, *steepness[:3],
+            geometry.projections[i], *steepness[3:]))
     labels = list(labelled)
     segments = []
     for start, end in pairs:
@@ -664,18 +676,19 @@ def _segment_nll(model: nn.Module, start: Mapping[str, torch.Tensor], end: Mappi
 
 def _path_curvature(model: nn.Module, data: TokenSet, w0: Mapping[str, torch.Tensor],
                     endpoint: Mapping[str, torch.Tensor], t: np.ndarray, level: float | None, n_resamples: int,
-                    seed: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rayleigh quotient of ``d = endpoint - w0`` at ``w0 + t d`` (values, interval low, interval high)."""
+                    seed: int, batch_size: int) -> tuple[np.ndarray, ...]:
+    """Rayleigh quotient and slope of ``d = endpoint - w0`` at ``w0 + t d``: (curvature, its low, its high,
+    slope, its low, its high)."""
     if len(t) == 0:
-        return np.empty(0), np.empty(0), np.empty(0)
+        return (np.empty(0),) * 6
     from .curvature import curvature_along_path
 
     direction = {n: endpoint[n] - w0[n] for n in w0 if not torch.equal(endpoint[n], w0[n])}
     if not direction:  # the result equals w0: no direction to take a curvature along
-        return np.full(len(t), math.nan), np.full(len(t), math.nan), np.full(len(t), math.nan)
+        return (np.full(len(t), math.nan),) * 6
     path = curvature_along_path(model, data, direction, t, batch_size=batch_size, level=level,
-                                n_resamples=n_resamples, seed=seed, progress=False)
-    return path.curvature, path.low, path.high
+                                n_resamples=n_resamples, seed=seed, slope=True, progress=False)
+    return path.curvature, path.low, path.high, path.slope, path.slope_low, path.slope_high
 
 
 def _basis_source(eigenvectors: Any) -> dict[str, Any] | None:

@@ -177,6 +177,10 @@ def test_layer_mse_equals_hooked_inputs_and_curvature_runs_along_the_path(settin
     second = (nll_at(h) - 2 * nll_at(0.0) + nll_at(-h)) / h**2
     assert row.curvature[1] == pytest.approx(second, rel=1e-3, abs=1e-6)
     assert row.curvature_low[1] <= row.curvature[1] <= row.curvature_high[1]
+    # the slope at t=1 is the first derivative of the NLL there (central difference, O(h^2) error)
+    first = (nll_at(h) - nll_at(-h)) / (2 * h)
+    assert row.slope[1] == pytest.approx(first, rel=1e-4, abs=1e-7)
+    assert row.slope_low[1] <= row.slope[1] <= row.slope_high[1] and "gᵀu t=1" in c.markdown()
 
 
 def test_bad_inputs_are_refused_before_any_work(setting, monkeypatch):
