@@ -230,8 +230,11 @@ class Comparison:
                 lines += [_md_row([n] + [f"{r.layer_relative_norms[n]:.3%}" for r in rows]
                                   + [f"{r.layer_mse[n]:.4g}" for r in rows]) for n in self.layers]
         if k:
+            source = self.provenance.get("eigenvectors") or {}
+            converged = (f"; {sum(source['converged'])} of {k} converged after {source['lanczos_steps']} Lanczos steps"
+                         if "converged" in source else "")
             lines += ["", (f"eigenvalues projected on: {np.array2string(self.eigenvalues, precision=4)} "
-                           f"(nats/token per squared weight unit)")]
+                           f"(nats/token per squared weight unit{converged})")]
         return "\n".join(lines)
 
     # -------------------------------------------------------------------------------------- store
@@ -697,8 +700,9 @@ def _basis_source(eigenvectors: Any) -> dict[str, Any] | None:
     settings = getattr(eigenvectors, "settings", None)
     if settings is not None:
         return {"kind": "spectrum", "operator": eigenvectors.operator, "layers": list(eigenvectors.layers),
-                "eigenvalues": eigenvectors.top.eigenvalues.tolist(), "data": settings.get("data"),
-                "seed": settings.get("seed")}
+                "eigenvalues": eigenvectors.top.eigenvalues.tolist(), "residuals": eigenvectors.top.residuals.tolist(),
+                "converged": eigenvectors.top.converged.tolist(), "lanczos_steps": eigenvectors.lanczos_steps,
+                "data": settings.get("data"), "seed": settings.get("seed")}
     return {"kind": type(eigenvectors).__name__, "count": len(eigenvectors)}
 
 

@@ -46,6 +46,10 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
                    help="first held-out segments used for Hessian products and eigenvectors (default 4)")
     p.add_argument("--eigenvectors", type=int, default=0,
                    help="project on the top K Hessian eigenvectors (Lanczos; default 0: none)")
+    p.add_argument("--lanczos-steps", type=int, default=None,
+                   help="Lanczos steps for the eigenvectors (default max(50, 2K)); not-converged pairs are reported")
+    p.add_argument("--krylov-dir", type=Path, default=None,
+                   help="keep the Lanczos basis in memory-mapped files in this directory (large models)")
     p.add_argument("--between", type=_label_pair, action="append", default=None, metavar="START=>END",
                    help="NLL along the segment between two results' endpoints (repeatable; labels as printed); "
                         "default every GPTQ and QAFT pair of a format")
@@ -68,6 +72,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.eigenvectors < 0:
         raise ValueError(f"--eigenvectors must be >= 0, got {args.eigenvectors}")
+    if args.lanczos_steps is not None and args.lanczos_steps < max(args.eigenvectors, 1):
+        raise ValueError(f"--lanczos-steps must be >= --eigenvectors ({args.eigenvectors}), got {args.lanczos_steps}")
+    if args.krylov_dir is not None and not args.krylov_dir.is_dir():
+        raise ValueError(f"--krylov-dir {args.krylov_dir} is not an existing directory")
     if args.out is not None and (args.out.exists() or Path(f"{args.out}.partial").exists()):
         raise ValueError(f"{args.out} already exists: choose another --out or remove it")
     stems = [quant_result_path(p) for p in args.results]
@@ -91,6 +99,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
         check_same_base(lm.model, results)  # before the Lanczos run
         eigenvectors = hessian_spectrum(lm.model, curvature_data, k=args.eigenvectors, k_bottom=0,
+                                        lanczos_steps=args.lanczos_steps, krylov_dir=args.krylov_dir,
                                         batch_size=args.batch_size, progress=not args.no_progress)
     comparison = compare_displacements(
         lm.model, results, data, curvature_data=curvature_data, eigenvectors=eigenvectors, path_t=args.path,

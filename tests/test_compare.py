@@ -260,6 +260,10 @@ def test_cli_compare_on_ref_tiny(tmp_path, capsys):
     d = flat_displacement(lm.model, loaded, layers)
     assert stored.row("rtn int3").norm == pytest.approx(np.linalg.norm(d), rel=1e-9)
     assert stored.eigenvalues.shape == (2,) and stored.eigenvalues[0] >= stored.eigenvalues[1]
+    assert "of 2 converged after" in printed and sum(stored.provenance["eigenvectors"]["converged"]) <= 2
+    assert main(["compare", "ref-tiny", *map(str, paths), "--eigenvectors", "4", "--lanczos-steps", "2",
+                 "--no-progress"]) == 2
+    assert "--lanczos-steps must be >= --eigenvectors" in capsys.readouterr().err
 
 
 def test_qaft_advantage_after_the_control_is_stated_from_endpoint_nlls_and_survives_the_store(setting, tmp_path):
