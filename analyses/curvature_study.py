@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--results", required=True, help="the quantization tables' results/ folder")
-    p.add_argument("--formats", nargs="+", default=["int4", "int4-g64", "int3-g64"])
+    p.add_argument("--formats", nargs="*", default=["int4", "int4-g64", "int3-g64"],
+                   help="formats whose RTN, GPTQ and QAFT displacements (and a random one) are followed")
+    p.add_argument("--also", nargs="+", default=[], metavar="NAME",
+                   help="also the displacements of these saved results (file stems in the results folder, e.g. "
+                        "fp-finetune-lr0.0003-e1-b4-s0 for the full-precision control, gptq+lorc-int4-r8)")
     p.add_argument("--qaft-lr", type=float, default=3e-4, help="the QAFT runs' learning rate (their file names)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="the tables' calibration sequence length")
     p.add_argument("--segments", type=int, default=2)
@@ -64,8 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     formats = [parse_format(f).name for f in args.formats]
     if args.segments < 2:
         p.error(f"--segments must be >= 2 (the path intervals are over segments), got {args.segments}")
-    if args.no_spectrum and args.no_paths:
-        p.error("--no-spectrum and --no-paths leave nothing to do")
+    if args.no_paths and args.also:
+        p.error("--no-paths takes no --also (it names paths)")
+    if args.no_spectrum and (args.no_paths or not (formats or args.also)):
+        p.error("--no-spectrum without paths (--no-paths, or no --formats and no --also) leaves nothing to do")
     if args.krylov_dir is not None and not Path(args.krylov_dir).is_dir():
         p.error(f"--krylov-dir {args.krylov_dir} is not an existing directory")
     if args.trace_matvecs < 6:
@@ -81,7 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     results = Path(args.results) / f"calib-{calib.content_hash}"
     protocol = Protocol(model=args.model, qaft_lr=args.qaft_lr)  # only its QAFT settings name the files
     sources = {(m, f): results / result_key(protocol, Variant(m, f)) for f in formats for m in METHODS}
-    missing = [] if args.no_paths else [str(s) for s in sources.values() if not s.with_name(s.name + ".json").exists()]
+    extra = {name: results / name for name in args.also}
+    missing = [] if args.no_paths else [str(s) for s in (*sources.values(), *extra.values())
+                                        if not s.with_name(s.name + ".json").exists()]
     if missing:
         p.error(f"no saved results {missing}: run analyses/quant_table.py first")
     data = heldout_set(lm.tokenizer, args.seq_len, "wiki", args.segments, context_length=lm.info.context_length)
@@ -109,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
         label = f"random (GPTQ {f}'s length)"
         paths[label] = f"filter seed {args.random_seed}, GPTQ {f}'s norm"
         tasks[f"path/{label}"] = path_task(lambda f=f: random_like(f))
+    for name, source in extra.items():
+        paths[name] = str(source)
+        tasks[f"path/{name}"] = path_task(lambda source=source: displacement_direction(lm.model, source))
     provenance = {"kind": "curvature", "model": args.model, "model_info": lm.info.to_dict(),
                   "model_fingerprint": weights_fingerprint(lm.model), "data": data.provenance(),
                   "nll_convention": NLLConvention.for_data(data, args.model).to_dict(),

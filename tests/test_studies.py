@@ -122,7 +122,16 @@ def test_curvature_study_paths_have_their_displacement_norms_and_a_rerun_does_no
     alone = read_store(spectrum_only)
     assert [t for t in alone.provenance["tasks"]] == ["spectrum", "trace"] and list(krylov.iterdir()) == []
     np.testing.assert_array_equal(alone.arrays["spectrum/top/eigenvalues"], data.arrays["spectrum/top/eigenvalues"])
-    for bad in (["--no-paths", "--no-spectrum"], ["--krylov-dir", str(tmp_path / "missing")]):
+    # another saved result's displacement (here RTN's, under its file name): the same numbers as its format path
+    also = tmp_path / "also.h5"
+    curvature_study.main([*args[:args.index("--out")], "--no-spectrum", "--formats", "--also", "rtn-int4",
+                          "--out", str(also)])
+    extra = read_store(also)
+    assert extra.provenance["tasks"] == ["path/rtn-int4"]
+    np.testing.assert_array_equal(extra.arrays["path/rtn-int4/curvature"], data.arrays["path/rtn int4/curvature"])
+    np.testing.assert_array_equal(extra.arrays["path/rtn-int4/slope"], data.arrays["path/rtn int4/slope"])
+    for bad in (["--no-paths", "--no-spectrum"], ["--krylov-dir", str(tmp_path / "missing")],
+                ["--no-spectrum", "--formats"], ["--also", "no-such-result"], ["--no-paths", "--also", "rtn-int4"]):
         with pytest.raises(SystemExit):
             curvature_study.main([*SHORT, "--results", str(tables), *bad, "--out", str(tmp_path / "z.h5")])
 
