@@ -89,15 +89,18 @@ def reference_gptq_layer(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, dam
 
 
 def reference_gptq_model(model: nn.Module, calib: TokenSet, fmt: QuantFormat | str, damp: float = DEFAULT_DAMP,
-                         act_order: bool = True, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """Every quantizable layer with :func:`reference_gptq_layer` in the toolkit's sequential block-by-block driver."""
+                         act_order: bool = True, batch_size: int = 8,
+                         hessian_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Every quantizable layer with :func:`reference_gptq_layer` in the toolkit's sequential block-by-block driver,
+    its Hessians accumulated in ``hessian_dtype`` (float32, as :func:`landscape.quant.gptq` and the reference
+    implementation do: with float64 Hessians a few near-tie weights of ref-tiny int3-g32 round the other way)."""
     fmt = parse_format(fmt)
 
     def solve(name: str, w0: torch.Tensor, hessian: torch.Tensor):
         return reference_gptq_layer(w0, hessian, make_grid(w0, fmt, name), damp, act_order), None
 
     solved = quantize_block_by_block(model, calib, list(quantizable_layers(model)), solve, batch_size=batch_size,
-                                     progress=False)
+                                     compute_dtype=hessian_dtype, progress=False)
     return {name: s.weight for name, s in solved.items()}
 
 
