@@ -49,7 +49,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Union
 
@@ -750,23 +750,13 @@ def rayleigh_quotient(
         direction: a :class:`landscape.directions.Direction` or a mapping layer name -> ``(out, in)`` tensor,
             over any subset of the quantizable layers (the curvature is then that of that block of H).
     """
-    _check_problem(model, data, operator, batch_size)
-    space = direction_space(model, direction)
-    tensors = _direction_tensors(direction)
-    batches = _batches(data, batch_size)
-    _check_interval_request(level, n_resamples, len(batches), "batches", batch_size, data)
-    norm = _norm(tensors, space.layers)
-    unit_vector = space.flatten(tensors, next(model.parameters())) / norm  # model dtype and device
-    started = time.perf_counter()
-    sums, tokens = [], []
-    for batch in tqdm(batches, desc=f"u^T {operator} u", disable=not progress, leave=False):
+    def product(batch: Batch, space: WeightSpace, unit_vector: torch.Tensor) -> float:
         batch_op = _operator(model, [batch], 1.0, space, operator)  # curvature of this batch's summed NLL
         with torch.enable_grad():
-            product = batch_op.matvec(unit_vector).detach()
-        sums.append(float(torch.dot(unit_vector, product)))
-        tokens.append(int(batch[1][:, 1:].sum()))
-    return _directional(sums, tokens, "batches", "hvp", operator, norm, None, level, n_resamples, seed,
-                        time.perf_counter() - started, _provenance(model, data, batch_size))
+            return float(torch.dot(unit_vector, batch_op.matvec(unit_vector).detach()))
+
+    return _over_batches(model, data, direction, product, "hvp", operator, batch_size, level, n_resamples, seed,
+                         progress)
 
 
 def directional_slope(
@@ -787,23 +777,40 @@ def directional_slope(
     a bootstrap interval over batches. Returned as a :class:`DirectionalCurvature` with ``method="gradient"``
     (``unit_sums[i]``: the slope of batch ``i``'s summed NLL). Arguments as in :func:`rayleigh_quotient`.
     """
-    _check_problem(model, data, "hessian", batch_size, needs_double_backward=False)
+    parameters = dict(model.named_parameters())
+
+    def gradient(batch: Batch, space: WeightSpace, unit_vector: torch.Tensor) -> float:
+        selected = [parameters[name] for name in space.parameter_names]  # the order of space.flatten
+        with torch.enable_grad():
+            grads = torch.autograd.grad(segment_nll_sums(model, *batch).sum(), selected)
+        return float(torch.dot(torch.cat([g.reshape(-1) for g in grads]), unit_vector))
+
+    return _over_batches(model, data, direction, gradient, "gradient", "gradient", batch_size, level, n_resamples,
+                         seed, progress)
+
+
+def _over_batches(model: nn.Module, data: TokenSet, direction: Direction,
+                  measure: Callable[[Batch, WeightSpace, torch.Tensor], float],
+                  method: Literal["hvp", "gradient"], operator: str, batch_size: int, level: float | None,
+                  n_resamples: int, seed: int, progress: bool) -> DirectionalCurvature:
+    """Checks, the unit vector ``u = d / ||d||`` (flat, model dtype and device), and ``measure(batch, space, u)``
+    of each batch's summed NLL, combined by :func:`_directional` (the body of :func:`rayleigh_quotient` and
+    :func:`directional_slope`)."""
+    _check_problem(model, data, "hessian" if method == "gradient" else operator, batch_size,
+                   needs_double_backward=method == "hvp")
     space = direction_space(model, direction)
     tensors = _direction_tensors(direction)
     batches = _batches(data, batch_size)
     _check_interval_request(level, n_resamples, len(batches), "batches", batch_size, data)
     norm = _norm(tensors, space.layers)
-    parameters = dict(model.named_parameters())
-    selected = [parameters[name] for name in space.parameter_names]  # the order of space.flatten
-    unit_vector = space.flatten(tensors, selected[0]) / norm
+    unit_vector = space.flatten(tensors, next(model.parameters())) / norm
     started = time.perf_counter()
     sums, tokens = [], []
-    for batch in tqdm(batches, desc="g^T u", disable=not progress, leave=False):
-        with torch.enable_grad():
-            grads = torch.autograd.grad(segment_nll_sums(model, *batch).sum(), selected)
-        sums.append(float(torch.dot(torch.cat([g.reshape(-1) for g in grads]), unit_vector)))
+    desc = "g^T u" if method == "gradient" else f"u^T {operator} u"
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        sums.append(measure(batch, space, unit_vector))
         tokens.append(int(batch[1][:, 1:].sum()))
-    return _directional(sums, tokens, "batches", "gradient", "gradient", norm, None, level, n_resamples, seed,
+    return _directional(sums, tokens, "batches", method, operator, norm, None, level, n_resamples, seed,
                         time.perf_counter() - started, _provenance(model, data, batch_size))
 
 
