@@ -356,10 +356,30 @@ class GroupCorrelation:
     correlation: Interval | None
 
     def describe(self) -> str:
-        if self.correlation is None:
-            return "n/a"
-        c = self.correlation
-        return f"{c.value:+.3f} [{c.low:+.3f}, {c.high:+.3f}]"
+        return _describe(self.correlation)
+
+
+def _describe(correlation: Interval | None) -> str:
+    """``+0.817 [+0.619, +0.940]``, or ``n/a`` for an undefined correlation."""
+    if correlation is None:
+        return "n/a"
+    return f"{correlation.value:+.3f} [{correlation.low:+.3f}, {correlation.high:+.3f}]"
+
+
+def _interval_columns(correlations: Sequence[Interval | None]) -> dict[str, list[float]]:
+    """The ``rho``, ``low`` and ``high`` store columns of optional correlations (NaN where undefined)."""
+    return {"rho": [c.value if c else math.nan for c in correlations],
+            "low": [c.low if c else math.nan for c in correlations],
+            "high": [c.high if c else math.nan for c in correlations]}
+
+
+def _interval_from_columns(t: Mapping[str, np.ndarray], i: int, n: int, settings: Mapping[str, Any], method: str,
+                           unit: str) -> Interval | None:
+    """Row ``i`` of :func:`_interval_columns`'s columns back as an :class:`Interval` (``None`` where NaN)."""
+    if math.isnan(t["rho"][i]):
+        return None
+    return Interval(float(t["rho"][i]), float(t["low"][i]), float(t["high"][i]), settings["level"], method,
+                    settings["n_resamples"], int(n), unit)
 
 
 @dataclass(frozen=True)
@@ -486,15 +506,14 @@ class Misalignment:
 
     def _within_format_markdown(self) -> list[str]:
         w = self.within_format
-        show = lambda c: "n/a" if c is None else f"{c.value:+.3f} [{c.low:+.3f}, {c.high:+.3f}]"  # noqa: E731
         lines = ["Within each format (one grid; candidates at similar distances):", "",
                  "| format | median ‖d‖ | side of R | n | Spearman(MSE sum, NLL) |", "|---|---|---|---|---|"]
         lines += [f"| {f.format} | {f.median_norm:.4g} | {'inside' if f.inside else 'outside'} | {f.n} | "
-                  f"{show(f.correlation)} |" for f in w.per_format]
+                  f"{_describe(f.correlation)} |" for f in w.per_format]
         for name, inside, corr in (("inside R", True, w.inside), ("outside R", False, w.outside)):
             formats = ", ".join(f.format for f in w.side_formats(inside)) or "none"
             lines.append(f"| mean {name} ({formats}) | | | {sum(f.n for f in w.side_formats(inside))} | "
-                         f"{show(corr)} |")
+                         f"{_describe(corr)} |")
         return lines
 
     def to_record(self) -> StoreRecord:
@@ -502,29 +521,22 @@ class Misalignment:
         the candidates' labels, methods and formats as a table."""
         c = self.candidates
         groups = (self.overall, self.inside, self.outside, *self.bins)
-        nan = math.nan
         rows = {"displacement_norm": c.displacement_norm, "layer_mse_sum": c.layer_mse_sum, "nll": c.nll,
                 "inside_basin": c.displacement_norm <= self.basin_radius}
         tables = {"candidates": {"label": list(c.labels), "method": list(c.methods), "format": list(c.formats)},
                   "correlations": {"group": [g.name for g in groups], "lower": [g.lower for g in groups],
                                    "upper": [g.upper for g in groups], "n": [g.n for g in groups],
-                                   "rho": [g.correlation.value if g.correlation else nan for g in groups],
-                                   "low": [g.correlation.low if g.correlation else nan for g in groups],
-                                   "high": [g.correlation.high if g.correlation else nan for g in groups]}}
+                                   **_interval_columns([g.correlation for g in groups])}}
         arrays = {"basin_radius": np.float64(self.basin_radius), "nll_w0": np.float64(c.nll_w0)}
         if self.within_format is not None:
             w = self.within_format
-            corr = [f.correlation for f in w.per_format]
             tables["within_format"] = {
                 "format": [f.format for f in w.per_format], "n": [f.n for f in w.per_format],
                 "median_norm": [f.median_norm for f in w.per_format], "inside": [f.inside for f in w.per_format],
-                "rho": [x.value if x else nan for x in corr], "low": [x.low if x else nan for x in corr],
-                "high": [x.high if x else nan for x in corr]}
+                **_interval_columns([f.correlation for f in w.per_format])}
             sides = (w.inside, w.outside)
-            tables["within_format_mean"] = {
-                "side": ["inside R", "outside R"], "n": [x.n_units if x else 0 for x in sides],
-                "rho": [x.value if x else nan for x in sides], "low": [x.low if x else nan for x in sides],
-                "high": [x.high if x else nan for x in sides]}
+            tables["within_format_mean"] = {"side": ["inside R", "outside R"],
+                                            "n": [x.n_units if x else 0 for x in sides], **_interval_columns(sides)}
         provenance = {"kind": "misalignment", **c.provenance, "settings": dict(self.settings)}
         return StoreRecord(provenance, rows, arrays, tables)
 
@@ -547,9 +559,7 @@ class Misalignment:
         t = data.table("correlations")
         groups = []
         for i, name in enumerate(t["group"]):
-            corr = None if math.isnan(t["rho"][i]) else Interval(
-                float(t["rho"][i]), float(t["low"][i]), float(t["high"][i]), settings["level"], "bootstrap",
-                settings["n_resamples"], int(t["n"][i]), "candidates")
+            corr = _interval_from_columns(t, i, t["n"][i], settings, "bootstrap", "candidates")
             groups.append(GroupCorrelation(str(name), float(t["lower"][i]), float(t["upper"][i]), int(t["n"][i]), corr))
         within = None
         if "within_format/format" in a:
@@ -561,16 +571,12 @@ class Misalignment:
 
 def _within_format_from_tables(t: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray],
                                settings: Mapping[str, Any]) -> WithinFormat:
-    def interval(rho, low, high, n, method, unit) -> Interval | None:
-        return None if math.isnan(rho) else Interval(float(rho), float(low), float(high), settings["level"], method,
-                                                     settings["n_resamples"], int(n), unit)
-
     per_format = tuple(FormatCorrelation(str(t["format"][i]), int(t["n"][i]), float(t["median_norm"][i]),
-                                         bool(t["inside"][i]), interval(t["rho"][i], t["low"][i], t["high"][i],
-                                                                        t["n"][i], "bootstrap", "candidates"))
+                                         bool(t["inside"][i]),
+                                         _interval_from_columns(t, i, t["n"][i], settings, "bootstrap", "candidates"))
                        for i in range(len(t["format"])))
-    sides = [interval(mean["rho"][i], mean["low"][i], mean["high"][i], mean["n"][i], "stratified bootstrap",
-                      "candidates within formats") for i in range(2)]
+    sides = [_interval_from_columns(mean, i, mean["n"][i], settings, "stratified bootstrap",
+                                    "candidates within formats") for i in range(2)]
     return WithinFormat(per_format, sides[0], sides[1])
 
 
