@@ -48,9 +48,9 @@ import shutil
 import tempfile
 import time
 import warnings
-from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
@@ -464,9 +464,8 @@ def hessian_spectrum(
     generator = torch.Generator().manual_seed(seed)
     start_vector = torch.randn(space.size, generator=generator, dtype=op.dtype).to(op.device)
     started = time.perf_counter()
-    with contextlib.ExitStack() as stack:  # a disk basis lives until the Ritz vectors are formed
-        backend = stack.enter_context(_krylov_backend(krylov_dir))
-        bar = stack.enter_context(tqdm(total=steps, desc=f"Lanczos ({operator})", disable=not progress, leave=False))
+    with (_krylov_backend(krylov_dir) as backend,  # a disk basis lives until the Ritz vectors are formed
+          tqdm(total=steps, desc=f"Lanczos ({operator})", disable=not progress, leave=False) as bar):
         counted = _CountedOperator(op, bar)
         krylov = lanczos_tridiagonal(counted, start_vector, steps, reorthogonalize=True, backend=backend)
         seconds = time.perf_counter() - started
