@@ -344,6 +344,24 @@ def test_pages_are_offline_and_the_index_reads_the_stored_numbers(run):
     assert f"GPTQ reaches {arrays['nll/wiki'][i]:.3f} nats" in index  # generated from the stored number
 
 
+def test_pages_measured_from_scratch_equal_the_legacy_pages(run):
+    """The whole tiny pipeline, measured here from scratch, writes the pages the code of commit 2917599 wrote
+    (tests/fixtures/legacy) byte for byte, where ref-tiny trains to the same weights as it did there (the same
+    fingerprint: same CPU kernels); elsewhere the pages cannot be equal and the comparison is skipped."""
+    import hashlib
+
+    from test_legacy import EXPECTED
+
+    session, _, _ = run
+    fingerprint = read_store(common.table_stores(session, "ref-tiny")[0]).provenance["model_fingerprint"]
+    if fingerprint != EXPECTED["ref_tiny_fingerprint"]:
+        pytest.skip(f"ref-tiny trained to other weights on this machine ({fingerprint}, legacy "
+                    f"{EXPECTED['ref_tiny_fingerprint']}): pages cannot match")
+    pages = {page: hashlib.sha256((session.out / page).read_bytes()).hexdigest() for page in EXPECTED["pages"]}
+    assert pages == EXPECTED["pages"]
+    assert {m.FIGURE: m.reading(session) for m in FIGURES} == EXPECTED["readings"]
+
+
 def test_rerun_skips_everything_and_rewrites_nothing(run):
     import landscape.models
 
