@@ -32,7 +32,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from landscape.cache import stable_hash
-from landscape.study import METHODS, Protocol
+from landscape.studies.quant_table import METHODS, Protocol
 
 PROFILE_NAMES = ("quick", "full", "tiny")
 SMOLLM2_PARAMETERS = 134_515_008
@@ -314,7 +314,7 @@ class Costs:
         return self.scale(model) * tokens / self.hvp_tokens_per_s
 
     def quant_table(self, protocol: Protocol) -> float:
-        """One :func:`~landscape.study.run_quant_table` store: every variant quantized and evaluated."""
+        """One :func:`~landscape.studies.quant_table.run_quant_table` store: every variant quantized and evaluated."""
         m = protocol.model
         calib = protocol.calib_sequences * protocol.calib_seq_len
         mse = self.layer_mse(m, (protocol.layer_mse_sequences or protocol.calib_sequences) * protocol.calib_seq_len)
@@ -487,8 +487,8 @@ def table_stores(session: Session, model: str) -> list[Path]:
 
 
 def quant_table_steps(session: Session, model: str) -> list[Step]:
-    """One step per quantization table of ``model`` (:func:`landscape.study.run_quant_table`)."""
-    from landscape.study import run_quant_table
+    """One step per quantization table of ``model`` (:func:`landscape.studies.quant_table.run_quant_table`)."""
+    from landscape.studies.quant_table import run_quant_table
 
     def step(protocol: Protocol) -> Step:
         methods = ", ".join(protocol.methods)
@@ -504,7 +504,7 @@ def quant_table_steps(session: Session, model: str) -> list[Step]:
 def random_direction_of_length(model, seed: int, length: float) -> dict:
     """A random filter-normalised direction rescaled to Euclidean norm ``length`` (``layer -> (out, in)``): the
     baseline of the same length as a displacement (figure 6, ``curvature_study.py``)."""
-    from landscape.directions import random_direction
+    from landscape.engine.directions import random_direction
 
     unit = random_direction(model, seed, "filter").unit()
     return {n: length * t for n, t in unit.tensors.items()}
@@ -515,13 +515,13 @@ def quantized_model_path(session: Session, model: str, method: str, fmt: str, se
 
     ``fp-finetune`` at a format without its own control gives the one control the tables hold (the
     control is the QAFT loop with the quantizer off: its weights do not depend on the paired format).
-    The file is found under the table's ``results/`` with :mod:`landscape.study`'s own naming.
+    The file is found under the table's ``results/`` with :mod:`landscape.studies.quant_table`'s own naming.
 
     Raises:
         ValueError: no table of ``model`` runs ``method`` at ``fmt``; FileNotFoundError: not measured yet.
     """
     from landscape.quant import parse_format
-    from landscape.study import Variant, result_key
+    from landscape.studies.quant_table import Variant, result_key
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
@@ -549,8 +549,8 @@ def facts_step(session: Session, model: str) -> Step:
     """Sizes of ``model`` (parameters, quantized parameters, ``||w0||``): figure 2's bits and figure 7's x-axis."""
 
     def run() -> None:
-        from landscape.models import layer_weights
         from landscape.store import finish_run, start_run
+        from landscape.weights import layer_weights
 
         lm = session.model(model)
         w0 = layer_weights(lm.model)

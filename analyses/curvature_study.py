@@ -31,11 +31,12 @@ import numpy as np
 
 from analyses.common import random_direction_of_length
 from landscape.data import calibration_set, heldout_set
-from landscape.models import load_model, weights_fingerprint
+from landscape.models import load_model
 from landscape.objectives import NLLConvention
 from landscape.quant import parse_format
 from landscape.store import check_store_path, run_tasks
-from landscape.study import Protocol, Variant, result_key
+from landscape.studies.quant_table import Protocol, Variant, result_key
+from landscape.weights import weights_fingerprint
 
 METHODS = ("rtn", "gptq", "qaft")
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
 
     lm = load_model(args.model)
     from landscape.curvature import curvature_along_path, hessian_spectrum, hessian_trace
-    from landscape.directions import displacement_direction
+    from landscape.engine.directions import displacement_direction
 
     calib = calibration_set(lm.tokenizer, 128, args.calib_seq_len, 0, context_length=lm.info.context_length)
     results = Path(args.results) / f"calib-{calib.content_hash}"
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
 def report(store) -> None:
     import json
 
-    from landscape.curvature_cli import spectrum_report
+    from landscape.cli.spectrum import spectrum_report
 
     a = store.arrays
     prov = store.provenance

@@ -21,8 +21,17 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
-from analyses.common import (COSTS, Session, Step, calibration, eval_set, model_protocols, quant_table_steps,
-                             quantized_model_path, run_figure_script)
+from analyses.common import (
+    COSTS,
+    Session,
+    Step,
+    calibration,
+    eval_set,
+    model_protocols,
+    quant_table_steps,
+    quantized_model_path,
+    run_figure_script,
+)
 from landscape import plots
 from landscape.quant import Grid, parse_format
 from landscape.store import read_store
@@ -84,13 +93,13 @@ def store(session: Session) -> Path:
 
 
 def measure(session: Session) -> None:
-    from landscape.models import layer_weights, swapped_weights, weights_fingerprint
+    from landscape.engine.perturb import progress_bar
     from landscape.objectives import NLLConvention, layer_mse, nll
-    from landscape.perturb import progress_bar
     from landscape.quant import make_grid
     from landscape.quant.result import QuantResult
     from landscape.stats import nll_interval
     from landscape.store import finish_run, start_run
+    from landscape.weights import layer_weights, swapped_weights, weights_fingerprint
 
     model = session.profile.model
     lm, chosen = session.model(model), candidates(session)

@@ -2,7 +2,7 @@
 
 Along each random direction (unit norm, over every quantized linear) the held-out NLL is measured on a
 regular grid of radii and the basin radius R(w0) (first +threshold nats) is found by bracketing and
-bisection (:func:`landscape.basin.basin_statistics`). The quantized models of the tables are placed at
+bisection (:func:`landscape.engine.basin.basin_statistics`). The quantized models of the tables are placed at
 their ``||w_q - w0||`` with their NLL on the same windows: outside the basin, yet far below the random
 profile at the same distance.
 """
@@ -19,8 +19,16 @@ if __package__ in (None, ""):  # run as `python analyses/fig4_radial_profile.py`
 import numpy as np
 import plotly.graph_objects as go
 
-from analyses.common import (COSTS, Session, Step, eval_set, model_protocols, quant_table_steps, quantized_model_path,
-                             run_figure_script)
+from analyses.common import (
+    COSTS,
+    Session,
+    Step,
+    eval_set,
+    model_protocols,
+    quant_table_steps,
+    quantized_model_path,
+    run_figure_script,
+)
 from analyses.fig1_nll_vs_bits import tables
 from landscape import plots
 from landscape.store import read_store
@@ -55,9 +63,9 @@ def basin_step(session: Session, model: str) -> Step:
     settings = session.profile_for(model).basin
 
     def run() -> None:
-        from landscape.basin import RadiusSearch, basin_statistics
-        from landscape.directions import DirectionSpec, select_layers, weights_norm
-        from landscape.models import weights_fingerprint
+        from landscape.engine.basin import RadiusSearch, basin_statistics
+        from landscape.engine.directions import DirectionSpec
+        from landscape.weights import select_layers, weights_fingerprint, weights_norm
 
         lm = session.model(model)
         layers = select_layers(lm.model)

@@ -18,8 +18,16 @@ if __package__ in (None, ""):  # run as `python analyses/fig5_slices.py`
 import numpy as np
 import plotly.graph_objects as go
 
-from analyses.common import (COSTS, Session, Step, eval_set, model_protocols, quant_table_steps, quantized_model_path,
-                             run_figure_script)
+from analyses.common import (
+    COSTS,
+    Session,
+    Step,
+    eval_set,
+    model_protocols,
+    quant_table_steps,
+    quantized_model_path,
+    run_figure_script,
+)
 from landscape import plots
 from landscape.store import read_store
 
@@ -36,7 +44,7 @@ def store(session: Session, kind: str) -> Path:
 
 
 def displacement(session: Session, lm, method: str):
-    from landscape.directions import displacement_direction
+    from landscape.engine.directions import displacement_direction
 
     path = quantized_model_path(session, session.profile.model, method, session.profile.headline_format)
     return displacement_direction(lm.model, str(path))
@@ -49,8 +57,8 @@ def line_step(session: Session, kind: str) -> Step:
     label = "random filter-normalised direction" if kind == "random" else f"{plots.METHOD_LABELS[kind]} {fmt}"
 
     def run() -> None:
-        from landscape.directions import random_direction
-        from landscape.perturb import scan
+        from landscape.engine.directions import random_direction
+        from landscape.engine.perturb import scan
 
         lm = session.model(model)
         t = np.linspace(-0.5, 1.5, p.slices.points_1d)  # t = 0 (w0) and t = 1 (the endpoint) lie on the grid
@@ -76,8 +84,8 @@ def plane_step(session: Session) -> Step:
     n = p.slices.points_2d
 
     def run() -> None:
-        from landscape.directions import orthogonalize, plane_coordinates
-        from landscape.perturb import scan
+        from landscape.engine.directions import orthogonalize, plane_coordinates
+        from landscape.engine.perturb import scan
 
         lm = session.model(model)
         gptq, qaft = displacement(session, lm, "gptq"), displacement(session, lm, "qaft")

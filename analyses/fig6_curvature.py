@@ -19,8 +19,17 @@ if __package__ in (None, ""):  # run as `python analyses/fig6_curvature.py`
 
 import plotly.graph_objects as go
 
-from analyses.common import (COSTS, Session, Step, eval_set, model_protocols, quant_table_steps, quantized_model_path,
-                             random_direction_of_length, run_figure_script)
+from analyses.common import (
+    COSTS,
+    Session,
+    Step,
+    eval_set,
+    model_protocols,
+    quant_table_steps,
+    quantized_model_path,
+    random_direction_of_length,
+    run_figure_script,
+)
 from landscape import plots
 from landscape.store import read_store
 
@@ -43,10 +52,10 @@ def path_label(method: str, fmt: str) -> str:
 
 def measure(session: Session) -> None:
     from landscape.curvature import curvature_along_path, hessian_density, hessian_spectrum, hessian_trace
-    from landscape.directions import displacement_direction
-    from landscape.models import weights_fingerprint
+    from landscape.engine.directions import displacement_direction
     from landscape.objectives import NLLConvention
     from landscape.store import run_tasks
+    from landscape.weights import weights_fingerprint
 
     p, model = session.profile, session.profile.model
     c, fmt = p.curvature, p.headline_format

@@ -16,8 +16,16 @@ if __package__ in (None, ""):  # run as `python analyses/fig7_model_size.py`
 
 import plotly.graph_objects as go
 
-from analyses.common import (Session, Step, facts_step, facts_store, quant_table_steps, reference_model_built,
-                             run_figure_script, table_stores)
+from analyses.common import (
+    Session,
+    Step,
+    facts_step,
+    facts_store,
+    quant_table_steps,
+    reference_model_built,
+    run_figure_script,
+    table_stores,
+)
 from analyses.fig4_radial_profile import basin_step
 from analyses.fig4_radial_profile import store as basin_store
 from landscape import plots

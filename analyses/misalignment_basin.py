@@ -6,16 +6,16 @@
 Figure 3's candidates all lie outside R(w0) on SmolLM2 (every 2-4-bit displacement is 2-6 R long), so its
 correlation cannot be split at R. This study adds candidates inside and around the basin: RTN and GPTQ at
 8, 6 and 5 bits (per-channel displacements of about 0.15, 0.6 and 1.2 R) and random on-grid roundings of w0
-at 8, 6, 5 and 4 bits (:class:`landscape.misalignment.RoundingSpec`), next to every saved result of the
+at 8, 6, 5 and 4 bits (:class:`landscape.studies.misalignment.RoundingSpec`), next to every saved result of the
 quantization tables made on the same calibration set (RTN, GPTQ, GPTQ without act-order, GPTQ + LoRC,
 QAFT seed 0). Every candidate's summed layer MSE is measured the same way (inputs of the full-precision
 model on the first calibration sequences) and its token-mean NLL on held-out wiki windows; then
-:func:`landscape.misalignment.misalignment` gives Spearman(layer MSE, NLL) over all candidates, inside
+:func:`landscape.studies.misalignment.misalignment` gives Spearman(layer MSE, NLL) over all candidates, inside
 (``||d|| <= R``) and outside R, with bootstrap intervals over candidates. Saved results are loaded one at a
 time; quantized models this script computes (RTN/GPTQ at the extra formats) are saved beside the tables'
 results and reused on a rerun.
 
-R(w0) comes from :func:`landscape.basin.basin_statistics` (``landscape radius``; figure 4's store holds it)
+R(w0) comes from :func:`landscape.engine.basin.basin_statistics` (``landscape radius``; figure 4's store holds it)
 on the same layers: pass its median as ``--radius``.
 
 Besides all candidates, the correlations are printed for two subsets of them: without the random roundings
@@ -37,11 +37,17 @@ if __package__ in (None, ""):  # run as `python analyses/misalignment_basin.py`
 import numpy as np
 
 from landscape.data import calibration_set, heldout_set
-from landscape.misalignment import CandidateTable, Misalignment, measure_candidates, misalignment, random_roundings
 from landscape.models import load_model
 from landscape.outputs import check_output_path
 from landscape.quant import gptq, parse_format, rtn
 from landscape.quant.result import read_result_metadata
+from landscape.studies.misalignment import (
+    CandidateTable,
+    Misalignment,
+    measure_candidates,
+    misalignment,
+    random_roundings,
+)
 
 TABLE_METHODS = ("rtn", "gptq", "gptq-noact", "gptq+lorc", "qaft")
 

@@ -6,7 +6,7 @@
 
 Each ``--model NAME RADIUS STORE...`` gives a model's R(w0) (median over random filter-normalised directions,
 ``landscape radius`` or figure 4's store) and its quantization-table stores; every format with RTN, GPTQ and
-QAFT rows becomes one case (QAFT averaged over its seeds). Prints :func:`landscape.predict.evaluate_predictor`'s
+QAFT rows becomes one case (QAFT averaged over its seeds). Prints :func:`landscape.studies.predict.evaluate_predictor`'s
 table (score, measured gap, rule verdicts, Spearman(score, gap) with a bootstrap interval over cases) and
 writes it to ``--out``.
 """
@@ -22,8 +22,8 @@ if __package__ in (None, ""):  # run as `python analyses/predict_gap.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from landscape.outputs import check_output_path
-from landscape.predict import cases_from_quant_table, evaluate_predictor
-from landscape.study import read_quant_table
+from landscape.studies.predict import cases_from_quant_table, evaluate_predictor
+from landscape.studies.quant_table import read_quant_table
 
 
 def main(argv: list[str] | None = None) -> None:

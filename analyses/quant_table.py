@@ -16,7 +16,7 @@ import argparse
 
 from landscape.models import load_model
 from landscape.plots import control_gaps
-from landscape.study import Protocol, read_quant_table, run_quant_table
+from landscape.studies.quant_table import Protocol, read_quant_table, run_quant_table
 
 CORE_METHODS = ("rtn", "gptq", "qaft", "fp-finetune", "gptq-noact", "gptq+lorc")
 GROUP = {"smollm2-135m": 64}  # SmolLM2's hidden size 576 is not divisible by 128

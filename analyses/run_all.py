@@ -15,8 +15,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python analyses/run_all.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analyses import (fig1_nll_vs_bits, fig2_pareto, fig3_misalignment, fig4_radial_profile, fig5_slices,
-                      fig6_curvature, fig7_model_size)
+from analyses import (
+    fig1_nll_vs_bits,
+    fig2_pareto,
+    fig3_misalignment,
+    fig4_radial_profile,
+    fig5_slices,
+    fig6_curvature,
+    fig7_model_size,
+)
 from analyses.common import Session, execute, parse_args, plan_text, publish, session_from_args
 from landscape.plots import caption_of
 

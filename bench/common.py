@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import importlib.metadata
+import json
 import math
 import os
 import platform

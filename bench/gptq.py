@@ -36,13 +36,24 @@ if __package__ in (None, ""):  # run as `python bench/gptq.py`
 import torch
 from torch import nn
 
-from bench.common import (ModelSpec, Row, Section, Table, Target, bench_main, check_profile, describe_model,
-                          fmt_seconds, interleaved_medians, random_token_set)
+from bench.common import (
+    ModelSpec,
+    Row,
+    Section,
+    Table,
+    Target,
+    bench_main,
+    check_profile,
+    describe_model,
+    fmt_seconds,
+    interleaved_medians,
+    random_token_set,
+)
 from landscape.data import TokenSet
-from landscape.models import quantizable_layers, weight_matrix
-from landscape.quant.capture import capture_block_inputs, decoder_blocks, quantize_block_by_block, run_block
+from landscape.quant.capture import capture_block_inputs, quantize_block_by_block, run_block
 from landscape.quant.formats import Grid, QuantFormat, make_grid, parse_format
 from landscape.quant.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, gptq, gptq_layer
+from landscape.weights import decoder_blocks, quantizable_layers, weight_matrix
 
 OURS_VS_REFERENCE = Target(1.2, "at_most")  # our seconds / reference seconds
 LATTICE_AGREEMENT = 1e-9  # max |ours - reference| as a fraction of the layer's smallest grid step

@@ -28,8 +28,19 @@ if __package__ in (None, ""):  # run as `python bench/hessian.py`
 
 import torch
 
-from bench.common import (ModelSpec, Row, Section, Table, Target, bench_main, check_profile, describe_model,
-                          fmt_seconds, interleaved_medians, random_token_set)
+from bench.common import (
+    ModelSpec,
+    Row,
+    Section,
+    Table,
+    Target,
+    bench_main,
+    check_profile,
+    describe_model,
+    fmt_seconds,
+    interleaved_medians,
+    random_token_set,
+)
 from landscape.curvature import ConvergenceWarning, curvature_operator, hessian_spectrum, weight_space
 from landscape.objectives import segment_nll_sums
 

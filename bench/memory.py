@@ -11,7 +11,7 @@ Every workload runs in its own fresh worker process (``python -m bench.memory --
 Workers run with ``MALLOC_MMAP_THRESHOLD_=131072``: glibc then returns every freed block of 128 KiB or
 more to the system at once, so RSS follows the live tensors instead of what the allocator keeps cached.
 
-Workloads: ``scan`` (:func:`landscape.perturb.scan` over a 2-D grid of two random directions, including
+Workloads: ``scan`` (:func:`landscape.engine.perturb.scan` over a 2-D grid of two random directions, including
 building the directions) against ``forward`` (its activations: one no-grad forward and NLL of one
 evaluation batch), and ``qaft`` (:func:`landscape.quant.qaft.qaft`, a few steps) against ``train-step`` (its
 activations: one forward and backward of one training batch with gradients for the trained weights, what
@@ -39,9 +39,26 @@ if __package__ in (None, ""):  # run as `python bench/memory.py`
 import numpy as np
 import torch
 
-from bench.common import (MIB, PROFILE_NAMES, ModelSpec, Row, Section, Table, Target, bench_main, check_profile,
-                          configure_worker, current_rss_bytes, describe_model, parameter_bytes, peak_rss_bytes,
-                          python_command, random_token_set, reset_peak_rss, worker_environment)
+from bench.common import (
+    MIB,
+    PROFILE_NAMES,
+    ModelSpec,
+    Row,
+    Section,
+    Table,
+    Target,
+    bench_main,
+    check_profile,
+    configure_worker,
+    current_rss_bytes,
+    describe_model,
+    parameter_bytes,
+    peak_rss_bytes,
+    python_command,
+    random_token_set,
+    reset_peak_rss,
+    worker_environment,
+)
 
 MODEL_SIZES_AT_PEAK = Target(1.5, "at_most")  # (model + extra - activations) / model
 WORKLOADS = ("forward", "scan", "train-step", "qaft")
@@ -82,12 +99,11 @@ PROFILES: dict[str, MemorySettings] = {
 # --------------------------------------------------------------------------------------------- worker
 def run_workload(workload: str, spec: ModelSpec, settings: MemorySettings) -> dict:
     """Inside a fresh process: build, warm up, take the baseline, run ``workload``, report RSS (bytes)."""
-    from landscape.models import quantizable_layers, weight_matrix
-    from landscape.objectives import segment_nll_sums
-    from landscape.perturb import scan
-    from landscape.quant.qaft import qaft
-
     from bench.scan import plane
+    from landscape.engine.perturb import scan
+    from landscape.objectives import segment_nll_sums
+    from landscape.quant.qaft import qaft
+    from landscape.weights import quantizable_layers, weight_matrix
 
     if workload not in WORKLOADS:
         raise ValueError(f"unknown memory workload {workload!r}; accepted: {', '.join(WORKLOADS)}")

@@ -29,16 +29,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any
 
 if __package__ in (None, ""):  # run as `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (BENCH_DIR, NO_TARGET, PROFILE_NAMES, Row, Section, Table, check_profile, machine_info,
-                          python_command, worker_environment)
+from bench.common import (
+    BENCH_DIR,
+    NO_TARGET,
+    PROFILE_NAMES,
+    Row,
+    Section,
+    Table,
+    check_profile,
+    machine_info,
+    python_command,
+    worker_environment,
+)
 
 BENCHMARKS = ("scan", "gptq", "hessian", "memory", "scaling")
 WORKER_TIMEOUT_S = 4 * 3600

@@ -32,11 +32,26 @@ if __package__ in (None, ""):  # run as `python bench/scaling.py`
 
 import numpy as np
 
-from bench.common import (PROFILE_NAMES, ModelSpec, Row, Section, Table, bench_main, check_profile, configure_worker,
-                          describe_model, fmt_seconds, interleaved_medians, log_log_slope, n_parameters,
-                          python_command, random_token_set, worker_environment)
+from bench.common import (
+    PROFILE_NAMES,
+    ModelSpec,
+    Row,
+    Section,
+    Table,
+    bench_main,
+    check_profile,
+    configure_worker,
+    describe_model,
+    fmt_seconds,
+    interleaved_medians,
+    log_log_slope,
+    n_parameters,
+    python_command,
+    random_token_set,
+    worker_environment,
+)
 from bench.scan import bare_forward, engine_scan, naive_scan, plane
-from landscape.perturb import ScanResult
+from landscape.engine.perturb import ScanResult
 from landscape.quant.gptq import gptq
 
 REF_TINY = ModelSpec("ref-tiny", "pretrained")
@@ -133,7 +148,7 @@ def token_series(settings: ScalingSettings) -> tuple[str, list[dict]]:
 
 def shard_worker(index: int, count: int, store: Path, settings: ScalingSettings) -> dict:
     """Inside a worker process: load the token model, run shard ``index/count`` of the sweep into ``store``."""
-    from landscape.perturb import scan
+    from landscape.engine.perturb import scan
 
     start = time.perf_counter()
     model = settings.token_model.build()

@@ -3,7 +3,7 @@
 On one 2-D grid ``w0 + a u + b v`` (``u``, ``v``: seeded filter-normalised random directions over every
 decoder linear) and one set of evaluation tokens, three ways of getting the NLL at every point are timed:
 
-* **engine**: :func:`landscape.perturb.scan` (in place: copy w0 back, add ``a u + b v``, token-mean NLL).
+* **engine**: :func:`landscape.engine.perturb.scan` (in place: copy w0 back, add ``a u + b v``, token-mean NLL).
 * **naive loop**: per point ``copy.deepcopy`` of the model, add the perturbation to the copy's weights, the
   Hugging Face loss (``model(input_ids, labels=input_ids).loss``, averaged over equal batches), under
   ``torch.no_grad`` (without it the naive loop would also build autograd graphs; we keep the comparison fair).
@@ -11,7 +11,7 @@ decoder linear) and one set of evaluation tokens, three ways of getting the NLL 
   any scan engine can approach.
 
 Also timed, to explain the gaps: the forward plus the NLL (no engine around it), a one-point scan (so the
-engine's time splits into a fixed set-up per :func:`~landscape.perturb.scan` call and a marginal cost per
+engine's time splits into a fixed set-up per :func:`~landscape.engine.perturb.scan` call and a marginal cost per
 point) and one ``copy.deepcopy`` of the model.
 
 Targets (issue #8): engine at least 5x the naive loop's throughput and at most 1.3x the bare forward time
@@ -35,13 +35,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.common import (ModelSpec, Row, Section, Table, Target, bench_main, check_profile, describe_model,
-                          fmt_seconds, interleaved_medians, random_token_set)
+from bench.common import (
+    ModelSpec,
+    Row,
+    Section,
+    Table,
+    Target,
+    bench_main,
+    check_profile,
+    describe_model,
+    fmt_seconds,
+    interleaved_medians,
+    random_token_set,
+)
 from landscape.data import TokenSet
-from landscape.directions import Direction, random_direction
-from landscape.models import get_layer, weight_matrix
+from landscape.engine.directions import Direction, random_direction
+from landscape.engine.perturb import scan
 from landscape.objectives import segment_nll_sums
-from landscape.perturb import scan
+from landscape.weights import get_layer, weight_matrix
 
 ENGINE_VS_NAIVE = Target(5.0, "at_least")  # naive time per point / engine time per point
 ENGINE_VS_FORWARD = Target(1.3, "at_most")  # engine time per point / bare forward time
@@ -99,7 +110,7 @@ def plane(model: nn.Module, seed: int = 0) -> tuple[Direction, Direction]:
 
 def engine_scan(model: nn.Module, u: Direction, v: Direction, axis: np.ndarray, data: TokenSet,
                 batch_size: int) -> np.ndarray:
-    """NLL (nats/token) at every ``(a, b)`` of ``axis x axis`` by :func:`landscape.perturb.scan`."""
+    """NLL (nats/token) at every ``(a, b)`` of ``axis x axis`` by :func:`landscape.engine.perturb.scan`."""
     return scan(model, (u, v), (axis, axis), data=data, batch_size=batch_size, progress=False).values["nll"]
 
 
@@ -206,7 +217,7 @@ def build_section(data: dict, seconds: float = 0.0) -> Section:
                     ("model", "tokens per point", "engine points/s", "engine", "naive loop", "bare forward",
                      "forward + NLL", "engine: marginal", "engine: set-up per call", "one deepcopy",
                      "max |NLL engine - naive|"), tuple(table)),)
-    return Section("scan", "Scan throughput (landscape.perturb.scan)", tuple(rows), tables, tuple(notes), data,
+    return Section("scan", "Scan throughput (landscape.engine.perturb.scan)", tuple(rows), tables, tuple(notes), data,
                    seconds)
 
 

@@ -8,4 +8,14 @@ Library entry points (each documented in its module):
 * :func:`landscape.objectives.nll`, :func:`landscape.objectives.layer_mse`
 """
 
-__version__ = "0.1.0"
+from landscape.data import calibration_set, heldout_set
+from landscape.engine.basin import basin_radius
+from landscape.engine.directions import cosine, displacement_direction, random_direction
+from landscape.models import load_model
+from landscape.objectives import layer_mse, nll
+from landscape.quant import gptq, qaft, rtn
+from landscape.version import __version__
+from landscape.weights import Base
+
+__all__ = ["Base", "__version__", "basin_radius", "calibration_set", "cosine", "displacement_direction", "gptq",
+           "heldout_set", "layer_mse", "load_model", "nll", "qaft", "random_direction", "rtn"]

@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .cache import cache_dir, stable_hash
+from landscape.cache import cache_dir, stable_hash
 
 Split = Literal["train", "heldout"]
 CORPORA = ("wiki", "sotu", "wikitext2", "c4", "lambada")
@@ -65,6 +65,13 @@ def _wiki_all() -> tuple[tuple[str, str], ...]:
     raw = json.loads(path.read_text(encoding="utf-8"))
     docs = [(title, (v.get("extract") or "").strip()) for title, v in sorted(raw.items())]
     return tuple((t, x) for t, x in docs if x)
+
+
+def wiki_identity() -> str:
+    """Short hash naming the installed Wikipedia corpus (its size, first and last title): reference models are
+    cached per corpus."""
+    docs = _wiki_all()
+    return stable_hash([len(docs), docs[0][0], docs[-1][0]])
 
 
 def wiki_documents(split: Split) -> list[str]:

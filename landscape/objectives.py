@@ -19,9 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-from .data import TokenSet
-from .models import get_layer, swapped_weights, weight_matrix
+from landscape.data import TokenSet
+from landscape.weights import get_layer, model_label, swapped_weights, weight_matrix
 
 
 @dataclass(frozen=True)
@@ -126,16 +127,13 @@ def nll(model: nn.Module, data: TokenSet, batch_size: int = 8, model_name: str |
     sums, counts = [], []
     batches = data.batches(batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
         batches = tqdm(batches, total=-(-data.n_segments // batch_size), desc="NLL", leave=False)
     for tokens, mask in batches:
         sums.append(segment_nll_sums(model, tokens, mask).double().cpu())
         counts.append(mask[:, 1:].sum(dim=1))
     s = torch.cat(sums).numpy()
     c = torch.cat(counts).numpy().astype(np.int64)
-    name = model_name or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
-    conv = NLLConvention.for_data(data, name)
+    conv = NLLConvention.for_data(data, model_label(model, model_name))
     return NLLResult(float(s.sum() / c.sum()), s, c, conv)
 
 

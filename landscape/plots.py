@@ -20,22 +20,22 @@ Write the figures with :func:`landscape.figio.write_figure` (offline HTML, optio
 
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+from scipy.stats import spearmanr
 
-from .quant.formats import parse_format
-from .stats import ControlAdjustedGap, Interval, control_adjusted_gap, difference_interval
-from .store import StoreData
-from .study import quant_table_rows
-
-if TYPE_CHECKING:
-    from .basin import BasinStatistics
+from landscape.engine.basin import BasinStatistics
+from landscape.quant.formats import parse_format
+from landscape.stats import ControlAdjustedGap, Interval, control_adjusted_gap, difference_interval
+from landscape.store import StoreData
+from landscape.studies.quant_table import quant_table_rows
 
 METHOD_LABELS: dict[str, str] = {
     "fp32": "fp32 (w0)", "rtn": "RTN", "gptq": "GPTQ", "gptq-noact": "GPTQ (no act-order)",
@@ -62,7 +62,7 @@ class PlotError(ValueError):
 
 # ------------------------------------------------------------------------------- reading stores
 def quant_rows(data: StoreData) -> list[dict[str, Any]]:
-    """The finished rows of a quantization-table store (:func:`landscape.study.run_quant_table`).
+    """The finished rows of a quantization-table store (:func:`landscape.studies.quant_table.run_quant_table`).
 
     Each row: ``label, method, format, seed``, ``bits_per_weight``, ``displacement_norm``, ``layer_mse_sum``,
     and per evaluation corpus ``nll``, ``nll_low``, ``nll_high``, ``segment_nll_sum``, ``segment_tokens``.
@@ -417,8 +417,6 @@ def _method_rank(method: str) -> int:
 
 def reading_misalignment(candidates: StoreData) -> str:
     """Per format: how GPTQ's and QAFT's layer MSE and NLL compare with RTN's; the rank correlation overall."""
-    from scipy.stats import spearmanr
-
     _require_kind(candidates, "misalignment")
     table, a = candidates.table("candidates"), candidates.arrays
     done = np.flatnonzero(candidates.done)
@@ -441,9 +439,7 @@ def reading_misalignment(candidates: StoreData) -> str:
 
 # --------------------------------------------------------------------------- figure 4: radial profile
 def basin_summary(basin: StoreData) -> BasinStatistics:
-    """The :class:`~landscape.basin.BasinStatistics` of a basin-radius store."""
-    from .basin import BasinStatistics
-
+    """The :class:`~landscape.engine.basin.BasinStatistics` of a basin-radius store."""
     _require_kind(basin, "basin_radius")
     return BasinStatistics.from_data(basin)
 
@@ -666,8 +662,6 @@ def curvature(hessian: StoreData) -> go.Figure:
 
 
 def _json_attrs(data: StoreData, task: str) -> dict[str, Any]:
-    import json
-
     return json.loads(str(data.arrays[f"{task}/attrs"]))
 
 

@@ -22,8 +22,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from .cache import cache_dir, stable_hash
+from landscape.cache import cache_dir, stable_hash
+from landscape.data import heldout_set, wiki_documents, wiki_identity
+from landscape.objectives import nll
 
 REF_CODE_VERSION = 1  # bump when training code changes results
 
@@ -58,17 +63,12 @@ REF_CONFIGS: dict[str, RefModelConfig] = {
 
 
 def _train_documents(cfg: RefModelConfig) -> list[str]:
-    from .data import wiki_documents
-
     docs = wiki_documents("train")
     return docs if cfg.max_train_documents is None else docs[: cfg.max_train_documents]
 
 
 def train_tokenizer(docs: list[str], vocab_size: int):
     """Byte-level BPE trained on ``docs`` with ``<|endoftext|>`` as BOS/EOS; a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -93,10 +93,7 @@ def _config(name: str) -> RefModelConfig:
 
 
 def _cache_key(name: str, cfg: RefModelConfig) -> str:
-    from .data import _wiki_all
-
-    data_id = stable_hash([len(_wiki_all()), _wiki_all()[0][0], _wiki_all()[-1][0]])
-    return stable_hash({"name": name, "cfg": asdict(cfg), "data": data_id, "code": REF_CODE_VERSION,
+    return stable_hash({"name": name, "cfg": asdict(cfg), "data": wiki_identity(), "code": REF_CODE_VERSION,
                         "torch": torch.__version__})
 
 
@@ -110,12 +107,6 @@ def build_reference_model(name: str, force: bool = False, progress: bool = True)
     target = reference_model_dir(name)
     if (target / "landscape_build.json").exists() and not force:
         return target
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from tqdm.auto import tqdm
-
-    from .data import heldout_set
-    from .objectives import nll
-
     t0 = time.time()
     docs = _train_documents(cfg)
     tokenizer = train_tokenizer(docs, cfg.vocab_size)

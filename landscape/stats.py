@@ -29,7 +29,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 if TYPE_CHECKING:
-    from .objectives import NLLResult
+    from landscape.objectives import NLLResult
 
 BootstrapMethod = Literal["percentile", "bca"]
 BOOTSTRAP_METHODS = ("percentile", "bca")

@@ -41,7 +41,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .outputs import check_output_path
+from landscape.outputs import check_output_path
+from landscape.version import __version__
 
 STORE_FORMAT_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
@@ -85,8 +86,6 @@ def partial_path(path: str | os.PathLike) -> Path:
 
 
 def code_version() -> str:
-    from . import __version__
-
     return __version__
 
 

@@ -23,7 +23,14 @@ VOCAB = 97
 def tiny_model(arch: str = "gpt2", dtype: torch.dtype = torch.float32, seed: int = 0, vocab: int = VOCAB,
                hidden: int = 32, layers: int = 2):
     """A tiny randomly initialised causal LM of the given architecture, eval mode, eager attention."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+    )
 
     torch.manual_seed(seed)
     if arch == "gpt2":

@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import random_tokens, tiny_model
 
-from landscape.models import get_layer, quantizable_layers, weight_matrix
 from landscape.quant.activations import (
     ActivationQuant,
     ActivationQuantError,
@@ -15,6 +14,7 @@ from landscape.quant.activations import (
     parse_bit_setting,
     quantized_activations,
 )
+from landscape.weights import get_layer, quantizable_layers, weight_matrix
 
 
 def hand_fake_quant_rows(x2d: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:

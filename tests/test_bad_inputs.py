@@ -29,29 +29,58 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import VOCAB, random_tokens, tiny_model
 from torch import nn
 from transformers import AutoTokenizer
 
 import landscape.data
 import landscape.models
-import landscape.study
-from conftest import VOCAB, random_tokens, tiny_model
+import landscape.studies.quant_table
 from landscape import cli
-from landscape.basin import BasinStatistics, RadiusSearch, basin_radius, basin_statistics, radial_profile
 from landscape.curvature import CurvatureError, DirectionMismatchError, hessian_spectrum, rayleigh_quotient
-from landscape.data import (DataError, TokenSet, calibration_set, heldout_set, segments_from_stream,
-                            token_set_from_tensor)
-from landscape.directions import (Direction, DirectionError, DirectionSpec, displacement_direction, random_direction,
-                                  user_direction)
-from landscape.models import ModelNotFoundError, load_model, quantizable_layers, weight_matrix
+from landscape.data import (
+    DataError,
+    TokenSet,
+    calibration_set,
+    heldout_set,
+    segments_from_stream,
+    token_set_from_tensor,
+)
+from landscape.engine.basin import (
+    BasinStatistics,
+    RadiusSearch,
+    basin_radius,
+    basin_statistics,
+    radial_profile,
+)
+from landscape.engine.directions import (
+    Direction,
+    DirectionError,
+    DirectionSpec,
+    displacement_direction,
+    random_direction,
+    user_direction,
+)
+from landscape.engine.perturb import ScanResult, scan
+from landscape.models import ModelNotFoundError, load_model
 from landscape.objectives import nll
 from landscape.outputs import OutputPathError
-from landscape.perturb import ScanResult, scan
-from landscape.quant import (FormatError, QuantFormat, QuantResult, ResultFileError, ResultMismatchError, gptq, lorc,
-                             parse_format, qaft, rtn)
+from landscape.quant import (
+    FormatError,
+    QuantFormat,
+    QuantResult,
+    ResultFileError,
+    ResultMismatchError,
+    gptq,
+    lorc,
+    parse_format,
+    qaft,
+    rtn,
+)
 from landscape.refmodel import train_tokenizer
 from landscape.store import ResultStore, StoreError, StoreMismatchError, merge_stores, read_store
-from landscape.study import Protocol, read_quant_table, run_quant_table
+from landscape.studies.quant_table import Protocol, read_quant_table, run_quant_table
+from landscape.weights import quantizable_layers, weight_matrix
 
 FIRST_LAYER = "transformer.h.0.attn.c_attn"  # (out, in) = (96, 32) in the tiny GPT-2
 
@@ -145,7 +174,7 @@ def work(monkeypatch) -> WorkLog:
         return loaded
 
     monkeypatch.setattr(landscape.models, "load_model", counting_load)
-    monkeypatch.setattr(landscape.study, "load_model", counting_load)
+    monkeypatch.setattr(landscape.studies.quant_table, "load_model", counting_load)
     return log
 
 

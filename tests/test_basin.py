@@ -12,16 +12,24 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from conftest import random_tokens, tiny_model
 from test_perturb import Quadratic
-from landscape.basin import (BasinStatistics, RadiusSearch, basin_radius, basin_statistics, bracket_crossing,
-                             displacement_norms, quantile, radial_profile)
-from landscape.directions import DirectionError, random_direction, regenerate, user_direction
-from landscape.models import quantizable_layers, weights_fingerprint
-from landscape.perturb import FunctionObjective
+from torch import nn
+
+from landscape.engine.basin import (
+    BasinStatistics,
+    RadiusSearch,
+    basin_radius,
+    basin_statistics,
+    bracket_crossing,
+    displacement_norms,
+    quantile,
+    radial_profile,
+)
+from landscape.engine.directions import DirectionError, random_direction, regenerate, user_direction
+from landscape.engine.perturb import FunctionObjective
 from landscape.quant.result import QuantResult
+from landscape.weights import quantizable_layers, weights_fingerprint
 
 
 def curvature_along(model: Quadratic, direction) -> float:

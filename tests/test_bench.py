@@ -16,8 +16,8 @@ from bench.common import Row, Section, Table, Target, Timing, interleaved_median
 from bench.gptq import check_identical, lattice_difference, reference_gptq_layer, reference_gptq_model
 from bench.run import BenchReport, Failure, render_results, write_results
 from bench.scan import engine_scan, naive_scan, plane
-from landscape.models import layer_weights
 from landscape.quant import gptq, gptq_layer, make_grid
+from landscape.weights import layer_weights
 
 
 # ------------------------------------------------------------------------------------------- GPTQ

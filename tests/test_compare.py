@@ -9,18 +9,25 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_tokens, tiny_model
-from landscape import compare as compare_module
-from landscape.compare import Comparison, ComparisonError, compare_displacements
+
 from landscape.curvature import hessian_spectrum
-from landscape.directions import eigenvector_direction
-from landscape.models import (get_layer, layer_weights, quantizable_layers, swapped_weights, weight_is_transposed,
-                              weight_matrix, weights_fingerprint)
+from landscape.engine.directions import eigenvector_direction
 from landscape.objectives import nll, nll_sums_from_logits
 from landscape.quant import gptq, qaft, rtn
 from landscape.quant.result import QuantResult
 from landscape.store import StoreError
+from landscape.studies import compare as compare_module
+from landscape.studies.compare import Comparison, ComparisonError, compare_displacements
+from landscape.weights import (
+    get_layer,
+    layer_weights,
+    quantizable_layers,
+    swapped_weights,
+    weight_is_transposed,
+    weight_matrix,
+    weights_fingerprint,
+)
 
 SMALL_LAYER = "transformer.h.0.attn.c_proj"  # 8 x 8 weights in the hidden=8 GPT-2
 
@@ -237,7 +244,7 @@ def test_store_round_trip_per_format_tables_and_determinism(setting, tmp_path):
 
 
 def test_cli_compare_on_ref_tiny(tmp_path, capsys):
-    import landscape.compare_cli  # noqa: F401  (registers the command)
+    import landscape.cli.compare  # noqa: F401  (registers the command)
     from landscape.cli import main
     from landscape.data import calibration_set
     from landscape.models import load_model

@@ -31,8 +31,8 @@ from landscape.curvature import (
     second_directional_derivative,
     weight_space,
 )
-from landscape.models import layer_weights, quantizable_layers, swapped_weights
 from landscape.objectives import nll, segment_nll_sums
+from landscape.weights import LayerSelectionError, layer_weights, quantizable_layers, swapped_weights
 
 # Tiny problems are dominated by per-op overhead; extra threads only contend on the shared cores.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -430,7 +430,7 @@ def test_directions_from_another_model_are_refused_before_any_work(gpt2_problem,
 
 def test_bad_requests_are_clear_errors(gpt2_problem):
     model, data, _, _ = gpt2_problem
-    with pytest.raises(CurvatureError, match="matches no quantizable layer"):
+    with pytest.raises(LayerSelectionError, match="matches no quantizable layer"):
         hessian_spectrum(model, data, layers="transformer.h.7.*", progress=False)
     with pytest.raises(CurvatureError, match="operator must be one of"):
         hessian_trace(model, data, operator="fisher", progress=False)
@@ -551,7 +551,7 @@ def test_same_seed_gives_bit_identical_results_and_records_serialise(gpt2_proble
 
 
 def test_eigenvectors_work_as_toolkit_directions_and_foreign_bases_are_refused(gpt2_problem, gpt2_spectrum):
-    directions = pytest.importorskip("landscape.directions")
+    directions = pytest.importorskip("landscape.engine.directions")
     model, data, _, _ = gpt2_problem
     top = directions.eigenvector_direction(model, gpt2_spectrum.top.direction(0), source="test top eigenvector")
     rq = rayleigh_quotient(model, data, top, progress=False)
@@ -562,7 +562,7 @@ def test_eigenvectors_work_as_toolkit_directions_and_foreign_bases_are_refused(g
 
 
 def test_cli_spectrum_stores_what_the_library_computes_and_resumes(tmp_path, capsys, monkeypatch):
-    import landscape.curvature_cli  # noqa: F401  (registers the command)
+    import landscape.cli.spectrum  # noqa: F401  (registers the command)
     from landscape import models
     from landscape.cli import main
     from landscape.data import heldout_set

@@ -8,14 +8,32 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_model
 from torch import nn
 
-from conftest import tiny_model
-from landscape.directions import (Direction, DirectionError, DirectionSpec, check_direction, cosine,
-                                  displacement_direction, dot, normalize, orthogonalize, plane_coordinates,
-                                  random_direction, regenerate, select_layers, user_direction, weights_norm)
-from landscape.models import quantizable_layers, weights_fingerprint
+from landscape.engine.directions import (
+    Direction,
+    DirectionError,
+    DirectionSpec,
+    check_direction,
+    cosine,
+    displacement_direction,
+    dot,
+    normalize,
+    orthogonalize,
+    plane_coordinates,
+    random_direction,
+    regenerate,
+    user_direction,
+)
 from landscape.quant.result import QuantResult
+from landscape.weights import (
+    LayerSelectionError,
+    quantizable_layers,
+    select_layers,
+    weights_fingerprint,
+    weights_norm,
+)
 
 
 class TwoLinear(nn.Module):
@@ -127,7 +145,7 @@ def test_bad_directions_give_clear_errors(gpt2):
         user_direction(gpt2, {name: torch.zeros(32, 32)})
     with pytest.raises(DirectionError, match="NaN or Inf"):
         user_direction(gpt2, {name: torch.full((32, 32), float("nan"))})
-    with pytest.raises(DirectionError, match="match none"):
+    with pytest.raises(LayerSelectionError, match="'\\*.no_such_layer': it matches no quantizable layer"):
         select_layers(gpt2, "*.no_such_layer")
     with pytest.raises(DirectionError, match="normalization must be one of"):
         random_direction(gpt2, 0, "rows")

@@ -19,8 +19,17 @@ import numpy as np
 import pytest
 import torch
 
-from analyses import (common, fig1_nll_vs_bits, fig2_pareto, fig3_misalignment, fig4_radial_profile, fig5_slices,
-                      fig6_curvature, fig7_model_size, run_all)
+from analyses import (
+    common,
+    fig1_nll_vs_bits,
+    fig2_pareto,
+    fig3_misalignment,
+    fig4_radial_profile,
+    fig5_slices,
+    fig6_curvature,
+    fig7_model_size,
+    run_all,
+)
 from landscape import plots
 from landscape.store import read_store
 
@@ -116,9 +125,9 @@ def test_fig1_shows_the_stored_nll_and_intervals(run):
 def test_fig1_numbers_equal_a_direct_evaluation(run):
     """The plotted GPTQ int3 NLL is the NLL of the saved GPTQ model evaluated directly on the same windows."""
     from landscape.data import heldout_set
-    from landscape.models import swapped_weights
     from landscape.objectives import nll
     from landscape.quant.result import QuantResult
+    from landscape.weights import swapped_weights
 
     session, _, _ = run
     lm = session.model("ref-tiny")
@@ -133,7 +142,7 @@ def test_fig1_numbers_equal_a_direct_evaluation(run):
 
 # ------------------------------------------------------------------------------------------- figure 2
 def test_fig2_sizes_and_pareto_frontier(run):
-    from landscape.models import quantizable_layers
+    from landscape.weights import quantizable_layers
 
     session, _, _ = run
     fig = fig2_pareto.figure(session)
@@ -203,8 +212,8 @@ def test_fig3_shows_the_stored_candidates_and_agrees_with_the_tables(run):
             assert a["nll"][i] == pytest.approx(arrays["nll/wiki"][j], rel=1e-9)
     # layer MSE of a dithered candidate by hand: mean over tokens and outputs of (x dW^T)^2 on the first sequences
     i = next(i for i, m in enumerate(a["candidates/method"]) if m == "dither")
-    from landscape.models import quantizable_layers, weight_matrix
     from landscape.quant import make_grid
+    from landscape.weights import quantizable_layers, weight_matrix
 
     lm = session.model("ref-tiny")
     calib = common.calibration(session, "ref-tiny").subset(range(session.profile.misalignment.mse_sequences))
@@ -224,8 +233,8 @@ def test_fig3_shows_the_stored_candidates_and_agrees_with_the_tables(run):
 
 # ------------------------------------------------------------------------------------------- figure 4
 def test_fig4_profiles_radius_and_displacements_match_the_store(run):
-    from landscape.models import layer_weights
     from landscape.quant.result import QuantResult
+    from landscape.weights import layer_weights
 
     session, _, _ = run
     basin = read_store(fig4_radial_profile.store(session, "ref-tiny"))
@@ -254,9 +263,9 @@ def test_fig4_profiles_radius_and_displacements_match_the_store(run):
 
 # ------------------------------------------------------------------------------------------- figure 5
 def test_fig5_slices_match_the_stores_and_pass_through_the_endpoints(run):
-    from landscape.models import swapped_weights
     from landscape.objectives import nll
     from landscape.quant.result import QuantResult
+    from landscape.weights import swapped_weights
 
     session, _, _ = run
     fig = fig5_slices.figure(session)
@@ -288,7 +297,7 @@ def test_fig5_slices_match_the_stores_and_pass_through_the_endpoints(run):
 # ------------------------------------------------------------------------------------------- figure 6
 def test_fig6_shows_the_stored_curvature_and_it_matches_a_finite_difference(run):
     from landscape.curvature import second_directional_derivative
-    from landscape.directions import displacement_direction
+    from landscape.engine.directions import displacement_direction
 
     session, _, _ = run
     data = read_store(fig6_curvature.store(session))

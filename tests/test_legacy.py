@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from landscape.basin import BasinStatistics
-from landscape.compare import Comparison
-from landscape.curvature_cli import spectrum_report
-from landscape.misalignment import Misalignment
-from landscape.perturb import ScanResult
-from landscape.predict import PredictorEvaluation
+from landscape.cli.spectrum import spectrum_report
+from landscape.engine.basin import BasinStatistics
+from landscape.engine.perturb import ScanResult
 from landscape.quant.result import QuantResult
 from landscape.store import read_store
-from landscape.study import read_quant_table
+from landscape.studies.compare import Comparison
+from landscape.studies.misalignment import Misalignment
+from landscape.studies.predict import PredictorEvaluation
+from landscape.studies.quant_table import read_quant_table
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 EXPECTED = json.loads((LEGACY / "expected.json").read_text())

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from landscape.models import layer_weights, swapped_weights
 from landscape.quant.formats import make_grid
 from landscape.quant.llm_qat import generate_training_text, llm_qat
+from landscape.weights import layer_weights, swapped_weights
 
 
 def argmax_continuation(model, prefix: torch.Tensor, n_new: int) -> torch.Tensor:

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import random_tokens, tiny_model
 
-from landscape.models import layer_weights, quantizable_layers
 from landscape.objectives import layer_mse
 from landscape.quant import QuantResult, ResultMismatchError, gptq, lorc, rtn
+from landscape.weights import layer_weights, quantizable_layers
 
 
 def residual_singular_norm(error: np.ndarray, rank: int) -> float:

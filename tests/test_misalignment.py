@@ -9,19 +9,29 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import stats as scipy_stats
-
 from conftest import random_tokens, tiny_model
+from scipy import stats as scipy_stats
 from test_compare import hand_layer_mse
-from landscape import misalignment as misalignment_module
-from landscape.compare import ComparisonError
-from landscape.misalignment import (CandidateTable, Misalignment, MisalignmentError, RoundingSpec, measure_candidates,
-                                    misalignment, random_roundings, rank_correlation, spearman, stochastic_rounding,
-                                    within_format_correlation)
-from landscape.models import layer_weights, swapped_weights
+
 from landscape.objectives import nll
 from landscape.quant import make_grid, rtn
 from landscape.quant.formats import FormatError
+from landscape.studies import misalignment as misalignment_module
+from landscape.studies.compare import ComparisonError
+from landscape.studies.misalignment import (
+    CandidateTable,
+    Misalignment,
+    MisalignmentError,
+    RoundingSpec,
+    measure_candidates,
+    misalignment,
+    random_roundings,
+    rank_correlation,
+    spearman,
+    stochastic_rounding,
+    within_format_correlation,
+)
+from landscape.weights import layer_weights, swapped_weights
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int3-g16", "int4-sym", "mxint4-16"])

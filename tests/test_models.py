@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 from torch import nn
 
-from landscape.models import (
-    ModelNotFoundError,
-    builtin_model_names,
-    load_model,
-    quantizable_layers,
-    swapped_weights,
-    weight_matrix,
-    weights_fingerprint,
-)
-from conftest import tiny_model
+from landscape.models import ModelNotFoundError, builtin_model_names, load_model
+from landscape.weights import quantizable_layers, swapped_weights, weight_matrix, weights_fingerprint
 
 EXPECTED_PER_BLOCK = {"gpt2": 4, "opt": 6, "llama": 7}
 
@@ -82,8 +75,8 @@ def test_fingerprint_changes_with_weights():
 
 
 def test_local_directory_loads_through_the_hub_code_path(tmp_path, arch):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     model = tiny_model(arch)
     model.save_pretrained(tmp_path)
@@ -109,8 +102,9 @@ def test_unknown_model_lists_valid_names():
 
 
 def test_prepare_model_sets_eval_and_eager():
-    from landscape.models import prepare_model
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from landscape.models import prepare_model
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=1))
     assert model.training

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from landscape.data import segments_from_stream, TokenSet
-from landscape.models import quantizable_layers, weight_matrix
-from landscape.objectives import layer_mse, nll
 from conftest import random_tokens, tiny_model
+
+from landscape.data import TokenSet, segments_from_stream
+from landscape.objectives import layer_mse, nll
+from landscape.weights import quantizable_layers, weight_matrix
 
 
 def test_nll_equals_independent_cross_entropy_float64(arch):

@@ -12,15 +12,15 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import random_tokens, tiny_model
 from torch import nn
 
-from conftest import random_tokens, tiny_model
 from landscape import cli
-from landscape.directions import Direction, DirectionError, random_direction
-from landscape.models import layer_weights, quantizable_layers
+from landscape.engine.directions import Direction, DirectionError, random_direction
+from landscape.engine.perturb import FunctionObjective, ScanResult, scan
 from landscape.objectives import layer_mse, nll
-from landscape.perturb import FunctionObjective, ScanResult, scan
 from landscape.store import RUN_SPECIFIC_KEYS, StoreMismatchError, merge_stores, partial_path, read_store
+from landscape.weights import layer_weights, quantizable_layers
 
 
 class Quadratic(nn.Module):
@@ -148,8 +148,8 @@ KILLED_SCAN = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})
     from test_perturb import GRID_2D, Quadratic
-    from landscape.directions import random_direction
-    from landscape.perturb import FunctionObjective, scan
+    from landscape.engine.directions import random_direction
+    from landscape.engine.perturb import FunctionObjective, scan
 
     path, kill_at = sys.argv[1], int(sys.argv[2])
     calls = []
@@ -249,16 +249,17 @@ def model_dir(tmp_path_factory):
 
 
 def run_cli(argv: list[str]) -> int:
-    import landscape.engine_cli  # noqa: F401  (registers scan, radius, merge)
+    import landscape.cli.scan  # noqa: F401  (registers scan, radius, merge)
 
     return cli.main(argv)
 
 
 def test_cli_scan_shards_merge_displacement_and_radius(model_dir, tmp_path, capsys):
-    from landscape.basin import BasinStatistics
     from landscape.data import heldout_set
-    from landscape.models import load_model, swapped_weights, weights_fingerprint
+    from landscape.engine.basin import BasinStatistics
+    from landscape.models import load_model
     from landscape.quant.result import QuantResult
+    from landscape.weights import swapped_weights, weights_fingerprint
 
     lm = load_model(model_dir)
     data = heldout_set(lm.tokenizer, 16, "wiki", 2)

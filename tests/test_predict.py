@@ -7,13 +7,20 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from landscape.predict import (PredictionCase, PredictionError, PredictorEvaluation, cases_from_quant_table,
-                               difficulty_score, evaluate_predictor, predicts_gptq_behind)
-from landscape.study import QuantTable
+from landscape.studies.predict import (
+    PredictionCase,
+    PredictionError,
+    PredictorEvaluation,
+    cases_from_quant_table,
+    difficulty_score,
+    evaluate_predictor,
+    predicts_gptq_behind,
+)
+from landscape.studies.quant_table import QuantTable
 
 
 def row(method: str, fmt: str, norm: float, wiki: float, seed: int = 0, act_bits: int = 0) -> dict:
-    """A row shaped like landscape.study.read_quant_table's."""
+    """A row shaped like landscape.studies.quant_table.read_quant_table's."""
     return {"label": f"{method} {fmt}", "method": method, "format": fmt, "seed": seed, "act_bits": act_bits,
             "displacement_norm": norm, "layer_mse_sum": 0.0, "seconds": 0.0, "bits_per_weight": 4.0,
             "nll": {"wiki": wiki, "sotu": wiki + 1.0}}

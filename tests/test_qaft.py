@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from conftest import random_tokens, tiny_model
 
-from landscape.models import layer_weights, swapped_weights, weights_fingerprint
 from landscape.objectives import nll
 from landscape.quant.formats import Grid, make_grid, parse_format
 from landscape.quant.qaft import (
@@ -26,6 +25,7 @@ from landscape.quant.qaft import (
     select_learning_rate,
 )
 from landscape.quant.result import QuantResult
+from landscape.weights import layer_weights, swapped_weights, weights_fingerprint
 
 FAST = dict(steps=3, batch_size=4, progress=False)
 ONE_STEP = dict(steps=1, batch_size=4, progress=False)

@@ -20,8 +20,8 @@ def test_readme_library_example_runs(capsys):
     assert radius > 0 and norm_gptq > 0 and norm_qaft > 0
     assert -1.0 <= cos <= 1.0 and not math.isnan(cos)
     # the example's quantized models lie on the same lattice and the model was left at w0
-    from landscape.models import layer_weights
     from landscape.quant import make_grid
+    from landscape.weights import layer_weights
 
     w0 = layer_weights(namespace["lm"].model)
     for name, w in namespace["g"].weights.items():

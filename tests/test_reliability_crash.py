@@ -4,7 +4,7 @@ error or the finished state, never a crash or half a record.
 
 The pipeline (:func:`pipeline` in :data:`DRIVER`) runs three resumable stages on a tiny GPT-2 and wiki text:
 a 1-D scan with layer MSE, a basin-radius search over three directions, and the quantization study
-(:func:`landscape.study.run_quant_table`: RTN, GPTQ and QAFT, each saved as a QuantResult, then evaluated).
+(:func:`landscape.studies.quant_table.run_quant_table`: RTN, GPTQ and QAFT, each saved as a QuantResult, then evaluated).
 Every *event* is counted: each HDF5 dataset write and flush, each ``os.replace``, each safetensors write
 and each forward pass of the model or of a decoder block. A run armed with ``kill_at = k`` sends itself
 SIGKILL just before event ``k``, wherever that falls (between a point's values and its done flag, inside a
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_bad_inputs import save_local_model
 from transformers import AutoTokenizer
 
 from landscape.data import token_stream
 from landscape.store import RUN_SPECIFIC_KEYS, StoreError, StoreInProgressError, partial_path, read_store
-from test_bad_inputs import save_local_model
 
 STORES = ("scan.h5", "radius.h5", "quant_table.h5")  # in pipeline order
 WALL_TIME_ARRAYS = {"quant_table.h5": ("seconds",)}  # measurements of the run, not results
@@ -48,14 +48,14 @@ DRIVER = textwrap.dedent("""
     import safetensors.torch
     import torch
 
-    from landscape.basin import RadiusSearch, basin_statistics
+    from landscape.engine.basin import RadiusSearch, basin_statistics
     from landscape.data import heldout_set
-    from landscape.directions import DirectionSpec, random_direction
+    from landscape.engine.directions import DirectionSpec, random_direction
     from landscape.models import load_model
-    from landscape.perturb import scan
-    from landscape.quant.capture import decoder_blocks
+    from landscape.engine.perturb import scan
+    from landscape.weights import decoder_blocks
     from landscape.store import ResultStore
-    from landscape.study import Protocol, run_quant_table
+    from landscape.studies.quant_table import Protocol, run_quant_table
 
     root, model_dir = Path(sys.argv[1]), sys.argv[2]
     n_trials, kills_per_trial, seed = (int(x) for x in sys.argv[3:6])

@@ -8,11 +8,10 @@ import torch
 from conftest import random_tokens, tiny_model
 
 from landscape.data import TokenSet
-from landscape.models import layer_weights, quantizable_layers
 from landscape.objectives import layer_mse
 from landscape.quant import CholeskyError, FormatError, QuantResult, gptq, gptq_layer, make_grid, rtn
-from landscape.quant.capture import (capture_block_inputs, decoder_blocks, input_groups, quantize_block_by_block,
-                                     run_block)
+from landscape.quant.capture import capture_block_inputs, input_groups, quantize_block_by_block, run_block
+from landscape.weights import decoder_blocks, layer_weights, quantizable_layers
 
 
 # --------------------------------------------------------------------------------------- helpers

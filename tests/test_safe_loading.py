@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 
 import landscape
-from conftest import tiny_model
 from landscape import cli
 from landscape.data import DataError, token_stream, tokenizer_id
-from landscape.directions import displacement_direction
+from landscape.engine.directions import displacement_direction
 from landscape.models import UnsafeModelFileError, load_model
 from landscape.quant import QuantResult, ResultFileError, rtn
 from landscape.refmodel import train_tokenizer

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from landscape.data import heldout_set
-from landscape.models import SMOLLM2_CAVEAT, layer_weights, load_model, quantizable_layers
+from landscape.models import SMOLLM2_CAVEAT, load_model
 from landscape.objectives import nll
 from landscape.quant import make_grid
+from landscape.weights import layer_weights, quantizable_layers
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,17 @@ import h5py
 import numpy as np
 import pytest
 
-from landscape.store import (RUN_SPECIFIC_KEYS, MemoryStore, ResultStore, StoreError, StoreMismatchError,
-                             merge_stores, partial_path, read_store, run_tasks)
+from landscape.store import (
+    RUN_SPECIFIC_KEYS,
+    MemoryStore,
+    ResultStore,
+    StoreError,
+    StoreMismatchError,
+    merge_stores,
+    partial_path,
+    read_store,
+    run_tasks,
+)
 
 PROVENANCE = {"kind": "test", "model_fingerprint": "aaaa", "data": {"data_hash": "d1", "seq_len": 16}}
 ARRAYS = {"nll": ((), np.float64), "layer_mse/h.0.attn": ((), np.float64), "profile": ((3,), np.float32)}

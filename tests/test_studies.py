@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from analyses import curvature_study, lr_sweep, misalignment_basin, quant_table
-from landscape.misalignment import Misalignment
 from landscape.store import read_store
+from landscape.studies.misalignment import Misalignment
 
 pytestmark = pytest.mark.filterwarnings("ignore::landscape.curvature.ConvergenceWarning")  # few Lanczos steps
 SHORT = ["--model", "ref-tiny", "--calib-seq-len", "32"]
@@ -138,8 +138,8 @@ def test_curvature_study_paths_have_their_displacement_norms_and_a_rerun_does_no
 
 def test_predict_gap_cases_are_the_tables_gptq_minus_qaft(tables, tmp_path):
     from analyses import predict_gap
-    from landscape.predict import PredictorEvaluation
-    from landscape.study import read_quant_table
+    from landscape.studies.predict import PredictorEvaluation
+    from landscape.studies.quant_table import read_quant_table
 
     store = tables.parent / "core-int4.h5"
     out = tmp_path / "predict.h5"

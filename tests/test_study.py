@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from landscape.data import calibration_set, heldout_set
-from landscape.models import load_model, swapped_weights
+from landscape.models import load_model
 from landscape.objectives import layer_mse, nll
 from landscape.quant import gptq, parse_format
-from landscape.study import Protocol, read_quant_table, run_quant_table, variants
+from landscape.studies.quant_table import Protocol, read_quant_table, run_quant_table, variants
+from landscape.weights import swapped_weights
 
 TINY = dict(model="ref-tiny", calib_seq_len=32, eval_seq_len=32, eval_segments=4, formats=("int3",),
             methods=("rtn", "gptq", "qaft", "fp-finetune"), qaft_lr=1e-3, layer_mse_sequences=8)

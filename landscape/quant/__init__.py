@@ -4,16 +4,31 @@ Every method returns a :class:`QuantResult` on the lattice of :func:`make_grid` 
 so RTN, GPTQ and QAFT endpoints are directly comparable.
 """
 
-from .activations import (ActivationQuant, ActivationQuantError, BitSetting, fake_quant_activations, kv_projections,
-                          parse_bit_setting, quantized_activations)
-from .formats import FormatError, Grid, QuantFormat, make_grid, parse_format, sqnr_db
-from .gptq import CholeskyError, GPTQLayerInfo, gptq, gptq_layer
-from .llm_qat import generate_training_text, llm_qat
-from .lorc import lorc
-from .qaft import (FinetuneSettings, LearningRateSweep, QAFTError, finetune, fp_finetune, paired_control, qaft,
-                   select_learning_rate)
-from .result import QuantResult, ResultFileError, ResultMismatchError
-from .rtn import rtn
+from landscape.quant.activations import (
+           ActivationQuant,
+           ActivationQuantError,
+           BitSetting,
+           fake_quant_activations,
+           kv_projections,
+           parse_bit_setting,
+           quantized_activations,
+)
+from landscape.quant.formats import FormatError, Grid, QuantFormat, make_grid, parse_format, sqnr_db
+from landscape.quant.gptq import CholeskyError, GPTQLayerInfo, gptq, gptq_layer
+from landscape.quant.llm_qat import generate_training_text, llm_qat
+from landscape.quant.lorc import lorc
+from landscape.quant.qaft import (
+           FinetuneSettings,
+           LearningRateSweep,
+           QAFTError,
+           finetune,
+           fp_finetune,
+           paired_control,
+           qaft,
+           select_learning_rate,
+)
+from landscape.quant.result import QuantResult, ResultFileError, ResultMismatchError
+from landscape.quant.rtn import rtn
 
 __all__ = ["ActivationQuant", "ActivationQuantError", "BitSetting", "CholeskyError", "FinetuneSettings", "FormatError",
            "GPTQLayerInfo", "Grid", "LearningRateSweep", "QAFTError", "QuantFormat", "QuantResult", "ResultFileError",

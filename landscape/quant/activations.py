@@ -40,8 +40,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..models import get_layer, quantizable_layers, weight_matrix
-from .formats import MAX_BITS, MIN_BITS, QuantFormat, make_grid, parse_format
+from landscape.quant.formats import MAX_BITS, MIN_BITS, QuantFormat, make_grid, parse_format
+from landscape.weights import get_layer, quantizable_layers, weight_matrix
 
 ActivationGranularity = Literal["token", "tensor"]
 ACTIVATION_GRANULARITIES = ("token", "tensor")

@@ -24,20 +24,26 @@ Conventions:
 
 from __future__ import annotations
 
-import fnmatch
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from ..data import TokenSet
-from ..models import decoder_blocks_prefix, quantizable_layers, weight_matrix
-from ..objectives import check_in_vocabulary
-from .formats import QuantFormat, parse_format
+from landscape.data import TokenSet
+from landscape.objectives import check_in_vocabulary
+from landscape.quant.formats import QuantFormat, parse_format
+from landscape.weights import (
+    decoder_blocks,
+    decoder_blocks_prefix,
+    quantizable_layers,
+    restored_on_exit,
+    select_layers,
+    weight_matrix,
+)
 
 COMPUTE_DTYPES = (torch.float32, torch.float64)
 
@@ -52,33 +58,18 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | str | None = None,
     """Names of the layers to quantize, in forward order, after checking every one of them up front.
 
     Args:
-        layers: ``None`` (every linear layer of the decoder blocks, see
-            :func:`landscape.models.quantizable_layers`), or layer names and/or glob patterns
-            (``"*.mlp.*"``). Every entry must match at least one quantizable layer.
+        layers: what :func:`landscape.weights.select_layers` takes: ``None`` (every quantizable layer), layer
+            names and/or glob patterns (``"*.mlp.*"``), each of which must match at least one quantizable layer.
         fmt: when given, every selected weight's shape is checked against it (group size divides
             ``in_features``) and every weight must be finite.
 
     Raises:
-        KeyError: an entry matches no quantizable layer (the message lists valid names).
+        LayerSelectionError: an entry matches no quantizable layer (the message lists valid names).
         landscape.quant.formats.FormatError: a layer's shape does not fit ``fmt``.
         ValueError: a weight contains NaN or Inf.
     """
     available = quantizable_layers(model)
-    if layers is None:
-        names = list(available)
-    else:
-        patterns = [layers] if isinstance(layers, str) else list(layers)
-        if not patterns:
-            raise KeyError("layers is an empty list; pass None for every quantizable layer")
-        chosen: set[str] = set()
-        for pattern in patterns:
-            matched = [n for n in available if fnmatch.fnmatchcase(n, pattern)]
-            if not matched:
-                examples = ", ".join(list(available)[:4])
-                raise KeyError(f"unknown layer {pattern!r}: it matches none of the {len(available)} quantizable "
-                               f"layers (decoder-block linears), e.g. {examples}")
-            chosen.update(matched)
-        names = [n for n in available if n in chosen]
+    names = select_layers(model, layers)
     fmt = parse_format(fmt) if fmt is not None else None
     for name in names:
         w = weight_matrix(available[name])
@@ -129,11 +120,6 @@ class BlockCall:
         if self.args:
             return BlockCall((hidden, *self.args[1:]), self.kwargs)
         return BlockCall((), {**self.kwargs, "hidden_states": hidden})
-
-
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The ``nn.ModuleList`` of decoder blocks (see :func:`landscape.models.decoder_blocks_prefix`)."""
-    return model.get_submodule(decoder_blocks_prefix(model))
 
 
 @torch.no_grad()
@@ -304,20 +290,6 @@ class SolvedLayer:
     seconds: float
 
 
-@contextmanager
-def restored_on_exit(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield copies of the named layers' ``(out, in)`` weights (w0); write them back bit-exactly on exit,
-    also when the body raises."""
-    modules = quantizable_layers(model)
-    saved = {n: weight_matrix(modules[n]).detach().clone() for n in names}
-    try:
-        yield saved
-    finally:
-        with torch.no_grad():
-            for n, w0 in saved.items():
-                weight_matrix(modules[n]).copy_(w0)
-
-
 def quantize_block_by_block(
     model: nn.Module,
     calib: TokenSet,
@@ -396,6 +368,4 @@ def quantize_block_by_block(
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc="quantize layers", unit="layer", disable=not enabled, leave=False)

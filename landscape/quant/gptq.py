@@ -31,12 +31,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..data import TokenSet
-from ..models import weights_fingerprint
-from .capture import (check_batch_size, check_calibration, check_compute_dtype, quantize_block_by_block,
-                      resolve_layers)
-from .formats import Grid, QuantFormat, make_grid, parse_format
-from .result import QuantResult
+from landscape.data import TokenSet
+from landscape.quant.capture import (
+    check_batch_size,
+    check_calibration,
+    check_compute_dtype,
+    quantize_block_by_block,
+    resolve_layers,
+)
+from landscape.quant.formats import Grid, QuantFormat, make_grid, parse_format
+from landscape.quant.result import QuantResult
+from landscape.weights import weights_fingerprint
 
 DEFAULT_DAMP = 0.01
 DEFAULT_BLOCK_SIZE = 128

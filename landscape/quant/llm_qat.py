@@ -23,13 +23,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import CALIBRATION_SEQUENCES, TokenSet, tokenizer_id
-from ..models import weights_fingerprint
-from .activations import ActivationQuant
-from .capture import resolve_layers
-from .formats import QuantFormat, parse_format
-from .qaft import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, FinetuneSettings, QAFTError, finetune
-from .result import QuantResult
+from landscape.data import CALIBRATION_SEQUENCES, TokenSet, tokenizer_id
+from landscape.quant.activations import ActivationQuant
+from landscape.quant.capture import resolve_layers
+from landscape.quant.formats import QuantFormat, parse_format
+from landscape.quant.qaft import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    FinetuneSettings,
+    QAFTError,
+    finetune,
+)
+from landscape.quant.result import QuantResult
+from landscape.weights import weights_fingerprint
 
 DEFAULT_GREEDY_TOKENS = 3
 DEFAULT_GENERATION_BATCH_SIZE = 16

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import TokenSet
-from ..models import quantizable_layers, weight_matrix, weights_fingerprint
-from ..objectives import layer_mse
-from .capture import check_batch_size, check_calibration
-from .result import QuantResult, ResultMismatchError
+from landscape.data import TokenSet
+from landscape.objectives import layer_mse
+from landscape.quant.capture import check_batch_size, check_calibration
+from landscape.quant.result import QuantResult, ResultMismatchError
+from landscape.weights import quantizable_layers, weight_matrix, weights_fingerprint
 
 DEFAULT_RANK = 8
 

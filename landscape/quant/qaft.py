@@ -60,13 +60,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import TokenSet
-from ..models import get_layer, parameter_layout, swapped_weights, weight_matrix, weights_fingerprint
-from ..objectives import layer_mse, nll
-from .activations import ActivationQuant, as_activation_quant, quantized_activations
-from .capture import check_calibration, resolve_layers
-from .formats import Grid, QuantFormat, make_grid, parse_format
-from .result import QuantResult
+from landscape.data import TokenSet
+from landscape.objectives import layer_mse, nll
+from landscape.quant.activations import ActivationQuant, as_activation_quant, quantized_activations
+from landscape.quant.capture import check_calibration, resolve_layers
+from landscape.quant.formats import Grid, QuantFormat, make_grid, parse_format
+from landscape.quant.result import QuantResult
+from landscape.weights import get_layer, parameter_layout, swapped_weights, weight_matrix, weights_fingerprint
 
 DEFAULT_LR = 3e-4
 DEFAULT_EPOCHS = 1.0

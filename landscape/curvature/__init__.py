@@ -41,7 +41,6 @@ took 25 min, 8 of them products: once the basis outgrew the page cache, each ste
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import math
 import os
 import shutil
@@ -51,7 +50,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -68,20 +67,25 @@ from hessian_eigenthings.linalg import SingleDeviceBackend
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import TokenSet
-from .models import (layer_weights, quantizable_layers, swapped_weights, weight_is_transposed, weight_matrix,
-                     weights_fingerprint)
-from .objectives import check_in_vocabulary, nll_sums_from_logits, segment_nll_sums
-from .stats import DEFAULT_RESAMPLES, Interval, normal_interval, token_mean_interval
-
-if TYPE_CHECKING:
-    from .directions import Direction as ToolkitDirection
+from landscape.data import TokenSet
+from landscape.engine.directions import Direction as ToolkitDirection
+from landscape.objectives import check_in_vocabulary, nll_sums_from_logits, segment_nll_sums
+from landscape.stats import DEFAULT_RESAMPLES, Interval, normal_interval, token_mean_interval
+from landscape.weights import (
+    LayerSelection,
+    layer_weights,
+    quantizable_layers,
+    select_layers,
+    swapped_weights,
+    weight_is_transposed,
+    weight_matrix,
+    weights_fingerprint,
+)
 
 OperatorKind = Literal["hessian", "ggn"]
 OPERATORS: tuple[str, ...] = ("hessian", "ggn")
-LayerSelection = str | Sequence[str] | None
-# A landscape.directions.Direction, or any mapping layer name -> (out, in) tensor.
-Direction = Union["ToolkitDirection", Mapping[str, torch.Tensor]]
+# A landscape.engine.directions.Direction, or any mapping layer name -> (out, in) tensor.
+Direction = ToolkitDirection | Mapping[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]  # (tokens (b, t), score_mask (b, t))
 
 DEFAULT_LANCZOS_STEPS = 50
@@ -152,7 +156,7 @@ def weight_space(model: nn.Module, layers: LayerSelection = None) -> WeightSpace
             ``"*.mlp.*"``); or a sequence of them. Each entry must match at least one quantizable layer.
     """
     available = quantizable_layers(model)
-    chosen = _match_layers(list(available), layers)
+    chosen = select_layers(model, layers)
     param_names = {id(p): n for n, p in model.named_parameters()}
     order = {n: i for i, n in enumerate(param_names.values())}
     entries = []
@@ -179,7 +183,7 @@ def direction_space(model: nn.Module, direction: Direction) -> WeightSpace:
     """Validate a direction against ``model`` and return the weight space of its layers.
 
     Args:
-        direction: a :class:`landscape.directions.Direction` or any mapping layer name -> ``(out, in)`` tensor
+        direction: a :class:`landscape.engine.directions.Direction` or any mapping layer name -> ``(out, in)`` tensor
             over quantizable layers.
 
     Raises:
@@ -223,10 +227,10 @@ def direction_space(model: nn.Module, direction: Direction) -> WeightSpace:
 
 
 def _direction_tensors(direction: Direction) -> Mapping[str, torch.Tensor]:
-    """The ``layer -> (out, in)`` tensors of a landscape.directions.Direction (``.tensors``) or of a mapping."""
+    """The ``layer -> (out, in)`` tensors of a landscape.engine.directions.Direction (``.tensors``) or of a mapping."""
     tensors = getattr(direction, "tensors", direction)
     if not isinstance(tensors, Mapping) or not tensors:
-        raise DirectionMismatchError(f"a direction is a landscape.directions.Direction or a non-empty mapping "
+        raise DirectionMismatchError(f"a direction is a landscape.engine.directions.Direction or a non-empty mapping "
                                      f"layer name -> (out, in) tensor, got {type(direction).__name__}")
     return tensors
 
@@ -746,7 +750,7 @@ def rayleigh_quotient(
     of two directions can flip, so compare with intervals.
 
     Args:
-        direction: a :class:`landscape.directions.Direction` or a mapping layer name -> ``(out, in)`` tensor,
+        direction: a :class:`landscape.engine.directions.Direction` or a mapping layer name -> ``(out, in)`` tensor,
             over any subset of the quantizable layers (the curvature is then that of that block of H).
     """
     def product(batch: Batch, space: WeightSpace, unit_vector: torch.Tensor) -> float:
@@ -982,24 +986,6 @@ def _directional(sums: Sequence[float], tokens: Sequence[int], unit: str,
 
 
 # ----------------------------------------------------------------------------------------- internals
-def _match_layers(available: list[str], layers: LayerSelection) -> list[str]:
-    if layers is None:
-        return available
-    patterns = [layers] if isinstance(layers, str) else list(layers)
-    if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise CurvatureError(f"layers must be None, a layer name or glob, or a non-empty sequence of them; "
-                             f"got {layers!r}")
-    chosen: list[str] = []
-    for pattern in patterns:
-        hits = [name for name in available if fnmatch.fnmatchcase(name, pattern)]
-        if not hits:
-            raise CurvatureError(f"layer pattern {pattern!r} matches no quantizable layer; they are e.g. "
-                                 f"{available[:3]} ({len(available)} in all; globs such as "
-                                 f"'{available[0].rsplit('.', 1)[0]}.*' work)")
-        chosen += [name for name in hits if name not in chosen]
-    return chosen
-
-
 KRYLOV_MEMORY_SHARE = 0.8  # of the memory available when a Lanczos run starts; the rest is the HVPs' workspace
 
 

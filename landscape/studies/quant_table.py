@@ -23,15 +23,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .data import calibration_set, heldout_set
-from .models import LoadedModel, layer_weights, load_model, swapped_weights, weights_fingerprint
-from .objectives import layer_mse, nll
-from .quant import parse_format
-from .quant.qaft import DEFAULT_LR
-from .quant.result import QuantResult
-from .stats import nll_interval
-from .store import ResultStore, StoreData, check_store_path, read_store
+from landscape.data import calibration_set, heldout_set
+from landscape.models import LoadedModel, load_model
+from landscape.objectives import layer_mse, nll
+from landscape.quant import gptq, lorc, parse_format, rtn
+from landscape.quant.activations import quantized_activations
+from landscape.quant.qaft import DEFAULT_LR, paired_control, qaft
+from landscape.quant.result import QuantResult
+from landscape.stats import nll_interval
+from landscape.store import ResultStore, StoreData, check_store_path, read_store
+from landscape.weights import layer_weights, swapped_weights, weights_fingerprint
 
 FP32 = "fp32"
 METHODS = ("rtn", "gptq", "gptq-noact", "gptq+lorc", "qaft", "fp-finetune")
@@ -144,9 +147,6 @@ class _Context:
 
 def _quantized(ctx: _Context, v: Variant) -> QuantResult:
     """The QuantResult of a variant: from memory, from disk, or computed now (and saved)."""
-    from .quant import gptq, lorc, rtn
-    from .quant.qaft import paired_control, qaft
-
     key = result_key(ctx.protocol, v)
     if key in ctx.cache:
         return ctx.cache[key]
@@ -211,8 +211,6 @@ def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = Tr
     settings) and reused, also by other protocols run into the same ``out_dir``; the store gets one
     point per :func:`variants` row, each flushed as soon as it is measured.
     """
-    from tqdm.auto import tqdm
-
     out_dir = Path(out_dir)
     check_store_path(out_dir / f"{name}.h5", resume=True)  # an unwritable location fails before any work
     lm = lm or load_model(protocol.model)
@@ -260,8 +258,6 @@ def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = Tr
 
 
 def _measure(ctx: _Context, v: Variant, evals: dict, w0: dict[str, torch.Tensor]) -> dict[str, Any]:
-    from .quant.activations import quantized_activations
-
     t0 = time.time()
     result = None if v.method == FP32 else _quantized(ctx, v)
     weights = result.weights if result else {}

@@ -16,8 +16,8 @@ import argparse
 import os
 from pathlib import Path
 
-from .cli import command, default_seq_len
-from .engine_cli import parse_grid
+from landscape.cli import command, default_seq_len
+from landscape.cli.scan import parse_grid
 
 
 def _label_pair(text: str) -> tuple[str, str]:
@@ -61,11 +61,11 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 @command("compare", "displacements of quantized models of one base: norms, cosines, eigen-projections, "
                     "curvature, NLL along paths, layer MSE")
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare_displacements
-    from .data import heldout_set
-    from .directions import quant_result_path
-    from .models import load_model
-    from .quant.result import QuantResult
+    from landscape.data import heldout_set
+    from landscape.engine.directions import quant_result_path
+    from landscape.models import load_model
+    from landscape.quant.result import QuantResult
+    from landscape.studies.compare import compare_displacements
 
     for name in ("segments", "batch_size", "curvature_segments"):
         if getattr(args, name) < 1:
@@ -94,8 +94,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     curvature_data = data.subset(slice(0, min(args.curvature_segments, data.n_segments)))
     eigenvectors = None
     if args.eigenvectors:
-        from .compare import check_same_base
-        from .curvature import hessian_spectrum
+        from landscape.curvature import hessian_spectrum
+        from landscape.studies.compare import check_same_base
 
         check_same_base(lm.model, results)  # before the Lanczos run
         eigenvectors = hessian_spectrum(lm.model, curvature_data, k=args.eigenvectors, k_bottom=0,

@@ -43,13 +43,20 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .models import quantizable_layers, weight_matrix, weights_fingerprint
+from landscape.quant.result import QuantResult, result_stem
+from landscape.weights import (
+    ALL_LAYERS,
+    layer_patterns,
+    quantizable_layers,
+    select_layers,
+    weight_matrix,
+    weights_fingerprint,
+)
 
 DirectionKind = Literal["random", "displacement", "eigenvector", "user"]
 Normalization = Literal["none", "filter", "layer"]
 DIRECTION_KINDS: tuple[str, ...] = ("random", "displacement", "eigenvector", "user")
 NORMALIZATIONS: tuple[str, ...] = ("none", "filter", "layer")
-ALL_LAYERS: tuple[str, ...] = ("*",)
 
 
 class DirectionError(ValueError):
@@ -187,50 +194,14 @@ def plane_coordinates(point: Direction, u: Direction, v: Direction) -> tuple[flo
     return (pu * vv - pv * uv) / det, (pv * uu - pu * uv) / det
 
 
-def weights_norm(model: nn.Module, names: Sequence[str]) -> float:
-    """Euclidean norm ``||w0||`` of the named layers' ``(out, in)`` weights (float64): the unit of relative radii."""
-    return math.sqrt(sum(float(layer_weight(model, n).detach().double().pow(2).sum()) for n in names))
-
-
-# ------------------------------------------------------------------------------------ layer selection
-def perturbable_layers(model: nn.Module) -> list[str]:
-    """Candidate layers for a glob: the quantizable decoder linears of a transformers model
-    (:func:`~landscape.models.quantizable_layers`), or every named ``nn.Linear`` of any other module."""
-    if getattr(model, "config", None) is not None:
-        return list(quantizable_layers(model))
-    return [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
-
-
-def select_layers(model: nn.Module, layers: str | Sequence[str] = ALL_LAYERS) -> list[str]:
-    """Names (in forward order) of the candidate layers matching any of the globs in ``layers``.
-
-    ``layers`` is a glob, a comma-separated list of globs, or a sequence of globs.
-    """
-    patterns = layer_patterns(layers)
-    candidates = perturbable_layers(model)
-    chosen = [n for n in candidates if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    if not chosen:
-        raise DirectionError(f"layer globs {list(patterns)} match none of the {len(candidates)} perturbable layers "
-                             f"(e.g. {candidates[:3]})")
-    return chosen
-
-
-def layer_patterns(layers: str | Sequence[str]) -> tuple[str, ...]:
-    """The globs in ``layers`` (a glob, comma-separated globs, or a sequence of globs) as a tuple."""
-    items = layers.split(",") if isinstance(layers, str) else list(layers)
-    patterns = tuple(p.strip() for p in items if p.strip())
-    if not patterns:
-        raise DirectionError(f"layers must name at least one glob, got {layers!r}")
-    return patterns
-
-
+# ------------------------------------------------------------------------------------ layer access
 def layer_weight(model: nn.Module, name: str) -> torch.Tensor:
     """The ``(out, in)`` weight view of the layer ``name`` (any module with a 2-D weight), or a clear error."""
     try:
         module = model.get_submodule(name)
     except AttributeError:
         raise DirectionError(f"unknown layer {name!r}; perturbable layers are e.g. "
-                             f"{perturbable_layers(model)[:3]}") from None
+                             f"{list(quantizable_layers(model))[:3]}") from None
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
         raise DirectionError(f"layer {name!r} ({type(module).__name__}) has no 2-D weight to perturb")
@@ -300,8 +271,6 @@ def displacement_direction(model: nn.Module, result: Any, layers: str | Sequence
             differs from :func:`~landscape.models.weights_fingerprint` of this model on the result's
             layers, in the result's order) or no layer matches.
     """
-    from .quant.result import QuantResult
-
     source = ""
     if isinstance(result, (str, os.PathLike)):
         source = str(quant_result_path(result))
@@ -333,8 +302,6 @@ def displacement_direction(model: nn.Module, result: Any, layers: str | Sequence
 
 def quant_result_path(path: str | os.PathLike) -> Path:
     """A saved QuantResult's path without its ``.json`` / ``.safetensors`` suffix, as displacement specs record it."""
-    from .quant.result import result_stem  # the rule QuantResult.save/load use
-
     return result_stem(path)
 
 

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli import command, default_seq_len
+from landscape.cli import command, default_seq_len
 
 
 def _spectrum_args(p: argparse.ArgumentParser) -> None:
@@ -65,11 +65,12 @@ def check_spectrum_args(args: argparse.Namespace) -> None:
 @command("spectrum", "Hessian (or GGN) eigenvalues at w0: top/bottom eigenpairs, Hutch++ trace, SLQ density, "
                      "into a resumable store")
 def cmd_spectrum(args: argparse.Namespace) -> int:
-    from .curvature import hessian_density, hessian_spectrum, hessian_trace
-    from .data import heldout_set
-    from .models import load_model, weights_fingerprint
-    from .objectives import NLLConvention
-    from .store import check_store_path, run_tasks
+    from landscape.curvature import hessian_density, hessian_spectrum, hessian_trace
+    from landscape.data import heldout_set
+    from landscape.models import load_model
+    from landscape.objectives import NLLConvention
+    from landscape.store import check_store_path, run_tasks
+    from landscape.weights import weights_fingerprint
 
     check_spectrum_args(args)
     out = check_store_path(args.out, resume=True)

@@ -28,11 +28,11 @@ generator seeded by ``(seed, layer name)``: a candidate is a pure function of (w
 from __future__ import annotations
 
 import hashlib
-from itertools import pairwise
 import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +42,20 @@ from scipy import stats as scipy_stats
 from torch import nn
 from tqdm.auto import tqdm
 
-from .compare import ComparisonError, check_interval_settings, check_layers_and_base, check_same_base
-from .store import StoreRecord, write_record
-from .data import TokenSet
-from .models import quantizable_layers, swapped_weights, weight_matrix, weights_fingerprint
-from .objectives import layer_mse, nll
-from .quant.capture import resolve_layers
-from .quant.formats import QuantFormat, make_grid, parse_format
-from .quant.result import QuantResult, read_result_metadata
-from .stats import DEFAULT_RESAMPLES, Interval
-from .store import read_store
+from landscape.data import TokenSet
+from landscape.objectives import layer_mse, nll
+from landscape.quant.capture import resolve_layers
+from landscape.quant.formats import QuantFormat, make_grid, parse_format
+from landscape.quant.result import QuantResult, read_result_metadata
+from landscape.stats import DEFAULT_RESAMPLES, Interval
+from landscape.store import StoreRecord, read_store, write_record
+from landscape.studies.compare import (
+    ComparisonError,
+    check_interval_settings,
+    check_layers_and_base,
+    check_same_base,
+)
+from landscape.weights import quantizable_layers, swapped_weights, weight_matrix, weights_fingerprint
 
 MIN_CANDIDATES = 3  # a rank correlation of fewer candidates is not reported
 
@@ -472,7 +476,7 @@ class Misalignment:
     Attributes:
         candidates: the measured candidates.
         basin_radius: R(w0) in the units of ``||w_q - w0||`` (e.g. the median of
-            :func:`landscape.basin.basin_statistics` over the same layers).
+            :func:`landscape.engine.basin.basin_statistics` over the same layers).
         overall, inside, outside: :class:`GroupCorrelation` of all candidates, of those with
             ``||d|| <= R`` and of those with ``||d|| > R``.
         bins: one :class:`GroupCorrelation` per displacement-norm bin (first bin includes its lower edge).

@@ -12,23 +12,23 @@ import argparse
 import time
 from collections.abc import Callable
 
-from ..cli import command, default_seq_len, format_arg
-from ..data import TokenSet
-from ..models import LoadedModel
-from .formats import QuantFormat
-from .result import QuantResult
+from landscape.cli import command, default_seq_len, format_arg
+from landscape.data import TokenSet
+from landscape.models import LoadedModel
+from landscape.quant.formats import QuantFormat
+from landscape.quant.result import QuantResult
 
 MethodRunner = Callable[[LoadedModel, TokenSet, QuantFormat, argparse.Namespace], QuantResult]
 
 
 def _run_rtn(lm: LoadedModel, calib: TokenSet, fmt: QuantFormat, args: argparse.Namespace) -> QuantResult:
-    from .rtn import rtn
+    from landscape.quant.rtn import rtn
 
     return rtn(lm.model, fmt, layers=args.layers, calib=calib, batch_size=args.batch_size, model_name=lm.info.name)
 
 
 def _run_gptq(lm: LoadedModel, calib: TokenSet, fmt: QuantFormat, args: argparse.Namespace) -> QuantResult:
-    from .gptq import gptq
+    from landscape.quant.gptq import gptq
 
     return gptq(lm.model, calib, fmt, damp=args.damp, block_size=args.block_size, act_order=args.act_order,
                 layers=args.layers, batch_size=args.batch_size, progress=not args.no_progress,
@@ -39,7 +39,7 @@ def _lr(lm: LoadedModel, calib: TokenSet, fmt: QuantFormat | None, args: argpars
     """``--lr`` as a number, or ``auto``: a sweep on a held-back part of the calibration set (never held-out text)."""
     if args.lr != "auto":
         return float(args.lr)
-    from .qaft import select_learning_rate
+    from landscape.quant.qaft import select_learning_rate
 
     sweep = select_learning_rate(lm.model, calib, fmt, steps=args.steps, layers=args.layers, quantize=quantize,
                                  progress=not args.no_progress)
@@ -53,21 +53,21 @@ def _finetune_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _run_qaft(lm: LoadedModel, calib: TokenSet, fmt: QuantFormat, args: argparse.Namespace) -> QuantResult:
-    from .qaft import qaft
+    from landscape.quant.qaft import qaft
 
     return qaft(lm.model, calib, fmt, lr=_lr(lm, calib, fmt, args, True), distill_weight=args.distill_weight,
                 learned_scales=args.learned_scales, model_name=lm.info.name, **_finetune_kwargs(args))
 
 
 def _run_fp_finetune(lm: LoadedModel, calib: TokenSet, fmt: QuantFormat, args: argparse.Namespace) -> QuantResult:
-    from .qaft import fp_finetune
+    from landscape.quant.qaft import fp_finetune
 
     return fp_finetune(lm.model, calib, fmt, lr=_lr(lm, calib, fmt, args, False), distill_weight=args.distill_weight,
                        model_name=lm.info.name, **_finetune_kwargs(args))
 
 
 def _run_llm_qat(lm: LoadedModel, calib: TokenSet, fmt: QuantFormat, args: argparse.Namespace) -> QuantResult:
-    from .llm_qat import llm_qat
+    from landscape.quant.llm_qat import llm_qat
 
     lr = float(args.lr) if args.lr != "auto" else None
     if lr is None:
@@ -81,7 +81,7 @@ def with_lorc(base_method: str) -> MethodRunner:
     """A runner for ``f"{base_method}+lorc"``: the base method, then a rank ``args.rank`` LoRC correction."""
 
     def run(lm: LoadedModel, calib: TokenSet, fmt: QuantFormat, args: argparse.Namespace) -> QuantResult:
-        from .lorc import lorc
+        from landscape.quant.lorc import lorc
 
         base = METHODS[base_method](lm, calib, fmt, args)
         return lorc(lm.model, base, rank=args.rank, calib=calib, batch_size=args.batch_size,
@@ -117,8 +117,8 @@ def _positive_float(text: str) -> float:
 
 
 def _quantize_args(p: argparse.ArgumentParser) -> None:
-    from .gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP
-    from .lorc import DEFAULT_RANK
+    from landscape.quant.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP
+    from landscape.quant.lorc import DEFAULT_RANK
 
     p.add_argument("model", help="smollm2-135m, ref-small, ref-tiny, a hub id or a local directory")
     p.add_argument("--method", required=True, choices=sorted(METHODS), help="quantization method")
@@ -157,11 +157,11 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
 @command("quantize", "quantize a model's linear layers (rtn, gptq, qaft, llm-qat, +lorc; fp-finetune control) "
                      "and save the result")
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from ..data import calibration_set
-    from ..models import load_model
-    from ..outputs import check_output_path
-    from .capture import resolve_layers
-    from .result import result_stem
+    from landscape.data import calibration_set
+    from landscape.models import load_model
+    from landscape.outputs import check_output_path
+    from landscape.quant.capture import resolve_layers
+    from landscape.quant.result import result_stem
 
     check_output_path(f"{result_stem(args.out)}.json")  # an unwritable --out fails before the model loads
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ displacement leaves the basin). :func:`evaluate_predictor` checks it on measured
   (default 0.1 nats/token, the basin's default NLL threshold), with its confusion counts.
 
 Measured gaps come from quant-table stores (:func:`cases_from_quant_table` reads
-:func:`landscape.study.read_quant_table` rows), R(w0) from :func:`landscape.basin.basin_statistics`.
+:func:`landscape.studies.quant_table.read_quant_table` rows), R(w0) from :func:`landscape.engine.basin.basin_statistics`.
 """
 
 from __future__ import annotations
@@ -26,18 +26,15 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from .compare import ComparisonError, check_interval_settings
-from .store import StoreRecord, write_record
-from .misalignment import MIN_CANDIDATES, rank_correlation
-from .stats import DEFAULT_RESAMPLES, Interval
-from .store import read_store
-
-if TYPE_CHECKING:
-    from .study import QuantTable
+from landscape.stats import DEFAULT_RESAMPLES, Interval
+from landscape.store import StoreRecord, read_store, write_record
+from landscape.studies.compare import ComparisonError, check_interval_settings
+from landscape.studies.misalignment import MIN_CANDIDATES, rank_correlation
+from landscape.studies.quant_table import QuantTable
 
 DEFAULT_SCORE_THRESHOLD = 1.0
 DEFAULT_GAP_THRESHOLD = 0.1  # nats/token: "far behind"
@@ -120,7 +117,7 @@ def cases_from_quant_table(
     """One :class:`PredictionCase` per format of a quant table that has RTN, GPTQ and QAFT rows.
 
     Args:
-        table: a :class:`landscape.study.QuantTable` or its rows (dicts with ``method``, ``format``,
+        table: a :class:`landscape.studies.quant_table.QuantTable` or its rows (dicts with ``method``, ``format``,
             ``act_bits``, ``displacement_norm`` and ``nll`` = corpus -> NLL).
         basin_radius: R(w0) of the table's model over the same layers as its displacement norms.
         model: the model's name (default: the table's provenance ``model``; required for bare rows).

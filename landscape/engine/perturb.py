@@ -29,12 +29,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from .data import TokenSet
-from .directions import Direction, DirectionSpec, check_direction, layer_weight, perturbable_layers
-from .models import weights_fingerprint
-from .objectives import InputSource, NLLConvention, check_in_vocabulary, layer_mse, nll
-from .store import StoreData, finish_run, read_store, start_run
+from landscape.data import TokenSet
+from landscape.engine.directions import Direction, DirectionSpec, check_direction, layer_weight
+from landscape.objectives import InputSource, NLLConvention, check_in_vocabulary, layer_mse, nll
+from landscape.store import StoreData, finish_run, read_store, start_run
+from landscape.weights import model_label, weights_fingerprint
 
 COORDINATE_PREFIX = "coords/axis"
 
@@ -139,7 +140,7 @@ def default_objectives(data: TokenSet | None, with_layer_mse: bool = False, batc
 class Perturbation:
     """Moves a model's weights in place to ``w0 + sum_k c_k d_k`` and back to w0, bit-exactly.
 
-    Construction checks every direction against the model (:func:`~landscape.directions.check_direction`)
+    Construction checks every direction against the model (:func:`~landscape.engine.directions.check_direction`)
     and saves w0 of the layers they touch. Use as a context manager: leaving it (normally or by an
     exception) restores w0 by copying the saved weights back (never by subtracting).
     """
@@ -209,19 +210,9 @@ def output_names(objectives: Sequence[Objective], layers: Sequence[str]) -> tupl
     return tuple(names)
 
 
-def model_label(model: nn.Module, model_name: str = "") -> str:
-    """``model_name`` if given, else the model's ``config.name_or_path``, else its class name (for provenance)."""
-    return model_name or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
-
-
 def nll_convention(objectives: Sequence[Objective]) -> dict[str, Any] | None:
     """The NLL convention of the first :class:`NLLObjective` among ``objectives`` (``None`` if there is none)."""
     return next((o.convention().to_dict() for o in objectives if isinstance(o, NLLObjective)), None)
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """:func:`~landscape.models.weights_fingerprint` of w0 on every perturbable layer (the model in provenance)."""
-    return weights_fingerprint(model, perturbable_layers(model))
 
 
 # ---------------------------------------------------------------------------------------------- scans
@@ -323,7 +314,7 @@ def scan(
         run_provenance = {
             "kind": "scan",
             "model": model_name,
-            "model_fingerprint": model_fingerprint(model),
+            "model_fingerprint": weights_fingerprint(model),
             "directions": [s.to_dict() for s in specs],
             "grid": [axis.tolist() for axis in axes],
             "objectives": [o.provenance() for o in objectives],
@@ -382,8 +373,6 @@ def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
 
 def progress_bar(items, enabled: bool, description: str):
     """``items`` wrapped in a tqdm bar (``enabled=False``: no bar)."""
-    from tqdm.auto import tqdm
-
     return tqdm(items, desc=description, disable=not enabled, leave=False)
 
 

@@ -25,12 +25,28 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .data import TokenSet
-from .directions import (Direction, DirectionError, DirectionSpec, check_direction, check_spec, displacement_direction,
-                         layer_weight, regenerate, weights_norm)
-from .perturb import (NLLObjective, Objective, Perturbation, check_objective_data, model_fingerprint, model_label,
-                      nll_convention, output_names, progress_bar)
-from .store import StoreData, check_store_path, finish_run, read_store, start_run
+from landscape.data import TokenSet
+from landscape.engine.directions import (
+    Direction,
+    DirectionError,
+    DirectionSpec,
+    check_direction,
+    check_spec,
+    displacement_direction,
+    layer_weight,
+    regenerate,
+)
+from landscape.engine.perturb import (
+    NLLObjective,
+    Objective,
+    Perturbation,
+    check_objective_data,
+    nll_convention,
+    output_names,
+    progress_bar,
+)
+from landscape.store import StoreData, check_store_path, finish_run, read_store, start_run
+from landscape.weights import model_label, weights_fingerprint, weights_norm
 
 DEFAULT_QUANTILES: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
 
@@ -339,7 +355,7 @@ def basin_statistics(
     run_provenance = {
         "kind": "basin_radius",
         "model": model_name,
-        "model_fingerprint": model_fingerprint(model),
+        "model_fingerprint": weights_fingerprint(model),
         "directions": [s.to_dict() for s in specs],
         "search": asdict(search),
         "value_name": value_name,

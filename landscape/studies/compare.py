@@ -34,27 +34,44 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import TokenSet
-from .models import get_layer, quantizable_layers, swapped_weights, weight_matrix, weights_fingerprint
-from .objectives import NLLResult, layer_mse, nll
-from .quant.result import QuantResult
-from .stats import DEFAULT_RESAMPLES, ControlAdjustedGap, Interval, control_adjusted_gap, nll_interval
-from .store import StoreRecord, read_store, write_record
-
-if TYPE_CHECKING:
-    from .curvature import Eigenpairs, Spectrum
-    from .directions import Direction
+from landscape.curvature import (
+    CurvatureError,
+    Eigenpairs,
+    Spectrum,
+    check_curvature_model,
+    curvature_along_path,
+    direction_space,
+)
+from landscape.data import TokenSet
+from landscape.engine.directions import Direction
+from landscape.objectives import NLLResult, layer_mse, nll
+from landscape.quant.result import QuantResult
+from landscape.stats import (
+    DEFAULT_RESAMPLES,
+    ControlAdjustedGap,
+    Interval,
+    control_adjusted_gap,
+    nll_interval,
+)
+from landscape.store import StoreRecord, read_store, write_record
+from landscape.weights import (
+    get_layer,
+    quantizable_layers,
+    swapped_weights,
+    weight_matrix,
+    weights_fingerprint,
+)
 
 # Eigenvectors to project on: a Spectrum (its top pairs), Eigenpairs, or a sequence of directions (a
-# landscape.directions.Direction or a mapping layer name -> (out, in) tensor).
-EigenBasis = Union["Spectrum", "Eigenpairs", Sequence[Union["Direction", Mapping[str, torch.Tensor]]]]
+# landscape.engine.directions.Direction or a mapping layer name -> (out, in) tensor).
+EigenBasis = Spectrum | Eigenpairs | Sequence[Direction | Mapping[str, torch.Tensor]]
 DEFAULT_PATH_T: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_CURVATURE_T: tuple[float, ...] = (0.0, 0.5, 1.0)
 NO_FORMAT = "none"
@@ -386,8 +403,6 @@ def compare_displacements(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ComparisonError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if len(curvature_points):
-        from .curvature import CurvatureError, check_curvature_model
-
         try:  # checked before any work: the curvature along the path needs eval mode and eager attention
             check_curvature_model(model)
         except CurvatureError as err:
@@ -553,8 +568,6 @@ def eigen_basis(model: nn.Module, eigenvectors: EigenBasis | None) -> tuple[np.n
         ComparisonError: an eigenvector over layers the model lacks, of the wrong shape, zero, non-finite,
             or a Direction made on other base weights.
     """
-    from .curvature import CurvatureError, Eigenpairs, Spectrum, direction_space
-
     if eigenvectors is None:
         return np.empty(0), []
     if isinstance(eigenvectors, Spectrum):
@@ -684,8 +697,6 @@ def _path_curvature(model: nn.Module, data: TokenSet, w0: Mapping[str, torch.Ten
     slope, its low, its high)."""
     if len(t) == 0:
         return (np.empty(0),) * 6
-    from .curvature import curvature_along_path
-
     direction = {n: endpoint[n] - w0[n] for n in w0 if not torch.equal(endpoint[n], w0[n])}
     if not direction:  # the result equals w0: no direction to take a curvature along
         return (np.full(len(t), math.nan),) * 6
