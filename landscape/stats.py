@@ -74,7 +74,7 @@ class Interval:
         """Whether ``low <= x <= high``."""
         return self.low <= x <= self.high
 
-    def to_record(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of every field (for HDF5 attrs)."""
         return asdict(self)
 
@@ -104,7 +104,7 @@ class Quantiles:
         except ValueError:
             raise KeyError(f"quantile {prob!r} was not computed; available: {self.probs}") from None
 
-    def to_record(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "probs": list(self.probs), "values": list(self.values)}
 
     def __str__(self) -> str:

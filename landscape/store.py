@@ -41,8 +41,11 @@ from typing import Any
 import h5py
 import numpy as np
 
+from landscape.data import TokenSet
+from landscape.objectives import NLLConvention
 from landscape.outputs import check_output_path
 from landscape.version import __version__
+from landscape.weights import Base
 
 STORE_FORMAT_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
@@ -77,6 +80,18 @@ def check_store_path(path: str | os.PathLike, resume: bool = False) -> Path:
             if existing.exists():
                 raise StoreError(f"{existing} already exists: resume it, or remove it to start over")
     return path
+
+
+def provenance(kind: str, base: Base | None = None, data: TokenSet | None = None, **extra: Any) -> dict[str, Any]:
+    """The provenance a store starts from: what it holds (``kind``), the model w0 and its fingerprint over every
+    quantizable layer, the data with the convention of its NLLs, then ``extra`` (which may override them)."""
+    out: dict[str, Any] = {"kind": kind}
+    if base is not None:
+        out |= {"model": base.label, "model_fingerprint": base.fingerprint()}
+    if data is not None:
+        label = base.label if base is not None else ""
+        out |= {"data": data.provenance(), "nll_convention": NLLConvention.for_data(data, label).to_dict()}
+    return {**out, **extra}
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -329,14 +344,60 @@ def finish_run(record: ResultStore | MemoryStore) -> tuple[StoreData, Path | Non
     return read_store(path), path
 
 
+@dataclass(frozen=True)
+class StoreRecord:
+    """What a finished result writes to a store: the one form every result type serialises to (``to_record``).
+
+    Attributes:
+        provenance: JSON-able description (``kind`` says what the store holds).
+        rows: per-row arrays ``(n_rows, ...)``, stored as the store's points (one point per row); may be empty for
+            a task of :func:`run_tasks`.
+        arrays: whole arrays (matrices, coordinates, scalars).
+        tables: small tables, name -> columns of equal length.
+    """
+
+    provenance: Mapping[str, Any]
+    rows: Mapping[str, np.ndarray] = field(default_factory=dict)
+    arrays: Mapping[str, Any] = field(default_factory=dict)
+    tables: Mapping[str, Mapping[str, Sequence[Any]]] = field(default_factory=dict)
+
+
+def write_record(path: str | os.PathLike, record: StoreRecord) -> Path:
+    """Write a :class:`StoreRecord` to a new store at ``path`` through :func:`start_run` (written as
+    ``<path>.partial``, then moved into place, so a reader never sees half of it). Refused if ``path`` exists."""
+    rows = {name: np.asarray(values) for name, values in record.rows.items()}
+    counts = {len(v) for v in rows.values()}
+    if len(counts) != 1 or 0 in counts:
+        raise StoreError(f"a record needs row arrays of one common, nonzero length; got lengths "
+                         f"{ {k: len(v) for k, v in rows.items()} }")
+    n = counts.pop()
+    store = start_run(path, record.provenance, {k: (v.shape[1:], v.dtype) for k, v in rows.items()}, (n,))
+    try:
+        store.write_points(rows, np.ones(n, dtype=bool))
+        _write_whole(store, record)
+    except BaseException:
+        store.close()
+        os.remove(partial_path(path))
+        raise
+    return store.finish()
+
+
+def _write_whole(store: ResultStore | MemoryStore, record: StoreRecord, prefix: str = "") -> None:
+    """A record's arrays and tables (not its rows), their names under ``prefix``."""
+    for name, array in record.arrays.items():
+        store.write_array(prefix + name, array)
+    for name, columns in record.tables.items():
+        store.write_table(prefix + name, columns)
+
+
 def run_tasks(path: str | os.PathLike | None, provenance: Mapping[str, Any],
-              tasks: Mapping[str, Callable[[], Mapping[str, Any]]]) -> tuple[StoreData, Path | None]:
+              tasks: Mapping[str, Callable[[], StoreRecord]]) -> tuple[StoreData, Path | None]:
     """Run named tasks into one resumable store: one point per task, a killed run resumes at the next task.
 
-    Each task returns ``{"arrays": name -> array, "attrs": JSON-able dict}`` (the ``to_record()`` of a
-    curvature result, for instance); they are stored as ``<task>/<array>`` and ``<task>/attrs`` (JSON), and
-    the point array ``seconds`` holds each task's wall time. ``provenance`` should name the tasks (a rerun with
-    other tasks is refused as another run).
+    Each task returns a :class:`StoreRecord` without rows (e.g. a curvature result's ``to_record()``); its arrays
+    and tables are stored as ``<task>/<name>`` and its provenance as ``<task>/attrs`` (JSON), and the point array
+    ``seconds`` holds each task's wall time. ``provenance`` should name the tasks (a rerun with other tasks is
+    refused as another run).
     """
     names = list(tasks)
     with start_run(path, provenance, {"seconds": ((), np.float64)}, (len(names),), resume=True) as record:
@@ -345,9 +406,10 @@ def run_tasks(path: str | os.PathLike | None, provenance: Mapping[str, Any],
                 continue
             started = time.perf_counter()
             result = tasks[name]()
-            for key, array in result["arrays"].items():
-                record.write_array(f"{name}/{key}", array)
-            record.write_array(f"{name}/attrs", json.dumps(normalize_provenance(result["attrs"]), sort_keys=True))
+            if result.rows:
+                raise StoreError(f"task {name!r} returned rows {sorted(result.rows)}: a task stores arrays and tables")
+            _write_whole(record, result, f"{name}/")
+            record.write_array(f"{name}/attrs", json.dumps(normalize_provenance(result.provenance), sort_keys=True))
             record.write_point(i, {"seconds": time.perf_counter() - started})
         return finish_run(record)
 
@@ -468,7 +530,7 @@ def merge_stores(out: str | os.PathLike, shards: Iterable[str | os.PathLike]) ->
         done |= other.done
     provenance = {k: v for k, v in first.provenance.items() if k not in RUN_SPECIFIC_KEYS}
     provenance["merged_from"] = [{"file": p.name, "shard": d.provenance.get("shard")} for p, d in zip(paths, data)]
-    store = ResultStore.create(out, provenance, specs, first.grid_shape)
+    store = start_run(out, provenance, specs, first.grid_shape)
     try:
         store.write_points(values, done)
         for name, array in first.arrays.items():
@@ -611,44 +673,3 @@ def _same_array(a: np.ndarray, b: np.ndarray | None) -> bool:
     if b is None or a.shape != b.shape or a.dtype.kind != b.dtype.kind:
         return False
     return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
-
-
-# ----------------------------------------------------------------------------------- whole records
-@dataclass(frozen=True)
-class StoreRecord:
-    """What a result writes to an HDF5 store (:mod:`landscape.store`).
-
-    Attributes:
-        provenance: JSON-able description (``kind`` says what the store holds).
-        rows: per-row arrays ``(n_rows, ...)``, stored as the store's points (one point per row).
-        arrays: whole arrays (matrices, coordinates, scalars).
-        tables: small tables, name -> columns of equal length.
-    """
-
-    provenance: Mapping[str, Any]
-    rows: Mapping[str, np.ndarray]
-    arrays: Mapping[str, Any] = field(default_factory=dict)
-    tables: Mapping[str, Mapping[str, Sequence[Any]]] = field(default_factory=dict)
-
-
-def write_record(path: str | os.PathLike, record: StoreRecord) -> Path:
-    """Write a :class:`StoreRecord` to a new store at ``path`` (written as ``<path>.partial``, then moved into
-    place, so a reader never sees half of it). Refused if ``path`` exists."""
-    rows = {name: np.asarray(values) for name, values in record.rows.items()}
-    counts = {len(v) for v in rows.values()}
-    if len(counts) != 1 or 0 in counts:
-        raise StoreError(f"a record needs row arrays of one common, nonzero length; got lengths "
-                              f"{ {k: len(v) for k, v in rows.items()} }")
-    n = counts.pop()
-    store = ResultStore.create(path, record.provenance, {k: (v.shape[1:], v.dtype) for k, v in rows.items()}, (n,))
-    try:
-        store.write_points(rows, np.ones(n, dtype=bool))
-        for name, array in record.arrays.items():
-            store.write_array(name, array)
-        for name, columns in record.tables.items():
-            store.write_table(name, columns)
-    except BaseException:
-        store.close()
-        os.remove(partial_path(path))
-        raise
-    return store.finish()

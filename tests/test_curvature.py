@@ -217,7 +217,7 @@ def test_non_converged_lanczos_is_flagged(gpt2_problem):
         if abs(value - exact_value) > 1e-4 * abs(exact_value):  # every wrong eigenvalue must be flagged
             assert not ok
     assert not spectrum.top.converged.all()
-    assert spectrum.to_record()["attrs"]["converged"] is False
+    assert spectrum.to_record().provenance["converged"] is False
 
 
 def test_a_closed_krylov_space_returns_exact_eigenvalues_with_a_warning(gpt2_problem):
@@ -352,7 +352,7 @@ def test_slope_equals_the_dense_gradient_and_a_finite_difference_and_rides_along
     for t, value in zip(path.t, path.slope):
         with swapped_weights(model, {n: w0[n] + t * sub[n] for n in chosen}):
             assert value == pytest.approx(fd_first_derivative(model, data, sub), rel=1e-6)
-    assert "slope" in path.to_record()["arrays"] and np.isnan(path.slope_low).all()
+    assert "slope" in path.to_record().arrays and np.isnan(path.slope_low).all()
     assert curvature_along_path(model, data, sub, t=(0.0,), progress=False).slope is None
 
 
@@ -540,14 +540,14 @@ def test_same_seed_gives_bit_identical_results_and_records_serialise(gpt2_proble
     assert (t1.value, t1.stderr) == (t2.value, t2.stderr)
 
     record = gpt2_spectrum.to_record()
-    json.dumps(record["attrs"])
-    assert record["arrays"]["top/eigenvectors/transformer.h.0.mlp.c_fc"].shape == (3, 32, 8)
-    np.testing.assert_array_equal(record["arrays"]["bottom/eigenvalues"], gpt2_spectrum.bottom.eigenvalues)
+    json.dumps(record.provenance)
+    assert record.arrays["top/eigenvectors/transformer.h.0.mlp.c_fc"].shape == (3, 32, 8)
+    np.testing.assert_array_equal(record.arrays["bottom/eigenvalues"], gpt2_spectrum.bottom.eigenvalues)
     for result in (t1, hessian_density(model, data, layers="transformer.h.0.attn.c_proj", n_runs=1, lanczos_steps=8,
                                        progress=False)):
         rec = result.to_record()
-        json.dumps(rec["attrs"])
-        assert all(isinstance(v, np.ndarray) for v in rec["arrays"].values())
+        json.dumps(rec.provenance)
+        assert all(isinstance(v, np.ndarray) for v in rec.arrays.values())
 
 
 def test_eigenvectors_work_as_toolkit_directions_and_foreign_bases_are_refused(gpt2_problem, gpt2_spectrum):

@@ -70,7 +70,7 @@ PIPELINE = textwrap.dedent("""
     lm = load_model("ref-micro")
     spectrum = hessian_spectrum(lm.model, heldout_set(lm.tokenizer, 32, max_segments=2), k=2, k_bottom=1,
                                 lanczos_steps=8, seed=11, progress=False)
-    np.savez(out / "lanczos.npz", **spectrum.to_record()["arrays"])
+    np.savez(out / "lanczos.npz", **spectrum.to_record().arrays)
 """)
 WALL_TIMES = ("seconds", "layer_seconds", "seconds_per_step", "train_seconds", "convert_seconds")
 

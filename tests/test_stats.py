@@ -153,10 +153,10 @@ def test_printed_form_and_record():
         "2.885 [2.788, 2.980] (90 % paired bootstrap over 12 segments)"
     assert str(Interval(1.25e-5, -3e-6, 2.5e-5, 0.95, "bootstrap", 500, 4, "batches")) == \
         "1.250e-05 [-3.000e-06, 2.500e-05] (95 % bootstrap over 4 batches)"
-    record = interval.to_record()
+    record = interval.to_dict()
     assert json.loads(json.dumps(record)) == record and Interval(**record) == interval
     summary = quantile_summary([1.0, 2.0, 3.0], probs=(0.5,))
-    assert json.dumps(summary.to_record()) and "q50 2" in str(summary)
+    assert json.dumps(summary.to_dict()) and "q50 2" in str(summary)
 
 
 def test_contrast_of_two_models_is_the_paired_difference_and_its_value_a_closed_form():

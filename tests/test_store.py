@@ -18,6 +18,7 @@ from landscape.store import (
     ResultStore,
     StoreError,
     StoreMismatchError,
+    StoreRecord,
     merge_stores,
     partial_path,
     read_store,
@@ -199,7 +200,7 @@ def test_run_tasks_keeps_finished_tasks_and_resumes_at_the_failed_one(tmp_path):
             calls.append(name)
             if fail:
                 raise RuntimeError("killed")
-            return {"arrays": {"v": np.arange(value)}, "attrs": {"value": value, "shape": (value,)}}
+            return StoreRecord({"value": value, "shape": (value,)}, arrays={"v": np.arange(value)})
         return run
 
     path, provenance = tmp_path / "tasks.h5", {"kind": "test", "tasks": ["a", "b", "c"]}

@@ -71,6 +71,7 @@ from landscape.data import TokenSet
 from landscape.engine.directions import Direction as ToolkitDirection
 from landscape.objectives import check_in_vocabulary, nll_sums_from_logits, segment_nll_sums
 from landscape.stats import DEFAULT_RESAMPLES, Interval, normal_interval, token_mean_interval
+from landscape.store import StoreRecord
 from landscape.weights import (
     LayerSelection,
     layer_weights,
@@ -381,8 +382,8 @@ class Spectrum:
         """True only if every returned Ritz pair, top and bottom, converged."""
         return bool(self.top.converged.all() and self.bottom.converged.all())
 
-    def to_record(self, include_eigenvectors: bool = True) -> dict[str, Any]:
-        """``{"arrays": name -> numpy array, "attrs": JSON-able dict}`` for an HDF5 store.
+    def to_record(self, include_eigenvectors: bool = True) -> StoreRecord:
+        """The arrays and JSON-able attributes (its provenance) of a task of a curvature store.
 
         Array names: ``top/eigenvalues``, ``top/residuals``, ``top/converged``, ``top/eigenvectors/<layer>``
         (``(k, out, in)``), and the same under ``bottom/``.
@@ -398,7 +399,7 @@ class Spectrum:
         attrs = {"kind": "spectrum", "operator": self.operator, "layers": list(self.layers), "n_params": self.n_params,
                  "lanczos_steps": self.lanczos_steps, "seconds": self.seconds,
                  "seconds_per_matvec": self.seconds_per_matvec, "converged": self.converged, **self.settings}
-        return {"arrays": arrays, "attrs": attrs}
+        return StoreRecord(attrs, arrays=arrays)
 
     def __str__(self) -> str:
         flag = "" if self.converged else " (NOT all converged)"
@@ -554,12 +555,11 @@ class TraceEstimate:
         return normal_interval(self.value, self.stderr, level=level, n_units=self.n_matvecs // 3,
                                unit="probe vectors")
 
-    def to_record(self) -> dict[str, Any]:
-        """``{"arrays": {}, "attrs": JSON-able dict}`` for an HDF5 store (all fields are scalars)."""
-        return {"arrays": {}, "attrs": {"kind": "trace", "value": self.value, "stderr": self.stderr,
-                                        "n_matvecs": self.n_matvecs, "operator": self.operator,
-                                        "layers": list(self.layers), "n_params": self.n_params,
-                                        "seconds": self.seconds, **self.settings}}
+    def to_record(self) -> StoreRecord:
+        """The JSON-able attributes of a task of a curvature store (all fields are scalars)."""
+        return StoreRecord({"kind": "trace", "value": self.value, "stderr": self.stderr, "n_matvecs": self.n_matvecs,
+                            "operator": self.operator, "layers": list(self.layers), "n_params": self.n_params,
+                            "seconds": self.seconds, **self.settings})
 
     def __str__(self) -> str:
         return (f"tr({self.operator}) = {self.value:.5g} +- {self.stderr:.2g} (Hutch++, {self.n_matvecs} products, "
@@ -628,12 +628,13 @@ class Density:
     seconds: float
     settings: Mapping[str, Any] = field(default_factory=dict)
 
-    def to_record(self) -> dict[str, Any]:
-        """``{"arrays": grid, density, nodes, weights; "attrs": JSON-able dict}`` for an HDF5 store."""
-        return {"arrays": {"grid": self.grid, "density": self.density, "nodes": self.nodes, "weights": self.weights},
-                "attrs": {"kind": "density", "sigma": self.sigma, "operator": self.operator,
-                          "layers": list(self.layers), "n_params": self.n_params, "n_matvecs": self.n_matvecs,
-                          "seconds": self.seconds, **self.settings}}
+    def to_record(self) -> StoreRecord:
+        """Grid, density, nodes and weights with the JSON-able attributes, for a task of a curvature store."""
+        return StoreRecord(arrays={"grid": self.grid, "density": self.density, "nodes": self.nodes,
+                                   "weights": self.weights},
+                           provenance={"kind": "density", "sigma": self.sigma, "operator": self.operator,
+                                       "layers": list(self.layers), "n_params": self.n_params,
+                                       "n_matvecs": self.n_matvecs, "seconds": self.seconds, **self.settings})
 
 
 def hessian_density(
@@ -716,14 +717,14 @@ class DirectionalCurvature:
     seconds: float
     settings: Mapping[str, Any] = field(default_factory=dict)
 
-    def to_record(self) -> dict[str, Any]:
-        """``{"arrays": unit_sums, unit_tokens; "attrs": JSON-able dict}`` for an HDF5 store."""
-        return {"arrays": {"unit_sums": self.unit_sums, "unit_tokens": self.unit_tokens},
-                "attrs": {"kind": "directional_curvature", "value": self.value, "method": self.method,
-                          "operator": self.operator, "unit": self.unit,
-                          "interval": None if self.interval is None else self.interval.to_record(),
-                          "direction_norm": self.direction_norm, "step": self.step, "seconds": self.seconds,
-                          **self.settings}}
+    def to_record(self) -> StoreRecord:
+        """The per-unit sums with the JSON-able attributes, for a task of a curvature store."""
+        return StoreRecord(arrays={"unit_sums": self.unit_sums, "unit_tokens": self.unit_tokens},
+                           provenance={"kind": "directional_curvature", "value": self.value,
+                                       "method": self.method, "operator": self.operator, "unit": self.unit,
+                                       "interval": None if self.interval is None else self.interval.to_dict(),
+                                       "direction_norm": self.direction_norm, "step": self.step,
+                                       "seconds": self.seconds, **self.settings})
 
     def __str__(self) -> str:
         body = (str(self.interval) if self.interval is not None
@@ -909,14 +910,15 @@ class PathCurvature:
     slope_low: np.ndarray | None = None
     slope_high: np.ndarray | None = None
 
-    def to_record(self) -> dict[str, Any]:
-        """``{"arrays": t, curvature, low, high (and slope, slope_low, slope_high); "attrs": JSON-able dict}``."""
+    def to_record(self) -> StoreRecord:
+        """``t``, ``curvature``, ``low``, ``high`` (and the slope's) with the JSON-able attributes, for a task of a
+        curvature store."""
         arrays = {"t": self.t, "curvature": self.curvature, "low": self.low, "high": self.high}
         if self.slope is not None:
             arrays |= {"slope": self.slope, "slope_low": self.slope_low, "slope_high": self.slope_high}
-        return {"arrays": arrays,
-                "attrs": {"kind": "path_curvature", "direction_norm": self.direction_norm, "operator": self.operator,
-                          **self.settings}}
+        return StoreRecord(arrays=arrays,
+                           provenance={"kind": "path_curvature", "direction_norm": self.direction_norm,
+                                       "operator": self.operator, **self.settings})
 
 
 def curvature_along_path(

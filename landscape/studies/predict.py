@@ -245,7 +245,7 @@ class PredictorEvaluation:
         provenance = {"kind": "ptq_difficulty_prediction", "score": "||w_RTN - w0|| / R(w0)",
                       "score_threshold": self.score_threshold, "gap_threshold": self.gap_threshold,
                       "gap": "NLL(GPTQ) - NLL(QAFT) - control_gain, nats/token", "accuracy": self.accuracy,
-                      "confusion": self.confusion, "rank_correlation": rho.to_record() if rho else None}
+                      "confusion": self.confusion, "rank_correlation": rho.to_dict() if rho else None}
         tables = {"cases": {"model": [c.model for c in self.cases], "format": [c.format for c in self.cases]}}
         return StoreRecord(provenance, rows, {}, tables)
 

@@ -33,7 +33,7 @@ from landscape.quant.activations import quantized_activations
 from landscape.quant.qaft import DEFAULT_LR, paired_control, qaft
 from landscape.quant.result import QuantResult
 from landscape.stats import nll_interval
-from landscape.store import ResultStore, StoreData, check_store_path, read_store
+from landscape.store import StoreData, check_store_path, read_store, start_run
 from landscape.weights import layer_weights, swapped_weights, weights_fingerprint
 
 FP32 = "fp32"
@@ -242,7 +242,7 @@ def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = Tr
     ctx = _Context(lm, protocol, calib, mse_calib, out_dir / "results", fingerprint, progress)
     w0 = layer_weights(lm.model)
     w0_norm = float(torch.sqrt(sum(w.double().pow(2).sum() for w in w0.values())))
-    store = ResultStore.open_run(out_dir / f"{name}.h5", provenance, _arrays(protocol), (len(rows),), resume=True)
+    store = start_run(out_dir / f"{name}.h5", provenance, _arrays(protocol), (len(rows),), resume=True)
     try:
         if store.writable:  # (re)written on every resume: both are functions of the protocol only
             store.write_array("w0_norm", np.float64(w0_norm))
