@@ -93,7 +93,7 @@ def store(session: Session) -> Path:
 
 
 def measure(session: Session) -> None:
-    from landscape.engine.perturb import progress_bar
+    from landscape.engine.sweep import progress_bar
     from landscape.objectives import NLLConvention, layer_mse, nll
     from landscape.quant import make_grid
     from landscape.quant.result import QuantResult

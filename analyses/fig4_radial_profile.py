@@ -31,6 +31,7 @@ from analyses.common import (
 )
 from analyses.fig1_nll_vs_bits import tables
 from landscape import plots
+from landscape.engine.sweep import Execution
 from landscape.store import read_store
 
 FIGURE = "fig4_radial_profile"
@@ -65,20 +66,22 @@ def basin_step(session: Session, model: str) -> Step:
     def run() -> None:
         from landscape.engine.basin import RadiusSearch, basin_statistics
         from landscape.engine.directions import DirectionSpec
-        from landscape.weights import select_layers, weights_fingerprint, weights_norm
+        from landscape.engine.perturb import NLLObjective
+        from landscape.weights import Base, select_layers, weights_fingerprint, weights_norm
 
         lm = session.model(model)
         layers = select_layers(lm.model)
         base = weights_fingerprint(lm.model, layers)
         specs = [DirectionSpec("random", ("*",), seed=seed, normalization="filter", base_fingerprint=base)
                  for seed in range(settings.n_directions)]
-        basin_statistics(lm.model, specs, data=eval_set(session, model, settings.segments),
-                         search=RadiusSearch(settings.threshold, tolerance=settings.tolerance,
-                                             initial_fraction=settings.initial_fraction),
+        data = eval_set(session, model, settings.segments)
+        search = RadiusSearch(settings.threshold, tolerance=settings.tolerance,
+                              initial_fraction=settings.initial_fraction)
+        execution = Execution(store=store(session, model), resume=True, provenance={"model_info": lm.info.to_dict()},
+                              progress=session.progress)
+        basin_statistics(Base(lm.model, model), specs, NLLObjective(data, 4, model), data=data, search=search,
                          profile_radii=np.array(settings.profile_fractions) * weights_norm(lm.model, layers),
-                         quant_results=displacements(session, model), store=store(session, model), resume=True,
-                         batch_size=4, model_name=model, provenance={"model_info": lm.info.to_dict()},
-                         progress=session.progress)
+                         quant_results=displacements(session, model), execution=execution)
 
     profile = session.profile_for(model)
     evaluations = settings.n_directions * (len(settings.profile_fractions) + 5 + np.log2(1 / settings.tolerance))

@@ -29,6 +29,7 @@ from analyses.common import (
     run_figure_script,
 )
 from landscape import plots
+from landscape.engine.sweep import Execution
 from landscape.store import read_store
 
 FIGURE = "fig5_slices"
@@ -59,6 +60,7 @@ def line_step(session: Session, kind: str) -> Step:
     def run() -> None:
         from landscape.engine.directions import random_direction
         from landscape.engine.perturb import scan
+        from landscape.weights import Base
 
         lm = session.model(model)
         t = np.linspace(-0.5, 1.5, p.slices.points_1d)  # t = 0 (w0) and t = 1 (the endpoint) lie on the grid
@@ -68,10 +70,9 @@ def line_step(session: Session, kind: str) -> Step:
         else:
             direction = gptq if kind == "gptq" else displacement(session, lm, kind)
             length = endpoint = direction.norm()
-        scan(lm.model, direction.unit(), t * length, data=eval_set(session, model, p.slices.segments), batch_size=4,
-             model_name=model, store=store(session, kind), resume=True, progress=session.progress,
-             provenance={"model_info": lm.info.to_dict(),
-                         "slice": {"label": label, "method": kind, "format": fmt, "endpoint": endpoint}})
+        scan(Base(lm.model, model), direction.unit(), t * length, data=eval_set(session, model, p.slices.segments),
+             batch_size=4, execution=Execution(store=store(session, kind), resume=True, progress=session.progress, provenance={"model_info": lm.info.to_dict(),
+                         "slice": {"label": label, "method": kind, "format": fmt, "endpoint": endpoint}}))
 
     estimate = p.slices.points_1d * COSTS.forward(model, p.slices.segments * p.eval_seq_len)
     return Step(f"{model}: 1-D slice along {label} ({p.slices.points_1d} points)", store(session, kind), estimate,
@@ -86,6 +87,7 @@ def plane_step(session: Session) -> Step:
     def run() -> None:
         from landscape.engine.directions import orthogonalize, plane_coordinates
         from landscape.engine.perturb import scan
+        from landscape.weights import Base
 
         lm = session.model(model)
         gptq, qaft = displacement(session, lm, "gptq"), displacement(session, lm, "qaft")
@@ -97,9 +99,8 @@ def plane_step(session: Session) -> Step:
         fmt = p.headline_format
         endpoints = {f"GPTQ {fmt}": {"a": gptq.norm(), "b": 0.0, "method": "gptq"},
                      f"QAFT {fmt}": {"a": a_qaft, "b": b_qaft, "method": "qaft"}}
-        scan(lm.model, [u, v], [a, b], data=eval_set(session, model, p.slices.segments), batch_size=4,
-             model_name=model, store=store(session, "plane"), resume=True, progress=session.progress,
-             provenance={"model_info": lm.info.to_dict(), "slice": {"format": fmt, "endpoints": endpoints}})
+        scan(Base(lm.model, model), [u, v], [a, b], data=eval_set(session, model, p.slices.segments), batch_size=4,
+             execution=Execution(store=store(session, "plane"), resume=True, progress=session.progress, provenance={"model_info": lm.info.to_dict(), "slice": {"format": fmt, "endpoints": endpoints}}))
 
     estimate = n * n * COSTS.forward(model, p.slices.segments * p.eval_seq_len)
     return Step(f"{model}: 2-D slice through w0, GPTQ and QAFT ({n} x {n} points)", store(session, "plane"),

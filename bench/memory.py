@@ -101,6 +101,7 @@ def run_workload(workload: str, spec: ModelSpec, settings: MemorySettings) -> di
     """Inside a fresh process: build, warm up, take the baseline, run ``workload``, report RSS (bytes)."""
     from bench.scan import plane
     from landscape.engine.perturb import scan
+    from landscape.engine.sweep import Execution
     from landscape.objectives import segment_nll_sums
     from landscape.quant.qaft import qaft
     from landscape.weights import quantizable_layers, weight_matrix
@@ -123,7 +124,7 @@ def run_workload(workload: str, spec: ModelSpec, settings: MemorySettings) -> di
                              evaluation.score_mask[: settings.batch_size])
     elif workload == "scan":
         axis = np.linspace(-0.5, 0.5, settings.grid_points)
-        scan(model, plane(model), (axis, axis), data=evaluation, batch_size=settings.batch_size, progress=False)
+        scan(model, plane(model), (axis, axis), data=evaluation, batch_size=settings.batch_size, execution=Execution(progress=False))
     elif workload == "train-step":
         for p in model.parameters():
             p.requires_grad_(False)

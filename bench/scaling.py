@@ -52,6 +52,7 @@ from bench.common import (
 )
 from bench.scan import bare_forward, engine_scan, naive_scan, plane
 from landscape.engine.perturb import ScanResult
+from landscape.engine.sweep import Execution
 from landscape.quant.gptq import gptq
 
 REF_TINY = ModelSpec("ref-tiny", "pretrained")
@@ -156,7 +157,7 @@ def shard_worker(index: int, count: int, store: Path, settings: ScalingSettings)
     axis = np.linspace(-0.5, 0.5, settings.shard_grid_points)
     directions = plane(model)
     loaded = time.perf_counter()
-    scan(model, directions, (axis, axis), data=data, batch_size=4, store=store, shard=(index, count), progress=False)
+    scan(model, directions, (axis, axis), data=data, batch_size=4, execution=Execution(store=store, shard=(index, count), progress=False))
     return {"load_seconds": loaded - start, "scan_seconds": time.perf_counter() - loaded}
 
 

@@ -51,6 +51,7 @@ from bench.common import (
 from landscape.data import TokenSet
 from landscape.engine.directions import Direction, random_direction
 from landscape.engine.perturb import scan
+from landscape.engine.sweep import Execution
 from landscape.objectives import segment_nll_sums
 from landscape.weights import get_layer, weight_matrix
 
@@ -111,7 +112,7 @@ def plane(model: nn.Module, seed: int = 0) -> tuple[Direction, Direction]:
 def engine_scan(model: nn.Module, u: Direction, v: Direction, axis: np.ndarray, data: TokenSet,
                 batch_size: int) -> np.ndarray:
     """NLL (nats/token) at every ``(a, b)`` of ``axis x axis`` by :func:`landscape.engine.perturb.scan`."""
-    return scan(model, (u, v), (axis, axis), data=data, batch_size=batch_size, progress=False).values["nll"]
+    return scan(model, (u, v), (axis, axis), data=data, batch_size=batch_size, execution=Execution(progress=False)).values["nll"]
 
 
 @torch.no_grad()

@@ -62,6 +62,7 @@ from landscape.engine.directions import (
     user_direction,
 )
 from landscape.engine.perturb import ScanResult, scan
+from landscape.engine.sweep import Execution
 from landscape.models import ModelNotFoundError, load_model
 from landscape.objectives import nll
 from landscape.outputs import OutputPathError
@@ -121,8 +122,8 @@ def assets(tmp_path_factory) -> Assets:
     rtn(other, "int4").save(root / "other-rtn")
     rtn(own, "int4").save(root / "own-rtn")
     grid, data = [0.0, 0.5], random_tokens(2, 8)
-    scan(own, random_direction(own, 0), grid, data=data, store=root / "own.h5", progress=False)
-    scan(other, random_direction(other, 0), grid, data=data, store=root / "other.h5", progress=False)
+    scan(own, random_direction(own, 0), grid, data=data, execution=Execution(store=root / "own.h5", progress=False))
+    scan(other, random_direction(other, 0), grid, data=data, execution=Execution(store=root / "other.h5", progress=False))
     raw = (root / "own.h5").read_bytes()
     (root / "truncated.h5").write_bytes(raw[: len(raw) // 2])
     (root / "corrupted.h5").write_bytes(bytes(b ^ 0xFF if i % 7 == 0 else b for i, b in enumerate(raw)))
@@ -338,12 +339,10 @@ MATRIX: tuple[Row, ...] = (
     Row("Inf weight", "qaft", lambda c: qaft(with_weight(c.model, float("inf")), c.data, "int4", steps=1, batch_size=2,
                                              progress=False),
         ValueError, (FIRST_LAYER, "NaN or Inf", r"\[3, 5\]")),
-    Row("Inf weight", "scan", lambda c: scan(with_weight(c.model, float("inf")), random_direction(tiny_model(), 0),
-                                             [0.0, 1.0], data=c.data, store=c.out / "s.h5", progress=False),
+    Row("Inf weight", "scan", lambda c: scan(with_weight(c.model, float("inf")), random_direction(tiny_model(), 0), [0.0, 1.0], data=c.data, execution=Execution(store=c.out / "s.h5", progress=False)),
         DirectionError, (FIRST_LAYER, "NaN or Inf weights", r"\[3, 5\]", "must be finite")),
     Row("NaN weight", "basin_statistics",
-        lambda c: basin_statistics(with_weight(c.model, float("nan")), [DirectionSpec("random", seed=0)],
-                                   data=c.data, store=c.out / "r.h5", progress=False),
+        lambda c: basin_statistics(with_weight(c.model, float("nan")), [DirectionSpec("random", seed=0)], data=c.data, execution=Execution(store=c.out / "r.h5", progress=False)),
         DirectionError, (FIRST_LAYER, "NaN or Inf weights", "must be finite")),
     Row("NaN weight", "hessian_spectrum",
         lambda c: hessian_spectrum(with_weight(c.model, float("nan")), c.data, k=1, k_bottom=0, progress=False),
@@ -357,12 +356,10 @@ MATRIX: tuple[Row, ...] = (
                                          "x", "x", 8, 8, "x"), "int4", progress=False),
         DataError, ("dtype torch.float32 holding NaN or Inf", "integer token ids")),
     # token ids outside the model's vocabulary (text tokenized for another model)
-    Row("token id = vocab size", "scan", lambda c: scan(c.model, random_direction(c.model, 0), [0.0, 1.0],
-                                                        data=oov_tokens(), store=c.out / "s.h5", progress=False),
+    Row("token id = vocab size", "scan", lambda c: scan(c.model, random_direction(c.model, 0), [0.0, 1.0], data=oov_tokens(), execution=Execution(store=c.out / "s.h5", progress=False)),
         ValueError, ("NLLObjective data", f"0..{VOCAB - 1}", f"got [0-9]+..{VOCAB}", "another model")),
     Row("token id = vocab size", "basin_statistics",
-        lambda c: basin_statistics(c.model, [DirectionSpec("random", seed=0)], data=oov_tokens(),
-                                   store=c.out / "r.h5", progress=False),
+        lambda c: basin_statistics(c.model, [DirectionSpec("random", seed=0)], data=oov_tokens(), execution=Execution(store=c.out / "r.h5", progress=False)),
         ValueError, (f"0..{VOCAB - 1}", f"got [0-9]+..{VOCAB}")),
     Row("token id = vocab size", "hessian_spectrum",
         lambda c: hessian_spectrum(c.model, oov_tokens(), k=1, k_bottom=0, progress=False),
@@ -373,8 +370,7 @@ MATRIX: tuple[Row, ...] = (
     Row("NaN direction", "user_direction",
         lambda c: user_direction(c.model, direction_with(c, float("nan")).tensors),
         DirectionError, (FIRST_LAYER, "NaN or Inf entries")),
-    Row("Inf direction", "scan", lambda c: scan(c.model, direction_with(c, float("inf")), [1.0], data=c.data,
-                                                store=c.out / "s.h5", progress=False),
+    Row("Inf direction", "scan", lambda c: scan(c.model, direction_with(c, float("inf")), [1.0], data=c.data, execution=Execution(store=c.out / "s.h5", progress=False)),
         DirectionError, (FIRST_LAYER, "NaN or Inf entries")),
     Row("NaN direction", "basin_radius", lambda c: basin_radius(c.model, direction_with(c, float("nan")), data=c.data),
         DirectionError, ("norm nan", "finite and nonzero")),
@@ -382,8 +378,7 @@ MATRIX: tuple[Row, ...] = (
         lambda c: rayleigh_quotient(c.model, c.data, direction_with(c, float("nan")).tensors),
         DirectionMismatchError, (FIRST_LAYER, "non-finite")),
     # zero direction
-    Row("zero direction", "scan", lambda c: scan(c.model, zero_direction(c), [1.0], data=c.data,
-                                                 store=c.out / "s.h5", progress=False),
+    Row("zero direction", "scan", lambda c: scan(c.model, zero_direction(c), [1.0], data=c.data, execution=Execution(store=c.out / "s.h5", progress=False)),
         DirectionError, ("norm 0.0", "finite and nonzero")),
     Row("zero direction", "basin_radius", lambda c: basin_radius(c.model, zero_direction(c), data=c.data),
         DirectionError, ("norm 0.0", "finite and nonzero")),
@@ -399,8 +394,7 @@ MATRIX: tuple[Row, ...] = (
         lambda c: radial_profile(c.model, random_direction(c.model, 0), [-1.0, 1.0], data=c.data),
         ValueError, (r"got \[-1.0, 1.0\]", "finite numbers >= 0")),
     Row("negative radius", "basin_statistics",
-        lambda c: basin_statistics(c.model, [random_direction(c.model, 0)], data=c.data, profile_radii=[-0.5, 1.0],
-                                   store=c.out / "r.h5", progress=False),
+        lambda c: basin_statistics(c.model, [random_direction(c.model, 0)], data=c.data, profile_radii=[-0.5, 1.0], execution=Execution(store=c.out / "r.h5", progress=False)),
         ValueError, (r"got \[-0.5, 1.0\]", "finite numbers >= 0")),
     Row("negative threshold", "landscape radius",
         lambda c: run_cli(on_local_model(c, "radius", "--threshold", "-0.1", "--out", str(c.out / "r.h5"), *ENGINE_DATA)),
@@ -410,13 +404,11 @@ MATRIX: tuple[Row, ...] = (
         CLIError, ("exit status 2", r"got \[-0.1, 0.05, 0.2\]", "must be >= 0"), before_load=True),
     # a store from another model or data set
     Row("store from another model", "scan(resume=True)",
-        lambda c: scan(c.model, random_direction(c.model, 0), [0.0, 0.5], data=c.data,
-                       store=c.out / "s.h5", resume=True, progress=False),
+        lambda c: scan(c.model, random_direction(c.model, 0), [0.0, 0.5], data=c.data, execution=Execution(store=c.out / "s.h5", resume=True, progress=False)),
         StoreMismatchError, ("model_fingerprint: store has", "this run has"),
         prepare=lambda c: c.copy(c.assets.other_scan, "s.h5")),
     Row("store from another data set", "scan(resume=True)",
-        lambda c: scan(c.model, random_direction(c.model, 0), [0.0, 0.5], data=random_tokens(2, 8, seed=5),
-                       store=c.out / "s.h5", resume=True, progress=False),
+        lambda c: scan(c.model, random_direction(c.model, 0), [0.0, 0.5], data=random_tokens(2, 8, seed=5), execution=Execution(store=c.out / "s.h5", resume=True, progress=False)),
         StoreMismatchError, ("data.data_hash: store has", "this run has"),
         prepare=lambda c: c.copy(c.assets.own_scan, "s.h5")),
     Row("store from another model", "merge_stores",
@@ -439,8 +431,7 @@ MATRIX: tuple[Row, ...] = (
     Row("store of another kind", "read_quant_table", lambda c: read_quant_table(c.assets.own_scan),
         ValueError, ("holds a 'scan' run", "not a quant table")),
     Row("truncated unfinished store", "scan(resume=True)",
-        lambda c: scan(c.model, random_direction(c.model, 0), [0.0, 0.5], data=c.data,
-                       store=c.out / "s.h5", resume=True, progress=False),
+        lambda c: scan(c.model, random_direction(c.model, 0), [0.0, 0.5], data=c.data, execution=Execution(store=c.out / "s.h5", resume=True, progress=False)),
         StoreError, ("s.h5.partial", "not a readable HDF5 store"),
         prepare=lambda c: c.copy(c.assets.truncated, "s.h5.partial")),
     Row("truncated HDF5", "landscape merge",
@@ -480,12 +471,10 @@ MATRIX: tuple[Row, ...] = (
                                 "--out", str(c.out / "r.h5"), *ENGINE_DATA)),
         CLIError, ("exit status 2", "computed on base", "not on this model")),
     # unwritable output directory (a regular file where a directory should be: refused even for root)
-    Row("unwritable output", "scan", lambda c: scan(c.model, random_direction(c.model, 0), [0.0], data=c.data,
-                                                    store=c.assets.file_not_dir / "s.h5", progress=False),
+    Row("unwritable output", "scan", lambda c: scan(c.model, random_direction(c.model, 0), [0.0], data=c.data, execution=Execution(store=c.assets.file_not_dir / "s.h5", progress=False)),
         OutputPathError, ("a-file is a file, not a directory", "writable directory")),
     Row("unwritable output", "basin_statistics",
-        lambda c: basin_statistics(c.model, [random_direction(c.model, 0)], data=c.data,
-                                   store=c.assets.file_not_dir / "sub" / "r.h5", progress=False),
+        lambda c: basin_statistics(c.model, [random_direction(c.model, 0)], data=c.data, execution=Execution(store=c.assets.file_not_dir / "sub" / "r.h5", progress=False)),
         OutputPathError, ("a-file is a file, not a directory", "writable directory")),
     Row("unwritable output", "ResultStore.create",
         lambda c: ResultStore.create(c.assets.file_not_dir / "x.h5", {}, {"v": ((), "f8")}, (2,)),
@@ -495,8 +484,7 @@ MATRIX: tuple[Row, ...] = (
     Row("unwritable output", "run_quant_table",
         lambda c: run_quant_table(Protocol(model=str(c.assets.model_dir)), c.assets.file_not_dir / "study"),
         OutputPathError, ("a-file is a file, not a directory", "writable directory")),
-    Row("output path is a directory", "scan", lambda c: scan(c.model, random_direction(c.model, 0), [0.0],
-                                                             data=c.data, store=c.out, progress=False),
+    Row("output path is a directory", "scan", lambda c: scan(c.model, random_direction(c.model, 0), [0.0], data=c.data, execution=Execution(store=c.out, progress=False)),
         OutputPathError, ("is a directory", "file path inside it")),
     Row("unwritable output", "landscape quantize",
         lambda c: run_cli(on_local_model(c, "quantize", "--method", "rtn", "--format", "int4", "--out",

@@ -28,6 +28,7 @@ from landscape.engine.basin import (
 )
 from landscape.engine.directions import DirectionError, random_direction, regenerate, user_direction
 from landscape.engine.perturb import FunctionObjective
+from landscape.engine.sweep import Execution
 from landscape.quant.result import QuantResult
 from landscape.weights import quantizable_layers, weights_fingerprint
 
@@ -56,8 +57,8 @@ def test_basin_radius_on_a_quadratic_equals_the_closed_form():
     loss = FunctionObjective("loss", lambda m: m.loss())
     direction = random_direction(model, 0, "filter")
     kappa = curvature_along(model, direction)
-    search = RadiusSearch(threshold=0.2, tolerance=1e-6)
-    found = basin_radius(model, direction, loss, search=search, value_name="loss")
+    search = RadiusSearch(threshold=0.2, tolerance=1e-6, value_name="loss")
+    found = basin_radius(model, direction, loss, search=search)
     exact = math.sqrt(2 * 0.2 / kappa)
     assert found.lower < exact <= found.upper and abs(found.radius - exact) <= 1e-6 * exact
     assert found.center_value == 2.0 and found.level == pytest.approx(2.2)
@@ -67,8 +68,8 @@ def test_basin_radius_on_a_quadratic_equals_the_closed_form():
     expected_profile = 2.0 + 0.5 * kappa * found.samples.radii ** 2
     np.testing.assert_allclose(found.samples.values, expected_profile, rtol=1e-12)
 
-    relative = basin_radius(model, direction, loss, search=RadiusSearch(0.1, relative=True, tolerance=1e-6),
-                            value_name="loss")  # a rise of 0.1 x 2.0 nats
+    relative = basin_radius(model, direction, loss, search=RadiusSearch(0.1, relative=True, tolerance=1e-6,
+                                                                        value_name="loss"))  # a rise of 0.1 x 2.0
     assert relative.radius == pytest.approx(math.sqrt(2 * 0.2 / kappa), rel=1e-6)
 
 
@@ -76,12 +77,13 @@ def test_statistics_over_directions_profiles_and_displacements_on_a_quadratic(tm
     model = Quadratic(centred=True)
     loss = FunctionObjective("loss", lambda m: m.loss())
     specs = [random_direction(model, seed, "layer").spec for seed in range(5)]
-    search = RadiusSearch(threshold=0.5, tolerance=1e-7)
+    search = RadiusSearch(threshold=0.5, tolerance=1e-7, value_name="loss")
     names = ["first", "second"]
     w_q = {"first": model.first.weight.detach() + 0.25, "second": model.second.weight.detach().clone()}
     result = QuantResult(w_q, None, "shift", base_model="bowl", base_fingerprint=weights_fingerprint(model, names))
-    stats = basin_statistics(model, specs, loss, search=search, value_name="loss", profile_radii=[0.0, 0.5, 1.0],
-                             quant_results={"shift": result}, store=tmp_path / "radius.h5", progress=False)
+    stats = basin_statistics(model, specs, loss, search=search, profile_radii=[0.0, 0.5, 1.0],
+                             quant_results={"shift": result},
+                             execution=Execution(store=tmp_path / "radius.h5", progress=False))
     kappas = np.array([curvature_along(model, regenerate(model, s)) for s in specs])
     exact = np.sqrt(2 * 0.5 / kappas)
     np.testing.assert_allclose(stats.radii, exact, rtol=1e-6)
@@ -94,8 +96,8 @@ def test_statistics_over_directions_profiles_and_displacements_on_a_quadratic(tm
     assert stats.displacement_norms["shift"] == pytest.approx(0.25 * math.sqrt(6), rel=1e-12)  # 6 entries moved
     assert stats.displacement_to_radius()["shift"] == pytest.approx(0.25 * math.sqrt(6) / np.median(exact), rel=1e-6)
 
-    in_memory = basin_statistics(model, specs, loss, search=search, value_name="loss", profile_radii=[0.0, 0.5, 1.0],
-                                 progress=False)
+    in_memory = basin_statistics(model, specs, loss, search=search, profile_radii=[0.0, 0.5, 1.0],
+                                 execution=Execution(progress=False))
     assert np.array_equal(in_memory.radii, BasinStatistics.from_store(tmp_path / "radius.h5").radii)
     assert displacement_norms(model, {"shift": result}, ["second"]) == {"shift": 0.0}  # that layer did not move
 
@@ -145,14 +147,14 @@ def test_bad_settings_and_directions_are_refused_before_any_evaluation():
         basin_radius(model, random_direction(model, 0), counting)
     with pytest.raises(DirectionError, match="norm 0"):
         basin_radius(model, user_direction(model, {"first": torch.zeros(3, 2, dtype=torch.float64)}), counting,
-                     value_name="loss")
+                     search=RadiusSearch(value_name="loss"))
     other = Quadratic(seed=1, centred=True)
     with pytest.raises(DirectionError, match="made on base weights"):
         basin_statistics(model, [random_direction(model, 0).spec, random_direction(other, 1).spec], counting,
-                         value_name="loss", progress=False)
+                         search=RadiusSearch(value_name="loss"), execution=Execution(progress=False))
     with pytest.raises(DirectionError, match="same layers"):
         basin_statistics(model, [random_direction(model, 0).spec, random_direction(model, 1, layers="first").spec],
-                         counting, value_name="loss", progress=False)
+                         counting, search=RadiusSearch(value_name="loss"), execution=Execution(progress=False))
     assert not calls
     assert quantile(np.array([1.0, math.inf, math.inf]), 0.75) == math.inf  # not NaN
     assert quantile(np.array([1.0, 2.0, 4.0, 8.0]), 0.3) == pytest.approx(np.quantile([1, 2, 4, 8], 0.3))

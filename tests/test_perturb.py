@@ -17,7 +17,8 @@ from torch import nn
 
 from landscape import cli
 from landscape.engine.directions import Direction, DirectionError, random_direction
-from landscape.engine.perturb import FunctionObjective, ScanResult, scan
+from landscape.engine.perturb import FunctionObjective, ScanResult, default_objectives, scan
+from landscape.engine.sweep import Execution
 from landscape.objectives import layer_mse, nll
 from landscape.store import RUN_SPECIFIC_KEYS, StoreMismatchError, merge_stores, partial_path, read_store
 from landscape.weights import layer_weights, quantizable_layers
@@ -76,7 +77,7 @@ def test_2d_scan_of_a_quadratic_equals_the_closed_form():
     u = random_direction(model, 0, "none")
     v = random_direction(model, 1, "filter")
     a, b = np.linspace(-1, 2, 4), np.linspace(-0.5, 0.5, 3)
-    result = scan(model, [u, v], [a, b], [FunctionObjective("loss", lambda m: m.loss())], progress=False)
+    result = scan(model, [u, v], [a, b], [FunctionObjective("loss", lambda m: m.loss())], execution=Execution(progress=False))
     h, d0 = model.hessian.numpy(), model.flat_weights().numpy() - model.w_star.numpy()
     fu, fv = flat_np(u), flat_np(v)
     A, B = np.meshgrid(a, b, indexing="ij")
@@ -89,7 +90,7 @@ def test_2d_scan_of_a_quadratic_equals_the_closed_form():
 def test_nll_and_layer_mse_equal_a_naive_copy_of_the_model(gpt2, tokens):
     u = random_direction(gpt2, 3)
     a = np.array([-0.5, 1.0])
-    result = scan(gpt2, u, a, data=tokens, with_layer_mse=True, progress=False)
+    result = scan(gpt2, u, a, default_objectives(tokens, with_layer_mse=True), execution=Execution(progress=False))
     w0 = layer_weights(gpt2, u.names)
     for i, coefficient in enumerate(a):
         naive = copy.deepcopy(gpt2)
@@ -113,7 +114,7 @@ def test_weights_are_bit_identical_to_w0_after_a_scan_and_after_an_exception(gpt
     name = u.names[0]
     w0 = quantizable_layers(gpt2)[name].weight.detach().T
     assert not torch.equal((w0 + 1e3 * u[name]) - 1e3 * u[name], w0)  # restoring by subtraction would not be exact
-    scan(gpt2, u, [1e3, -7.3], data=tokens, progress=False)
+    scan(gpt2, u, [1e3, -7.3], data=tokens, execution=Execution(progress=False))
     assert_bit_identical(gpt2, saved)
 
     calls = []
@@ -125,7 +126,7 @@ def test_weights_are_bit_identical_to_w0_after_a_scan_and_after_an_exception(gpt
         return 0.0
 
     with pytest.raises(RuntimeError, match="mid-scan"):
-        scan(gpt2, u, [1e3, -7.3, 2.0], [FunctionObjective("f", fails_on_second_point)], progress=False)
+        scan(gpt2, u, [1e3, -7.3, 2.0], [FunctionObjective("f", fails_on_second_point)], execution=Execution(progress=False))
     assert len(calls) == 2
     assert_bit_identical(gpt2, saved)
 
@@ -133,8 +134,8 @@ def test_weights_are_bit_identical_to_w0_after_a_scan_and_after_an_exception(gpt
 def test_shards_merged_equal_one_full_run(gpt2, tokens, tmp_path):
     u, v = random_direction(gpt2, 0), random_direction(gpt2, 1)
     grid = [[-1.0, 1.0], [-1.0, 0.5]]
-    full = scan(gpt2, [u, v], grid, data=tokens, store=tmp_path / "full.h5", progress=False)
-    shards = [scan(gpt2, [u, v], grid, data=tokens, store=tmp_path / f"s{i}.h5", shard=(i, 3), progress=False).path
+    full = scan(gpt2, [u, v], grid, data=tokens, execution=Execution(store=tmp_path / "full.h5", progress=False))
+    shards = [scan(gpt2, [u, v], grid, data=tokens, execution=Execution(store=tmp_path / f"s{i}.h5", shard=(i, 3), progress=False)).path
               for i in range(3)]
     assert read_store(shards[0]).done.ravel().tolist() == [True, False, False, True]  # points 0, 0 + 3
     merged = ScanResult.from_store(merge_stores(tmp_path / "merged.h5", shards))
@@ -150,6 +151,7 @@ KILLED_SCAN = textwrap.dedent("""
     from test_perturb import GRID_2D, Quadratic
     from landscape.engine.directions import random_direction
     from landscape.engine.perturb import FunctionObjective, scan
+    from landscape.engine.sweep import Execution
 
     path, kill_at = sys.argv[1], int(sys.argv[2])
     calls = []
@@ -162,7 +164,8 @@ KILLED_SCAN = textwrap.dedent("""
 
     model = Quadratic()
     directions = [random_direction(model, 0), random_direction(model, 1)]
-    scan(model, directions, GRID_2D, [FunctionObjective("loss", loss_or_die)], store=path, resume=True, progress=False)
+    scan(model, directions, GRID_2D, [FunctionObjective("loss", loss_or_die)],
+         execution=Execution(store=path, resume=True, progress=False))
     print("evaluated", len(calls))
 """)
 GRID_2D = [[-1.0, 0.0, 1.0], [-0.5, 0.5, 2.0]]
@@ -180,8 +183,7 @@ def test_a_scan_killed_with_sigkill_resumes_to_the_uninterrupted_store(tmp_path)
     assert "evaluated 5" in resumed.stdout.decode()  # only the unfinished points
 
     model = Quadratic()
-    uninterrupted = scan(model, [random_direction(model, 0), random_direction(model, 1)], GRID_2D,
-                         [FunctionObjective("loss", lambda m: m.loss())], store=tmp_path / "whole.h5", progress=False)
+    uninterrupted = scan(model, [random_direction(model, 0), random_direction(model, 1)], GRID_2D, [FunctionObjective("loss", lambda m: m.loss())], execution=Execution(store=tmp_path / "whole.h5", progress=False))
     a, b = read_store(path), read_store(uninterrupted.path)
     assert a.done.all() and set(a.arrays) == set(b.arrays)
     assert all(np.array_equal(a.arrays[n], b.arrays[n]) for n in a.arrays)
@@ -196,19 +198,19 @@ def test_bad_input_is_refused_before_any_point_is_evaluated(gpt2, tokens, tmp_pa
     u = random_direction(gpt2, 0)
     name = u.names[0]
     with pytest.raises(ValueError, match=r"non-finite coefficients \[nan\] at positions \[1\]"):
-        scan(gpt2, u, [0.0, float("nan")], counting, progress=False)
+        scan(gpt2, u, [0.0, float("nan")], counting, execution=Execution(progress=False))
     with pytest.raises(DirectionError, match=r"shape \(3, 3\) for layer"):
-        scan(gpt2, Direction({name: torch.ones(3, 3)}, u.spec), [1.0], counting, progress=False)
+        scan(gpt2, Direction({name: torch.ones(3, 3)}, u.spec), [1.0], counting, execution=Execution(progress=False))
     with pytest.raises(DirectionError, match="unknown layer 'lm_body'"):
-        scan(gpt2, Direction({"lm_body": torch.ones(3, 3)}, u.spec), [1.0], counting, progress=False)
+        scan(gpt2, Direction({"lm_body": torch.ones(3, 3)}, u.spec), [1.0], counting, execution=Execution(progress=False))
     with pytest.raises(DirectionError, match="norm 0.0"):
-        scan(gpt2, Direction({name: torch.zeros_like(u[name])}, u.spec), [1.0], counting, progress=False)
+        scan(gpt2, Direction({name: torch.zeros_like(u[name])}, u.spec), [1.0], counting, execution=Execution(progress=False))
     with pytest.raises(ValueError, match="2 axes but there are 1 directions"):
-        scan(gpt2, u, [[1.0], [2.0]], counting, progress=False)
+        scan(gpt2, u, [[1.0], [2.0]], counting, execution=Execution(progress=False))
     with pytest.raises(ValueError, match=r"0 <= i < n, got \(2, 2\)"):
-        scan(gpt2, u, [1.0], counting, shard=(2, 2), progress=False)
+        scan(gpt2, u, [1.0], counting, execution=Execution(shard=(2, 2), progress=False))
     with pytest.raises(DirectionError, match="made on base weights"):
-        scan(tiny_model("gpt2", seed=1), u, [1.0], counting, progress=False)
+        scan(tiny_model("gpt2", seed=1), u, [1.0], counting, execution=Execution(progress=False))
 
     # a store started for this model is refused for another model, before any evaluation
     def fails_after_one_point(model):
@@ -219,12 +221,12 @@ def test_bad_input_is_refused_before_any_point_is_evaluated(gpt2, tokens, tmp_pa
 
     path = tmp_path / "run.h5"
     with pytest.raises(RuntimeError, match="stop after one point"):
-        scan(gpt2, u, [0.0, 1.0], [FunctionObjective("f", fails_after_one_point)], store=path, progress=False)
+        scan(gpt2, u, [0.0, 1.0], [FunctionObjective("f", fails_after_one_point)], execution=Execution(store=path, progress=False))
     assert read_store(partial_path(path)).done.sum() == 1
     calls.clear()
     other = tiny_model("gpt2", seed=1)
     with pytest.raises(StoreMismatchError, match="model_fingerprint"):
-        scan(other, random_direction(other, 0), [0.0, 1.0], counting, store=path, resume=True, progress=False)
+        scan(other, random_direction(other, 0), [0.0, 1.0], counting, execution=Execution(store=path, resume=True, progress=False))
     assert not calls
     assert_bit_identical(gpt2, saved)
 

@@ -52,7 +52,8 @@ DRIVER = textwrap.dedent("""
     from landscape.data import heldout_set
     from landscape.engine.directions import DirectionSpec, random_direction
     from landscape.models import load_model
-    from landscape.engine.perturb import scan
+    from landscape.engine.perturb import default_objectives, scan
+    from landscape.engine.sweep import Execution
     from landscape.weights import decoder_blocks
     from landscape.store import ResultStore
     from landscape.studies.quant_table import Protocol, run_quant_table
@@ -89,12 +90,12 @@ DRIVER = textwrap.dedent("""
         data = heldout_set(lm.tokenizer, 16, "wiki", 2)
 
         starts["scan"] = count[0]
-        scan(lm.model, random_direction(lm.model, 0), [-1.0, -0.5, 0.0, 0.5, 1.0], data=data, with_layer_mse=True,
-             store=out / "scan.h5", resume=True, progress=False)
+        scan(lm.model, random_direction(lm.model, 0), [-1.0, -0.5, 0.0, 0.5, 1.0], default_objectives(data, True),
+             execution=Execution(store=out / "scan.h5", resume=True, progress=False))
         starts["radius"] = count[0]
         basin_statistics(lm.model, [DirectionSpec("random", seed=s, normalization="filter") for s in range(3)],
                          data=data, search=RadiusSearch(threshold=0.05, tolerance=0.2), profile_radii=[1.0, 4.0],
-                         store=out / "radius.h5", resume=True, progress=False)
+                         execution=Execution(store=out / "radius.h5", resume=True, progress=False))
         starts["quant_table"] = count[0]
         protocol = Protocol(model=model_dir, calib_sequences=8, calib_seq_len=16, eval_corpora=("wiki",),
                             eval_seq_len=16, eval_segments=2, formats=("int4",), methods=("rtn", "gptq", "qaft"),

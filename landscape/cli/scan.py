@@ -20,6 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from landscape.cli import command, default_seq_len
+from landscape.engine.perturb import NLLObjective, default_objectives
+from landscape.engine.sweep import Execution
+from landscape.weights import Base
 
 RANDOM_KINDS = {"random": "none", "filter": "filter", "layer": "layer"}  # --kind -> normalisation
 
@@ -137,9 +140,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
         second = _direction(lm.model, kind2, seed2, args.quantized2, args.layers)
         directions.append(orthogonalize(second, directions[0]) if args.orthogonalize else second)
     grid = [args.grid, args.grid2] if two_d else [args.grid]
-    result = scan(lm.model, directions, grid, data=data, with_layer_mse=args.layer_mse, batch_size=args.batch_size,
-                  model_name=lm.info.name, store=args.out, resume=args.resume, shard=args.shard,
-                  provenance={"model_info": lm.info.to_dict()}, progress=not args.no_progress)
+    objectives = default_objectives(data, args.layer_mse, args.batch_size, lm.info.name)
+    execution = Execution(store=args.out, resume=args.resume, shard=args.shard,
+                          provenance={"model_info": lm.info.to_dict()}, progress=not args.no_progress)
+    result = scan(Base(lm.model, lm.info.name), directions, grid, objectives, data=data, execution=execution)
     nll_values = result.values["nll"][result.done]
     summary = f"; NLL {nll_values.min():.4f} .. {nll_values.max():.4f} nats/token" if nll_values.size else ""
     print(f"{result.path}: {int(result.done.sum())} of {result.done.size} points done "
@@ -189,9 +193,11 @@ def cmd_radius(args: argparse.Namespace) -> int:
     norm0 = weights_norm(lm.model, layers)
     profile = args.profile * norm0 if args.profile is not None else ()
     results = {quant_result_path(q).name: q for q in args.quantized}
-    stats = basin_statistics(lm.model, specs, data=data, search=search, profile_radii=profile, quant_results=results,
-                             store=args.out, resume=args.resume, batch_size=args.batch_size, model_name=lm.info.name,
-                             provenance={"model_info": lm.info.to_dict()}, progress=not args.no_progress)
+    execution = Execution(store=args.out, resume=args.resume, provenance={"model_info": lm.info.to_dict()},
+                          progress=not args.no_progress)
+    stats = basin_statistics(Base(lm.model, lm.info.name), specs, NLLObjective(data, args.batch_size, lm.info.name),
+                             data=data, search=search, profile_radii=profile, quant_results=results,
+                             execution=execution)
     q = stats.quantiles()
     print(f"{args.out}: NLL(w0) = {stats.center_value:.4f}, level {stats.level:.4f}, ||w0|| = {stats.weights_norm:.2f}")
     print(f"R(w0) median {stats.median:.3f} ({stats.median / stats.weights_norm:.2%} of ||w0||), "

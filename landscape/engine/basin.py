@@ -43,10 +43,10 @@ from landscape.engine.perturb import (
     check_objective_data,
     nll_convention,
     output_names,
-    progress_bar,
 )
-from landscape.store import StoreData, check_store_path, finish_run, read_store, start_run
-from landscape.weights import model_label, weights_fingerprint, weights_norm
+from landscape.engine.sweep import Execution
+from landscape.store import StoreData, finish_run, read_store, start_run
+from landscape.weights import Base, as_base, weights_norm
 
 DEFAULT_QUANTILES: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
 
@@ -62,6 +62,7 @@ class RadiusSearch:
         initial_fraction: first radius tried, as a fraction of ``||w0||``.
         min_fraction: below this radius (fraction of ``||w0||``) halving stops: R is reported in (0, that].
         max_fraction: beyond this radius doubling stops: R is reported as ``inf`` (not found).
+        value_name: the output of the objective whose rise leaves the basin (``nll`` for the default objective).
     """
 
     threshold: float = 0.1
@@ -70,6 +71,7 @@ class RadiusSearch:
     initial_fraction: float = 0.01
     min_fraction: float = 1e-6
     max_fraction: float = 10.0
+    value_name: str = "nll"
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.threshold) and self.threshold > 0):
@@ -80,6 +82,11 @@ class RadiusSearch:
         if not 0 < self.min_fraction <= self.initial_fraction <= self.max_fraction < math.inf:
             raise ValueError(f"need 0 < min_fraction <= initial_fraction <= max_fraction < inf, got "
                              f"{self.min_fraction}, {self.initial_fraction}, {self.max_fraction}")
+
+    def bracket_settings(self) -> dict[str, Any]:
+        """The settings of the bracketing and bisection (what a store records as ``search``; ``value_name`` is
+        recorded beside it)."""
+        return {k: v for k, v in asdict(self).items() if k != "value_name"}
 
     def level(self, center_value: float) -> float:
         """The value whose crossing leaves the basin."""
@@ -168,19 +175,20 @@ def bracket_crossing(value_at: Callable[[float], float], level: float, initial: 
     return lower, upper
 
 
-def basin_radius(model: nn.Module, direction: Direction, objective: Objective | None = None, *,
-                 data: TokenSet | None = None, search: RadiusSearch = RadiusSearch(), value_name: str = "nll",
-                 center_value: float | None = None, batch_size: int = 8, model_name: str = "") -> BasinRadius:
+def basin_radius(model: nn.Module | Base, direction: Direction, objective: Objective | None = None, *,
+                 data: TokenSet | None = None, search: RadiusSearch = RadiusSearch(),
+                 center_value: float | None = None) -> BasinRadius:
     """The basin radius R along ``direction`` (rescaled to unit norm), see the module docstring.
 
     Args:
-        objective: what is measured (default: NLL on ``data``); ``value_name`` picks its output.
+        objective: what is measured (default: NLL on ``data``, batches of 8); ``search.value_name`` picks its output.
         center_value: the objective at w0 if already known (saves one evaluation).
     """
-    if objective is None:
-        objective = NLLObjective(_require(data), batch_size, model_name)
+    base = as_base(model)
+    objective = objective or NLLObjective(_require(data), model_name=base.label)
+    value_name = search.value_name
     unit = direction.unit()
-    with Perturbation(model, [unit]) as perturbation:
+    with Perturbation(base, [unit]) as perturbation:
         _check_value_name(objective, perturbation.layers, value_name)
         samples: dict[float, float] = {}
 
@@ -189,7 +197,7 @@ def basin_radius(model: nn.Module, direction: Direction, objective: Objective | 
             return samples[r]
 
         center = value_at(0.0) if center_value is None else samples.setdefault(0.0, float(center_value))
-        norm0 = weights_norm(model, perturbation.layers)
+        norm0 = weights_norm(base.model, perturbation.layers)
         level = search.level(center)
         lower, upper = bracket_crossing(value_at, level, search.initial_fraction * norm0, search.min_fraction * norm0,
                                         search.max_fraction * norm0, search.tolerance)
@@ -199,20 +207,21 @@ def basin_radius(model: nn.Module, direction: Direction, objective: Objective | 
     return BasinRadius(radius, lower, upper, center, level, norm0, profile, direction.spec)
 
 
-def radial_profile(model: nn.Module, direction: Direction, radii: Sequence[float] | np.ndarray,
-                   objective: Objective | None = None, *, data: TokenSet | None = None, value_name: str = "nll",
-                   batch_size: int = 8, model_name: str = "") -> RadialProfile:
-    """The objective at ``w0 + r u / ||u||`` for each radius ``r`` (Euclidean norm of the displacement)."""
-    if objective is None:
-        objective = NLLObjective(_require(data), batch_size, model_name)
+def radial_profile(model: nn.Module | Base, direction: Direction, radii: Sequence[float] | np.ndarray,
+                   objective: Objective | None = None, *, data: TokenSet | None = None,
+                   value_name: str = "nll") -> RadialProfile:
+    """The objective (its output ``value_name``; default: NLL on ``data``, batches of 8) at ``w0 + r u / ||u||`` for
+    each radius ``r`` (Euclidean norm of the displacement)."""
+    base = as_base(model)
+    objective = objective or NLLObjective(_require(data), model_name=base.label)
     radii = _check_radii(radii)
-    with Perturbation(model, [direction.unit()]) as perturbation:
+    with Perturbation(base, [direction.unit()]) as perturbation:
         _check_value_name(objective, perturbation.layers, value_name)
         values = [perturbation.measure([r], [objective])[value_name] for r in radii]
     return RadialProfile(radii, np.array(values))
 
 
-def displacement_norms(model: nn.Module, results: Mapping[str, Any],
+def displacement_norms(model: nn.Module | Base, results: Mapping[str, Any],
                        layers: Sequence[str] = ("*",)) -> dict[str, float]:
     """``||w_q - w0||`` of each quantized model over the layers matching ``layers`` (layers a result did not
     quantize count as zero), in the units of R(w0).
@@ -293,71 +302,70 @@ class BasinStatistics:
             per_direction.append(BasinRadius(float(a["radius"][i]), float(a["lower"][i]), float(a["upper"][i]), center,
                                              level, norm0, samples, spec))
         table = data.table("displacements") if "displacements/label" in a else {"label": [], "norm": []}
-        return cls(tuple(per_direction), norm0, center, level, RadiusSearch(**prov["search"]),
+        search = RadiusSearch(**prov["search"], value_name=prov.get("value_name", "nll"))
+        return cls(tuple(per_direction), norm0, center, level, search,
                    a["profile_radii"], a.get("profile_value", np.empty((len(specs), 0))),
                    {str(k): float(v) for k, v in zip(table["label"], table["norm"])}, prov)
 
 
 def basin_statistics(
-    model: nn.Module,
+    model: nn.Module | Base,
     directions: Sequence[Direction | DirectionSpec],
     objective: Objective | None = None,
     *,
     data: TokenSet | None = None,
     search: RadiusSearch = RadiusSearch(),
-    value_name: str = "nll",
     profile_radii: Sequence[float] | np.ndarray = (),
     quant_results: Mapping[str, Any] | None = None,
-    store: str | Path | None = None,
-    resume: bool = False,
-    batch_size: int = 8,
-    model_name: str = "",
-    provenance: Mapping[str, Any] | None = None,
-    progress: bool = True,
+    execution: Execution = Execution(),
 ) -> BasinStatistics:
     """Basin radius along each direction, an optional regular radial profile, and quantized displacements.
 
     Args:
         directions: Directions, or specs (regenerated one at a time, so many large directions never sit in
             memory together); all must cover the same layers.
-        objective: what is measured (default: NLL on ``data``); ``value_name`` picks its output.
+        objective: what is measured (default: NLL on ``data``, batches of 8); ``search.value_name`` picks its output.
+        search: the threshold and the bracketing of each search.
         profile_radii: radii (absolute, Euclidean norm of the displacement) where every direction's
             profile is also evaluated, for plotting.
         quant_results: label -> QuantResult (or its path) whose ``||w_q - w0||`` is reported in the same units.
-        store: HDF5 store path: one point per direction, flushed as it finishes, resumable with ``resume``.
+        execution: the store (one point per direction, flushed as it finishes, resumable), extra provenance and
+            progress bar; every direction is evaluated (a basin-radius run has no shards).
 
     Raises:
         ValueError: bad directions, settings, results or store, before any evaluation.
     """
     if not directions:
         raise ValueError("basin_statistics needs at least one direction")
-    if store is not None:
-        check_store_path(store, resume)
-    model_name = model_label(model, model_name)
-    if objective is None:
-        objective = NLLObjective(_require(data), batch_size, model_name)
+    if execution.shard != (0, 1):
+        raise ValueError(f"a basin-radius run evaluates every direction: pass shard (0, 1), got {execution.shard}")
+    execution.check_store()
+    base = as_base(model)
+    model = base.model
+    value_name = search.value_name
+    objective = objective or NLLObjective(_require(data), model_name=base.label)
     check_objective_data(model, [objective])
     profile = _check_radii(profile_radii) if len(profile_radii) else np.empty(0)
     layer_sets = []
     for d in directions:
         if isinstance(d, Direction):
-            check_direction(model, d)
-        layer_sets.append(d.names if isinstance(d, Direction) else check_spec(model, d))
+            check_direction(base, d)
+        layer_sets.append(d.names if isinstance(d, Direction) else check_spec(base, d))
     layers = layer_sets[0]
     if any(set(s) != set(layers) for s in layer_sets):
         raise DirectionError("all directions of a basin-radius run must cover the same layers (R is compared "
                              "with ||w0|| over those layers)")
     _check_value_name(objective, layers, value_name)
-    norms = displacement_norms(model, quant_results or {}, layers)
+    norms = displacement_norms(base, quant_results or {}, layers)
     specs = [d.spec if isinstance(d, Direction) else d for d in directions]
     norm0 = weights_norm(model, layers)
     n_max = search.max_evaluations
     run_provenance = {
         "kind": "basin_radius",
-        "model": model_name,
-        "model_fingerprint": weights_fingerprint(model),
+        "model": base.label,
+        "model_fingerprint": base.fingerprint(),
         "directions": [s.to_dict() for s in specs],
-        "search": asdict(search),
+        "search": search.bracket_settings(),
         "value_name": value_name,
         "objective": objective.provenance(),
         "nll_convention": nll_convention([objective]),
@@ -365,7 +373,7 @@ def basin_statistics(
         "profile_radii": profile.tolist(),
         "quantized": {label: _describe_result(r) for label, r in (quant_results or {}).items()},
         "units": "radii: Euclidean norm of the displacement over the directions' layers",
-        **dict(provenance or {}),
+        **dict(execution.provenance),
     }
     arrays = {"radius": ((), np.float64), "lower": ((), np.float64), "upper": ((), np.float64),
               "search_radius": ((n_max,), np.float64), "search_value": ((n_max,), np.float64)}
@@ -374,7 +382,7 @@ def basin_statistics(
     w0 = {n: layer_weight(model, n).detach() for n in layers}  # the model is at w0: views, read-only
     center = float(objective(model, w0)[value_name])
     level = search.level(center)
-    with start_run(store, run_provenance, arrays, (len(specs),), resume) as record:
+    with start_run(execution.store, run_provenance, arrays, (len(specs),), execution.resume) as record:
         if record.writable:
             record.write_array("weights_norm", norm0)
             record.write_array("center_value", center)
@@ -383,20 +391,19 @@ def basin_statistics(
             if norms:
                 record.write_table("displacements", {"label": list(norms), "norm": list(norms.values()),
                                                      "relative_norm": [v / norm0 for v in norms.values()]})
-        for i in progress_bar(np.flatnonzero(~record.done), progress, "basin radius"):
+        for i in execution.progress_bar(np.flatnonzero(~record.done), "basin radius"):
             d = directions[i]
-            direction = d if isinstance(d, Direction) else regenerate(model, d)
-            found = basin_radius(model, direction, objective, search=search, value_name=value_name,
-                                 center_value=center)
+            direction = d if isinstance(d, Direction) else regenerate(base, d)
+            found = basin_radius(base, direction, objective, search=search, center_value=center)
             point = {"radius": found.radius, "lower": found.lower, "upper": found.upper,
                      "search_radius": _padded(found.samples.radii, n_max),
                      "search_value": _padded(found.samples.values, n_max)}
             if profile.size:
-                point["profile_value"] = radial_profile(model, direction, profile, objective,
+                point["profile_value"] = radial_profile(base, direction, profile, objective,
                                                         value_name=value_name).values
             record.write_point(int(i), point)
-        data, path = finish_run(record)
-    return BasinStatistics.from_data(data, path)
+        stored, path = finish_run(record)
+    return BasinStatistics.from_data(stored, path)
 
 
 # --------------------------------------------------------------------------------------------- helpers

@@ -46,11 +46,12 @@ from torch import nn
 from landscape.quant.result import QuantResult, result_stem
 from landscape.weights import (
     ALL_LAYERS,
+    Base,
+    as_base,
     layer_patterns,
     quantizable_layers,
     select_layers,
     weight_matrix,
-    weights_fingerprint,
 )
 
 DirectionKind = Literal["random", "displacement", "eigenvector", "user"]
@@ -209,9 +210,11 @@ def layer_weight(model: nn.Module, name: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- validation
-def check_direction(model: nn.Module, direction: Direction) -> None:
+def check_direction(model: nn.Module | Base, direction: Direction) -> None:
     """Raise :class:`DirectionError` unless ``direction`` fits ``model``: known layers, matching shapes,
     finite entries, nonzero norm, and (if recorded) made on these base weights w0."""
+    base = as_base(model)
+    model = base.model
     if not direction.tensors:
         raise DirectionError(f"direction [{direction.spec.describe()}] covers no layer")
     check_finite_weights(model, direction.names)
@@ -224,7 +227,7 @@ def check_direction(model: nn.Module, direction: Direction) -> None:
             raise DirectionError(f"direction [{direction.spec.describe()}] has NaN or Inf entries in layer {name!r}")
     _nonzero_norm(direction)
     expected = direction.spec.base_fingerprint
-    if expected and expected != (actual := weights_fingerprint(model, direction.names)):
+    if expected and expected != (actual := base.fingerprint(direction.names)):
         raise DirectionError(f"direction [{direction.spec.describe()}] was made on base weights with fingerprint "
                              f"{expected}, but this model's weights on those layers have fingerprint {actual}")
 
@@ -249,7 +252,7 @@ def _nonzero_norm(direction: Direction) -> float:
 
 
 # -------------------------------------------------------------------------------------- constructors
-def random_direction(model: nn.Module, seed: int, normalization: Normalization = "filter",
+def random_direction(model: nn.Module | Base, seed: int, normalization: Normalization = "filter",
                      layers: str | Sequence[str] = ALL_LAYERS) -> Direction:
     """A Gaussian random direction over the selected layers, regenerable from ``seed``.
 
@@ -259,7 +262,8 @@ def random_direction(model: nn.Module, seed: int, normalization: Normalization =
     return regenerate(model, DirectionSpec("random", layer_patterns(layers), seed=seed, normalization=normalization))
 
 
-def displacement_direction(model: nn.Module, result: Any, layers: str | Sequence[str] = ALL_LAYERS) -> Direction:
+def displacement_direction(model: nn.Module | Base, result: Any,
+                           layers: str | Sequence[str] = ALL_LAYERS) -> Direction:
     """``w_q - w0`` toward a quantized model, on the result's layers that match ``layers``.
 
     Args:
@@ -271,13 +275,15 @@ def displacement_direction(model: nn.Module, result: Any, layers: str | Sequence
             differs from :func:`~landscape.models.weights_fingerprint` of this model on the result's
             layers, in the result's order) or no layer matches.
     """
+    base = as_base(model)
+    model = base.model
     source = ""
     if isinstance(result, (str, os.PathLike)):
         source = str(quant_result_path(result))
         result = QuantResult.load(source)
     if not isinstance(result, QuantResult):
         raise DirectionError(f"a displacement needs a QuantResult or the path of one, got {type(result).__name__}")
-    actual = weights_fingerprint(model, list(result.weights))
+    actual = base.fingerprint(list(result.weights))
     if result.base_fingerprint != actual:
         raise DirectionError(f"quantized model {result.label!r} was computed on base {result.base_model!r} "
                              f"(fingerprint {result.base_fingerprint or 'missing'}), not on this model "
@@ -296,7 +302,7 @@ def displacement_direction(model: nn.Module, result: Any, layers: str | Sequence
                                  f"{tuple(w0.shape)}")
         tensors[n] = result.weights[n].to(device=w0.device, dtype=w0.dtype) - w0
     spec = DirectionSpec("displacement", patterns, source=source or result.label,
-                         base_fingerprint=weights_fingerprint(model, names))
+                         base_fingerprint=base.fingerprint(names))
     return Direction(tensors, spec)
 
 
@@ -305,35 +311,39 @@ def quant_result_path(path: str | os.PathLike) -> Path:
     return result_stem(path)
 
 
-def eigenvector_direction(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str = "") -> Direction:
+def eigenvector_direction(model: nn.Module | Base, tensors: Mapping[str, torch.Tensor], source: str = "") -> Direction:
     """A Hessian eigenvector given as layer name -> ``(out, in)`` tensor; ``source`` says where it came from."""
     return _from_tensors(model, tensors, "eigenvector", source)
 
 
-def user_direction(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str = "") -> Direction:
+def user_direction(model: nn.Module | Base, tensors: Mapping[str, torch.Tensor], source: str = "") -> Direction:
     """Any user-supplied direction: layer name -> ``(out, in)`` tensor (checked against the model)."""
     return _from_tensors(model, tensors, "user", source)
 
 
-def _from_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], kind: DirectionKind, source: str) -> Direction:
+def _from_tensors(model: nn.Module | Base, tensors: Mapping[str, torch.Tensor], kind: DirectionKind,
+                  source: str) -> Direction:
+    base = as_base(model)
+    model = base.model
     names = list(tensors)
     if not names:
         raise DirectionError(f"a {kind} direction needs at least one layer tensor, got none")
     draft = Direction(dict(tensors), DirectionSpec(kind, tuple(names), source=source))
-    check_direction(model, draft)  # names, shapes, finiteness, nonzero: before any conversion
+    check_direction(base, draft)  # names, shapes, finiteness, nonzero: before any conversion
     out = {}
     for n in names:
         w0 = layer_weight(model, n)
         out[n] = tensors[n].detach().to(device=w0.device, dtype=w0.dtype).clone()
-    return Direction(out, replace(draft.spec, base_fingerprint=weights_fingerprint(model, names)))
+    return Direction(out, replace(draft.spec, base_fingerprint=base.fingerprint(names)))
 
 
-def normalize(model: nn.Module, direction: Direction, normalization: Normalization) -> Direction:
+def normalize(model: nn.Module | Base, direction: Direction, normalization: Normalization) -> Direction:
     """Rescale a direction to the scale of w0: per output row (``filter``), per layer (``layer``) or not (``none``).
 
     ``filter``: ``d[i, :] * ||w0[i, :]|| / ||d[i, :]||`` for every output row ``i`` (a row of ``d`` that is
     zero stays zero). ``layer``: ``d * ||w0|| / ||d||`` per layer. Apply it before Gram-Schmidt and unit rescaling.
     """
+    model = as_base(model).model
     if normalization not in NORMALIZATIONS:
         raise DirectionError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     if direction.spec.normalization != "none" or direction.spec.orthogonal_to or direction.spec.unit_norm:
@@ -351,51 +361,53 @@ def normalize(model: nn.Module, direction: Direction, normalization: Normalizati
     return Direction(tensors, replace(direction.spec, normalization=normalization))
 
 
-def check_spec(model: nn.Module, spec: DirectionSpec) -> list[str]:
+def check_spec(model: nn.Module | Base, spec: DirectionSpec) -> list[str]:
     """The layers ``spec`` covers on ``model``; raises :class:`DirectionError` unless :func:`regenerate` can
     rebuild it there: a random direction whose layers exist, or a displacement saved to a path, made on
     these base weights w0. Cheap (no tensors are drawn or loaded): a sweep checks every spec before it starts."""
-    names = _base_layers(model, spec)[0]
+    base = as_base(model)
+    names = _base_layers(base, spec)[0]
     if spec.orthogonal_to is not None:
-        names += [n for n in check_spec(model, spec.orthogonal_to) if n not in names]
+        names += [n for n in check_spec(base, spec.orthogonal_to) if n not in names]
     return names
 
 
-def _base_layers(model: nn.Module, spec: DirectionSpec) -> tuple[list[str], str]:
+def _base_layers(base: Base, spec: DirectionSpec) -> tuple[list[str], str]:
     """The layers of a regenerable spec's base tensors and the fingerprint of w0 on them, checked against the spec's."""
     if spec.kind == "random":
-        names = select_layers(model, spec.layers)
+        names = select_layers(base.model, spec.layers)
     elif spec.kind == "displacement" and os.path.exists(f"{spec.source}.json"):
         names = [n for n in json.loads(Path(f"{spec.source}.json").read_text())["layers"]
                  if any(fnmatch.fnmatchcase(n, p) for p in spec.layers)]
     else:
         raise DirectionError(f"cannot regenerate a {spec.kind} direction from its spec [{spec.describe()}]: only "
                              f"random directions and displacements saved to a path are; pass the tensors instead")
-    check_finite_weights(model, names)
-    actual = weights_fingerprint(model, names)
+    check_finite_weights(base.model, names)
+    actual = base.fingerprint(names)
     if spec.base_fingerprint and spec.base_fingerprint != actual:
         raise DirectionError(f"direction [{spec.describe()}] was made on base weights with fingerprint "
                              f"{spec.base_fingerprint}, this model's weights on its layers have {actual}")
     return names, actual
 
 
-def regenerate(model: nn.Module, spec: DirectionSpec) -> Direction:
+def regenerate(model: nn.Module | Base, spec: DirectionSpec) -> Direction:
     """Rebuild a direction from its spec (random kinds from the seed; displacements from a saved path).
 
     Replays: base tensors, normalisation, Gram-Schmidt against ``spec.orthogonal_to``, unit rescaling.
     Eigenvector and user directions are not regenerable (their tensors live where they were made).
     """
+    base = as_base(model)
     if spec.orthogonal_to is not None:
-        check_spec(model, spec.orthogonal_to)  # the whole spec is checked before any tensor is drawn
-    names, fingerprint = _base_layers(model, spec)
+        check_spec(base, spec.orthogonal_to)  # the whole spec is checked before any tensor is drawn
+    names, fingerprint = _base_layers(base, spec)
     if spec.kind == "random":
         raw = DirectionSpec("random", spec.layers, seed=spec.seed, base_fingerprint=fingerprint)
-        base = _gaussian(model, names, raw)
+        drawn = _gaussian(base.model, names, raw)
     else:
-        base = displacement_direction(model, spec.source, spec.layers)
-    direction = normalize(model, base, spec.normalization)
+        drawn = displacement_direction(base, spec.source, spec.layers)
+    direction = normalize(base, drawn, spec.normalization)
     if spec.orthogonal_to is not None:
-        direction = orthogonalize(direction, regenerate(model, spec.orthogonal_to))
+        direction = orthogonalize(direction, regenerate(base, spec.orthogonal_to))
     return direction.unit() if spec.unit_norm else direction
 
 

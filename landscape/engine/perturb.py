@@ -29,13 +29,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from landscape.data import TokenSet
 from landscape.engine.directions import Direction, DirectionSpec, check_direction, layer_weight
+from landscape.engine.sweep import POINT_ORDER, Execution
 from landscape.objectives import InputSource, NLLConvention, check_in_vocabulary, layer_mse, nll
 from landscape.store import StoreData, finish_run, read_store, start_run
-from landscape.weights import model_label, weights_fingerprint
+from landscape.weights import Base, as_base
 
 COORDINATE_PREFIX = "coords/axis"
 
@@ -145,12 +145,13 @@ class Perturbation:
     exception) restores w0 by copying the saved weights back (never by subtracting).
     """
 
-    def __init__(self, model: nn.Module, directions: Sequence[Direction]):
+    def __init__(self, model: nn.Module | Base, directions: Sequence[Direction]):
         if not directions:
             raise ValueError("a perturbation needs at least one direction")
+        base = as_base(model)
         for direction in directions:
-            check_direction(model, direction)
-        self.model = model
+            check_direction(base, direction)
+        model = self.model = base.model
         self.layers: list[str] = list(dict.fromkeys(n for d in directions for n in d.names))
         self._targets = {n: layer_weight(model, n) for n in self.layers}  # (out, in) views of the parameters
         self.w0: dict[str, torch.Tensor] = {n: t.detach().clone() for n, t in self._targets.items()}
@@ -258,83 +259,70 @@ class ScanResult:
 
 
 def scan(
-    model: nn.Module,
+    model: nn.Module | Base,
     directions: Direction | Sequence[Direction],
     grid: Sequence[Sequence[float] | np.ndarray] | np.ndarray,
     objectives: Sequence[Objective] | None = None,
     *,
     data: TokenSet | None = None,
-    with_layer_mse: bool = False,
     batch_size: int = 8,
-    model_name: str = "",
-    store: str | Path | None = None,
-    resume: bool = False,
-    shard: tuple[int, int] = (0, 1),
-    provenance: Mapping[str, Any] | None = None,
-    progress: bool = True,
+    execution: Execution = Execution(),
 ) -> ScanResult:
     """Measure objectives at ``w0 + sum_k grid[k][i_k] * directions[k]`` for every grid point, in place.
 
     Args:
-        model: the model at w0 (left bit-identical to w0, also on errors).
+        model: the model at w0, or its :class:`~landscape.weights.Base` (left bit-identical to w0, also on errors).
         directions: one direction (1-D scan) or a sequence (2-D: ``(u, v)``).
         grid: the coefficients along each direction; a single 1-D array is accepted for a 1-D scan.
-        objectives: what to measure; default: NLL on ``data`` (plus layer MSE if ``with_layer_mse``).
-        batch_size: segments per forward pass of the default objectives.
-        model_name: recorded in the NLL convention and the provenance.
-        store: path of an HDF5 result store (:mod:`landscape.store`): every point is flushed as it
-            finishes and the file is moved into place when the run (or its shard) completes.
-        resume: continue an unfinished store at ``store`` (skipping finished points).
-        shard: ``(i, n)``: evaluate only the points ``i, i + n, ...`` of the C-ordered grid.
-        provenance: extra JSON entries for the store (e.g. the model's :class:`~landscape.models.ModelInfo`).
-        progress: show a tqdm progress bar over the points.
+        objectives: what to measure; default: the NLL on ``data`` (:func:`default_objectives` adds layer MSE).
+        batch_size: segments per forward pass of the default objective.
+        execution: the store the points go to (flushed as each finishes), resume, shard ``(i, n)`` (the points
+            ``i, i + n, ...`` of the C-ordered grid), extra provenance, progress bar.
 
     Returns:
         The values of this run (and of earlier runs of a resumed store).
 
     Raises:
-        ValueError (DirectionError, StoreError...): bad directions, grid, shard, objectives or store,
-            before any point is evaluated.
+        ValueError (DirectionError, StoreError...): bad directions, grid, objectives or store, before any point
+            is evaluated.
     """
+    base = as_base(model)
     directions = (directions,) if isinstance(directions, Direction) else tuple(directions)
     axes = _check_grid(grid, len(directions))
-    shard_index, shard_count = _check_shard(shard)
-    if resume and store is None:
-        raise ValueError("resume=True needs a store path to resume from")
-    model_name = model_label(model, model_name)
     if objectives is None:
-        objectives = default_objectives(data, with_layer_mse, batch_size, model_name)
+        objectives = default_objectives(data, False, batch_size, base.label)
     objectives = tuple(objectives)
-    check_objective_data(model, objectives)
+    check_objective_data(base.model, objectives)
     grid_shape = tuple(len(axis) for axis in axes)
     specs = tuple(d.spec for d in directions)
 
-    with Perturbation(model, directions) as perturbation:
+    with Perturbation(base, directions) as perturbation:
         names = output_names(objectives, perturbation.layers)
         run_provenance = {
             "kind": "scan",
-            "model": model_name,
-            "model_fingerprint": weights_fingerprint(model),
+            "model": base.label,
+            "model_fingerprint": base.fingerprint(),
             "directions": [s.to_dict() for s in specs],
             "grid": [axis.tolist() for axis in axes],
             "objectives": [o.provenance() for o in objectives],
             "nll_convention": nll_convention(objectives),
             "data": data.provenance() if data is not None else None,
-            "shard": {"index": shard_index, "count": shard_count},
-            "point_order": "C order over the grid; shard i of n evaluates points i, i+n, ...",
-            **dict(provenance or {}),
+            "shard": execution.shard_provenance(),
+            "point_order": POINT_ORDER,
+            **dict(execution.provenance),
         }
-        mine = np.zeros(grid_shape, dtype=bool)
-        mine.flat[shard_index::shard_count] = True
-        with start_run(store, run_provenance, {n: ((), np.float64) for n in names}, grid_shape, resume) as record:
+        mine = execution.mine(grid_shape)
+        arrays = {n: ((), np.float64) for n in names}
+        with start_run(execution.store, run_provenance, arrays, grid_shape, execution.resume) as record:
             if record.writable:
                 for k, axis in enumerate(axes):
                     record.write_array(f"{COORDINATE_PREFIX}{k}", axis)
-            for flat in progress_bar(np.flatnonzero(mine & ~record.done), progress, f"scan ({len(directions)}-D)"):
+            todo = np.flatnonzero(mine & ~record.done)
+            for flat in execution.progress_bar(todo, f"scan ({len(directions)}-D)"):
                 coefficients = [axes[k][i] for k, i in enumerate(np.unravel_index(flat, grid_shape))]
                 record.write_point(int(flat), perturbation.measure(coefficients, objectives))
-            data, path = finish_run(record)
-    return ScanResult.from_data(data, path)
+            stored, path = finish_run(record)
+    return ScanResult.from_data(stored, path)
 
 
 def _check_grid(grid: Sequence[Sequence[float] | np.ndarray] | np.ndarray, n_directions: int) -> tuple[np.ndarray, ...]:
@@ -359,21 +347,6 @@ def _check_grid(grid: Sequence[Sequence[float] | np.ndarray] | np.ndarray, n_dir
         raise ValueError(f"the grid has {len(axes)} axes but there are {n_directions} directions: "
                          f"give one array of coefficients per direction")
     return tuple(axes)
-
-
-def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
-    try:
-        index, count = (int(x) for x in shard)
-    except (TypeError, ValueError):
-        raise ValueError(f"shard must be a pair (i, n), got {shard!r}") from None
-    if not (count >= 1 and 0 <= index < count):
-        raise ValueError(f"shard must be (i, n) with n >= 1 and 0 <= i < n, got {shard!r}")
-    return index, count
-
-
-def progress_bar(items, enabled: bool, description: str):
-    """``items`` wrapped in a tqdm bar (``enabled=False``: no bar)."""
-    return tqdm(items, desc=description, disable=not enabled, leave=False)
 
 
 def grid_axis(start: float, stop: float, count: int) -> np.ndarray:
