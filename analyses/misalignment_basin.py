@@ -6,7 +6,7 @@
 Figure 3's candidates all lie outside R(w0) on SmolLM2 (every 2-4-bit displacement is 2-6 R long), so its
 correlation cannot be split at R. This study adds candidates inside and around the basin: RTN and GPTQ at
 8, 6 and 5 bits (per-channel displacements of about 0.15, 0.6 and 1.2 R) and random on-grid roundings of w0
-at 8, 6, 5 and 4 bits (:class:`landscape.studies.misalignment.RoundingSpec`), next to every saved result of the
+at 8, 6, 5 and 4 bits (:class:`landscape.studies.candidates.RoundingSpec`), next to every saved result of the
 quantization tables made on the same calibration set (RTN, GPTQ, GPTQ without act-order, GPTQ + LoRC,
 QAFT seed 0). Every candidate's summed layer MSE is measured the same way (inputs of the full-precision
 model on the first calibration sequences) and its token-mean NLL on held-out wiki windows; then
@@ -41,13 +41,9 @@ from landscape.models import load_model
 from landscape.outputs import check_output_path
 from landscape.quant import gptq, parse_format, rtn
 from landscape.quant.result import read_result_metadata
-from landscape.studies.misalignment import (
-    CandidateTable,
-    Misalignment,
-    measure_candidates,
-    misalignment,
-    random_roundings,
-)
+from landscape.studies.candidates import CandidateTable, measure_candidates, method_name, random_roundings
+from landscape.studies.misalignment import Misalignment, misalignment
+from landscape.weights import Base
 
 TABLE_METHODS = ("rtn", "gptq", "gptq-noact", "gptq+lorc", "qaft")
 
@@ -57,8 +53,7 @@ def saved_candidates(results: Path, methods: tuple[str, ...]) -> dict[str, Path]
     out = {}
     for js in sorted(results.glob("*.json")):
         meta = read_result_metadata(js)
-        method = "gptq-noact" if meta["method"] == "gptq" and not meta["settings"].get("act_order", True) \
-            else meta["method"]
+        method = method_name(meta["method"], meta["settings"])
         if method not in methods or (method == "qaft" and meta["settings"].get("seed") != 0):
             continue
         lr = f" lr{meta['settings']['lr']:g}" if method == "qaft" else ""  # QAFT at several learning rates
@@ -123,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{method} {fmt}: {time.time() - t0:.0f} s, saved to {stem}", flush=True)
     candidates = {**saved_candidates(results, tuple(args.methods)), **specs}
     held = heldout_set(tok, args.eval_seq_len, "wiki", args.eval_segments, context_length=ctx)
-    table = measure_candidates(lm.model, candidates, held, mse_data=calib.subset(range(args.mse_sequences)),
-                               batch_size=4, model_name=lm.info.name)
+    table = measure_candidates(Base(lm.model, lm.info.name), candidates, held,
+                               mse_data=calib.subset(range(args.mse_sequences)), batch_size=4)
     report(table, args.radius, out)
 
 

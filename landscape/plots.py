@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
-from scipy.stats import spearmanr
 
+from landscape import stats
 from landscape.engine.basin import BasinStatistics
 from landscape.quant.formats import parse_format
-from landscape.stats import ControlAdjustedGap, Interval, control_adjusted_gap, difference_interval
+from landscape.stats import ControlAdjustedGap, Interval, difference_interval, spearman
 from landscape.store import StoreData
 from landscape.studies.quant_table import quant_table_rows
 
@@ -130,20 +130,15 @@ def _find(rows: Sequence[Mapping[str, Any]], method: str, fmt: str | None = None
 
 def control_gaps(rows: Sequence[Mapping[str, Any]], corpora: Sequence[str]) -> list[ControlAdjustedGap]:
     """Per format with GPTQ, QAFT and the fine-tuning control (and fp32), per corpus: QAFT's advantage over GPTQ
-    and how much of it remains after the control (:func:`landscape.stats.control_adjusted_gap`; seeds averaged)."""
+    and how much of it remains after the control (:func:`landscape.stats.control_gaps`; seeds averaged)."""
     fp32 = _find(rows, "fp32")
-    gaps = []
-    for fmt in dict.fromkeys(r["format"] for r in rows if r["method"] == "qaft"):
-        gptq = _find(rows, "gptq", fmt)
-        qaft = [r for r in rows if r["method"] == "qaft" and r["format"] == fmt]
-        control = [r for r in rows if r["method"] == "fp-finetune" and r["format"] == fmt]
-        if gptq is None or fp32 is None or not control:
-            continue
-        for c in corpora:
-            gaps.append(control_adjusted_gap(
-                fmt, c, gptq["segment_nll_sum"][c], [r["segment_nll_sum"][c] for r in qaft], fp32["segment_nll_sum"][c],
-                [r["segment_nll_sum"][c] for r in control], fp32["segment_tokens"][c]))
-    return gaps
+    if fp32 is None:
+        return []
+    per_corpus = {c: {g.format: g for g in stats.control_gaps(
+        [(r["method"], r["format"], r["segment_nll_sum"][c]) for r in rows], fp32["segment_nll_sum"][c],
+        fp32["segment_tokens"][c], c)} for c in corpora}
+    formats = dict.fromkeys(r["format"] for r in rows if r["method"] == "qaft")
+    return [per_corpus[c][f] for f in formats for c in corpora if f in per_corpus[c]]
 
 
 # ---------------------------------------------------------------------------------------- captions
@@ -402,12 +397,18 @@ def misalignment(candidates: StoreData) -> go.Figure:
     return add_caption(fig, [
         "Marker shape: format; colour: method. Besides the quantization tables' RTN, GPTQ, GPTQ + LoRC and QAFT, "
         "dithered roundings onto the same grid, round(w0/s + z + σ(u − 1/2)) with u ~ U[0, 1) seeded "
-        f"(σ = {', '.join(f'{s:g}' for s in prov['strengths'])}; σ = 1 is stochastic rounding), span the MSE axis.",
+        f"(σ = {', '.join(f'{s:g}' for s in _dither_strengths(table))}; σ = 1 is stochastic rounding), span the "
+        "MSE axis.",
         f"Layer MSE: mean over tokens and outputs of (W x − W_q x)², summed over the {mse['n_layers']} quantized "
         f"layers, x from the full-precision model on the first {mse['n_segments']} calibration sequences × "
         f"{mse['seq_len']} tokens (data {mse['data_hash']}), the same for every candidate.",
         nll_convention_sentence(prov["nll_convention"]) + " Error bars: 95 % bootstrap over segments.",
         model_sentence(model, caveat)])
+
+
+def _dither_strengths(table: Mapping[str, np.ndarray]) -> list[float]:
+    """The dither strengths among a misalignment store's candidates, in order of first appearance."""
+    return list(dict.fromkeys(float(s) for m, s in zip(table["method"], table["strength"]) if str(m) == "dither"))
 
 
 def _method_rank(method: str) -> int:
@@ -431,7 +432,7 @@ def reading_misalignment(candidates: StoreData) -> str:
         if parts:
             sentences.append(f"At {fmt}: " + "; ".join(parts) + ".")
     if len(done) >= 3:
-        rho = spearmanr(a["layer_mse_sum"][done], a["nll"][done]).statistic
+        rho = spearman(a["layer_mse_sum"][done], a["nll"][done])
         sentences.append(f"Over all {len(done)} candidates, the rank correlation between layer MSE and NLL is "
                          f"{rho:+.2f} (Spearman).")
     return " ".join(sentences)

@@ -328,6 +328,73 @@ def control_adjusted_gap(
     return ControlAdjustedGap(fmt, corpus, advantage, adaptation, remaining, len(qaft), len(control))
 
 
+def control_gaps(runs: Sequence[tuple[str, str, Sequence[float] | np.ndarray]], fp32: Sequence[float] | np.ndarray,
+                 token_counts: Sequence[float] | np.ndarray, corpus: str, *, level: float = 0.95,
+                 n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> list[ControlAdjustedGap]:
+    """:func:`control_adjusted_gap` for every format with a ``gptq``, a ``qaft`` and an ``fp-finetune`` run, in the
+    order of each format's first ``qaft`` run.
+
+    Args:
+        runs: ``(method, format, per-segment NLL sums)`` of every run evaluated on the same segments of ``corpus``
+            (several seeds of QAFT or of the control are averaged; the first GPTQ run of a format is used).
+        fp32: the per-segment NLL sums at w0; ``token_counts``: scored tokens per segment.
+    """
+    gaps = []
+    for fmt in dict.fromkeys(f for method, f, _ in runs if method == "qaft"):
+        of = {m: [sums for method, f, sums in runs if method == m and f == fmt] for m in ("gptq", "qaft", "fp-finetune")}
+        if of["gptq"] and of["fp-finetune"]:
+            gaps.append(control_adjusted_gap(fmt, corpus, of["gptq"][0], of["qaft"], fp32, of["fp-finetune"],
+                                             token_counts, level=level, n_resamples=n_resamples, seed=seed))
+    return gaps
+
+
+# ---------------------------------------------------------------------------------- rank correlation
+MIN_PAIRS = 3  # a rank correlation of fewer pairs is not reported
+
+
+def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the ranks (ties get their average rank).
+    NaN when either variable is constant."""
+    rx = scipy_stats.rankdata(np.asarray(x, dtype=np.float64))
+    ry = scipy_stats.rankdata(np.asarray(y, dtype=np.float64))
+    return float(pearson_rows(rx[None], ry[None])[0])
+
+
+def rank_correlation(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, *, level: float = 0.95,
+                     n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0, unit: str = "candidates") -> Interval:
+    """Spearman correlation of paired values with a percentile-bootstrap interval over the pairs.
+
+    A resample draws ``n`` pairs with replacement and recomputes the rank correlation; resamples in which a
+    variable is constant (correlation undefined) are dropped before taking the quantiles.
+
+    Raises:
+        StatsError: fewer than 3 pairs, lengths that differ, non-finite values, or a constant variable.
+    """
+    xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if xs.ndim != 1 or xs.shape != ys.shape:
+        raise StatsError(f"x and y must be 1-D of equal length, got shapes {xs.shape} and {ys.shape}")
+    if len(xs) < MIN_PAIRS:
+        raise StatsError(f"a rank correlation needs at least {MIN_PAIRS} pairs, got {len(xs)}")
+    if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
+        raise StatsError("x and y must be finite")
+    if np.ptp(xs) == 0 or np.ptp(ys) == 0:
+        raise StatsError("a rank correlation is undefined when one variable is constant")
+    check_interval_settings(level, n_resamples)
+    index = np.random.default_rng(seed).integers(0, len(xs), size=(n_resamples, len(xs)))
+    boot = pearson_rows(scipy_stats.rankdata(xs[index], axis=1), scipy_stats.rankdata(ys[index], axis=1))
+    boot = boot[np.isfinite(boot)]
+    low, high = (np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]) if boot.size else (math.nan, math.nan))
+    return Interval(spearman(xs, ys), float(low), float(high), level, "bootstrap", n_resamples, len(xs), unit)
+
+
+def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each row of ``a`` with the same row of ``b`` (NaN where a row is constant)."""
+    a, b = a - a.mean(axis=1, keepdims=True), b - b.mean(axis=1, keepdims=True)
+    denominator = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (a * b).sum(axis=1) / denominator, np.nan)
+
+
 # ------------------------------------------------------------------------ over directions and seeds
 def quantile_summary(
     values: Sequence[float] | np.ndarray,
@@ -476,16 +543,21 @@ def _finite_1d(values, name: str, minimum: int) -> np.ndarray:
 
 
 def _check_level(level: float) -> None:
-    if not isinstance(level, (int, float)) or not 0.0 < level < 1.0:
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 < level < 1.0:
         raise StatsError(f"level must be a coverage in (0, 1), e.g. 0.95; got {level!r}")
 
 
-def _check_settings(level: float, method: str, n_resamples: int) -> None:
+def check_interval_settings(level: float, n_resamples: int) -> None:
+    """Raise :class:`StatsError` unless ``level`` is a coverage in (0, 1) and ``n_resamples`` an integer >= 100."""
     _check_level(level)
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 100:
+        raise StatsError(f"n_resamples must be an integer >= 100, got {n_resamples!r}")
+
+
+def _check_settings(level: float, method: str, n_resamples: int) -> None:
+    check_interval_settings(level, n_resamples)
     if method not in BOOTSTRAP_METHODS:
         raise StatsError(f"method must be one of {BOOTSTRAP_METHODS}, got {method!r}")
-    if not isinstance(n_resamples, int) or n_resamples < 100:
-        raise StatsError(f"n_resamples must be an integer >= 100, got {n_resamples!r}")
 
 
 def _fmt(x: float) -> str:

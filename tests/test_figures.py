@@ -166,31 +166,6 @@ def test_fig2_sizes_and_pareto_frontier(run):
 
 
 # ------------------------------------------------------------------------------------------- figure 3
-def test_dithered_rounding_is_on_grid_unbiased_and_rtn_at_zero():
-    from landscape.quant import make_grid
-
-    g = torch.Generator().manual_seed(0)
-    w0 = torch.randn(4, 64, generator=g, dtype=torch.float64)
-    grid = make_grid(w0, "int3")
-    assert torch.equal(fig3_misalignment.dithered_rounding(w0, grid, 0.0, torch.Generator().manual_seed(1)),
-                       grid.round(w0))
-    draws = torch.stack([fig3_misalignment.dithered_rounding(w0, grid, 1.0, torch.Generator().manual_seed(s))
-                         for s in range(2000)])
-    assert all(grid.contains(d) for d in draws[:20])
-    # stochastic rounding goes up with probability = fractional part of w0/s + z (inside the code range)
-    scale = grid.scale.repeat_interleave(grid.group_size, dim=1)
-    x = w0 / scale + grid.zero.repeat_interleave(grid.group_size, dim=1)
-    inside = (x > grid.fmt.qmin) & (x < grid.fmt.qmax)
-    frac = x - torch.floor(x)
-    up = (draws > w0 + 1e-12).double().mean(0)
-    tolerance = 4 * torch.sqrt(frac * (1 - frac) / len(draws)) + 1e-3  # 4 binomial standard errors
-    assert bool(((up - frac).abs() <= tolerance)[inside].all())
-    # seeded: the same (seed, format, layer) gives the same dither, another layer another one
-    a = torch.rand(3, generator=fig3_misalignment.dither_generator(0, "int3", "h.0.attn"))
-    assert torch.equal(a, torch.rand(3, generator=fig3_misalignment.dither_generator(0, "int3", "h.0.attn")))
-    assert not torch.equal(a, torch.rand(3, generator=fig3_misalignment.dither_generator(0, "int3", "h.1.attn")))
-
-
 def test_fig3_shows_the_stored_candidates_and_agrees_with_the_tables(run):
     session, _, _ = run
     data = read_store(fig3_misalignment.store(session))
@@ -213,6 +188,7 @@ def test_fig3_shows_the_stored_candidates_and_agrees_with_the_tables(run):
     # layer MSE of a dithered candidate by hand: mean over tokens and outputs of (x dW^T)^2 on the first sequences
     i = next(i for i, m in enumerate(a["candidates/method"]) if m == "dither")
     from landscape.quant import make_grid
+    from landscape.studies.candidates import dither_generator, dithered_rounding
     from landscape.weights import quantizable_layers, weight_matrix
 
     lm = session.model("ref-tiny")
@@ -221,8 +197,7 @@ def test_fig3_shows_the_stored_candidates_and_agrees_with_the_tables(run):
     w0 = weight_matrix(quantizable_layers(lm.model)[name]).detach()
     fmt, seed, strength = (str(a["candidates/format"][i]), int(a["candidates/seed"][i]),
                            float(a["candidates/strength"][i]))
-    dw = fig3_misalignment.dithered_rounding(w0, make_grid(w0, fmt, name), strength,
-                                             fig3_misalignment.dither_generator(seed, fmt, name)) - w0
+    dw = dithered_rounding(w0, make_grid(w0, fmt, name), strength, dither_generator(seed, fmt, name)) - w0
     seen = []
     handle = quantizable_layers(lm.model)[name].register_forward_hook(lambda m, args, out: seen.append(args[0]))
     with torch.no_grad():

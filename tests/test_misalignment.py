@@ -13,24 +13,24 @@ from conftest import random_tokens, tiny_model
 from scipy import stats as scipy_stats
 from test_compare import hand_layer_mse
 
+from landscape.engine.sweep import Execution
 from landscape.objectives import nll
 from landscape.quant import make_grid, rtn
 from landscape.quant.formats import FormatError
-from landscape.studies import misalignment as misalignment_module
-from landscape.studies.compare import ComparisonError
-from landscape.studies.misalignment import (
+from landscape.stats import StatsError, rank_correlation, spearman
+from landscape.studies import candidates as candidates_module
+from landscape.studies.candidates import (
     CandidateTable,
-    Misalignment,
     MisalignmentError,
     RoundingSpec,
+    dither_generator,
+    dithered_rounding,
     measure_candidates,
-    misalignment,
     random_roundings,
-    rank_correlation,
-    spearman,
-    stochastic_rounding,
-    within_format_correlation,
 )
+from landscape.studies.candidates import rounded as stochastic_rounding
+from landscape.studies.compare import ComparisonError
+from landscape.studies.misalignment import Misalignment, misalignment, within_format_correlation
 from landscape.weights import layer_weights, swapped_weights
 
 
@@ -82,9 +82,9 @@ def test_spearman_equals_scipy_and_its_bootstrap_a_hand_loop():
     assert interval.value == pytest.approx(scipy_stats.spearmanr(x, y).statistic, rel=1e-12)
     assert (interval.low, interval.high) == pytest.approx((low, high), rel=1e-12)
     assert rank_correlation(x, y, n_resamples=300, seed=7) == interval  # deterministic per seed
-    with pytest.raises(MisalignmentError, match="at least 3"):
+    with pytest.raises(StatsError, match="at least 3"):
         rank_correlation([1.0, 2.0], [1.0, 2.0])
-    with pytest.raises(MisalignmentError, match="constant"):
+    with pytest.raises(StatsError, match="constant"):
         rank_correlation([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])
 
 
@@ -179,7 +179,7 @@ def test_measured_candidates_equal_independent_measurements_and_round_trip(tmp_p
     data = random_tokens(4, 16, seed=2)
     specs = random_roundings(["int4", "int3"], seeds=[0, 1], fractions=[0.0, 1.0])
     candidates = {**specs, "rtn int2": rtn(model, "int2")}
-    table = measure_candidates(model, candidates, data, progress=False)
+    table = measure_candidates(model, candidates, data, execution=Execution(progress=False))
     w0 = layer_weights(model)
     assert table.labels == tuple(candidates) and table.nll_w0 == nll(model, data).value
     for i, (label, candidate) in enumerate(candidates.items()):
@@ -205,21 +205,21 @@ def test_bad_candidates_are_refused_before_any_work(monkeypatch, tmp_path):
     def no_work(*args, **kwargs):
         raise AssertionError("evaluation started before the inputs were checked")
 
-    monkeypatch.setattr(misalignment_module, "nll", no_work)
+    monkeypatch.setattr(candidates_module, "nll", no_work)
     foreign = rtn(tiny_model("gpt2", torch.float64, seed=1), "int4")
     with pytest.raises(ComparisonError, match="fingerprint"):
-        measure_candidates(model, {"a": RoundingSpec("int4", 0), "b": foreign}, data, progress=False)
+        measure_candidates(model, {"a": RoundingSpec("int4", 0), "b": foreign}, data, execution=Execution(progress=False))
     with pytest.raises(FormatError, match="group size 24"):
-        measure_candidates(model, {"a": RoundingSpec("int4-g24", 0)}, data, progress=False)
+        measure_candidates(model, {"a": RoundingSpec("int4-g24", 0)}, data, execution=Execution(progress=False))
     with pytest.raises(MisalignmentError, match="fraction"):
         RoundingSpec("int4", 0, fraction=1.5)
     with pytest.raises(MisalignmentError, match="non-empty"):
-        measure_candidates(model, {}, data, progress=False)
+        measure_candidates(model, {}, data, execution=Execution(progress=False))
     foreign.save(tmp_path / "foreign")  # a saved result is checked from its metadata, before anything loads
     with pytest.raises(ComparisonError, match="fingerprint"):
-        measure_candidates(model, {"a": RoundingSpec("int4", 0), "b": tmp_path / "foreign"}, data, progress=False)
+        measure_candidates(model, {"a": RoundingSpec("int4", 0), "b": tmp_path / "foreign"}, data, execution=Execution(progress=False))
     with pytest.raises(FileNotFoundError, match="missing.json"):
-        measure_candidates(model, {"a": RoundingSpec("int4", 0), "b": tmp_path / "missing"}, data, progress=False)
+        measure_candidates(model, {"a": RoundingSpec("int4", 0), "b": tmp_path / "missing"}, data, execution=Execution(progress=False))
 
 
 def test_a_saved_result_given_by_its_path_measures_as_the_loaded_result(tmp_path):
@@ -227,8 +227,30 @@ def test_a_saved_result_given_by_its_path_measures_as_the_loaded_result(tmp_path
     data = random_tokens(4, 16, seed=3)
     result = rtn(model, "int3")
     result.save(tmp_path / "rtn-int3")
-    table = measure_candidates(model, {"in memory": result, "saved": str(tmp_path / "rtn-int3")}, data,
-                               progress=False)
+    table = measure_candidates(model, {"in memory": result, "saved": str(tmp_path / "rtn-int3")}, data, execution=Execution(progress=False))
     assert table.nll[0] == table.nll[1] and table.layer_mse_sum[0] == table.layer_mse_sum[1]
     assert table.displacement_norm[0] == table.displacement_norm[1] > 0
     assert table.provenance["candidates"]["saved"]["kind"] == "saved quant result"
+
+
+def test_dithered_rounding_is_on_grid_unbiased_and_rtn_at_zero():
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(4, 64, generator=g, dtype=torch.float64)
+    grid = make_grid(w0, "int3")
+    assert torch.equal(dithered_rounding(w0, grid, 0.0, torch.Generator().manual_seed(1)),
+                       grid.round(w0))
+    draws = torch.stack([dithered_rounding(w0, grid, 1.0, torch.Generator().manual_seed(s))
+                         for s in range(2000)])
+    assert all(grid.contains(d) for d in draws[:20])
+    # stochastic rounding goes up with probability = fractional part of w0/s + z (inside the code range)
+    scale = grid.scale.repeat_interleave(grid.group_size, dim=1)
+    x = w0 / scale + grid.zero.repeat_interleave(grid.group_size, dim=1)
+    inside = (x > grid.fmt.qmin) & (x < grid.fmt.qmax)
+    frac = x - torch.floor(x)
+    up = (draws > w0 + 1e-12).double().mean(0)
+    tolerance = 4 * torch.sqrt(frac * (1 - frac) / len(draws)) + 1e-3  # 4 binomial standard errors
+    assert bool(((up - frac).abs() <= tolerance)[inside].all())
+    # seeded: the same (seed, format, layer) gives the same dither, another layer another one
+    a = torch.rand(3, generator=dither_generator(0, "int3", "h.0.attn"))
+    assert torch.equal(a, torch.rand(3, generator=dither_generator(0, "int3", "h.0.attn")))
+    assert not torch.equal(a, torch.rand(3, generator=dither_generator(0, "int3", "h.1.attn")))

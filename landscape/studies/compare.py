@@ -55,13 +55,16 @@ from landscape.objectives import NLLResult, layer_mse, nll
 from landscape.quant.result import QuantResult
 from landscape.stats import (
     DEFAULT_RESAMPLES,
-    ControlAdjustedGap,
     Interval,
-    control_adjusted_gap,
+    StatsError,
+    check_interval_settings,
+    control_gaps,
     nll_interval,
 )
 from landscape.store import StoreRecord, read_store, write_record
 from landscape.weights import (
+    Base,
+    as_base,
     get_layer,
     quantizable_layers,
     swapped_weights,
@@ -412,7 +415,10 @@ def compare_displacements(
     name = model_name or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
     n_curvature_batches = -(-curvature_data.n_segments // batch_size)
     curvature_level = level if n_curvature_batches >= 2 else None
-    check_interval_settings(level, n_resamples)
+    try:
+        check_interval_settings(level, n_resamples)
+    except StatsError as err:
+        raise ComparisonError(str(err)) from None
     interval_args = {"level": level, "n_resamples": n_resamples, "seed": seed}
 
     w0 = {n: weight_matrix(get_layer(model, n)).detach().clone() for n in layers}
@@ -446,7 +452,9 @@ def compare_displacements(
     control_adjusted = [{"format": g.format, "corpus": g.corpus, "sentence": g.sentence(),
                          **{k: [getattr(g, k).value, getattr(g, k).low, getattr(g, k).high]
                             for k in ("advantage", "adaptation", "remaining")}}
-                        for g in _control_gaps(labelled, endpoint_nll, center, interval_args)]
+                        for g in control_gaps([(r.method, format_group(r), endpoint_nll[label].segment_nll_sum)
+                                               for label, r in labelled.items()], center.segment_nll_sum,
+                                              center.segment_tokens, center.convention.corpus, **interval_args)]
     provenance = {
         "model": name,
         "model_fingerprint": weights_fingerprint(model, layers),
@@ -466,25 +474,6 @@ def compare_displacements(
     return Comparison(name, geometry.w0_norm, tuple(layers), geometry.layer_w0_norms,
                       nll_interval(center, **interval_args), tuple(rows), geometry.cosines, path_points,
                       curvature_points, eigenvalues, tuple(segments), provenance)
-
-
-def _control_gaps(results: Mapping[str, QuantResult], endpoint_nll: Mapping[str, NLLResult], center: NLLResult,
-                  interval_args: Mapping[str, Any]) -> list[ControlAdjustedGap]:
-    """Per format with a GPTQ, a QAFT and a full-precision control result: QAFT's advantage over GPTQ and how
-    much of it remains after the control (seeds averaged; paired over the evaluation segments)."""
-    gaps = []
-    by_format: dict[str, dict[str, list[str]]] = {}
-    for label, result in results.items():
-        by_format.setdefault(format_group(result), {}).setdefault(result.method, []).append(label)
-    for fmt, methods in by_format.items():
-        if not {"gptq", "qaft", "fp-finetune"} <= set(methods):
-            continue
-        gaps.append(control_adjusted_gap(
-            fmt, center.convention.corpus, endpoint_nll[methods["gptq"][0]].segment_nll_sum,
-            [endpoint_nll[x].segment_nll_sum for x in methods["qaft"]], center.segment_nll_sum,
-            [endpoint_nll[x].segment_nll_sum for x in methods["fp-finetune"]], center.segment_tokens,
-            level=interval_args["level"], n_resamples=interval_args["n_resamples"], seed=interval_args["seed"]))
-    return gaps
 
 
 # ------------------------------------------------------------------------------------- validation
@@ -513,7 +502,7 @@ def labelled_results(results: Mapping[str, QuantResult] | Sequence[QuantResult])
     return labelled
 
 
-def check_same_base(model: nn.Module, results: Mapping[str, QuantResult]) -> list[str]:
+def check_same_base(model: nn.Module | Base, results: Mapping[str, QuantResult]) -> list[str]:
     """The union of the results' layers (forward order), after checking every result against ``model``.
 
     Raises:
@@ -521,9 +510,10 @@ def check_same_base(model: nn.Module, results: Mapping[str, QuantResult]) -> lis
             other base weights (its ``base_fingerprint`` differs from :func:`weights_fingerprint` of this model
             on the result's layers).
     """
-    available = quantizable_layers(model)
+    base = as_base(model)
+    available = quantizable_layers(base.model)
     for label, result in results.items():
-        check_layers_and_base(model, f"result {label!r} ({result.label})", list(result.weights),
+        check_layers_and_base(base, f"result {label!r} ({result.label})", list(result.weights),
                               result.base_model, result.base_fingerprint)
         for n, w in result.weights.items():
             expected = tuple(weight_matrix(available[n]).shape)
@@ -534,17 +524,18 @@ def check_same_base(model: nn.Module, results: Mapping[str, QuantResult]) -> lis
     return [n for n in available if n in used]
 
 
-def check_layers_and_base(model: nn.Module, what: str, layers: Sequence[str], base_model: str,
+def check_layers_and_base(model: nn.Module | Base, what: str, layers: Sequence[str], base_model: str,
                           base_fingerprint: str) -> None:
     """Raise :class:`ComparisonError` unless every one of ``layers`` is a quantizable layer of ``model`` and
     ``base_fingerprint`` (of the result described by ``what``) is :func:`weights_fingerprint` of ``model`` on them.
     Needs only a result's metadata, so saved results can be checked before any is loaded."""
-    available = quantizable_layers(model)
+    base = as_base(model)
+    available = quantizable_layers(base.model)
     unknown = [n for n in layers if n not in available]
     if unknown:
         raise ComparisonError(f"{what} has layers this model does not have, e.g. {unknown[:3]}; "
                               f"its quantizable layers are e.g. {list(available)[:3]} ({len(available)} in all)")
-    actual = weights_fingerprint(model, list(layers))
+    actual = base.fingerprint(list(layers))
     if base_fingerprint != actual:
         raise ComparisonError(
             f"{what} was computed on base {base_model!r} with fingerprint {base_fingerprint or 'missing'}, not on "
@@ -593,14 +584,6 @@ def eigen_basis(model: nn.Module, eigenvectors: EigenBasis | None) -> tuple[np.n
         length = math.sqrt(sum(float(t.pow(2).sum()) for t in flat.values()))
         basis.append({n: t / length for n, t in flat.items()})
     return values, basis
-
-
-def check_interval_settings(level: float, n_resamples: int) -> None:
-    """Raise :class:`ComparisonError` unless ``level`` is a coverage in (0, 1) and ``n_resamples`` an integer >= 100."""
-    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
-        raise ComparisonError(f"level must be a coverage in (0, 1) such as 0.95, got {level!r}")
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 100:
-        raise ComparisonError(f"n_resamples must be an integer >= 100, got {n_resamples!r}")
 
 
 def _coordinates(t: Sequence[float], name: str, allow_empty: bool) -> np.ndarray:

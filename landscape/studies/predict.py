@@ -30,10 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from landscape.stats import DEFAULT_RESAMPLES, Interval
+from landscape.stats import DEFAULT_RESAMPLES, MIN_PAIRS, Interval, check_interval_settings, rank_correlation
 from landscape.store import StoreRecord, read_store, write_record
-from landscape.studies.compare import ComparisonError, check_interval_settings
-from landscape.studies.misalignment import MIN_CANDIDATES, rank_correlation
 from landscape.studies.quant_table import QuantTable
 
 DEFAULT_SCORE_THRESHOLD = 1.0
@@ -302,12 +300,9 @@ def evaluate_predictor(
     for name, value in (("score_threshold", score_threshold), ("gap_threshold", gap_threshold)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise PredictionError(f"{name} must be a finite number, got {value!r}")
-    try:
-        check_interval_settings(level, n_resamples)
-    except ComparisonError as err:
-        raise PredictionError(str(err)) from None
+    check_interval_settings(level, n_resamples)
     scores, gaps = np.array([c.score for c in cases]), np.array([c.gap for c in cases])
-    defined = len(cases) >= MIN_CANDIDATES and np.ptp(scores) > 0 and np.ptp(gaps) > 0
+    defined = len(cases) >= MIN_PAIRS and np.ptp(scores) > 0 and np.ptp(gaps) > 0
     rho = (rank_correlation(scores, gaps, level=level, n_resamples=n_resamples, seed=seed, unit="cases")
            if defined else None)
     return PredictorEvaluation(cases, float(score_threshold), float(gap_threshold), rho)
