@@ -35,10 +35,10 @@ test-all: setup
 	$(PY) -m pytest -q
 
 figures: setup chromium
-	$(PY) analyses/run_all.py --quick --out figures
+	$(PY) -m analyses.run_all --quick --out figures
 
 figures-full: setup chromium
-	$(PY) analyses/run_all.py --full --out figures
+	$(PY) -m analyses.run_all --full --out figures
 
 # PNG export needs a Chromium (HTML does not). Installed where we can (root + apt); otherwise the
 # figure run says that PNGs were skipped.

@@ -1,6 +1,6 @@
 """Curvature at w0 and along several formats' displacements (issue #6; figure 6 covers one format).
 
-    python analyses/curvature_study.py --model smollm2-135m --results results/quant_table/results \\
+    python -m analyses.curvature_study --model smollm2-135m --results results/quant_table/results \\
         --formats int4 int4-g64 int3-g64 --out results/curvature_study.h5
 
 On held-out wiki windows (``--segments`` x ``--seq-len`` tokens; every Hessian product covers all of them):
@@ -21,16 +21,12 @@ One resumable store, one point per task (a killed run resumes at the next task).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python analyses/curvature_study.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from analyses.common import random_direction_of_length
 from landscape.data import calibration_set, heldout_set
+from landscape.engine.directions import random_direction_of_length
 from landscape.models import load_model
 from landscape.objectives import NLLConvention
 from landscape.quant import parse_format
@@ -92,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     missing = [] if args.no_paths else [str(s) for s in (*sources.values(), *extra.values())
                                         if not s.with_name(s.name + ".json").exists()]
     if missing:
-        p.error(f"no saved results {missing}: run analyses/quant_table.py first")
+        p.error(f"no saved results {missing}: run python -m analyses.quant_table first")
     data = heldout_set(lm.tokenizer, args.seq_len, "wiki", args.segments, context_length=lm.info.context_length)
 
     def random_like(fmt: str):

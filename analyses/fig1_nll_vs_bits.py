@@ -8,16 +8,12 @@ held-out text with 95 % bootstrap intervals over segments, and the full-precisio
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python analyses/fig1_nll_vs_bits.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import plotly.graph_objects as go
 
-from analyses.common import Session, Step, quant_table_steps, run_figure_script, table_stores
+from analyses.plan import Step, quant_table_steps, run_figure_script
+from analyses.session import Session, quant_tables
 from landscape import plots
-from landscape.store import StoreData, read_store
 
 FIGURE = "fig1_nll_vs_bits"
 TITLE = "NLL against bits per weight"
@@ -27,16 +23,12 @@ def steps(session: Session) -> list[Step]:
     return quant_table_steps(session, session.profile.model)
 
 
-def tables(session: Session) -> list[StoreData]:
-    return [read_store(path) for path in table_stores(session, session.profile.model)]
-
-
 def figure(session: Session) -> go.Figure:
-    return plots.nll_vs_bits(tables(session))
+    return plots.nll_vs_bits(quant_tables(session, session.profile.model))
 
 
 def reading(session: Session) -> str:
-    return plots.reading_nll_vs_bits(tables(session))
+    return plots.reading_nll_vs_bits(quant_tables(session, session.profile.model))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,15 +7,11 @@ every other weight in fp16; the points are those of figure 1's quantization tabl
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python analyses/fig2_pareto.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import plotly.graph_objects as go
 
-from analyses.common import Session, Step, facts_step, facts_store, quant_table_steps, run_figure_script
-from analyses.fig1_nll_vs_bits import tables
+from analyses.plan import Step, facts_step, quant_table_steps, run_figure_script
+from analyses.session import Session, facts_store, quant_tables
 from landscape import plots
 from landscape.store import read_store
 
@@ -29,11 +25,11 @@ def steps(session: Session) -> list[Step]:
 
 
 def figure(session: Session) -> go.Figure:
-    return plots.pareto(tables(session), read_store(facts_store(session, session.profile.model)))
+    return plots.pareto(quant_tables(session, session.profile.model), read_store(facts_store(session, session.profile.model)))
 
 
 def reading(session: Session) -> str:
-    return plots.reading_pareto(tables(session), read_store(facts_store(session, session.profile.model)))
+    return plots.reading_pareto(quant_tables(session, session.profile.model), read_store(facts_store(session, session.profile.model)))
 
 
 def main(argv: list[str] | None = None) -> int:

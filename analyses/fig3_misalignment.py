@@ -13,22 +13,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python analyses/fig3_misalignment.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import plotly.graph_objects as go
 
-from analyses.common import (
-    COSTS,
-    Session,
-    Step,
-    calibration,
-    eval_set,
-    model_protocols,
-    quant_table_steps,
-    quantized_model_path,
-    run_figure_script,
-)
+from analyses.plan import COSTS, Step, quant_table_steps, run_figure_script
+from analyses.session import Session, calibration, eval_set, model_protocols, quantized_model_path
 from landscape import plots
 from landscape.quant import parse_format
 from landscape.store import read_store

@@ -12,22 +12,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python analyses/fig5_slices.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import plotly.graph_objects as go
 
-from analyses.common import (
-    COSTS,
-    Session,
-    Step,
-    eval_set,
-    model_protocols,
-    quant_table_steps,
-    quantized_model_path,
-    run_figure_script,
-)
+from analyses.plan import COSTS, Step, quant_table_steps, run_figure_script
+from analyses.session import Session, eval_set, model_protocols, quantized_model_path
 from landscape import plots
 from landscape.engine.sweep import Execution
 from landscape.store import read_store

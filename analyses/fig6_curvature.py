@@ -14,23 +14,12 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python analyses/fig6_curvature.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import plotly.graph_objects as go
 
-from analyses.common import (
-    COSTS,
-    Session,
-    Step,
-    eval_set,
-    model_protocols,
-    quant_table_steps,
-    quantized_model_path,
-    random_direction_of_length,
-    run_figure_script,
-)
+from analyses.plan import COSTS, Step, quant_table_steps, run_figure_script
+from analyses.session import Session, eval_set, model_protocols, quantized_model_path
 from landscape import plots
+from landscape.engine.directions import random_direction_of_length
 from landscape.store import read_store
 
 FIGURE = "fig6_curvature"

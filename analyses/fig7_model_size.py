@@ -9,25 +9,12 @@ lengths are capped at each model's context.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python analyses/fig7_model_size.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import plotly.graph_objects as go
 
-from analyses.common import (
-    Session,
-    Step,
-    facts_step,
-    facts_store,
-    quant_table_steps,
-    reference_model_built,
-    run_figure_script,
-    table_stores,
-)
-from analyses.fig4_radial_profile import basin_step
-from analyses.fig4_radial_profile import store as basin_store
+from analyses.plan import Step, basin_step, facts_step, quant_table_steps, run_figure_script
+from analyses.profiles import reference_model_built
+from analyses.session import Session, basin_store, facts_store, table_stores
 from landscape import plots
 from landscape.store import StoreData, read_store
 

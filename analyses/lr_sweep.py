@@ -1,6 +1,6 @@
 """QAFT learning-rate selection on the calibration budget alone (issues #4 and #11).
 
-    python analyses/lr_sweep.py --model smollm2-135m --formats int3 int4 --out results/lr_sweep.json
+    python -m analyses.lr_sweep --model smollm2-135m --formats int3 int4 --out results/lr_sweep.json
 
 For each format (``fp32``: the full-precision control, which gets its own rate),
 :func:`landscape.quant.qaft.select_learning_rate` splits the 128 calibration sequences

@@ -1,6 +1,6 @@
 """Does layer MSE track NLL inside the basin and stop tracking it outside? (issue #6, finding 2 against 3)
 
-    python analyses/misalignment_basin.py --model smollm2-135m --results results/quant_table/results \\
+    python -m analyses.misalignment_basin --model smollm2-135m --results results/quant_table/results \\
         --radius 114.6 --out results/misalignment_basin.h5
 
 Figure 3's candidates all lie outside R(w0) on SmolLM2 (every 2-4-bit displacement is 2-6 R long), so its
@@ -27,12 +27,8 @@ on the calibration text gains). ``--from-store STUDY.h5`` re-analyses a finished
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python analyses/misalignment_basin.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 

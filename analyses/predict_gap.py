@@ -1,6 +1,6 @@
 """How well does ``||w_RTN - w0|| / R(w0)`` predict where GPTQ falls far behind QAFT? (issue #6, item 4)
 
-    python analyses/predict_gap.py \\
+    python -m analyses.predict_gap \\
         --model smollm2-135m 114.6 results/quant_table/core-*.h5 \\
         --model ref-small 34.6 results/quant_table_ref/core-*.h5 --out results/predict_gap.h5
 
@@ -15,11 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python analyses/predict_gap.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from landscape.outputs import check_output_path
 from landscape.studies.predict import cases_from_quant_table, evaluate_predictor

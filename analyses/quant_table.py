@@ -1,7 +1,7 @@
 """The quantization results table (issues #4 and #11): every method at every format, in and out of domain.
 
-    python analyses/quant_table.py --model smollm2-135m --out results/quant_table
-    python analyses/quant_table.py --model ref-small --calib-seq-len 256 --out results/quant_table
+    python -m analyses.quant_table --model smollm2-135m --out results/quant_table
+    python -m analyses.quant_table --model ref-small --calib-seq-len 256 --out results/quant_table
 
 Runs two protocols into one directory (so they share their saved quantized models):
 ``core`` (RTN, GPTQ with and without act-order, QAFT with its full-precision control, GPTQ+LoRC) at the

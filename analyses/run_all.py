@@ -1,6 +1,6 @@
 """Regenerate the seven headline figures: plan, measure what the stores lack, plot, write figures/index.html.
 
-``make figures`` runs ``run_all.py --quick --out figures`` (SmolLM2-135M, quick protocol) and
+``make figures`` runs ``python -m analyses.run_all --quick --out figures`` (SmolLM2-135M, quick protocol) and
 ``make figures-full`` the full protocol. The plan with estimated times is printed first; one progress
 bar (in estimated seconds) covers every measurement; a rerun after completion finds every store and only
 rebuilds the pages (unchanged pages are not rewritten).
@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import html
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python analyses/run_all.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analyses import (
     fig1_nll_vs_bits,
@@ -24,7 +20,8 @@ from analyses import (
     fig6_curvature,
     fig7_model_size,
 )
-from analyses.common import Session, execute, parse_args, plan_text, publish, session_from_args
+from analyses.plan import execute, plan_text
+from analyses.session import Session, parse_args, publish, session_from_args
 from landscape.plots import caption_of
 
 FIGURES = (fig1_nll_vs_bits, fig2_pareto, fig3_misalignment, fig4_radial_profile, fig5_slices, fig6_curvature,

@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from analyses import (
-    common,
     fig1_nll_vs_bits,
     fig2_pareto,
     fig3_misalignment,
@@ -29,6 +28,20 @@ from analyses import (
     fig6_curvature,
     fig7_model_size,
     run_all,
+)
+from analyses.plan import plan_text, unique_steps
+from analyses.profiles import QUICK, TINY, TableSpec
+from analyses.session import (
+    Session,
+    basin_store,
+    calibration,
+    eval_set,
+    facts_store,
+    parse_args,
+    quant_tables,
+    quantized_model_path,
+    session_from_args,
+    table_stores,
 )
 from landscape import plots
 from landscape.store import read_store
@@ -60,7 +73,7 @@ def run(tmp_path_factory):
             for module in FIGURES:
                 assert module.main(argv) == 0
             assert run_all.main(argv) == 0
-            session = common.session_from_args(common.parse_args("", argv))
+            session = session_from_args(parse_args("", argv))
             session.model("ref-tiny")  # from the private cache: the tests below use this copy
             yield session, argv, cache
         finally:
@@ -78,7 +91,7 @@ def trace(fig, name: str, col: int | None = None):
 def table_arrays(session):
     """Quantization-table rows straight from the stores: label -> (method, format, store arrays, index)."""
     rows = {}
-    for path in common.table_stores(session, session.profile.model):
+    for path in table_stores(session, session.profile.model):
         data = read_store(path)
         for i, label in enumerate(data.arrays["variants/label"]):
             rows.setdefault(str(label), (str(data.arrays["variants/method"][i]), str(data.arrays["variants/format"][i]),
@@ -133,7 +146,7 @@ def test_fig1_numbers_equal_a_direct_evaluation(run):
     lm = session.model("ref-tiny")
     p = session.profile
     held = heldout_set(lm.tokenizer, p.eval_seq_len, "wiki", p.eval_segments)
-    result = QuantResult.load(common.quantized_model_path(session, "ref-tiny", "gptq", "int3"))
+    result = QuantResult.load(quantized_model_path(session, "ref-tiny", "gptq", "int3"))
     with swapped_weights(lm.model, result.weights):
         direct = nll(lm.model, held).value
     plotted = trace(fig1_nll_vs_bits.figure(session), "GPTQ · per-channel", 1)
@@ -192,7 +205,7 @@ def test_fig3_shows_the_stored_candidates_and_agrees_with_the_tables(run):
     from landscape.weights import quantizable_layers, weight_matrix
 
     lm = session.model("ref-tiny")
-    calib = common.calibration(session, "ref-tiny").subset(range(session.profile.misalignment.mse_sequences))
+    calib = calibration(session, "ref-tiny").subset(range(session.profile.misalignment.mse_sequences))
     name = str(a["layers"][0])
     w0 = weight_matrix(quantizable_layers(lm.model)[name]).detach()
     fmt, seed, strength = (str(a["candidates/format"][i]), int(a["candidates/seed"][i]),
@@ -212,7 +225,7 @@ def test_fig4_profiles_radius_and_displacements_match_the_store(run):
     from landscape.weights import layer_weights
 
     session, _, _ = run
-    basin = read_store(fig4_radial_profile.store(session, "ref-tiny"))
+    basin = read_store(basin_store(session, "ref-tiny"))
     fig = fig4_radial_profile.figure(session)
     a = basin.arrays
     center = float(a["center_value"])
@@ -226,7 +239,7 @@ def test_fig4_profiles_radius_and_displacements_match_the_store(run):
     assert [s.x0 for s in r_line] == [pytest.approx(float(np.median(a["radius"])))]
     # the GPTQ int3 diamond: at ||w_q - w0|| computed here, and at its table NLL on the basin's windows
     w0 = layer_weights(session.model("ref-tiny").model)
-    result = QuantResult.load(common.quantized_model_path(session, "ref-tiny", "gptq", "int3"))
+    result = QuantResult.load(quantized_model_path(session, "ref-tiny", "gptq", "int3"))
     norm = math.sqrt(sum(float((result.weights[n].double() - w.double()).pow(2).sum()) for n, w in w0.items()))
     diamond = trace(fig, "GPTQ int3")
     assert diamond.x[0] == pytest.approx(norm, rel=1e-9)
@@ -255,8 +268,8 @@ def test_fig5_slices_match_the_stores_and_pass_through_the_endpoints(run):
     np.testing.assert_array_equal(np.asarray(contour.z), plane.arrays["nll"].T)
     # the 1-D slice reaches the quantized model at r = ||w_q - w0|| and w0 at r = 0
     lm = session.model("ref-tiny")
-    held = common.eval_set(session, "ref-tiny", session.profile.slices.segments)
-    result = QuantResult.load(common.quantized_model_path(session, "ref-tiny", "gptq", "int3"))
+    held = eval_set(session, "ref-tiny", session.profile.slices.segments)
+    result = QuantResult.load(quantized_model_path(session, "ref-tiny", "gptq", "int3"))
     with swapped_weights(lm.model, result.weights):
         at_endpoint = nll(lm.model, held).value
     r = gptq.arrays["coords/axis0"]
@@ -288,8 +301,8 @@ def test_fig6_shows_the_stored_curvature_and_it_matches_a_finite_difference(run)
     # Rayleigh quotient from Hessian-vector products at w0 == float64 finite-difference second derivative
     model64 = copy.deepcopy(session.model("ref-tiny").model).to(torch.float64)
     c = session.profile.curvature
-    held = common.eval_set(session, "ref-tiny", c.segments, seq_len=c.seq_len)
-    d = displacement_direction(model64, str(common.quantized_model_path(session, "ref-tiny", "gptq", "int3")))
+    held = eval_set(session, "ref-tiny", c.segments, seq_len=c.seq_len)
+    d = displacement_direction(model64, str(quantized_model_path(session, "ref-tiny", "gptq", "int3")))
     fd = second_directional_derivative(model64, held, d, progress=False).value
     assert a[f"path/{label}/curvature"][0] == pytest.approx(fd, rel=2e-3, abs=1e-7)
     # the top Ritz value bounds every Rayleigh quotient from above (it is at most lambda_max)
@@ -301,8 +314,8 @@ def test_fig6_shows_the_stored_curvature_and_it_matches_a_finite_difference(run)
 def test_fig7_points_are_the_stored_radius_and_gap(run):
     session, _, _ = run
     fig = fig7_model_size.figure(session)
-    basin = read_store(fig4_radial_profile.store(session, "ref-tiny"))
-    facts = read_store(common.facts_store(session, "ref-tiny"))
+    basin = read_store(basin_store(session, "ref-tiny"))
+    facts = read_store(facts_store(session, "ref-tiny"))
     radius = trace(fig, "R(w0) / ‖w0‖")
     assert list(radius.x) == [int(facts.arrays["n_params"])]
     assert radius.y[0] == pytest.approx(float(np.median(basin.arrays["radius"])) / float(basin.arrays["weights_norm"]))
@@ -337,7 +350,7 @@ def test_pages_measured_from_scratch_equal_the_legacy_pages(run):
     from test_legacy import EXPECTED
 
     session, _, _ = run
-    fingerprint = read_store(common.table_stores(session, "ref-tiny")[0]).provenance["model_fingerprint"]
+    fingerprint = read_store(table_stores(session, "ref-tiny")[0]).provenance["model_fingerprint"]
     if fingerprint != EXPECTED["ref_tiny_fingerprint"]:
         pytest.skip(f"ref-tiny trained to other weights on this machine ({fingerprint}, legacy "
                     f"{EXPECTED['ref_tiny_fingerprint']}): pages cannot match")
@@ -347,7 +360,7 @@ def test_pages_measured_from_scratch_equal_the_legacy_pages(run):
 
 
 def test_rerun_skips_everything_and_rewrites_nothing(run):
-    import landscape.models
+    import analyses.session
 
     session, argv, _ = run
     files = sorted(p for p in session.out.rglob("*") if p.is_file())
@@ -357,7 +370,7 @@ def test_rerun_skips_everything_and_rewrites_nothing(run):
         raise AssertionError("a rerun must not load a model")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(landscape.models, "load_model", no_model)
+        mp.setattr(analyses.session, "load_model", no_model)
         assert run_all.main(argv) == 0
     assert sorted(p for p in session.out.rglob("*") if p.is_file()) == files
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == before
@@ -382,38 +395,38 @@ def test_plan_lists_estimates_and_what_is_stored(run, capsys):
     assert run_all.main([*argv, "--plan"]) == 0
     text = capsys.readouterr().out
     assert "0 of" in text and "[stored]" in text and "[to do ]" not in text
-    quick = common.Session(common.QUICK, session.out / "none", session.out / "none" / "data")
-    steps = common.unique_steps([s for m in FIGURES for s in m.steps(quick)])
+    quick = Session(QUICK, session.out / "none", session.out / "none" / "data")
+    steps = unique_steps([s for m in FIGURES for s in m.steps(quick)])
     assert all(s.estimate_s > 0 and not s.done for s in steps)
-    assert common.plan_text(steps, quick).count("[to do ]") == len(steps)
+    assert plan_text(steps, quick).count("[to do ]") == len(steps)
 
 
 def test_bad_settings_fail_before_any_work(tmp_path):
     from dataclasses import replace
 
     with pytest.raises(ValueError, match="points_1d=8"):
-        replace(common.TINY, slices=replace(common.TINY.slices, points_1d=8))
+        replace(TINY, slices=replace(TINY.slices, points_1d=8))
     with pytest.raises(ValueError, match="basin.segments=9"):
-        replace(common.TINY, basin=replace(common.TINY.basin, segments=9))
+        replace(TINY, basin=replace(TINY.basin, segments=9))
     with pytest.raises(ValueError, match=r"table \('int3', 'int9'\).*bits must be an integer in 2..8, got 9"):
-        replace(common.TINY, tables=(common.TableSpec(("int3", "int9"), ("rtn", "gptq", "qaft")),))
+        replace(TINY, tables=(TableSpec(("int3", "int9"), ("rtn", "gptq", "qaft")),))
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="not a folder"):
-        common.session_from_args(common.parse_args("", ["--tiny", "--out", str(tmp_path / "file")]))
+        session_from_args(parse_args("", ["--tiny", "--out", str(tmp_path / "file")]))
     with pytest.raises(SystemExit):
-        common.parse_args("", ["--quick", "--full"])
-    session = common.session_from_args(common.parse_args("", ["--tiny", "--out", str(tmp_path)]))
+        parse_args("", ["--quick", "--full"])
+    session = session_from_args(parse_args("", ["--tiny", "--out", str(tmp_path)]))
     with pytest.raises(ValueError, match="unknown method 'awq'"):
-        common.quantized_model_path(session, "ref-tiny", "awq", "int3")
+        quantized_model_path(session, "ref-tiny", "awq", "int3")
     with pytest.raises(ValueError, match="no quantization table of ref-tiny holds qaft at int2"):
-        common.quantized_model_path(session, "ref-tiny", "qaft", "int2")
+        quantized_model_path(session, "ref-tiny", "qaft", "int2")
 
 
 def test_plots_refuse_mixed_or_wrong_stores(run):
     from dataclasses import replace as dc_replace
 
     session, _, _ = run
-    tables = fig1_nll_vs_bits.tables(session)
+    tables = quant_tables(session, session.profile.model)
     other = dc_replace(tables[1], provenance={**tables[1].provenance, "model_fingerprint": "0" * 16})
     with pytest.raises(plots.PlotError, match="different models"):
         plots.nll_vs_bits([tables[0], other])

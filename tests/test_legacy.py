@@ -107,13 +107,14 @@ def test_a_legacy_saved_result_loads_with_the_same_weights_and_metadata():
 def test_the_seven_pages_rebuilt_from_legacy_stores_are_byte_identical(tmp_path):
     """``run_all --tiny`` on a copy of the legacy stores measures nothing (every store exists: no model is loaded)
     and writes pages equal to the old code's, byte for byte, with the same readings."""
-    from analyses import common, run_all
+    from analyses import run_all
+    from analyses.session import parse_args, session_from_args
 
     out = tmp_path / "figures"
     shutil.copytree(LEGACY / "figures" / "data", out / "data")
     argv = ["--tiny", "--model", "ref-tiny", "--out", str(out), "--no-png", "--no-progress"]
     assert run_all.main(argv) == 0
     assert {page: sha((out / page).read_bytes()) for page in EXPECTED["pages"]} == EXPECTED["pages"]
-    session = common.session_from_args(common.parse_args("", argv))
+    session = session_from_args(parse_args("", argv))
     assert {m.FIGURE: m.reading(session) for m in run_all.FIGURES} == EXPECTED["readings"]
     assert session._models == {}  # nothing was measured

@@ -262,6 +262,13 @@ def random_direction(model: nn.Module | Base, seed: int, normalization: Normaliz
     return regenerate(model, DirectionSpec("random", layer_patterns(layers), seed=seed, normalization=normalization))
 
 
+def random_direction_of_length(model: nn.Module | Base, seed: int, length: float) -> dict[str, torch.Tensor]:
+    """A random filter-normalised direction rescaled to Euclidean norm ``length`` (``layer -> (out, in)``): the
+    baseline of the same length as a displacement."""
+    unit = random_direction(model, seed, "filter").unit()
+    return {n: length * t for n, t in unit.tensors.items()}
+
+
 def displacement_direction(model: nn.Module | Base, result: Any,
                            layers: str | Sequence[str] = ALL_LAYERS) -> Direction:
     """``w_q - w0`` toward a quantized model, on the result's layers that match ``layers``.

@@ -1,0 +1,256 @@
+"""The plan of a figure run: what each measurement costs, which stores it writes, and executing what is missing.
+
+A :class:`Step` is one measurement that writes one HDF5 store; it is done once that store exists. Steps shared
+by several figures (the quantization tables, the model facts, the basin radius) are built here, so no figure
+script imports another. Cost estimates (:class:`Costs`) are measured on 2 CPU cores with SmolLM2-135M
+(``shared/FIELD_NOTES.md``) and scaled by parameter count for other models: they make the printed plan, not the
+results.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from analyses.profiles import SMOLLM2_PARAMETERS, approximate_parameters
+from analyses.session import (
+    Session,
+    basin_store,
+    eval_set,
+    facts_store,
+    format_seconds,
+    model_protocols,
+    parse_args,
+    publish,
+    quantized_model_path,
+    session_from_args,
+    table_dir,
+    table_store,
+)
+from landscape import plots
+from landscape.engine.basin import RadiusSearch, basin_statistics
+from landscape.engine.directions import DirectionSpec
+from landscape.engine.perturb import NLLObjective
+from landscape.engine.sweep import Execution
+from landscape.quant import parse_format
+from landscape.store import finish_run, start_run
+from landscape.studies.quant_table import Protocol, run_quant_table
+from landscape.weights import Base, layer_weights, select_layers, weights_norm
+
+
+# ---------------------------------------------------------------------------------------------- costs
+@dataclass(frozen=True)
+class Costs:
+    """Seconds of work on 2 CPU cores for SmolLM2-135M (FIELD_NOTES.md; the layer-MSE slowdown is an
+    estimate). Other models: scaled by parameter count, which underestimates overhead-bound tiny models."""
+
+    model_load: float = 15.0             # cached fp32 safetensors (the one-time GGUF conversion: about 35 s)
+    forward_tokens_per_s: float = 480.0  # one NLL evaluation over 16 x 256 tokens in 8.5 s (measured)
+    layer_mse_slowdown: float = 1.6      # a forward with an error hook on every linear, vs a plain forward
+    gptq_per_format: float = 220.0       # all 210 linears, true-sequential, act-order, 128 x 256 tokens (measured)
+    train_tokens_per_s: float = 165.0    # QAFT: 6-7 s per step of 4 x 256 tokens (measured, all 210 linears)
+    hvp_tokens_per_s: float = 17.0       # one Hessian-vector product over 2 x 256 tokens in about 30 s
+    lorc_svds: float = 15.0              # rank-r SVDs of the 210 error matrices
+
+    def scale(self, model: str) -> float:
+        """Cost relative to SmolLM2-135M: the parameter ratio, at least 1 % (small models are overhead-bound)."""
+        n = approximate_parameters(model)
+        return 1.0 if n is None else max(0.01, n / SMOLLM2_PARAMETERS)
+
+    def forward(self, model: str, tokens: int) -> float:
+        return self.scale(model) * tokens / self.forward_tokens_per_s
+
+    def layer_mse(self, model: str, tokens: int) -> float:
+        return self.layer_mse_slowdown * self.forward(model, tokens)
+
+    def train(self, model: str, tokens: int) -> float:
+        return self.scale(model) * tokens / self.train_tokens_per_s
+
+    def hvp(self, model: str, tokens: int) -> float:
+        return self.scale(model) * tokens / self.hvp_tokens_per_s
+
+    def quant_table(self, protocol: Protocol) -> float:
+        """One :func:`~landscape.studies.quant_table.run_quant_table` store: every variant quantized and evaluated."""
+        m = protocol.model
+        calib = protocol.calib_sequences * protocol.calib_seq_len
+        mse = self.layer_mse(m, (protocol.layer_mse_sequences or protocol.calib_sequences) * protocol.calib_seq_len)
+        evaluation = self.forward(m, len(protocol.eval_corpora) * protocol.eval_segments * protocol.eval_seq_len)
+        steps = max(1, round(protocol.qaft_epochs * protocol.calib_sequences / protocol.qaft_batch_size))
+        finetune = self.train(m, steps * protocol.qaft_batch_size * protocol.calib_seq_len) + mse
+        method_cost = {"rtn": 0.0, "gptq": self.scale(m) * self.gptq_per_format * calib / 32768,
+                       "gptq+lorc": self.scale(m) * self.lorc_svds, "qaft": finetune, "fp-finetune": finetune}
+        method_cost["gptq-noact"] = method_cost["gptq"]
+        total = evaluation  # the fp32 row
+        for _ in protocol.formats:  # every row: its method, its layer MSE and its evaluation
+            total += sum(method_cost[method] + mse + evaluation for method in protocol.methods)
+        return total
+
+
+COSTS = Costs()
+
+
+# ------------------------------------------------------------------------------------------ the plan
+@dataclass(frozen=True)
+class Step:
+    """One measurement: it writes the store at ``store`` and is done once that file exists.
+
+    Attributes:
+        title: what it measures, for the plan.
+        store: the finished store's path (written atomically by the library: it exists only when complete).
+        estimate_s: estimated seconds (:class:`Costs`), for the plan and the progress bar.
+        run: does the measurement (resuming a partial store where the library supports it).
+        model: the model it needs (loaded once per session, only if some step runs).
+    """
+
+    title: str
+    store: Path
+    estimate_s: float
+    run: Callable[[], object] = field(repr=False, compare=False)
+    model: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.store.exists()
+
+
+def unique_steps(steps: Sequence[Step]) -> list[Step]:
+    """``steps`` without repeats (several figures share a store), in first-seen order."""
+    seen: dict[Path, Step] = {}
+    for step in steps:
+        seen.setdefault(step.store, step)
+    return list(seen.values())
+
+
+def plan_text(steps: Sequence[Step], session: Session) -> str:
+    """The plan with estimated times, marking what the stores already hold."""
+    steps = unique_steps(steps)
+    todo = [s for s in steps if not s.done]
+    models = dict.fromkeys(s.model for s in todo if s.model)
+    load = sum(COSTS.model_load * min(1.0, 10 * COSTS.scale(m)) for m in models)
+    lines = [f"Plan: {session.profile.name} protocol on {session.profile.model} "
+             f"(estimates for 2 CPU cores; stores under {session.data})"]
+    for s in steps:
+        status = "stored" if s.done else "to do "
+        lines.append(f"  [{status}] {s.title:<78} {'' if s.done else '~' + format_seconds(s.estimate_s):>12}")
+    lines.append(f"  {len(todo)} of {len(steps)} measurements to do: about "
+                 f"{format_seconds(sum(s.estimate_s for s in todo) + load)} "
+                 f"(model loading {format_seconds(load)} included)")
+    return "\n".join(lines)
+
+
+def execute(steps: Sequence[Step], progress: bool = True) -> None:
+    """Run the steps whose stores do not exist yet, in order, under one progress bar (in estimated seconds)."""
+    todo = [s for s in unique_steps(steps) if not s.done]
+    if not todo:
+        return
+
+    def weight(step: Step) -> int:  # estimated seconds, at least 1 so that every step moves the bar
+        return max(1, round(step.estimate_s))
+
+    with tqdm(total=sum(weight(s) for s in todo), desc="measurements", unit="s(est)", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for step in todo:
+            bar.set_postfix_str(step.title[:60])
+            started = time.perf_counter()
+            step.run()
+            if not step.done:
+                raise RuntimeError(f"step {step.title!r} finished without writing its store {step.store}")
+            took = time.perf_counter() - started
+            bar.write(f"  done: {step.title} in {format_seconds(took)} (estimated {format_seconds(step.estimate_s)})")
+            bar.update(weight(step))
+
+
+def quant_table_steps(session: Session, model: str) -> list[Step]:
+    """One step per quantization table of ``model`` (:func:`landscape.studies.quant_table.run_quant_table`)."""
+    def step(protocol: Protocol) -> Step:
+        methods = ", ".join(protocol.methods)
+        return Step(f"{model}: quant table {', '.join(protocol.formats)} ({methods})", table_store(session, protocol),
+                    COSTS.quant_table(protocol),
+                    lambda: run_quant_table(protocol, table_dir(session, protocol), progress=session.progress,
+                                            lm=session.model(model)),
+                    model)
+
+    return [step(p) for p in model_protocols(session, model)]
+
+
+def facts_step(session: Session, model: str) -> Step:
+    """Sizes of ``model`` (parameters, quantized parameters, ``||w0||``): figure 2's bits and figure 7's x-axis."""
+
+    def run() -> None:
+        lm = session.model(model)
+        w0 = layer_weights(lm.model)
+        arrays = {"n_params": ((), np.int64), "n_quantized": ((), np.int64), "w0_norm": ((), np.float64)}
+        with start_run(facts_store(session, model), {"kind": "model_facts", "model": model,
+                                                     "model_info": lm.info.to_dict()}, arrays) as record:
+            record.write_point((), {"n_params": lm.info.n_params, "n_quantized": sum(w.numel() for w in w0.values()),
+                                    "w0_norm": math.sqrt(sum(float(w.double().pow(2).sum()) for w in w0.values()))})
+            record.write_table("layers", {"name": list(w0), "out_features": [w.shape[0] for w in w0.values()],
+                                          "in_features": [w.shape[1] for w in w0.values()]})
+            finish_run(record)
+
+    return Step(f"{model}: model facts (parameter counts, ||w0||)", facts_store(session, model), 1.0, run, model)
+
+
+def run_figure_script(module: ModuleType, argv: Sequence[str] | None = None) -> int:
+    """``main`` of a figure script: plan, measure what the stores lack, build and publish its figure.
+
+    ``module`` provides ``FIGURE`` (the file stem), ``steps(session) -> list[Step]`` and
+    ``figure(session) -> go.Figure`` (from stores only).
+    """
+    args = parse_args(module.__doc__ or module.FIGURE, argv)
+    session = session_from_args(args)
+    steps = module.steps(session)
+    print(plan_text(steps, session), flush=True)
+    if args.plan:
+        return 0
+    execute(steps, session.progress)
+    print(publish(module.figure(session), session, module.FIGURE), flush=True)
+    return 0
+
+
+def quantized_displacements(session: Session, model: str) -> dict[str, str]:
+    """Table label -> saved result, for every quantized method at every format the tables run QAFT at."""
+    out = {}
+    for protocol in model_protocols(session, model):
+        if "qaft" not in protocol.methods:
+            continue
+        for fmt in (parse_format(f).name for f in protocol.formats):
+            for method in (m for m in protocol.methods if m in plots.QUANTIZED_METHODS):
+                label = f"{method} {fmt}" + (" s0" if method == "qaft" else "")
+                out[label] = str(quantized_model_path(session, model, method, fmt))
+    return out
+
+
+def basin_step(session: Session, model: str) -> Step:
+    """R(w0) over the profile's random directions, with the radial profile and the displacement norms of the
+    quantization tables' results (figures 4 and 7)."""
+    settings = session.profile_for(model).basin
+
+    def run() -> None:
+        lm = session.model(model)
+        base = Base(lm.model, model)
+        layers = select_layers(lm.model)
+        specs = [DirectionSpec("random", ("*",), seed=seed, normalization="filter",
+                               base_fingerprint=base.fingerprint(layers)) for seed in range(settings.n_directions)]
+        data = eval_set(session, model, settings.segments)
+        search = RadiusSearch(settings.threshold, tolerance=settings.tolerance,
+                              initial_fraction=settings.initial_fraction)
+        execution = Execution(store=basin_store(session, model), resume=True,
+                              provenance={"model_info": lm.info.to_dict()}, progress=session.progress)
+        basin_statistics(base, specs, NLLObjective(data, 4, model), data=data, search=search,
+                         profile_radii=np.array(settings.profile_fractions) * weights_norm(lm.model, layers),
+                         quant_results=quantized_displacements(session, model), execution=execution)
+
+    profile = session.profile_for(model)
+    evaluations = settings.n_directions * (len(settings.profile_fractions) + 5 + np.log2(1 / settings.tolerance))
+    estimate = evaluations * COSTS.forward(model, settings.segments * profile.eval_seq_len)
+    return Step(f"{model}: basin radius along {settings.n_directions} random directions "
+                f"({len(settings.profile_fractions)} profile radii + bisection)", basin_store(session, model),
+                float(estimate), run, model)
