@@ -18,9 +18,11 @@ import plotly.graph_objects as go
 from analyses.plan import COSTS, Step, quant_table_steps, run_figure_script
 from analyses.session import Session, calibration, eval_set, model_protocols, quantized_model_path
 from landscape import plots
+from landscape.engine.sweep import Execution
 from landscape.quant import parse_format
 from landscape.store import read_store
-from landscape.studies.candidates import dithered_roundings
+from landscape.studies.candidates import dithered_roundings, measure_candidates
+from landscape.weights import Base
 
 FIGURE = "fig3_misalignment"
 TITLE = "Layer MSE against NLL: the misalignment"
@@ -59,10 +61,6 @@ def store(session: Session) -> Path:
 
 
 def measure(session: Session) -> None:
-    from landscape.engine.sweep import Execution
-    from landscape.studies.candidates import measure_candidates
-    from landscape.weights import Base
-
     model = session.profile.model
     lm = session.model(model)
     mse_data = calibration(session, model).subset(range(session.profile.misalignment.mse_sequences))

@@ -18,8 +18,16 @@ import plotly.graph_objects as go
 from analyses.plan import COSTS, Step, quant_table_steps, run_figure_script
 from analyses.session import Session, eval_set, model_protocols, quantized_model_path
 from landscape import plots
+from landscape.engine.directions import (
+    displacement_direction,
+    orthogonalize,
+    plane_coordinates,
+    random_direction,
+)
+from landscape.engine.perturb import scan
 from landscape.engine.sweep import Execution
 from landscape.store import read_store
+from landscape.weights import Base
 
 FIGURE = "fig5_slices"
 TITLE = "Slices through w0 along the GPTQ and QAFT displacements"
@@ -34,8 +42,6 @@ def store(session: Session, kind: str) -> Path:
 
 
 def displacement(session: Session, lm, method: str):
-    from landscape.engine.directions import displacement_direction
-
     path = quantized_model_path(session, session.profile.model, method, session.profile.headline_format)
     return displacement_direction(lm.model, str(path))
 
@@ -47,10 +53,6 @@ def line_step(session: Session, kind: str) -> Step:
     label = "random filter-normalised direction" if kind == "random" else f"{plots.METHOD_LABELS[kind]} {fmt}"
 
     def run() -> None:
-        from landscape.engine.directions import random_direction
-        from landscape.engine.perturb import scan
-        from landscape.weights import Base
-
         lm = session.model(model)
         t = np.linspace(-0.5, 1.5, p.slices.points_1d)  # t = 0 (w0) and t = 1 (the endpoint) lie on the grid
         gptq = displacement(session, lm, "gptq")
@@ -74,10 +76,6 @@ def plane_step(session: Session) -> Step:
     n = p.slices.points_2d
 
     def run() -> None:
-        from landscape.engine.directions import orthogonalize, plane_coordinates
-        from landscape.engine.perturb import scan
-        from landscape.weights import Base
-
         lm = session.model(model)
         gptq, qaft = displacement(session, lm, "gptq"), displacement(session, lm, "qaft")
         u, v = gptq.unit(), orthogonalize(qaft, gptq).unit()

@@ -176,6 +176,9 @@ def difference_interval(
 ) -> Interval:
     """Interval of ``token_mean(B) - token_mean(A)`` (e.g. quantized minus full-precision NLL).
 
+    Why so many parameters: two sets of per-segment data (sums and token counts of A and of B) and the bootstrap's
+    usual keywords (level, method, resamples, seed), as in ``scipy.stats.bootstrap``.
+
     Args:
         paired: ``True`` when A and B were evaluated on the same segments (same order, same token counts):
             one set of resampled segment indices is used for both, so shared segment difficulty cancels.
@@ -316,7 +319,10 @@ def control_adjusted_gap(
     seed: int = 0,
 ) -> ControlAdjustedGap:
     """:class:`ControlAdjustedGap` from per-segment NLL sums on the same segments (QAFT and control: one
-    array per seed)."""
+    array per seed).
+
+    Why so many parameters: the four runs of the contrast (GPTQ, QAFT, w0, the control) and their token counts
+    are the data; level, resamples and seed the bootstrap's usual keywords."""
     if not qaft or not control:
         raise StatsError(f"need at least one QAFT and one control run, got {len(qaft)} and {len(control)}")
     args = {"level": level, "n_resamples": n_resamples, "seed": seed}
