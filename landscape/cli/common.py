@@ -1,0 +1,150 @@
+"""What the commands of ``landscape`` share: the command record, argument groups declared once, value parsers,
+and loading a model with its held-out data.
+
+Every command module exposes ``COMMANDS``, a tuple of :class:`Command`; :mod:`landscape.cli` builds one parser
+from an explicit list of those modules (nothing registers itself on import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from landscape.data import TokenSet, heldout_set
+from landscape.engine.perturb import grid_axis
+from landscape.models import LoadedModel, ModelInfo, load_model
+from landscape.quant.formats import QuantFormat, parse_format
+
+MODEL_HELP = "smollm2-135m, ref-small, ref-tiny, a hub id or a local directory"
+# argparse takes "-1:1:21" for an option; let arguments that start like a negative number be values.
+NEGATIVE_VALUE = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.]+(e[-+]?\d+)?:")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name and help, the function declaring its flags, and the function running it
+    (``run(args) -> exit status``)."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ------------------------------------------------------------------------------------------ value parsers
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def format_arg(text: str) -> QuantFormat:
+    """argparse type: a :class:`~landscape.quant.formats.QuantFormat` (bad names fail before any work)."""
+    try:
+        return parse_format(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def parse_grid(text: str) -> np.ndarray:
+    """``START:STOP:COUNT`` -> ``COUNT`` evenly spaced coefficients from START to STOP inclusive."""
+    parts = text.split(":")
+    try:
+        start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
+        if len(parts) != 3:
+            raise ValueError
+        return grid_axis(start, stop, count)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"grid must be START:STOP:COUNT with finite numbers and an integer "
+                                         f"COUNT >= 1 (e.g. -1:1:21), got {text!r}") from None
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``i/n`` -> ``(i, n)`` with ``0 <= i < n``."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+        if not 0 <= index < count:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shard must be i/n with 0 <= i < n (e.g. 0/4), got {text!r}") from None
+    return index, count
+
+
+# ----------------------------------------------------------------------------------------- argument groups
+def model_argument(p: argparse.ArgumentParser) -> None:
+    """The positional ``model`` (every command that loads one)."""
+    p._negative_number_matcher = NEGATIVE_VALUE  # private argparse attribute (3.11-3.13); no public hook exists
+    p.add_argument("model", help=MODEL_HELP)
+
+
+def data_arguments(p: argparse.ArgumentParser, *, segments: int, batch_size: int = 4, stride: bool = True,
+                   many_corpora: bool = False) -> None:
+    """Held-out text: ``--corpus``, ``--seq-len``, ``--segments``, ``--stride`` (optional), ``--batch-size``."""
+    g = p.add_argument_group("held-out data")
+    if many_corpora:
+        g.add_argument("--corpus", action="append", default=None,
+                       help="held-out corpus (repeatable): wiki (in-domain), sotu (out-of-domain); default both")
+    else:
+        g.add_argument("--corpus", default="wiki", help="held-out corpus (wiki, sotu; default wiki)")
+    g.add_argument("--seq-len", type=positive_int, default=None,
+                   help="tokens per segment (default 512 for smollm2-135m, else min(256, context))")
+    g.add_argument("--segments", type=positive_int, default=segments,
+                   help=f"held-out segments of every evaluation (default {segments})")
+    if stride:
+        g.add_argument("--stride", type=positive_int, default=None, help="window stride (default: seq-len)")
+    g.add_argument("--batch-size", type=positive_int, default=batch_size,
+                   help=f"segments per forward pass (memory only; default {batch_size})")
+
+
+def store_arguments(p: argparse.ArgumentParser, *, required: bool = True, resume: bool = True) -> None:
+    """``--out`` (an HDF5 store) and ``--resume``."""
+    if required:
+        p.add_argument("--out", required=True, type=Path,
+                       help="HDF5 store to write (moved into place when complete)")
+    else:
+        p.add_argument("--out", type=Path, default=None, help="also write the results to this new HDF5 store")
+    if resume:
+        p.add_argument("--resume", action="store_true", help="continue an unfinished store at --out")
+
+
+def progress_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def default_seq_len(info: ModelInfo) -> int:
+    """Default segment length of a model: 512 for smollm2-135m, else its context (at most 256)."""
+    return 512 if info.name == "smollm2-135m" else min(256, info.context_length or 256)
+
+
+def heldout(lm: LoadedModel, args: argparse.Namespace, corpus: str | None = None) -> TokenSet:
+    """The held-out segments the data arguments ask for (``corpus`` overrides ``--corpus``)."""
+    return heldout_set(lm.tokenizer, args.seq_len or default_seq_len(lm.info), corpus or args.corpus, args.segments,
+                       getattr(args, "stride", None), lm.info.context_length)
+
+
+def load_with_data(args: argparse.Namespace) -> tuple[LoadedModel, TokenSet]:
+    """The model of ``args.model`` and its held-out data."""
+    lm = load_model(args.model)
+    return lm, heldout(lm, args)
