@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as `python analyses/curvature_study.py`
 import numpy as np
 
 from analyses.common import random_direction_of_length
+from landscape.curvature import Curvature
 from landscape.data import calibration_set, heldout_set
 from landscape.models import load_model
 from landscape.objectives import NLLConvention
@@ -81,7 +82,6 @@ def main(argv: list[str] | None = None) -> None:
     out = check_store_path(args.out, resume=True)
 
     lm = load_model(args.model)
-    from landscape.curvature import curvature_along_path, hessian_spectrum, hessian_trace
     from landscape.engine.directions import displacement_direction
 
     calib = calibration_set(lm.tokenizer, 128, args.calib_seq_len, 0, context_length=lm.info.context_length)
@@ -99,16 +99,15 @@ def main(argv: list[str] | None = None) -> None:
         length = displacement_direction(lm.model, sources[("gptq", fmt)]).norm()
         return random_direction_of_length(lm.model, args.random_seed, length)
 
-    common = {"batch_size": 1, "progress": True}
+    curvature = Curvature(lm.model, data, batch_size=1, progress=True)
     tasks = {}
     if not args.no_spectrum:
-        tasks["spectrum"] = lambda: hessian_spectrum(
-            lm.model, data, k=args.k_top, k_bottom=args.k_bottom, lanczos_steps=args.lanczos_steps,
-            return_eigenvectors=False, krylov_dir=args.krylov_dir, **common).to_record(include_eigenvectors=False)
-        tasks["trace"] = lambda: hessian_trace(lm.model, data, n_matvecs=args.trace_matvecs, **common).to_record()
+        tasks["spectrum"] = lambda: curvature.spectrum(
+            args.k_top, args.k_bottom, lanczos_steps=args.lanczos_steps, return_eigenvectors=False,
+            krylov_dir=args.krylov_dir).to_record(include_eigenvectors=False)
+        tasks["trace"] = lambda: curvature.trace(args.trace_matvecs).to_record()
     def path_task(direction):  # direction: built when the task runs, so a finished task loads nothing
-        return lambda: curvature_along_path(lm.model, data, direction(), t=args.t, level=0.95, slope=True,
-                                            **common).to_record()
+        return lambda: curvature.along(direction(), t=args.t, level=0.95, slope=True).to_record()
 
     paths = {}
     for f in formats if not args.no_paths else ():

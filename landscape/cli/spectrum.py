@@ -65,7 +65,7 @@ def check_spectrum_args(args: argparse.Namespace) -> None:
 @command("spectrum", "Hessian (or GGN) eigenvalues at w0: top/bottom eigenpairs, Hutch++ trace, SLQ density, "
                      "into a resumable store")
 def cmd_spectrum(args: argparse.Namespace) -> int:
-    from landscape.curvature import hessian_density, hessian_spectrum, hessian_trace
+    from landscape.curvature import Curvature
     from landscape.data import heldout_set
     from landscape.models import load_model
     from landscape.objectives import NLLConvention
@@ -78,18 +78,17 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     seq_len = args.seq_len or default_seq_len(lm.info)
     data = heldout_set(lm.tokenizer, seq_len, args.corpus, args.segments, context_length=lm.info.context_length)
     layers = [g.strip() for g in args.layers.split(",")] if args.layers else None
-    common = {"layers": layers, "operator": args.operator, "batch_size": args.batch_size, "seed": args.seed,
-              "progress": not args.no_progress}
-    tasks = {"spectrum": lambda: hessian_spectrum(
-        lm.model, data, k=args.k, k_bottom=args.k_bottom, lanczos_steps=args.lanczos_steps,
-        return_eigenvectors=args.save_eigenvectors, krylov_dir=args.krylov_dir,
-        **common).to_record(include_eigenvectors=args.save_eigenvectors)}
+    curvature = Curvature(lm.model, data, layers=layers, operator=args.operator, batch_size=args.batch_size,
+                          progress=not args.no_progress)
+    tasks = {"spectrum": lambda: curvature.spectrum(
+        args.k, args.k_bottom, lanczos_steps=args.lanczos_steps, seed=args.seed,
+        return_eigenvectors=args.save_eigenvectors,
+        krylov_dir=args.krylov_dir).to_record(include_eigenvectors=args.save_eigenvectors)}
     if args.trace_matvecs:
-        tasks["trace"] = lambda: hessian_trace(lm.model, data, n_matvecs=args.trace_matvecs, **common).to_record()
+        tasks["trace"] = lambda: curvature.trace(args.trace_matvecs, seed=args.seed).to_record()
     if args.density_runs:
-        tasks["density"] = lambda: hessian_density(lm.model, data, n_runs=args.density_runs,
-                                                   lanczos_steps=args.density_steps, krylov_dir=args.krylov_dir,
-                                                   **common).to_record()
+        tasks["density"] = lambda: curvature.density(args.density_runs, args.density_steps, seed=args.seed,
+                                                     krylov_dir=args.krylov_dir).to_record()
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                 if k not in ("func", "out", "krylov_dir", "no_progress", "model")}
     provenance = {"kind": "curvature", "model": lm.info.name, "model_info": lm.info.to_dict(),
