@@ -27,10 +27,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python analyses/curvature_study.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
-
 from analyses.common import random_direction_of_length
-from landscape.curvature import Curvature
+from landscape.curvature import Curvature, read_curvature
 from landscape.data import calibration_set, heldout_set
 from landscape.models import load_model
 from landscape.objectives import NLLConvention
@@ -130,35 +128,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report(store) -> None:
-    import json
-
-    from landscape.cli.spectrum import spectrum_report
-
-    a = store.arrays
-    prov = store.provenance
-    if "spectrum/attrs" in a:
-        print(spectrum_report(store) + "\n")
-    ts, with_slope = None, False
-    rows = []
-    for label in (task[len("path/"):] for task in prov["tasks"] if task.startswith("path/")):
-        t, c, lo, hi = (a[f"path/{label}/{k}"] for k in ("t", "curvature", "low", "high"))
-        ts, with_slope = t, f"path/{label}/slope" in a
-        norm = json.loads(str(a[f"path/{label}/attrs"]))["direction_norm"]
-        cells = [f"{c[i]:.3g} [{lo[i]:.2g}, {hi[i]:.2g}]" for i in range(len(t))]
-        if with_slope:
-            g, glo, ghi = (a[f"path/{label}/{k}"] for k in ("slope", "slope_low", "slope_high"))
-            cells += [f"{g[i]:.3g} [{glo[i]:.2g}, {ghi[i]:.2g}]" for i in range(len(t))]
-            start = int(np.argmin(np.abs(t)))  # the quadratic model at w0 (t = 0), if measured there
-            cells.append(f"{norm * g[start] + norm ** 2 * c[start] / 2:+.3g}" if t[start] == 0 else "")
-        rows.append(f"| {label} | {norm:.1f} | " + " | ".join(cells) + " |")
-    if rows:
-        head = [f"u^T H u at t = {x:g} [95 % over segments]" for x in ts]
-        if with_slope:
-            head += [f"g^T u at t = {x:g}" for x in ts] + ["‖d‖ g^T u + ‖d‖² u^T H u / 2 at t = 0 (nats)"]
-        print("| direction | ‖d‖ | " + " | ".join(head) + " |")
-        print("|---|---|" + "---|" * len(head))
-        print("\n".join(rows))
-    conv = prov["nll_convention"]
+    """Print the store's spectrum, trace and path table (:meth:`landscape.curvature.CurvatureRecord.markdown`)
+    and the NLL convention."""
+    print(read_curvature(store).markdown())
+    conv = store.provenance["nll_convention"]
     print(f"\nNLL: token-mean over {conv['n_segments']} x {conv['seq_len']} held-out {conv['corpus']} tokens; "
           f"curvature in nats/token per squared weight unit, slope g^T u (u = d / ||d||) per weight unit")
 
