@@ -23,8 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
+from landscape.curvature import Curvature, read_curvature
 from landscape.data import calibration_set, heldout_set
 from landscape.engine.directions import random_direction_of_length
 from landscape.models import load_model
@@ -77,7 +76,6 @@ def main(argv: list[str] | None = None) -> None:
     out = check_store_path(args.out, resume=True)
 
     lm = load_model(args.model)
-    from landscape.curvature import curvature_along_path, hessian_spectrum, hessian_trace
     from landscape.engine.directions import displacement_direction
 
     calib = calibration_set(lm.tokenizer, 128, args.calib_seq_len, 0, context_length=lm.info.context_length)
@@ -95,16 +93,15 @@ def main(argv: list[str] | None = None) -> None:
         length = displacement_direction(lm.model, sources[("gptq", fmt)]).norm()
         return random_direction_of_length(lm.model, args.random_seed, length)
 
-    common = {"batch_size": 1, "progress": True}
+    curvature = Curvature(lm.model, data, batch_size=1, progress=True)
     tasks = {}
     if not args.no_spectrum:
-        tasks["spectrum"] = lambda: hessian_spectrum(
-            lm.model, data, k=args.k_top, k_bottom=args.k_bottom, lanczos_steps=args.lanczos_steps,
-            return_eigenvectors=False, krylov_dir=args.krylov_dir, **common).to_record(include_eigenvectors=False)
-        tasks["trace"] = lambda: hessian_trace(lm.model, data, n_matvecs=args.trace_matvecs, **common).to_record()
+        tasks["spectrum"] = lambda: curvature.spectrum(
+            args.k_top, args.k_bottom, lanczos_steps=args.lanczos_steps, return_eigenvectors=False,
+            krylov_dir=args.krylov_dir).to_record(include_eigenvectors=False)
+        tasks["trace"] = lambda: curvature.trace(args.trace_matvecs).to_record()
     def path_task(direction):  # direction: built when the task runs, so a finished task loads nothing
-        return lambda: curvature_along_path(lm.model, data, direction(), t=args.t, level=0.95, slope=True,
-                                            **common).to_record()
+        return lambda: curvature.along(direction(), t=args.t, level=0.95, slope=True).to_record()
 
     paths = {}
     for f in formats if not args.no_paths else ():
@@ -127,35 +124,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report(store) -> None:
-    import json
-
-    from landscape.cli.spectrum import spectrum_report
-
-    a = store.arrays
-    prov = store.provenance
-    if "spectrum/attrs" in a:
-        print(spectrum_report(store) + "\n")
-    ts, with_slope = None, False
-    rows = []
-    for label in (task[len("path/"):] for task in prov["tasks"] if task.startswith("path/")):
-        t, c, lo, hi = (a[f"path/{label}/{k}"] for k in ("t", "curvature", "low", "high"))
-        ts, with_slope = t, f"path/{label}/slope" in a
-        norm = json.loads(str(a[f"path/{label}/attrs"]))["direction_norm"]
-        cells = [f"{c[i]:.3g} [{lo[i]:.2g}, {hi[i]:.2g}]" for i in range(len(t))]
-        if with_slope:
-            g, glo, ghi = (a[f"path/{label}/{k}"] for k in ("slope", "slope_low", "slope_high"))
-            cells += [f"{g[i]:.3g} [{glo[i]:.2g}, {ghi[i]:.2g}]" for i in range(len(t))]
-            start = int(np.argmin(np.abs(t)))  # the quadratic model at w0 (t = 0), if measured there
-            cells.append(f"{norm * g[start] + norm ** 2 * c[start] / 2:+.3g}" if t[start] == 0 else "")
-        rows.append(f"| {label} | {norm:.1f} | " + " | ".join(cells) + " |")
-    if rows:
-        head = [f"u^T H u at t = {x:g} [95 % over segments]" for x in ts]
-        if with_slope:
-            head += [f"g^T u at t = {x:g}" for x in ts] + ["‖d‖ g^T u + ‖d‖² u^T H u / 2 at t = 0 (nats)"]
-        print("| direction | ‖d‖ | " + " | ".join(head) + " |")
-        print("|---|---|" + "---|" * len(head))
-        print("\n".join(rows))
-    conv = prov["nll_convention"]
+    """Print the store's spectrum, trace and path table (:meth:`landscape.curvature.CurvatureRecord.markdown`)
+    and the NLL convention."""
+    print(read_curvature(store).markdown())
+    conv = store.provenance["nll_convention"]
     print(f"\nNLL: token-mean over {conv['n_segments']} x {conv['seq_len']} held-out {conv['corpus']} tokens; "
           f"curvature in nats/token per squared weight unit, slope g^T u (u = d / ||d||) per weight unit")
 

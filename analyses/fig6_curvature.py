@@ -40,7 +40,7 @@ def path_label(method: str, fmt: str) -> str:
 
 
 def measure(session: Session) -> None:
-    from landscape.curvature import curvature_along_path, hessian_density, hessian_spectrum, hessian_trace
+    from landscape.curvature import Curvature
     from landscape.engine.directions import displacement_direction
     from landscape.objectives import NLLConvention
     from landscape.store import run_tasks
@@ -59,16 +59,14 @@ def measure(session: Session) -> None:
         return random_direction_of_length(lm.model, c.random_seed,
                                           displacement_direction(lm.model, sources["gptq"]).norm())
 
-    common = {"batch_size": 1, "progress": session.progress}
+    curvature = Curvature(lm.model, data, batch_size=1, progress=session.progress)
     tasks = {
-        "spectrum": lambda: hessian_spectrum(lm.model, data, k=c.k_top, k_bottom=c.k_bottom,
-                                             lanczos_steps=c.lanczos_steps, return_eigenvectors=False,
-                                             **common).to_record(include_eigenvectors=False),
-        "trace": lambda: hessian_trace(lm.model, data, n_matvecs=c.trace_matvecs, **common).to_record(),
-        "density": lambda: hessian_density(lm.model, data, n_runs=c.density_runs, lanczos_steps=c.density_steps,
-                                           **common).to_record(),
-        **{f"path/{path_label(m, fmt)}": (lambda m=m: curvature_along_path(
-            lm.model, data, direction(m), t=c.path_t, level=c.level, **common).to_record()) for m in PATH_METHODS},
+        "spectrum": lambda: curvature.spectrum(c.k_top, c.k_bottom, lanczos_steps=c.lanczos_steps,
+                                               return_eigenvectors=False).to_record(include_eigenvectors=False),
+        "trace": lambda: curvature.trace(c.trace_matvecs).to_record(),
+        "density": lambda: curvature.density(c.density_runs, c.density_steps).to_record(),
+        **{f"path/{path_label(m, fmt)}": (lambda m=m: curvature.along(
+            direction(m), t=c.path_t, level=c.level).to_record()) for m in PATH_METHODS},
     }
     provenance = {
         "kind": "curvature", "model": model, "model_info": lm.info.to_dict(),

@@ -1,10 +1,10 @@
 """Hessian: one Hessian-vector product (HVP) against one forward+backward, and the time of a Lanczos top-10.
 
-The HVP is :func:`landscape.curvature.curvature_operator`'s product (``hessian-eigenthings``: a forward, a
+The HVP is :meth:`landscape.curvature.Curvature.operator`'s product (``hessian-eigenthings``: a forward, a
 backward that keeps its graph, and a second backward) of the token-mean NLL over every decoder linear's
 weights. The forward+backward is the gradient of the same loss over the same tokens with respect to the
 same weights (``torch.autograd.grad``), and the forward alone is timed too. Lanczos is
-:func:`landscape.curvature.hessian_spectrum` with ``k=10`` (top 10, largest algebraic, reorthogonalised),
+:meth:`landscape.curvature.Curvature.spectrum` with ``k=10`` (top 10, largest algebraic, reorthogonalised),
 whose cost should be its HVPs: the overhead column is its time over ``steps x`` one HVP. The same run with
 its basis in memory-mapped files (``krylov_dir``, for models whose basis does not fit in memory) is timed
 against it, interleaved.
@@ -41,7 +41,7 @@ from bench.common import (
     interleaved_medians,
     random_token_set,
 )
-from landscape.curvature import ConvergenceWarning, curvature_operator, hessian_spectrum, weight_space
+from landscape.curvature import ConvergenceWarning, Curvature, weight_space
 from landscape.objectives import segment_nll_sums
 
 HVP_VS_FORWARD_BACKWARD = Target(3.0, "at_most")
@@ -88,7 +88,8 @@ def measure_model(spec: ModelSpec, settings: HessianSettings) -> dict:
     space = weight_space(model)
     parameters = dict(model.named_parameters())
     weights = [parameters[name] for name in space.parameter_names]
-    operator = curvature_operator(model, data, batch_size=settings.segments)
+    curvature = Curvature(model, data, batch_size=settings.segments, progress=False)
+    operator = curvature.operator()
     vector = torch.randn(operator.size, generator=torch.Generator().manual_seed(0), dtype=operator.dtype)
     vector = vector.to(operator.device)
 
@@ -109,9 +110,8 @@ def measure_model(spec: ModelSpec, settings: HessianSettings) -> dict:
     def lanczos(krylov_dir: str | None = None) -> None:  # timed, not judged: unconverged pairs are counted
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            spectrum = hessian_spectrum(model, data, k=TOP_K, k_bottom=0, lanczos_steps=steps,
-                                        batch_size=settings.segments, return_eigenvectors=False,
-                                        krylov_dir=krylov_dir, progress=False)
+            spectrum = curvature.spectrum(TOP_K, 0, lanczos_steps=steps, return_eigenvectors=False,
+                                          krylov_dir=krylov_dir)
         converged.append(int(spectrum.top.converged.sum()))
 
     with tempfile.TemporaryDirectory(prefix="bench-krylov-") as folder:

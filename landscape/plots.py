@@ -20,7 +20,6 @@ Write the figures with :func:`landscape.figio.write_figure` (offline HTML, optio
 
 from __future__ import annotations
 
-import json
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -31,6 +30,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from landscape import stats
+from landscape.curvature import read_curvature
 from landscape.engine.basin import BasinStatistics
 from landscape.quant.formats import parse_format
 from landscape.stats import ControlAdjustedGap, Interval, difference_interval, spearman
@@ -621,27 +621,26 @@ def curvature(hessian: StoreData) -> go.Figure:
     ``"bottom eigenvalues"``. Right: ``"along <label>"`` (x: t, y: u^T H(w0 + t d) u).
     """
     _require_kind(hessian, "curvature")
-    a, prov = hessian.arrays, hessian.provenance
+    record, prov = read_curvature(hessian), hessian.provenance
+    spectrum, trace, density = record.spectrum, record.trace, record.density
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
                         subplot_titles=["Hessian spectrum at w0", "curvature along each displacement"])
-    fig.add_trace(go.Scatter(x=a["density/grid"], y=a["density/density"], mode="lines", name="spectral density (SLQ)",
+    fig.add_trace(go.Scatter(x=density.grid, y=density.density, mode="lines", name="spectral density (SLQ)",
                              line={"color": "#444444"}), row=1, col=1)
-    for end, color in (("top", "#d62728"), ("bottom", "#1f77b4")):
-        values = a[f"spectrum/{end}/eigenvalues"]
-        fig.add_trace(go.Scatter(x=values, y=np.full(len(values), float(np.max(a["density/density"]))),
-                                 mode="markers", name=f"{end} eigenvalues",
+    for pairs, color in ((spectrum.top, "#d62728"), (spectrum.bottom, "#1f77b4")):
+        values = pairs.eigenvalues
+        fig.add_trace(go.Scatter(x=values, y=np.full(len(values), float(np.max(density.density))),
+                                 mode="markers", name=f"{pairs.end} eigenvalues",
                                  marker={"symbol": "line-ns-open", "size": 18, "color": color},
                                  hovertemplate="λ = %{x:.4g}<extra></extra>"), row=1, col=1)
     for label in prov["paths"]:
-        t, k = a[f"path/{label}/t"], a[f"path/{label}/curvature"]
-        low, high = a[f"path/{label}/low"], a[f"path/{label}/high"]
+        path = record.paths[label]
+        t, k, low, high = path.t, path.curvature, path.low, path.high
         method = prov["paths"][label]["method"]
         error = ({"type": "data", "array": high - k, "arrayminus": k - low} if np.all(np.isfinite(low)) else None)
         line = {"color": METHOD_COLORS[method], "dash": "dot" if method == "random" else "solid"}
         fig.add_trace(go.Scatter(x=t, y=k, error_y=error, mode="lines+markers", name=f"along {label}", line=line),
                       row=1, col=2)
-    trace = _json_attrs(hessian, "trace")
-    spectrum = _json_attrs(hessian, "spectrum")
     model, caveat = _model_of(prov)
     fig.update_xaxes(title_text="eigenvalue (nats/token per squared weight unit)", row=1, col=1)
     fig.update_yaxes(title_text="density (log scale)", type="log", row=1, col=1)
@@ -650,33 +649,31 @@ def curvature(hessian: StoreData) -> go.Figure:
     fig.update_yaxes(title_text="u^T H u, u = d/‖d‖ (nats/token per squared unit)", row=1, col=2)
     fig.update_layout(title=f"Curvature of the NLL of {model}: spectrum at w0 and along the quantization paths",
                       template="plotly_white")
-    converged = "all converged" if spectrum["converged"] else "NOT all converged (few Lanczos steps)"
+    converged = "all converged" if spectrum.converged else "NOT all converged (few Lanczos steps)"
     s = prov["settings"]
     interval = f", {s['level']:.0%} bootstrap over batches." if s["level"] else "."
     return add_caption(fig, [
-        f"Hessian of the token-mean NLL over the {spectrum['n_params']:,} weights of the quantized linears. Lanczos "
-        f"({spectrum['lanczos_steps']} steps, reorthogonalised; Ritz pairs {converged}); trace by Hutch++ "
-        f"({trace['n_matvecs']} products): {trace['value']:.4g} ± {trace['stderr']:.2g}; density by stochastic Lanczos "
+        f"Hessian of the token-mean NLL over the {spectrum.n_params:,} weights of the quantized linears. "
+        f"Lanczos ({spectrum.lanczos_steps} steps, reorthogonalised; Ritz pairs {converged}); trace by "
+        f"Hutch++ ({trace.n_matvecs} products): {trace.value:.4g} ± {trace.stderr:.2g}; density by "
+        f"stochastic Lanczos "
         f"quadrature ({s['density_runs']} run(s) × {s['density_steps']} steps). Right: the Rayleigh quotient along "
         f"each displacement d (and a random filter-normalised direction of GPTQ's length) at w0 + t d{interval}",
         nll_convention_sentence(prov["nll_convention"]), model_sentence(model, caveat)])
 
 
-def _json_attrs(data: StoreData, task: str) -> dict[str, Any]:
-    return json.loads(str(data.arrays[f"{task}/attrs"]))
-
-
 def reading_curvature(hessian: StoreData) -> str:
     _require_kind(hessian, "curvature")
-    a, prov = hessian.arrays, hessian.provenance
-    trace = _json_attrs(hessian, "trace")
-    top, bottom = a["spectrum/top/eigenvalues"], a["spectrum/bottom/eigenvalues"]
+    record, prov = read_curvature(hessian), hessian.provenance
+    trace = record.trace
+    top, bottom = record.spectrum.top.eigenvalues, record.spectrum.bottom.eigenvalues
     text = (f"The largest Hessian eigenvalue at w0 is {top[0]:.4g}" + (f" and the smallest {bottom[0]:.4g}"
                                                                      if len(bottom) else "")
-            + f"; the trace is {trace['value']:.4g} ± {trace['stderr']:.2g} (mean eigenvalue "
-              f"{trace['value'] / trace['n_params']:.3g}).")
-    parts = [f"{label} from {a[f'path/{label}/curvature'][0]:.3g} at w0 to {a[f'path/{label}/curvature'][-1]:.3g} at "
-             f"t = {a[f'path/{label}/t'][-1]:g}" for label in prov["paths"]]
+            + f"; the trace is {trace.value:.4g} ± {trace.stderr:.2g} (mean eigenvalue "
+              f"{trace.mean_eigenvalue:.3g}).")
+    paths = [(label, record.paths[label]) for label in prov["paths"]]
+    parts = [f"{label} from {path.curvature[0]:.3g} at w0 to {path.curvature[-1]:.3g} at t = {path.t[-1]:g}"
+             for label, path in paths]
     return text + " Curvature along the path: " + "; ".join(parts) + "."
 
 

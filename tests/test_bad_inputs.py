@@ -37,7 +37,7 @@ import landscape.data
 import landscape.models
 import landscape.studies.quant_table
 from landscape import cli
-from landscape.curvature import CurvatureError, DirectionMismatchError, hessian_spectrum, rayleigh_quotient
+from landscape.curvature import Curvature, CurvatureError, DirectionMismatchError
 from landscape.data import (
     DataError,
     TokenSet,
@@ -344,8 +344,9 @@ MATRIX: tuple[Row, ...] = (
     Row("NaN weight", "basin_statistics",
         lambda c: basin_statistics(with_weight(c.model, float("nan")), [DirectionSpec("random", seed=0)], data=c.data, execution=Execution(store=c.out / "r.h5", progress=False)),
         DirectionError, (FIRST_LAYER, "NaN or Inf weights", "must be finite")),
-    Row("NaN weight", "hessian_spectrum",
-        lambda c: hessian_spectrum(with_weight(c.model, float("nan")), c.data, k=1, k_bottom=0, progress=False),
+    Row("NaN weight", "Curvature.spectrum",
+        lambda c: Curvature(with_weight(c.model, float("nan")), c.data,
+                            progress=False).spectrum(k=1, k_bottom=0),
         CurvatureError, (FIRST_LAYER, "NaN or Inf", r"\[3, 5\]", "must be finite")),
     # NaN / Inf in calibration data
     Row("NaN calibration tokens", "token_set_from_tensor",
@@ -361,8 +362,8 @@ MATRIX: tuple[Row, ...] = (
     Row("token id = vocab size", "basin_statistics",
         lambda c: basin_statistics(c.model, [DirectionSpec("random", seed=0)], data=oov_tokens(), execution=Execution(store=c.out / "r.h5", progress=False)),
         ValueError, (f"0..{VOCAB - 1}", f"got [0-9]+..{VOCAB}")),
-    Row("token id = vocab size", "hessian_spectrum",
-        lambda c: hessian_spectrum(c.model, oov_tokens(), k=1, k_bottom=0, progress=False),
+    Row("token id = vocab size", "Curvature.spectrum",
+        lambda c: Curvature(c.model, oov_tokens(), progress=False).spectrum(k=1, k_bottom=0),
         CurvatureError, (f"0..{VOCAB - 1}", f"got [0-9]+..{VOCAB}")),
     Row("token id = vocab size", "nll", lambda c: nll(c.model, oov_tokens()),
         ValueError, (f"0..{VOCAB - 1}", f"got [0-9]+..{VOCAB}")),
@@ -374,16 +375,16 @@ MATRIX: tuple[Row, ...] = (
         DirectionError, (FIRST_LAYER, "NaN or Inf entries")),
     Row("NaN direction", "basin_radius", lambda c: basin_radius(c.model, direction_with(c, float("nan")), data=c.data),
         DirectionError, ("norm nan", "finite and nonzero")),
-    Row("NaN direction", "rayleigh_quotient",
-        lambda c: rayleigh_quotient(c.model, c.data, direction_with(c, float("nan")).tensors),
+    Row("NaN direction", "Curvature.rayleigh_quotient",
+        lambda c: Curvature(c.model, c.data).rayleigh_quotient(direction_with(c, float("nan")).tensors),
         DirectionMismatchError, (FIRST_LAYER, "non-finite")),
     # zero direction
     Row("zero direction", "scan", lambda c: scan(c.model, zero_direction(c), [1.0], data=c.data, execution=Execution(store=c.out / "s.h5", progress=False)),
         DirectionError, ("norm 0.0", "finite and nonzero")),
     Row("zero direction", "basin_radius", lambda c: basin_radius(c.model, zero_direction(c), data=c.data),
         DirectionError, ("norm 0.0", "finite and nonzero")),
-    Row("zero direction", "rayleigh_quotient",
-        lambda c: rayleigh_quotient(c.model, c.data, zero_direction(c).tensors),
+    Row("zero direction", "Curvature.rayleigh_quotient",
+        lambda c: Curvature(c.model, c.data).rayleigh_quotient(zero_direction(c).tensors),
         DirectionMismatchError, ("zero everywhere", "undefined")),
     # negative radius or threshold
     Row("negative threshold", "RadiusSearch", lambda c: RadiusSearch(threshold=-0.1),

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import random_tokens, tiny_model
 
-from landscape.curvature import hessian_spectrum
+from landscape.curvature import Curvature
 from landscape.engine.directions import eigenvector_direction
 from landscape.objectives import nll, nll_sums_from_logits
 from landscape.quant import gptq, qaft, rtn
@@ -110,7 +110,8 @@ def test_projections_and_curvature_equal_dense_eigh_on_a_tiny_model():
     model = tiny_model("gpt2", torch.float64, hidden=8, layers=1)
     data = random_tokens(4, 12, seed=3)
     results = {f"rtn {fmt}": rtn(model, fmt, layers=[SMALL_LAYER]) for fmt in ("int3", "int2")}
-    spectrum = hessian_spectrum(model, data, k=4, k_bottom=0, layers=SMALL_LAYER, lanczos_steps=64, progress=False)
+    curvature = Curvature(model, data, layers=SMALL_LAYER, progress=False)
+    spectrum = curvature.spectrum(k=4, k_bottom=0, lanczos_steps=64)
     c = compare_displacements(model, results, data, eigenvectors=spectrum, path_t=(0.0, 1.0), curvature_t=(0.0,),
                               progress=False)
 

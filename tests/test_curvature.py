@@ -7,6 +7,8 @@ J^T H_logits J with the closed-form softmax Hessian, and central finite differen
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 
 import numpy as np
@@ -18,20 +20,22 @@ from conftest import random_tokens, tiny_model
 from landscape import curvature
 from landscape.curvature import (
     ConvergenceWarning,
+    Curvature,
     CurvatureError,
+    Density,
+    DirectionalCurvature,
     DirectionMismatchError,
-    curvature_along_path,
-    curvature_operator,
+    PathCurvature,
+    Spectrum,
+    TraceEstimate,
     direction_space,
-    directional_slope,
-    hessian_density,
-    hessian_spectrum,
-    hessian_trace,
-    rayleigh_quotient,
-    second_directional_derivative,
+    directional,
+    operators,
+    read_curvature,
     weight_space,
 )
-from landscape.objectives import nll, segment_nll_sums
+from landscape.objectives import NLLConvention, nll, segment_nll_sums
+from landscape.store import StoreRecord, read_store, run_tasks
 from landscape.weights import LayerSelectionError, layer_weights, quantizable_layers, swapped_weights
 
 # Tiny problems are dominated by per-op overhead; extra threads only contend on the shared cores.
@@ -141,7 +145,7 @@ def gpt2_problem(one_thread):
 def gpt2_spectrum(gpt2_problem):
     model, data, _, _ = gpt2_problem
     # batch_size=3 splits the 4 segments 3 + 1: unequal batches, so a wrong per-batch weighting would show.
-    return hessian_spectrum(model, data, k=3, k_bottom=2, lanczos_steps=80, batch_size=3, progress=False)
+    return Curvature(model, data, batch_size=3, progress=False).spectrum(k=3, k_bottom=2, lanczos_steps=80)
 
 
 def _block(layers: list[str], model, chosen: list[str]) -> torch.Tensor:
@@ -166,7 +170,7 @@ def test_operator_products_equal_the_dense_hessian(gpt2_problem):
     model, data, layers, hessian = gpt2_problem
     v = torch.randn(hessian.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for batch_size in (1, 3):  # the token-mean NLL of the whole set, whatever the batching
-        operator = curvature_operator(model, data, batch_size=batch_size)
+        operator = Curvature(model, data, batch_size=batch_size).operator()
         with torch.no_grad():  # products enable autograd themselves
             torch.testing.assert_close(operator.matvec(v), hessian @ v, rtol=1e-10, atol=1e-12)
         assert operator.n_matvecs == 1
@@ -199,7 +203,7 @@ def test_eigenvectors_are_out_in_directions_of_the_dense_hessian(gpt2_problem, g
 def test_reported_residuals_are_the_true_residuals(gpt2_problem):
     model, data, layers, hessian = gpt2_problem
     with pytest.warns(ConvergenceWarning):  # 30 steps leave some pairs unconverged: their residuals matter most
-        spectrum = hessian_spectrum(model, data, k=3, k_bottom=1, lanczos_steps=30, progress=False)
+        spectrum = Curvature(model, data, progress=False).spectrum(k=3, k_bottom=1, lanczos_steps=30)
     for pairs in (spectrum.top, spectrum.bottom):
         for i, (value, reported) in enumerate(zip(pairs.eigenvalues, pairs.residuals)):
             v = to_stored_layout(model, pairs.direction(i), layers)
@@ -210,7 +214,7 @@ def test_reported_residuals_are_the_true_residuals(gpt2_problem):
 def test_non_converged_lanczos_is_flagged(gpt2_problem):
     model, data, layers, hessian = gpt2_problem
     with pytest.warns(ConvergenceWarning, match="not converged"):
-        spectrum = hessian_spectrum(model, data, k=3, k_bottom=1, lanczos_steps=5, progress=False)
+        spectrum = Curvature(model, data, progress=False).spectrum(k=3, k_bottom=1, lanczos_steps=5)
     assert not spectrum.converged
     top = torch.linalg.eigvalsh(hessian).numpy()[::-1][:3]
     for ok, value, exact_value in zip(spectrum.top.converged, spectrum.top.eigenvalues, top):
@@ -227,7 +231,8 @@ def test_a_closed_krylov_space_returns_exact_eigenvalues_with_a_warning(gpt2_pro
     exact = torch.linalg.eigvalsh(block).numpy()
     distinct = exact[np.concatenate([[True], np.diff(exact) > 1e-9 * np.abs(exact).max()])]
     with pytest.warns(ConvergenceWarning, match="Krylov space closed"):
-        spectrum = hessian_spectrum(model, data, k=40, k_bottom=24, layers=chosen, lanczos_steps=64, progress=False)
+        spectrum = Curvature(model, data, layers=chosen, progress=False).spectrum(k=40, k_bottom=24,
+                                                                                  lanczos_steps=64)
     assert spectrum.lanczos_steps == len(distinct) < 64
     assert len(spectrum.top) == 40 and len(spectrum.bottom) == len(distinct) - 40
     found = np.sort(np.concatenate([spectrum.top.eigenvalues, spectrum.bottom.eigenvalues]))
@@ -249,8 +254,8 @@ def test_layer_subset_spectrum_is_the_diagonal_block(arch, selection, gpt2_probl
         model, data = tiny_model("llama", torch.float64, hidden=8, layers=1), random_tokens(3, 8)
         chosen = weight_space(model, selection).layers
         block = dense_hessian(model, data, list(chosen))
-    spectrum = hessian_spectrum(model, data, k=2, k_bottom=2, layers=selection, lanczos_steps=min(block.shape[0], 150),
-                                progress=False)
+    spectrum = Curvature(model, data, layers=selection, progress=False).spectrum(
+        k=2, k_bottom=2, lanczos_steps=min(block.shape[0], 150))
     exact = torch.linalg.eigvalsh(block).numpy()
     assert spectrum.layers == chosen
     np.testing.assert_allclose(spectrum.top.eigenvalues, exact[::-1][:2], rtol=1e-6)
@@ -266,27 +271,27 @@ def test_ggn_eigenvalues_match_dense_jt_h_j(gpt2_problem):
     ggn = dense_ggn(model, data, chosen)
     exact = torch.linalg.eigvalsh(ggn).numpy()
     assert exact.min() > -1e-12  # the GGN of softmax cross-entropy is positive semi-definite
-    spectrum = hessian_spectrum(model, data, k=3, k_bottom=0, layers=chosen, operator="ggn", lanczos_steps=60,
-                                progress=False)
+    spectrum = Curvature(model, data, layers=chosen, operator="ggn", progress=False).spectrum(
+        k=3, k_bottom=0, lanczos_steps=60)
     np.testing.assert_allclose(spectrum.top.eigenvalues, exact[::-1][:3], rtol=1e-6)
     assert spectrum.operator == "ggn"
     direction = random_direction(model, chosen, seed=3)
     u = to_stored_layout(model, direction, chosen)
-    assert rayleigh_quotient(model, data, direction, operator="ggn", progress=False).value == pytest.approx(
-        float(u @ ggn @ u / (u @ u)), rel=1e-9)
+    rq = Curvature(model, data, operator="ggn", progress=False).rayleigh_quotient(direction)
+    assert rq.value == pytest.approx(float(u @ ggn @ u / (u @ u)), rel=1e-9)
 
 
 # --------------------------------------------------------------------------------- trace and density
 def test_trace_is_within_its_stated_error_of_the_exact_trace(gpt2_problem):
     model, data, _, hessian = gpt2_problem
     exact = float(hessian.trace())
-    estimate = hessian_trace(model, data, n_matvecs=30, seed=1, progress=False)
+    estimate = Curvature(model, data, progress=False).trace(n_matvecs=30, seed=1)
     assert estimate.n_matvecs == 30 and estimate.stderr > 0
     assert abs(estimate.value - exact) <= 3 * estimate.stderr
     assert estimate.interval(0.997).contains(exact)
     ggn = dense_ggn(model, random_tokens(2, 6, seed=1), ["transformer.h.0.mlp.c_proj"])
-    ggn_estimate = hessian_trace(model, random_tokens(2, 6, seed=1), layers="transformer.h.0.mlp.c_proj",
-                                 operator="ggn", n_matvecs=30, progress=False)
+    ggn_estimate = Curvature(model, random_tokens(2, 6, seed=1), layers="transformer.h.0.mlp.c_proj",
+                             operator="ggn", progress=False).trace(n_matvecs=30)
     assert abs(ggn_estimate.value - float(ggn.trace())) <= 3 * ggn_estimate.stderr
 
 
@@ -295,7 +300,8 @@ def test_density_nodes_and_moments_match_the_dense_block(gpt2_problem):
     chosen = ["transformer.h.0.attn.c_proj"]  # 64 weights: a full Krylov space recovers every eigenvalue
     block = hessian[_block(layers, model, chosen)][:, _block(layers, model, chosen)]
     exact = torch.linalg.eigvalsh(block).numpy()
-    density = hessian_density(model, data, layers=chosen, n_runs=3, lanczos_steps=64, n_grid=4000, progress=False)
+    density = Curvature(model, data, layers=chosen, progress=False).density(n_runs=3, lanczos_steps=64,
+                                                                            n_grid=4000)
     tol = 1e-9 * np.abs(exact).max()
     distinct = exact[np.concatenate([[True], np.diff(exact) > tol])]  # the block has repeated eigenvalues
     for nodes in density.nodes:
@@ -317,16 +323,16 @@ def test_rayleigh_quotient_equals_dense_and_finite_difference(gpt2_problem):
     direction = random_direction(model, layers, seed=0)
     u = to_stored_layout(model, direction, layers)
     dense = float(u @ hessian @ u / (u @ u))
-    rq = rayleigh_quotient(model, data, direction, progress=False)
+    rq = Curvature(model, data, progress=False).rayleigh_quotient(direction)
     assert rq.value == pytest.approx(dense, rel=1e-9)
     assert rq.direction_norm == pytest.approx(float(u.norm()), rel=1e-12)
     assert rq.value == pytest.approx(fd_second_derivative(model, data, direction), rel=1e-6)
-    fd = second_directional_derivative(model, data, direction, progress=False)
+    fd = Curvature(model, data, progress=False).second_derivative(direction)
     assert fd.value == pytest.approx(dense, rel=1e-5)
     assert fd.method == "finite-difference" and fd.step == 1e-3 and fd.settings["extrapolate"]
     # At a coarse step the plain central difference shows its O(h^2) error; Richardson removes it.
-    plain = second_directional_derivative(model, data, direction, step=2e-2, extrapolate=False, progress=False)
-    richardson = second_directional_derivative(model, data, direction, step=2e-2, progress=False)
+    plain = Curvature(model, data, progress=False).second_derivative(direction, step=2e-2, extrapolate=False)
+    richardson = Curvature(model, data, progress=False).second_derivative(direction, step=2e-2)
     assert abs(plain.value - dense) > 30 * abs(richardson.value - dense)
     assert richardson.value == pytest.approx(dense, rel=1e-6)
 
@@ -341,36 +347,38 @@ def test_slope_equals_the_dense_gradient_and_a_finite_difference_and_rides_along
         loss = segment_nll_sums(model, data.tokens, data.score_mask).sum() / data.n_scored_tokens
         grads = torch.autograd.grad(loss, weights)
     dense = float(torch.cat([g.reshape(-1) for g in grads]) @ u / u.norm())
-    slope = directional_slope(model, data, direction, batch_size=1, level=0.9, n_resamples=200, progress=False)
+    slope = Curvature(model, data, batch_size=1, progress=False).slope(direction, level=0.9, n_resamples=200)
     assert slope.value == pytest.approx(dense, rel=1e-9) and slope.method == "gradient"
     assert slope.value == pytest.approx(fd_first_derivative(model, data, direction), rel=1e-6)
     assert len(slope.unit_sums) == data.n_segments and slope.interval.low <= slope.value <= slope.interval.high
     chosen = layers[:2]
     sub = {n: direction[n] for n in chosen}
-    path = curvature_along_path(model, data, sub, t=(0.0, 1.0), slope=True, progress=False)
+    path = Curvature(model, data, progress=False).along(sub, t=(0.0, 1.0), slope=True)
     w0 = layer_weights(model, chosen)
     for t, value in zip(path.t, path.slope):
         with swapped_weights(model, {n: w0[n] + t * sub[n] for n in chosen}):
             assert value == pytest.approx(fd_first_derivative(model, data, sub), rel=1e-6)
     assert "slope" in path.to_record().arrays and np.isnan(path.slope_low).all()
-    assert curvature_along_path(model, data, sub, t=(0.0,), progress=False).slope is None
+    assert Curvature(model, data, progress=False).along(sub, t=(0.0,)).slope is None
 
 
 def test_rayleigh_quotient_over_batches_and_its_interval(gpt2_problem):
     model, data, layers, _ = gpt2_problem
     direction = random_direction(model, ["transformer.h.0.mlp.c_fc"], seed=5)
-    whole = rayleigh_quotient(model, data, direction, batch_size=4, progress=False)
-    per_segment = rayleigh_quotient(model, data, direction, batch_size=1, level=0.9, n_resamples=500, progress=False)
+    whole = Curvature(model, data, batch_size=4, progress=False).rayleigh_quotient(direction)
+    per_segment = Curvature(model, data, batch_size=1, progress=False).rayleigh_quotient(direction, level=0.9,
+                                                                                         n_resamples=500)
     assert per_segment.value == pytest.approx(whole.value, rel=1e-12)  # batches are memory only
     assert len(per_segment.unit_sums) == 4 and per_segment.unit_tokens.sum() == data.n_scored_tokens
-    separate = [rayleigh_quotient(model, data.subset([i]), direction, progress=False).value for i in range(4)]
+    separate = [Curvature(model, data.subset([i]), progress=False).rayleigh_quotient(direction).value
+                for i in range(4)]
     np.testing.assert_allclose(per_segment.unit_sums / per_segment.unit_tokens, separate, rtol=1e-10)
     assert per_segment.interval.low <= per_segment.value <= per_segment.interval.high
     assert per_segment.interval.low < per_segment.interval.high and per_segment.interval.unit == "batches"
-    fd = second_directional_derivative(model, data, direction, level=0.9, n_resamples=500, progress=False)
+    fd = Curvature(model, data, progress=False).second_derivative(direction, level=0.9, n_resamples=500)
     np.testing.assert_allclose(fd.unit_sums / fd.unit_tokens, separate, rtol=1e-4, atol=1e-8)
     with pytest.raises(CurvatureError, match="needs >= 2 batches"):
-        rayleigh_quotient(model, data, direction, batch_size=4, level=0.95, progress=False)
+        Curvature(model, data, batch_size=4, progress=False).rayleigh_quotient(direction, level=0.95)
 
 
 def test_curvature_along_path_moves_and_restores_the_model(gpt2_problem, monkeypatch):
@@ -378,7 +386,7 @@ def test_curvature_along_path_moves_and_restores_the_model(gpt2_problem, monkeyp
     chosen = ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj"]
     direction = {n: 0.3 * d for n, d in random_direction(model, chosen, seed=7).items()}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    path = curvature_along_path(model, data, direction, t=(0.0, 0.5, 1.0), progress=False)
+    path = Curvature(model, data, progress=False).along(direction, t=(0.0, 0.5, 1.0))
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name  # bit-exact restore
     w0 = layer_weights(model, chosen)
@@ -389,6 +397,7 @@ def test_curvature_along_path_moves_and_restores_the_model(gpt2_problem, monkeyp
     assert np.isnan(path.low).all()
 
     calls = []
+    rayleigh_quotient = directional.hvp_rayleigh_quotient
 
     def fail_on_second_point(*args, **kwargs):
         calls.append(1)
@@ -396,9 +405,9 @@ def test_curvature_along_path_moves_and_restores_the_model(gpt2_problem, monkeyp
             raise RuntimeError("interrupted")
         return rayleigh_quotient(*args, **kwargs)
 
-    monkeypatch.setattr(curvature, "rayleigh_quotient", fail_on_second_point)
+    monkeypatch.setattr(directional, "hvp_rayleigh_quotient", fail_on_second_point)
     with pytest.raises(RuntimeError, match="interrupted"):
-        curvature_along_path(model, data, direction, t=(0.5, 1.0), progress=False)
+        Curvature(model, data, progress=False).along(direction, t=(0.5, 1.0))
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
 
@@ -411,45 +420,47 @@ def test_directions_from_another_model_are_refused_before_any_work(gpt2_problem,
     def no_forward(*args, **kwargs):
         raise AssertionError("work started before validation")
 
-    monkeypatch.setattr(curvature, "segment_nll_sums", no_forward)
+    monkeypatch.setattr(operators, "segment_nll_sums", no_forward)
+    monkeypatch.setattr(directional, "segment_nll_sums", no_forward)
     other = tiny_model("llama", torch.float64, hidden=8, layers=1)
     foreign = random_direction(other, list(quantizable_layers(other))[:2], seed=0)
     with pytest.raises(DirectionMismatchError, match="does not have"):
-        rayleigh_quotient(model, data, foreign, progress=False)
+        Curvature(model, data, progress=False).rayleigh_quotient(foreign)
     with pytest.raises(DirectionMismatchError, match="without '.weight'"):
-        rayleigh_quotient(model, data, {f"{layers[0]}.weight": good[layers[0]]}, progress=False)
+        Curvature(model, data, progress=False).rayleigh_quotient({f"{layers[0]}.weight": good[layers[0]]})
     with pytest.raises(DirectionMismatchError, match="looks transposed"):
-        second_directional_derivative(model, data, {layers[0]: good[layers[0]].T}, progress=False)
+        Curvature(model, data, progress=False).second_derivative({layers[0]: good[layers[0]].T})
     bigger = tiny_model("gpt2", torch.float64, hidden=16, layers=1)
     with pytest.raises(DirectionMismatchError, match="another model"):
-        curvature_along_path(model, data, random_direction(bigger, layers[:1], seed=0), progress=False)
+        Curvature(model, data, progress=False).along(random_direction(bigger, layers[:1], seed=0))
     with pytest.raises(DirectionMismatchError, match="zero"):
-        rayleigh_quotient(model, data, {layers[0]: torch.zeros_like(good[layers[0]])}, progress=False)
+        Curvature(model, data, progress=False).rayleigh_quotient(
+            {layers[0]: torch.zeros_like(good[layers[0]])})
     assert direction_space(model, good).layers == (layers[0],)
 
 
 def test_bad_requests_are_clear_errors(gpt2_problem):
     model, data, _, _ = gpt2_problem
     with pytest.raises(LayerSelectionError, match="matches no quantizable layer"):
-        hessian_spectrum(model, data, layers="transformer.h.7.*", progress=False)
+        Curvature(model, data, layers="transformer.h.7.*", progress=False).spectrum()
     with pytest.raises(CurvatureError, match="operator must be one of"):
-        hessian_trace(model, data, operator="fisher", progress=False)
+        Curvature(model, data, operator="fisher", progress=False).trace()
     with pytest.raises(CurvatureError, match="lanczos_steps"):
-        hessian_spectrum(model, data, k=3, k_bottom=2, lanczos_steps=4, progress=False)
+        Curvature(model, data, progress=False).spectrum(k=3, k_bottom=2, lanczos_steps=4)
     with pytest.raises(CurvatureError, match="n_matvecs"):
-        hessian_trace(model, data, n_matvecs=3, progress=False)
+        Curvature(model, data, progress=False).trace(n_matvecs=3)
     with pytest.raises(CurvatureError, match="TokenSet"):
-        hessian_spectrum(model, data.tokens, progress=False)
+        Curvature(model, data.tokens, progress=False).spectrum()
     model.train()
     try:
         with pytest.raises(CurvatureError, match="train mode"):
-            hessian_spectrum(model, data, progress=False)
+            Curvature(model, data, progress=False).spectrum()
     finally:
         model.eval()
     sdpa = tiny_model("gpt2", torch.float64, hidden=8, layers=1)
     sdpa.config._attn_implementation = "sdpa"
     with pytest.raises(CurvatureError, match="eager"):
-        hessian_trace(sdpa, data, progress=False)
+        Curvature(sdpa, data, progress=False).trace()
 
 
 def test_a_krylov_basis_that_cannot_fit_in_memory_is_refused_before_any_product(gpt2_problem, monkeypatch):
@@ -461,42 +472,44 @@ def test_a_krylov_basis_that_cannot_fit_in_memory_is_refused_before_any_product(
     def no_product(*args, **kwargs):
         raise AssertionError("work started before the memory check")
 
-    monkeypatch.setattr(curvature, "_operator", no_product)
+    monkeypatch.setattr(operators, "nll_operator", no_product)
     # 13 vectors (12 steps + 1) fit in 80 % of 16.5 vectors' worth; 20 steps do not, and the error says what fits
-    monkeypatch.setattr(curvature, "available_memory_bytes", lambda device: int(16.5 * per_vector))
+    monkeypatch.setattr(operators, "available_memory_bytes", lambda device: int(16.5 * per_vector))
     with pytest.raises(CurvatureError, match=r"lanczos_steps=20 keeps 21 full-length vectors .* 13 vectors fit"):
-        hessian_spectrum(model, data, k=2, k_bottom=0, lanczos_steps=20, return_eigenvectors=False, progress=False)
+        Curvature(model, data, progress=False).spectrum(k=2, k_bottom=0, lanczos_steps=20,
+                                                        return_eigenvectors=False)
     with pytest.raises(CurvatureError, match=r"keeps 15 full-length vectors"):  # 12 steps + 1 + 2 returned pairs
-        hessian_spectrum(model, data, k=2, k_bottom=0, lanczos_steps=12, progress=False)
+        Curvature(model, data, progress=False).spectrum(k=2, k_bottom=0, lanczos_steps=12)
     with pytest.raises(CurvatureError, match=r"lanczos_steps=20 keeps 21"):
-        hessian_density(model, data, lanczos_steps=20, progress=False)
+        Curvature(model, data, progress=False).density(lanczos_steps=20)
     with pytest.raises(CurvatureError, match=r"n_matvecs=30 keeps 30 full-length vectors"):  # Hutch++: 3 x 10
-        hessian_trace(model, data, n_matvecs=30, progress=False)
+        Curvature(model, data, progress=False).trace(n_matvecs=30)
     with pytest.raises(AssertionError, match="before the memory check"):
-        hessian_trace(model, data, n_matvecs=12, progress=False)
+        Curvature(model, data, progress=False).trace(n_matvecs=12)
     with pytest.raises(AssertionError, match="before the memory check"):  # 13 vectors pass the check
-        hessian_spectrum(model, data, k=2, k_bottom=0, lanczos_steps=12, return_eigenvectors=False, progress=False)
-    monkeypatch.setattr(curvature, "available_memory_bytes", lambda device: None)  # unknown: not checked
+        Curvature(model, data, progress=False).spectrum(k=2, k_bottom=0, lanczos_steps=12,
+                                                        return_eigenvectors=False)
+    monkeypatch.setattr(operators, "available_memory_bytes", lambda device: None)  # unknown: not checked
     with pytest.raises(AssertionError, match="before the memory check"):
-        hessian_spectrum(model, data, k=2, k_bottom=0, lanczos_steps=20, progress=False)
+        Curvature(model, data, progress=False).spectrum(k=2, k_bottom=0, lanczos_steps=20)
 
 
 def test_a_krylov_basis_on_disk_gives_bit_identical_spectra_and_leaves_no_files(gpt2_problem, tmp_path, monkeypatch):
     model, data, _, _ = gpt2_problem
     made = []
-    original = curvature._MappedBasisBackend.scale
+    original = operators.MappedBasisBackend.scale
 
     def spy(self, alpha, a):
         out = original(self, alpha, a)
         made.append(sorted(p.name for p in self.directory.iterdir()))
         return out
 
-    monkeypatch.setattr(curvature._MappedBasisBackend, "scale", spy)
-    settings = {"k": 3, "k_bottom": 2, "lanczos_steps": 14, "progress": False}
+    monkeypatch.setattr(operators.MappedBasisBackend, "scale", spy)
+    settings = {"k": 3, "k_bottom": 2, "lanczos_steps": 14}
     with pytest.warns(curvature.ConvergenceWarning):  # 14 steps: not converged, and the same either way
-        memory = hessian_spectrum(model, data, **settings)
+        memory = Curvature(model, data, progress=False).spectrum(**settings)
     with pytest.warns(curvature.ConvergenceWarning):
-        disk = hessian_spectrum(model, data, krylov_dir=tmp_path, **settings)
+        disk = Curvature(model, data, progress=False).spectrum(krylov_dir=tmp_path, **settings)
     assert len(made) == 14 and len(made[-1]) == 14  # every basis vector went to its own mapped file
     assert list(tmp_path.iterdir()) == []  # removed when the run ended
     for end in ("top", "bottom"):
@@ -507,20 +520,22 @@ def test_a_krylov_basis_on_disk_gives_bit_identical_spectra_and_leaves_no_files(
         assert all(torch.equal(a.eigenvectors[name], b.eigenvectors[name]) for name in a.eigenvectors)
     assert disk.settings["krylov_storage"] == "disk" and memory.settings["krylov_storage"] == "memory"
     made.clear()
-    dense = hessian_density(model, data, n_runs=2, lanczos_steps=6, progress=False)
-    mapped = hessian_density(model, data, n_runs=2, lanczos_steps=6, krylov_dir=tmp_path, progress=False)
+    dense = Curvature(model, data, progress=False).density(n_runs=2, lanczos_steps=6)
+    mapped = Curvature(model, data, progress=False).density(n_runs=2, lanczos_steps=6, krylov_dir=tmp_path)
     assert len(made) == 12 and list(tmp_path.iterdir()) == []
     np.testing.assert_array_equal(dense.density, mapped.density)
     # with the basis on disk only the returned Ritz vectors count against memory; the disk must hold the basis
-    monkeypatch.setattr(curvature, "available_memory_bytes", lambda device: int(16.5 * weight_space(model).size * 8))
+    monkeypatch.setattr(operators, "available_memory_bytes",
+                        lambda device: int(16.5 * weight_space(model).size * 8))
     with pytest.warns(curvature.ConvergenceWarning):
-        assert hessian_spectrum(model, data, k=2, k_bottom=0, lanczos_steps=20, krylov_dir=tmp_path,
-                                progress=False).lanczos_steps == 20
-    monkeypatch.setattr(curvature.shutil, "disk_usage", lambda path: shutil_usage(free=1000))
+        assert Curvature(model, data, progress=False).spectrum(k=2, k_bottom=0, lanczos_steps=20,
+                                                               krylov_dir=tmp_path).lanczos_steps == 20
+    monkeypatch.setattr(operators.shutil, "disk_usage", lambda path: shutil_usage(free=1000))
     with pytest.raises(CurvatureError, match=r"in krylov_dir .* has 0.0 GiB free: 0 vectors fit"):
-        hessian_spectrum(model, data, k=2, lanczos_steps=20, krylov_dir=tmp_path, progress=False)
+        Curvature(model, data, progress=False).spectrum(k=2, lanczos_steps=20, krylov_dir=tmp_path)
     with pytest.raises(CurvatureError, match="not an existing directory"):
-        hessian_spectrum(model, data, k=2, lanczos_steps=20, krylov_dir=tmp_path / "missing", progress=False)
+        Curvature(model, data, progress=False).spectrum(k=2, lanczos_steps=20,
+                                                        krylov_dir=tmp_path / "missing")
 
 
 def shutil_usage(free: int):
@@ -530,21 +545,21 @@ def shutil_usage(free: int):
 
 def test_same_seed_gives_bit_identical_results_and_records_serialise(gpt2_problem, gpt2_spectrum):
     model, data, _, _ = gpt2_problem
-    again = hessian_spectrum(model, data, k=3, k_bottom=2, lanczos_steps=80, batch_size=3, progress=False)
+    again = Curvature(model, data, batch_size=3, progress=False).spectrum(k=3, k_bottom=2, lanczos_steps=80)
     for end in ("top", "bottom"):
         a, b = getattr(gpt2_spectrum, end), getattr(again, end)
         assert np.array_equal(a.eigenvalues, b.eigenvalues)
         assert all(torch.equal(a.eigenvectors[n], b.eigenvectors[n]) for n in a.eigenvectors)
-    t1 = hessian_trace(model, data, n_matvecs=9, seed=4, progress=False)
-    t2 = hessian_trace(model, data, n_matvecs=9, seed=4, progress=False)
+    t1 = Curvature(model, data, progress=False).trace(n_matvecs=9, seed=4)
+    t2 = Curvature(model, data, progress=False).trace(n_matvecs=9, seed=4)
     assert (t1.value, t1.stderr) == (t2.value, t2.stderr)
 
     record = gpt2_spectrum.to_record()
     json.dumps(record.provenance)
     assert record.arrays["top/eigenvectors/transformer.h.0.mlp.c_fc"].shape == (3, 32, 8)
     np.testing.assert_array_equal(record.arrays["bottom/eigenvalues"], gpt2_spectrum.bottom.eigenvalues)
-    for result in (t1, hessian_density(model, data, layers="transformer.h.0.attn.c_proj", n_runs=1, lanczos_steps=8,
-                                       progress=False)):
+    for result in (t1, Curvature(model, data, layers="transformer.h.0.attn.c_proj",
+                                 progress=False).density(n_runs=1, lanczos_steps=8)):
         rec = result.to_record()
         json.dumps(rec.provenance)
         assert all(isinstance(v, np.ndarray) for v in rec.arrays.values())
@@ -554,11 +569,11 @@ def test_eigenvectors_work_as_toolkit_directions_and_foreign_bases_are_refused(g
     directions = pytest.importorskip("landscape.engine.directions")
     model, data, _, _ = gpt2_problem
     top = directions.eigenvector_direction(model, gpt2_spectrum.top.direction(0), source="test top eigenvector")
-    rq = rayleigh_quotient(model, data, top, progress=False)
+    rq = Curvature(model, data, progress=False).rayleigh_quotient(top)
     assert rq.value == pytest.approx(gpt2_spectrum.top.eigenvalues[0], rel=1e-9)  # v^T H v = lambda for a unit v
     other_w0 = tiny_model("gpt2", torch.float64, hidden=8, layers=1, seed=1)  # same shapes, other weights
     with pytest.raises(DirectionMismatchError, match="fingerprint"):
-        rayleigh_quotient(other_w0, data, top, progress=False)
+        Curvature(other_w0, data, progress=False).rayleigh_quotient(top)
 
 
 def test_cli_spectrum_stores_what_the_library_computes_and_resumes(tmp_path, capsys, monkeypatch):
@@ -567,7 +582,6 @@ def test_cli_spectrum_stores_what_the_library_computes_and_resumes(tmp_path, cap
     from landscape.cli import main
     from landscape.data import heldout_set
     from landscape.models import load_model
-    from landscape.store import read_store
 
     out = tmp_path / "s.h5"
     base = ["spectrum", "ref-tiny", "--seq-len", "16", "--segments", "2", "--k", "2", "--k-bottom", "1",
@@ -590,11 +604,11 @@ def test_cli_spectrum_stores_what_the_library_computes_and_resumes(tmp_path, cap
     data = heldout_set(lm.tokenizer, 16, "wiki", 2, context_length=lm.info.context_length)
     layers = ["transformer.h.0.*"]
     with pytest.warns(ConvergenceWarning):
-        direct = hessian_spectrum(lm.model, data, k=2, k_bottom=1, lanczos_steps=10, layers=layers, batch_size=1,
-                                  progress=False)
+        direct = Curvature(lm.model, data, layers=layers, batch_size=1, progress=False).spectrum(
+            k=2, k_bottom=1, lanczos_steps=10)
     np.testing.assert_allclose(store.arrays["spectrum/top/eigenvalues"], direct.top.eigenvalues, rtol=1e-6)
     np.testing.assert_allclose(store.arrays["spectrum/bottom/eigenvalues"], direct.bottom.eigenvalues, rtol=1e-6)
-    trace = hessian_trace(lm.model, data, n_matvecs=6, layers=layers, batch_size=1, progress=False)
+    trace = Curvature(lm.model, data, layers=layers, batch_size=1, progress=False).trace(n_matvecs=6)
     assert json.loads(str(store.arrays["trace/attrs"]))["value"] == pytest.approx(trace.value, rel=1e-6)
     assert float(np.trapezoid(store.arrays["density/density"], store.arrays["density/grid"])) == pytest.approx(
         1.0, abs=0.02)
@@ -602,3 +616,90 @@ def test_cli_spectrum_stores_what_the_library_computes_and_resumes(tmp_path, cap
     before = out.stat().st_mtime_ns
     assert main([*base, "--out", str(out)]) == 0  # finished: read back, nothing recomputed
     assert out.stat().st_mtime_ns == before and capsys.readouterr().out == printed
+
+
+# ------------------------------------------------------------------------------- one object, one protocol
+def test_every_public_function_and_method_takes_at_most_eight_parameters():
+    """Result dataclasses' generated constructors (their fields) are not counted: the package builds them."""
+    for name in curvature.__all__:
+        obj = getattr(curvature, name)
+        members = [obj] if callable(obj) and not inspect.isclass(obj) else []
+        if inspect.isclass(obj):
+            public = {n: m for n, m in vars(obj).items() if not n.startswith("_") or n == "__init__"}
+            if dataclasses.is_dataclass(obj):
+                public.pop("__init__", None)
+            members = [m for m in public.values() if inspect.isfunction(m)]
+            members += [m.__func__ for m in public.values() if isinstance(m, classmethod)]
+        for member in members:
+            params = [p for p in inspect.signature(member).parameters if p not in ("self", "cls")]
+            assert len(params) <= 8, (name, member.__name__, params)
+
+
+def test_directional_quantities_use_the_directions_layers_and_any_attention(gpt2_problem):
+    model, data, layers, _ = gpt2_problem
+    direction = random_direction(model, ["transformer.h.0.attn.c_attn"], seed=11)
+    everything = Curvature(model, data, progress=False)
+    mlp_only = Curvature(model, data, layers="transformer.h.0.mlp.*", progress=False)
+    assert mlp_only.space.layers == ("transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj")
+    assert mlp_only.rayleigh_quotient(direction).value == everything.rayleigh_quotient(direction).value
+    assert mlp_only.slope(direction).value == everything.slope(direction).value
+    sdpa = tiny_model("gpt2", torch.float64, hidden=8, layers=1)
+    sdpa.config._attn_implementation = "sdpa"
+    on_sdpa = Curvature(sdpa, data, progress=False)  # forward-only and first-order measurements need no eager
+    finite_difference = everything.second_derivative(direction).value
+    assert on_sdpa.second_derivative(direction).value == pytest.approx(finite_difference, rel=1e-9)
+    assert on_sdpa.slope(direction).value == pytest.approx(everything.slope(direction).value, rel=1e-9)
+    for needs_products in (lambda: on_sdpa.rayleigh_quotient(direction), lambda: on_sdpa.along(direction),
+                           lambda: on_sdpa.spectrum(), lambda: on_sdpa.density(), lambda: on_sdpa.operator()):
+        with pytest.raises(CurvatureError, match="eager"):
+            needs_products()
+
+
+def test_a_curvature_store_reads_back_into_the_results_it_was_written_from(gpt2_problem, tmp_path):
+    model, data, layers, _ = gpt2_problem
+    measure = Curvature(model, data, batch_size=1, progress=False)
+    direction = {n: 0.3 * d for n, d in random_direction(model, layers[:2], seed=2).items()}
+    with pytest.warns(ConvergenceWarning):
+        spectrum = measure.spectrum(k=2, k_bottom=1, lanczos_steps=8)
+    results = {"spectrum": spectrum, "trace": measure.trace(6), "density": measure.density(1, 5, n_grid=50),
+               "path/b": measure.along(direction, t=(0.0, 1.0), level=0.9, n_resamples=200, slope=True),
+               "path/a": measure.along(direction, t=(0.0, 0.5))}
+    provenance = {"kind": "curvature", "nll_convention": NLLConvention.for_data(data, "tiny").to_dict(),
+                  "tasks": list(results)}
+    tasks = {k: (lambda r=r: r.to_record()) for k, r in results.items()}
+    store, _ = run_tasks(tmp_path / "c.h5", provenance, tasks)
+    record = read_curvature(tmp_path / "c.h5")
+    assert list(record.paths) == ["b", "a"]  # in run order
+    read = {"spectrum": record.spectrum, "trace": record.trace, "density": record.density,
+            "path/b": record.paths["b"], "path/a": record.paths["a"]}
+    for task, result in results.items():
+        written, back = result.to_record(), read[task].to_record()
+        assert json.dumps(written.provenance, sort_keys=True) == json.dumps(back.provenance, sort_keys=True)
+        assert written.arrays.keys() == back.arrays.keys(), task
+        for name in written.arrays:
+            np.testing.assert_array_equal(written.arrays[name], back.arrays[name])
+    assert all(torch.equal(spectrum.top.eigenvectors[n], record.spectrum.top.eigenvectors[n]) for n in layers)
+    assert record.paths["a"].slope is None and record.paths["a"].estimates == ()
+    assert Spectrum.from_store(tmp_path / "c.h5").top.eigenvalues.tolist() == list(spectrum.top.eigenvalues)
+    assert TraceEstimate.from_data(store).value == results["trace"].value
+    assert Density.from_data(store).sigma == results["density"].sigma
+    path_b = PathCurvature.from_store(tmp_path / "c.h5", "path/b")
+    np.testing.assert_array_equal(path_b.slope, results["path/b"].slope)
+    text = record.markdown()
+    assert text.startswith(record.markdown(paths=False)) and "| top |" in text
+    table = text.split("\n\n")[-1].splitlines()
+    assert table[0].startswith("| direction | ‖d‖ | u^T H u at t = 0 [95 % over segments]")
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| b", "| a"]
+    cells = [row.strip("| ").split(" | ") for row in table[2:]]
+    assert len(cells[0]) == 2 + 2 + 2 + 1  # label, norm, 2 curvatures, 2 slopes, quadratic model at t = 0
+    assert len(cells[1]) == 2 + 2  # label, norm, 2 curvatures
+    rq = measure.rayleigh_quotient(direction, level=0.9, n_resamples=200)
+    again = DirectionalCurvature.from_record(StoreRecord(json.loads(json.dumps(rq.to_record().provenance)),
+                                                         arrays=rq.to_record().arrays))
+    assert again.interval == rq.interval and again.value == rq.value and again.settings == json.loads(
+        json.dumps(rq.settings))
+    with pytest.raises(CurvatureError, match="holds a 'trace' result"):
+        Spectrum.from_data(store, "trace")
+    with pytest.raises(CurvatureError, match="no curvature task 'path/c'"):
+        PathCurvature.from_data(store, "path/c")
+    assert read_store(tmp_path / "c.h5").complete

@@ -3,7 +3,7 @@
 A child process (:data:`PIPELINE`) builds a small reference model from scratch (``landscape.refmodel``, a
 registered micro config: BPE tokenizer and a few AdamW steps on the bundled corpus), then runs the CLI
 commands ``quantize --method gptq``, ``quantize --method qaft``, ``scan`` (with layer MSE) and ``radius`` on
-it, and a Lanczos run of :func:`landscape.curvature.hessian_spectrum`. The test runs it twice, with
+it, and a Lanczos run of :meth:`landscape.curvature.Curvature.spectrum`. The test runs it twice, with
 different ``PYTHONHASHSEED`` values (so an order that depends on string hashing would show), and compares:
 
 * model weights and tokenizer files, and quantized weights: byte for byte;
@@ -39,7 +39,7 @@ PIPELINE = textwrap.dedent("""
     import torch
 
     from landscape import cli
-    from landscape.curvature import hessian_spectrum
+    from landscape.curvature import Curvature
     from landscape.data import heldout_set
     from landscape.models import load_model
     from landscape.refmodel import REF_CONFIGS, RefModelConfig, build_reference_model
@@ -68,8 +68,8 @@ PIPELINE = textwrap.dedent("""
         assert cli.main(argv) == 0, argv
 
     lm = load_model("ref-micro")
-    spectrum = hessian_spectrum(lm.model, heldout_set(lm.tokenizer, 32, max_segments=2), k=2, k_bottom=1,
-                                lanczos_steps=8, seed=11, progress=False)
+    spectrum = Curvature(lm.model, heldout_set(lm.tokenizer, 32, max_segments=2), progress=False).spectrum(
+        k=2, k_bottom=1, lanczos_steps=8, seed=11)
     np.savez(out / "lanczos.npz", **spectrum.to_record().arrays)
 """)
 WALL_TIMES = ("seconds", "layer_seconds", "seconds_per_step", "train_seconds", "convert_seconds")

@@ -284,7 +284,7 @@ def test_fig5_slices_match_the_stores_and_pass_through_the_endpoints(run):
 
 # ------------------------------------------------------------------------------------------- figure 6
 def test_fig6_shows_the_stored_curvature_and_it_matches_a_finite_difference(run):
-    from landscape.curvature import second_directional_derivative
+    from landscape.curvature import Curvature
     from landscape.engine.directions import displacement_direction
 
     session, _, _ = run
@@ -303,7 +303,7 @@ def test_fig6_shows_the_stored_curvature_and_it_matches_a_finite_difference(run)
     c = session.profile.curvature
     held = eval_set(session, "ref-tiny", c.segments, seq_len=c.seq_len)
     d = displacement_direction(model64, str(quantized_model_path(session, "ref-tiny", "gptq", "int3")))
-    fd = second_directional_derivative(model64, held, d, progress=False).value
+    fd = Curvature(model64, held, progress=False).second_derivative(d).value
     assert a[f"path/{label}/curvature"][0] == pytest.approx(fd, rel=2e-3, abs=1e-7)
     # the top Ritz value bounds every Rayleigh quotient from above (it is at most lambda_max)
     top = a["spectrum/top/eigenvalues"][0]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from landscape.cli.spectrum import spectrum_report
+from landscape.curvature import read_curvature
 from landscape.engine.basin import BasinStatistics
 from landscape.engine.perturb import ScanResult
 from landscape.quant.result import QuantResult
@@ -76,7 +76,7 @@ def reader_output(name: str, how: dict) -> dict:
         return {"reader": kind, "nll": floats(s.values["nll"]), "grid": [floats(g) for g in s.grid],
                 "directions": [d.to_dict() for d in s.directions]}
     if kind == "spectrum_report":
-        return {"reader": kind, "text": spectrum_report(read_store(path))}
+        return {"reader": kind, "text": read_curvature(path).markdown(paths=False)}
     if kind == "comparison":
         c = Comparison.from_store(path)
         return {"reader": kind, "markdown": c.markdown(per_layer=True), "norms": floats([r.norm for r in c.rows]),

@@ -94,13 +94,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     curvature_data = data.subset(slice(0, min(args.curvature_segments, data.n_segments)))
     eigenvectors = None
     if args.eigenvectors:
-        from landscape.curvature import hessian_spectrum
+        from landscape.curvature import Curvature
         from landscape.studies.compare import check_same_base
 
         check_same_base(lm.model, results)  # before the Lanczos run
-        eigenvectors = hessian_spectrum(lm.model, curvature_data, k=args.eigenvectors, k_bottom=0,
-                                        lanczos_steps=args.lanczos_steps, krylov_dir=args.krylov_dir,
-                                        batch_size=args.batch_size, progress=not args.no_progress)
+        curvature = Curvature(lm.model, curvature_data, batch_size=args.batch_size,
+                              progress=not args.no_progress)
+        eigenvectors = curvature.spectrum(args.eigenvectors, 0, lanczos_steps=args.lanczos_steps,
+                                          krylov_dir=args.krylov_dir)
     comparison = compare_displacements(
         lm.model, results, data, curvature_data=curvature_data, eigenvectors=eigenvectors, path_t=args.path,
         curvature_t=() if args.no_curvature else args.curvature_t, between=args.between or "gptq-qaft",

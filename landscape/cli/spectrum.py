@@ -13,7 +13,6 @@ each, so a killed run resumes at the next task. Every setting is checked before 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from landscape.cli import command, default_seq_len
@@ -65,7 +64,7 @@ def check_spectrum_args(args: argparse.Namespace) -> None:
 @command("spectrum", "Hessian (or GGN) eigenvalues at w0: top/bottom eigenpairs, Hutch++ trace, SLQ density, "
                      "into a resumable store")
 def cmd_spectrum(args: argparse.Namespace) -> int:
-    from landscape.curvature import hessian_density, hessian_spectrum, hessian_trace
+    from landscape.curvature import Curvature, read_curvature
     from landscape.data import heldout_set
     from landscape.models import load_model
     from landscape.objectives import NLLConvention
@@ -78,18 +77,17 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     seq_len = args.seq_len or default_seq_len(lm.info)
     data = heldout_set(lm.tokenizer, seq_len, args.corpus, args.segments, context_length=lm.info.context_length)
     layers = [g.strip() for g in args.layers.split(",")] if args.layers else None
-    common = {"layers": layers, "operator": args.operator, "batch_size": args.batch_size, "seed": args.seed,
-              "progress": not args.no_progress}
-    tasks = {"spectrum": lambda: hessian_spectrum(
-        lm.model, data, k=args.k, k_bottom=args.k_bottom, lanczos_steps=args.lanczos_steps,
-        return_eigenvectors=args.save_eigenvectors, krylov_dir=args.krylov_dir,
-        **common).to_record(include_eigenvectors=args.save_eigenvectors)}
+    curvature = Curvature(lm.model, data, layers=layers, operator=args.operator, batch_size=args.batch_size,
+                          progress=not args.no_progress)
+    tasks = {"spectrum": lambda: curvature.spectrum(
+        args.k, args.k_bottom, lanczos_steps=args.lanczos_steps, seed=args.seed,
+        return_eigenvectors=args.save_eigenvectors,
+        krylov_dir=args.krylov_dir).to_record(include_eigenvectors=args.save_eigenvectors)}
     if args.trace_matvecs:
-        tasks["trace"] = lambda: hessian_trace(lm.model, data, n_matvecs=args.trace_matvecs, **common).to_record()
+        tasks["trace"] = lambda: curvature.trace(args.trace_matvecs, seed=args.seed).to_record()
     if args.density_runs:
-        tasks["density"] = lambda: hessian_density(lm.model, data, n_runs=args.density_runs,
-                                                   lanczos_steps=args.density_steps, krylov_dir=args.krylov_dir,
-                                                   **common).to_record()
+        tasks["density"] = lambda: curvature.density(args.density_runs, args.density_steps, seed=args.seed,
+                                                     krylov_dir=args.krylov_dir).to_record()
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                 if k not in ("func", "out", "krylov_dir", "no_progress", "model")}
     provenance = {"kind": "curvature", "model": lm.info.name, "model_info": lm.info.to_dict(),
@@ -99,39 +97,9 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     store, _ = run_tasks(out, provenance, tasks)
     if lm.info.caveat:
         print(f"caveat: {lm.info.caveat}\n")
-    print(spectrum_report(store))
+    print(read_curvature(store).markdown())
     print(f"\nunits: nats/token per squared weight unit; store: {out}")
     return 0
-
-
-def spectrum_report(store) -> str:
-    """Markdown of a ``landscape spectrum`` (or ``analyses/curvature_study.py``) store."""
-    import numpy as np
-
-    a, lines = store.arrays, []
-    conv = store.provenance["nll_convention"]
-    spec = json.loads(str(a["spectrum/attrs"]))
-    lines += [f"{spec['operator']} of the token-mean NLL ({conv['n_segments']} x {conv['seq_len']} held-out "
-              f"{conv['corpus']} tokens, {conv['n_tokens']:,} scored) over {spec['n_params']:,} weights of "
-              f"{len(spec['layers'])} layers; {spec['lanczos_steps']} Lanczos steps, "
-              f"{spec['seconds_per_matvec']:.2g} s per product",
-              "", "| end | eigenvalues | residuals | converged |", "|---|---|---|---|"]
-    for end in ("top", "bottom"):
-        ev, res, ok = (a[f"spectrum/{end}/{k}"] for k in ("eigenvalues", "residuals", "converged"))
-        if len(ev):
-            lines.append(f"| {end} | {np.array2string(ev, precision=4)} | {np.array2string(res, precision=2)} | "
-                         f"{int(ok.sum())}/{len(ok)} |")
-    if "trace/attrs" in a:
-        trace = json.loads(str(a["trace/attrs"]))
-        lines += ["", f"trace (Hutch++, {trace['n_matvecs']} products): {trace['value']:.5g} +- {trace['stderr']:.2g} "
-                      f"(standard error); mean eigenvalue {trace['value'] / trace['n_params']:.3g}"]
-    if "density/attrs" in a:
-        density = json.loads(str(a["density/attrs"]))
-        grid, values = a["density/grid"], a["density/density"]
-        mass = float(np.trapezoid(values, grid))
-        lines += ["", f"density (SLQ, {density['n_runs']} runs x {density['lanczos_steps']} steps): support "
-                      f"[{grid[0]:.4g}, {grid[-1]:.4g}], integral {mass:.3f}"]
-    return "\n".join(lines)
 
 
 cmd_spectrum.add_arguments = _spectrum_args

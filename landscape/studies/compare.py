@@ -5,10 +5,10 @@ formats) :func:`compare_displacements` measures, for every displacement ``d = w_
 
 * **size**: ``||d||`` and ``||d|| / ||w0||``, in total and per layer;
 * **direction**: pairwise cosines ``<d_a, d_b> / (||d_a|| ||d_b||)`` and the coefficients ``<d, v_i>`` on
-  unit Hessian eigenvectors ``v_i`` (e.g. :func:`landscape.curvature.hessian_spectrum`), with the share
+  unit Hessian eigenvectors ``v_i`` (e.g. :meth:`landscape.curvature.Curvature.spectrum`), with the share
   ``sum_i <d, v_i>^2 / ||d||^2`` of the squared displacement they capture;
 * **steepness**: the slope ``g^T u`` and the Rayleigh quotient ``u^T H u`` (``u = d / ||d||``) at points
-  ``w0 + t d`` of the path (:func:`landscape.curvature.curvature_along_path`): at w0 every displacement looks
+  ``w0 + t d`` of the path (:meth:`landscape.curvature.Curvature.along`): at w0 every displacement looks
   flat in curvature, differences show along the path; the slope at w0 is the first-order part of the cost;
 * **cost**: token-mean NLL (nats/token, with a bootstrap interval over segments) at each endpoint, along
   the straight path ``w0 + t (w_q - w0)`` and along the segment between two endpoints (default: every
@@ -42,11 +42,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from landscape.curvature import (
+    Curvature,
     CurvatureError,
     Eigenpairs,
     Spectrum,
     check_curvature_model,
-    curvature_along_path,
     direction_space,
 )
 from landscape.data import TokenSet
@@ -378,7 +378,7 @@ def compare_displacements(
         curvature_data: data of the Hessian-vector products (default ``data``; each path point costs one
             product per batch of ``batch_size`` segments).
         eigenvectors: directions to project the displacements on, e.g. a
-            :func:`~landscape.curvature.hessian_spectrum` result (its top pairs); ``None`` for none.
+            :meth:`~landscape.curvature.Curvature.spectrum` result (its top pairs); ``None`` for none.
             Each is rescaled to unit norm; a Direction made on other base weights is refused.
         path_t: coordinates ``t`` of the NLL along ``w0 + t d`` (and of the segments between endpoints).
         curvature_t: coordinates of the Rayleigh quotient along the path; ``()`` skips the curvature.
@@ -683,8 +683,8 @@ def _path_curvature(model: nn.Module, data: TokenSet, w0: Mapping[str, torch.Ten
     direction = {n: endpoint[n] - w0[n] for n in w0 if not torch.equal(endpoint[n], w0[n])}
     if not direction:  # the result equals w0: no direction to take a curvature along
         return (np.full(len(t), math.nan),) * 6
-    path = curvature_along_path(model, data, direction, t, batch_size=batch_size, level=level,
-                                n_resamples=n_resamples, seed=seed, slope=True, progress=False)
+    curvature = Curvature(model, data, batch_size=batch_size, progress=False)
+    path = curvature.along(direction, t, level=level, n_resamples=n_resamples, seed=seed, slope=True)
     return path.curvature, path.low, path.high, path.slope, path.slope_low, path.slope_high
 
 

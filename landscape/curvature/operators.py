@@ -1,0 +1,234 @@
+"""The token-mean NLL as a hessian-eigenthings operator, and what its Krylov runs need around it.
+
+* :class:`NLLProblem`: the prepared set-up every measurement shares (model, batches, weight space, operator
+  kind), made once by :class:`landscape.curvature.Curvature`; its :meth:`~NLLProblem.operator` is the Hessian
+  ``H = d2L/dw2`` (``"hessian"``) or the generalized Gauss-Newton ``G = J^T H_logits J`` (``"ggn"``) of the
+  token-mean NLL ``L = sum_s S_s / N`` over all batches (nats/token per squared weight unit).
+* :class:`CountedOperator`: enables autograd, detaches, counts and times products, advances a progress bar.
+* The Krylov memory check (:func:`check_krylov_memory`) and the memory-mapped basis backend
+  (:func:`krylov_backend`), for bases that do not fit in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hessian_eigenthings import CurvatureOperator, GGNOperator, HessianOperator
+from hessian_eigenthings.linalg import SingleDeviceBackend
+from torch import nn
+from tqdm.auto import tqdm
+
+from landscape.curvature.space import CurvatureError, OperatorKind, WeightSpace, check_curvature_model
+from landscape.data import TokenSet
+from landscape.objectives import nll_sums_from_logits, segment_nll_sums
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (tokens (b, t), score_mask (b, t))
+
+# Share of the memory available when a Lanczos run starts that its vectors may use (the rest: the HVPs' work).
+KRYLOV_MEMORY_SHARE = 0.8
+
+
+# ------------------------------------------------------------------------------------------ batches
+def token_batches(data: TokenSet, batch_size: int) -> list[Batch]:
+    """A re-iterable list of ``(tokens (b, t), score_mask (b, t))`` batches (operators iterate it once per
+    product)."""
+    return list(data.batches(batch_size))
+
+
+def scored_tokens(batches: list[Batch]) -> int:
+    """Scored tokens of the batches: the ``N`` of the token mean (a segment's first token is not scored)."""
+    return int(sum(int(mask[:, 1:].sum()) for _, mask in batches))
+
+
+# ---------------------------------------------------------------------------------------- operators
+def nll_operator(model: nn.Module, batches: list[Batch], loss_scale: float, space: WeightSpace,
+                 kind: OperatorKind) -> CurvatureOperator:
+    """Operator of ``loss_scale * sum of NLL sums``, averaged over ``batches`` as hessian-eigenthings does.
+
+    With ``loss_scale = len(batches) / N`` the average is the curvature of the token-mean NLL over all
+    batches; with one batch and ``loss_scale = 1`` it is that of the batch's summed NLL.
+    """
+    selected = set(space.parameter_names)
+
+    def in_space(name: str, _param: nn.Parameter) -> bool:
+        return name in selected
+
+    if kind == "hessian":
+        def scaled_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
+            return segment_nll_sums(model, *batch).sum() * loss_scale
+
+        return HessianOperator(model, batches, scaled_nll, param_filter=in_space)
+
+    def logits_of(model: nn.Module, batch: Batch) -> torch.Tensor:
+        return model(input_ids=batch[0]).logits  # (b, t, vocab)
+
+    def scaled_nll_of_logits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return nll_sums_from_logits(logits, *batch).sum() * loss_scale
+
+    return GGNOperator(model, batches, logits_of, scaled_nll_of_logits, param_filter=in_space)
+
+
+class CountedOperator(CurvatureOperator):
+    """Wraps an operator: enables autograd, detaches, counts and times its products, advances a progress bar.
+
+    Attributes:
+        n_matvecs: products spent; ``seconds``: wall time spent in them.
+    """
+
+    def __init__(self, inner: CurvatureOperator, bar: tqdm | None = None) -> None:
+        self.inner, self.bar = inner, bar
+        self.n_matvecs, self.seconds = 0, 0.0
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.dtype
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v`` for a flat ``(size,)`` vector ``v``, detached, ``(size,)``."""
+        start = time.perf_counter()
+        with torch.enable_grad():
+            out = self.inner.matvec(v).detach()  # GGN products come back attached to a graph
+        self.seconds += time.perf_counter() - start
+        self.n_matvecs += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class NLLProblem:
+    """The token-mean NLL of ``data`` w.r.t. the weights of ``space``, prepared once for every measurement.
+
+    Attributes:
+        model: the model at the weights the curvature is taken at (moved in place by path measurements only).
+        data: the held-out segments; ``batches``: their ``(tokens, score_mask)`` batches of ``batch_size``
+            segments.
+        space: the weights spectra, traces and densities are taken over (directional measurements use the
+            direction's own layers instead).
+        kind: ``"hessian"`` or ``"ggn"``.
+        progress: whether measurements show progress bars.
+    """
+
+    model: nn.Module
+    data: TokenSet
+    batches: list[Batch]
+    space: WeightSpace
+    kind: OperatorKind
+    batch_size: int
+    progress: bool
+
+    def operator(self) -> CurvatureOperator:
+        """The Hessian (or GGN) of the token-mean NLL over all batches, on flat vectors of :attr:`space`."""
+        loss_scale = len(self.batches) / scored_tokens(self.batches)
+        return nll_operator(self.model, self.batches, loss_scale, self.space, self.kind)
+
+    def check_model(self, needs_double_backward: bool = True) -> None:
+        """Eval mode (and eager attention for products): the model's state may have changed since set-up."""
+        check_curvature_model(self.model, needs_double_backward)
+
+    def provenance(self) -> dict[str, Any]:
+        """Model name, dtype, batch size and data provenance, for a result's settings (JSON-able)."""
+        name = getattr(getattr(self.model, "config", None), "name_or_path", "") or type(self.model).__name__
+        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        return {"model": name, "dtype": dtype, "batch_size": self.batch_size, "data": self.data.provenance()}
+
+
+# ------------------------------------------------------------------------------------ Krylov memory
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory (bytes) a new allocation on ``device`` can use now: free GPU memory, or Linux's ``MemAvailable``
+    (which counts reclaimable page cache); ``None`` where it cannot be known (the check is then skipped)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_krylov_memory(model: nn.Module, space: WeightSpace, n_basis: int, n_returned: int, request: str,
+                        knob: str, krylov_dir: str | os.PathLike | None) -> None:
+    """Refuse, before any product, a Lanczos run whose vectors cannot fit: ``n_basis`` Krylov vectors (in
+    memory, or in files under ``krylov_dir``, which must then have the disk space) and ``n_returned`` Ritz
+    vectors (in memory). A 135M-parameter model needs 0.42 GB per fp32 vector: 60 steps are 25 GB.
+
+    Args:
+        request, knob: how the error names the request (``"lanczos_steps=60"``) and the setting to lower.
+    """
+    parameter = next(model.parameters())
+    per_vector = space.size * parameter.element_size()  # bytes
+    if krylov_dir is not None:
+        if parameter.device.type != "cpu":
+            raise CurvatureError(f"krylov_dir keeps the Krylov basis in memory-mapped files, which needs the "
+                                 f"model on the CPU; it is on {parameter.device}: pass krylov_dir=None")
+        directory = Path(krylov_dir)
+        if not directory.is_dir():
+            raise CurvatureError(f"krylov_dir {str(directory)!r} is not an existing directory")
+        free = shutil.disk_usage(directory).free
+        if n_basis * per_vector > free:
+            raise CurvatureError(
+                f"{request} keeps {n_basis} Krylov vectors of {space.size:,} weights "
+                f"({n_basis * per_vector / 2**30:.1f} GiB) in krylov_dir {str(directory)!r}, which has "
+                f"{free / 2**30:.1f} GiB free: "
+                f"{free // per_vector} vectors fit; lower {knob} or choose another directory")
+    in_memory = n_returned + (n_basis if krylov_dir is None else 0)
+    available = available_memory_bytes(parameter.device)
+    need = in_memory * per_vector
+    if available is None or need <= KRYLOV_MEMORY_SHARE * available:
+        return
+    fits = int(KRYLOV_MEMORY_SHARE * available // per_vector)
+    raise CurvatureError(
+        f"{request} keeps {in_memory} full-length vectors of {space.size:,} weights in memory "
+        f"({need / 2**30:.1f} GiB in {parameter.dtype}), more than {KRYLOV_MEMORY_SHARE:.0%} of the "
+        f"{available / 2**30:.1f} GiB available on {parameter.device}: "
+        f"{fits} vectors fit; lower {knob}, select fewer layers"
+        + ("" if krylov_dir is not None or n_basis == 0 else ", keep the basis on disk (krylov_dir)")
+        + " or use a larger machine")
+
+
+class MappedBasisBackend(SingleDeviceBackend):
+    """hessian-eigenthings' vector arithmetic, except that ``scale``, which Lanczos uses to make each new
+    (unit) basis vector, writes its result into a new memory-mapped file: the basis lives in the page cache,
+    which the operating system can write out, instead of in process memory. Same kernels, so bit-identical
+    results."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.n_files = 0
+
+    def scale(self, alpha: float | torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        path = self.directory / f"v{self.n_files:06d}.f{a.element_size()}"
+        self.n_files += 1
+        out = torch.from_file(str(path), shared=True, size=a.numel(), dtype=a.dtype).view(a.shape)
+        return torch.mul(a, alpha, out=out)
+
+
+@contextlib.contextmanager
+def krylov_backend(krylov_dir: str | os.PathLike | None) -> Iterator[SingleDeviceBackend]:
+    """The vector backend of a Lanczos run: in memory (``None``), or mapped files in a temporary folder under
+    ``krylov_dir`` that is removed when the run ends."""
+    if krylov_dir is None:
+        yield SingleDeviceBackend()
+        return
+    with tempfile.TemporaryDirectory(prefix="krylov-", dir=krylov_dir) as folder:
+        yield MappedBasisBackend(Path(folder))
