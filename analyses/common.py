@@ -32,7 +32,8 @@ import numpy as np
 import plotly.graph_objects as go
 
 from landscape.cache import stable_hash
-from landscape.studies.quant_table import METHODS, Protocol
+from landscape.quant.methods import QUANT_TABLE_METHODS
+from landscape.studies.quant_table import Protocol
 
 PROFILE_NAMES = ("quick", "full", "tiny")
 SMOLLM2_PARAMETERS = 134_515_008
@@ -523,8 +524,8 @@ def quantized_model_path(session: Session, model: str, method: str, fmt: str, se
     from landscape.quant import parse_format
     from landscape.studies.quant_table import Variant, result_key
 
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
+    if method not in QUANT_TABLE_METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {QUANT_TABLE_METHODS}")
     name = parse_format(fmt).name
     protocols = model_protocols(session, model)
     for protocol in protocols:
