@@ -3,7 +3,7 @@
     python -m analyses.lr_sweep --model smollm2-135m --formats int3 int4 --out results/lr_sweep.json
 
 For each format (``fp32``: the full-precision control, which gets its own rate),
-:func:`landscape.quant.qaft.select_learning_rate` splits the 128 calibration sequences
+:func:`landscape.quant.lr_selection.select_learning_rate` splits the 128 calibration sequences
 (seeded) into 112 training and 16 validation sequences, trains QAFT on the 112 with each candidate rate
 (every other setting as in the quantization table: one epoch, batch 4, seed 0) and measures the token-mean
 NLL of the snapped result on the 16. Held-out text is never read. Writes every sweep (rates, validation
@@ -21,7 +21,12 @@ from pathlib import Path
 from landscape.data import calibration_set
 from landscape.models import load_model
 from landscape.quant import parse_format
-from landscape.quant.qaft import DEFAULT_VALIDATION_SEQUENCES, LearningRateSweep, select_learning_rate
+from landscape.quant.lr_selection import (
+    DEFAULT_VALIDATION_SEQUENCES,
+    LearningRateSweepSettings,
+    select_learning_rate,
+)
+from landscape.quant.qaft import FinetuneSettings, LearningRateSweep
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,8 +52,9 @@ def main(argv: list[str] | None = None) -> None:
         key = f"{args.model}/{fmt}/{calib.content_hash}/" + ",".join(f"{c:g}" for c in sorted(args.candidates))
         if key not in done:
             control = fmt == "fp32"  # the control: the same loop with the quantizer off, its own learning rate
-            sweep = select_learning_rate(lm.model, calib, None if control else fmt, candidates=args.candidates,
-                                         n_validation=args.validation, model_name=lm.info.name, quantize=not control)
+            search = LearningRateSweepSettings(tuple(args.candidates), n_validation=args.validation)
+            sweep = select_learning_rate(lm.base, calib, None if control else fmt,
+                                         FinetuneSettings(quantize=not control), search)
             done[key] = sweep.to_dict()
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(".tmp")

@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             stem = results / f"{method}-{fmt}"
             if not stem.with_name(stem.name + ".json").exists():
                 t0 = time.time()
-                (rtn(lm.model, fmt, model_name=lm.info.name) if method == "rtn" else
-                 gptq(lm.model, calib, fmt, model_name=lm.info.name)).save(stem)
+                (rtn(lm.base, fmt) if method == "rtn" else gptq(lm.base, calib, fmt)).save(stem)
                 print(f"{method} {fmt}: {time.time() - t0:.0f} s, saved to {stem}", flush=True)
     candidates = {**saved_candidates(results, tuple(args.methods)), **specs}
     held = heldout_set(tok, args.eval_seq_len, "wiki", args.eval_segments, context_length=ctx)

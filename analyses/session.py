@@ -28,8 +28,9 @@ from landscape.data import calibration_set, heldout_set
 from landscape.figio import png_export_available, write_figure
 from landscape.models import load_model
 from landscape.quant import parse_format
+from landscape.quant.methods import QUANT_TABLE_METHODS
 from landscape.store import StoreData, read_store
-from landscape.studies.quant_table import METHODS, Protocol, Variant, result_key
+from landscape.studies.quant_table import Protocol, Variant, result_key
 
 
 # ------------------------------------------------------------------------------------------- session
@@ -121,8 +122,8 @@ def quantized_model_path(session: Session, model: str, method: str, fmt: str, se
     Raises:
         ValueError: no table of ``model`` runs ``method`` at ``fmt``; FileNotFoundError: not measured yet.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
+    if method not in QUANT_TABLE_METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {QUANT_TABLE_METHODS}")
     name = parse_format(fmt).name
     protocols = model_protocols(session, model)
     for protocol in protocols:

@@ -103,7 +103,7 @@ def run_workload(workload: str, spec: ModelSpec, settings: MemorySettings) -> di
     from landscape.engine.perturb import scan
     from landscape.engine.sweep import Execution
     from landscape.objectives import segment_nll_sums
-    from landscape.quant.qaft import qaft
+    from landscape.quant.qaft import FinetuneSettings, qaft
     from landscape.weights import quantizable_layers, weight_matrix
 
     if workload not in WORKLOADS:
@@ -134,8 +134,8 @@ def run_workload(workload: str, spec: ModelSpec, settings: MemorySettings) -> di
         loss = segment_nll_sums(model, batch.tokens, batch.score_mask).sum() / batch.n_scored_tokens
         loss.backward()
     else:
-        qaft(model, calib, settings.qaft_format, steps=settings.qaft_steps, batch_size=settings.qaft_batch_size,
-             progress=False)
+        qaft(model, calib, settings.qaft_format,
+             FinetuneSettings(steps=settings.qaft_steps, batch_size=settings.qaft_batch_size), progress=False)
     seconds = time.perf_counter() - started
     peak = peak_rss_bytes()
     trained_bytes = sum(weight_matrix(m).numel() * weight_matrix(m).element_size() for m in trained.values())

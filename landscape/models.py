@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from landscape.cache import cache_dir, file_sha256, stable_hash
 from landscape.refmodel import REF_CONFIGS, build_reference_model
+from landscape.weights import Base
 
 SMOLLM2_CAVEAT = (
     "SmolLM2-135M ships as a Q4_1 GGUF: its weights already lie on a 4-bit asymmetric grid with group 32 "
@@ -85,6 +87,12 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Any
     info: ModelInfo
+
+    @cached_property
+    def base(self) -> Base:
+        """The model as the :class:`~landscape.weights.Base` of a measurement, labelled ``info.name``; made
+        once, so the fingerprints of w0 are hashed once per loaded model."""
+        return Base(self.model, self.info.name)
 
     def __iter__(self):  # allows ``model, tok, info = load_model(...)``
         return iter((self.model, self.tokenizer, self.info))

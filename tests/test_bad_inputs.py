@@ -67,6 +67,7 @@ from landscape.models import ModelNotFoundError, load_model
 from landscape.objectives import nll
 from landscape.outputs import OutputPathError
 from landscape.quant import (
+    FinetuneSettings,
     FormatError,
     QuantFormat,
     QuantResult,
@@ -286,7 +287,8 @@ MATRIX: tuple[Row, ...] = (
     Row("bits 1", "parse_format", lambda c: parse_format("int1"), FormatError, ("got 1", r"2\.\.8")),
     Row("bits 9", "QuantFormat", lambda c: QuantFormat(bits=9), FormatError, ("got 9", r"2\.\.8")),
     Row("bits 9", "rtn", lambda c: rtn(c.model, "int9"), FormatError, ("got 9", r"2\.\.8")),
-    Row("bits 1", "qaft", lambda c: qaft(c.model, c.data, "int1", steps=1, batch_size=2, progress=False),
+    Row("bits 1", "qaft", lambda c: qaft(c.model, c.data, "int1", FinetuneSettings(steps=1, batch_size=2),
+                                         progress=False),
         FormatError, ("got 1", r"2\.\.8")),
     Row("bits 9", "Protocol", lambda c: Protocol(formats=("int4", "int9")), FormatError, ("got 9", r"2\.\.8")),
     Row("bits 1", "landscape quantize",
@@ -306,7 +308,7 @@ MATRIX: tuple[Row, ...] = (
     Row("group 24 does not divide 32 columns", "rtn", lambda c: rtn(c.model, "int4-g24"),
         FormatError, ("group size 24", "in_features=32", r"group sizes that do: \[16, 32\]")),
     Row("group 24 does not divide 32 columns", "qaft",
-        lambda c: qaft(c.model, c.data, "int4-g24", steps=1, batch_size=2, progress=False),
+        lambda c: qaft(c.model, c.data, "int4-g24", FinetuneSettings(steps=1, batch_size=2), progress=False),
         FormatError, ("group size 24", "in_features=32", r"group sizes that do: \[16, 32\]")),
     Row("MX block 24 does not divide 32 columns", "gptq", lambda c: gptq(c.model, c.data, "mxint4-24", progress=False),
         FormatError, ("group size 24", "in_features=32", r"group sizes that do: \[16, 32\]")),
@@ -336,8 +338,8 @@ MATRIX: tuple[Row, ...] = (
     # NaN / Inf in weights
     Row("NaN weight", "rtn", lambda c: rtn(with_weight(c.model, float("nan")), "int4"),
         ValueError, (FIRST_LAYER, "NaN or Inf", r"\[3, 5\]")),
-    Row("Inf weight", "qaft", lambda c: qaft(with_weight(c.model, float("inf")), c.data, "int4", steps=1, batch_size=2,
-                                             progress=False),
+    Row("Inf weight", "qaft", lambda c: qaft(with_weight(c.model, float("inf")), c.data, "int4",
+                                             FinetuneSettings(steps=1, batch_size=2), progress=False),
         ValueError, (FIRST_LAYER, "NaN or Inf", r"\[3, 5\]")),
     Row("Inf weight", "scan", lambda c: scan(with_weight(c.model, float("inf")), random_direction(tiny_model(), 0), [0.0, 1.0], data=c.data, execution=Execution(store=c.out / "s.h5", progress=False)),
         DirectionError, (FIRST_LAYER, "NaN or Inf weights", r"\[3, 5\]", "must be finite")),

@@ -16,7 +16,7 @@ from bench.common import Row, Section, Table, Target, Timing, interleaved_median
 from bench.gptq import check_identical, lattice_difference, reference_gptq_layer, reference_gptq_model
 from bench.run import BenchReport, Failure, render_results, write_results
 from bench.scan import engine_scan, naive_scan, plane
-from landscape.quant import gptq, gptq_layer, make_grid
+from landscape.quant import GPTQSettings, gptq, gptq_layer, make_grid
 from landscape.weights import layer_weights
 
 
@@ -37,7 +37,7 @@ def test_reference_gptq_layer_picks_the_same_lattice_points_as_ours(fmt, act_ord
     # 40 inputs with blocks of 16: ours uses three lazy blocks, the reference none; a dead input is kept.
     w, hessian = layer_problem(12, 40, dead=(5,))
     grid = make_grid(w, fmt)
-    ours, _ = gptq_layer(w, hessian, grid, block_size=16, act_order=act_order)
+    ours, _ = gptq_layer(w, hessian, grid, GPTQSettings(block_size=16, act_order=act_order))
     reference = reference_gptq_layer(w, hessian, grid, act_order=act_order)
     max_abs, max_steps, differing = lattice_difference({"w": ours}, {"w": reference}, {"w": grid})
     assert (max_abs, differing) == (0.0, 0)

@@ -14,7 +14,7 @@ from conftest import random_tokens, tiny_model
 from landscape.curvature import Curvature
 from landscape.engine.directions import eigenvector_direction
 from landscape.objectives import nll, nll_sums_from_logits
-from landscape.quant import gptq, qaft, rtn
+from landscape.quant import FinetuneSettings, gptq, qaft, rtn
 from landscape.quant.result import QuantResult
 from landscape.store import StoreError
 from landscape.studies import compare as compare_module
@@ -75,7 +75,7 @@ def setting():
     calib = random_tokens(8, 16, seed=1)
     results = {"rtn int4": rtn(model, "int4"), "rtn int3": rtn(model, "int3"),
                "gptq int4": gptq(model, calib, "int4", progress=False),
-               "qaft int4": qaft(model, calib, "int4", lr=1e-2, steps=2, progress=False)}
+               "qaft int4": qaft(model, calib, "int4", FinetuneSettings(lr=1e-2, steps=2), progress=False)}
     first_layers = [n for n in quantizable_layers(model) if ".h.0." in n]
     results["rtn int2 h0"] = rtn(model, "int2", layers=first_layers)  # covers a subset of the layers
     return model, results, random_tokens(4, 16, seed=2)

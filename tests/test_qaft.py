@@ -15,20 +15,14 @@ from conftest import random_tokens, tiny_model
 
 from landscape.objectives import nll
 from landscape.quant.formats import Grid, make_grid, parse_format
-from landscape.quant.qaft import (
-    QAFTError,
-    fp_finetune,
-    learning_rate_at,
-    lsq_fake_quant,
-    paired_control,
-    qaft,
-    select_learning_rate,
-)
+from landscape.quant.lr_selection import LearningRateSweepSettings, select_learning_rate
+from landscape.quant.qaft import FinetuneSettings, QAFTError, fp_finetune, paired_control, qaft
 from landscape.quant.result import QuantResult
+from landscape.quant.training import learning_rate_at, lsq_fake_quant
 from landscape.weights import layer_weights, swapped_weights, weights_fingerprint
 
-FAST = dict(steps=3, batch_size=4, progress=False)
-ONE_STEP = dict(steps=1, batch_size=4, progress=False)
+FAST = dict(steps=3, batch_size=4)
+ONE_STEP = dict(steps=1, batch_size=4)
 
 
 def rtn_weights(model, fmt) -> dict[str, torch.Tensor]:
@@ -106,7 +100,7 @@ def test_qaft_lowers_calibration_nll_from_rtn_and_lands_on_the_grid_of_w0(arch):
     w0 = layer_weights(model)
     with swapped_weights(model, rtn_weights(model, "int3")):
         rtn_nll = nll(model, calib).value
-    result = qaft(model, calib, "int3", lr=1e-2, steps=8, batch_size=4, progress=False)
+    result = qaft(model, calib, "int3", FinetuneSettings(lr=1e-2, steps=8, batch_size=4), progress=False)
     with swapped_weights(model, result.weights):
         qaft_nll = nll(model, calib).value
     assert qaft_nll < rtn_nll - 0.01
@@ -127,7 +121,8 @@ def test_model_is_left_at_w0_bit_exactly_after_training_and_on_exception():
     calib = random_tokens(8, 16)
     state = model_state(model)
     flags = [p.requires_grad for p in model.parameters()]
-    qaft(model, calib, "int4", lr=1e-2, distill_weight=0.5, learned_scales=True, activations=8, kv=4, **FAST)
+    settings = FinetuneSettings(lr=1e-2, distill_weight=0.5, learned_scales=True, activations=8, kv=4, **FAST)
+    qaft(model, calib, "int4", settings, progress=False)
     assert_same_state(model, state)
     assert [p.requires_grad for p in model.parameters()] == flags
 
@@ -140,7 +135,7 @@ def test_model_is_left_at_w0_bit_exactly_after_training_and_on_exception():
 
     handle = model.transformer.h[1].mlp.register_forward_hook(explode)
     with pytest.raises(RuntimeError, match="interrupted"):
-        qaft(model, calib, "int4", lr=1e-2, activations=8, kv=4, **FAST)
+        qaft(model, calib, "int4", FinetuneSettings(lr=1e-2, activations=8, kv=4, **FAST), progress=False)
     handle.remove()
     assert_same_state(model, state)
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
@@ -149,7 +144,8 @@ def test_model_is_left_at_w0_bit_exactly_after_training_and_on_exception():
 def test_training_is_deterministic():
     model = tiny_model("opt")
     calib = random_tokens(8, 16)
-    runs = [qaft(model, calib, "int3-g16", lr=5e-3, learned_scales=True, seed=3, **FAST) for _ in range(2)]
+    settings = FinetuneSettings(lr=5e-3, learned_scales=True, seed=3, **FAST)
+    runs = [qaft(model, calib, "int3-g16", settings, progress=False) for _ in range(2)]
     assert runs[0].extra["loss_curve"] == runs[1].extra["loss_curve"]
     assert all(torch.equal(runs[0].weights[n], runs[1].weights[n]) for n in runs[0].weights)
 
@@ -159,7 +155,7 @@ def test_learned_scales_land_on_the_learned_lattice():
     calib = random_tokens(8, 16)
     w0 = layer_weights(model)
     fmt = parse_format("int3")
-    result = qaft(model, calib, fmt, lr=1e-2, learned_scales=True, **FAST)
+    result = qaft(model, calib, fmt, FinetuneSettings(lr=1e-2, learned_scales=True, **FAST), progress=False)
     moved = 0
     for name, w in result.weights.items():
         grid0 = make_grid(w0[name], fmt)
@@ -168,14 +164,15 @@ def test_learned_scales_land_on_the_learned_lattice():
         moved += int((scale != grid0.scale).sum())
         assert Grid(fmt, scale, grid0.zero, grid0.group_size).contains(w)
     assert moved > 0
-    at_zero_lr = qaft(model, calib, fmt, lr=0.0, learned_scales=True, **ONE_STEP)
+    at_zero_lr = qaft(model, calib, fmt, FinetuneSettings(lr=0.0, learned_scales=True, **ONE_STEP),
+                      progress=False)
     assert all(torch.equal(at_zero_lr.weights[n], rtn_weights(model, fmt)[n]) for n in w0)
 
 
 def test_first_step_losses_equal_independent_nll_and_kl_of_rtn():
     model = tiny_model("llama", torch.float64)
     calib = random_tokens(8, 16)
-    result = qaft(model, calib, "int3", lr=0.0, distill_weight=0.25, **FAST)
+    result = qaft(model, calib, "int3", FinetuneSettings(lr=0.0, distill_weight=0.25, **FAST), progress=False)
     batch = calib.tokens[result.extra["batch_order"][0]]
     with torch.no_grad():
         teacher = F.log_softmax(model(input_ids=batch).logits[:, :-1], dim=-1)
@@ -194,7 +191,8 @@ def test_training_with_quantized_activations_sees_them_in_the_student_only():
 
     model = tiny_model("gpt2", torch.float64)
     calib = random_tokens(8, 16)
-    result = qaft(model, calib, "int4", lr=0.0, distill_weight=0.5, activations=4, kv=3, **ONE_STEP)
+    settings = FinetuneSettings(lr=0.0, distill_weight=0.5, activations=4, kv=3, **ONE_STEP)
+    result = qaft(model, calib, "int4", settings, progress=False)
     batch = calib.tokens[result.extra["batch_order"][0]]
     with torch.no_grad():
         teacher = F.log_softmax(model(input_ids=batch).logits[:, :-1], dim=-1)
@@ -215,7 +213,8 @@ def test_start_result_is_the_starting_point():
         grid = make_grid(w, "int4")
         codes = grid.quantize(w)
         start[name] = grid.dequantize(torch.where(codes < 15, codes + 1, codes))
-    result = qaft(model, calib, "int4", lr=0.0, start=quant_result(model, start, "int4", "gptq"), **ONE_STEP)
+    result = qaft(model, calib, "int4", FinetuneSettings(lr=0.0, **ONE_STEP),
+                  start=quant_result(model, start, "int4", "gptq"), progress=False)
     assert all(torch.equal(result.weights[n], start[n]) for n in w0)
     assert result.settings["start"] == "gptq int4"
 
@@ -226,10 +225,11 @@ def test_qaft_starts_from_gptq_and_refuses_an_off_grid_lorc_result():
     model = tiny_model("opt")
     calib = random_tokens(8, 16)
     start = gptq(model, calib, "int3", progress=False)
-    result = qaft(model, calib, "int3", lr=0.0, start=start, **ONE_STEP)
+    result = qaft(model, calib, "int3", FinetuneSettings(lr=0.0, **ONE_STEP), start=start, progress=False)
     assert all(torch.equal(result.weights[n], start.weights[n]) for n in start.weights)
     with pytest.raises(QAFTError, match="not on the int3 grid"):
-        qaft(model, calib, "int3", start=lorc(model, start, rank=2, progress=False), **ONE_STEP)
+        qaft(model, calib, "int3", FinetuneSettings(**ONE_STEP),
+             start=lorc(model, start, rank=2, progress=False), progress=False)
 
 
 # ------------------------------------------------------------------------------ full-precision control
@@ -237,11 +237,11 @@ def test_control_with_zero_lr_returns_w0_bit_exactly():
     model = tiny_model("gpt2")
     calib = random_tokens(8, 16)
     w0 = layer_weights(model)
-    control = fp_finetune(model, calib, "int4", lr=0.0, **FAST)
+    control = fp_finetune(model, calib, "int4", FinetuneSettings(lr=0.0, **FAST), progress=False)
     assert control.format is None and control.method == "fp-finetune"
     assert all(torch.equal(control.weights[n], w0[n]) for n in w0)
     assert control.extra["changed_vs_rtn"] == 0.0 and control.extra["displacement_norm"] == 0.0
-    paired = qaft(model, calib, "int4", lr=0.0, **FAST)
+    paired = qaft(model, calib, "int4", FinetuneSettings(lr=0.0, **FAST), progress=False)
     differing = {k for k in paired.settings if paired.settings[k] != control.settings[k]}
     assert differing == {"quantize", "start"} and control.settings["format"] == "int4"
 
@@ -249,7 +249,8 @@ def test_control_with_zero_lr_returns_w0_bit_exactly():
 def test_paired_control_repeats_the_qaft_run_with_the_quantizer_off():
     model = tiny_model("llama")
     calib = random_tokens(8, 16)
-    run = qaft(model, calib, "int3", lr=2e-3, warmup_steps=1, seed=5, layers="*.mlp.*", **FAST)
+    run = qaft(model, calib, "int3", FinetuneSettings(lr=2e-3, warmup_steps=1, seed=5, **FAST),
+               layers="*.mlp.*", progress=False)
     control = paired_control(model, calib, run, progress=False)
     assert list(control.weights) == list(run.weights) and all("mlp" in n for n in run.weights)
     assert control.extra["batch_order"] == run.extra["batch_order"] and control.extra["lr_curve"] == run.extra["lr_curve"]
@@ -266,8 +267,9 @@ def test_the_control_does_not_depend_on_the_format_it_is_paired_with():
     # paired format must not reach the weights (same data, seed, batches, steps, layers).
     model = tiny_model("llama")
     calib = random_tokens(8, 16)
-    controls = [paired_control(model, calib, qaft(model, calib, fmt, lr=2e-3, seed=3, **FAST), progress=False)
-                for fmt in ("int3", "int4-g8")]
+    settings = FinetuneSettings(lr=2e-3, seed=3, **FAST)
+    controls = [paired_control(model, calib, qaft(model, calib, fmt, settings, progress=False),
+                               progress=False) for fmt in ("int3", "int4-g8")]
     w0 = layer_weights(model)
     assert all(torch.equal(controls[0].weights[n], controls[1].weights[n]) for n in w0)
     assert any(not torch.equal(controls[0].weights[n], w0[n]) for n in w0)  # it did train
@@ -282,7 +284,8 @@ def test_control_and_qaft_see_the_same_batches_in_the_seeded_order():
         seen = []
         handle = model.register_forward_pre_hook(
             lambda m, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True)
-        train(model, calib, "int4", lr=1e-3, steps=steps, batch_size=batch_size, seed=seed, progress=False, **kw)
+        train(model, calib, "int4", FinetuneSettings(lr=1e-3, steps=steps, batch_size=batch_size, seed=seed),
+              progress=False, **kw)
         handle.remove()
         return seen[:steps]  # later forwards measure the layer MSE
 
@@ -299,7 +302,7 @@ def test_one_control_step_is_an_adamw_step_along_the_autograd_gradient():
     calib = random_tokens(8, 16)
     w0 = layer_weights(model)
     lr = 1e-3
-    control = fp_finetune(model, calib, lr=lr, steps=1, progress=False)
+    control = fp_finetune(model, calib, None, FinetuneSettings(lr=lr, steps=1), progress=False)
     batch = calib.tokens[control.extra["batch_order"][0]]
     model.zero_grad(set_to_none=True)
     logp = F.log_softmax(model(input_ids=batch).logits[:, :-1], dim=-1)  # float64, on the model's parameters
@@ -321,7 +324,7 @@ def test_one_qaft_step_moves_latent_w0_along_the_ste_gradient_at_the_rtn_point()
     w0 = layer_weights(model)
     grids = {n: make_grid(w, "int3", n) for n, w in w0.items()}
     lr = 0.2 * float(min(g.scale.min() for g in grids.values()))  # under half of every grid step
-    result = qaft(model, calib, "int3", lr=lr, steps=1, batch_size=4, progress=False)
+    result = qaft(model, calib, "int3", FinetuneSettings(lr=lr, steps=1, batch_size=4), progress=False)
     batch = calib.tokens[result.extra["batch_order"][0]]
     with swapped_weights(model, {n: g.round(w0[n]) for n, g in grids.items()}):
         model.zero_grad(set_to_none=True)
@@ -340,7 +343,8 @@ def test_one_qaft_step_moves_latent_w0_along_the_ste_gradient_at_the_rtn_point()
 def test_the_distillation_teacher_is_the_model_at_w0():
     model = tiny_model("opt")
     calib = random_tokens(8, 16)
-    control = fp_finetune(model, calib, lr=1e-2, distill_weight=1.0, **ONE_STEP)  # student == teacher at step 0
+    control = fp_finetune(model, calib, None, FinetuneSettings(lr=1e-2, distill_weight=1.0, **ONE_STEP),
+                          progress=False)  # student == teacher at step 0
     assert control.extra["kl_curve"] == [0.0] and control.extra["loss_curve"] == [0.0]
 
 
@@ -348,7 +352,8 @@ def test_control_moves_weights_off_w0_and_lowers_nll():
     model = tiny_model("llama")
     calib = random_tokens(8, 16)
     before = nll(model, calib).value
-    control = fp_finetune(model, calib, lr=1e-2, steps=6, batch_size=4, progress=False)
+    control = fp_finetune(model, calib, None, FinetuneSettings(lr=1e-2, steps=6, batch_size=4),
+                          progress=False)
     with swapped_weights(model, control.weights):
         assert nll(model, calib).value < before - 0.01
     assert control.settings["format"] is None and "changed_vs_rtn" not in control.extra
@@ -368,8 +373,10 @@ def test_bad_settings_are_refused_before_training(bad, message):
     calib = random_tokens(8, 16)
     forwards = count_forwards(model)
     settings = {**FAST, **bad}
+    layers = settings.pop("layers", None)
     with pytest.raises((ValueError, KeyError), match=message):
-        qaft(model, calib, "int4", lr=settings.pop("lr", 1e-3), **settings)
+        qaft(model, calib, "int4", FinetuneSettings(lr=settings.pop("lr", 1e-3), **settings), layers=layers,
+             progress=False)
     assert forwards[0] == 0
 
 
@@ -387,11 +394,12 @@ def test_bad_start_points_are_refused_before_training():
     for message, start in cases.items():
         fmt = "int3" if message == "int3" else "int4"
         with pytest.raises(QAFTError, match=message):
-            qaft(model, calib, fmt, start=start, **FAST)
+            qaft(model, calib, fmt, FinetuneSettings(**FAST), start=start, progress=False)
     with pytest.raises(QAFTError, match="w0"):
-        qaft(model, calib, "int4", start=cases["int3"], quantize=False, **FAST)
+        qaft(model, calib, "int4", FinetuneSettings(quantize=False, **FAST), start=cases["int3"],
+             progress=False)
     with pytest.raises(QAFTError, match="format"):
-        qaft(model, calib, None, **FAST)
+        qaft(model, calib, None, FinetuneSettings(**FAST), progress=False)
     assert forwards[0] == 0
 
 
@@ -399,25 +407,27 @@ def test_bad_start_points_are_refused_before_training():
 def test_learning_rate_selection_uses_a_split_of_the_calibration_set_only():
     model = tiny_model("gpt2")
     calib = random_tokens(12, 16)
-    sweep = select_learning_rate(model, calib, "int3", candidates=[1e-2, 1e-4], n_validation=4, steps=2,
-                                 progress=False)
+    search = LearningRateSweepSettings(candidates=[1e-2, 1e-4], n_validation=4)
+    sweep = select_learning_rate(model, calib, "int3", FinetuneSettings(steps=2), search, progress=False)
     assert sweep.candidates == (1e-4, 1e-2)
     train, validation = list(sweep.train_sequences), list(sweep.validation_sequences)
     assert len(validation) == 4 and sorted(train + validation) == list(range(12))
     # Recompute one candidate by hand: train on the training part, score the held-back part.
-    result = qaft(model, calib.subset(train), "int3", lr=1e-2, steps=2, progress=False)
+    result = qaft(model, calib.subset(train), "int3", FinetuneSettings(lr=1e-2, steps=2), progress=False)
     with swapped_weights(model, result.weights):
         assert nll(model, calib.subset(validation)).value == sweep.validation_nll[1]
     with swapped_weights(model, rtn_weights(model, "int3")):
         assert nll(model, calib.subset(validation)).value == sweep.start_validation_nll
     assert sweep.best_lr == sweep.candidates[min(range(2), key=lambda i: sweep.validation_nll[i])]
-    chosen = qaft(model, calib, "int3", lr=sweep, steps=2, progress=False)
+    chosen = qaft(model, calib, "int3", FinetuneSettings(lr=sweep, steps=2), progress=False)
     assert chosen.settings["lr"] == sweep.best_lr and chosen.extra["lr_selection"]["best_lr"] == sweep.best_lr
     with pytest.raises(QAFTError, match="calibration data"):
-        qaft(model, random_tokens(12, 16, seed=5), "int3", lr=sweep, progress=False)
+        qaft(model, random_tokens(12, 16, seed=5), "int3", FinetuneSettings(lr=sweep), progress=False)
     with pytest.raises(QAFTError, match="int4"):
-        qaft(model, calib, "int4", lr=sweep, progress=False)
+        qaft(model, calib, "int4", FinetuneSettings(lr=sweep), progress=False)
     with pytest.raises(QAFTError, match="n_validation"):
-        select_learning_rate(model, calib, "int3", n_validation=12, progress=False)
+        select_learning_rate(model, calib, "int3", search=LearningRateSweepSettings(n_validation=12),
+                             progress=False)
     with pytest.raises(QAFTError, match="unknown settings"):
-        select_learning_rate(model, calib, "int3", n_validation=4, lr=1e-3, progress=False)
+        select_learning_rate(model, calib, "int3", FinetuneSettings(lr=1e-3),
+                             LearningRateSweepSettings(n_validation=4), progress=False)

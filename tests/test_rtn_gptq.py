@@ -9,9 +9,18 @@ from conftest import random_tokens, tiny_model
 
 from landscape.data import TokenSet
 from landscape.objectives import layer_mse
-from landscape.quant import CholeskyError, FormatError, QuantResult, gptq, gptq_layer, make_grid, rtn
+from landscape.quant import (
+    CholeskyError,
+    FormatError,
+    GPTQSettings,
+    QuantResult,
+    gptq,
+    gptq_layer,
+    make_grid,
+    rtn,
+)
 from landscape.quant.capture import capture_block_inputs, input_groups, quantize_block_by_block, run_block
-from landscape.weights import decoder_blocks, layer_weights, quantizable_layers
+from landscape.weights import Base, decoder_blocks, layer_weights, quantizable_layers
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -112,7 +121,7 @@ def test_rtn_layer_mse_matches_direct_computation_on_captured_inputs():
 def test_gptq_layer_matches_column_by_column_reference(spec, act_order, block_size):
     w, x = layer_problem(seed=1)
     H, grid = hessian_of(x), make_grid(w, spec)
-    q, info = gptq_layer(w, H, grid, damp=0.01, block_size=block_size, act_order=act_order)
+    q, info = gptq_layer(w, H, grid, GPTQSettings(damp=0.01, block_size=block_size, act_order=act_order))
     expected = obq_reference(w, H, grid, 0.01, act_order)
     torch.testing.assert_close(q, expected, rtol=0, atol=1e-10)
     assert grid.contains(q) and info.escalations == 0 and info.damp == 0.01
@@ -131,8 +140,8 @@ def test_gptq_layer_float32_agrees_with_float64():
     w, x = layer_problem(seed=5)
     w32, H = w.float(), hessian_of(x)
     grid = make_grid(w32, "int4")
-    q64, _ = gptq_layer(w32, H, grid, compute_dtype=torch.float64)
-    q32, _ = gptq_layer(w32, H.float(), grid, compute_dtype=torch.float32)
+    q64, _ = gptq_layer(w32, H, grid, GPTQSettings(compute_dtype=torch.float64))
+    q32, _ = gptq_layer(w32, H.float(), grid, GPTQSettings(compute_dtype=torch.float32))
     assert q32.dtype == torch.float32 and grid.contains(q32)
     # float32 error feedback may flip an occasional near-tie; the local objective must agree closely
     assert mse_on_inputs(w, q32.double(), x) == pytest.approx(mse_on_inputs(w, q64.double(), x), rel=1e-3)
@@ -146,7 +155,7 @@ def test_gptq_with_identity_or_diagonal_hessian_is_rtn(act_order):
     grid = make_grid(w, "int3-g8")
     diagonal = torch.diag(torch.rand(w.shape[1], generator=torch.Generator().manual_seed(0)) + 0.1)
     for H in (torch.eye(w.shape[1]), diagonal):
-        q, _ = gptq_layer(w, H, grid, act_order=act_order, block_size=4)
+        q, _ = gptq_layer(w, H, grid, GPTQSettings(act_order=act_order, block_size=4))
         assert torch.equal(q, grid.round(w))
 
 
@@ -180,13 +189,13 @@ def test_damping_escalates_until_cholesky_succeeds_and_is_recorded():
     first_ok = next(d for d in tried if min_eig + d * mean_diag > 0)  # independent: dense eigenvalues
     assert first_ok == pytest.approx(0.1)
     grid = make_grid(w, "int3")
-    q, info = gptq_layer(w, H, grid, damp=0.01)
+    q, info = gptq_layer(w, H, grid, GPTQSettings(damp=0.01))
     assert info.damp == pytest.approx(first_ok) and info.escalations == 1
     assert info.damp_absolute == pytest.approx(first_ok * mean_diag)
     torch.testing.assert_close(q, obq_reference(w, H, grid, first_ok, True), rtol=0, atol=1e-10)
     assert grid.contains(q)
     with pytest.raises(CholeskyError, match=r"0\.01 x mean diag"):
-        gptq_layer(w, H, grid, damp=0.01, max_escalations=0)
+        gptq_layer(w, H, grid, GPTQSettings(damp=0.01, max_escalations=0))
 
 
 def test_hessian_that_no_damping_fixes_raises():
@@ -216,7 +225,7 @@ def test_gptq_layer_rejects_bad_input(bad):
     else:
         kwargs, match = {"block_size": 0}, "block_size must be a positive integer"
     with pytest.raises(ValueError, match=match):
-        gptq_layer(w, H, grid, **kwargs)
+        gptq_layer(w, H, grid, GPTQSettings(**kwargs))
 
 
 # ------------------------------------------------------------------------------------- the driver
@@ -275,7 +284,7 @@ def test_sequential_gptq_layer_mse_equals_mse_on_the_quantized_models_inputs(arc
     reports from its Hessians must equal objectives.layer_mse(..., inputs="modified")."""
     model, calib = tiny_model(arch), calib_set()
     w0 = layer_weights(model)
-    result = gptq(model, calib, "int3", block_size=8, progress=False)
+    result = gptq(model, calib, "int3", GPTQSettings(block_size=8), progress=False)
     assert all(torch.equal(w0[n], w) for n, w in layer_weights(model).items()), "model not restored to w0"
     direct = layer_mse(model, calib, result.weights, inputs="modified")
     for name in result.weights:
@@ -286,7 +295,7 @@ def test_sequential_gptq_layer_mse_equals_mse_on_the_quantized_models_inputs(arc
 
 def test_non_sequential_gptq_beats_rtn_on_every_layer_on_the_same_inputs():
     model, calib = tiny_model("opt"), calib_set()
-    g = gptq(model, calib, "int3-g16", sequential=False, progress=False)
+    g = gptq(model, calib, "int3-g16", GPTQSettings(sequential=False), progress=False)
     r = rtn(model, "int3-g16", calib=calib)
     direct = layer_mse(model, calib, g.weights, inputs="reference")
     for name in g.weights:
@@ -300,7 +309,8 @@ def test_every_method_lands_on_the_grid_of_w0(spec):
     model, calib = tiny_model("llama"), calib_set(3)
     w0 = layer_weights(model)
     first_block = "model.layers.0.*"
-    for result in (rtn(model, spec), gptq(model, calib, spec, layers=first_block, block_size=4, progress=False)):
+    for result in (rtn(model, spec),
+                   gptq(model, calib, spec, GPTQSettings(block_size=4), layers=first_block, progress=False)):
         for name, w_q in result.weights.items():
             assert make_grid(w0[name], spec).contains(w_q), f"{result.method} {name} off the grid"
 
@@ -335,7 +345,7 @@ def test_model_is_restored_when_a_solver_fails_midway():
 
 def test_saved_result_round_trips(tmp_path):
     model, calib = tiny_model("gpt2"), calib_set(2)
-    result = gptq(model, calib, "int4-g16", progress=False, model_name="tiny")
+    result = gptq(Base(model, "tiny"), calib, "int4-g16", progress=False)
     path = result.save(tmp_path / "q")
     loaded = QuantResult.load(path, base_fingerprint=result.base_fingerprint)
     assert all(torch.equal(loaded.weights[n], w) for n, w in result.weights.items())
@@ -366,7 +376,8 @@ BAD_CALLS = {
     "float_tokens": (None, lambda m, c: gptq(m, TokenSet(torch.full((2, 8), float("nan")), torch.ones(2, 8, dtype=bool),
                                                          "x", "x", 8, 8, "x"), "int4", progress=False), ValueError,
                      "integer token ids"),
-    "damp": (None, lambda m, c: gptq(m, c, "int4", damp=-1.0, progress=False), ValueError, "damp"),
+    "damp": (None, lambda m, c: gptq(m, c, "int4", GPTQSettings(damp=-1.0), progress=False), ValueError,
+             "damp"),
     "rtn_group": (None, lambda m, c: rtn(m, "int4-g24"), FormatError, "24"),
     "rtn_layer": (None, lambda m, c: rtn(m, "int4", layers="nope*"), KeyError, "nope"),
 }
@@ -418,8 +429,9 @@ def test_cli_quantize_saves_what_the_library_computes(cli_on_tiny_model, tmp_pat
     assert rc == 0 and requests == [(3, 10, 7)]
     saved = QuantResult.load(out)
     calib = random_tokens(3, 10, 7)
-    expected = lorc(model, gptq(model, calib, "int4-g16", damp=0.05, block_size=8, act_order=False,
-                                layers=["*.mlp.*"], progress=False), rank=2, calib=calib)
+    settings = GPTQSettings(damp=0.05, block_size=8, act_order=False)
+    expected = lorc(model, gptq(model, calib, "int4-g16", settings, layers=["*.mlp.*"], progress=False),
+                    rank=2, calib=calib)
     assert saved.method == "gptq+lorc" and list(saved.weights) == list(expected.weights)
     assert all(torch.equal(saved.weights[n], w) for n, w in expected.weights.items())
     assert saved.settings["damp"] == 0.05 and saved.settings["act_order"] is False

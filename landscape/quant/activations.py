@@ -53,7 +53,8 @@ class ActivationQuantError(ValueError):
 
 @dataclass(frozen=True)
 class ActivationQuant:
-    """How activations (or keys and values) are fake-quantized: ``bits`` and one min-max range per token or tensor.
+    """How activations (or keys and values) are fake-quantized: ``bits`` and one min-max range per token or
+    tensor.
 
     ``symmetric=False`` (default) uses a zero point (codes ``0 .. 2^bits - 1``), which suits the mostly
     positive inputs of MLP down-projections; ``symmetric=True`` uses codes ``-(2^(bits-1) - 1) ..
@@ -65,7 +66,8 @@ class ActivationQuant:
     symmetric: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
+        bits = self.bits
+        if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
             raise ActivationQuantError(
                 f"activation bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {self.bits!r}")
         if self.granularity not in ACTIVATION_GRANULARITIES:
@@ -85,7 +87,8 @@ class ActivationQuant:
 
 
 def as_activation_quant(spec: ActivationQuant | int | None) -> ActivationQuant | None:
-    """``None`` stays ``None``; an ``int`` is read as per-token asymmetric fake quantization with that many bits."""
+    """``None`` stays ``None``; an ``int`` is read as per-token asymmetric fake quantization with that many
+    bits."""
     if spec is None or isinstance(spec, ActivationQuant):
         return spec
     if isinstance(spec, int) and not isinstance(spec, bool):
@@ -132,8 +135,8 @@ def kv_projections(model: nn.Module) -> list[KVProjection]:
             found.append(KVProjection(name, (("k", e, 2 * e), ("v", 2 * e, 3 * e))))
     if not found:
         raise ActivationQuantError(
-            f"KV quantization: no key/value projections found in {type(model).__name__}; accepted module names "
-            f"end in 'k_proj'/'v_proj' (OPT, Llama) or 'c_attn' (GPT-2)")
+            f"KV quantization: no key/value projections found in {type(model).__name__}; accepted module "
+            f"names end in 'k_proj'/'v_proj' (OPT, Llama) or 'c_attn' (GPT-2)")
     return found
 
 
@@ -153,7 +156,10 @@ def quantized_activations(
         kv: quantization of the key and value projections' outputs (``None``: off).
         layers: which linear layers get quantized inputs (default: every quantizable decoder linear).
 
-    Example: ``with quantized_activations(model, ActivationQuant(8), kv=ActivationQuant(4)): nll(model, data)``
+    Example::
+
+        with quantized_activations(model, ActivationQuant(8), kv=ActivationQuant(4)):
+            nll(model, data)
     evaluates W?A8KV4 on top of whatever weights the model holds.
     """
     activations, kv = as_activation_quant(activations), as_activation_quant(kv)
@@ -164,7 +170,8 @@ def quantized_activations(
     def quantize_input(layer_name: str):
         def pre_hook(module, args):
             if not args:
-                raise ActivationQuantError(f"{layer_name}: called without a positional input; cannot quantize it")
+                raise ActivationQuantError(f"{layer_name}: called without a positional input; cannot "
+                                           f"quantize it")
             return (fake_quant_activations(args[0], activations), *args[1:])
 
         return pre_hook
@@ -196,7 +203,8 @@ def quantized_activations(
 # ------------------------------------------------------------------------------------ W4A8KV4 settings
 @dataclass(frozen=True)
 class BitSetting:
-    """A mixed setting such as W4A8KV4: the weight format and the activation / KV quantization (``None`` = fp)."""
+    """A mixed setting such as W4A8KV4: the weight format and the activation / KV quantization (``None``:
+    full precision)."""
 
     weights: QuantFormat | None
     activations: ActivationQuant | None
@@ -229,8 +237,9 @@ def parse_bit_setting(
     """
     m = _SETTING_RE.match(spec.strip().lower().replace("-", ""))
     if not m:
-        raise ActivationQuantError(f"unknown bit setting {spec!r}; accepted: W<b>A<b>[KV<b>] such as W4A8, W8A8, "
-                                   f"W4A8KV4, with each b in {MIN_BITS}..{MAX_BITS} or 16 (not quantized)")
+        raise ActivationQuantError(f"unknown bit setting {spec!r}; accepted: W<b>A<b>[KV<b>] such as W4A8, "
+                                   f"W8A8, W4A8KV4, with each b in {MIN_BITS}..{MAX_BITS} or 16 "
+                                   f"(not quantized)")
 
     def bits(group: str | None) -> int | None:
         return None if group is None or int(group) == 16 else int(group)

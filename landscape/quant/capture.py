@@ -49,7 +49,8 @@ COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook: the first block's inputs are recorded, the rest of the forward is not needed."""
+    """Raised by the capture hook: the first block's inputs are recorded, the rest of the forward is not
+    needed."""
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -59,7 +60,8 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | str | None = None,
 
     Args:
         layers: what :func:`landscape.weights.select_layers` takes: ``None`` (every quantizable layer), layer
-            names and/or glob patterns (``"*.mlp.*"``), each of which must match at least one quantizable layer.
+            names and/or glob patterns (``"*.mlp.*"``), each of which must match at least one quantizable
+            layer.
         fmt: when given, every selected weight's shape is checked against it (group size divides
             ``in_features``) and every weight must be finite.
 
@@ -77,13 +79,14 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | str | None = None,
             fmt.check_shape(tuple(w.shape), name)
         if not torch.isfinite(w).all():
             bad = (~torch.isfinite(w)).nonzero()[0].tolist()
-            raise ValueError(f"layer {name!r}: weight contains NaN or Inf (first at index {bad}); refusing to quantize")
+            raise ValueError(f"layer {name!r}: weight contains NaN or Inf (first at index {bad}); refusing "
+                             f"to quantize")
     return names
 
 
 def check_calibration(model: nn.Module, calib: TokenSet) -> None:
-    """Raise unless ``calib`` is a :class:`TokenSet` (integer ids, checked when it was built) inside the model's
-    vocabulary (``ValueError`` naming the range)."""
+    """Raise unless ``calib`` is a :class:`TokenSet` (integer ids, checked when it was built) inside the
+    model's vocabulary (``ValueError`` naming the range)."""
     if not isinstance(calib, TokenSet):
         raise TypeError(f"calibration data must be a landscape.data.TokenSet, got {type(calib).__name__}")
     check_in_vocabulary(model, calib, "calibration data")
@@ -153,8 +156,8 @@ def capture_block_inputs(model: nn.Module, calib: TokenSet, batch_size: int = 8)
         handle.remove()
     for i, call in enumerate(calls):
         if not torch.isfinite(call.hidden).all():
-            raise ValueError(f"hidden states entering the first decoder block contain NaN or Inf (calibration batch "
-                             f"{i}): check the model's embeddings; refusing to quantize")
+            raise ValueError(f"hidden states entering the first decoder block contain NaN or Inf "
+                             f"(calibration batch {i}): check the model's embeddings; refusing to quantize")
     return calls
 
 
@@ -220,7 +223,8 @@ def run_block(
             h.remove()
     missing = [n for n, c in counts.items() if c == 0]
     if missing:
-        raise ValueError(f"layers {missing} received no input when their decoder block ran; cannot build their Hessian")
+        raise ValueError(f"layers {missing} received no input when their decoder block ran; cannot build "
+                         f"their Hessian")
     return outputs, {n: sums[n] * (2.0 / counts[n]) for n in watched}
 
 
@@ -259,7 +263,8 @@ def input_groups(block: nn.Module, layers: Mapping[str, nn.Module], call: BlockC
 
 
 def output_mse(delta: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``mean over tokens and outputs of (delta x)^2 = tr(delta H delta^T) / (2 * out)`` for ``H = 2/n sum x x^T``.
+    """``mean over tokens and outputs of (delta x)^2 = tr(delta H delta^T) / (2 * out)``, with
+    ``H = 2/n sum x x^T``.
 
     ``delta`` is a ``(out, in)`` weight change; the result is in squared activation units.
     """
@@ -269,7 +274,8 @@ def output_mse(delta: torch.Tensor, hessian: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------- the driver
 LayerSolver = Callable[[str, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]]
-"""``solve(name, w0, hessian) -> (w_q, info)``: quantize one layer's ``(out, in)`` weight given its Hessian."""
+"""``solve(name, w0, hessian) -> (w_q, info)``: quantize one layer's ``(out, in)`` weight given its
+Hessian."""
 
 
 @dataclass(frozen=True)
@@ -304,6 +310,10 @@ def quantize_block_by_block(
 ) -> dict[str, SolvedLayer]:
     """Quantize the named layers block by block with a layer-wise solver; the model is left as it was.
 
+    Nine parameters, not a settings object: the driver serves any layer-wise solver (GPTQ passes the input
+    order and Hessian dtype of its :class:`~landscape.quant.gptq.GPTQSettings`), and its five keyword-only
+    knobs (input order, memory, dtype, progress) are the driver's own.
+
     Args:
         names: layers to quantize (already validated, e.g. by :func:`resolve_layers`).
         solve: the layer solver, called once per layer in forward order.
@@ -322,7 +332,8 @@ def quantize_block_by_block(
     modules = quantizable_layers(model)
     unknown = [n for n in names if n not in modules]
     if not names or unknown:
-        raise KeyError(f"names must be a non-empty list of quantizable layers; not quantizable: {unknown[:4]}")
+        raise KeyError(f"names must be a non-empty list of quantizable layers; not quantizable: "
+                       f"{unknown[:4]}")
     blocks = decoder_blocks(model)
     prefix = decoder_blocks_prefix(model)
     per_block: list[dict[str, nn.Module]] = [{} for _ in blocks]
@@ -359,7 +370,8 @@ def quantize_block_by_block(
                     if index < last_block:
                         calls, _ = run_block(block, calls)
                 else:  # inputs and outputs of the full-precision block, in one pass
-                    calls, hessians = run_block(block, calls, layers, compute_dtype, keep_outputs=index < last_block)
+                    calls, hessians = run_block(block, calls, layers, compute_dtype,
+                                                keep_outputs=index < last_block)
                     for name in layers:
                         solve_and_install(name, hessians.pop(name))
         finally:

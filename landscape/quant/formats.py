@@ -68,11 +68,13 @@ class QuantFormat:
                 raise FormatError(f"granularity {self.granularity!r} needs a positive integer group_size, "
                                   f"got {self.group_size!r}")
         elif self.group_size is not None:
-            raise FormatError(f"group_size is only for 'group' and 'mx' granularity, not {self.granularity!r}")
+            raise FormatError(f"group_size is only for 'group' and 'mx' granularity, not "
+                              f"{self.granularity!r}")
         if self.granularity == "mx" and not self.symmetric:
             raise FormatError("MX block formats are symmetric: use symmetric=True")
         if self.float_zero and self.symmetric:
-            raise FormatError("float_zero applies to asymmetric formats only (symmetric formats have no zero point)")
+            raise FormatError("float_zero applies to asymmetric formats only (symmetric formats have no zero "
+                              "point)")
 
     # ------------------------------------------------------------------------------------- naming
     @property
@@ -105,7 +107,8 @@ class QuantFormat:
     def check_shape(self, shape: tuple[int, ...], name: str = "weight") -> None:
         """Raise :class:`FormatError` unless this format can quantize a matrix of ``shape``."""
         if len(shape) != 2:
-            raise FormatError(f"{name}: expected an (out_features, in_features) matrix, got shape {tuple(shape)}")
+            raise FormatError(f"{name}: expected an (out_features, in_features) matrix, got shape "
+                              f"{tuple(shape)}")
         in_features = shape[1]
         g = self.group_size_for(in_features)
         if in_features % g:
@@ -125,7 +128,8 @@ class QuantFormat:
         return self.storage_bits(shape) / (shape[0] * shape[1])
 
 
-_FORMAT_RE = re.compile(r"^(?P<mx>mx)?int(?P<bits>\d+)(?:[-_](?:g(?P<group>\d+)|(?P<block>\d+)|(?P<tensor>tensor)))?"
+_FORMAT_RE = re.compile(r"^(?P<mx>mx)?int(?P<bits>\d+)"
+                        r"(?:[-_](?:g(?P<group>\d+)|(?P<block>\d+)|(?P<tensor>tensor)))?"
                         r"(?P<sym>-sym|-fz)?$")
 
 
@@ -141,7 +145,8 @@ def parse_format(spec: str | QuantFormat) -> QuantFormat:
     bits = int(m["bits"])
     if m["mx"]:
         if m["sym"]:
-            raise FormatError(f"format {spec!r}: MX formats are always symmetric; drop the suffix {m['sym']!r}")
+            raise FormatError(f"format {spec!r}: MX formats are always symmetric; drop the suffix "
+                              f"{m['sym']!r}")
         return QuantFormat(bits, True, "mx", int(m["block"]))
     sym, fz = m["sym"] == "-sym", m["sym"] == "-fz"
     if m["group"]:

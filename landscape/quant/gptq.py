@@ -13,8 +13,8 @@ using the upper Cholesky factor ``U`` of ``(H + lambda I)^-1``:
 Lazy batch updates apply the feedback inside a block of ``block_size`` columns at once per column and
 to the columns after the block only once per block (one matrix product). The grid is not the solver's
 business: it comes from :func:`landscape.quant.formats.make_grid` on w0 (static groups), and rounding
-happens only through the grid's rounding (:meth:`Grid.round_on`), so RTN, GPTQ and QAFT land on the same lattice; with
-act-order each column keeps its own group's scale.
+happens only through the grid's rounding (:meth:`Grid.round_on`), so RTN, GPTQ and QAFT land on the same
+lattice; with act-order each column keeps its own group's scale.
 
 Damping ``lambda = damp * mean(diag H)``; if a Cholesky factorisation fails, ``damp`` is multiplied by
 10 (at most ``max_escalations`` times) and the value used is recorded. Inputs never active on the
@@ -41,7 +41,7 @@ from landscape.quant.capture import (
 )
 from landscape.quant.formats import Grid, QuantFormat, make_grid, parse_format
 from landscape.quant.result import QuantResult
-from landscape.weights import weights_fingerprint
+from landscape.weights import Base, LayerSelection, as_base
 
 DEFAULT_DAMP = 0.01
 DEFAULT_BLOCK_SIZE = 128
@@ -83,6 +83,46 @@ def check_solver_settings(damp: float, block_size: int, max_escalations: int = M
         raise ValueError(f"max_escalations must be a non-negative integer, got {max_escalations!r}")
 
 
+@dataclass(frozen=True)
+class GPTQSettings:
+    """The settings of a GPTQ run, validated on construction (``ValueError`` naming the bad one).
+
+    Attributes:
+        damp: relative damping, ``lambda = damp * mean(diag H)`` (a fraction; multiplied by 10 on a failed
+            Cholesky factorisation, at most ``max_escalations`` times).
+        block_size: columns per lazy batch update (128 in the paper; any value gives the same result up to
+            float rounding).
+        act_order: process columns in decreasing ``H_jj`` (the paper's "act-order" heuristic).
+        sequential: the inputs of block ``i`` come from the already quantized blocks ``< i`` (see
+            :func:`landscape.quant.capture.quantize_block_by_block`); False: every layer sees the
+            full-precision model's inputs.
+        true_sequential: within a block, a layer's inputs also reflect the quantized layers before it
+            (only with ``sequential``).
+        compute_dtype: dtype of the solver (the Cholesky factor and the error feedback): float64 or float32.
+        hessian_dtype: dtype in which ``H = 2/n sum x x^T`` is accumulated (float32, as in the reference
+            implementation: 2-2.5x faster on CPU than float64, the ``x x^T`` products dominating the cost;
+            float64 for exact comparisons). It is converted to ``compute_dtype`` before the solver runs.
+        max_escalations: damping escalations allowed before :class:`CholeskyError`.
+    """
+
+    damp: float = DEFAULT_DAMP
+    block_size: int = DEFAULT_BLOCK_SIZE
+    act_order: bool = True
+    sequential: bool = True
+    true_sequential: bool = True
+    compute_dtype: torch.dtype = torch.float64
+    hessian_dtype: torch.dtype = torch.float32
+    max_escalations: int = MAX_DAMP_ESCALATIONS
+
+    def __post_init__(self) -> None:
+        check_solver_settings(self.damp, self.block_size, self.max_escalations)
+        for name in ("act_order", "sequential", "true_sequential"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check_compute_dtype(self.compute_dtype)
+        check_compute_dtype(self.hessian_dtype, "hessian_dtype")
+
+
 def _check_layer_problem(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, name: str) -> None:
     if w.ndim != 2:
         raise ValueError(f"{name}: weight must be an (out, in) matrix, got shape {tuple(w.shape)}")
@@ -95,11 +135,12 @@ def _check_layer_problem(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, nam
     for what, t in (("weight", w), ("Hessian", hessian)):
         if not torch.isfinite(t).all():
             bad = (~torch.isfinite(t)).nonzero()[0].tolist()
-            raise ValueError(f"{name}: {what} contains NaN or Inf (first at index {bad}); refusing to quantize")
+            raise ValueError(f"{name}: {what} contains NaN or Inf (first at index {bad}); refusing to "
+                             f"quantize")
     min_diag = float(hessian.diagonal().min())
     if min_diag < 0:
-        raise ValueError(f"{name}: Hessian has a negative diagonal entry ({min_diag:.3g}); a second-moment matrix "
-                         f"2/n sum x x^T has diag >= 0")
+        raise ValueError(f"{name}: Hessian has a negative diagonal entry ({min_diag:.3g}); a second-moment "
+                         f"matrix 2/n sum x x^T has diag >= 0")
 
 
 def inverse_cholesky_upper(hessian: torch.Tensor, damp: float, max_escalations: int = MAX_DAMP_ESCALATIONS,
@@ -123,8 +164,8 @@ def inverse_cholesky_upper(hessian: torch.Tensor, damp: float, max_escalations: 
             if info == 0 and torch.isfinite(upper).all():
                 return upper, rel, lam, escalations
     raise CholeskyError(f"{name}: Cholesky of the damped Hessian failed at every damping tried "
-                        f"({', '.join(f'{d:g}' for d in tried)} x mean diag H = {mean_diag:.3g}); the Hessian is "
-                        f"not positive semi-definite (smallest eigenvalue "
+                        f"({', '.join(f'{d:g}' for d in tried)} x mean diag H = {mean_diag:.3g}); the "
+                        f"Hessian is not positive semi-definite (smallest eigenvalue "
                         f"{float(torch.linalg.eigvalsh(hessian)[0]):.3g})")
 
 
@@ -133,12 +174,8 @@ def gptq_layer(
     w: torch.Tensor,
     hessian: torch.Tensor,
     grid: Grid,
-    damp: float = DEFAULT_DAMP,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    act_order: bool = True,
+    settings: GPTQSettings = GPTQSettings(),
     *,
-    compute_dtype: torch.dtype = torch.float64,
-    max_escalations: int = MAX_DAMP_ESCALATIONS,
     name: str = "layer",
 ) -> tuple[torch.Tensor, GPTQLayerInfo]:
     """GPTQ on one layer: the lattice point ``Q`` of ``grid`` that GPTQ finds for ``w`` under ``hessian``.
@@ -147,19 +184,19 @@ def gptq_layer(
         w: pretrained ``(out, in)`` weight w0.
         hessian: ``(in, in)`` ``H = 2/n sum x x^T`` of the layer's calibration inputs (undamped).
         grid: the format's lattice on w0 (:func:`make_grid`); columns round with their own group's scale.
-        damp: relative damping, ``lambda = damp * mean(diag H)`` (escalates x10 on Cholesky failure).
-        block_size: columns per lazy batch update (128 in the paper; any value gives the same result up
-            to float rounding).
-        act_order: process columns in decreasing ``H_jj`` (the paper's "act-order" heuristic).
-        compute_dtype: float64 (default) or float32; the result is returned in ``w``'s dtype.
-        max_escalations: damping escalations allowed before :class:`CholeskyError`.
+        settings: ``damp``, ``block_size``, ``act_order``, ``compute_dtype`` and ``max_escalations`` apply
+            (see :class:`GPTQSettings`); the result is returned in ``w``'s dtype.
+        name: the layer's name, in error messages.
 
     Returns:
-        ``(w_q, info)``: ``w_q`` ``(out, in)`` on ``grid``, in ``w``'s dtype and device; see :class:`GPTQLayerInfo`.
+        ``(w_q, info)``: ``w_q`` ``(out, in)`` on ``grid``, in ``w``'s dtype and device; see
+        :class:`GPTQLayerInfo`.
     """
-    check_solver_settings(damp, block_size, max_escalations)
-    check_compute_dtype(compute_dtype)
+    if not isinstance(settings, GPTQSettings):
+        raise TypeError(f"settings must be a GPTQSettings, got {type(settings).__name__}")
     _check_layer_problem(w, hessian, grid, name)
+    damp, block_size, act_order = settings.damp, settings.block_size, settings.act_order
+    compute_dtype = settings.compute_dtype
     n_in = w.shape[1]
     W = w.detach().to(compute_dtype).clone()  # (out, in), updated in place by the error feedback
     H = hessian.detach().to(device=w.device, dtype=compute_dtype).clone()  # (in, in)
@@ -170,7 +207,8 @@ def gptq_layer(
     else:
         perm = torch.arange(n_in, device=w.device)
     W, H = W[:, perm], H[perm][:, perm]
-    U, damp_used, lam, escalations = inverse_cholesky_upper(H, damp, max_escalations, name)  # (in, in) upper
+    # U: (in, in), upper triangular
+    U, damp_used, lam, escalations = inverse_cholesky_upper(H, damp, settings.max_escalations, name)
     # Each column's grid scale and zero point, in the processing order (a column keeps its own group's).
     scale, zero = grid.per_column(grid.scale).to(W)[:, perm], grid.per_column(grid.zero).to(W)[:, perm]
 
@@ -194,85 +232,78 @@ def gptq_layer(
 
 
 def gptq(
-    model: nn.Module,
+    model: nn.Module | Base,
     calib: TokenSet,
     fmt: QuantFormat | str,
+    settings: GPTQSettings = GPTQSettings(),
     *,
-    damp: float = DEFAULT_DAMP,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    act_order: bool = True,
-    sequential: bool = True,
-    true_sequential: bool = True,
-    layers: list[str] | str | None = None,
+    layers: LayerSelection = None,
     batch_size: int = 8,
-    compute_dtype: torch.dtype = torch.float64,
-    hessian_dtype: torch.dtype = torch.float32,
     progress: bool = True,
-    model_name: str | None = None,
 ) -> QuantResult:
     """Quantize the decoder-block linear layers of ``model`` with GPTQ on the calibration set ``calib``.
 
     Every argument is validated (format against every layer's shape, finite weights, token ids, solver
     settings) before any forward pass. Blocks are processed in order (see
-    :func:`landscape.quant.capture.quantize_block_by_block` for ``sequential`` and ``true_sequential``);
-    each layer's grid is ``make_grid(w0, fmt)``. The model is left with its weights w0 (bit-exact).
+    :func:`landscape.quant.capture.quantize_block_by_block` for ``settings.sequential`` and
+    ``settings.true_sequential``); each layer's grid is ``make_grid(w0, fmt)``. The model is left with its
+    weights w0 (bit-exact).
 
     Args:
+        model: the model at w0, or its :class:`~landscape.weights.Base` (whose label is recorded as
+            ``base_model``; default label: the config's ``name_or_path``).
         fmt: a :class:`QuantFormat` or a name such as ``"int3-g128"``.
+        settings: the solver's settings (:class:`GPTQSettings`: damping, block size, act-order, sequential
+            inputs, dtypes).
         layers: layer names or glob patterns (default: every quantizable layer).
         batch_size: calibration segments per forward pass (memory only).
-        compute_dtype: dtype of the solver (the Cholesky factor and the error feedback).
-        hessian_dtype: dtype in which ``H = 2/n sum x x^T`` is accumulated (float32, as in the reference
-            implementation: 2-2.5x faster on CPU than float64, the ``x x^T`` products dominating the cost;
-            float64 for exact comparisons). It is converted to ``compute_dtype`` before the solver runs.
-        model_name: recorded as ``base_model`` (default: the model config's ``name_or_path``).
 
     Returns:
         A :class:`QuantResult` with the quantized weights (model dtype and device), per-layer local MSE
         on the inputs each layer was solved on (``extra["layer_mse_inputs"]`` says which), damping used
         per layer, solver seconds per layer, settings and calibration provenance.
     """
+    base = as_base(model)
     fmt = parse_format(fmt)
-    check_solver_settings(damp, block_size)
-    check_compute_dtype(compute_dtype)
-    check_compute_dtype(hessian_dtype, "hessian_dtype")
+    if not isinstance(settings, GPTQSettings):
+        raise TypeError(f"settings must be a GPTQSettings, got {type(settings).__name__}")
     check_batch_size(batch_size)
-    names = resolve_layers(model, layers, fmt)
-    check_calibration(model, calib)
+    names = resolve_layers(base.model, layers, fmt)
+    check_calibration(base.model, calib)
 
     start = time.perf_counter()
 
     def solve(name: str, w0: torch.Tensor, hessian: torch.Tensor):
-        return gptq_layer(w0, hessian, make_grid(w0, fmt, name), damp, block_size, act_order,
-                          compute_dtype=compute_dtype, name=name)
+        return gptq_layer(w0, hessian, make_grid(w0, fmt, name), settings, name=name)
 
-    solved = quantize_block_by_block(model, calib, names, solve, sequential=sequential,
-                                     true_sequential=true_sequential, batch_size=batch_size,
-                                     compute_dtype=hessian_dtype, progress=progress)
+    solved = quantize_block_by_block(base.model, calib, names, solve, sequential=settings.sequential,
+                                     true_sequential=settings.true_sequential, batch_size=batch_size,
+                                     compute_dtype=settings.hessian_dtype, progress=progress)
     seconds = time.perf_counter() - start
     return QuantResult(
         weights={n: s.weight for n, s in solved.items()},
         format=fmt,
         method="gptq",
         settings={
-            "damp": damp,
-            "block_size": block_size,
-            "act_order": act_order,
-            "sequential": sequential,
-            "true_sequential": true_sequential and sequential,
+            "damp": settings.damp,
+            "block_size": settings.block_size,
+            "act_order": settings.act_order,
+            "sequential": settings.sequential,
+            "true_sequential": settings.true_sequential and settings.sequential,
             "batch_size": batch_size,
-            "compute_dtype": str(compute_dtype).removeprefix("torch."),
-            "hessian_dtype": str(hessian_dtype).removeprefix("torch."),
+            "compute_dtype": str(settings.compute_dtype).removeprefix("torch."),
+            "hessian_dtype": str(settings.hessian_dtype).removeprefix("torch."),
             "grid": "min-max of w0, static groups",
             "layers": layers if layers is None or isinstance(layers, str) else list(layers),
         },
-        base_model=model_name or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__,
-        base_fingerprint=weights_fingerprint(model, names),
+        base_model=base.label,
+        base_fingerprint=base.fingerprint(names),
         calibration=calib.provenance(),
         seconds=seconds,
         layer_mse={n: s.output_mse for n, s in solved.items()},
         extra={
-            "layer_mse_inputs": "quantized earlier layers (sequential)" if sequential else "full-precision model",
+            "layer_mse_inputs": "quantized earlier layers (sequential)" if settings.sequential
+            else "full-precision model",
             "damp_used": {n: s.info.damp for n, s in solved.items()},
             "damp_escalations": sum(s.info.escalations for s in solved.values()),
             "dead_inputs": {n: s.info.dead_inputs for n, s in solved.items() if s.info.dead_inputs},

@@ -20,7 +20,7 @@ from landscape.data import TokenSet
 from landscape.objectives import layer_mse
 from landscape.quant.capture import check_batch_size, check_calibration
 from landscape.quant.result import QuantResult, ResultMismatchError
-from landscape.weights import quantizable_layers, weight_matrix, weights_fingerprint
+from landscape.weights import Base, as_base, quantizable_layers, weight_matrix
 
 DEFAULT_RANK = 8
 
@@ -41,8 +41,8 @@ def low_rank_factors(error: torch.Tensor, rank: int, factor_dtype: torch.dtype |
 
 @torch.no_grad()
 def lorc(
-    model: nn.Module,
-    base: QuantResult,
+    model: nn.Module | Base,
+    quantized: QuantResult,
     rank: int = DEFAULT_RANK,
     *,
     factor_dtype: torch.dtype | None = torch.float16,
@@ -50,11 +50,12 @@ def lorc(
     batch_size: int = 8,
     progress: bool = True,
 ) -> QuantResult:
-    """Add a rank-``rank`` correction of each layer's quantization error to ``base``.
+    """Add a rank-``rank`` correction of each layer's quantization error to ``quantized``.
 
     Args:
-        model: the base model, whose weights are the w0 ``base`` was computed from (checked by fingerprint).
-        base: a quantized result (RTN, GPTQ, ...); its weights are ``Q(W)``.
+        model: the model at w0 ``quantized`` was computed from (checked by fingerprint), or its
+            :class:`~landscape.weights.Base`.
+        quantized: a quantized result (RTN, GPTQ, ...); its weights are ``Q(W)``.
         rank: rank ``r`` of the correction, ``1 <= r <= min(out, in)`` of every layer.
         factor_dtype: storage dtype of ``U`` and ``V`` (fp16 by default; ``None``: exact float64 factors).
         calib: when given, ``layer_mse`` is recomputed on the full-precision model's inputs for the
@@ -63,8 +64,9 @@ def lorc(
         progress: show a progress bar over layers (one SVD each).
 
     Returns:
-        A :class:`QuantResult` with method ``f"{base.method}+lorc"``, the base's format, the corrected
-        weights ``Q(W) + U V`` (off the grid by design: the grid part is ``base.weights``), and in
+        A :class:`QuantResult` with method ``f"{quantized.method}+lorc"``, its format, base model and
+        settings, the corrected weights ``Q(W) + U V`` (off the grid by design: the grid part is
+        ``quantized.weights``), and in
         ``extra``: the rank, extra parameters per layer and in total, their storage bits and the
         relative Frobenius error per layer before and after the correction.
     """
@@ -72,24 +74,27 @@ def lorc(
         raise ValueError(f"rank must be a positive integer (e.g. 8), got {rank!r}")
     if factor_dtype is not None and not factor_dtype.is_floating_point:
         raise ValueError(f"factor_dtype must be a floating dtype or None, got {factor_dtype!r}")
-    if not base.weights:
-        raise ValueError(f"base result {base.label!r} has no layers")
+    if not quantized.weights:
+        raise ValueError(f"base result {quantized.label!r} has no layers")
+    base = as_base(model)
+    model = base.model
     modules = quantizable_layers(model)
-    unknown = [n for n in base.weights if n not in modules]
+    unknown = [n for n in quantized.weights if n not in modules]
     if unknown:
         raise KeyError(f"base result has layers {unknown[:4]} that are not quantizable layers of this model")
-    names = list(base.weights)
-    fingerprint = weights_fingerprint(model, names)
-    if base.base_fingerprint and base.base_fingerprint != fingerprint:
-        raise ResultMismatchError(f"base result {base.label!r} was computed on weights with fingerprint "
-                                  f"{base.base_fingerprint}, this model's are {fingerprint}")
+    names = list(quantized.weights)
+    fingerprint = base.fingerprint(names)
+    if quantized.base_fingerprint and quantized.base_fingerprint != fingerprint:
+        raise ResultMismatchError(f"base result {quantized.label!r} was computed on weights with fingerprint "
+                                  f"{quantized.base_fingerprint}, this model's are {fingerprint}")
     for name in names:
         shape = tuple(weight_matrix(modules[name]).shape)
-        if tuple(base.weights[name].shape) != shape:
-            raise ValueError(f"{name}: base weight has shape {tuple(base.weights[name].shape)}, layer has {shape}")
+        if tuple(quantized.weights[name].shape) != shape:
+            raise ValueError(f"{name}: base weight has shape {tuple(quantized.weights[name].shape)}, layer "
+                             f"has {shape}")
         if rank > min(shape):
             raise ValueError(f"rank {rank} exceeds min(out, in) = {min(shape)} of layer {name!r} {shape}")
-        if not torch.isfinite(base.weights[name]).all():
+        if not torch.isfinite(quantized.weights[name]).all():
             raise ValueError(f"{name}: base weight contains NaN or Inf")
     if calib is not None:
         check_calibration(model, calib)
@@ -99,7 +104,7 @@ def lorc(
     weights, extra_params, error_before, error_after = {}, {}, {}, {}
     for name in tqdm(names, desc="LoRC", unit="layer", disable=not progress, leave=False):
         w0 = weight_matrix(modules[name]).detach()
-        q = base.weights[name].to(w0)
+        q = quantized.weights[name].to(w0)
         U, V = low_rank_factors(w0 - q, rank, factor_dtype)  # (out, r), (r, in)
         weights[name] = (q.double() + U.double() @ V.double()).to(w0.dtype)
         extra_params[name] = rank * sum(w0.shape)
@@ -111,17 +116,18 @@ def lorc(
     total_params = sum(extra_params.values())
     return QuantResult(
         weights=weights,
-        format=base.format,
-        method=f"{base.method}+lorc",
-        settings={**base.settings, "lorc_rank": rank, "lorc_factor_dtype": str(factor_dtype).removeprefix("torch.")},
-        base_model=base.base_model,
+        format=quantized.format,
+        method=f"{quantized.method}+lorc",
+        settings={**quantized.settings, "lorc_rank": rank,
+                  "lorc_factor_dtype": str(factor_dtype).removeprefix("torch.")},
+        base_model=quantized.base_model,
         base_fingerprint=fingerprint,
-        calibration=calib.provenance() if calib is not None else base.calibration,
-        seconds=base.seconds + seconds,
+        calibration=calib.provenance() if calib is not None else quantized.calibration,
+        seconds=quantized.seconds + seconds,
         layer_mse=layer_mse(model, calib, weights, batch_size=batch_size) if calib is not None else {},
         extra={
-            "base_method": base.method,
-            "base_extra": base.extra,
+            "base_method": quantized.method,
+            "base_extra": quantized.extra,
             "lorc_seconds": seconds,
             "rank": rank,
             "extra_parameters": extra_params,

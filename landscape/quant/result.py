@@ -1,4 +1,5 @@
-"""``QuantResult``: what every quantization method returns, saved as safetensors + JSON so it is never recomputed.
+"""``QuantResult``: what every quantization method returns, saved as safetensors + JSON so it is never
+recomputed.
 
 A result holds the quantized ``(out, in)`` weight of each layer (dequantized values, on the format's
 grid), and everything needed to trust and reuse it: the base model and a fingerprint of its w0, the
@@ -34,8 +35,8 @@ class ResultFileError(ValueError):
 
 
 RESULT_EXTENSIONS = (".safetensors", ".json")
-REQUIRED_METADATA = ("version", "format", "method", "settings", "base_model", "base_fingerprint", "calibration",
-                     "seconds", "layer_mse", "extra", "layers")
+REQUIRED_METADATA = ("version", "format", "method", "settings", "base_model", "base_fingerprint",
+                     "calibration", "seconds", "layer_mse", "extra", "layers")
 
 
 @dataclass
@@ -131,20 +132,22 @@ class QuantResult:
         path = result_stem(path)
         st, js = _with_ext(path, ".safetensors"), _with_ext(path, ".json")
         if given.is_file() and given.suffix not in RESULT_EXTENSIONS:
-            raise ResultFileError(f"{given} is not a saved QuantResult: results are read only from STEM.safetensors "
-                                  f"+ STEM.json (no pickle or torch checkpoint is ever unpickled)")
+            raise ResultFileError(f"{given} is not a saved QuantResult: results are read only from "
+                                  f"STEM.safetensors + STEM.json (no pickle or torch checkpoint is ever "
+                                  f"unpickled)")
         meta = read_result_metadata(path)
         try:
             weights = load_file(str(st))
         except SafetensorError as err:
-            raise ResultFileError(f"{st} is not a readable safetensors file (truncated, corrupted, or another format; "
-                                  f"pickles are never loaded): {err}") from None
+            raise ResultFileError(f"{st} is not a readable safetensors file (truncated, corrupted, or "
+                                  f"another format; pickles are never loaded): {err}") from None
         if sorted(weights) != sorted(meta["layers"]):
-            raise ResultMismatchError(f"{path}: the tensors in {st.name} do not match the layers listed in {js.name}")
+            raise ResultMismatchError(f"{path}: the tensors in {st.name} do not match the layers listed in "
+                                      f"{js.name}")
         if base_fingerprint is not None and meta["base_fingerprint"] != base_fingerprint:
             raise ResultMismatchError(
-                f"{path} was computed on base {meta['base_model']!r} (fingerprint {meta['base_fingerprint']}), "
-                f"not on this model (fingerprint {base_fingerprint})")
+                f"{path} was computed on base {meta['base_model']!r} (fingerprint "
+                f"{meta['base_fingerprint']}), not on this model (fingerprint {base_fingerprint})")
         return cls(
             weights={n: weights[n] for n in meta["layers"]},
             format=parse_format(meta["format"]) if meta["format"] else None,
@@ -164,8 +167,8 @@ def read_result_metadata(path: str | os.PathLike) -> dict[str, Any]:
     reading its weights: cheap checks of many saved results before any of them is loaded.
 
     Raises:
-        FileNotFoundError: ``STEM.safetensors`` or ``STEM.json`` is missing; ResultFileError: the JSON is not a
-        saved result's metadata; ResultMismatchError: written by another result version.
+        FileNotFoundError: ``STEM.safetensors`` or ``STEM.json`` is missing; ResultFileError: the JSON is not
+        a saved result's metadata; ResultMismatchError: written by another result version.
     """
     path = result_stem(path)
     st, js = _with_ext(path, ".safetensors"), _with_ext(path, ".json")
@@ -175,11 +178,13 @@ def read_result_metadata(path: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(js.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ResultFileError(f"{js} is not valid JSON (truncated or corrupted?): {err}") from None
-    missing = [k for k in REQUIRED_METADATA if k not in meta] if isinstance(meta, dict) else list(REQUIRED_METADATA)
+    missing = ([k for k in REQUIRED_METADATA if k not in meta] if isinstance(meta, dict)
+               else list(REQUIRED_METADATA))
     if missing:
         raise ResultFileError(f"{js} is not the metadata of a saved QuantResult: it lacks {missing}")
     if meta["version"] != RESULT_VERSION:
-        raise ResultMismatchError(f"{js}: result version {meta['version']!r}, this code reads {RESULT_VERSION}")
+        raise ResultMismatchError(f"{js}: result version {meta['version']!r}, this code reads "
+                                  f"{RESULT_VERSION}")
     return meta
 
 

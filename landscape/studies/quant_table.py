@@ -4,8 +4,9 @@ A :class:`Protocol` fixes everything that defines the numbers: the model, the ca
 sequences, seeded), the evaluation sets (in-domain ``wiki`` and out-of-domain ``sotu``, same
 convention), the formats, the methods and their settings. :func:`run_quant_table` then
 
-1. quantizes with each method (``rtn``, ``gptq`` with act-order, ``gptq-noact``, ``gptq+lorc``,
-   ``qaft``, and the full-precision control ``fp-finetune`` paired with each QAFT run), saving every
+1. quantizes with each method of the registry (:mod:`landscape.quant.methods`: ``rtn``, ``gptq`` with
+   act-order, ``gptq-noact``, ``gptq+lorc``, ``qaft``, and the full-precision control ``fp-finetune``: the
+   QAFT loop with the same settings and the quantizer off), saving every
    :class:`~landscape.quant.result.QuantResult` so nothing is ever recomputed;
 2. evaluates each variant's NLL on every evaluation corpus with a 95 % bootstrap interval over segments
    (the per-segment sums are stored, so paired differences can be computed later from the store alone);
@@ -28,16 +29,16 @@ from tqdm.auto import tqdm
 from landscape.data import calibration_set, heldout_set
 from landscape.models import LoadedModel, load_model
 from landscape.objectives import layer_mse, nll
-from landscape.quant import gptq, lorc, parse_format, rtn
 from landscape.quant.activations import quantized_activations
-from landscape.quant.qaft import DEFAULT_LR, paired_control, qaft
+from landscape.quant.formats import parse_format
+from landscape.quant.methods import METHODS, QUANT_TABLE_METHODS, QuantJob, run_method
+from landscape.quant.qaft import DEFAULT_LR, FinetuneSettings
 from landscape.quant.result import QuantResult
 from landscape.stats import nll_interval
 from landscape.store import StoreData, check_store_path, read_store, start_run
-from landscape.weights import layer_weights, swapped_weights, weights_fingerprint
+from landscape.weights import layer_weights, swapped_weights
 
 FP32 = "fp32"
-METHODS = ("rtn", "gptq", "gptq-noact", "gptq+lorc", "qaft", "fp-finetune")
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,11 @@ class Protocol:
         calib_sequences, calib_seq_len, calib_seed: the calibration budget (the same for every method).
         eval_corpora, eval_seq_len, eval_segments: held-out evaluation (token-mean NLL, disjoint windows).
         formats: weight formats (:func:`landscape.quant.parse_format` names).
-        methods: subset of :data:`METHODS`; ``fp-finetune`` is paired with each ``qaft`` run.
+        methods: subset of the registry's table methods (:data:`landscape.quant.methods.QUANT_TABLE_METHODS`,
+            in their order by default); ``fp-finetune`` is paired with each ``qaft`` run.
         seeds: seeds of the stochastic methods (QAFT and its control); deterministic methods use one.
-        qaft_lr, qaft_epochs, qaft_batch_size: QAFT (and control) settings.
+        qaft_lr, qaft_epochs, qaft_batch_size: QAFT (and control) settings: one :class:`FinetuneSettings`
+            per seed, the same for QAFT and its control.
         lorc_rank: rank of LoRC's correction.
         act_bits: extra variants evaluated with per-token activation fake quantization at these bits
             on top of the GPTQ weights (e.g. ``((4, 8),)`` for W4A8: (weight bits, activation bits)).
@@ -68,7 +71,7 @@ class Protocol:
     eval_seq_len: int = 512
     eval_segments: int = 24
     formats: tuple[str, ...] = ("int4", "int3")
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = QUANT_TABLE_METHODS
     seeds: tuple[int, ...] = (0,)
     qaft_lr: float = DEFAULT_LR
     qaft_epochs: float = 1.0
@@ -82,7 +85,11 @@ class Protocol:
             parse_format(f)  # raises FormatError naming the bad format
         unknown = set(self.methods) - set(METHODS)
         if unknown:
-            raise ValueError(f"unknown methods {sorted(unknown)}; valid: {METHODS}")
+            raise ValueError(f"unknown methods {sorted(unknown)}; valid: {QUANT_TABLE_METHODS}")
+        elsewhere = set(self.methods) - set(QUANT_TABLE_METHODS)
+        if elsewhere:
+            raise ValueError(f"methods {sorted(elsewhere)} do not run in the quantization table (its result "
+                             f"keys name the settings of {QUANT_TABLE_METHODS} only)")
         if "fp-finetune" in self.methods and "qaft" not in self.methods:
             raise ValueError("fp-finetune is the paired control of qaft: include 'qaft' too")
         if not self.seeds:
@@ -112,7 +119,7 @@ class Variant:
         s = f"{self.method} {self.format}"
         if self.act_bits:
             s += f" A{self.act_bits}"
-        if self.method in ("qaft", "fp-finetune"):
+        if _seeded(self.method):
             s += f" s{self.seed}"
         return s
 
@@ -126,11 +133,16 @@ def variants(protocol: Protocol) -> list[Variant]:
     rows = [Variant(FP32, None)]
     for fmt in protocol.formats:
         for method in protocol.methods:
-            seeds = protocol.seeds if method in ("qaft", "fp-finetune") else (0,)
+            seeds = protocol.seeds if _seeded(method) else (0,)
             rows += [Variant(method, parse_format(fmt).name, s) for s in seeds]
     for w_bits, a_bits in protocol.act_bits:
         rows.append(Variant("gptq", parse_format(f"int{w_bits}").name, 0, a_bits))
     return rows
+
+
+def _seeded(method: str) -> bool:
+    """Whether the registry's ``method`` trains from a seeded data order (one table row per seed)."""
+    return method in METHODS and METHODS[method].seeded
 
 
 @dataclass
@@ -155,24 +167,26 @@ def _quantized(ctx: _Context, v: Variant) -> QuantResult:
     if path.with_name(key + ".json").exists():
         result = QuantResult.load(path, base_fingerprint=ctx.fingerprint)
     else:
-        model, calib, p, name = ctx.lm.model, ctx.calib, ctx.protocol, ctx.lm.info.name
-        if v.method == "rtn":
-            result = rtn(model, v.format, model_name=name)  # uses no data (its layer MSE: _measure)
-        elif v.method in ("gptq", "gptq-noact"):
-            result = gptq(model, calib, v.format, act_order=v.method == "gptq", progress=ctx.progress, model_name=name)
-        elif v.method == "gptq+lorc":
-            result = lorc(model, _quantized(ctx, Variant("gptq", v.format)), rank=p.lorc_rank, progress=ctx.progress)
-        elif v.method == "qaft":
-            result = qaft(model, calib, v.format, lr=p.qaft_lr, epochs=p.qaft_epochs, batch_size=p.qaft_batch_size,
-                          seed=v.seed, model_name=name, progress=ctx.progress, mse_data=ctx.mse_calib)
-        elif v.method == "fp-finetune":
-            result = paired_control(model, calib, _quantized(ctx, Variant("qaft", v.format, v.seed)),
-                                    progress=ctx.progress, mse_data=ctx.mse_calib)
-        else:
-            raise ValueError(f"unknown method {v.method!r}; valid: {METHODS}")
+        result = run_method(v.method, _job(ctx, v))
         result.save(path)
     ctx.cache[key] = result
     return result
+
+
+def _job(ctx: _Context, v: Variant) -> QuantJob:
+    """What the registry's runner of ``v.method`` needs: the protocol's settings, ``v``'s format and seed.
+
+    RTN and LoRC leave their layer MSE to :func:`_measure`; a method built on another (``gptq+lorc``) gets
+    that method's result from :func:`_quantized`, saved and reused.
+    """
+    p = ctx.protocol
+    settings = FinetuneSettings(lr=p.qaft_lr, epochs=p.qaft_epochs, batch_size=p.qaft_batch_size, seed=v.seed)
+
+    def result_of(method: str) -> QuantResult:
+        return _quantized(ctx, Variant(method, v.format, v.seed if _seeded(method) else 0))
+
+    return QuantJob(ctx.lm.base, ctx.calib, v.format, finetune=settings, lorc_rank=p.lorc_rank,
+                    mse_data=ctx.mse_calib, measure_layer_mse=False, progress=ctx.progress, results=result_of)
 
 
 def result_key(p: Protocol, v: Variant) -> str:
@@ -223,7 +237,7 @@ def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = Tr
         if data.n_segments != protocol.eval_segments:
             raise ValueError(f"corpus {c!r} has only {data.n_segments} segments of {protocol.eval_seq_len} tokens; "
                              f"the protocol asks for {protocol.eval_segments}")
-    fingerprint = weights_fingerprint(lm.model)
+    fingerprint = lm.base.fingerprint()
     rows = variants(protocol)
     mse_calib = calib if protocol.layer_mse_sequences is None else calib.subset(range(protocol.layer_mse_sequences))
     provenance = {

@@ -1,0 +1,82 @@
+"""The pieces of one fine-tuning step of :func:`landscape.quant.qaft.qaft`, each a closed-form function.
+
+* **Data order**: seeded permutations of the training sequences, one per epoch, cut into batches.
+* **Schedule**: linear warm-up to the peak learning rate, then cosine decay towards 0.
+* **Quantizers**: the straight-through fake quantization of a grid of w0 is :meth:`Grid.fake_quant`; with
+  learned scales (LSQ-style), :func:`lsq_fake_quant`, whose final lattice is :func:`learned_grid`.
+* **Losses**: token-mean NLL and ``KL(teacher || student)`` in nats/token over the scored positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from landscape.quant.formats import Grid
+
+
+# ----------------------------------------------------------------------------- data order and schedule
+def training_batches(n_sequences: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """The sequence indices of every step: seeded permutations of ``range(n)``, one per epoch, concatenated
+    and cut into consecutive batches of ``batch_size`` (a batch may straddle two epochs)."""
+    generator = torch.Generator().manual_seed(seed)
+    needed = steps * batch_size
+    epochs = -(-needed // n_sequences)
+    order = torch.cat([torch.randperm(n_sequences, generator=generator) for _ in range(epochs)])
+    return order[:needed].view(steps, batch_size).tolist()
+
+
+def learning_rate_at(step: int, peak_lr: float, steps: int, warmup_steps: int) -> float:
+    """Linear warm-up to ``peak_lr`` over ``warmup_steps``, then cosine decay towards 0 at ``steps``."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------------ quantizers
+def lsq_fake_quant(w: torch.Tensor, grid: Grid, log_scale: torch.Tensor) -> torch.Tensor:
+    """Fake quantization with learned scales (LSQ-style): ``s = grid.scale * exp(log_scale)`` per group.
+
+    Forward: ``s * (clamp(round(w / s + zero), qmin, qmax) - zero)``, equal to ``grid.round(w)`` when
+    ``log_scale == 0``. Backward: straight through the rounding only (not the clamp), so ``w`` gets
+    gradient 1 inside the code range and 0 where clipped, and ``s`` gets LSQ's ``q - zero - w / s``
+    (inside) or ``qmin/qmax - zero`` (clipped), times the upstream gradient. Learning the logarithm keeps
+    the scale positive and makes an Adam step a relative change of about ``lr``.
+    """
+    scale = (grid.scale.to(w) * torch.exp(log_scale)).repeat_interleave(grid.group_size, dim=1)  # (out, in)
+    zero = grid.zero.to(w).repeat_interleave(grid.group_size, dim=1)
+    x = w / scale + zero
+    # straight-through round
+    codes = torch.clamp(x + (torch.round(x) - x).detach(), grid.fmt.qmin, grid.fmt.qmax)
+    return scale * (codes - zero)
+
+
+def learned_grid(grid: Grid, log_scale: torch.Tensor) -> Grid:
+    """The lattice after learning: the same zero points and codes, scales ``grid.scale * exp(log_scale)``."""
+    scale = grid.scale * torch.exp(log_scale.detach().to(grid.scale))
+    return Grid(grid.fmt, scale, grid.zero, grid.group_size)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def token_losses(logits: torch.Tensor, tokens: torch.Tensor, score_mask: torch.Tensor,
+                 teacher_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-mean NLL and ``KL(teacher || student)`` (nats/token) over the scored positions of a batch.
+
+    ``logits`` and ``teacher_logits`` are ``(b, t, vocab)``; position ``t`` predicts ``tokens[:, t + 1]``
+    and counts iff ``score_mask[:, t + 1]``. The KL is 0 when no teacher is given.
+    """
+    low_precision = logits.dtype in (torch.float16, torch.bfloat16)
+    # (b, t-1, vocab)
+    logp = F.log_softmax(logits[:, :-1].float() if low_precision else logits[:, :-1], dim=-1)
+    mask = score_mask[:, 1:].to(logp.dtype)  # (b, t-1)
+    n_scored = mask.sum()
+    nll_per_token = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    nll_mean = (nll_per_token * mask).sum() / n_scored
+    if teacher_logits is None:
+        return nll_mean, torch.zeros((), dtype=logp.dtype, device=logp.device)
+    teacher_logp = F.log_softmax(teacher_logits[:, :-1].to(logp.dtype), dim=-1)
+    kl_per_token = (teacher_logp.exp() * (teacher_logp - logp)).sum(-1)
+    return nll_mean, (kl_per_token * mask).sum() / n_scored
