@@ -18,7 +18,8 @@ from landscape.quant import FinetuneSettings, gptq, qaft, rtn
 from landscape.quant.result import QuantResult
 from landscape.store import StoreError
 from landscape.studies import compare as compare_module
-from landscape.studies.compare import Comparison, ComparisonError, compare_displacements
+from landscape.studies.compare import ComparisonSettings, compare_displacements
+from landscape.studies.comparison import Comparison, ComparisonError
 from landscape.weights import (
     get_layer,
     layer_weights,
@@ -83,7 +84,7 @@ def setting():
 
 def test_norms_and_cosines_equal_numpy_on_flattened_vectors(setting):
     model, results, data = setting
-    c = compare_displacements(model, results, data, path_t=(0.0, 1.0), curvature_t=(), between=(), progress=False)
+    c = compare_displacements(model, results, data, progress=False, settings=ComparisonSettings(path_t=(0.0, 1.0), curvature_t=(), between=()))
     layers = list(quantizable_layers(model))
     assert list(c.layers) == layers
     w0 = np.concatenate([w.numpy().ravel() for w in layer_weights(model, layers).values()])
@@ -112,8 +113,7 @@ def test_projections_and_curvature_equal_dense_eigh_on_a_tiny_model():
     results = {f"rtn {fmt}": rtn(model, fmt, layers=[SMALL_LAYER]) for fmt in ("int3", "int2")}
     curvature = Curvature(model, data, layers=SMALL_LAYER, progress=False)
     spectrum = curvature.spectrum(k=4, k_bottom=0, lanczos_steps=64)
-    c = compare_displacements(model, results, data, eigenvectors=spectrum, path_t=(0.0, 1.0), curvature_t=(0.0,),
-                              progress=False)
+    c = compare_displacements(model, results, data, eigenvectors=spectrum, progress=False, settings=ComparisonSettings(path_t=(0.0, 1.0), curvature_t=(0.0,)))
 
     hessian = dense_hessian(model, data, SMALL_LAYER).numpy()
     values, vectors = np.linalg.eigh(hessian)
@@ -129,8 +129,7 @@ def test_projections_and_curvature_equal_dense_eigh_on_a_tiny_model():
 
     # the same eigenvectors given as directions of this model project identically
     directions = [eigenvector_direction(model, spectrum.top.direction(i), "dense test") for i in range(4)]
-    again = compare_displacements(model, results, data, eigenvectors=directions, path_t=(0.0,), curvature_t=(),
-                                  progress=False)
+    again = compare_displacements(model, results, data, eigenvectors=directions, progress=False, settings=ComparisonSettings(path_t=(0.0,), curvature_t=()))
     np.testing.assert_allclose(again.row("rtn int3").projections, c.row("rtn int3").projections, rtol=1e-12)
     assert np.isnan(again.eigenvalues).all()
 
@@ -138,7 +137,7 @@ def test_projections_and_curvature_equal_dense_eigh_on_a_tiny_model():
 def test_nll_along_paths_and_between_endpoints_equal_swapped_in_weights(setting):
     model, results, data = setting
     chosen = {k: results[k] for k in ("rtn int4", "gptq int4", "qaft int4")}
-    c = compare_displacements(model, chosen, data, path_t=(0.0, 0.5, 1.0), curvature_t=(), progress=False)
+    c = compare_displacements(model, chosen, data, progress=False, settings=ComparisonSettings(path_t=(0.0, 0.5, 1.0), curvature_t=()))
     at_w0 = nll(model, data).value
     assert c.center_nll.value == at_w0
     for label, result in chosen.items():
@@ -167,8 +166,7 @@ def test_nll_along_paths_and_between_endpoints_equal_swapped_in_weights(setting)
 
 def test_layer_mse_equals_hooked_inputs_and_curvature_runs_along_the_path(setting):
     model, results, data = setting
-    c = compare_displacements(model, {"rtn int3": results["rtn int3"]}, data, path_t=(1.0,), curvature_t=(0.0, 1.0),
-                              batch_size=2, progress=False)  # 2 batches of 2 segments: an interval over batches
+    c = compare_displacements(model, {"rtn int3": results["rtn int3"]}, data, progress=False, settings=ComparisonSettings(path_t=(1.0,), curvature_t=(0.0, 1.0), batch_size=2))  # 2 batches of 2 segments: an interval over batches
     row = c.row("rtn int3")
     for n, w in results["rtn int3"].weights.items():
         assert row.layer_mse[n] == pytest.approx(hand_layer_mse(model, data, n, w), rel=1e-10)
@@ -206,11 +204,11 @@ def test_bad_inputs_are_refused_before_any_work(setting, monkeypatch):
     with pytest.raises(ComparisonError, match="share the labels"):
         compare_displacements(model, [results["rtn int4"], rtn(model, "int4")], data, progress=False)
     with pytest.raises(ComparisonError, match="path_t"):
-        compare_displacements(model, results, data, path_t=(0.0, float("nan")), progress=False)
+        compare_displacements(model, results, data, progress=False, settings=ComparisonSettings(path_t=(0.0, float("nan"))))
     with pytest.raises(ComparisonError, match="between pair"):
-        compare_displacements(model, results, data, between=[("rtn int4", "nope")], progress=False)
+        compare_displacements(model, results, data, progress=False, settings=ComparisonSettings(between=[("rtn int4", "nope")]))
     with pytest.raises(ComparisonError, match="level"):
-        compare_displacements(model, results, data, level=1.5, progress=False)
+        compare_displacements(model, results, data, progress=False, settings=ComparisonSettings(level=1.5))
     # a direction made on another model's weights (same shapes) is refused by its fingerprint
     stranger = eigenvector_direction(other, {SMALL_LAYER: torch.randn(32, 32, dtype=torch.float64)})
     with pytest.raises(ComparisonError, match="eigenvector 0.*fingerprint"):
@@ -223,8 +221,8 @@ def test_bad_inputs_are_refused_before_any_work(setting, monkeypatch):
 def test_store_round_trip_per_format_tables_and_determinism(setting, tmp_path):
     model, results, data = setting
     chosen = {k: results[k] for k in ("rtn int4", "gptq int4", "qaft int4", "rtn int3")}
-    first = compare_displacements(model, chosen, data, path_t=(0.0, 0.5, 1.0), curvature_t=(0.5,), progress=False)
-    second = compare_displacements(model, chosen, data, path_t=(0.0, 0.5, 1.0), curvature_t=(0.5,), progress=False)
+    first = compare_displacements(model, chosen, data, progress=False, settings=ComparisonSettings(path_t=(0.0, 0.5, 1.0), curvature_t=(0.5,)))
+    second = compare_displacements(model, chosen, data, progress=False, settings=ComparisonSettings(path_t=(0.0, 0.5, 1.0), curvature_t=(0.5,)))
     for a, b in zip(first.rows, second.rows):  # bit-identical
         assert a.norm == b.norm and a.nll == b.nll and np.array_equal(a.path_nll, b.path_nll)
         assert np.array_equal(a.curvature, b.curvature)
@@ -282,7 +280,7 @@ def test_qaft_advantage_after_the_control_is_stated_from_endpoint_nlls_and_survi
     calib = random_tokens(8, 16, seed=1)
     chosen = {k: results[k] for k in ("gptq int4", "qaft int4")}
     chosen["control"] = paired_control(model, calib, results["qaft int4"])
-    comparison = compare_displacements(model, chosen, data, curvature_t=[], path_t=[0.0, 1.0], progress=False)
+    comparison = compare_displacements(model, chosen, data, progress=False, settings=ComparisonSettings(curvature_t=[], path_t=[0.0, 1.0]))
     [gap] = comparison.provenance["control_adjusted"]
     nlls = {}
     for label, weights in (("w0", {}), *((k, r.weights) for k, r in chosen.items())):

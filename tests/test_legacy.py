@@ -22,7 +22,7 @@ from landscape.engine.basin import BasinStatistics
 from landscape.engine.perturb import ScanResult
 from landscape.quant.result import QuantResult
 from landscape.store import read_store
-from landscape.studies.compare import Comparison
+from landscape.studies.comparison import Comparison
 from landscape.studies.misalignment import Misalignment
 from landscape.studies.predict import PredictorEvaluation
 from landscape.studies.quant_table import read_quant_table

@@ -29,7 +29,7 @@ from landscape.studies.candidates import (
     random_roundings,
 )
 from landscape.studies.candidates import rounded as stochastic_rounding
-from landscape.studies.compare import ComparisonError
+from landscape.studies.comparison import ComparisonError
 from landscape.studies.misalignment import Misalignment, misalignment, within_format_correlation
 from landscape.weights import layer_weights, swapped_weights
 

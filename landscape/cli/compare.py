@@ -65,7 +65,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from landscape.engine.directions import quant_result_path
     from landscape.models import load_model
     from landscape.quant.result import QuantResult
-    from landscape.studies.compare import compare_displacements
+    from landscape.studies.compare import ComparisonSettings, compare_displacements
 
     for name in ("segments", "batch_size", "curvature_segments"):
         if getattr(args, name) < 1:
@@ -102,10 +102,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
                               progress=not args.no_progress)
         eigenvectors = curvature.spectrum(args.eigenvectors, 0, lanczos_steps=args.lanczos_steps,
                                           krylov_dir=args.krylov_dir)
-    comparison = compare_displacements(
-        lm.model, results, data, curvature_data=curvature_data, eigenvectors=eigenvectors, path_t=args.path,
-        curvature_t=() if args.no_curvature else args.curvature_t, between=args.between or "gptq-qaft",
-        batch_size=args.batch_size, model_name=lm.info.name, progress=not args.no_progress)
+    settings = ComparisonSettings(path_t=args.path, curvature_t=() if args.no_curvature else args.curvature_t,
+                                  between=args.between or "gptq-qaft", batch_size=args.batch_size)
+    comparison = compare_displacements(lm.base, results, data, curvature_data=curvature_data,
+                                       eigenvectors=eigenvectors, settings=settings, progress=not args.no_progress)
     if lm.info.caveat:
         print(f"caveat: {lm.info.caveat}\n")
     print(comparison.markdown(per_layer=args.per_layer))
