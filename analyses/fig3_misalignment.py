@@ -29,7 +29,8 @@ TITLE = "Layer MSE against NLL: the misalignment"
 
 
 def table_candidates(session: Session) -> list[tuple[str, str, str]]:
-    """``(label, method, format)`` of the quantization tables' results at the profile's misalignment formats."""
+    """``(label, method, format)`` of the quantization tables' results at the profile's misalignment
+    formats."""
     model = session.profile.model
     out = []
     for fmt in (parse_format(f).name for f in session.profile.misalignment.formats):

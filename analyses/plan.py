@@ -1,10 +1,11 @@
-"""The plan of a figure run: what each measurement costs, which stores it writes, and executing what is missing.
+"""The plan of a figure run: what each measurement costs, which stores it writes, and executing what is
+missing.
 
 A :class:`Step` is one measurement that writes one HDF5 store; it is done once that store exists. Steps shared
 by several figures (the quantization tables, the model facts, the basin radius) are built here, so no figure
 script imports another. Cost estimates (:class:`Costs`) are measured on 2 CPU cores with SmolLM2-135M
-(``shared/FIELD_NOTES.md``) and scaled by parameter count for other models: they make the printed plan, not the
-results.
+(``shared/FIELD_NOTES.md``) and scaled by parameter count for other models: they make the printed plan, not
+the results.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class Costs:
     lorc_svds: float = 15.0              # rank-r SVDs of the 210 error matrices
 
     def scale(self, model: str) -> float:
-        """Cost relative to SmolLM2-135M: the parameter ratio, at least 1 % (small models are overhead-bound)."""
+        """Cost relative to SmolLM2-135M: the parameter ratio, at least 1 % (small models are
+        overhead-bound)."""
         n = approximate_parameters(model)
         return 1.0 if n is None else max(0.01, n / SMOLLM2_PARAMETERS)
 
@@ -77,7 +79,8 @@ class Costs:
         return self.scale(model) * tokens / self.hvp_tokens_per_s
 
     def quant_table(self, protocol: Protocol) -> float:
-        """One :func:`~landscape.studies.quant_table.run_quant_table` store: every variant quantized and evaluated."""
+        """One :func:`~landscape.studies.quant_table.run_quant_table` store: every variant quantized and
+        evaluated."""
         m = protocol.model
         calib = protocol.calib_sequences * protocol.calib_seq_len
         mse = self.layer_mse(m, (protocol.layer_mse_sequences or protocol.calib_sequences) * protocol.calib_seq_len)
@@ -146,7 +149,8 @@ def plan_text(steps: Sequence[Step], session: Session) -> str:
 
 
 def execute(steps: Sequence[Step], progress: bool = True) -> None:
-    """Run the steps whose stores do not exist yet, in order, under one progress bar (in estimated seconds)."""
+    """Run the steps whose stores do not exist yet, in order, under one progress bar (in estimated
+    seconds)."""
     todo = [s for s in unique_steps(steps) if not s.done]
     if not todo:
         return
@@ -168,7 +172,8 @@ def execute(steps: Sequence[Step], progress: bool = True) -> None:
 
 
 def quant_table_steps(session: Session, model: str) -> list[Step]:
-    """One step per quantization table of ``model`` (:func:`landscape.studies.quant_table.run_quant_table`)."""
+    """One step per quantization table of ``model``
+    (:func:`landscape.studies.quant_table.run_quant_table`)."""
     def step(protocol: Protocol) -> Step:
         methods = ", ".join(protocol.methods)
         return Step(f"{model}: quant table {', '.join(protocol.formats)} ({methods})", table_store(session, protocol),
@@ -181,7 +186,8 @@ def quant_table_steps(session: Session, model: str) -> list[Step]:
 
 
 def facts_step(session: Session, model: str) -> Step:
-    """Sizes of ``model`` (parameters, quantized parameters, ``||w0||``): figure 2's bits and figure 7's x-axis."""
+    """Sizes of ``model`` (parameters, quantized parameters, ``||w0||``): figure 2's bits and figure 7's
+    x-axis."""
 
     def run() -> None:
         lm = session.model(model)

@@ -6,9 +6,9 @@
 
 Each ``--model NAME RADIUS STORE...`` gives a model's R(w0) (median over random filter-normalised directions,
 ``landscape radius`` or figure 4's store) and its quantization-table stores; every format with RTN, GPTQ and
-QAFT rows becomes one case (QAFT averaged over its seeds). Prints :func:`landscape.studies.predict.evaluate_predictor`'s
-table (score, measured gap, rule verdicts, Spearman(score, gap) with a bootstrap interval over cases) and
-writes it to ``--out``.
+QAFT rows becomes one case (QAFT averaged over its seeds). Prints
+:func:`landscape.studies.predict.evaluate_predictor`'s table (score, measured gap, rule verdicts,
+Spearman(score, gap) with a bootstrap interval over cases) and writes it to ``--out``.
 """
 
 from __future__ import annotations

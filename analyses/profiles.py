@@ -1,9 +1,9 @@
 """The protocols of the analyses, like a configs folder: every size of the study in one frozen object.
 
 A :class:`Profile` fixes every size of the study (calibration budget, evaluation tokens, formats, directions,
-grids, Lanczos steps...). Three exist: ``quick`` (``make figures``: SmolLM2-135M in well under an hour on 2 CPU
-cores), ``full`` (``make figures-full``: the full protocol, hours on CPU) and ``tiny`` (tests and smoke runs on
-``ref-tiny``: seconds). Everything that defines a store's numbers is hashed into its path
+grids, Lanczos steps...). Three exist: ``quick`` (``make figures``: SmolLM2-135M in well under an hour on 2
+CPU cores), ``full`` (``make figures-full``: the full protocol, hours on CPU) and ``tiny`` (tests and smoke
+runs on ``ref-tiny``: seconds). Everything that defines a store's numbers is hashed into its path
 (:meth:`analyses.session.Session.store_path`), so a changed setting writes a new store.
 """
 

@@ -1,8 +1,8 @@
 """One run of analysis scripts: where its stores and figures go, the models it loads, the data it measures on,
 and how a figure is published.
 
-* Store paths hold a hash of everything that defines their numbers (:meth:`Session.store_path`), so a store that
-  exists is the finished measurement of exactly these settings: a rerun loads no model and takes seconds.
+* Store paths hold a hash of everything that defines their numbers (:meth:`Session.store_path`), so a store
+  that exists is the finished measurement of exactly these settings: a rerun loads no model and takes seconds.
 * Models are loaded on first use and kept for the session.
 * Figures are built from stores only (:mod:`landscape.plots`) and published with :func:`publish`: offline HTML
   (plotly.js once per folder, fixed div ids, so reruns are byte-identical) and a PNG when kaleido and Chromium
@@ -174,7 +174,8 @@ def calibration(session: Session, model: str):
 
 # ----------------------------------------------------------------------------------------- publishing
 def publish(fig: go.Figure, session: Session, stem: str) -> str:
-    """Write ``<out>/<stem>.html`` (and ``.png``) unless the same page is already there; returns what happened.
+    """Write ``<out>/<stem>.html`` (and ``.png``) unless the same page is already there; returns what
+    happened.
 
     The page is compared with what :func:`landscape.figio.write_figure` would write (same plotly.js
     mode, div id and config), so an unchanged figure costs no browser start for its PNG. A page rewritten

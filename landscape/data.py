@@ -222,7 +222,8 @@ class TokenSet:
 
     @property
     def content_hash(self) -> str:
-        """sha256 (16 hex) of the token ids and the scored mask: two sets with the same hash are the same data."""
+        """sha256 (16 hex) of the token ids and the scored mask: two sets with the same hash are the same
+        data."""
         h = hashlib.sha256(self.tokens.to(torch.int64).numpy().tobytes())
         h.update(self.score_mask.numpy().tobytes())
         return h.hexdigest()[:16]
@@ -361,7 +362,8 @@ def check_token_ids(tokens: torch.Tensor) -> None:
 
 
 def token_set_from_tensor(tokens: torch.Tensor, name: str = "custom", seed: int | None = None) -> TokenSet:
-    """Wrap a user's ``(n, seq_len)`` tensor of integer token ids (every position after the first is scored)."""
+    """Wrap a user's ``(n, seq_len)`` tensor of integer token ids (every position after the first is
+    scored)."""
     check_token_ids(tokens)  # before any cast: .long() would turn NaN into a huge negative id
     mask = torch.ones_like(tokens, dtype=torch.bool)
     mask[:, 0] = False

@@ -175,7 +175,8 @@ def _from_pretrained(path: str | Path, name: str):
 
 def refuse_pickled_weights(directory: Path) -> None:
     """Raise :class:`UnsafeModelFileError` if ``directory`` holds model weights only as pickle-based files
-    (``pytorch_model.bin``, ``*.pt``...): loading those can execute arbitrary code. Safetensors are accepted."""
+    (``pytorch_model.bin``, ``*.pt``...): loading those can execute arbitrary code. Safetensors are
+    accepted."""
     if any(directory.glob("*.safetensors")):
         return
     pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_WEIGHT_SUFFIXES)

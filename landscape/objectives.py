@@ -82,7 +82,8 @@ class NLLResult:
 
 
 def segment_nll_sums(model: nn.Module, tokens: torch.Tensor, score_mask: torch.Tensor) -> torch.Tensor:
-    """Summed NLL of the scored tokens of each segment: ``(batch,)``, in the logits' dtype (float64 stays float64).
+    """Summed NLL of the scored tokens of each segment: ``(batch,)``, in the logits' dtype (float64 stays
+    float64).
 
     Cross-entropy is computed from ``.logits`` directly (HF's loss casts to float32).
     """
@@ -102,9 +103,9 @@ def check_in_vocabulary(model: nn.Module, data: TokenSet, what: str = "data") ->
     """Raise ``ValueError`` unless every token id of ``data`` is inside ``model``'s vocabulary.
 
     A :class:`~landscape.data.TokenSet` already holds non-empty, non-negative integer ids
-    (:func:`landscape.data.check_token_ids`); this is the model-dependent half. Cheap (a min and a max), called
-    before any forward pass so that text tokenized for another model fails at once with the offending range,
-    not deep inside an embedding lookup mid-run.
+    (:func:`landscape.data.check_token_ids`); this is the model-dependent half. Cheap (a min and a max),
+    called before any forward pass so that text tokenized for another model fails at once with the offending
+    range, not deep inside an embedding lookup mid-run.
     """
     vocab = model.get_input_embeddings().num_embeddings
     lo, hi = int(data.tokens.min()), int(data.tokens.max())

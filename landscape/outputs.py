@@ -13,7 +13,8 @@ from pathlib import Path
 
 
 class OutputPathError(ValueError):
-    """An output path that cannot be written: its directory is a file, not writable, or it names a directory."""
+    """An output path that cannot be written: its directory is a file, not writable, or it names a
+    directory."""
 
 
 def check_output_path(path: str | os.PathLike) -> Path:

@@ -87,7 +87,8 @@ class Interval:
 class Quantiles:
     """Quantiles of a set of values (e.g. basin radii over directions, NLLs over seeds).
 
-    ``values[i]`` is the ``probs[i]`` quantile (numpy's default linear interpolation between order statistics).
+    ``values[i]`` is the ``probs[i]`` quantile (numpy's default linear interpolation between order
+    statistics).
     """
 
     probs: tuple[float, ...]
@@ -176,8 +177,8 @@ def difference_interval(
 ) -> Interval:
     """Interval of ``token_mean(B) - token_mean(A)`` (e.g. quantized minus full-precision NLL).
 
-    Why so many parameters: two sets of per-segment data (sums and token counts of A and of B) and the bootstrap's
-    usual keywords (level, method, resamples, seed), as in ``scipy.stats.bootstrap``.
+    Why so many parameters: two sets of per-segment data (sums and token counts of A and of B) and the
+    bootstrap's usual keywords (level, method, resamples, seed), as in ``scipy.stats.bootstrap``.
 
     Args:
         paired: ``True`` when A and B were evaluated on the same segments (same order, same token counts):
@@ -240,12 +241,13 @@ def contrast_interval(
     seed: int = 0,
     unit: str = "segments",
 ) -> Interval:
-    """Paired bootstrap interval of ``sum_k c_k * token_mean(model k)`` over models evaluated on the same segments.
+    """Paired bootstrap interval of ``sum_k c_k * token_mean(model k)`` over models evaluated on the same
+    segments.
 
     E.g. QAFT's advantage over GPTQ left after the full-precision control,
-    ``[NLL(GPTQ) - NLL(QAFT)] - [NLL(w0) - NLL(control)]``: sums of (GPTQ, QAFT, w0, control) with coefficients
-    (1, -1, -1, 1); several seeds of a method enter with coefficients ``1/n_seeds`` each. Every resample draws
-    one set of segment indices for all models, so shared segment difficulty cancels.
+    ``[NLL(GPTQ) - NLL(QAFT)] - [NLL(w0) - NLL(control)]``: sums of (GPTQ, QAFT, w0, control) with
+    coefficients (1, -1, -1, 1); several seeds of a method enter with coefficients ``1/n_seeds`` each. Every
+    resample draws one set of segment indices for all models, so shared segment difficulty cancels.
 
     Args:
         nll_sums: per model, the summed NLL of each segment (nats), all in the same segment order.
@@ -270,13 +272,15 @@ def contrast_interval(
 
 @dataclass(frozen=True)
 class ControlAdjustedGap:
-    """How much of QAFT's advantage over GPTQ is left once the full-precision fine-tuning control is accounted for.
+    """How much of QAFT's advantage over GPTQ is left once the full-precision fine-tuning control is accounted
+    for.
 
     All NLLs on the same segments of one corpus (nats/token); QAFT and control NLLs averaged over their seeds.
 
     Attributes:
         advantage: ``NLL(GPTQ) - NLL(QAFT)``.
-        adaptation: ``NLL(w0) - NLL(control)``: what fine-tuning on the calibration text gains without quantization.
+        adaptation: ``NLL(w0) - NLL(control)``: what fine-tuning on the calibration text gains without
+            quantization.
         remaining: ``advantage - adaptation``: QAFT's advantage not explained by adaptation to that text.
         n_qaft_seeds, n_control_seeds: seeds averaged.
     """
@@ -337,12 +341,13 @@ def control_adjusted_gap(
 def control_gaps(runs: Sequence[tuple[str, str, Sequence[float] | np.ndarray]], fp32: Sequence[float] | np.ndarray,
                  token_counts: Sequence[float] | np.ndarray, corpus: str, *, level: float = 0.95,
                  n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> list[ControlAdjustedGap]:
-    """:func:`control_adjusted_gap` for every format with a ``gptq``, a ``qaft`` and an ``fp-finetune`` run, in the
-    order of each format's first ``qaft`` run.
+    """:func:`control_adjusted_gap` for every format with a ``gptq``, a ``qaft`` and an ``fp-finetune`` run,
+    in the order of each format's first ``qaft`` run.
 
     Args:
-        runs: ``(method, format, per-segment NLL sums)`` of every run evaluated on the same segments of ``corpus``
-            (several seeds of QAFT or of the control are averaged; the first GPTQ run of a format is used).
+        runs: ``(method, format, per-segment NLL sums)`` of every run evaluated on the same segments of
+            ``corpus`` (several seeds of QAFT or of the control are averaged; the first GPTQ run of a format
+            is used).
         fp32: the per-segment NLL sums at w0; ``token_counts``: scored tokens per segment.
     """
     gaps = []
@@ -442,7 +447,8 @@ def quantile_interval(
 
 
 def mean_t_interval(values: Sequence[float] | np.ndarray, *, level: float = 0.95, unit: str = "seeds") -> Interval:
-    """Mean of independent values (e.g. one NLL per seed) with a Student-t interval, ``mean +- t * s / sqrt(n)``."""
+    """Mean of independent values (e.g. one NLL per seed) with a Student-t interval,
+    ``mean +- t * s / sqrt(n)``."""
     x = _finite_1d(values, "values", minimum=2)
     _check_level(level)
     mean = float(x.mean())
@@ -554,7 +560,8 @@ def _check_level(level: float) -> None:
 
 
 def check_interval_settings(level: float, n_resamples: int) -> None:
-    """Raise :class:`StatsError` unless ``level`` is a coverage in (0, 1) and ``n_resamples`` an integer >= 100."""
+    """Raise :class:`StatsError` unless ``level`` is a coverage in (0, 1) and ``n_resamples`` an
+    integer >= 100."""
     _check_level(level)
     if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 100:
         raise StatsError(f"n_resamples must be an integer >= 100, got {n_resamples!r}")

@@ -83,8 +83,9 @@ def check_store_path(path: str | os.PathLike, resume: bool = False) -> Path:
 
 
 def provenance(kind: str, base: Base | None = None, data: TokenSet | None = None, **extra: Any) -> dict[str, Any]:
-    """The provenance a store starts from: what it holds (``kind``), the model w0 and its fingerprint over every
-    quantizable layer, the data with the convention of its NLLs, then ``extra`` (which may override them)."""
+    """The provenance a store starts from: what it holds (``kind``), the model w0 and its fingerprint over
+    every quantizable layer, the data with the convention of its NLLs, then ``extra`` (which may override
+    them)."""
     out: dict[str, Any] = {"kind": kind}
     if base is not None:
         out |= {"model": base.label, "model_fingerprint": base.fingerprint()}
@@ -126,7 +127,8 @@ class ResultStore:
         Args:
             provenance: JSON-serialisable description of the run; ``code_version`` and ``created``
                 (UTC, ISO 8601) are added unless present.
-            arrays: point array name -> ``(point_shape, dtype)``; stored with shape ``grid_shape + point_shape``.
+            arrays: point array name -> ``(point_shape, dtype)``; stored with shape
+                ``grid_shape + point_shape``.
             grid_shape: shape of the grid of points (``()`` for a store with a single point).
 
         Raises:
@@ -159,7 +161,8 @@ class ResultStore:
     def resume(cls, path: str | os.PathLike, provenance: Mapping[str, Any], arrays: Mapping[str, ArraySpec],
                grid_shape: Sequence[int] = ()) -> ResultStore:
         """Reopen the unfinished ``<path>.partial`` for writing, after checking it was written for this run
-        (same provenance except ``created``, grid and arrays); raises :class:`StoreMismatchError` otherwise."""
+        (same provenance except ``created``, grid and arrays); raises :class:`StoreMismatchError`
+        otherwise."""
         grid, specs = _check_schema(arrays, grid_shape)
         partial = partial_path(path)
         _check_same_run(read_store(partial), provenance, grid, specs)
@@ -214,7 +217,8 @@ class ResultStore:
         self._file.flush()
 
     def write_points(self, values: Mapping[str, np.ndarray], done: np.ndarray) -> None:
-        """Store whole point arrays at once for the points where ``done`` is True (e.g. merged shards), flush."""
+        """Store whole point arrays at once for the points where ``done`` is True (e.g. merged shards),
+        flush."""
         self._require_writable()
         done = np.asarray(done, dtype=bool)
         if done.shape != self.grid_shape or set(values) != set(self.point_arrays):
@@ -229,7 +233,8 @@ class ResultStore:
         self._file.flush()
 
     def write_array(self, name: str, array: Any) -> None:
-        """Store a finished array (not point by point), e.g. grid coordinates; replaces one of the same name."""
+        """Store a finished array (not point by point), e.g. grid coordinates; replaces one of the same
+        name."""
         self._require_writable()
         _check_name(name, self.point_arrays)
         if name in self._file:
@@ -251,7 +256,8 @@ class ResultStore:
 
     # ------------------------------------------------------------------------------------ closing
     def finish(self) -> Path:
-        """Close and move the finished run into place (``os.replace(<path>.partial, <path>)``); returns ``path``."""
+        """Close and move the finished run into place (``os.replace(<path>.partial, <path>)``); returns
+        ``path``."""
         if not self._file.id.valid:
             raise StoreError(f"store {self.path} is closed: reopen it with resume to finish it")
         writable = self.writable
@@ -326,7 +332,8 @@ class MemoryStore:
 
 def start_run(path: str | os.PathLike | None, provenance: Mapping[str, Any], arrays: Mapping[str, ArraySpec],
               grid_shape: Sequence[int] = (), resume: bool = False) -> ResultStore | MemoryStore:
-    """The store of one run: :meth:`ResultStore.open_run` at ``path``, or a :class:`MemoryStore` if ``path`` is None.
+    """The store of one run: :meth:`ResultStore.open_run` at ``path``, or a :class:`MemoryStore` if ``path``
+    is None.
 
     Use it as a context manager and call :func:`finish_run` inside: if the body raises, a file store is
     closed unfinished (resumable).
@@ -337,7 +344,8 @@ def start_run(path: str | os.PathLike | None, provenance: Mapping[str, Any], arr
 
 
 def finish_run(record: ResultStore | MemoryStore) -> tuple[StoreData, Path | None]:
-    """Complete a run: a file store is moved into place and read back; a memory store hands over its contents."""
+    """Complete a run: a file store is moved into place and read back; a memory store hands over its
+    contents."""
     if isinstance(record, MemoryStore):
         return record.data(), None
     path = record.finish()
@@ -350,8 +358,8 @@ class StoreRecord:
 
     Attributes:
         provenance: JSON-able description (``kind`` says what the store holds).
-        rows: per-row arrays ``(n_rows, ...)``, stored as the store's points (one point per row); may be empty for
-            a task of :func:`run_tasks`.
+        rows: per-row arrays ``(n_rows, ...)``, stored as the store's points (one point per row); may be empty
+            for a task of :func:`run_tasks`.
         arrays: whole arrays (matrices, coordinates, scalars).
         tables: small tables, name -> columns of equal length.
     """
@@ -364,7 +372,8 @@ class StoreRecord:
 
 def write_record(path: str | os.PathLike, record: StoreRecord) -> Path:
     """Write a :class:`StoreRecord` to a new store at ``path`` through :func:`start_run` (written as
-    ``<path>.partial``, then moved into place, so a reader never sees half of it). Refused if ``path`` exists."""
+    ``<path>.partial``, then moved into place, so a reader never sees half of it). Refused if ``path``
+    exists."""
     rows = {name: np.asarray(values) for name, values in record.rows.items()}
     counts = {len(v) for v in rows.values()}
     if len(counts) != 1 or 0 in counts:
@@ -394,10 +403,10 @@ def run_tasks(path: str | os.PathLike | None, provenance: Mapping[str, Any],
               tasks: Mapping[str, Callable[[], StoreRecord]]) -> tuple[StoreData, Path | None]:
     """Run named tasks into one resumable store: one point per task, a killed run resumes at the next task.
 
-    Each task returns a :class:`StoreRecord` without rows (e.g. a curvature result's ``to_record()``); its arrays
-    and tables are stored as ``<task>/<name>`` and its provenance as ``<task>/attrs`` (JSON), and the point array
-    ``seconds`` holds each task's wall time. ``provenance`` should name the tasks (a rerun with other tasks is
-    refused as another run).
+    Each task returns a :class:`StoreRecord` without rows (e.g. a curvature result's ``to_record()``); its
+    arrays and tables are stored as ``<task>/<name>`` and its provenance as ``<task>/attrs`` (JSON), and the
+    point array ``seconds`` holds each task's wall time. ``provenance`` should name the tasks (a rerun with
+    other tasks is refused as another run).
     """
     names = list(tasks)
     with start_run(path, provenance, {"seconds": ((), np.float64)}, (len(names),), resume=True) as record:
@@ -451,7 +460,8 @@ def read_store(path: str | os.PathLike) -> StoreData:
     """Read a whole store (finished, or a ``.partial`` one by that name) into numpy arrays.
 
     Raises:
-        StoreInProgressError: the run has not finished: only its partial file exists, or a writer holds the file.
+        StoreInProgressError: the run has not finished: only its partial file exists, or a writer holds the
+            file.
         StoreError: missing, unreadable (corrupted, truncated) or not a landscape store.
     """
     path = Path(path)
@@ -562,7 +572,8 @@ def _check_schema(arrays: Mapping[str, ArraySpec], grid_shape: Sequence[int]) ->
 
 
 def _stamped(provenance: Mapping[str, Any]) -> dict[str, Any]:
-    """Provenance with ``code_version`` and ``created`` (UTC, ISO 8601) added unless present, JSON-normalised."""
+    """Provenance with ``code_version`` and ``created`` (UTC, ISO 8601) added unless present,
+    JSON-normalised."""
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     return normalize_provenance({"code_version": code_version(), "created": now, **provenance})
 
@@ -581,7 +592,8 @@ def _grid_index(index: int | tuple[int, ...], grid_shape: tuple[int, ...]) -> tu
 
 
 def _checked_point(values: Mapping[str, Any], specs: Mapping[str, ArraySpec]) -> dict[str, np.ndarray]:
-    """A point's values cast to their declared dtypes; exactly the declared arrays, each of its point shape."""
+    """A point's values cast to their declared dtypes; exactly the declared arrays, each of its point
+    shape."""
     missing, unknown = set(specs) - set(values), set(values) - set(specs)
     if missing or unknown:
         raise StoreError(f"a point needs exactly the arrays {sorted(specs)}; missing {sorted(missing)}, "

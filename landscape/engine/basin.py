@@ -56,13 +56,15 @@ class RadiusSearch:
     """Settings of the radius search (radii in units of ``||w0||`` over the direction's layers).
 
     Attributes:
-        threshold: rise of the objective that leaves the basin (nats for NLL; a fraction of ``|f(0)|`` if relative).
+        threshold: rise of the objective that leaves the basin (nats for NLL; a fraction of ``|f(0)|`` if
+            relative).
         relative: interpret ``threshold`` relative to ``|f(0)|``.
         tolerance: stop when ``upper - lower <= tolerance * upper`` (relative width of the final bracket).
         initial_fraction: first radius tried, as a fraction of ``||w0||``.
         min_fraction: below this radius (fraction of ``||w0||``) halving stops: R is reported in (0, that].
         max_fraction: beyond this radius doubling stops: R is reported as ``inf`` (not found).
-        value_name: the output of the objective whose rise leaves the basin (``nll`` for the default objective).
+        value_name: the output of the objective whose rise leaves the basin (``nll`` for the default
+            objective).
     """
 
     threshold: float = 0.1
@@ -113,7 +115,8 @@ class BasinRadius:
     """The basin radius along one direction.
 
     Attributes:
-        radius: estimate of R (midpoint of the bracket; ``inf`` if no crossing up to ``max_fraction * ||w0||``).
+        radius: estimate of R (midpoint of the bracket; ``inf`` if no crossing up to
+            ``max_fraction * ||w0||``).
         lower, upper: R lies in ``(lower, upper]`` (``upper`` is ``inf`` if not found).
         center_value: the objective at w0 (NLL in nats/token by default).
         level: the value whose crossing defines R.
@@ -181,7 +184,8 @@ def basin_radius(model: nn.Module | Base, direction: Direction, objective: Objec
     """The basin radius R along ``direction`` (rescaled to unit norm), see the module docstring.
 
     Args:
-        objective: what is measured (default: NLL on ``data``, batches of 8); ``search.value_name`` picks its output.
+        objective: what is measured (default: NLL on ``data``, batches of 8); ``search.value_name`` picks its
+            output.
         center_value: the objective at w0 if already known (saves one evaluation).
     """
     base = as_base(model)
@@ -210,8 +214,8 @@ def basin_radius(model: nn.Module | Base, direction: Direction, objective: Objec
 def radial_profile(model: nn.Module | Base, direction: Direction, radii: Sequence[float] | np.ndarray,
                    objective: Objective | None = None, *, data: TokenSet | None = None,
                    value_name: str = "nll") -> RadialProfile:
-    """The objective (its output ``value_name``; default: NLL on ``data``, batches of 8) at ``w0 + r u / ||u||`` for
-    each radius ``r`` (Euclidean norm of the displacement)."""
+    """The objective (its output ``value_name``; default: NLL on ``data``, batches of 8) at
+    ``w0 + r u / ||u||`` for each radius ``r`` (Euclidean norm of the displacement)."""
     base = as_base(model)
     objective = objective or NLLObjective(_require(data), model_name=base.label)
     radii = _check_radii(radii)
@@ -324,13 +328,15 @@ def basin_statistics(
     Args:
         directions: Directions, or specs (regenerated one at a time, so many large directions never sit in
             memory together); all must cover the same layers.
-        objective: what is measured (default: NLL on ``data``, batches of 8); ``search.value_name`` picks its output.
+        objective: what is measured (default: NLL on ``data``, batches of 8); ``search.value_name`` picks its
+            output.
         search: the threshold and the bracketing of each search.
         profile_radii: radii (absolute, Euclidean norm of the displacement) where every direction's
             profile is also evaluated, for plotting.
-        quant_results: label -> QuantResult (or its path) whose ``||w_q - w0||`` is reported in the same units.
-        execution: the store (one point per direction, flushed as it finishes, resumable), extra provenance and
-            progress bar; every direction is evaluated (a basin-radius run has no shards).
+        quant_results: label -> QuantResult (or its path) whose ``||w_q - w0||`` is reported in the same
+            units.
+        execution: the store (one point per direction, flushed as it finishes, resumable), extra provenance
+            and progress bar; every direction is evaluated (a basin-radius run has no shards).
 
     Raises:
         ValueError: bad directions, settings, results or store, before any evaluation.

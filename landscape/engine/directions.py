@@ -197,7 +197,8 @@ def plane_coordinates(point: Direction, u: Direction, v: Direction) -> tuple[flo
 
 # ------------------------------------------------------------------------------------ layer access
 def layer_weight(model: nn.Module, name: str) -> torch.Tensor:
-    """The ``(out, in)`` weight view of the layer ``name`` (any module with a 2-D weight), or a clear error."""
+    """The ``(out, in)`` weight view of the layer ``name`` (any module with a 2-D weight), or a clear
+    error."""
     try:
         module = model.get_submodule(name)
     except AttributeError:
@@ -263,8 +264,8 @@ def random_direction(model: nn.Module | Base, seed: int, normalization: Normaliz
 
 
 def random_direction_of_length(model: nn.Module | Base, seed: int, length: float) -> dict[str, torch.Tensor]:
-    """A random filter-normalised direction rescaled to Euclidean norm ``length`` (``layer -> (out, in)``): the
-    baseline of the same length as a displacement."""
+    """A random filter-normalised direction rescaled to Euclidean norm ``length`` (``layer -> (out, in)``):
+    the baseline of the same length as a displacement."""
     unit = random_direction(model, seed, "filter").unit()
     return {n: length * t for n, t in unit.tensors.items()}
 
@@ -314,12 +315,14 @@ def displacement_direction(model: nn.Module | Base, result: Any,
 
 
 def quant_result_path(path: str | os.PathLike) -> Path:
-    """A saved QuantResult's path without its ``.json`` / ``.safetensors`` suffix, as displacement specs record it."""
+    """A saved QuantResult's path without its ``.json`` / ``.safetensors`` suffix, as displacement specs
+    record it."""
     return result_stem(path)
 
 
 def eigenvector_direction(model: nn.Module | Base, tensors: Mapping[str, torch.Tensor], source: str = "") -> Direction:
-    """A Hessian eigenvector given as layer name -> ``(out, in)`` tensor; ``source`` says where it came from."""
+    """A Hessian eigenvector given as layer name -> ``(out, in)`` tensor; ``source`` says where it came
+    from."""
     return _from_tensors(model, tensors, "eigenvector", source)
 
 
@@ -345,10 +348,12 @@ def _from_tensors(model: nn.Module | Base, tensors: Mapping[str, torch.Tensor], 
 
 
 def normalize(model: nn.Module | Base, direction: Direction, normalization: Normalization) -> Direction:
-    """Rescale a direction to the scale of w0: per output row (``filter``), per layer (``layer``) or not (``none``).
+    """Rescale a direction to the scale of w0: per output row (``filter``), per layer (``layer``) or not
+    (``none``).
 
     ``filter``: ``d[i, :] * ||w0[i, :]|| / ||d[i, :]||`` for every output row ``i`` (a row of ``d`` that is
-    zero stays zero). ``layer``: ``d * ||w0|| / ||d||`` per layer. Apply it before Gram-Schmidt and unit rescaling.
+    zero stays zero). ``layer``: ``d * ||w0|| / ||d||`` per layer. Apply it before Gram-Schmidt and unit
+    rescaling.
     """
     model = as_base(model).model
     if normalization not in NORMALIZATIONS:
@@ -371,7 +376,8 @@ def normalize(model: nn.Module | Base, direction: Direction, normalization: Norm
 def check_spec(model: nn.Module | Base, spec: DirectionSpec) -> list[str]:
     """The layers ``spec`` covers on ``model``; raises :class:`DirectionError` unless :func:`regenerate` can
     rebuild it there: a random direction whose layers exist, or a displacement saved to a path, made on
-    these base weights w0. Cheap (no tensors are drawn or loaded): a sweep checks every spec before it starts."""
+    these base weights w0. Cheap (no tensors are drawn or loaded): a sweep checks every spec before it
+    starts."""
     base = as_base(model)
     names = _base_layers(base, spec)[0]
     if spec.orthogonal_to is not None:
@@ -380,7 +386,8 @@ def check_spec(model: nn.Module | Base, spec: DirectionSpec) -> list[str]:
 
 
 def _base_layers(base: Base, spec: DirectionSpec) -> tuple[list[str], str]:
-    """The layers of a regenerable spec's base tensors and the fingerprint of w0 on them, checked against the spec's."""
+    """The layers of a regenerable spec's base tensors and the fingerprint of w0 on them, checked against the
+    spec's."""
     if spec.kind == "random":
         names = select_layers(base.model, spec.layers)
     elif spec.kind == "displacement" and os.path.exists(f"{spec.source}.json"):

@@ -1,24 +1,26 @@
 """Quantized candidates around w0 and what each one costs locally and globally: the measurements behind the
 misalignment of layer MSE and NLL (figure 3, :mod:`landscape.studies.misalignment`).
 
-A candidate is a quantized model of w0: a saved or in-memory :class:`~landscape.quant.result.QuantResult` (RTN,
-GPTQ, QAFT...) or, cheaply and in any number, a **random on-grid rounding** of w0 (:class:`RoundingSpec`) onto the
-very lattice RTN, GPTQ and QAFT share (:func:`landscape.quant.formats.make_grid` of w0). Two kinds of rounding:
+A candidate is a quantized model of w0: a saved or in-memory :class:`~landscape.quant.result.QuantResult`
+(RTN, GPTQ, QAFT...) or, cheaply and in any number, a **random on-grid rounding** of w0
+(:class:`RoundingSpec`) onto the very lattice RTN, GPTQ and QAFT share
+(:func:`landscape.quant.formats.make_grid` of w0). Two kinds of rounding:
 
 * ``stochastic``: ``fraction`` of the weights (chosen at random) go to one of the two grid points around them,
-  the upper one with probability equal to their fractional position between them (unbiased stochastic rounding,
-  ``E[w_q] = w0`` inside the grid's range); the rest round to nearest. ``fraction`` sweeps the candidates from RTN
-  (0) to full stochastic rounding (1; about sqrt(2) x RTN's displacement norm). Each layer draws (float64) from
-  its own generator seeded by ``sha256("rounding/<seed>/<layer>")``.
+  the upper one with probability equal to their fractional position between them (unbiased stochastic
+  rounding, ``E[w_q] = w0`` inside the grid's range); the rest round to nearest. ``fraction`` sweeps the
+  candidates from RTN (0) to full stochastic rounding (1; about sqrt(2) x RTN's displacement norm). Each layer
+  draws (float64) from its own generator seeded by ``sha256("rounding/<seed>/<layer>")``.
 * ``dither``: every weight becomes ``round(w0 / s + z + strength (u - 1/2))`` (clamped to the code range) with
-  ``u ~ U[0, 1)`` drawn (float32) from a generator seeded by ``sha256("<seed>/<format>/<layer>")``: ``strength``
-  1 is stochastic rounding, 0 is RTN (figure 3's candidates).
+  ``u ~ U[0, 1)`` drawn (float32) from a generator seeded by ``sha256("<seed>/<format>/<layer>")``:
+  ``strength`` 1 is stochastic rounding, 0 is RTN (figure 3's candidates).
 
 A candidate is a pure function of (w0, kind, format, seed, fraction or strength). :func:`measure_candidates`
-measures each candidate's displacement norm ``||w_q - w0||``, its layer output MSE (GPTQ's local objective, on the
-inputs of the full-precision model, per layer and summed) and its token-mean NLL on held-out text with a bootstrap
-interval over segments (QAFT's objective), into a resumable store of kind ``misalignment``; the analysis of
-:mod:`landscape.studies.misalignment` adds its correlation tables to a store of the same kind and layout.
+measures each candidate's displacement norm ``||w_q - w0||``, its layer output MSE (GPTQ's local objective, on
+the inputs of the full-precision model, per layer and summed) and its token-mean NLL on held-out text with a
+bootstrap interval over segments (QAFT's objective), into a resumable store of kind ``misalignment``; the
+analysis of :mod:`landscape.studies.misalignment` adds its correlation tables to a store of the same kind and
+layout.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class RoundingSpec:
     Attributes:
         format: the weight format (its min-max grid on w0 is the lattice).
         seed: seed of the draws (each layer draws from its own generator).
-        fraction: ``stochastic``: share of the weights rounded stochastically (the rest round to nearest), in [0, 1].
+        fraction: ``stochastic``: share of the weights rounded stochastically (the rest round to nearest), in
+            [0, 1].
         layers: layer names or globs (``None``: every quantizable layer).
         kind: ``stochastic`` or ``dither``.
         strength: ``dither``: the dither's width in grid steps (>= 0; 1 is stochastic rounding, 0 RTN).
@@ -113,7 +116,8 @@ class RoundingSpec:
 
 def rounded(model: nn.Module | Base, spec: RoundingSpec) -> QuantResult:
     """The random on-grid rounding ``spec`` of the model's weights w0, as a :class:`QuantResult` (method
-    ``stochastic-rounding`` or ``dither``; weights in the model's dtype and device; the model is not modified)."""
+    ``stochastic-rounding`` or ``dither``; weights in the model's dtype and device; the model is not
+    modified)."""
     base = as_base(model)
     names = resolve_layers(base.model, list(spec.layers) if spec.layers is not None else None, spec.format)
     modules = quantizable_layers(base.model)
@@ -163,7 +167,8 @@ def dithered_rounding(w0: torch.Tensor, grid: Grid, strength: float, generator: 
 
 
 def dither_generator(seed: int, fmt: QuantFormat | str, layer: str) -> torch.Generator:
-    """A generator seeded by ``(seed, format, layer name)``: a layer's dither does not depend on the others."""
+    """A generator seeded by ``(seed, format, layer name)``: a layer's dither does not depend on the
+    others."""
     digest = hashlib.sha256(f"{seed}/{parse_format(fmt).name}/{layer}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
@@ -213,11 +218,12 @@ class CandidateTable:
         displacement_norm: ``||w_q - w0||`` over the candidate's layers (weight units).
         layer_mse_sum: output MSE summed over the layers, on the full-precision model's inputs (squared
             activations).
-        nll: token-mean NLL (nats/token) on the evaluation data; ``nll_w0``: the same at w0 (NaN if not stored).
+        nll: token-mean NLL (nats/token) on the evaluation data; ``nll_w0``: the same at w0 (NaN if not
+            stored).
         provenance: model fingerprint, data, NLL convention, candidates' specs.
         nll_low, nll_high: 95 % bootstrap interval of each NLL over segments (NaN where not stored).
-        layer_mse: ``(n, n_layers)`` output MSE per layer of :attr:`layers` (0 for a layer a candidate leaves at w0;
-            empty where not stored).
+        layer_mse: ``(n, n_layers)`` output MSE per layer of :attr:`layers` (0 for a layer a candidate leaves
+            at w0; empty where not stored).
         layers: the layers of ``layer_mse``.
     """
 
@@ -279,12 +285,14 @@ class CandidateTable:
         return rows
 
     def table(self) -> dict[str, list]:
-        """The ``candidates`` table of a ``misalignment`` store: label, method and format of each candidate."""
+        """The ``candidates`` table of a ``misalignment`` store: label, method and format of each
+        candidate."""
         return {"label": list(self.labels), "method": list(self.methods), "format": list(self.formats)}
 
     @classmethod
     def from_store(cls, path: str | os.PathLike) -> CandidateTable:
-        """The candidates of a ``misalignment`` store (a measurement or an analysis, of this or older code)."""
+        """The candidates of a ``misalignment`` store (a measurement or an analysis, of this or older
+        code)."""
         return cls.from_data(read_store(path), Path(path))
 
     @classmethod
@@ -318,11 +326,12 @@ def measure_candidates(
     interval over its segments; one point per candidate into the store of ``execution`` (resumable).
 
     Args:
-        candidates: label -> :class:`QuantResult`, :class:`RoundingSpec` (built when measured) or the path of a
-            saved QuantResult (loaded when measured), so many candidates of a large model never sit in memory
-            together. A path's metadata is checked against the model before anything is measured.
+        candidates: label -> :class:`QuantResult`, :class:`RoundingSpec` (built when measured) or the path of
+            a saved QuantResult (loaded when measured), so many candidates of a large model never sit in
+            memory together. A path's metadata is checked against the model before anything is measured.
         batch_size: segments per forward pass (memory only).
-        execution: the store, resume, extra provenance and progress bar (every candidate is measured: no shards).
+        execution: the store, resume, extra provenance and progress bar (every candidate is measured: no
+            shards).
 
     Raises:
         MisalignmentError / ComparisonError (ValueErrors): no candidates, results of another base, rounding
@@ -379,8 +388,8 @@ def measure_candidates(
 
 
 def _check_candidates(base: Base, candidates: Mapping[str, Candidate]) -> dict[str, dict[str, Any]]:
-    """Every candidate checked against the base before anything is measured; returns the metadata of those given
-    by the path of a saved result."""
+    """Every candidate checked against the base before anything is measured; returns the metadata of those
+    given by the path of a saved result."""
     if not isinstance(candidates, Mapping) or not candidates:
         raise MisalignmentError("candidates must be a non-empty mapping label -> QuantResult or RoundingSpec")
     saved: dict[str, dict[str, Any]] = {}

@@ -95,8 +95,8 @@ class FormatCorrelation:
         n: candidates of that format.
         median_norm: median displacement norm of those candidates (weight units).
         inside: whether ``median_norm <= R(w0)`` (the format counts as inside the basin).
-        correlation: Spearman with its bootstrap interval over the format's candidates; ``None`` with fewer than
-            3 candidates or a constant variable.
+        correlation: Spearman with its bootstrap interval over the format's candidates; ``None`` with fewer
+            than 3 candidates or a constant variable.
     """
 
     format: str
@@ -111,9 +111,10 @@ class WithinFormat:
     """Spearman(summed layer MSE, NLL) within each format and its mean over the formats inside and outside R.
 
     The mean over a side is over the formats whose correlation is defined (at least 3 candidates, neither
-    variable constant); its interval is a stratified bootstrap: each resample redraws every format's candidates
-    with replacement (formats in ``per_format`` order, one generator seeded by ``seed`` per side), recomputes each
-    format's correlation and averages them; resamples in which a format's correlation is undefined are dropped.
+    variable constant); its interval is a stratified bootstrap: each resample redraws every format's
+    candidates with replacement (formats in ``per_format`` order, one generator seeded by ``seed`` per side),
+    recomputes each format's correlation and averages them; resamples in which a format's correlation is
+    undefined are dropped.
 
     Attributes:
         per_format: one :class:`FormatCorrelation` per format, by increasing median displacement norm.
@@ -131,8 +132,9 @@ class WithinFormat:
 
 def within_format_correlation(candidates: CandidateTable, basin_radius: float, *, level: float = 0.95,
                               n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> WithinFormat:
-    """Spearman(summed layer MSE, NLL) among the candidates of each format, and its mean over the formats inside
-    (median ``||d|| <= basin_radius``) and outside R, with stratified bootstrap intervals (see :class:`WithinFormat`).
+    """Spearman(summed layer MSE, NLL) among the candidates of each format, and its mean over the formats
+    inside (median ``||d|| <= basin_radius``) and outside R, with stratified bootstrap intervals (see
+    :class:`WithinFormat`).
     """
     x_all, y_all, norms = candidates.layer_mse_sum, candidates.nll, candidates.displacement_norm
     formats = np.asarray(candidates.formats, dtype=object)
@@ -221,8 +223,8 @@ class Misalignment:
         return lines
 
     def to_record(self) -> StoreRecord:
-        """The candidates (one point each, as :func:`~landscape.studies.candidates.measure_candidates` stores them,
-        with an inside-the-basin flag), the group correlations and the within-format ones as tables."""
+        """The candidates (one point each, as :func:`~landscape.studies.candidates.measure_candidates` stores
+        them, with an inside-the-basin flag), the group correlations and the within-format ones as tables."""
         c = self.candidates
         groups = (self.overall, self.inside, self.outside, *self.bins)
         rows = {**c.rows(), "inside_basin": c.displacement_norm <= self.basin_radius}
@@ -292,13 +294,14 @@ def misalignment(
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
 ) -> Misalignment:
-    """Spearman correlation of summed layer MSE and NLL over candidates, inside / outside ``basin_radius``, by bin
-    and within each format (:func:`within_format_correlation`).
+    """Spearman correlation of summed layer MSE and NLL over candidates, inside / outside ``basin_radius``, by
+    bin and within each format (:func:`within_format_correlation`).
 
     Args:
         candidates: from :func:`~landscape.studies.candidates.measure_candidates`.
         basin_radius: R(w0), in the units of the displacement norms (> 0; ``inf``: every candidate is inside).
-        bins: number of equal-count bins of displacement norm (edges at quantiles), or explicit increasing edges.
+        bins: number of equal-count bins of displacement norm (edges at quantiles), or explicit increasing
+            edges.
         level, n_resamples, seed: the bootstrap over candidates (the same seed for every group).
     """
     if not isinstance(candidates, CandidateTable):

@@ -15,7 +15,8 @@ displacement leaves the basin). :func:`evaluate_predictor` checks it on measured
   (default 0.1 nats/token, the basin's default NLL threshold), with its confusion counts.
 
 Measured gaps come from quant-table stores (:func:`cases_from_quant_table` reads
-:func:`landscape.studies.quant_table.read_quant_table` rows), R(w0) from :func:`landscape.engine.basin.basin_statistics`.
+:func:`landscape.studies.quant_table.read_quant_table` rows), R(w0) from
+:func:`landscape.engine.basin.basin_statistics`.
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ class PredictionCase:
 
     @property
     def gap(self) -> float:
-        """``NLL(GPTQ) - NLL(QAFT) - control_gain`` (nats/token): how far GPTQ falls behind (beyond adaptation,
-        when ``control_gain`` is set)."""
+        """``NLL(GPTQ) - NLL(QAFT) - control_gain`` (nats/token): how far GPTQ falls behind (beyond
+        adaptation, when ``control_gain`` is set)."""
         return self.nll_gptq - self.nll_qaft - self.control_gain
 
 
@@ -115,8 +116,8 @@ def cases_from_quant_table(
     """One :class:`PredictionCase` per format of a quant table that has RTN, GPTQ and QAFT rows.
 
     Args:
-        table: a :class:`landscape.studies.quant_table.QuantTable` or its rows (dicts with ``method``, ``format``,
-            ``act_bits``, ``displacement_norm`` and ``nll`` = corpus -> NLL).
+        table: a :class:`landscape.studies.quant_table.QuantTable` or its rows (dicts with ``method``,
+            ``format``, ``act_bits``, ``displacement_norm`` and ``nll`` = corpus -> NLL).
         basin_radius: R(w0) of the table's model over the same layers as its displacement norms.
         model: the model's name (default: the table's provenance ``model``; required for bare rows).
         corpus: which evaluation corpus's NLL is the outcome.
