@@ -28,8 +28,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="a model, its R(w0) and its quant-table stores (repeat per model)")
     p.add_argument("--corpus", default="wiki")
     p.add_argument("--adjust-for-control", action="store_true",
-                   help="subtract the full-precision control's gain from each gap (tables with fp-finetune rows)")
-    p.add_argument("--gap-threshold", type=float, default=0.1, help="'far behind': gap above this (nats/token)")
+                   help="subtract the full-precision control's gain from each gap "
+                        "(tables with fp-finetune rows)")
+    p.add_argument("--gap-threshold", type=float, default=0.1,
+                   help="'far behind': gap above this (nats/token)")
     p.add_argument("--out", default=None, help="also write the evaluation to this new HDF5 store")
     args = p.parse_args(argv)
     inputs = []
