@@ -52,7 +52,8 @@ def decoder_blocks_prefix(model: nn.Module) -> str:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n_layers and len(module) > 0:
             return name
-    raise ValueError(f"cannot find the decoder blocks of {type(model).__name__} (expected a ModuleList of {n_layers})")
+    raise ValueError(f"cannot find the decoder blocks of {type(model).__name__} "
+                     f"(expected a ModuleList of {n_layers})")
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -88,8 +89,8 @@ def layer_patterns(layers: LayerSelection) -> tuple[str, ...]:
         return ALL_LAYERS
     items = layers.split(",") if isinstance(layers, str) else list(layers)
     if not all(isinstance(p, str) for p in items):
-        raise LayerSelectionError(f"layers must be None, a glob, comma-separated globs or a sequence of globs; "
-                                  f"got {layers!r}")
+        raise LayerSelectionError(f"layers must be None, a glob, comma-separated globs or a sequence of "
+                                  f"globs; got {layers!r}")
     patterns = tuple(p.strip() for p in items if p.strip())
     if not patterns:
         raise LayerSelectionError(f"layers must name at least one glob (None for every quantizable layer), "
@@ -110,8 +111,8 @@ def select_layers(model: nn.Module, layers: LayerSelection = None) -> list[str]:
         hits = [name for name in available if fnmatch.fnmatchcase(name, pattern)]
         if not hits:
             example = f"; globs such as '{available[0].rsplit('.', 1)[0]}.*' work" if available else ""
-            raise LayerSelectionError(f"unknown layer {pattern!r}: it matches no quantizable layer of this model "
-                                      f"({len(available)} in all, e.g. {available[:3]}){example}")
+            raise LayerSelectionError(f"unknown layer {pattern!r}: it matches no quantizable layer of this "
+                                      f"model ({len(available)} in all, e.g. {available[:3]}){example}")
         chosen.update(hits)
     return [name for name in available if name in chosen]
 
@@ -165,7 +166,8 @@ def layer_weights(model: nn.Module, names: Sequence[str] | None = None) -> dict[
 def weights_norm(model: nn.Module, names: Sequence[str]) -> float:
     """Euclidean norm ``||w0||`` of the named layers' ``(out, in)`` weights (float64): the unit of relative
     radii."""
-    return math.sqrt(sum(float(weight_matrix(get_layer(model, n)).detach().double().pow(2).sum()) for n in names))
+    return math.sqrt(sum(float(weight_matrix(get_layer(model, n)).detach().double().pow(2).sum())
+                         for n in names))
 
 
 @contextlib.contextmanager
