@@ -80,7 +80,8 @@ class Interval:
 
     def __str__(self) -> str:
         value, low, high = _fmt_alike(self.value, self.low, self.high)
-        return f"{value} [{low}, {high}] ({self.level * 100:g} % {self.method} over {self.n_units} {self.unit})"
+        return (f"{value} [{low}, {high}] ({self.level * 100:g} % {self.method} over {self.n_units} "
+                f"{self.unit})")
 
 
 @dataclass(frozen=True)
@@ -192,8 +193,8 @@ def difference_interval(
     if paired and not np.array_equal(counts_a, counts_b):
         what = ("different token counts" if len(counts_a) == len(counts_b)
                 else f"{len(counts_a)} and {len(counts_b)} segments")
-        raise StatsError(f"paired=True needs A and B on the same segments (same token counts in the same order), got "
-                         f"{what}; use paired=False for different evaluation sets")
+        raise StatsError(f"paired=True needs A and B on the same segments (same token counts in the same "
+                         f"order), got {what}; use paired=False for different evaluation sets")
     if not paired and method != "percentile":
         raise StatsError(f"paired=False supports method='percentile' only, got method={method!r}")
     value = sums_b.sum() / counts_b.sum() - sums_a.sum() / counts_a.sum()
@@ -256,7 +257,8 @@ def contrast_interval(
     """
     _check_settings(level, "percentile", n_resamples)
     if len(nll_sums) != len(coefficients) or not nll_sums:
-        raise StatsError(f"one coefficient per model: got {len(nll_sums)} models and {len(coefficients)} coefficients")
+        raise StatsError(f"one coefficient per model: got {len(nll_sums)} models and {len(coefficients)} "
+                         f"coefficients")
     coef = _finite_1d(coefficients, "coefficients", minimum=1)
     counts = _finite_1d(token_counts, "token_counts", minimum=2)
     sums = [_segment_arrays(x, counts, f"nll_sums[{k}]", "token_counts")[0] for k, x in enumerate(nll_sums)]
@@ -300,12 +302,13 @@ class ControlAdjustedGap:
 
         seeds = (f"{self.n_qaft_seeds} seed{'s' if self.n_qaft_seeds > 1 else ''} of QAFT and "
                  f"{self.n_control_seeds} of the control")
-        verdict = ("the interval includes 0: no advantage beyond adaptation is shown" if self.remaining.low <= 0
-                   <= self.remaining.high else "")
+        verdict = ("the interval includes 0: no advantage beyond adaptation is shown"
+                   if self.remaining.low <= 0 <= self.remaining.high else "")
         return (f"At {self.format} on {self.corpus}, QAFT beats GPTQ by {cell(self.advantage)} nats/token; "
-                f"fine-tuning in full precision on the same calibration data alone gains {cell(self.adaptation)}, so "
-                f"{cell(self.remaining)} of QAFT's advantage remains after the control ({seeds}; "
-                f"{int(self.remaining.level * 100)} % paired bootstrap over {self.remaining.n_units} segments"
+                f"fine-tuning in full precision on the same calibration data alone gains "
+                f"{cell(self.adaptation)}, so {cell(self.remaining)} of QAFT's advantage remains after the "
+                f"control ({seeds}; {int(self.remaining.level * 100)} % paired bootstrap over "
+                f"{self.remaining.n_units} segments"
                 f"{'; ' + verdict if verdict else ''}).")
 
 
@@ -338,9 +341,10 @@ def control_adjusted_gap(
     return ControlAdjustedGap(fmt, corpus, advantage, adaptation, remaining, len(qaft), len(control))
 
 
-def control_gaps(runs: Sequence[tuple[str, str, Sequence[float] | np.ndarray]], fp32: Sequence[float] | np.ndarray,
-                 token_counts: Sequence[float] | np.ndarray, corpus: str, *, level: float = 0.95,
-                 n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> list[ControlAdjustedGap]:
+def control_gaps(runs: Sequence[tuple[str, str, Sequence[float] | np.ndarray]],
+                 fp32: Sequence[float] | np.ndarray, token_counts: Sequence[float] | np.ndarray,
+                 corpus: str, *, level: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES,
+                 seed: int = 0) -> list[ControlAdjustedGap]:
     """:func:`control_adjusted_gap` for every format with a ``gptq``, a ``qaft`` and an ``fp-finetune`` run,
     in the order of each format's first ``qaft`` run.
 
@@ -352,7 +356,8 @@ def control_gaps(runs: Sequence[tuple[str, str, Sequence[float] | np.ndarray]], 
     """
     gaps = []
     for fmt in dict.fromkeys(f for method, f, _ in runs if method == "qaft"):
-        of = {m: [sums for method, f, sums in runs if method == m and f == fmt] for m in ("gptq", "qaft", "fp-finetune")}
+        of = {m: [sums for method, f, sums in runs if method == m and f == fmt]
+              for m in ("gptq", "qaft", "fp-finetune")}
         if of["gptq"] and of["fp-finetune"]:
             gaps.append(control_adjusted_gap(fmt, corpus, of["gptq"][0], of["qaft"], fp32, of["fp-finetune"],
                                              token_counts, level=level, n_resamples=n_resamples, seed=seed))
@@ -372,7 +377,8 @@ def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -
 
 
 def rank_correlation(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, *, level: float = 0.95,
-                     n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0, unit: str = "candidates") -> Interval:
+                     n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
+                     unit: str = "candidates") -> Interval:
     """Spearman correlation of paired values with a percentile-bootstrap interval over the pairs.
 
     A resample draws ``n`` pairs with replacement and recomputes the rank correlation; resamples in which a
@@ -418,8 +424,8 @@ def quantile_summary(
     if not probs or any(not 0.0 <= p <= 1.0 for p in probs):
         raise StatsError(f"probs must be a non-empty sequence of numbers in [0, 1], got {probs!r}")
     q = np.quantile(x, probs)
-    return Quantiles(probs, tuple(float(v) for v in q), len(x), float(x.mean()), float(x.min()), float(x.max()),
-                     unit)
+    return Quantiles(probs, tuple(float(v) for v in q), len(x), float(x.mean()), float(x.min()),
+                     float(x.max()), unit)
 
 
 def quantile_interval(
@@ -446,7 +452,8 @@ def quantile_interval(
     return Interval(float(np.quantile(x, prob)), low, high, level, "bootstrap", n_resamples, len(x), unit)
 
 
-def mean_t_interval(values: Sequence[float] | np.ndarray, *, level: float = 0.95, unit: str = "seeds") -> Interval:
+def mean_t_interval(values: Sequence[float] | np.ndarray, *, level: float = 0.95,
+                    unit: str = "seeds") -> Interval:
     """Mean of independent values (e.g. one NLL per seed) with a Student-t interval,
     ``mean +- t * s / sqrt(n)``."""
     x = _finite_1d(values, "values", minimum=2)
@@ -516,7 +523,8 @@ def _percentile_bounds(boot: np.ndarray, level: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _bca_bounds(boot: np.ndarray, estimate: float, jackknife: np.ndarray, level: float) -> tuple[float, float]:
+def _bca_bounds(boot: np.ndarray, estimate: float, jackknife: np.ndarray,
+                level: float) -> tuple[float, float]:
     """Bias-corrected and accelerated percentile bounds (Efron & Tibshirani 1993, ch. 14.3)."""
     below = (np.sum(boot < estimate) + 0.5 * np.sum(boot == estimate)) / len(boot)
     below = min(max(below, 0.5 / len(boot)), 1 - 0.5 / len(boot))  # keep the bias correction finite
@@ -535,9 +543,11 @@ def _segment_arrays(sums, counts, sums_name: str, counts_name: str) -> tuple[np.
     s = _finite_1d(sums, sums_name, minimum=2)
     c = _finite_1d(counts, counts_name, minimum=2)
     if s.shape != c.shape:
-        raise StatsError(f"{sums_name} has {len(s)} entries but {counts_name} has {len(c)}: one of each per segment")
+        raise StatsError(f"{sums_name} has {len(s)} entries but {counts_name} has {len(c)}: "
+                         f"one of each per segment")
     if np.any(c <= 0):
-        raise StatsError(f"{counts_name} must be > 0 for every segment; segment {int(np.argmin(c))} has {c.min()!r}")
+        raise StatsError(f"{counts_name} must be > 0 for every segment; "
+                         f"segment {int(np.argmin(c))} has {c.min()!r}")
     return s, c
 
 
@@ -546,8 +556,8 @@ def _finite_1d(values, name: str, minimum: int) -> np.ndarray:
     if x.ndim != 1:
         raise StatsError(f"{name} must be one-dimensional, got shape {x.shape}")
     if len(x) < minimum:
-        raise StatsError(f"{name} needs at least {minimum} entries (one per segment, batch, seed or direction) "
-                         f"for an interval, got {len(x)}")
+        raise StatsError(f"{name} needs at least {minimum} entries (one per segment, batch, seed or "
+                         f"direction) for an interval, got {len(x)}")
     if not np.all(np.isfinite(x)):
         bad = np.flatnonzero(~np.isfinite(x))[:5].tolist()
         raise StatsError(f"{name} contains non-finite values at positions {bad}")

@@ -82,7 +82,8 @@ def check_store_path(path: str | os.PathLike, resume: bool = False) -> Path:
     return path
 
 
-def provenance(kind: str, base: Base | None = None, data: TokenSet | None = None, **extra: Any) -> dict[str, Any]:
+def provenance(kind: str, base: Base | None = None, data: TokenSet | None = None,
+               **extra: Any) -> dict[str, Any]:
     """The provenance a store starts from: what it holds (``kind``), the model w0 and its fingerprint over
     every quantizable layer, the data with the convention of its NLLs, then ``extra`` (which may override
     them)."""
@@ -111,7 +112,8 @@ class ResultStore:
     :meth:`open_run` or :meth:`resume`; close with :meth:`finish` (complete) or :meth:`close` (unfinished).
     """
 
-    def __init__(self, file: h5py.File, path: Path, grid_shape: tuple[int, ...], specs: Mapping[str, ArraySpec]):
+    def __init__(self, file: h5py.File, path: Path, grid_shape: tuple[int, ...],
+                 specs: Mapping[str, ArraySpec]):
         self._file = file
         self.path = path  # the final path
         self.grid_shape = grid_shape
@@ -222,8 +224,8 @@ class ResultStore:
         self._require_writable()
         done = np.asarray(done, dtype=bool)
         if done.shape != self.grid_shape or set(values) != set(self.point_arrays):
-            raise StoreError(f"write_points needs a done mask of shape {self.grid_shape} and exactly the arrays "
-                             f"{sorted(self.point_arrays)}; got {done.shape} and {sorted(values)}")
+            raise StoreError(f"write_points needs a done mask of shape {self.grid_shape} and exactly the "
+                             f"arrays {sorted(self.point_arrays)}; got {done.shape} and {sorted(values)}")
         for name in self.point_arrays:
             ds = self._file[name]
             full = ds[()]
@@ -279,7 +281,8 @@ class ResultStore:
 
     def _require_writable(self) -> None:
         if not self._file.id.valid or not self.writable:
-            raise StoreError(f"store {self.path} is {'closed' if not self._file.id.valid else 'finished (read-only)'}")
+            raise StoreError(f"store {self.path} is "
+                             f"{'closed' if not self._file.id.valid else 'finished (read-only)'}")
 
 
 # ------------------------------------------------------------------------------------- in memory
@@ -289,7 +292,8 @@ class MemoryStore:
 
     writable = True
 
-    def __init__(self, provenance: Mapping[str, Any], arrays: Mapping[str, ArraySpec], grid_shape: Sequence[int] = ()):
+    def __init__(self, provenance: Mapping[str, Any], arrays: Mapping[str, ArraySpec],
+                 grid_shape: Sequence[int] = ()):
         self.grid_shape, self._specs = _check_schema(arrays, grid_shape)
         self.point_arrays = tuple(self._specs)
         self._arrays = {n: np.full(self.grid_shape + shape, _fill_value(dtype), dtype=dtype)
@@ -416,9 +420,11 @@ def run_tasks(path: str | os.PathLike | None, provenance: Mapping[str, Any],
             started = time.perf_counter()
             result = tasks[name]()
             if result.rows:
-                raise StoreError(f"task {name!r} returned rows {sorted(result.rows)}: a task stores arrays and tables")
+                raise StoreError(f"task {name!r} returned rows {sorted(result.rows)}: "
+                                 f"a task stores arrays and tables")
             _write_whole(record, result, f"{name}/")
-            record.write_array(f"{name}/attrs", json.dumps(normalize_provenance(result.provenance), sort_keys=True))
+            record.write_array(f"{name}/attrs",
+                               json.dumps(normalize_provenance(result.provenance), sort_keys=True))
             record.write_point(i, {"seconds": time.perf_counter() - started})
         return finish_run(record)
 
@@ -468,23 +474,25 @@ def read_store(path: str | os.PathLike) -> StoreData:
     unfinished = partial_path(path).exists()  # looked at first: finish() renames the partial file to path
     if not path.exists():
         if unfinished:
-            raise StoreInProgressError(f"no finished store at {path} (an unfinished run is at {partial_path(path)}: "
-                                       f"in progress, or stopped and resumable; readable once no writer holds it)")
+            raise StoreInProgressError(f"no finished store at {path} (an unfinished run is at "
+                                       f"{partial_path(path)}: in progress, or stopped and resumable; "
+                                       f"readable once no writer holds it)")
         raise StoreError(f"no store at {path}")
     try:
         file = h5py.File(path, "r")
     except BlockingIOError:
-        raise StoreInProgressError(f"{path} is open for writing by another process (a run in progress): read it "
-                                   f"when the writer has finished or stopped") from None
+        raise StoreInProgressError(f"{path} is open for writing by another process (a run in progress): "
+                                   f"read it when the writer has finished or stopped") from None
     except FileNotFoundError:
-        raise StoreError(f"no store at {path} (it was moved away as it was opened: its run just finished?)") from None
+        raise StoreError(f"no store at {path} "
+                         f"(it was moved away as it was opened: its run just finished?)") from None
     except OSError as err:
         raise StoreError(f"{path} is not a readable HDF5 store (corrupted, truncated, or open for writing "
                          f"by another process): {err}") from None
     with file:
         if file.attrs.get("landscape_store") != STORE_FORMAT_VERSION or DONE not in file:
-            raise StoreError(f"{path} is not a landscape result store of format version {STORE_FORMAT_VERSION} "
-                             f"(found version {file.attrs.get('landscape_store')!r})")
+            raise StoreError(f"{path} is not a landscape result store of format version "
+                             f"{STORE_FORMAT_VERSION} (found version {file.attrs.get('landscape_store')!r})")
         try:
             provenance = json.loads(file.attrs["provenance"])
             grid = tuple(int(n) for n in file.attrs["grid_shape"])
@@ -521,7 +529,8 @@ def merge_stores(out: str | os.PathLike, shards: Iterable[str | os.PathLike]) ->
         raise StoreError("merge needs at least one store")
     data = [read_store(p) for p in paths]
     first = data[0]
-    specs = {n: (first.arrays[n].shape[len(first.grid_shape):], first.arrays[n].dtype) for n in first.point_arrays}
+    specs = {n: (first.arrays[n].shape[len(first.grid_shape):], first.arrays[n].dtype)
+             for n in first.point_arrays}
     values = {n: first.arrays[n].copy() for n in first.point_arrays}
     done = first.done.copy()
     for path, other in zip(paths[1:], data[1:]):
@@ -535,11 +544,13 @@ def merge_stores(out: str | os.PathLike, shards: Iterable[str | os.PathLike]) ->
         both = done & other.done
         for name in first.point_arrays:
             if not np.array_equal(values[name][both], other.arrays[name][both], equal_nan=True):
-                raise StoreMismatchError(f"cannot merge {path}: points done in several stores differ in {name!r}")
+                raise StoreMismatchError(f"cannot merge {path}: "
+                                         f"points done in several stores differ in {name!r}")
             values[name][other.done] = other.arrays[name][other.done]
         done |= other.done
     provenance = {k: v for k, v in first.provenance.items() if k not in RUN_SPECIFIC_KEYS}
-    provenance["merged_from"] = [{"file": p.name, "shard": d.provenance.get("shard")} for p, d in zip(paths, data)]
+    provenance["merged_from"] = [{"file": p.name, "shard": d.provenance.get("shard")}
+                                 for p, d in zip(paths, data)]
     store = start_run(out, provenance, specs, first.grid_shape)
     try:
         store.write_points(values, done)
@@ -567,7 +578,8 @@ def _check_schema(arrays: Mapping[str, ArraySpec], grid_shape: Sequence[int]) ->
             shape, dtype = spec
             specs[name] = (tuple(int(n) for n in shape), np.dtype(dtype))
         except (TypeError, ValueError):
-            raise StoreError(f"array {name!r} must be declared as (point_shape, dtype), got {spec!r}") from None
+            raise StoreError(f"array {name!r} must be declared as (point_shape, dtype), "
+                             f"got {spec!r}") from None
     return tuple(int(n) for n in grid), specs
 
 
@@ -610,11 +622,13 @@ def _check_table(name: str, columns: Mapping[str, Sequence[Any]], taken: Sequenc
     _check_name(name, taken)
     lengths = {col: len(values) for col, values in columns.items()}
     if not columns or len(set(lengths.values())) != 1:
-        raise StoreError(f"table {name!r} needs at least one column, all of equal length; got lengths {lengths}")
+        raise StoreError(f"table {name!r} needs at least one column, all of equal length; "
+                         f"got lengths {lengths}")
 
 
 def _check_name(name: str, taken: Sequence[str]) -> None:
-    if not isinstance(name, str) or not name or name.startswith("/") or name.split("/")[0] == DONE or name in taken:
+    if (not isinstance(name, str) or not name or name.startswith("/") or name.split("/")[0] == DONE
+            or name in taken):
         raise StoreError(f"invalid or reserved array name {name!r} (not empty, no leading '/', not {DONE!r}, "
                          f"not a point array's name)")
 
@@ -632,7 +646,8 @@ def _check_same_run(existing: StoreData, provenance: Mapping[str, Any], grid: tu
     stored_specs = {n: (existing.arrays[n].shape[len(existing.grid_shape):], existing.arrays[n].dtype)
                     for n in existing.point_arrays}
     if stored_specs != dict(specs):
-        diffs.append(f"point arrays: store has {_short(sorted(stored_specs))}, this run has {_short(sorted(specs))}")
+        diffs.append(f"point arrays: store has {_short(sorted(stored_specs))}, "
+                     f"this run has {_short(sorted(specs))}")
     if diffs:
         raise StoreMismatchError("the store was written for a different run: " + "; ".join(diffs))
 
