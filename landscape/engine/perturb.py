@@ -76,7 +76,8 @@ class NLLObjective:
         return NLLConvention.for_data(self.data, self.model_name)
 
     def provenance(self) -> dict[str, Any]:
-        return {"objective": "nll", "batch_size": self.batch_size, "nll_convention": self.convention().to_dict()}
+        return {"objective": "nll", "batch_size": self.batch_size,
+                "nll_convention": self.convention().to_dict()}
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,8 @@ class LayerMSEObjective:
 
     def provenance(self) -> dict[str, Any]:
         return {"objective": "layer_mse", "inputs": self.inputs, "batch_size": self.batch_size,
-                "data_hash": self.data.content_hash, "unit": "squared activations, mean over tokens and outputs"}
+                "data_hash": self.data.content_hash,
+                "unit": "squared activations, mean over tokens and outputs"}
 
 
 @dataclass(frozen=True)
@@ -332,10 +334,12 @@ def scan(
     return ScanResult.from_data(stored, path)
 
 
-def _check_grid(grid: Sequence[Sequence[float] | np.ndarray] | np.ndarray, n_directions: int) -> tuple[np.ndarray, ...]:
+def _check_grid(grid: Sequence[Sequence[float] | np.ndarray] | np.ndarray,
+                n_directions: int) -> tuple[np.ndarray, ...]:
     if isinstance(grid, np.ndarray) and grid.ndim == 1:
         grid = [grid]
-    elif isinstance(grid, Sequence) and len(grid) > 0 and all(isinstance(g, (int, float, np.number)) for g in grid):
+    elif (isinstance(grid, Sequence) and len(grid) > 0
+          and all(isinstance(g, (int, float, np.number)) for g in grid)):
         grid = [grid]  # a single axis for a 1-D scan
     axes = []
     for k, axis in enumerate(grid):
@@ -344,11 +348,12 @@ def _check_grid(grid: Sequence[Sequence[float] | np.ndarray] | np.ndarray, n_dir
         except (TypeError, ValueError):
             raise ValueError(f"grid axis {k} must be a sequence of numbers, got {axis!r}") from None
         if axis.ndim != 1 or axis.size == 0:
-            raise ValueError(f"grid axis {k} must be a non-empty 1-D sequence of coefficients, got shape {axis.shape}")
+            raise ValueError(f"grid axis {k} must be a non-empty 1-D sequence of coefficients, "
+                             f"got shape {axis.shape}")
         if not np.isfinite(axis).all():
             bad = np.flatnonzero(~np.isfinite(axis)).tolist()
-            raise ValueError(f"grid axis {k} has non-finite coefficients {axis[bad].tolist()} at positions {bad}; "
-                             f"every coefficient must be a finite number")
+            raise ValueError(f"grid axis {k} has non-finite coefficients {axis[bad].tolist()} "
+                             f"at positions {bad}; every coefficient must be a finite number")
         axes.append(axis)
     if len(axes) != n_directions:
         raise ValueError(f"the grid has {len(axes)} axes but there are {n_directions} directions: "
