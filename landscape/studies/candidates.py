@@ -90,9 +90,10 @@ class RoundingSpec:
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
             raise MisalignmentError(f"fraction (share of weights rounded stochastically) must be in [0, 1], "
                                     f"got {self.fraction!r}")
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength < math.inf:
-            raise MisalignmentError(f"strength (the dither's width in grid steps) must be a finite number >= 0, "
-                                    f"got {self.strength!r}")
+        if (isinstance(strength, bool) or not isinstance(strength, (int, float))
+                or not 0 <= strength < math.inf):
+            raise MisalignmentError(f"strength (the dither's width in grid steps) must be a finite number "
+                                    f">= 0, got {self.strength!r}")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
 
@@ -109,8 +110,8 @@ class RoundingSpec:
     def to_dict(self) -> dict[str, Any]:
         layers = list(self.layers) if self.layers is not None else None
         if self.kind == "dither":
-            return {"kind": "dither", "format": self.format.name, "seed": self.seed, "strength": self.strength,
-                    "layers": layers}
+            return {"kind": "dither", "format": self.format.name, "seed": self.seed,
+                    "strength": self.strength, "layers": layers}
         return {"format": self.format.name, "seed": self.seed, "fraction": self.fraction, "layers": layers}
 
 
@@ -127,8 +128,8 @@ def rounded(model: nn.Module | Base, spec: RoundingSpec) -> QuantResult:
             w0 = weight_matrix(modules[name]).detach()
             grid = make_grid(w0, spec.format, name)
             if spec.kind == "dither":
-                weights[name] = dithered_rounding(w0, grid, spec.strength, dither_generator(spec.seed, spec.format,
-                                                                                              name))
+                weights[name] = dithered_rounding(w0, grid, spec.strength,
+                                                  dither_generator(spec.seed, spec.format, name))
             else:
                 weights[name] = _stochastic_rounding(w0, grid, spec.fraction, spec.seed, name)
     settings = {"seed": spec.seed, "grid": "min-max of w0, static groups",
@@ -153,7 +154,8 @@ def _stochastic_rounding(w0: torch.Tensor, grid: Grid, fraction: float, seed: in
     return grid.dequantize(codes).contiguous()
 
 
-def dithered_rounding(w0: torch.Tensor, grid: Grid, strength: float, generator: torch.Generator) -> torch.Tensor:
+def dithered_rounding(w0: torch.Tensor, grid: Grid, strength: float,
+                      generator: torch.Generator) -> torch.Tensor:
     """``w0`` rounded onto ``grid`` after a uniform dither of ``strength`` grid steps.
 
     Each entry becomes the lattice point ``round(w0 / s + z + strength (u - 1/2))`` (clamped to the code
@@ -194,7 +196,8 @@ def random_roundings(formats: Sequence[QuantFormat | str] | QuantFormat | str, s
 def dithered_roundings(formats: Sequence[QuantFormat | str], strengths: Sequence[float],
                        seeds: Sequence[int]) -> dict[str, RoundingSpec]:
     """``label -> RoundingSpec`` of dithered roundings for every format x strength x seed, in that order."""
-    specs = [RoundingSpec(f, s, kind="dither", strength=float(x)) for f in formats for x in strengths for s in seeds]
+    specs = [RoundingSpec(f, s, kind="dither", strength=float(x))
+             for f in formats for x in strengths for s in seeds]
     if not specs:
         raise MisalignmentError("dithered_roundings needs at least one format, strength and seed")
     return {spec.label: spec for spec in specs}
@@ -262,24 +265,27 @@ class CandidateTable:
         pick = lambda values: tuple(values[i] for i in index)  # noqa: E731
         prov = dict(self.provenance)
         if isinstance(prov.get("candidates"), Mapping):
-            prov["candidates"] = {k: prov["candidates"][k] for k in pick(self.labels) if k in prov["candidates"]}
+            prov["candidates"] = {k: prov["candidates"][k] for k in pick(self.labels)
+                                  if k in prov["candidates"]}
         return CandidateTable(pick(self.labels), pick(self.methods), pick(self.formats),
-                              self.displacement_norm[index], self.layer_mse_sum[index], self.nll[index], self.nll_w0,
-                              prov, self.nll_low[index], self.nll_high[index], self.layer_mse[index], self.layers)
+                              self.displacement_norm[index], self.layer_mse_sum[index], self.nll[index],
+                              self.nll_w0, prov, self.nll_low[index], self.nll_high[index],
+                              self.layer_mse[index], self.layers)
 
     def markdown(self) -> str:
         order = np.argsort(self.displacement_norm, kind="stable")
         lines = ["| candidate | method | format | ‖w_q − w0‖ | layer-MSE sum | NLL | ΔNLL |",
                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {self.labels[i]} | {self.methods[i]} | {self.formats[i]} | {self.displacement_norm[i]:.4g} | "
-                  f"{self.layer_mse_sum[i]:.4g} | {self.nll[i]:.4f} | {self.nll[i] - self.nll_w0:+.4f} |"
+        lines += [f"| {self.labels[i]} | {self.methods[i]} | {self.formats[i]} | "
+                  f"{self.displacement_norm[i]:.4g} | {self.layer_mse_sum[i]:.4g} | {self.nll[i]:.4f} | "
+                  f"{self.nll[i] - self.nll_w0:+.4f} |"
                   for i in order]
         return "\n".join(lines)
 
     def rows(self) -> dict[str, np.ndarray]:
         """The per-candidate arrays of a ``misalignment`` store (one point per candidate)."""
-        rows = {"displacement_norm": self.displacement_norm, "layer_mse_sum": self.layer_mse_sum, "nll": self.nll,
-                "nll_low": self.nll_low, "nll_high": self.nll_high}
+        rows = {"displacement_norm": self.displacement_norm, "layer_mse_sum": self.layer_mse_sum,
+                "nll": self.nll, "nll_low": self.nll_low, "nll_high": self.nll_high}
         if self.layer_mse.shape[1]:
             rows["layer_mse"] = self.layer_mse
         return rows
@@ -300,15 +306,18 @@ class CandidateTable:
         """The finished candidates held in a ``misalignment`` store's contents."""
         prov, a = data.provenance, data.arrays
         if prov.get("kind") != KIND:
-            raise MisalignmentError(f"{path or 'the data'} holds a {prov.get('kind')!r} run, not a misalignment study")
+            raise MisalignmentError(f"{path or 'the data'} holds a {prov.get('kind')!r} run, "
+                                    f"not a misalignment study")
         done = np.flatnonzero(data.done)
         names = data.table("candidates")
         strings = lambda column: tuple(str(names[column][i]) for i in done)  # noqa: E731
         optional = {k: a[k][done] for k in ("nll_low", "nll_high", "layer_mse") if k in a}
         layers = tuple(str(x) for x in a["layers"]) if "layers" in a else ()
         return cls(strings("label"), strings("method"), strings("format"), a["displacement_norm"][done],
-                   a["layer_mse_sum"][done], a["nll"][done], float(a["nll_w0"]) if "nll_w0" in a else math.nan,
-                   {k: v for k, v in prov.items() if k not in ("kind", "settings")}, layers=layers, **optional)
+                   a["layer_mse_sum"][done], a["nll"][done],
+                   float(a["nll_w0"]) if "nll_w0" in a else math.nan,
+                   {k: v for k, v in prov.items() if k not in ("kind", "settings")}, layers=layers,
+                   **optional)
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -396,15 +405,15 @@ def _check_candidates(base: Base, candidates: Mapping[str, Candidate]) -> dict[s
     for label, candidate in candidates.items():
         if isinstance(candidate, (str, os.PathLike)):
             meta = read_result_metadata(candidate)
-            check_layers_and_base(base, f"saved result {label!r} ({candidate})", meta["layers"], meta["base_model"],
-                                  meta["base_fingerprint"])
+            check_layers_and_base(base, f"saved result {label!r} ({candidate})", meta["layers"],
+                                  meta["base_model"], meta["base_fingerprint"])
             saved[label] = meta
         elif isinstance(candidate, RoundingSpec):  # the layers, and that the format fits every one
             resolve_layers(base.model, list(candidate.layers) if candidate.layers is not None else None,
                            candidate.format)
         elif not isinstance(candidate, QuantResult):
-            raise MisalignmentError(f"candidate {label!r} is a {type(candidate).__name__}; accepted: QuantResult, "
-                                    f"RoundingSpec, or the path of a saved QuantResult")
+            raise MisalignmentError(f"candidate {label!r} is a {type(candidate).__name__}; accepted: "
+                                    f"QuantResult, RoundingSpec, or the path of a saved QuantResult")
     check_same_base(base, {k: v for k, v in candidates.items() if isinstance(v, QuantResult)})
     return saved
 
@@ -421,7 +430,8 @@ def _candidate_columns(base: Base, candidates: Mapping[str, Candidate],
                        saved: Mapping[str, dict[str, Any]]) -> dict[str, list]:
     """label, method, format, seed, dither strength and stochastic fraction of every candidate (NaN where a
     setting does not apply), from the specs and results' metadata (nothing is drawn or loaded)."""
-    columns: dict[str, list] = {"label": [], "method": [], "format": [], "seed": [], "strength": [], "fraction": []}
+    columns: dict[str, list] = {"label": [], "method": [], "format": [], "seed": [], "strength": [],
+                                "fraction": []}
     for label, c in candidates.items():
         if isinstance(c, RoundingSpec):
             method, fmt, seed = c.method, c.format.name, c.seed
