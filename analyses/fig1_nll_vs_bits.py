@@ -1,8 +1,8 @@
 """Figure 1: held-out NLL against bits per weight for RTN, GPTQ, GPTQ + LoRC and QAFT, with the fp32 line.
 
 Every method quantizes the same decoder linears onto the same grid of w0 with the same calibration
-sequences (:func:`landscape.studies.quant_table.run_quant_table`); NLL on in-domain (wiki) and out-of-domain (sotu)
-held-out text with 95 % bootstrap intervals over segments, and the full-precision fine-tuning control.
+sequences (:func:`landscape.studies.quant_table.run_quant_table`); NLL on in-domain (wiki) and out-of-domain
+(sotu) held-out text with 95 % bootstrap intervals over segments, and the full-precision fine-tuning control.
 """
 
 from __future__ import annotations

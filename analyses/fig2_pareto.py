@@ -25,11 +25,13 @@ def steps(session: Session) -> list[Step]:
 
 
 def figure(session: Session) -> go.Figure:
-    return plots.pareto(quant_tables(session, session.profile.model), read_store(facts_store(session, session.profile.model)))
+    return plots.pareto(quant_tables(session, session.profile.model),
+                        read_store(facts_store(session, session.profile.model)))
 
 
 def reading(session: Session) -> str:
-    return plots.reading_pareto(quant_tables(session, session.profile.model), read_store(facts_store(session, session.profile.model)))
+    return plots.reading_pareto(quant_tables(session, session.profile.model),
+                                read_store(facts_store(session, session.profile.model)))
 
 
 def main(argv: list[str] | None = None) -> int:

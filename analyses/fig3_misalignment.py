@@ -29,7 +29,8 @@ TITLE = "Layer MSE against NLL: the misalignment"
 
 
 def table_candidates(session: Session) -> list[tuple[str, str, str]]:
-    """``(label, method, format)`` of the quantization tables' results at the profile's misalignment formats."""
+    """``(label, method, format)`` of the quantization tables' results at the profile's misalignment
+    formats."""
     model = session.profile.model
     out = []
     for fmt in (parse_format(f).name for f in session.profile.misalignment.formats):
@@ -42,7 +43,8 @@ def table_candidates(session: Session) -> list[tuple[str, str, str]]:
 def dithers(session: Session) -> dict:
     """The dithered roundings at the profile's misalignment formats, strengths and seeds."""
     settings = session.profile.misalignment
-    return dithered_roundings([parse_format(f).name for f in settings.formats], settings.strengths, settings.seeds)
+    return dithered_roundings([parse_format(f).name for f in settings.formats], settings.strengths,
+                              settings.seeds)
 
 
 def candidates(session: Session) -> dict:
@@ -66,8 +68,8 @@ def measure(session: Session) -> None:
     mse_data = calibration(session, model).subset(range(session.profile.misalignment.mse_sequences))
     execution = Execution(store=store(session), resume=True, provenance={"model_info": lm.info.to_dict()},
                           progress=session.progress)
-    measure_candidates(Base(lm.model, model), candidates(session), eval_set(session, model), mse_data=mse_data,
-                       batch_size=4, execution=execution)
+    measure_candidates(Base(lm.model, model), candidates(session), eval_set(session, model),
+                       mse_data=mse_data, batch_size=4, execution=execution)
 
 
 def steps(session: Session) -> list[Step]:

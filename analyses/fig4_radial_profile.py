@@ -28,11 +28,13 @@ def steps(session: Session) -> list[Step]:
 
 
 def figure(session: Session) -> go.Figure:
-    return plots.radial_profiles(read_store(basin_store(session, session.profile.model)), quant_tables(session, session.profile.model))
+    return plots.radial_profiles(read_store(basin_store(session, session.profile.model)),
+                                 quant_tables(session, session.profile.model))
 
 
 def reading(session: Session) -> str:
-    return plots.reading_radial(read_store(basin_store(session, session.profile.model)), quant_tables(session, session.profile.model))
+    return plots.reading_radial(read_store(basin_store(session, session.profile.model)),
+                                quant_tables(session, session.profile.model))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,17 +57,21 @@ def line_step(session: Session, kind: str) -> Step:
         t = np.linspace(-0.5, 1.5, p.slices.points_1d)  # t = 0 (w0) and t = 1 (the endpoint) lie on the grid
         gptq = displacement(session, lm, "gptq")
         if kind == "random":
-            direction, length, endpoint = random_direction(lm.model, p.slices.random_seed, "filter"), gptq.norm(), None
+            direction, length, endpoint = (random_direction(lm.model, p.slices.random_seed, "filter"),
+                                           gptq.norm(), None)
         else:
             direction = gptq if kind == "gptq" else displacement(session, lm, kind)
             length = endpoint = direction.norm()
-        scan(Base(lm.model, model), direction.unit(), t * length, data=eval_set(session, model, p.slices.segments),
-             batch_size=4, execution=Execution(store=store(session, kind), resume=True, progress=session.progress, provenance={"model_info": lm.info.to_dict(),
-                         "slice": {"label": label, "method": kind, "format": fmt, "endpoint": endpoint}}))
+        scan(Base(lm.model, model), direction.unit(), t * length,
+             data=eval_set(session, model, p.slices.segments), batch_size=4,
+             execution=Execution(store=store(session, kind), resume=True, progress=session.progress,
+                                 provenance={"model_info": lm.info.to_dict(),
+                                             "slice": {"label": label, "method": kind, "format": fmt,
+                                                       "endpoint": endpoint}}))
 
     estimate = p.slices.points_1d * COSTS.forward(model, p.slices.segments * p.eval_seq_len)
-    return Step(f"{model}: 1-D slice along {label} ({p.slices.points_1d} points)", store(session, kind), estimate,
-                run, model)
+    return Step(f"{model}: 1-D slice along {label} ({p.slices.points_1d} points)", store(session, kind),
+                estimate, run, model)
 
 
 def plane_step(session: Session) -> Step:
@@ -86,8 +90,11 @@ def plane_step(session: Session) -> Step:
         fmt = p.headline_format
         endpoints = {f"GPTQ {fmt}": {"a": gptq.norm(), "b": 0.0, "method": "gptq"},
                      f"QAFT {fmt}": {"a": a_qaft, "b": b_qaft, "method": "qaft"}}
-        scan(Base(lm.model, model), [u, v], [a, b], data=eval_set(session, model, p.slices.segments), batch_size=4,
-             execution=Execution(store=store(session, "plane"), resume=True, progress=session.progress, provenance={"model_info": lm.info.to_dict(), "slice": {"format": fmt, "endpoints": endpoints}}))
+        scan(Base(lm.model, model), [u, v], [a, b], data=eval_set(session, model, p.slices.segments),
+             batch_size=4,
+             execution=Execution(store=store(session, "plane"), resume=True, progress=session.progress,
+                                 provenance={"model_info": lm.info.to_dict(),
+                                             "slice": {"format": fmt, "endpoints": endpoints}}))
 
     estimate = n * n * COSTS.forward(model, p.slices.segments * p.eval_seq_len)
     return Step(f"{model}: 2-D slice through w0, GPTQ and QAFT ({n} x {n} points)", store(session, "plane"),

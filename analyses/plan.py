@@ -1,10 +1,11 @@
-"""The plan of a figure run: what each measurement costs, which stores it writes, and executing what is missing.
+"""The plan of a figure run: what each measurement costs, which stores it writes, and executing what is
+missing.
 
 A :class:`Step` is one measurement that writes one HDF5 store; it is done once that store exists. Steps shared
 by several figures (the quantization tables, the model facts, the basin radius) are built here, so no figure
 script imports another. Cost estimates (:class:`Costs`) are measured on 2 CPU cores with SmolLM2-135M
-(``shared/FIELD_NOTES.md``) and scaled by parameter count for other models: they make the printed plan, not the
-results.
+(``shared/FIELD_NOTES.md``) and scaled by parameter count for other models: they make the printed plan, not
+the results.
 """
 
 from __future__ import annotations
@@ -54,13 +55,15 @@ class Costs:
     model_load: float = 15.0             # cached fp32 safetensors (the one-time GGUF conversion: about 35 s)
     forward_tokens_per_s: float = 480.0  # one NLL evaluation over 16 x 256 tokens in 8.5 s (measured)
     layer_mse_slowdown: float = 1.6      # a forward with an error hook on every linear, vs a plain forward
-    gptq_per_format: float = 220.0       # all 210 linears, true-sequential, act-order, 128 x 256 tokens (measured)
+    gptq_per_format: float = 220.0       # all 210 linears, true-sequential, act-order, 128 x 256 tokens
+                                         # (measured)
     train_tokens_per_s: float = 165.0    # QAFT: 6-7 s per step of 4 x 256 tokens (measured, all 210 linears)
     hvp_tokens_per_s: float = 17.0       # one Hessian-vector product over 2 x 256 tokens in about 30 s
     lorc_svds: float = 15.0              # rank-r SVDs of the 210 error matrices
 
     def scale(self, model: str) -> float:
-        """Cost relative to SmolLM2-135M: the parameter ratio, at least 1 % (small models are overhead-bound)."""
+        """Cost relative to SmolLM2-135M: the parameter ratio, at least 1 % (small models are
+        overhead-bound)."""
         n = approximate_parameters(model)
         return 1.0 if n is None else max(0.01, n / SMOLLM2_PARAMETERS)
 
@@ -77,11 +80,14 @@ class Costs:
         return self.scale(model) * tokens / self.hvp_tokens_per_s
 
     def quant_table(self, protocol: Protocol) -> float:
-        """One :func:`~landscape.studies.quant_table.run_quant_table` store: every variant quantized and evaluated."""
+        """One :func:`~landscape.studies.quant_table.run_quant_table` store: every variant quantized and
+        evaluated."""
         m = protocol.model
         calib = protocol.calib_sequences * protocol.calib_seq_len
-        mse = self.layer_mse(m, (protocol.layer_mse_sequences or protocol.calib_sequences) * protocol.calib_seq_len)
-        evaluation = self.forward(m, len(protocol.eval_corpora) * protocol.eval_segments * protocol.eval_seq_len)
+        mse = self.layer_mse(m, (protocol.layer_mse_sequences or protocol.calib_sequences)
+                             * protocol.calib_seq_len)
+        evaluation = self.forward(m, len(protocol.eval_corpora) * protocol.eval_segments
+                                  * protocol.eval_seq_len)
         steps = max(1, round(protocol.qaft_epochs * protocol.calib_sequences / protocol.qaft_batch_size))
         finetune = self.train(m, steps * protocol.qaft_batch_size * protocol.calib_seq_len) + mse
         method_cost = {"rtn": 0.0, "gptq": self.scale(m) * self.gptq_per_format * calib / 32768,
@@ -146,7 +152,8 @@ def plan_text(steps: Sequence[Step], session: Session) -> str:
 
 
 def execute(steps: Sequence[Step], progress: bool = True) -> None:
-    """Run the steps whose stores do not exist yet, in order, under one progress bar (in estimated seconds)."""
+    """Run the steps whose stores do not exist yet, in order, under one progress bar (in estimated
+    seconds)."""
     todo = [s for s in unique_steps(steps) if not s.done]
     if not todo:
         return
@@ -163,16 +170,18 @@ def execute(steps: Sequence[Step], progress: bool = True) -> None:
             if not step.done:
                 raise RuntimeError(f"step {step.title!r} finished without writing its store {step.store}")
             took = time.perf_counter() - started
-            bar.write(f"  done: {step.title} in {format_seconds(took)} (estimated {format_seconds(step.estimate_s)})")
+            bar.write(f"  done: {step.title} in {format_seconds(took)} "
+                      f"(estimated {format_seconds(step.estimate_s)})")
             bar.update(weight(step))
 
 
 def quant_table_steps(session: Session, model: str) -> list[Step]:
-    """One step per quantization table of ``model`` (:func:`landscape.studies.quant_table.run_quant_table`)."""
+    """One step per quantization table of ``model``
+    (:func:`landscape.studies.quant_table.run_quant_table`)."""
     def step(protocol: Protocol) -> Step:
         methods = ", ".join(protocol.methods)
-        return Step(f"{model}: quant table {', '.join(protocol.formats)} ({methods})", table_store(session, protocol),
-                    COSTS.quant_table(protocol),
+        return Step(f"{model}: quant table {', '.join(protocol.formats)} ({methods})",
+                    table_store(session, protocol), COSTS.quant_table(protocol),
                     lambda: run_quant_table(protocol, table_dir(session, protocol), progress=session.progress,
                                             lm=session.model(model)),
                     model)
@@ -181,7 +190,8 @@ def quant_table_steps(session: Session, model: str) -> list[Step]:
 
 
 def facts_step(session: Session, model: str) -> Step:
-    """Sizes of ``model`` (parameters, quantized parameters, ``||w0||``): figure 2's bits and figure 7's x-axis."""
+    """Sizes of ``model`` (parameters, quantized parameters, ``||w0||``): figure 2's bits and figure 7's
+    x-axis."""
 
     def run() -> None:
         lm = session.model(model)
@@ -189,13 +199,16 @@ def facts_step(session: Session, model: str) -> Step:
         arrays = {"n_params": ((), np.int64), "n_quantized": ((), np.int64), "w0_norm": ((), np.float64)}
         with start_run(facts_store(session, model), {"kind": "model_facts", "model": model,
                                                      "model_info": lm.info.to_dict()}, arrays) as record:
-            record.write_point((), {"n_params": lm.info.n_params, "n_quantized": sum(w.numel() for w in w0.values()),
-                                    "w0_norm": math.sqrt(sum(float(w.double().pow(2).sum()) for w in w0.values()))})
+            record.write_point((), {"n_params": lm.info.n_params,
+                                    "n_quantized": sum(w.numel() for w in w0.values()),
+                                    "w0_norm": math.sqrt(sum(float(w.double().pow(2).sum())
+                                                             for w in w0.values()))})
             record.write_table("layers", {"name": list(w0), "out_features": [w.shape[0] for w in w0.values()],
                                           "in_features": [w.shape[1] for w in w0.values()]})
             finish_run(record)
 
-    return Step(f"{model}: model facts (parameter counts, ||w0||)", facts_store(session, model), 1.0, run, model)
+    return Step(f"{model}: model facts (parameter counts, ||w0||)", facts_store(session, model), 1.0, run,
+                model)
 
 
 def run_figure_script(module: ModuleType, argv: Sequence[str] | None = None) -> int:
@@ -238,7 +251,8 @@ def basin_step(session: Session, model: str) -> Step:
         base = Base(lm.model, model)
         layers = select_layers(lm.model)
         specs = [DirectionSpec("random", ("*",), seed=seed, normalization="filter",
-                               base_fingerprint=base.fingerprint(layers)) for seed in range(settings.n_directions)]
+                               base_fingerprint=base.fingerprint(layers))
+                 for seed in range(settings.n_directions)]
         data = eval_set(session, model, settings.segments)
         search = RadiusSearch(settings.threshold, tolerance=settings.tolerance,
                               initial_fraction=settings.initial_fraction)
@@ -249,7 +263,8 @@ def basin_step(session: Session, model: str) -> Step:
                          quant_results=quantized_displacements(session, model), execution=execution)
 
     profile = session.profile_for(model)
-    evaluations = settings.n_directions * (len(settings.profile_fractions) + 5 + np.log2(1 / settings.tolerance))
+    evaluations = settings.n_directions * (len(settings.profile_fractions) + 5
+                                           + np.log2(1 / settings.tolerance))
     estimate = evaluations * COSTS.forward(model, settings.segments * profile.eval_seq_len)
     return Step(f"{model}: basin radius along {settings.n_directions} random directions "
                 f"({len(settings.profile_fractions)} profile radii + bisection)", basin_store(session, model),

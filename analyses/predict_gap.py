@@ -6,9 +6,9 @@
 
 Each ``--model NAME RADIUS STORE...`` gives a model's R(w0) (median over random filter-normalised directions,
 ``landscape radius`` or figure 4's store) and its quantization-table stores; every format with RTN, GPTQ and
-QAFT rows becomes one case (QAFT averaged over its seeds). Prints :func:`landscape.studies.predict.evaluate_predictor`'s
-table (score, measured gap, rule verdicts, Spearman(score, gap) with a bootstrap interval over cases) and
-writes it to ``--out``.
+QAFT rows becomes one case (QAFT averaged over its seeds). Prints
+:func:`landscape.studies.predict.evaluate_predictor`'s table (score, measured gap, rule verdicts,
+Spearman(score, gap) with a bootstrap interval over cases) and writes it to ``--out``.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="a model, its R(w0) and its quant-table stores (repeat per model)")
     p.add_argument("--corpus", default="wiki")
     p.add_argument("--adjust-for-control", action="store_true",
-                   help="subtract the full-precision control's gain from each gap (tables with fp-finetune rows)")
-    p.add_argument("--gap-threshold", type=float, default=0.1, help="'far behind': gap above this (nats/token)")
+                   help="subtract the full-precision control's gain from each gap "
+                        "(tables with fp-finetune rows)")
+    p.add_argument("--gap-threshold", type=float, default=0.1,
+                   help="'far behind': gap above this (nats/token)")
     p.add_argument("--out", default=None, help="also write the evaluation to this new HDF5 store")
     args = p.parse_args(argv)
     inputs = []

@@ -1,9 +1,9 @@
 """The protocols of the analyses, like a configs folder: every size of the study in one frozen object.
 
 A :class:`Profile` fixes every size of the study (calibration budget, evaluation tokens, formats, directions,
-grids, Lanczos steps...). Three exist: ``quick`` (``make figures``: SmolLM2-135M in well under an hour on 2 CPU
-cores), ``full`` (``make figures-full``: the full protocol, hours on CPU) and ``tiny`` (tests and smoke runs on
-``ref-tiny``: seconds). Everything that defines a store's numbers is hashed into its path
+grids, Lanczos steps...). Three exist: ``quick`` (``make figures``: SmolLM2-135M in well under an hour on 2
+CPU cores), ``full`` (``make figures-full``: the full protocol, hours on CPU) and ``tiny`` (tests and smoke
+runs on ``ref-tiny``: seconds). Everything that defines a store's numbers is hashed into its path
 (:meth:`analyses.session.Session.store_path`), so a changed setting writes a new store.
 """
 
@@ -162,12 +162,14 @@ class Profile:
             raise ValueError(f"profile {self.name!r}: slices.points_1d={self.slices.points_1d} must be 1 + a "
                              f"multiple of 4, so that t = 0 and t = 1 lie on the grid -0.5 .. 1.5")
         if not 1 <= self.misalignment.mse_sequences <= self.calib_sequences:
-            raise ValueError(f"profile {self.name!r}: misalignment.mse_sequences must be in 1..calib_sequences")
+            raise ValueError(f"profile {self.name!r}: "
+                             "misalignment.mse_sequences must be in 1..calib_sequences")
         for spec in self.tables:
             try:
                 Protocol(formats=spec.formats, methods=spec.methods)
             except ValueError as err:
-                raise ValueError(f"profile {self.name!r}: table {spec.formats} x {spec.methods}: {err}") from None
+                raise ValueError(f"profile {self.name!r}: table {spec.formats} x {spec.methods}: "
+                                 f"{err}") from None
 
     def for_model(self, model: str) -> Profile:
         """This profile for ``model``, with every sequence length capped at the model's context length."""
@@ -191,12 +193,13 @@ QUICK = Profile(
             # get RTN only in quick mode (make figures-full runs GPTQ at every format).
             TableSpec(("int4-g64", "int3-g64", "int8", "int2"), ("rtn",))),
     headline_format="int3", qaft_lr=3e-4, qaft_epochs=1.0, qaft_batch_size=4, lorc_rank=8,
-    misalignment=MisalignmentSettings(formats=("int4", "int3"), strengths=(0.5, 1.0), seeds=(0,), mse_sequences=8),
+    misalignment=MisalignmentSettings(formats=("int4", "int3"), strengths=(0.5, 1.0), seeds=(0,),
+                                      mse_sequences=8),
     basin=BasinSettings(n_directions=4, profile_fractions=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5),
                         threshold=0.1, tolerance=0.05, initial_fraction=0.02, segments=4),
     slices=SliceSettings(points_1d=9, points_2d=7, segments=4),
-    curvature=CurvatureSettings(segments=1, seq_len=128, k_top=5, k_bottom=1, lanczos_steps=10, trace_matvecs=6,
-                                density_runs=1, density_steps=8, path_t=(0.0, 0.5, 1.0)),
+    curvature=CurvatureSettings(segments=1, seq_len=128, k_top=5, k_bottom=1, lanczos_steps=10,
+                                trace_matvecs=6, density_runs=1, density_steps=8, path_t=(0.0, 0.5, 1.0)),
     size_models=("ref-tiny", "ref-small"),
 )
 
@@ -210,11 +213,13 @@ FULL = Profile(
     misalignment=MisalignmentSettings(formats=("int4", "int3", "int4-g64", "int3-g64"),
                                       strengths=(0.25, 0.5, 0.75, 1.0), seeds=(0, 1), mse_sequences=32),
     basin=BasinSettings(n_directions=16,
-                        profile_fractions=(0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5),
+                        profile_fractions=(0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
+                                           0.5),
                         threshold=0.1, tolerance=0.01, initial_fraction=0.02, segments=24),
     slices=SliceSettings(points_1d=17, points_2d=15, segments=8),
-    curvature=CurvatureSettings(segments=2, seq_len=512, k_top=10, k_bottom=3, lanczos_steps=50, trace_matvecs=30,
-                                density_runs=3, density_steps=30, path_t=(0.0, 0.25, 0.5, 0.75, 1.0), level=0.95),
+    curvature=CurvatureSettings(segments=2, seq_len=512, k_top=10, k_bottom=3, lanczos_steps=50,
+                                trace_matvecs=30, density_runs=3, density_steps=30,
+                                path_t=(0.0, 0.25, 0.5, 0.75, 1.0), level=0.95),
     size_models=("ref-tiny", "ref-small"),
 )
 
@@ -225,7 +230,8 @@ TINY = Profile(
             TableSpec(("int4",), ("rtn", "gptq", "qaft")),
             TableSpec(("int4-g32", "int2"), ("rtn", "gptq"))),
     headline_format="int3", qaft_lr=1e-3, qaft_epochs=1.0, qaft_batch_size=4, lorc_rank=2,
-    misalignment=MisalignmentSettings(formats=("int4", "int3"), strengths=(0.5, 1.0), seeds=(0,), mse_sequences=4),
+    misalignment=MisalignmentSettings(formats=("int4", "int3"), strengths=(0.5, 1.0), seeds=(0,),
+                                      mse_sequences=4),
     basin=BasinSettings(n_directions=2, profile_fractions=(0.05, 0.2, 0.5), threshold=0.1, tolerance=0.2,
                         initial_fraction=0.05, segments=2),
     slices=SliceSettings(points_1d=5, points_2d=3, segments=2),

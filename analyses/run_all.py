@@ -39,9 +39,10 @@ def index_page(session: Session, entries: list[tuple[str, str, str, str]]) -> st
         "img{max-width:100%;border:1px solid #ddd}.caption{font-size:0.85em;color:#555}"
         "h2{margin-top:2em}</style>", "</head>", "<body>",
         "<h1>Why low-precision PTQ fails where QAFT succeeds: the headline figures</h1>",
-        f"<p>Protocol <b>{html.escape(p.name)}</b> on <b>{html.escape(p.model)}</b>: {p.calib_sequences} calibration "
-        f"sequences × {p.calib_seq_len} tokens shared by every method, held-out NLL on "
-        f"{' and '.join(html.escape(c) for c in p.eval_corpora)} ({p.eval_segments} × {p.eval_seq_len} tokens). "
+        f"<p>Protocol <b>{html.escape(p.name)}</b> on <b>{html.escape(p.model)}</b>: "
+        f"{p.calib_sequences} calibration sequences × {p.calib_seq_len} tokens shared by every method, "
+        f"held-out NLL on {' and '.join(html.escape(c) for c in p.eval_corpora)} "
+        f"({p.eval_segments} × {p.eval_seq_len} tokens). "
         "Every number below is read from the HDF5 stores in <code>data/</code>; each page works offline "
         "(plotly.min.js beside it).</p>",
     ]

@@ -1,8 +1,8 @@
 """One run of analysis scripts: where its stores and figures go, the models it loads, the data it measures on,
 and how a figure is published.
 
-* Store paths hold a hash of everything that defines their numbers (:meth:`Session.store_path`), so a store that
-  exists is the finished measurement of exactly these settings: a rerun loads no model and takes seconds.
+* Store paths hold a hash of everything that defines their numbers (:meth:`Session.store_path`), so a store
+  that exists is the finished measurement of exactly these settings: a rerun loads no model and takes seconds.
 * Models are loaded on first use and kept for the session.
 * Figures are built from stores only (:mod:`landscape.plots`) and published with :func:`publish`: offline HTML
   (plotly.js once per folder, fixed div ids, so reruns are byte-identical) and a PNG when kaleido and Chromium
@@ -85,9 +85,10 @@ def quant_protocols(profile: Profile, main: bool = True) -> list[Protocol]:
     """The quantization tables of ``profile.model``: all of ``profile.tables`` for the main model, or
     (``main=False``, figure 7's other models) only the headline format with RTN, GPTQ and QAFT."""
     specs = profile.tables if main else (TableSpec((profile.headline_format,), ("rtn", "gptq", "qaft")),)
-    return [Protocol(model=profile.model, calib_sequences=profile.calib_sequences, calib_seq_len=profile.calib_seq_len,
-                     calib_seed=0, eval_corpora=profile.eval_corpora, eval_seq_len=profile.eval_seq_len,
-                     eval_segments=profile.eval_segments, formats=spec.formats, methods=spec.methods, seeds=(0,),
+    return [Protocol(model=profile.model, calib_sequences=profile.calib_sequences,
+                     calib_seq_len=profile.calib_seq_len, calib_seed=0, eval_corpora=profile.eval_corpora,
+                     eval_seq_len=profile.eval_seq_len, eval_segments=profile.eval_segments,
+                     formats=spec.formats, methods=spec.methods, seeds=(0,),
                      qaft_lr=profile.qaft_lr, qaft_epochs=profile.qaft_epochs,
                      qaft_batch_size=profile.qaft_batch_size, lorc_rank=profile.lorc_rank,
                      layer_mse_sequences=profile.misalignment.mse_sequences)  # figure 3's convention
@@ -132,7 +133,8 @@ def quantized_model_path(session: Session, model: str, method: str, fmt: str, se
             key = result_key(protocol, Variant(method, name if name in formats else formats[0], seed))
             found = sorted((table_dir(session, protocol) / "results").glob(f"calib-*/{key}.json"))
             if len(found) != 1:
-                raise FileNotFoundError(f"expected one saved {key} under {table_dir(session, protocol)}/results, "
+                raise FileNotFoundError(f"expected one saved {key} under "
+                                        f"{table_dir(session, protocol)}/results, "
                                         f"found {len(found)}: run the quantization table first")
             return found[0].with_name(key)
     raise ValueError(f"no quantization table of {model} holds {method} at {name}; tables: "
@@ -152,8 +154,10 @@ def facts_store(session: Session, model: str) -> Path:
 def basin_store(session: Session, model: str) -> Path:
     """The store of R(w0) along the profile's random directions (figures 4 and 7)."""
     profile = session.profile_for(model)
-    return session.store_path(model, "basin", {"basin": asdict(profile.basin), "eval_seq_len": profile.eval_seq_len,
-                                               "tables": [p.to_dict() for p in model_protocols(session, model)]})
+    return session.store_path(model, "basin", {"basin": asdict(profile.basin),
+                                               "eval_seq_len": profile.eval_seq_len,
+                                               "tables": [p.to_dict()
+                                                          for p in model_protocols(session, model)]})
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -162,8 +166,8 @@ def eval_set(session: Session, model: str, segments: int | None = None, corpus: 
     """The first ``segments`` held-out windows of the quantization tables' evaluation set of ``corpus``
     (the same windows, so a subset's NLL can be read from the tables' per-segment sums)."""
     profile, lm = session.profile_for(model), session.model(model)
-    return heldout_set(lm.tokenizer, seq_len or profile.eval_seq_len, corpus, segments or profile.eval_segments,
-                       context_length=lm.info.context_length)
+    return heldout_set(lm.tokenizer, seq_len or profile.eval_seq_len, corpus,
+                       segments or profile.eval_segments, context_length=lm.info.context_length)
 
 
 def calibration(session: Session, model: str):
@@ -175,7 +179,8 @@ def calibration(session: Session, model: str):
 
 # ----------------------------------------------------------------------------------------- publishing
 def publish(fig: go.Figure, session: Session, stem: str) -> str:
-    """Write ``<out>/<stem>.html`` (and ``.png``) unless the same page is already there; returns what happened.
+    """Write ``<out>/<stem>.html`` (and ``.png``) unless the same page is already there; returns what
+    happened.
 
     The page is compared with what :func:`landscape.figio.write_figure` would write (same plotly.js
     mode, div id and config), so an unchanged figure costs no browser start for its PNG. A page rewritten
@@ -215,7 +220,8 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     parser.add_argument("--plan", action="store_true", help="print the plan with estimated times and stop")
     parser.add_argument("--no-png", dest="png", action="store_false", help="skip the static PNGs")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    parser.add_argument("--model", default=None, help=argparse.SUPPRESS)  # tests: another model (e.g. ref-tiny)
+    # tests: another model (e.g. ref-tiny)
+    parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.set_defaults(profile="quick")
     return parser.parse_args(argv)
 

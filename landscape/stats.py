@@ -80,14 +80,16 @@ class Interval:
 
     def __str__(self) -> str:
         value, low, high = _fmt_alike(self.value, self.low, self.high)
-        return f"{value} [{low}, {high}] ({self.level * 100:g} % {self.method} over {self.n_units} {self.unit})"
+        return (f"{value} [{low}, {high}] ({self.level * 100:g} % {self.method} over {self.n_units} "
+                f"{self.unit})")
 
 
 @dataclass(frozen=True)
 class Quantiles:
     """Quantiles of a set of values (e.g. basin radii over directions, NLLs over seeds).
 
-    ``values[i]`` is the ``probs[i]`` quantile (numpy's default linear interpolation between order statistics).
+    ``values[i]`` is the ``probs[i]`` quantile (numpy's default linear interpolation between order
+    statistics).
     """
 
     probs: tuple[float, ...]
@@ -176,8 +178,8 @@ def difference_interval(
 ) -> Interval:
     """Interval of ``token_mean(B) - token_mean(A)`` (e.g. quantized minus full-precision NLL).
 
-    Why so many parameters: two sets of per-segment data (sums and token counts of A and of B) and the bootstrap's
-    usual keywords (level, method, resamples, seed), as in ``scipy.stats.bootstrap``.
+    Why so many parameters: two sets of per-segment data (sums and token counts of A and of B) and the
+    bootstrap's usual keywords (level, method, resamples, seed), as in ``scipy.stats.bootstrap``.
 
     Args:
         paired: ``True`` when A and B were evaluated on the same segments (same order, same token counts):
@@ -191,8 +193,8 @@ def difference_interval(
     if paired and not np.array_equal(counts_a, counts_b):
         what = ("different token counts" if len(counts_a) == len(counts_b)
                 else f"{len(counts_a)} and {len(counts_b)} segments")
-        raise StatsError(f"paired=True needs A and B on the same segments (same token counts in the same order), got "
-                         f"{what}; use paired=False for different evaluation sets")
+        raise StatsError(f"paired=True needs A and B on the same segments (same token counts in the same "
+                         f"order), got {what}; use paired=False for different evaluation sets")
     if not paired and method != "percentile":
         raise StatsError(f"paired=False supports method='percentile' only, got method={method!r}")
     value = sums_b.sum() / counts_b.sum() - sums_a.sum() / counts_a.sum()
@@ -240,12 +242,13 @@ def contrast_interval(
     seed: int = 0,
     unit: str = "segments",
 ) -> Interval:
-    """Paired bootstrap interval of ``sum_k c_k * token_mean(model k)`` over models evaluated on the same segments.
+    """Paired bootstrap interval of ``sum_k c_k * token_mean(model k)`` over models evaluated on the same
+    segments.
 
     E.g. QAFT's advantage over GPTQ left after the full-precision control,
-    ``[NLL(GPTQ) - NLL(QAFT)] - [NLL(w0) - NLL(control)]``: sums of (GPTQ, QAFT, w0, control) with coefficients
-    (1, -1, -1, 1); several seeds of a method enter with coefficients ``1/n_seeds`` each. Every resample draws
-    one set of segment indices for all models, so shared segment difficulty cancels.
+    ``[NLL(GPTQ) - NLL(QAFT)] - [NLL(w0) - NLL(control)]``: sums of (GPTQ, QAFT, w0, control) with
+    coefficients (1, -1, -1, 1); several seeds of a method enter with coefficients ``1/n_seeds`` each. Every
+    resample draws one set of segment indices for all models, so shared segment difficulty cancels.
 
     Args:
         nll_sums: per model, the summed NLL of each segment (nats), all in the same segment order.
@@ -254,7 +257,8 @@ def contrast_interval(
     """
     _check_settings(level, "percentile", n_resamples)
     if len(nll_sums) != len(coefficients) or not nll_sums:
-        raise StatsError(f"one coefficient per model: got {len(nll_sums)} models and {len(coefficients)} coefficients")
+        raise StatsError(f"one coefficient per model: got {len(nll_sums)} models and {len(coefficients)} "
+                         f"coefficients")
     coef = _finite_1d(coefficients, "coefficients", minimum=1)
     counts = _finite_1d(token_counts, "token_counts", minimum=2)
     sums = [_segment_arrays(x, counts, f"nll_sums[{k}]", "token_counts")[0] for k, x in enumerate(nll_sums)]
@@ -270,13 +274,15 @@ def contrast_interval(
 
 @dataclass(frozen=True)
 class ControlAdjustedGap:
-    """How much of QAFT's advantage over GPTQ is left once the full-precision fine-tuning control is accounted for.
+    """How much of QAFT's advantage over GPTQ is left once the full-precision fine-tuning control is accounted
+    for.
 
     All NLLs on the same segments of one corpus (nats/token); QAFT and control NLLs averaged over their seeds.
 
     Attributes:
         advantage: ``NLL(GPTQ) - NLL(QAFT)``.
-        adaptation: ``NLL(w0) - NLL(control)``: what fine-tuning on the calibration text gains without quantization.
+        adaptation: ``NLL(w0) - NLL(control)``: what fine-tuning on the calibration text gains without
+            quantization.
         remaining: ``advantage - adaptation``: QAFT's advantage not explained by adaptation to that text.
         n_qaft_seeds, n_control_seeds: seeds averaged.
     """
@@ -296,12 +302,13 @@ class ControlAdjustedGap:
 
         seeds = (f"{self.n_qaft_seeds} seed{'s' if self.n_qaft_seeds > 1 else ''} of QAFT and "
                  f"{self.n_control_seeds} of the control")
-        verdict = ("the interval includes 0: no advantage beyond adaptation is shown" if self.remaining.low <= 0
-                   <= self.remaining.high else "")
+        verdict = ("the interval includes 0: no advantage beyond adaptation is shown"
+                   if self.remaining.low <= 0 <= self.remaining.high else "")
         return (f"At {self.format} on {self.corpus}, QAFT beats GPTQ by {cell(self.advantage)} nats/token; "
-                f"fine-tuning in full precision on the same calibration data alone gains {cell(self.adaptation)}, so "
-                f"{cell(self.remaining)} of QAFT's advantage remains after the control ({seeds}; "
-                f"{int(self.remaining.level * 100)} % paired bootstrap over {self.remaining.n_units} segments"
+                f"fine-tuning in full precision on the same calibration data alone gains "
+                f"{cell(self.adaptation)}, so {cell(self.remaining)} of QAFT's advantage remains after the "
+                f"control ({seeds}; {int(self.remaining.level * 100)} % paired bootstrap over "
+                f"{self.remaining.n_units} segments"
                 f"{'; ' + verdict if verdict else ''}).")
 
 
@@ -334,20 +341,23 @@ def control_adjusted_gap(
     return ControlAdjustedGap(fmt, corpus, advantage, adaptation, remaining, len(qaft), len(control))
 
 
-def control_gaps(runs: Sequence[tuple[str, str, Sequence[float] | np.ndarray]], fp32: Sequence[float] | np.ndarray,
-                 token_counts: Sequence[float] | np.ndarray, corpus: str, *, level: float = 0.95,
-                 n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> list[ControlAdjustedGap]:
-    """:func:`control_adjusted_gap` for every format with a ``gptq``, a ``qaft`` and an ``fp-finetune`` run, in the
-    order of each format's first ``qaft`` run.
+def control_gaps(runs: Sequence[tuple[str, str, Sequence[float] | np.ndarray]],
+                 fp32: Sequence[float] | np.ndarray, token_counts: Sequence[float] | np.ndarray,
+                 corpus: str, *, level: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES,
+                 seed: int = 0) -> list[ControlAdjustedGap]:
+    """:func:`control_adjusted_gap` for every format with a ``gptq``, a ``qaft`` and an ``fp-finetune`` run,
+    in the order of each format's first ``qaft`` run.
 
     Args:
-        runs: ``(method, format, per-segment NLL sums)`` of every run evaluated on the same segments of ``corpus``
-            (several seeds of QAFT or of the control are averaged; the first GPTQ run of a format is used).
+        runs: ``(method, format, per-segment NLL sums)`` of every run evaluated on the same segments of
+            ``corpus`` (several seeds of QAFT or of the control are averaged; the first GPTQ run of a format
+            is used).
         fp32: the per-segment NLL sums at w0; ``token_counts``: scored tokens per segment.
     """
     gaps = []
     for fmt in dict.fromkeys(f for method, f, _ in runs if method == "qaft"):
-        of = {m: [sums for method, f, sums in runs if method == m and f == fmt] for m in ("gptq", "qaft", "fp-finetune")}
+        of = {m: [sums for method, f, sums in runs if method == m and f == fmt]
+              for m in ("gptq", "qaft", "fp-finetune")}
         if of["gptq"] and of["fp-finetune"]:
             gaps.append(control_adjusted_gap(fmt, corpus, of["gptq"][0], of["qaft"], fp32, of["fp-finetune"],
                                              token_counts, level=level, n_resamples=n_resamples, seed=seed))
@@ -367,7 +377,8 @@ def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -
 
 
 def rank_correlation(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, *, level: float = 0.95,
-                     n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0, unit: str = "candidates") -> Interval:
+                     n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
+                     unit: str = "candidates") -> Interval:
     """Spearman correlation of paired values with a percentile-bootstrap interval over the pairs.
 
     A resample draws ``n`` pairs with replacement and recomputes the rank correlation; resamples in which a
@@ -413,8 +424,8 @@ def quantile_summary(
     if not probs or any(not 0.0 <= p <= 1.0 for p in probs):
         raise StatsError(f"probs must be a non-empty sequence of numbers in [0, 1], got {probs!r}")
     q = np.quantile(x, probs)
-    return Quantiles(probs, tuple(float(v) for v in q), len(x), float(x.mean()), float(x.min()), float(x.max()),
-                     unit)
+    return Quantiles(probs, tuple(float(v) for v in q), len(x), float(x.mean()), float(x.min()),
+                     float(x.max()), unit)
 
 
 def quantile_interval(
@@ -441,8 +452,10 @@ def quantile_interval(
     return Interval(float(np.quantile(x, prob)), low, high, level, "bootstrap", n_resamples, len(x), unit)
 
 
-def mean_t_interval(values: Sequence[float] | np.ndarray, *, level: float = 0.95, unit: str = "seeds") -> Interval:
-    """Mean of independent values (e.g. one NLL per seed) with a Student-t interval, ``mean +- t * s / sqrt(n)``."""
+def mean_t_interval(values: Sequence[float] | np.ndarray, *, level: float = 0.95,
+                    unit: str = "seeds") -> Interval:
+    """Mean of independent values (e.g. one NLL per seed) with a Student-t interval,
+    ``mean +- t * s / sqrt(n)``."""
     x = _finite_1d(values, "values", minimum=2)
     _check_level(level)
     mean = float(x.mean())
@@ -510,7 +523,8 @@ def _percentile_bounds(boot: np.ndarray, level: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _bca_bounds(boot: np.ndarray, estimate: float, jackknife: np.ndarray, level: float) -> tuple[float, float]:
+def _bca_bounds(boot: np.ndarray, estimate: float, jackknife: np.ndarray,
+                level: float) -> tuple[float, float]:
     """Bias-corrected and accelerated percentile bounds (Efron & Tibshirani 1993, ch. 14.3)."""
     below = (np.sum(boot < estimate) + 0.5 * np.sum(boot == estimate)) / len(boot)
     below = min(max(below, 0.5 / len(boot)), 1 - 0.5 / len(boot))  # keep the bias correction finite
@@ -529,9 +543,11 @@ def _segment_arrays(sums, counts, sums_name: str, counts_name: str) -> tuple[np.
     s = _finite_1d(sums, sums_name, minimum=2)
     c = _finite_1d(counts, counts_name, minimum=2)
     if s.shape != c.shape:
-        raise StatsError(f"{sums_name} has {len(s)} entries but {counts_name} has {len(c)}: one of each per segment")
+        raise StatsError(f"{sums_name} has {len(s)} entries but {counts_name} has {len(c)}: "
+                         f"one of each per segment")
     if np.any(c <= 0):
-        raise StatsError(f"{counts_name} must be > 0 for every segment; segment {int(np.argmin(c))} has {c.min()!r}")
+        raise StatsError(f"{counts_name} must be > 0 for every segment; "
+                         f"segment {int(np.argmin(c))} has {c.min()!r}")
     return s, c
 
 
@@ -540,8 +556,8 @@ def _finite_1d(values, name: str, minimum: int) -> np.ndarray:
     if x.ndim != 1:
         raise StatsError(f"{name} must be one-dimensional, got shape {x.shape}")
     if len(x) < minimum:
-        raise StatsError(f"{name} needs at least {minimum} entries (one per segment, batch, seed or direction) "
-                         f"for an interval, got {len(x)}")
+        raise StatsError(f"{name} needs at least {minimum} entries (one per segment, batch, seed or "
+                         f"direction) for an interval, got {len(x)}")
     if not np.all(np.isfinite(x)):
         bad = np.flatnonzero(~np.isfinite(x))[:5].tolist()
         raise StatsError(f"{name} contains non-finite values at positions {bad}")
@@ -554,7 +570,8 @@ def _check_level(level: float) -> None:
 
 
 def check_interval_settings(level: float, n_resamples: int) -> None:
-    """Raise :class:`StatsError` unless ``level`` is a coverage in (0, 1) and ``n_resamples`` an integer >= 100."""
+    """Raise :class:`StatsError` unless ``level`` is a coverage in (0, 1) and ``n_resamples`` an
+    integer >= 100."""
     _check_level(level)
     if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 100:
         raise StatsError(f"n_resamples must be an integer >= 100, got {n_resamples!r}")

@@ -82,9 +82,11 @@ def check_store_path(path: str | os.PathLike, resume: bool = False) -> Path:
     return path
 
 
-def provenance(kind: str, base: Base | None = None, data: TokenSet | None = None, **extra: Any) -> dict[str, Any]:
-    """The provenance a store starts from: what it holds (``kind``), the model w0 and its fingerprint over every
-    quantizable layer, the data with the convention of its NLLs, then ``extra`` (which may override them)."""
+def provenance(kind: str, base: Base | None = None, data: TokenSet | None = None,
+               **extra: Any) -> dict[str, Any]:
+    """The provenance a store starts from: what it holds (``kind``), the model w0 and its fingerprint over
+    every quantizable layer, the data with the convention of its NLLs, then ``extra`` (which may override
+    them)."""
     out: dict[str, Any] = {"kind": kind}
     if base is not None:
         out |= {"model": base.label, "model_fingerprint": base.fingerprint()}
@@ -110,7 +112,8 @@ class ResultStore:
     :meth:`open_run` or :meth:`resume`; close with :meth:`finish` (complete) or :meth:`close` (unfinished).
     """
 
-    def __init__(self, file: h5py.File, path: Path, grid_shape: tuple[int, ...], specs: Mapping[str, ArraySpec]):
+    def __init__(self, file: h5py.File, path: Path, grid_shape: tuple[int, ...],
+                 specs: Mapping[str, ArraySpec]):
         self._file = file
         self.path = path  # the final path
         self.grid_shape = grid_shape
@@ -126,7 +129,8 @@ class ResultStore:
         Args:
             provenance: JSON-serialisable description of the run; ``code_version`` and ``created``
                 (UTC, ISO 8601) are added unless present.
-            arrays: point array name -> ``(point_shape, dtype)``; stored with shape ``grid_shape + point_shape``.
+            arrays: point array name -> ``(point_shape, dtype)``; stored with shape
+                ``grid_shape + point_shape``.
             grid_shape: shape of the grid of points (``()`` for a store with a single point).
 
         Raises:
@@ -159,7 +163,8 @@ class ResultStore:
     def resume(cls, path: str | os.PathLike, provenance: Mapping[str, Any], arrays: Mapping[str, ArraySpec],
                grid_shape: Sequence[int] = ()) -> ResultStore:
         """Reopen the unfinished ``<path>.partial`` for writing, after checking it was written for this run
-        (same provenance except ``created``, grid and arrays); raises :class:`StoreMismatchError` otherwise."""
+        (same provenance except ``created``, grid and arrays); raises :class:`StoreMismatchError`
+        otherwise."""
         grid, specs = _check_schema(arrays, grid_shape)
         partial = partial_path(path)
         _check_same_run(read_store(partial), provenance, grid, specs)
@@ -214,12 +219,13 @@ class ResultStore:
         self._file.flush()
 
     def write_points(self, values: Mapping[str, np.ndarray], done: np.ndarray) -> None:
-        """Store whole point arrays at once for the points where ``done`` is True (e.g. merged shards), flush."""
+        """Store whole point arrays at once for the points where ``done`` is True (e.g. merged shards),
+        flush."""
         self._require_writable()
         done = np.asarray(done, dtype=bool)
         if done.shape != self.grid_shape or set(values) != set(self.point_arrays):
-            raise StoreError(f"write_points needs a done mask of shape {self.grid_shape} and exactly the arrays "
-                             f"{sorted(self.point_arrays)}; got {done.shape} and {sorted(values)}")
+            raise StoreError(f"write_points needs a done mask of shape {self.grid_shape} and exactly the "
+                             f"arrays {sorted(self.point_arrays)}; got {done.shape} and {sorted(values)}")
         for name in self.point_arrays:
             ds = self._file[name]
             full = ds[()]
@@ -229,7 +235,8 @@ class ResultStore:
         self._file.flush()
 
     def write_array(self, name: str, array: Any) -> None:
-        """Store a finished array (not point by point), e.g. grid coordinates; replaces one of the same name."""
+        """Store a finished array (not point by point), e.g. grid coordinates; replaces one of the same
+        name."""
         self._require_writable()
         _check_name(name, self.point_arrays)
         if name in self._file:
@@ -251,7 +258,8 @@ class ResultStore:
 
     # ------------------------------------------------------------------------------------ closing
     def finish(self) -> Path:
-        """Close and move the finished run into place (``os.replace(<path>.partial, <path>)``); returns ``path``."""
+        """Close and move the finished run into place (``os.replace(<path>.partial, <path>)``); returns
+        ``path``."""
         if not self._file.id.valid:
             raise StoreError(f"store {self.path} is closed: reopen it with resume to finish it")
         writable = self.writable
@@ -273,7 +281,8 @@ class ResultStore:
 
     def _require_writable(self) -> None:
         if not self._file.id.valid or not self.writable:
-            raise StoreError(f"store {self.path} is {'closed' if not self._file.id.valid else 'finished (read-only)'}")
+            raise StoreError(f"store {self.path} is "
+                             f"{'closed' if not self._file.id.valid else 'finished (read-only)'}")
 
 
 # ------------------------------------------------------------------------------------- in memory
@@ -283,7 +292,8 @@ class MemoryStore:
 
     writable = True
 
-    def __init__(self, provenance: Mapping[str, Any], arrays: Mapping[str, ArraySpec], grid_shape: Sequence[int] = ()):
+    def __init__(self, provenance: Mapping[str, Any], arrays: Mapping[str, ArraySpec],
+                 grid_shape: Sequence[int] = ()):
         self.grid_shape, self._specs = _check_schema(arrays, grid_shape)
         self.point_arrays = tuple(self._specs)
         self._arrays = {n: np.full(self.grid_shape + shape, _fill_value(dtype), dtype=dtype)
@@ -326,7 +336,8 @@ class MemoryStore:
 
 def start_run(path: str | os.PathLike | None, provenance: Mapping[str, Any], arrays: Mapping[str, ArraySpec],
               grid_shape: Sequence[int] = (), resume: bool = False) -> ResultStore | MemoryStore:
-    """The store of one run: :meth:`ResultStore.open_run` at ``path``, or a :class:`MemoryStore` if ``path`` is None.
+    """The store of one run: :meth:`ResultStore.open_run` at ``path``, or a :class:`MemoryStore` if ``path``
+    is None.
 
     Use it as a context manager and call :func:`finish_run` inside: if the body raises, a file store is
     closed unfinished (resumable).
@@ -337,7 +348,8 @@ def start_run(path: str | os.PathLike | None, provenance: Mapping[str, Any], arr
 
 
 def finish_run(record: ResultStore | MemoryStore) -> tuple[StoreData, Path | None]:
-    """Complete a run: a file store is moved into place and read back; a memory store hands over its contents."""
+    """Complete a run: a file store is moved into place and read back; a memory store hands over its
+    contents."""
     if isinstance(record, MemoryStore):
         return record.data(), None
     path = record.finish()
@@ -350,8 +362,8 @@ class StoreRecord:
 
     Attributes:
         provenance: JSON-able description (``kind`` says what the store holds).
-        rows: per-row arrays ``(n_rows, ...)``, stored as the store's points (one point per row); may be empty for
-            a task of :func:`run_tasks`.
+        rows: per-row arrays ``(n_rows, ...)``, stored as the store's points (one point per row); may be empty
+            for a task of :func:`run_tasks`.
         arrays: whole arrays (matrices, coordinates, scalars).
         tables: small tables, name -> columns of equal length.
     """
@@ -364,7 +376,8 @@ class StoreRecord:
 
 def write_record(path: str | os.PathLike, record: StoreRecord) -> Path:
     """Write a :class:`StoreRecord` to a new store at ``path`` through :func:`start_run` (written as
-    ``<path>.partial``, then moved into place, so a reader never sees half of it). Refused if ``path`` exists."""
+    ``<path>.partial``, then moved into place, so a reader never sees half of it). Refused if ``path``
+    exists."""
     rows = {name: np.asarray(values) for name, values in record.rows.items()}
     counts = {len(v) for v in rows.values()}
     if len(counts) != 1 or 0 in counts:
@@ -394,10 +407,10 @@ def run_tasks(path: str | os.PathLike | None, provenance: Mapping[str, Any],
               tasks: Mapping[str, Callable[[], StoreRecord]]) -> tuple[StoreData, Path | None]:
     """Run named tasks into one resumable store: one point per task, a killed run resumes at the next task.
 
-    Each task returns a :class:`StoreRecord` without rows (e.g. a curvature result's ``to_record()``); its arrays
-    and tables are stored as ``<task>/<name>`` and its provenance as ``<task>/attrs`` (JSON), and the point array
-    ``seconds`` holds each task's wall time. ``provenance`` should name the tasks (a rerun with other tasks is
-    refused as another run).
+    Each task returns a :class:`StoreRecord` without rows (e.g. a curvature result's ``to_record()``); its
+    arrays and tables are stored as ``<task>/<name>`` and its provenance as ``<task>/attrs`` (JSON), and the
+    point array ``seconds`` holds each task's wall time. ``provenance`` should name the tasks (a rerun with
+    other tasks is refused as another run).
     """
     names = list(tasks)
     with start_run(path, provenance, {"seconds": ((), np.float64)}, (len(names),), resume=True) as record:
@@ -407,9 +420,11 @@ def run_tasks(path: str | os.PathLike | None, provenance: Mapping[str, Any],
             started = time.perf_counter()
             result = tasks[name]()
             if result.rows:
-                raise StoreError(f"task {name!r} returned rows {sorted(result.rows)}: a task stores arrays and tables")
+                raise StoreError(f"task {name!r} returned rows {sorted(result.rows)}: "
+                                 f"a task stores arrays and tables")
             _write_whole(record, result, f"{name}/")
-            record.write_array(f"{name}/attrs", json.dumps(normalize_provenance(result.provenance), sort_keys=True))
+            record.write_array(f"{name}/attrs",
+                               json.dumps(normalize_provenance(result.provenance), sort_keys=True))
             record.write_point(i, {"seconds": time.perf_counter() - started})
         return finish_run(record)
 
@@ -451,30 +466,33 @@ def read_store(path: str | os.PathLike) -> StoreData:
     """Read a whole store (finished, or a ``.partial`` one by that name) into numpy arrays.
 
     Raises:
-        StoreInProgressError: the run has not finished: only its partial file exists, or a writer holds the file.
+        StoreInProgressError: the run has not finished: only its partial file exists, or a writer holds the
+            file.
         StoreError: missing, unreadable (corrupted, truncated) or not a landscape store.
     """
     path = Path(path)
     unfinished = partial_path(path).exists()  # looked at first: finish() renames the partial file to path
     if not path.exists():
         if unfinished:
-            raise StoreInProgressError(f"no finished store at {path} (an unfinished run is at {partial_path(path)}: "
-                                       f"in progress, or stopped and resumable; readable once no writer holds it)")
+            raise StoreInProgressError(f"no finished store at {path} (an unfinished run is at "
+                                       f"{partial_path(path)}: in progress, or stopped and resumable; "
+                                       f"readable once no writer holds it)")
         raise StoreError(f"no store at {path}")
     try:
         file = h5py.File(path, "r")
     except BlockingIOError:
-        raise StoreInProgressError(f"{path} is open for writing by another process (a run in progress): read it "
-                                   f"when the writer has finished or stopped") from None
+        raise StoreInProgressError(f"{path} is open for writing by another process (a run in progress): "
+                                   f"read it when the writer has finished or stopped") from None
     except FileNotFoundError:
-        raise StoreError(f"no store at {path} (it was moved away as it was opened: its run just finished?)") from None
+        raise StoreError(f"no store at {path} "
+                         f"(it was moved away as it was opened: its run just finished?)") from None
     except OSError as err:
         raise StoreError(f"{path} is not a readable HDF5 store (corrupted, truncated, or open for writing "
                          f"by another process): {err}") from None
     with file:
         if file.attrs.get("landscape_store") != STORE_FORMAT_VERSION or DONE not in file:
-            raise StoreError(f"{path} is not a landscape result store of format version {STORE_FORMAT_VERSION} "
-                             f"(found version {file.attrs.get('landscape_store')!r})")
+            raise StoreError(f"{path} is not a landscape result store of format version "
+                             f"{STORE_FORMAT_VERSION} (found version {file.attrs.get('landscape_store')!r})")
         try:
             provenance = json.loads(file.attrs["provenance"])
             grid = tuple(int(n) for n in file.attrs["grid_shape"])
@@ -511,7 +529,8 @@ def merge_stores(out: str | os.PathLike, shards: Iterable[str | os.PathLike]) ->
         raise StoreError("merge needs at least one store")
     data = [read_store(p) for p in paths]
     first = data[0]
-    specs = {n: (first.arrays[n].shape[len(first.grid_shape):], first.arrays[n].dtype) for n in first.point_arrays}
+    specs = {n: (first.arrays[n].shape[len(first.grid_shape):], first.arrays[n].dtype)
+             for n in first.point_arrays}
     values = {n: first.arrays[n].copy() for n in first.point_arrays}
     done = first.done.copy()
     for path, other in zip(paths[1:], data[1:]):
@@ -525,11 +544,13 @@ def merge_stores(out: str | os.PathLike, shards: Iterable[str | os.PathLike]) ->
         both = done & other.done
         for name in first.point_arrays:
             if not np.array_equal(values[name][both], other.arrays[name][both], equal_nan=True):
-                raise StoreMismatchError(f"cannot merge {path}: points done in several stores differ in {name!r}")
+                raise StoreMismatchError(f"cannot merge {path}: "
+                                         f"points done in several stores differ in {name!r}")
             values[name][other.done] = other.arrays[name][other.done]
         done |= other.done
     provenance = {k: v for k, v in first.provenance.items() if k not in RUN_SPECIFIC_KEYS}
-    provenance["merged_from"] = [{"file": p.name, "shard": d.provenance.get("shard")} for p, d in zip(paths, data)]
+    provenance["merged_from"] = [{"file": p.name, "shard": d.provenance.get("shard")}
+                                 for p, d in zip(paths, data)]
     store = start_run(out, provenance, specs, first.grid_shape)
     try:
         store.write_points(values, done)
@@ -557,12 +578,14 @@ def _check_schema(arrays: Mapping[str, ArraySpec], grid_shape: Sequence[int]) ->
             shape, dtype = spec
             specs[name] = (tuple(int(n) for n in shape), np.dtype(dtype))
         except (TypeError, ValueError):
-            raise StoreError(f"array {name!r} must be declared as (point_shape, dtype), got {spec!r}") from None
+            raise StoreError(f"array {name!r} must be declared as (point_shape, dtype), "
+                             f"got {spec!r}") from None
     return tuple(int(n) for n in grid), specs
 
 
 def _stamped(provenance: Mapping[str, Any]) -> dict[str, Any]:
-    """Provenance with ``code_version`` and ``created`` (UTC, ISO 8601) added unless present, JSON-normalised."""
+    """Provenance with ``code_version`` and ``created`` (UTC, ISO 8601) added unless present,
+    JSON-normalised."""
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     return normalize_provenance({"code_version": code_version(), "created": now, **provenance})
 
@@ -581,7 +604,8 @@ def _grid_index(index: int | tuple[int, ...], grid_shape: tuple[int, ...]) -> tu
 
 
 def _checked_point(values: Mapping[str, Any], specs: Mapping[str, ArraySpec]) -> dict[str, np.ndarray]:
-    """A point's values cast to their declared dtypes; exactly the declared arrays, each of its point shape."""
+    """A point's values cast to their declared dtypes; exactly the declared arrays, each of its point
+    shape."""
     missing, unknown = set(specs) - set(values), set(values) - set(specs)
     if missing or unknown:
         raise StoreError(f"a point needs exactly the arrays {sorted(specs)}; missing {sorted(missing)}, "
@@ -598,11 +622,13 @@ def _check_table(name: str, columns: Mapping[str, Sequence[Any]], taken: Sequenc
     _check_name(name, taken)
     lengths = {col: len(values) for col, values in columns.items()}
     if not columns or len(set(lengths.values())) != 1:
-        raise StoreError(f"table {name!r} needs at least one column, all of equal length; got lengths {lengths}")
+        raise StoreError(f"table {name!r} needs at least one column, all of equal length; "
+                         f"got lengths {lengths}")
 
 
 def _check_name(name: str, taken: Sequence[str]) -> None:
-    if not isinstance(name, str) or not name or name.startswith("/") or name.split("/")[0] == DONE or name in taken:
+    if (not isinstance(name, str) or not name or name.startswith("/") or name.split("/")[0] == DONE
+            or name in taken):
         raise StoreError(f"invalid or reserved array name {name!r} (not empty, no leading '/', not {DONE!r}, "
                          f"not a point array's name)")
 
@@ -620,7 +646,8 @@ def _check_same_run(existing: StoreData, provenance: Mapping[str, Any], grid: tu
     stored_specs = {n: (existing.arrays[n].shape[len(existing.grid_shape):], existing.arrays[n].dtype)
                     for n in existing.point_arrays}
     if stored_specs != dict(specs):
-        diffs.append(f"point arrays: store has {_short(sorted(stored_specs))}, this run has {_short(sorted(specs))}")
+        diffs.append(f"point arrays: store has {_short(sorted(stored_specs))}, "
+                     f"this run has {_short(sorted(specs))}")
     if diffs:
         raise StoreMismatchError("the store was written for a different run: " + "; ".join(diffs))
 

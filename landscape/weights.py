@@ -1,16 +1,17 @@
-"""The weights a study is about: layers addressed by module name, chosen by glob, read as ``(out, in)`` matrices,
-swapped and restored bit-exactly, and identified by a fingerprint of w0.
+"""The weights a study is about: layers addressed by module name, chosen by glob, read as ``(out, in)``
+matrices, swapped and restored bit-exactly, and identified by a fingerprint of w0.
 
 * **Layers** are named by module name (``transformer.h.0.attn.c_attn``, ``model.layers.3.mlp.up_proj``). The
-  quantizable layers (:func:`quantizable_layers`) are the linear layers (``nn.Linear``, GPT-2's ``Conv1D``) inside
-  the decoder blocks of a transformers model, in forward order; of any other module, its linear layers.
+  quantizable layers (:func:`quantizable_layers`) are the linear layers (``nn.Linear``, GPT-2's ``Conv1D``)
+  inside the decoder blocks of a transformers model, in forward order; of any other module, its linear layers.
 * **One selector.** :func:`select_layers` turns ``None`` (all), a glob, comma-separated globs or a sequence of
   globs into layer names in forward order; a glob that matches no quantizable layer is a
   :class:`LayerSelectionError` naming it. Quantizers, directions and curvature all select through it.
-* **Orientation.** A weight is always handled as ``(out_features, in_features)`` (:func:`weight_matrix`), whatever
-  the module stores (GPT-2's ``Conv1D`` stores ``(in, out)``).
+* **Orientation.** A weight is always handled as ``(out_features, in_features)`` (:func:`weight_matrix`),
+  whatever the module stores (GPT-2's ``Conv1D`` stores ``(in, out)``).
 * **The base.** A :class:`Base` is the pretrained model a measurement is made around: the module, its name for
-  provenance (:func:`model_label`) and the fingerprints of w0 (:func:`weights_fingerprint`), each computed once.
+  provenance (:func:`model_label`) and the fingerprints of w0 (:func:`weights_fingerprint`), each computed
+  once.
 
 This module imports nothing else of landscape: every floor above it addresses weights through it.
 """
@@ -32,7 +33,8 @@ LayerSelection = str | Sequence[str] | None
 
 
 class LayerSelectionError(ValueError, KeyError):
-    """A layer name or glob that names no quantizable layer of the model (also a ``KeyError``: a missing key)."""
+    """A layer name or glob that names no quantizable layer of the model (also a ``KeyError``: a missing
+    key)."""
 
     __str__ = Exception.__str__  # KeyError would quote the message
 
@@ -44,12 +46,14 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def decoder_blocks_prefix(model: nn.Module) -> str:
-    """Module name of the ``nn.ModuleList`` holding the decoder blocks (``transformer.h``, ``model.layers``...)."""
+    """Module name of the ``nn.ModuleList`` holding the decoder blocks (``transformer.h``,
+    ``model.layers``...)."""
     n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n_layers and len(module) > 0:
             return name
-    raise ValueError(f"cannot find the decoder blocks of {type(model).__name__} (expected a ModuleList of {n_layers})")
+    raise ValueError(f"cannot find the decoder blocks of {type(model).__name__} "
+                     f"(expected a ModuleList of {n_layers})")
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -59,8 +63,8 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
 
 def quantizable_layers(model: nn.Module, include_embeddings: bool = False,
                        include_lm_head: bool = False) -> dict[str, nn.Module]:
-    """Linear layers (``nn.Linear``, GPT-2 ``Conv1D``) inside the decoder blocks, in forward order; for a module
-    that is not a transformers model (no ``config``), every named linear layer.
+    """Linear layers (``nn.Linear``, GPT-2 ``Conv1D``) inside the decoder blocks, in forward order; for a
+    module that is not a transformers model (no ``config``), every named linear layer.
 
     Embeddings and the LM head are excluded unless asked for (they are often tied to each other).
     """
@@ -85,8 +89,8 @@ def layer_patterns(layers: LayerSelection) -> tuple[str, ...]:
         return ALL_LAYERS
     items = layers.split(",") if isinstance(layers, str) else list(layers)
     if not all(isinstance(p, str) for p in items):
-        raise LayerSelectionError(f"layers must be None, a glob, comma-separated globs or a sequence of globs; "
-                                  f"got {layers!r}")
+        raise LayerSelectionError(f"layers must be None, a glob, comma-separated globs or a sequence of "
+                                  f"globs; got {layers!r}")
     patterns = tuple(p.strip() for p in items if p.strip())
     if not patterns:
         raise LayerSelectionError(f"layers must name at least one glob (None for every quantizable layer), "
@@ -107,8 +111,8 @@ def select_layers(model: nn.Module, layers: LayerSelection = None) -> list[str]:
         hits = [name for name in available if fnmatch.fnmatchcase(name, pattern)]
         if not hits:
             example = f"; globs such as '{available[0].rsplit('.', 1)[0]}.*' work" if available else ""
-            raise LayerSelectionError(f"unknown layer {pattern!r}: it matches no quantizable layer of this model "
-                                      f"({len(available)} in all, e.g. {available[:3]}){example}")
+            raise LayerSelectionError(f"unknown layer {pattern!r}: it matches no quantizable layer of this "
+                                      f"model ({len(available)} in all, e.g. {available[:3]}){example}")
         chosen.update(hits)
     return [name for name in available if name in chosen]
 
@@ -160,8 +164,10 @@ def layer_weights(model: nn.Module, names: Sequence[str] | None = None) -> dict[
 
 
 def weights_norm(model: nn.Module, names: Sequence[str]) -> float:
-    """Euclidean norm ``||w0||`` of the named layers' ``(out, in)`` weights (float64): the unit of relative radii."""
-    return math.sqrt(sum(float(weight_matrix(get_layer(model, n)).detach().double().pow(2).sum()) for n in names))
+    """Euclidean norm ``||w0||`` of the named layers' ``(out, in)`` weights (float64): the unit of relative
+    radii."""
+    return math.sqrt(sum(float(weight_matrix(get_layer(model, n)).detach().double().pow(2).sum())
+                         for n in names))
 
 
 @contextlib.contextmanager
@@ -203,8 +209,9 @@ def restored_on_exit(model: nn.Module, names: Sequence[str]) -> Iterator[dict[st
 
 # ----------------------------------------------------------------------------------------- identity
 def weights_fingerprint(model: nn.Module, names: Sequence[str] | None = None) -> str:
-    """sha256 (16 hex) of the named (default: all quantizable) layers' ``(out, in)`` weights as float32: identifies
-    the base w0 of a quantized model or a direction. Hashes one layer at a time (no copy of the model)."""
+    """sha256 (16 hex) of the named (default: all quantizable) layers' ``(out, in)`` weights as float32:
+    identifies the base w0 of a quantized model or a direction. Hashes one layer at a time (no copy of the
+    model)."""
     h = hashlib.sha256()
     for name in quantizable_layers(model) if names is None else names:
         w = weight_matrix(get_layer(model, name)).detach()
@@ -214,7 +221,8 @@ def weights_fingerprint(model: nn.Module, names: Sequence[str] | None = None) ->
 
 
 def model_label(model: nn.Module, name: str | None = "") -> str:
-    """The model's name for provenance: ``name`` if given, else its ``config.name_or_path``, else its class name."""
+    """The model's name for provenance: ``name`` if given, else its ``config.name_or_path``, else its class
+    name."""
     return name or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
 
 

@@ -56,13 +56,15 @@ class RadiusSearch:
     """Settings of the radius search (radii in units of ``||w0||`` over the direction's layers).
 
     Attributes:
-        threshold: rise of the objective that leaves the basin (nats for NLL; a fraction of ``|f(0)|`` if relative).
+        threshold: rise of the objective that leaves the basin (nats for NLL; a fraction of ``|f(0)|`` if
+            relative).
         relative: interpret ``threshold`` relative to ``|f(0)|``.
         tolerance: stop when ``upper - lower <= tolerance * upper`` (relative width of the final bracket).
         initial_fraction: first radius tried, as a fraction of ``||w0||``.
         min_fraction: below this radius (fraction of ``||w0||``) halving stops: R is reported in (0, that].
         max_fraction: beyond this radius doubling stops: R is reported as ``inf`` (not found).
-        value_name: the output of the objective whose rise leaves the basin (``nll`` for the default objective).
+        value_name: the output of the objective whose rise leaves the basin (``nll`` for the default
+            objective).
     """
 
     threshold: float = 0.1
@@ -113,7 +115,8 @@ class BasinRadius:
     """The basin radius along one direction.
 
     Attributes:
-        radius: estimate of R (midpoint of the bracket; ``inf`` if no crossing up to ``max_fraction * ||w0||``).
+        radius: estimate of R (midpoint of the bracket; ``inf`` if no crossing up to
+            ``max_fraction * ||w0||``).
         lower, upper: R lies in ``(lower, upper]`` (``upper`` is ``inf`` if not found).
         center_value: the objective at w0 (NLL in nats/token by default).
         level: the value whose crossing defines R.
@@ -181,7 +184,8 @@ def basin_radius(model: nn.Module | Base, direction: Direction, objective: Objec
     """The basin radius R along ``direction`` (rescaled to unit norm), see the module docstring.
 
     Args:
-        objective: what is measured (default: NLL on ``data``, batches of 8); ``search.value_name`` picks its output.
+        objective: what is measured (default: NLL on ``data``, batches of 8); ``search.value_name`` picks its
+            output.
         center_value: the objective at w0 if already known (saves one evaluation).
     """
     base = as_base(model)
@@ -199,8 +203,9 @@ def basin_radius(model: nn.Module | Base, direction: Direction, objective: Objec
         center = value_at(0.0) if center_value is None else samples.setdefault(0.0, float(center_value))
         norm0 = weights_norm(base.model, perturbation.layers)
         level = search.level(center)
-        lower, upper = bracket_crossing(value_at, level, search.initial_fraction * norm0, search.min_fraction * norm0,
-                                        search.max_fraction * norm0, search.tolerance)
+        lower, upper = bracket_crossing(value_at, level, search.initial_fraction * norm0,
+                                        search.min_fraction * norm0, search.max_fraction * norm0,
+                                        search.tolerance)
     radii = np.array(sorted(samples))
     profile = RadialProfile(radii, np.array([samples[r] for r in radii]))
     radius = (lower + upper) / 2 if math.isfinite(upper) else math.inf
@@ -210,8 +215,8 @@ def basin_radius(model: nn.Module | Base, direction: Direction, objective: Objec
 def radial_profile(model: nn.Module | Base, direction: Direction, radii: Sequence[float] | np.ndarray,
                    objective: Objective | None = None, *, data: TokenSet | None = None,
                    value_name: str = "nll") -> RadialProfile:
-    """The objective (its output ``value_name``; default: NLL on ``data``, batches of 8) at ``w0 + r u / ||u||`` for
-    each radius ``r`` (Euclidean norm of the displacement)."""
+    """The objective (its output ``value_name``; default: NLL on ``data``, batches of 8) at
+    ``w0 + r u / ||u||`` for each radius ``r`` (Euclidean norm of the displacement)."""
     base = as_base(model)
     objective = objective or NLLObjective(_require(data), model_name=base.label)
     radii = _check_radii(radii)
@@ -270,7 +275,8 @@ class BasinStatistics:
     def median(self) -> float:
         return quantile(self.radii, 0.5)
 
-    def quantiles(self, levels: Sequence[float] = DEFAULT_QUANTILES, relative: bool = False) -> dict[float, float]:
+    def quantiles(self, levels: Sequence[float] = DEFAULT_QUANTILES,
+                  relative: bool = False) -> dict[float, float]:
         """Quantiles of R over directions (see :func:`quantile`), absolute or relative to ``||w0||``."""
         radii = self.relative_radii if relative else self.radii
         return {float(q): quantile(radii, q) for q in levels}
@@ -291,16 +297,16 @@ class BasinStatistics:
         if prov.get("kind") != "basin_radius":
             raise ValueError(f"{path or 'the data'} holds a {prov.get('kind')!r} run, not a basin-radius run")
         if not data.complete:
-            raise ValueError(f"{path or 'the data'} is unfinished ({int(data.done.sum())} of {data.done.size} "
-                             f"directions): resume it")
+            raise ValueError(f"{path or 'the data'} is unfinished "
+                             f"({int(data.done.sum())} of {data.done.size} directions): resume it")
         specs = [DirectionSpec.from_dict(s) for s in prov["directions"]]
         norm0, center, level = float(a["weights_norm"]), float(a["center_value"]), float(a["level"])
         per_direction = []
         for i, spec in enumerate(specs):
             evaluated = np.isfinite(a["search_radius"][i])  # the rest is padding
             samples = RadialProfile(a["search_radius"][i][evaluated], a["search_value"][i][evaluated])
-            per_direction.append(BasinRadius(float(a["radius"][i]), float(a["lower"][i]), float(a["upper"][i]), center,
-                                             level, norm0, samples, spec))
+            per_direction.append(BasinRadius(float(a["radius"][i]), float(a["lower"][i]),
+                                             float(a["upper"][i]), center, level, norm0, samples, spec))
         table = data.table("displacements") if "displacements/label" in a else {"label": [], "norm": []}
         search = RadiusSearch(**prov["search"], value_name=prov.get("value_name", "nll"))
         return cls(tuple(per_direction), norm0, center, level, search,
@@ -324,13 +330,15 @@ def basin_statistics(
     Args:
         directions: Directions, or specs (regenerated one at a time, so many large directions never sit in
             memory together); all must cover the same layers.
-        objective: what is measured (default: NLL on ``data``, batches of 8); ``search.value_name`` picks its output.
+        objective: what is measured (default: NLL on ``data``, batches of 8); ``search.value_name`` picks its
+            output.
         search: the threshold and the bracketing of each search.
         profile_radii: radii (absolute, Euclidean norm of the displacement) where every direction's
             profile is also evaluated, for plotting.
-        quant_results: label -> QuantResult (or its path) whose ``||w_q - w0||`` is reported in the same units.
-        execution: the store (one point per direction, flushed as it finishes, resumable), extra provenance and
-            progress bar; every direction is evaluated (a basin-radius run has no shards).
+        quant_results: label -> QuantResult (or its path) whose ``||w_q - w0||`` is reported in the same
+            units.
+        execution: the store (one point per direction, flushed as it finishes, resumable), extra provenance
+            and progress bar; every direction is evaluated (a basin-radius run has no shards).
 
     Raises:
         ValueError: bad directions, settings, results or store, before any evaluation.
@@ -338,7 +346,8 @@ def basin_statistics(
     if not directions:
         raise ValueError("basin_statistics needs at least one direction")
     if execution.shard != (0, 1):
-        raise ValueError(f"a basin-radius run evaluates every direction: pass shard (0, 1), got {execution.shard}")
+        raise ValueError(f"a basin-radius run evaluates every direction: pass shard (0, 1), "
+                         f"got {execution.shard}")
     execution.check_store()
     base = as_base(model)
     model = base.model
@@ -427,7 +436,8 @@ def _require(data: TokenSet | None) -> TokenSet:
 def _check_value_name(objective: Objective, layers: Sequence[str], value_name: str) -> None:
     names = output_names([objective], layers)
     if value_name not in names:
-        raise ValueError(f"value_name {value_name!r} is not an output of the objective; its outputs: {list(names)[:5]}")
+        raise ValueError(f"value_name {value_name!r} is not an output of the objective; "
+                         f"its outputs: {list(names)[:5]}")
 
 
 def _check_radii(radii: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -446,4 +456,5 @@ def _padded(values: np.ndarray, length: int) -> np.ndarray:
 def _describe_result(result: Any) -> dict[str, Any]:
     if isinstance(result, (str, Path)):
         return {"path": str(result)}
-    return {"label": result.label, "base_model": result.base_model, "base_fingerprint": result.base_fingerprint}
+    return {"label": result.label, "base_model": result.base_model,
+            "base_fingerprint": result.base_fingerprint}

@@ -197,7 +197,8 @@ def plane_coordinates(point: Direction, u: Direction, v: Direction) -> tuple[flo
 
 # ------------------------------------------------------------------------------------ layer access
 def layer_weight(model: nn.Module, name: str) -> torch.Tensor:
-    """The ``(out, in)`` weight view of the layer ``name`` (any module with a 2-D weight), or a clear error."""
+    """The ``(out, in)`` weight view of the layer ``name`` (any module with a 2-D weight), or a clear
+    error."""
     try:
         module = model.get_submodule(name)
     except AttributeError:
@@ -221,15 +222,17 @@ def check_direction(model: nn.Module | Base, direction: Direction) -> None:
     for name, t in direction.tensors.items():
         w = layer_weight(model, name)
         if tuple(t.shape) != tuple(w.shape):
-            raise DirectionError(f"direction [{direction.spec.describe()}] has shape {tuple(t.shape)} for layer "
-                                 f"{name!r}, whose (out, in) weight is {tuple(w.shape)}")
+            raise DirectionError(f"direction [{direction.spec.describe()}] has shape {tuple(t.shape)} "
+                                 f"for layer {name!r}, whose (out, in) weight is {tuple(w.shape)}")
         if not torch.isfinite(t).all():
-            raise DirectionError(f"direction [{direction.spec.describe()}] has NaN or Inf entries in layer {name!r}")
+            raise DirectionError(f"direction [{direction.spec.describe()}] has NaN or Inf entries "
+                                 f"in layer {name!r}")
     _nonzero_norm(direction)
     expected = direction.spec.base_fingerprint
     if expected and expected != (actual := base.fingerprint(direction.names)):
-        raise DirectionError(f"direction [{direction.spec.describe()}] was made on base weights with fingerprint "
-                             f"{expected}, but this model's weights on those layers have fingerprint {actual}")
+        raise DirectionError(f"direction [{direction.spec.describe()}] was made on base weights with "
+                             f"fingerprint {expected}, but this model's weights on those layers have "
+                             f"fingerprint {actual}")
 
 
 def check_finite_weights(model: nn.Module, names: Sequence[str]) -> None:
@@ -239,8 +242,8 @@ def check_finite_weights(model: nn.Module, names: Sequence[str]) -> None:
         w = layer_weight(model, name)
         if not torch.isfinite(w).all():
             first = (~torch.isfinite(w)).nonzero()[0].tolist()
-            raise DirectionError(f"layer {name!r} of the model has NaN or Inf weights (first at (out, in) index "
-                                 f"{first}): w0 must be finite to perturb around it")
+            raise DirectionError(f"layer {name!r} of the model has NaN or Inf weights (first at (out, in) "
+                                 f"index {first}): w0 must be finite to perturb around it")
 
 
 def _nonzero_norm(direction: Direction) -> float:
@@ -259,12 +262,13 @@ def random_direction(model: nn.Module | Base, seed: int, normalization: Normaliz
     ``normalization="filter"`` (the default, Li et al. 2018) makes every output row as long as w0's row,
     so the perturbation is scale-aware; ``"layer"`` does it per layer; ``"none"`` keeps N(0, 1) entries.
     """
-    return regenerate(model, DirectionSpec("random", layer_patterns(layers), seed=seed, normalization=normalization))
+    return regenerate(model, DirectionSpec("random", layer_patterns(layers), seed=seed,
+                                           normalization=normalization))
 
 
 def random_direction_of_length(model: nn.Module | Base, seed: int, length: float) -> dict[str, torch.Tensor]:
-    """A random filter-normalised direction rescaled to Euclidean norm ``length`` (``layer -> (out, in)``): the
-    baseline of the same length as a displacement."""
+    """A random filter-normalised direction rescaled to Euclidean norm ``length`` (``layer -> (out, in)``):
+    the baseline of the same length as a displacement."""
     unit = random_direction(model, seed, "filter").unit()
     return {n: length * t for n, t in unit.tensors.items()}
 
@@ -289,7 +293,8 @@ def displacement_direction(model: nn.Module | Base, result: Any,
         source = str(quant_result_path(result))
         result = QuantResult.load(source)
     if not isinstance(result, QuantResult):
-        raise DirectionError(f"a displacement needs a QuantResult or the path of one, got {type(result).__name__}")
+        raise DirectionError(f"a displacement needs a QuantResult or the path of one, "
+                             f"got {type(result).__name__}")
     actual = base.fingerprint(list(result.weights))
     if result.base_fingerprint != actual:
         raise DirectionError(f"quantized model {result.label!r} was computed on base {result.base_model!r} "
@@ -298,15 +303,15 @@ def displacement_direction(model: nn.Module | Base, result: Any,
     patterns = layer_patterns(layers)
     names = [n for n in result.weights if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not names:
-        raise DirectionError(f"layer globs {list(patterns)} match none of the {len(result.weights)} layers of "
-                             f"{result.label!r} (e.g. {list(result.weights)[:3]})")
+        raise DirectionError(f"layer globs {list(patterns)} match none of the {len(result.weights)} "
+                             f"layers of {result.label!r} (e.g. {list(result.weights)[:3]})")
     tensors = {}
     for n in names:
         w0 = layer_weight(model, n).detach()
         if tuple(result.weights[n].shape) != tuple(w0.shape):
             raise DirectionError(f"quantized model {result.label!r} has a weight of shape "
-                                 f"{tuple(result.weights[n].shape)} for layer {n!r}, whose (out, in) weight is "
-                                 f"{tuple(w0.shape)}")
+                                 f"{tuple(result.weights[n].shape)} for layer {n!r}, "
+                                 f"whose (out, in) weight is {tuple(w0.shape)}")
         tensors[n] = result.weights[n].to(device=w0.device, dtype=w0.dtype) - w0
     spec = DirectionSpec("displacement", patterns, source=source or result.label,
                          base_fingerprint=base.fingerprint(names))
@@ -314,16 +319,20 @@ def displacement_direction(model: nn.Module | Base, result: Any,
 
 
 def quant_result_path(path: str | os.PathLike) -> Path:
-    """A saved QuantResult's path without its ``.json`` / ``.safetensors`` suffix, as displacement specs record it."""
+    """A saved QuantResult's path without its ``.json`` / ``.safetensors`` suffix, as displacement specs
+    record it."""
     return result_stem(path)
 
 
-def eigenvector_direction(model: nn.Module | Base, tensors: Mapping[str, torch.Tensor], source: str = "") -> Direction:
-    """A Hessian eigenvector given as layer name -> ``(out, in)`` tensor; ``source`` says where it came from."""
+def eigenvector_direction(model: nn.Module | Base, tensors: Mapping[str, torch.Tensor],
+                          source: str = "") -> Direction:
+    """A Hessian eigenvector given as layer name -> ``(out, in)`` tensor; ``source`` says where it came
+    from."""
     return _from_tensors(model, tensors, "eigenvector", source)
 
 
-def user_direction(model: nn.Module | Base, tensors: Mapping[str, torch.Tensor], source: str = "") -> Direction:
+def user_direction(model: nn.Module | Base, tensors: Mapping[str, torch.Tensor],
+                   source: str = "") -> Direction:
     """Any user-supplied direction: layer name -> ``(out, in)`` tensor (checked against the model)."""
     return _from_tensors(model, tensors, "user", source)
 
@@ -345,10 +354,12 @@ def _from_tensors(model: nn.Module | Base, tensors: Mapping[str, torch.Tensor], 
 
 
 def normalize(model: nn.Module | Base, direction: Direction, normalization: Normalization) -> Direction:
-    """Rescale a direction to the scale of w0: per output row (``filter``), per layer (``layer``) or not (``none``).
+    """Rescale a direction to the scale of w0: per output row (``filter``), per layer (``layer``) or not
+    (``none``).
 
     ``filter``: ``d[i, :] * ||w0[i, :]|| / ||d[i, :]||`` for every output row ``i`` (a row of ``d`` that is
-    zero stays zero). ``layer``: ``d * ||w0|| / ||d||`` per layer. Apply it before Gram-Schmidt and unit rescaling.
+    zero stays zero). ``layer``: ``d * ||w0|| / ||d||`` per layer. Apply it before Gram-Schmidt and unit
+    rescaling.
     """
     model = as_base(model).model
     if normalization not in NORMALIZATIONS:
@@ -363,7 +374,8 @@ def normalize(model: nn.Module | Base, direction: Direction, normalization: Norm
     for name, d in direction.tensors.items():
         w0 = layer_weight(model, name).detach()
         d_norm = d.norm(dim=dim, keepdim=True)
-        scale = torch.where(d_norm > 0, w0.to(d).norm(dim=dim, keepdim=True) / d_norm, torch.zeros_like(d_norm))
+        scale = torch.where(d_norm > 0, w0.to(d).norm(dim=dim, keepdim=True) / d_norm,
+                            torch.zeros_like(d_norm))
         tensors[name] = d * scale
     return Direction(tensors, replace(direction.spec, normalization=normalization))
 
@@ -371,7 +383,8 @@ def normalize(model: nn.Module | Base, direction: Direction, normalization: Norm
 def check_spec(model: nn.Module | Base, spec: DirectionSpec) -> list[str]:
     """The layers ``spec`` covers on ``model``; raises :class:`DirectionError` unless :func:`regenerate` can
     rebuild it there: a random direction whose layers exist, or a displacement saved to a path, made on
-    these base weights w0. Cheap (no tensors are drawn or loaded): a sweep checks every spec before it starts."""
+    these base weights w0. Cheap (no tensors are drawn or loaded): a sweep checks every spec before it
+    starts."""
     base = as_base(model)
     names = _base_layers(base, spec)[0]
     if spec.orthogonal_to is not None:
@@ -380,15 +393,17 @@ def check_spec(model: nn.Module | Base, spec: DirectionSpec) -> list[str]:
 
 
 def _base_layers(base: Base, spec: DirectionSpec) -> tuple[list[str], str]:
-    """The layers of a regenerable spec's base tensors and the fingerprint of w0 on them, checked against the spec's."""
+    """The layers of a regenerable spec's base tensors and the fingerprint of w0 on them, checked against the
+    spec's."""
     if spec.kind == "random":
         names = select_layers(base.model, spec.layers)
     elif spec.kind == "displacement" and os.path.exists(f"{spec.source}.json"):
         names = [n for n in json.loads(Path(f"{spec.source}.json").read_text())["layers"]
                  if any(fnmatch.fnmatchcase(n, p) for p in spec.layers)]
     else:
-        raise DirectionError(f"cannot regenerate a {spec.kind} direction from its spec [{spec.describe()}]: only "
-                             f"random directions and displacements saved to a path are; pass the tensors instead")
+        raise DirectionError(f"cannot regenerate a {spec.kind} direction from its spec [{spec.describe()}]: "
+                             f"only random directions and displacements saved to a path are; "
+                             f"pass the tensors instead")
     check_finite_weights(base.model, names)
     actual = base.fingerprint(names)
     if spec.base_fingerprint and spec.base_fingerprint != actual:

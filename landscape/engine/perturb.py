@@ -45,7 +45,8 @@ class Objective(Protocol):
     """What a scan measures at each point. Called with the model holding the perturbed weights."""
 
     def output_names(self, layers: Sequence[str]) -> tuple[str, ...]:
-        """Names of the scalar values it returns, given the perturbed layers (fixed before the scan starts)."""
+        """Names of the scalar values it returns, given the perturbed layers (fixed before the scan
+        starts)."""
 
     def __call__(self, model: nn.Module, w0: Mapping[str, torch.Tensor]) -> Mapping[str, float]:
         """The values at the model's current weights; ``w0`` holds the unperturbed ``(out, in)`` weights of
@@ -70,11 +71,13 @@ class NLLObjective:
         return {"nll": nll(model, self.data, batch_size=self.batch_size, model_name=self.model_name).value}
 
     def convention(self) -> NLLConvention:
-        """The convention of every NLL of this objective (the one :func:`~landscape.objectives.nll` reports)."""
+        """The convention of every NLL of this objective (the one :func:`~landscape.objectives.nll`
+        reports)."""
         return NLLConvention.for_data(self.data, self.model_name)
 
     def provenance(self) -> dict[str, Any]:
-        return {"objective": "nll", "batch_size": self.batch_size, "nll_convention": self.convention().to_dict()}
+        return {"objective": "nll", "batch_size": self.batch_size,
+                "nll_convention": self.convention().to_dict()}
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,8 @@ class LayerMSEObjective:
 
     def provenance(self) -> dict[str, Any]:
         return {"objective": "layer_mse", "inputs": self.inputs, "batch_size": self.batch_size,
-                "data_hash": self.data.content_hash, "unit": "squared activations, mean over tokens and outputs"}
+                "data_hash": self.data.content_hash,
+                "unit": "squared activations, mean over tokens and outputs"}
 
 
 @dataclass(frozen=True)
@@ -140,9 +144,10 @@ def default_objectives(data: TokenSet | None, with_layer_mse: bool = False, batc
 class Perturbation:
     """Moves a model's weights in place to ``w0 + sum_k c_k d_k`` and back to w0, bit-exactly.
 
-    Construction checks every direction against the model (:func:`~landscape.engine.directions.check_direction`)
-    and saves w0 of the layers they touch. Use as a context manager: leaving it (normally or by an
-    exception) restores w0 by copying the saved weights back (never by subtracting).
+    Construction checks every direction against the model
+    (:func:`~landscape.engine.directions.check_direction`) and saves w0 of the layers they touch. Use as a
+    context manager: leaving it (normally or by an exception) restores w0 by copying the saved weights back
+    (never by subtracting).
     """
 
     def __init__(self, model: nn.Module | Base, directions: Sequence[Direction]):
@@ -158,7 +163,8 @@ class Perturbation:
         self._steps = [{n: t.to(self._targets[n]) for n, t in d.tensors.items()} for d in directions]
 
     def move_to(self, coefficients: Sequence[float]) -> None:
-        """Set the touched layers to ``w0 + sum_k coefficients[k] * directions[k]`` (always starting from w0)."""
+        """Set the touched layers to ``w0 + sum_k coefficients[k] * directions[k]`` (always starting from
+        w0)."""
         if len(coefficients) != len(self._steps):
             raise ValueError(f"need {len(self._steps)} coefficients, got {len(coefficients)}")
         with torch.no_grad():
@@ -175,7 +181,8 @@ class Perturbation:
                 target.copy_(self.w0[name])
 
     def measure(self, coefficients: Sequence[float], objectives: Sequence[Objective]) -> dict[str, float]:
-        """The objectives at ``w0 + sum_k c_k d_k``; w0 is restored afterwards, also if an objective raises."""
+        """The objectives at ``w0 + sum_k c_k d_k``; w0 is restored afterwards, also if an objective
+        raises."""
         self.move_to(coefficients)
         try:
             values: dict[str, float] = {}
@@ -212,7 +219,8 @@ def output_names(objectives: Sequence[Objective], layers: Sequence[str]) -> tupl
 
 
 def nll_convention(objectives: Sequence[Objective]) -> dict[str, Any] | None:
-    """The NLL convention of the first :class:`NLLObjective` among ``objectives`` (``None`` if there is none)."""
+    """The NLL convention of the first :class:`NLLObjective` among ``objectives`` (``None`` if there is
+    none)."""
     return next((o.convention().to_dict() for o in objectives if isinstance(o, NLLObjective)), None)
 
 
@@ -271,7 +279,8 @@ def scan(
     """Measure objectives at ``w0 + sum_k grid[k][i_k] * directions[k]`` for every grid point, in place.
 
     Args:
-        model: the model at w0, or its :class:`~landscape.weights.Base` (left bit-identical to w0, also on errors).
+        model: the model at w0, or its :class:`~landscape.weights.Base` (left bit-identical to w0, also on
+            errors).
         directions: one direction (1-D scan) or a sequence (2-D: ``(u, v)``).
         grid: the coefficients along each direction; a single 1-D array is accepted for a 1-D scan.
         objectives: what to measure; default: the NLL on ``data`` (:func:`default_objectives` adds layer MSE).
@@ -283,8 +292,8 @@ def scan(
         The values of this run (and of earlier runs of a resumed store).
 
     Raises:
-        ValueError (DirectionError, StoreError...): bad directions, grid, objectives or store, before any point
-            is evaluated.
+        ValueError (DirectionError, StoreError...): bad directions, grid, objectives or store, before any
+            point is evaluated.
     """
     base = as_base(model)
     directions = (directions,) if isinstance(directions, Direction) else tuple(directions)
@@ -325,10 +334,12 @@ def scan(
     return ScanResult.from_data(stored, path)
 
 
-def _check_grid(grid: Sequence[Sequence[float] | np.ndarray] | np.ndarray, n_directions: int) -> tuple[np.ndarray, ...]:
+def _check_grid(grid: Sequence[Sequence[float] | np.ndarray] | np.ndarray,
+                n_directions: int) -> tuple[np.ndarray, ...]:
     if isinstance(grid, np.ndarray) and grid.ndim == 1:
         grid = [grid]
-    elif isinstance(grid, Sequence) and len(grid) > 0 and all(isinstance(g, (int, float, np.number)) for g in grid):
+    elif (isinstance(grid, Sequence) and len(grid) > 0
+          and all(isinstance(g, (int, float, np.number)) for g in grid)):
         grid = [grid]  # a single axis for a 1-D scan
     axes = []
     for k, axis in enumerate(grid):
@@ -337,11 +348,12 @@ def _check_grid(grid: Sequence[Sequence[float] | np.ndarray] | np.ndarray, n_dir
         except (TypeError, ValueError):
             raise ValueError(f"grid axis {k} must be a sequence of numbers, got {axis!r}") from None
         if axis.ndim != 1 or axis.size == 0:
-            raise ValueError(f"grid axis {k} must be a non-empty 1-D sequence of coefficients, got shape {axis.shape}")
+            raise ValueError(f"grid axis {k} must be a non-empty 1-D sequence of coefficients, "
+                             f"got shape {axis.shape}")
         if not np.isfinite(axis).all():
             bad = np.flatnonzero(~np.isfinite(axis)).tolist()
-            raise ValueError(f"grid axis {k} has non-finite coefficients {axis[bad].tolist()} at positions {bad}; "
-                             f"every coefficient must be a finite number")
+            raise ValueError(f"grid axis {k} has non-finite coefficients {axis[bad].tolist()} "
+                             f"at positions {bad}; every coefficient must be a finite number")
         axes.append(axis)
     if len(axes) != n_directions:
         raise ValueError(f"the grid has {len(axes)} axes but there are {n_directions} directions: "

@@ -1,10 +1,11 @@
 """How a sweep runs: where its points go, whether it resumes, which shard of the points it evaluates.
 
-A sweep (the points of a scan, the directions of a basin-radius search) is embarrassingly parallel: every point
-is a pure function of (model, direction specs, coordinates, data). :class:`Execution` says how one process runs
-its part of it: the HDF5 store its points are flushed to as they finish (:mod:`landscape.store`), whether an
-unfinished store is resumed, and which shard ``i`` of ``n`` it evaluates (the points ``i, i + n, i + 2n, ...`` in C
-order), so ``n`` processes write ``n`` stores that :func:`landscape.store.merge_stores` joins.
+A sweep (the points of a scan, the directions of a basin-radius search) is embarrassingly parallel: every
+point is a pure function of (model, direction specs, coordinates, data). :class:`Execution` says how one
+process runs its part of it: the HDF5 store its points are flushed to as they finish (:mod:`landscape.store`),
+whether an unfinished store is resumed, and which shard ``i`` of ``n`` it evaluates (the points
+``i, i + n, i + 2n, ...`` in C order), so ``n`` processes write ``n`` stores that
+:func:`landscape.store.merge_stores` joins.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ class Execution:
     """How one process runs (its part of) a sweep.
 
     Attributes:
-        store: HDF5 store path: every point is flushed as it finishes and the file moves into place when the run
-            (or its shard) completes; ``None`` keeps the points in memory.
+        store: HDF5 store path: every point is flushed as it finishes and the file moves into place when the
+            run (or its shard) completes; ``None`` keeps the points in memory.
         resume: continue an unfinished store at ``store`` (skipping finished points), or read a finished one.
         shard: ``(i, n)``: evaluate only the points ``i, i + n, ...`` of the C-ordered points.
         provenance: extra JSON entries for the store (e.g. the model's :class:`~landscape.models.ModelInfo`).
@@ -57,7 +58,8 @@ class Execution:
             raise ExecutionError("resume=True needs a store path to resume from")
 
     def check_store(self) -> None:
-        """Raise before any work unless the store can be written (or resumed): see :func:`check_store_path`."""
+        """Raise before any work unless the store can be written (or resumed): see
+        :func:`check_store_path`."""
         if self.store is not None:
             check_store_path(self.store, self.resume)
 

@@ -1,24 +1,26 @@
 """Quantized candidates around w0 and what each one costs locally and globally: the measurements behind the
 misalignment of layer MSE and NLL (figure 3, :mod:`landscape.studies.misalignment`).
 
-A candidate is a quantized model of w0: a saved or in-memory :class:`~landscape.quant.result.QuantResult` (RTN,
-GPTQ, QAFT...) or, cheaply and in any number, a **random on-grid rounding** of w0 (:class:`RoundingSpec`) onto the
-very lattice RTN, GPTQ and QAFT share (:func:`landscape.quant.formats.make_grid` of w0). Two kinds of rounding:
+A candidate is a quantized model of w0: a saved or in-memory :class:`~landscape.quant.result.QuantResult`
+(RTN, GPTQ, QAFT...) or, cheaply and in any number, a **random on-grid rounding** of w0
+(:class:`RoundingSpec`) onto the very lattice RTN, GPTQ and QAFT share
+(:func:`landscape.quant.formats.make_grid` of w0). Two kinds of rounding:
 
 * ``stochastic``: ``fraction`` of the weights (chosen at random) go to one of the two grid points around them,
-  the upper one with probability equal to their fractional position between them (unbiased stochastic rounding,
-  ``E[w_q] = w0`` inside the grid's range); the rest round to nearest. ``fraction`` sweeps the candidates from RTN
-  (0) to full stochastic rounding (1; about sqrt(2) x RTN's displacement norm). Each layer draws (float64) from
-  its own generator seeded by ``sha256("rounding/<seed>/<layer>")``.
+  the upper one with probability equal to their fractional position between them (unbiased stochastic
+  rounding, ``E[w_q] = w0`` inside the grid's range); the rest round to nearest. ``fraction`` sweeps the
+  candidates from RTN (0) to full stochastic rounding (1; about sqrt(2) x RTN's displacement norm). Each layer
+  draws (float64) from its own generator seeded by ``sha256("rounding/<seed>/<layer>")``.
 * ``dither``: every weight becomes ``round(w0 / s + z + strength (u - 1/2))`` (clamped to the code range) with
-  ``u ~ U[0, 1)`` drawn (float32) from a generator seeded by ``sha256("<seed>/<format>/<layer>")``: ``strength``
-  1 is stochastic rounding, 0 is RTN (figure 3's candidates).
+  ``u ~ U[0, 1)`` drawn (float32) from a generator seeded by ``sha256("<seed>/<format>/<layer>")``:
+  ``strength`` 1 is stochastic rounding, 0 is RTN (figure 3's candidates).
 
 A candidate is a pure function of (w0, kind, format, seed, fraction or strength). :func:`measure_candidates`
-measures each candidate's displacement norm ``||w_q - w0||``, its layer output MSE (GPTQ's local objective, on the
-inputs of the full-precision model, per layer and summed) and its token-mean NLL on held-out text with a bootstrap
-interval over segments (QAFT's objective), into a resumable store of kind ``misalignment``; the analysis of
-:mod:`landscape.studies.misalignment` adds its correlation tables to a store of the same kind and layout.
+measures each candidate's displacement norm ``||w_q - w0||``, its layer output MSE (GPTQ's local objective, on
+the inputs of the full-precision model, per layer and summed) and its token-mean NLL on held-out text with a
+bootstrap interval over segments (QAFT's objective), into a resumable store of kind ``misalignment``; the
+analysis of :mod:`landscape.studies.misalignment` adds its correlation tables to a store of the same kind and
+layout.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class RoundingSpec:
     Attributes:
         format: the weight format (its min-max grid on w0 is the lattice).
         seed: seed of the draws (each layer draws from its own generator).
-        fraction: ``stochastic``: share of the weights rounded stochastically (the rest round to nearest), in [0, 1].
+        fraction: ``stochastic``: share of the weights rounded stochastically (the rest round to nearest), in
+            [0, 1].
         layers: layer names or globs (``None``: every quantizable layer).
         kind: ``stochastic`` or ``dither``.
         strength: ``dither``: the dither's width in grid steps (>= 0; 1 is stochastic rounding, 0 RTN).
@@ -87,9 +90,10 @@ class RoundingSpec:
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
             raise MisalignmentError(f"fraction (share of weights rounded stochastically) must be in [0, 1], "
                                     f"got {self.fraction!r}")
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength < math.inf:
-            raise MisalignmentError(f"strength (the dither's width in grid steps) must be a finite number >= 0, "
-                                    f"got {self.strength!r}")
+        if (isinstance(strength, bool) or not isinstance(strength, (int, float))
+                or not 0 <= strength < math.inf):
+            raise MisalignmentError(f"strength (the dither's width in grid steps) must be a finite number "
+                                    f">= 0, got {self.strength!r}")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
 
@@ -106,14 +110,15 @@ class RoundingSpec:
     def to_dict(self) -> dict[str, Any]:
         layers = list(self.layers) if self.layers is not None else None
         if self.kind == "dither":
-            return {"kind": "dither", "format": self.format.name, "seed": self.seed, "strength": self.strength,
-                    "layers": layers}
+            return {"kind": "dither", "format": self.format.name, "seed": self.seed,
+                    "strength": self.strength, "layers": layers}
         return {"format": self.format.name, "seed": self.seed, "fraction": self.fraction, "layers": layers}
 
 
 def rounded(model: nn.Module | Base, spec: RoundingSpec) -> QuantResult:
     """The random on-grid rounding ``spec`` of the model's weights w0, as a :class:`QuantResult` (method
-    ``stochastic-rounding`` or ``dither``; weights in the model's dtype and device; the model is not modified)."""
+    ``stochastic-rounding`` or ``dither``; weights in the model's dtype and device; the model is not
+    modified)."""
     base = as_base(model)
     names = resolve_layers(base.model, list(spec.layers) if spec.layers is not None else None, spec.format)
     modules = quantizable_layers(base.model)
@@ -123,8 +128,8 @@ def rounded(model: nn.Module | Base, spec: RoundingSpec) -> QuantResult:
             w0 = weight_matrix(modules[name]).detach()
             grid = make_grid(w0, spec.format, name)
             if spec.kind == "dither":
-                weights[name] = dithered_rounding(w0, grid, spec.strength, dither_generator(spec.seed, spec.format,
-                                                                                              name))
+                weights[name] = dithered_rounding(w0, grid, spec.strength,
+                                                  dither_generator(spec.seed, spec.format, name))
             else:
                 weights[name] = _stochastic_rounding(w0, grid, spec.fraction, spec.seed, name)
     settings = {"seed": spec.seed, "grid": "min-max of w0, static groups",
@@ -149,7 +154,8 @@ def _stochastic_rounding(w0: torch.Tensor, grid: Grid, fraction: float, seed: in
     return grid.dequantize(codes).contiguous()
 
 
-def dithered_rounding(w0: torch.Tensor, grid: Grid, strength: float, generator: torch.Generator) -> torch.Tensor:
+def dithered_rounding(w0: torch.Tensor, grid: Grid, strength: float,
+                      generator: torch.Generator) -> torch.Tensor:
     """``w0`` rounded onto ``grid`` after a uniform dither of ``strength`` grid steps.
 
     Each entry becomes the lattice point ``round(w0 / s + z + strength (u - 1/2))`` (clamped to the code
@@ -163,7 +169,8 @@ def dithered_rounding(w0: torch.Tensor, grid: Grid, strength: float, generator: 
 
 
 def dither_generator(seed: int, fmt: QuantFormat | str, layer: str) -> torch.Generator:
-    """A generator seeded by ``(seed, format, layer name)``: a layer's dither does not depend on the others."""
+    """A generator seeded by ``(seed, format, layer name)``: a layer's dither does not depend on the
+    others."""
     digest = hashlib.sha256(f"{seed}/{parse_format(fmt).name}/{layer}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
@@ -189,7 +196,8 @@ def random_roundings(formats: Sequence[QuantFormat | str] | QuantFormat | str, s
 def dithered_roundings(formats: Sequence[QuantFormat | str], strengths: Sequence[float],
                        seeds: Sequence[int]) -> dict[str, RoundingSpec]:
     """``label -> RoundingSpec`` of dithered roundings for every format x strength x seed, in that order."""
-    specs = [RoundingSpec(f, s, kind="dither", strength=float(x)) for f in formats for x in strengths for s in seeds]
+    specs = [RoundingSpec(f, s, kind="dither", strength=float(x))
+             for f in formats for x in strengths for s in seeds]
     if not specs:
         raise MisalignmentError("dithered_roundings needs at least one format, strength and seed")
     return {spec.label: spec for spec in specs}
@@ -213,11 +221,12 @@ class CandidateTable:
         displacement_norm: ``||w_q - w0||`` over the candidate's layers (weight units).
         layer_mse_sum: output MSE summed over the layers, on the full-precision model's inputs (squared
             activations).
-        nll: token-mean NLL (nats/token) on the evaluation data; ``nll_w0``: the same at w0 (NaN if not stored).
+        nll: token-mean NLL (nats/token) on the evaluation data; ``nll_w0``: the same at w0 (NaN if not
+            stored).
         provenance: model fingerprint, data, NLL convention, candidates' specs.
         nll_low, nll_high: 95 % bootstrap interval of each NLL over segments (NaN where not stored).
-        layer_mse: ``(n, n_layers)`` output MSE per layer of :attr:`layers` (0 for a layer a candidate leaves at w0;
-            empty where not stored).
+        layer_mse: ``(n, n_layers)`` output MSE per layer of :attr:`layers` (0 for a layer a candidate leaves
+            at w0; empty where not stored).
         layers: the layers of ``layer_mse``.
     """
 
@@ -256,35 +265,40 @@ class CandidateTable:
         pick = lambda values: tuple(values[i] for i in index)  # noqa: E731
         prov = dict(self.provenance)
         if isinstance(prov.get("candidates"), Mapping):
-            prov["candidates"] = {k: prov["candidates"][k] for k in pick(self.labels) if k in prov["candidates"]}
+            prov["candidates"] = {k: prov["candidates"][k] for k in pick(self.labels)
+                                  if k in prov["candidates"]}
         return CandidateTable(pick(self.labels), pick(self.methods), pick(self.formats),
-                              self.displacement_norm[index], self.layer_mse_sum[index], self.nll[index], self.nll_w0,
-                              prov, self.nll_low[index], self.nll_high[index], self.layer_mse[index], self.layers)
+                              self.displacement_norm[index], self.layer_mse_sum[index], self.nll[index],
+                              self.nll_w0, prov, self.nll_low[index], self.nll_high[index],
+                              self.layer_mse[index], self.layers)
 
     def markdown(self) -> str:
         order = np.argsort(self.displacement_norm, kind="stable")
         lines = ["| candidate | method | format | ‖w_q − w0‖ | layer-MSE sum | NLL | ΔNLL |",
                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {self.labels[i]} | {self.methods[i]} | {self.formats[i]} | {self.displacement_norm[i]:.4g} | "
-                  f"{self.layer_mse_sum[i]:.4g} | {self.nll[i]:.4f} | {self.nll[i] - self.nll_w0:+.4f} |"
+        lines += [f"| {self.labels[i]} | {self.methods[i]} | {self.formats[i]} | "
+                  f"{self.displacement_norm[i]:.4g} | {self.layer_mse_sum[i]:.4g} | {self.nll[i]:.4f} | "
+                  f"{self.nll[i] - self.nll_w0:+.4f} |"
                   for i in order]
         return "\n".join(lines)
 
     def rows(self) -> dict[str, np.ndarray]:
         """The per-candidate arrays of a ``misalignment`` store (one point per candidate)."""
-        rows = {"displacement_norm": self.displacement_norm, "layer_mse_sum": self.layer_mse_sum, "nll": self.nll,
-                "nll_low": self.nll_low, "nll_high": self.nll_high}
+        rows = {"displacement_norm": self.displacement_norm, "layer_mse_sum": self.layer_mse_sum,
+                "nll": self.nll, "nll_low": self.nll_low, "nll_high": self.nll_high}
         if self.layer_mse.shape[1]:
             rows["layer_mse"] = self.layer_mse
         return rows
 
     def table(self) -> dict[str, list]:
-        """The ``candidates`` table of a ``misalignment`` store: label, method and format of each candidate."""
+        """The ``candidates`` table of a ``misalignment`` store: label, method and format of each
+        candidate."""
         return {"label": list(self.labels), "method": list(self.methods), "format": list(self.formats)}
 
     @classmethod
     def from_store(cls, path: str | os.PathLike) -> CandidateTable:
-        """The candidates of a ``misalignment`` store (a measurement or an analysis, of this or older code)."""
+        """The candidates of a ``misalignment`` store (a measurement or an analysis, of this or older
+        code)."""
         return cls.from_data(read_store(path), Path(path))
 
     @classmethod
@@ -292,15 +306,18 @@ class CandidateTable:
         """The finished candidates held in a ``misalignment`` store's contents."""
         prov, a = data.provenance, data.arrays
         if prov.get("kind") != KIND:
-            raise MisalignmentError(f"{path or 'the data'} holds a {prov.get('kind')!r} run, not a misalignment study")
+            raise MisalignmentError(f"{path or 'the data'} holds a {prov.get('kind')!r} run, "
+                                    f"not a misalignment study")
         done = np.flatnonzero(data.done)
         names = data.table("candidates")
         strings = lambda column: tuple(str(names[column][i]) for i in done)  # noqa: E731
         optional = {k: a[k][done] for k in ("nll_low", "nll_high", "layer_mse") if k in a}
         layers = tuple(str(x) for x in a["layers"]) if "layers" in a else ()
         return cls(strings("label"), strings("method"), strings("format"), a["displacement_norm"][done],
-                   a["layer_mse_sum"][done], a["nll"][done], float(a["nll_w0"]) if "nll_w0" in a else math.nan,
-                   {k: v for k, v in prov.items() if k not in ("kind", "settings")}, layers=layers, **optional)
+                   a["layer_mse_sum"][done], a["nll"][done],
+                   float(a["nll_w0"]) if "nll_w0" in a else math.nan,
+                   {k: v for k, v in prov.items() if k not in ("kind", "settings")}, layers=layers,
+                   **optional)
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -318,11 +335,12 @@ def measure_candidates(
     interval over its segments; one point per candidate into the store of ``execution`` (resumable).
 
     Args:
-        candidates: label -> :class:`QuantResult`, :class:`RoundingSpec` (built when measured) or the path of a
-            saved QuantResult (loaded when measured), so many candidates of a large model never sit in memory
-            together. A path's metadata is checked against the model before anything is measured.
+        candidates: label -> :class:`QuantResult`, :class:`RoundingSpec` (built when measured) or the path of
+            a saved QuantResult (loaded when measured), so many candidates of a large model never sit in
+            memory together. A path's metadata is checked against the model before anything is measured.
         batch_size: segments per forward pass (memory only).
-        execution: the store, resume, extra provenance and progress bar (every candidate is measured: no shards).
+        execution: the store, resume, extra provenance and progress bar (every candidate is measured: no
+            shards).
 
     Raises:
         MisalignmentError / ComparisonError (ValueErrors): no candidates, results of another base, rounding
@@ -379,23 +397,23 @@ def measure_candidates(
 
 
 def _check_candidates(base: Base, candidates: Mapping[str, Candidate]) -> dict[str, dict[str, Any]]:
-    """Every candidate checked against the base before anything is measured; returns the metadata of those given
-    by the path of a saved result."""
+    """Every candidate checked against the base before anything is measured; returns the metadata of those
+    given by the path of a saved result."""
     if not isinstance(candidates, Mapping) or not candidates:
         raise MisalignmentError("candidates must be a non-empty mapping label -> QuantResult or RoundingSpec")
     saved: dict[str, dict[str, Any]] = {}
     for label, candidate in candidates.items():
         if isinstance(candidate, (str, os.PathLike)):
             meta = read_result_metadata(candidate)
-            check_layers_and_base(base, f"saved result {label!r} ({candidate})", meta["layers"], meta["base_model"],
-                                  meta["base_fingerprint"])
+            check_layers_and_base(base, f"saved result {label!r} ({candidate})", meta["layers"],
+                                  meta["base_model"], meta["base_fingerprint"])
             saved[label] = meta
         elif isinstance(candidate, RoundingSpec):  # the layers, and that the format fits every one
             resolve_layers(base.model, list(candidate.layers) if candidate.layers is not None else None,
                            candidate.format)
         elif not isinstance(candidate, QuantResult):
-            raise MisalignmentError(f"candidate {label!r} is a {type(candidate).__name__}; accepted: QuantResult, "
-                                    f"RoundingSpec, or the path of a saved QuantResult")
+            raise MisalignmentError(f"candidate {label!r} is a {type(candidate).__name__}; accepted: "
+                                    f"QuantResult, RoundingSpec, or the path of a saved QuantResult")
     check_same_base(base, {k: v for k, v in candidates.items() if isinstance(v, QuantResult)})
     return saved
 
@@ -412,7 +430,8 @@ def _candidate_columns(base: Base, candidates: Mapping[str, Candidate],
                        saved: Mapping[str, dict[str, Any]]) -> dict[str, list]:
     """label, method, format, seed, dither strength and stochastic fraction of every candidate (NaN where a
     setting does not apply), from the specs and results' metadata (nothing is drawn or loaded)."""
-    columns: dict[str, list] = {"label": [], "method": [], "format": [], "seed": [], "strength": [], "fraction": []}
+    columns: dict[str, list] = {"label": [], "method": [], "format": [], "seed": [], "strength": [],
+                                "fraction": []}
     for label, c in candidates.items():
         if isinstance(c, RoundingSpec):
             method, fmt, seed = c.method, c.format.name, c.seed

@@ -77,8 +77,8 @@ def _interval_columns(correlations: Sequence[Interval | None]) -> dict[str, list
             "high": [c.high if c else math.nan for c in correlations]}
 
 
-def _interval_from_columns(t: Mapping[str, np.ndarray], i: int, n: int, settings: Mapping[str, Any], method: str,
-                           unit: str) -> Interval | None:
+def _interval_from_columns(t: Mapping[str, np.ndarray], i: int, n: int, settings: Mapping[str, Any],
+                           method: str, unit: str) -> Interval | None:
     """Row ``i`` of :func:`_interval_columns`'s columns back as an :class:`Interval` (``None`` where NaN)."""
     if math.isnan(t["rho"][i]):
         return None
@@ -95,8 +95,8 @@ class FormatCorrelation:
         n: candidates of that format.
         median_norm: median displacement norm of those candidates (weight units).
         inside: whether ``median_norm <= R(w0)`` (the format counts as inside the basin).
-        correlation: Spearman with its bootstrap interval over the format's candidates; ``None`` with fewer than
-            3 candidates or a constant variable.
+        correlation: Spearman with its bootstrap interval over the format's candidates; ``None`` with fewer
+            than 3 candidates or a constant variable.
     """
 
     format: str
@@ -111,9 +111,10 @@ class WithinFormat:
     """Spearman(summed layer MSE, NLL) within each format and its mean over the formats inside and outside R.
 
     The mean over a side is over the formats whose correlation is defined (at least 3 candidates, neither
-    variable constant); its interval is a stratified bootstrap: each resample redraws every format's candidates
-    with replacement (formats in ``per_format`` order, one generator seeded by ``seed`` per side), recomputes each
-    format's correlation and averages them; resamples in which a format's correlation is undefined are dropped.
+    variable constant); its interval is a stratified bootstrap: each resample redraws every format's
+    candidates with replacement (formats in ``per_format`` order, one generator seeded by ``seed`` per side),
+    recomputes each format's correlation and averages them; resamples in which a format's correlation is
+    undefined are dropped.
 
     Attributes:
         per_format: one :class:`FormatCorrelation` per format, by increasing median displacement norm.
@@ -131,8 +132,9 @@ class WithinFormat:
 
 def within_format_correlation(candidates: CandidateTable, basin_radius: float, *, level: float = 0.95,
                               n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> WithinFormat:
-    """Spearman(summed layer MSE, NLL) among the candidates of each format, and its mean over the formats inside
-    (median ``||d|| <= basin_radius``) and outside R, with stratified bootstrap intervals (see :class:`WithinFormat`).
+    """Spearman(summed layer MSE, NLL) among the candidates of each format, and its mean over the formats
+    inside (median ``||d|| <= basin_radius``) and outside R, with stratified bootstrap intervals (see
+    :class:`WithinFormat`).
     """
     x_all, y_all, norms = candidates.layer_mse_sum, candidates.nll, candidates.displacement_norm
     formats = np.asarray(candidates.formats, dtype=object)
@@ -158,9 +160,11 @@ def within_format_correlation(candidates: CandidateTable, basin_radius: float, *
         for g in chosen:
             index = members[g.format]
             draw = index[rng.integers(0, len(index), size=(n_resamples, len(index)))]
-            boot += pearson_rows(scipy_stats.rankdata(x_all[draw], axis=1), scipy_stats.rankdata(y_all[draw], axis=1))
+            boot += pearson_rows(scipy_stats.rankdata(x_all[draw], axis=1),
+                                 scipy_stats.rankdata(y_all[draw], axis=1))
         boot = boot[np.isfinite(boot)] / len(chosen)
-        low, high = (np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]) if boot.size else (math.nan, math.nan))
+        low, high = (np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]) if boot.size
+                     else (math.nan, math.nan))
         value = float(np.mean([g.correlation.value for g in chosen]))
         return Interval(value, float(low), float(high), level, "stratified bootstrap", n_resamples,
                         sum(g.n for g in chosen), "candidates within formats")
@@ -199,7 +203,8 @@ class Misalignment:
         c = self.candidates
         level = self.settings["level"]
         lines = [f"# Misalignment of summed layer MSE and NLL ({c.provenance.get('model', '?')})",
-                 (f"{len(c)} candidates; NLL(w0) = {c.nll_w0:.4f} nats/token; R(w0) = {self.basin_radius:.4g}; "
+                 (f"{len(c)} candidates; NLL(w0) = {c.nll_w0:.4f} nats/token; "
+                  f"R(w0) = {self.basin_radius:.4g}; "
                   f"Spearman rho with {level:.0%} bootstrap interval over candidates."), "",
                  "| group | ‖d‖ range | n | Spearman(MSE sum, NLL) |", "|---|---|---|---|"]
         for g in (self.overall, self.inside, self.outside, *self.bins):
@@ -221,8 +226,8 @@ class Misalignment:
         return lines
 
     def to_record(self) -> StoreRecord:
-        """The candidates (one point each, as :func:`~landscape.studies.candidates.measure_candidates` stores them,
-        with an inside-the-basin flag), the group correlations and the within-format ones as tables."""
+        """The candidates (one point each, as :func:`~landscape.studies.candidates.measure_candidates` stores
+        them, with an inside-the-basin flag), the group correlations and the within-format ones as tables."""
         c = self.candidates
         groups = (self.overall, self.inside, self.outside, *self.bins)
         rows = {**c.rows(), "inside_basin": c.displacement_norm <= self.basin_radius}
@@ -237,11 +242,13 @@ class Misalignment:
             w = self.within_format
             tables["within_format"] = {
                 "format": [f.format for f in w.per_format], "n": [f.n for f in w.per_format],
-                "median_norm": [f.median_norm for f in w.per_format], "inside": [f.inside for f in w.per_format],
+                "median_norm": [f.median_norm for f in w.per_format],
+                "inside": [f.inside for f in w.per_format],
                 **_interval_columns([f.correlation for f in w.per_format])}
             sides = (w.inside, w.outside)
             tables["within_format_mean"] = {"side": ["inside R", "outside R"],
-                                            "n": [x.n_units if x else 0 for x in sides], **_interval_columns(sides)}
+                                            "n": [x.n_units if x else 0 for x in sides],
+                                            **_interval_columns(sides)}
         provenance = {"kind": KIND, **c.provenance, "settings": dict(self.settings)}
         return StoreRecord(provenance, rows, arrays, tables)
 
@@ -263,20 +270,22 @@ class Misalignment:
         groups = []
         for i, name in enumerate(t["group"]):
             corr = _interval_from_columns(t, i, t["n"][i], settings, "bootstrap", "candidates")
-            groups.append(GroupCorrelation(str(name), float(t["lower"][i]), float(t["upper"][i]), int(t["n"][i]), corr))
+            groups.append(GroupCorrelation(str(name), float(t["lower"][i]), float(t["upper"][i]),
+                                           int(t["n"][i]), corr))
         within = None
         if "within_format/format" in a:
             within = _within_format_from_tables(data.table("within_format"), data.table("within_format_mean"),
                                                 settings)
-        return cls(table, float(a["basin_radius"]), groups[0], groups[1], groups[2], tuple(groups[3:]), settings,
-                   within)
+        return cls(table, float(a["basin_radius"]), groups[0], groups[1], groups[2], tuple(groups[3:]),
+                   settings, within)
 
 
 def _within_format_from_tables(t: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray],
                                settings: Mapping[str, Any]) -> WithinFormat:
     per_format = tuple(FormatCorrelation(str(t["format"][i]), int(t["n"][i]), float(t["median_norm"][i]),
                                          bool(t["inside"][i]),
-                                         _interval_from_columns(t, i, t["n"][i], settings, "bootstrap", "candidates"))
+                                         _interval_from_columns(t, i, t["n"][i], settings, "bootstrap",
+                                                                "candidates"))
                        for i in range(len(t["format"])))
     sides = [_interval_from_columns(mean, i, mean["n"][i], settings, "stratified bootstrap",
                                     "candidates within formats") for i in range(2)]
@@ -292,13 +301,14 @@ def misalignment(
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
 ) -> Misalignment:
-    """Spearman correlation of summed layer MSE and NLL over candidates, inside / outside ``basin_radius``, by bin
-    and within each format (:func:`within_format_correlation`).
+    """Spearman correlation of summed layer MSE and NLL over candidates, inside / outside ``basin_radius``, by
+    bin and within each format (:func:`within_format_correlation`).
 
     Args:
         candidates: from :func:`~landscape.studies.candidates.measure_candidates`.
         basin_radius: R(w0), in the units of the displacement norms (> 0; ``inf``: every candidate is inside).
-        bins: number of equal-count bins of displacement norm (edges at quantiles), or explicit increasing edges.
+        bins: number of equal-count bins of displacement norm (edges at quantiles), or explicit increasing
+            edges.
         level, n_resamples, seed: the bootstrap over candidates (the same seed for every group).
     """
     if not isinstance(candidates, CandidateTable):
@@ -322,10 +332,12 @@ def misalignment(
     per_bin = tuple(group(f"bin {i + 1}", float(lo), float(hi), include_lower=i == 0)
                     for i, (lo, hi) in enumerate(pairwise(edges)))
     return Misalignment(candidates, radius, group("all", 0.0, math.inf, include_lower=True),
-                        group("inside R", 0.0, radius, include_lower=True), group("outside R", radius, math.inf),
-                        per_bin, {"level": level, "n_resamples": n_resamples, "seed": seed, "bin_edges": edges.tolist(),
-                                  "correlation": "Spearman(layer_mse_sum, nll)"},
-                        within_format_correlation(candidates, radius, level=level, n_resamples=n_resamples, seed=seed))
+                        group("inside R", 0.0, radius, include_lower=True),
+                        group("outside R", radius, math.inf), per_bin,
+                        {"level": level, "n_resamples": n_resamples, "seed": seed,
+                         "bin_edges": edges.tolist(), "correlation": "Spearman(layer_mse_sum, nll)"},
+                        within_format_correlation(candidates, radius, level=level, n_resamples=n_resamples,
+                                                  seed=seed))
 
 
 def _bin_edges(norms: np.ndarray, bins: int | Sequence[float]) -> np.ndarray:
@@ -335,5 +347,6 @@ def _bin_edges(norms: np.ndarray, bins: int | Sequence[float]) -> np.ndarray:
         return np.quantile(norms, np.linspace(0, 1, bins + 1))
     edges = np.asarray(bins, dtype=np.float64)
     if edges.ndim != 1 or len(edges) < 2 or not np.isfinite(edges).all() or np.any(np.diff(edges) <= 0):
-        raise MisalignmentError(f"bin edges must be >= 2 finite, strictly increasing numbers, got {list(bins)}")
+        raise MisalignmentError(f"bin edges must be >= 2 finite, strictly increasing numbers, "
+                                f"got {list(bins)}")
     return edges

@@ -15,7 +15,8 @@ displacement leaves the basin). :func:`evaluate_predictor` checks it on measured
   (default 0.1 nats/token, the basin's default NLL threshold), with its confusion counts.
 
 Measured gaps come from quant-table stores (:func:`cases_from_quant_table` reads
-:func:`landscape.studies.quant_table.read_quant_table` rows), R(w0) from :func:`landscape.engine.basin.basin_statistics`.
+:func:`landscape.studies.quant_table.read_quant_table` rows), R(w0) from
+:func:`landscape.engine.basin.basin_statistics`.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def difficulty_score(rtn_displacement_norm: float, basin_radius: float) -> float
     """
     if not (isinstance(rtn_displacement_norm, (int, float)) and math.isfinite(rtn_displacement_norm)
             and rtn_displacement_norm >= 0):
-        raise PredictionError(f"the RTN displacement norm must be a finite number >= 0, got {rtn_displacement_norm!r}")
+        raise PredictionError(f"the RTN displacement norm must be a finite number >= 0, "
+                              f"got {rtn_displacement_norm!r}")
     if not (isinstance(basin_radius, (int, float)) and basin_radius > 0):
         raise PredictionError(f"the basin radius R(w0) must be a number > 0 (inf if none was found), "
                               f"got {basin_radius!r}")
@@ -89,7 +91,8 @@ class PredictionCase:
         for name in ("nll_gptq", "nll_qaft", "control_gain"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value)):
-                raise PredictionError(f"{self.model} {self.format}: {name} must be a finite number, got {value!r}")
+                raise PredictionError(f"{self.model} {self.format}: {name} must be a finite number, "
+                                      f"got {value!r}")
 
     @property
     def score(self) -> float:
@@ -97,8 +100,8 @@ class PredictionCase:
 
     @property
     def gap(self) -> float:
-        """``NLL(GPTQ) - NLL(QAFT) - control_gain`` (nats/token): how far GPTQ falls behind (beyond adaptation,
-        when ``control_gain`` is set)."""
+        """``NLL(GPTQ) - NLL(QAFT) - control_gain`` (nats/token): how far GPTQ falls behind (beyond
+        adaptation, when ``control_gain`` is set)."""
         return self.nll_gptq - self.nll_qaft - self.control_gain
 
 
@@ -115,8 +118,8 @@ def cases_from_quant_table(
     """One :class:`PredictionCase` per format of a quant table that has RTN, GPTQ and QAFT rows.
 
     Args:
-        table: a :class:`landscape.studies.quant_table.QuantTable` or its rows (dicts with ``method``, ``format``,
-            ``act_bits``, ``displacement_norm`` and ``nll`` = corpus -> NLL).
+        table: a :class:`landscape.studies.quant_table.QuantTable` or its rows (dicts with ``method``,
+            ``format``, ``act_bits``, ``displacement_norm`` and ``nll`` = corpus -> NLL).
         basin_radius: R(w0) of the table's model over the same layers as its displacement norms.
         model: the model's name (default: the table's provenance ``model``; required for bare rows).
         corpus: which evaluation corpus's NLL is the outcome.
@@ -158,8 +161,8 @@ def cases_from_quant_table(
             float(np.mean([r["nll"][corpus] for r in methods[gptq_method]])),
             float(np.mean([r["nll"][corpus] for r in methods[qaft_method]])), control_gain))
     if incomplete:
-        warnings.warn(f"{name}: formats {incomplete} lack an rtn, {gptq_method} or {qaft_method} row and were skipped",
-                      stacklevel=2)
+        warnings.warn(f"{name}: formats {incomplete} lack an rtn, {gptq_method} or {qaft_method} row "
+                      f"and were skipped", stacklevel=2)
     if not cases:
         raise PredictionError(f"{name}: no format has rtn, {gptq_method} and {qaft_method} rows")
     return cases
@@ -214,21 +217,23 @@ class PredictorEvaluation:
 
     def markdown(self) -> str:
         rho = self.rank_correlation
-        rho_text = (f"{rho.value:+.3f} [{rho.low:+.3f}, {rho.high:+.3f}] ({rho.level:.0%} bootstrap over {rho.n_units} "
-                    f"cases)" if rho else "n/a (needs >= 3 cases with varying score and gap)")
+        rho_text = (f"{rho.value:+.3f} [{rho.low:+.3f}, {rho.high:+.3f}] ({rho.level:.0%} bootstrap over "
+                    f"{rho.n_units} cases)" if rho else "n/a (needs >= 3 cases with varying score and gap)")
         adjusted = any(c.control_gain for c in self.cases)
         gap = "NLL(GPTQ) − NLL(QAFT) − control gain" if adjusted else "NLL(GPTQ) − NLL(QAFT)"
         lines = ["# PTQ-difficulty predictor: score = ‖w_RTN − w0‖ / R(w0)",
-                 (f"rule: GPTQ falls far behind QAFT when score > {self.score_threshold:g}; measured 'far behind': "
-                  f"{gap} > {self.gap_threshold:g} nats/token"), "",
-                 "| model | format | ‖w_RTN − w0‖ | R(w0) | score | " + ("control gain | " if adjusted else "")
-                 + "gap (nats) | predicted | measured |", "|---" * (8 + adjusted) + "|"]
+                 (f"rule: GPTQ falls far behind QAFT when score > {self.score_threshold:g}; "
+                  f"measured 'far behind': {gap} > {self.gap_threshold:g} nats/token"), "",
+                 "| model | format | ‖w_RTN − w0‖ | R(w0) | score | "
+                 + ("control gain | " if adjusted else "") + "gap (nats) | predicted | measured |",
+                 "|---" * (8 + adjusted) + "|"]
         for c, p, a in zip(self.cases, self.predicted, self.actual):
             lines.append(f"| {c.model} | {c.format} | {c.rtn_displacement_norm:.4g} | {c.basin_radius:.4g} | "
                          f"{c.score:.3f} | " + (f"{c.control_gain:+.4f} | " if adjusted else "")
                          + f"{c.gap:+.4f} | {_verdict(p)} | {_verdict(a)} |")
         lines += ["", f"Spearman(score, gap) = {rho_text}",
-                  f"threshold rule accuracy = {self.accuracy:.1%} over {len(self.cases)} cases {self.confusion}"]
+                  f"threshold rule accuracy = {self.accuracy:.1%} over {len(self.cases)} cases "
+                  f"{self.confusion}"]
         return "\n".join(lines)
 
     def to_record(self) -> StoreRecord:
@@ -259,8 +264,9 @@ class PredictorEvaluation:
         if prov.get("kind") != "ptq_difficulty_prediction":
             raise PredictionError(f"{path} holds a {prov.get('kind')!r} run, not a predictor evaluation")
         names = data.table("cases")
-        cases = tuple(PredictionCase(str(m), str(f), float(a["rtn_displacement_norm"][i]), float(a["basin_radius"][i]),
-                                     float(a["nll_gptq"][i]), float(a["nll_qaft"][i]),
+        cases = tuple(PredictionCase(str(m), str(f), float(a["rtn_displacement_norm"][i]),
+                                     float(a["basin_radius"][i]), float(a["nll_gptq"][i]),
+                                     float(a["nll_qaft"][i]),
                                      float(a["control_gain"][i]) if "control_gain" in a else 0.0)
                       for i, (m, f) in enumerate(zip(names["model"], names["format"])))
         rho = Interval(**prov["rank_correlation"]) if prov["rank_correlation"] else None
