@@ -15,8 +15,7 @@ from __future__ import annotations
 import argparse
 
 from landscape.models import load_model
-from landscape.plots import control_gaps
-from landscape.studies.quant_table import Protocol, read_quant_table, run_quant_table
+from landscape.studies.quant_table import Protocol, read_quant_table, run_quant_table, table_control_gaps
 
 CORE_METHODS = ("rtn", "gptq", "qaft", "fp-finetune", "gptq-noact", "gptq+lorc")
 GROUP = {"smollm2-135m": 64}  # SmolLM2's hidden size 576 is not divisible by 128
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{c}: {e['n_segments']} x {e['seq_len']} tokens, stride {e['stride']}, {e['n_scored_tokens']} scored, "
             f"data {e['data_hash']}" for c, e in ev.items()))
         # how much of QAFT's advantage over GPTQ is left after the full-precision control
-        for gap in control_gaps(table.rows, table.provenance["protocol"]["eval_corpora"]):
+        for gap in table_control_gaps(table.rows, table.provenance["protocol"]["eval_corpora"]):
             print(gap.sentence())
         if lm.info.caveat:
             print(f"Caveat: {lm.info.caveat}")

@@ -18,6 +18,7 @@ Figures and reports read the store only (:func:`read_quant_table`).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from landscape.quant.formats import parse_format
 from landscape.quant.methods import METHODS, QUANT_TABLE_METHODS, QuantJob, run_method
 from landscape.quant.qaft import DEFAULT_LR, FinetuneSettings
 from landscape.quant.result import QuantResult
-from landscape.stats import nll_interval
+from landscape.stats import ControlAdjustedGap, control_gaps, nll_interval
 from landscape.store import StoreData, check_store_path, read_store, start_run
 from landscape.weights import layer_weights, swapped_weights
 
@@ -363,3 +364,17 @@ def quant_table_rows(data: StoreData) -> list[dict[str, Any]]:
 def result_path(out_dir: str | Path, protocol: Protocol, variant: Variant, calibration_hash: str) -> Path:
     """Where :func:`run_quant_table` saves a variant's QuantResult (without the .json/.safetensors extension)."""
     return Path(out_dir) / "results" / f"calib-{calibration_hash}" / result_key(protocol, variant)
+
+
+def table_control_gaps(rows: Sequence[Mapping[str, Any]], corpora: Sequence[str]) -> list[ControlAdjustedGap]:
+    """Per format with GPTQ, QAFT and the fine-tuning control (and fp32), per corpus: QAFT's advantage over GPTQ
+    and how much of it remains after the control (:func:`landscape.stats.control_gaps`; seeds averaged), from the
+    rows of one or more quantization tables on the same evaluation windows (:func:`quant_table_rows`)."""
+    fp32 = next((r for r in rows if r["method"] == FP32), None)
+    if fp32 is None:
+        return []
+    per_corpus = {c: {g.format: g for g in control_gaps(
+        [(r["method"], r["format"], r["segment_nll_sum"][c]) for r in rows], fp32["segment_nll_sum"][c],
+        fp32["segment_tokens"][c], c)} for c in corpora}
+    formats = dict.fromkeys(r["format"] for r in rows if r["method"] == "qaft")
+    return [per_corpus[c][f] for f in formats for c in corpora if f in per_corpus[c]]
