@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from landscape import models
 from landscape.data import TokenSet, heldout_set
 from landscape.engine.perturb import grid_axis
-from landscape.models import LoadedModel, ModelInfo, load_model
+from landscape.models import LoadedModel, ModelInfo
 from landscape.quant.formats import QuantFormat, parse_format
 
 MODEL_HELP = "smollm2-135m, ref-small, ref-tiny, a hub id or a local directory"
@@ -146,5 +147,5 @@ def heldout(lm: LoadedModel, args: argparse.Namespace, corpus: str | None = None
 
 def load_with_data(args: argparse.Namespace) -> tuple[LoadedModel, TokenSet]:
     """The model of ``args.model`` and its held-out data."""
-    lm = load_model(args.model)
+    lm = models.load_model(args.model)  # through the module: tests count the loads
     return lm, heldout(lm, args)

@@ -13,7 +13,15 @@ import time
 from dataclasses import replace
 
 from landscape import data, models
-from landscape.cli import command, default_seq_len, format_arg
+from landscape.cli.common import (
+    Command,
+    default_seq_len,
+    format_arg,
+    model_argument,
+    positive_float,
+    positive_int,
+    progress_argument,
+)
 from landscape.outputs import check_output_path
 from landscape.quant.capture import resolve_layers
 from landscape.quant.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, GPTQSettings
@@ -22,20 +30,6 @@ from landscape.quant.lr_selection import LearningRateSweepSettings
 from landscape.quant.methods import METHODS, QuantJob, run_method
 from landscape.quant.qaft import DEFAULT_LR, FinetuneSettings, LearningRateSweep
 from landscape.quant.result import QuantResult, result_stem
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
 
 
 def _learning_rate(text: str) -> float | str:
@@ -51,46 +45,46 @@ def _learning_rate(text: str) -> float | str:
     return value
 
 
-def _quantize_args(p: argparse.ArgumentParser) -> None:
+def quantize_arguments(p: argparse.ArgumentParser) -> None:
     methods = "; ".join(f"{name}: {m.description}" for name, m in METHODS.items())
-    p.add_argument("model", help="smollm2-135m, ref-small, ref-tiny, a hub id or a local directory")
+    model_argument(p)
     p.add_argument("--method", required=True, choices=sorted(METHODS),
                    help=f"quantization method ({methods})")
     p.add_argument("--format", required=True, type=format_arg, dest="fmt", metavar="FORMAT",
                    help="weight format: int4, int3-g128, int4-sym, int8-tensor, mxint4-32 ...")
     p.add_argument("--out", required=True, help="output path: writes PATH.safetensors and PATH.json")
-    p.add_argument("--calib-sequences", type=_positive_int, default=128,
+    p.add_argument("--calib-sequences", type=positive_int, default=128,
                    help="calibration sequences (default 128, the study's data budget)")
-    p.add_argument("--calib-seq-len", type=_positive_int, default=None,
+    p.add_argument("--calib-seq-len", type=positive_int, default=None,
                    help="tokens per calibration sequence (default 512 for smollm2-135m, else "
                         "min(256, context))")
     p.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration draw (default 0)")
     p.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="GPTQ: process columns in natural order instead of decreasing diag(H)")
-    p.add_argument("--damp", type=_positive_float, default=DEFAULT_DAMP,
+    p.add_argument("--damp", type=positive_float, default=DEFAULT_DAMP,
                    help=f"GPTQ relative damping, x mean diag(H) (default {DEFAULT_DAMP}; escalates x10 on "
                         f"failure)")
-    p.add_argument("--block-size", type=_positive_int, default=DEFAULT_BLOCK_SIZE,
+    p.add_argument("--block-size", type=positive_int, default=DEFAULT_BLOCK_SIZE,
                    help=f"GPTQ lazy-update block in columns (default {DEFAULT_BLOCK_SIZE})")
-    p.add_argument("--rank", type=_positive_int, default=DEFAULT_RANK,
+    p.add_argument("--rank", type=positive_int, default=DEFAULT_RANK,
                    help=f"LoRC rank (default {DEFAULT_RANK}; only for *+lorc methods)")
     p.add_argument("--layers", action="append", default=None, metavar="GLOB",
                    help="quantize only layers matching this glob (repeatable), e.g. '*.mlp.*'; default all")
-    p.add_argument("--batch-size", type=_positive_int, default=8,
+    p.add_argument("--batch-size", type=positive_int, default=8,
                    help="calibration segments per forward pass")
     p.add_argument("--lr", type=_learning_rate, default=DEFAULT_LR,
                    help=f"qaft / fp-finetune / llm-qat peak learning rate, or 'auto' (qaft, fp-finetune): "
                         f"chosen on 16 held-back calibration sequences (default {DEFAULT_LR:g})")
-    p.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps (default: --epochs)")
-    p.add_argument("--epochs", type=_positive_float, default=1.0,
+    p.add_argument("--steps", type=positive_int, default=None, help="fine-tuning steps (default: --epochs)")
+    p.add_argument("--epochs", type=positive_float, default=1.0,
                    help="fine-tuning passes over the sequences")
-    p.add_argument("--train-batch-size", type=_positive_int, default=4, help="fine-tuning sequences per step")
+    p.add_argument("--train-batch-size", type=positive_int, default=4, help="fine-tuning sequences per step")
     p.add_argument("--seed", type=int, default=0, help="fine-tuning data-order seed")
     p.add_argument("--distill-weight", type=float, default=None,
                    help="weight a of the KL to the fp model in (1-a) NLL + a KL (default: 0 for qaft and "
                         "fp-finetune, 1 for llm-qat)")
     p.add_argument("--learned-scales", action="store_true", help="qaft: LSQ-style learned per-group scales")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    progress_argument(p)
 
 
 def finetune_settings(args: argparse.Namespace) -> FinetuneSettings | None:
@@ -111,9 +105,7 @@ def _print_sweep(result: QuantResult) -> None:
         print(LearningRateSweep(**recorded).table())
 
 
-@command("quantize", "quantize a model's linear layers (rtn, gptq, qaft, llm-qat, +lorc; fp-finetune "
-                     "control) and save the result")
-def cmd_quantize(args: argparse.Namespace) -> int:
+def run_quantize(args: argparse.Namespace) -> int:
     check_output_path(f"{result_stem(args.out)}.json")  # an unwritable --out fails before the model loads
     gptq_settings = GPTQSettings(damp=args.damp, block_size=args.block_size, act_order=args.act_order)
     finetune = finetune_settings(args)  # bad settings fail before the model loads, too
@@ -146,4 +138,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-cmd_quantize.add_arguments = _quantize_args
+
+COMMANDS = (Command("quantize", "quantize a model's linear layers (rtn, gptq, qaft, llm-qat, +lorc; fp-finetune "
+                                "control) and save the result", quantize_arguments, run_quantize),)

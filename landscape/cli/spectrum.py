@@ -15,20 +15,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from landscape.cli import command, default_seq_len
+from landscape.cli.common import Command, data_arguments, load_with_data, model_argument, progress_argument
+from landscape.curvature import Curvature, read_curvature
+from landscape.store import check_store_path, provenance, run_tasks
 
 
-def _spectrum_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="smollm2-135m, ref-small, ref-tiny, a hub id or a local directory")
+def spectrum_arguments(p: argparse.ArgumentParser) -> None:
+    model_argument(p)
     p.add_argument("--layers", default=None,
                    help="glob(s), comma-separated, of the layers whose weights span the space (default: every "
                         "quantizable decoder linear); a subset gives that diagonal block of the Hessian")
     p.add_argument("--operator", default="hessian", choices=["hessian", "ggn"],
                    help="the NLL Hessian, or the generalized Gauss-Newton matrix (PSD)")
-    p.add_argument("--corpus", default="wiki", help="held-out corpus (wiki, sotu; default wiki)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per segment (default 512 smollm2, else 256)")
-    p.add_argument("--segments", type=int, default=4, help="held-out segments in every product (default 4)")
-    p.add_argument("--batch-size", type=int, default=1, help="segments per forward pass (memory only; default 1)")
+    data_arguments(p, segments=4, batch_size=1, stride=False)
     p.add_argument("--k", type=int, default=10, help="top eigenpairs (largest algebraic; default 10)")
     p.add_argument("--k-bottom", type=int, default=3, help="bottom eigenpairs (default 3; 0 for none)")
     p.add_argument("--lanczos-steps", type=int, default=None,
@@ -42,13 +41,12 @@ def _spectrum_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-eigenvectors", action="store_true",
                    help="store the eigenvectors too ((k + k_bottom) x every selected weight)")
     p.add_argument("--out", required=True, type=Path, help="HDF5 store (resumed if unfinished, read if finished)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    progress_argument(p)
 
 
 def check_spectrum_args(args: argparse.Namespace) -> None:
     """Raise ValueError naming the bad setting (before the model loads)."""
-    for name, low in (("segments", 1), ("batch_size", 1), ("k", 1), ("k_bottom", 0), ("density_runs", 0),
-                      ("density_steps", 1)):
+    for name, low in (("k", 1), ("k_bottom", 0), ("density_runs", 0), ("density_steps", 1)):
         if getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if args.trace_matvecs != 0 and args.trace_matvecs < 6:
@@ -61,21 +59,10 @@ def check_spectrum_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--krylov-dir {args.krylov_dir} is not an existing directory")
 
 
-@command("spectrum", "Hessian (or GGN) eigenvalues at w0: top/bottom eigenpairs, Hutch++ trace, SLQ density, "
-                     "into a resumable store")
-def cmd_spectrum(args: argparse.Namespace) -> int:
-    from landscape.curvature import Curvature, read_curvature
-    from landscape.data import heldout_set
-    from landscape.models import load_model
-    from landscape.objectives import NLLConvention
-    from landscape.store import check_store_path, run_tasks
-    from landscape.weights import weights_fingerprint
-
+def run_spectrum(args: argparse.Namespace) -> int:
     check_spectrum_args(args)
     out = check_store_path(args.out, resume=True)
-    lm = load_model(args.model)
-    seq_len = args.seq_len or default_seq_len(lm.info)
-    data = heldout_set(lm.tokenizer, seq_len, args.corpus, args.segments, context_length=lm.info.context_length)
+    lm, data = load_with_data(args)
     layers = [g.strip() for g in args.layers.split(",")] if args.layers else None
     curvature = Curvature(lm.model, data, layers=layers, operator=args.operator, batch_size=args.batch_size,
                           progress=not args.no_progress)
@@ -90,11 +77,8 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
                                                      krylov_dir=args.krylov_dir).to_record()
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                 if k not in ("func", "out", "krylov_dir", "no_progress", "model")}
-    provenance = {"kind": "curvature", "model": lm.info.name, "model_info": lm.info.to_dict(),
-                  "model_fingerprint": weights_fingerprint(lm.model), "data": data.provenance(),
-                  "nll_convention": NLLConvention.for_data(data, lm.info.name).to_dict(), "settings": settings,
-                  "tasks": list(tasks)}
-    store, _ = run_tasks(out, provenance, tasks)
+    store, _ = run_tasks(out, provenance("curvature", lm.base, data, model_info=lm.info.to_dict(),
+                                         settings=settings, tasks=list(tasks)), tasks)
     if lm.info.caveat:
         print(f"caveat: {lm.info.caveat}\n")
     print(read_curvature(store).markdown())
@@ -102,4 +86,5 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     return 0
 
 
-cmd_spectrum.add_arguments = _spectrum_args
+COMMANDS = (Command("spectrum", "Hessian (or GGN) eigenvalues at w0: top/bottom eigenpairs, Hutch++ trace, SLQ "
+                                "density, into a resumable store", spectrum_arguments, run_spectrum),)

@@ -1,0 +1,77 @@
+"""``landscape eval`` (held-out NLL with its convention, optionally after round-to-nearest) and
+``landscape build-model`` (train a reference model, or convert SmolLM2-135M, into the cache)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from landscape import models
+from landscape.cli.common import Command, data_arguments, format_arg, heldout, model_argument
+from landscape.objectives import nll
+from landscape.quant import rtn
+from landscape.refmodel import REF_CONFIGS, build_reference_model
+from landscape.weights import swapped_weights
+
+
+def eval_arguments(p: argparse.ArgumentParser) -> None:
+    model_argument(p)
+    data_arguments(p, segments=24, many_corpora=True)
+    p.add_argument("--rtn", action="append", default=[], metavar="FORMAT", type=format_arg,
+                   help="also evaluate round-to-nearest at this format (repeatable), e.g. int4, int3-g64")
+    p.add_argument("--json", action="store_true", help="print one JSON object per result")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    corpora = args.corpus or ["wiki", "sotu"]
+    t0 = time.time()
+    lm = models.load_model(args.model)
+    load_s = time.time() - t0
+    sets = [heldout(lm, args, c) for c in corpora]
+    if not args.json:
+        print(f"model {lm.info.name} ({lm.info.source}; {lm.info.n_params:,} parameters; loaded in {load_s:.1f} s)")
+        if lm.info.caveat:
+            print(f"caveat: {lm.info.caveat}")
+    variants: list[tuple[str, dict]] = [("fp32", {})]
+    for fmt in args.rtn:  # parsed (and so checked) by argparse, before the model loads
+        variants.append((f"rtn {fmt.name}", rtn(lm.base, fmt).weights))
+    for label, weights in variants:
+        for data in sets:
+            t = time.time()
+            with swapped_weights(lm.model, weights):
+                r = nll(lm.model, data, batch_size=args.batch_size, model_name=lm.info.name)
+            if args.json:
+                print(json.dumps({"variant": label, "nll": r.value, "seconds": time.time() - t,
+                                  "convention": r.convention.to_dict()}))
+            else:
+                print(f"{label:>16}  {r.value:.4f}  ({r.convention.describe()}; {time.time() - t:.1f} s)")
+    return 0
+
+
+def build_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="a reference model name (ref-small, ref-tiny) or smollm2-135m (GGUF conversion)")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+
+def run_build(args: argparse.Namespace) -> int:
+    if args.name == "smollm2-135m":
+        print(models.smollm2_dir())
+        return 0
+    if args.name not in REF_CONFIGS:
+        print(f"error: cannot build {args.name!r}; buildable: smollm2-135m, {', '.join(sorted(REF_CONFIGS))}",
+              file=sys.stderr)
+        return 2
+    path = build_reference_model(args.name, force=args.force)
+    meta = json.loads((path / "landscape_build.json").read_text())
+    print(f"{path}\nheld-out NLL {meta['heldout_nll']:.4f} ({meta['train_seconds']} s to train)")
+    return 0
+
+
+COMMANDS = (
+    Command("eval", "held-out NLL of a model (with its convention), optionally after round-to-nearest",
+            eval_arguments, run_eval),
+    Command("build-model", "train a reference model (or convert smollm2-135m) into the cache", build_arguments,
+            run_build),
+)
