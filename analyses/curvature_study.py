@@ -25,13 +25,12 @@ from pathlib import Path
 
 from landscape.curvature import Curvature, read_curvature
 from landscape.data import calibration_set, heldout_set
-from landscape.engine.directions import random_direction_of_length
+from landscape.engine.directions import displacement_direction, random_direction_of_length
 from landscape.models import load_model
-from landscape.objectives import NLLConvention
 from landscape.quant import parse_format
-from landscape.store import check_store_path, run_tasks
+from landscape.store import check_store_path, provenance, run_tasks
 from landscape.studies.quant_table import Protocol, Variant, result_key
-from landscape.weights import weights_fingerprint
+from landscape.weights import Base
 
 METHODS = ("rtn", "gptq", "qaft")
 
@@ -76,8 +75,6 @@ def main(argv: list[str] | None = None) -> None:
     out = check_store_path(args.out, resume=True)
 
     lm = load_model(args.model)
-    from landscape.engine.directions import displacement_direction
-
     calib = calibration_set(lm.tokenizer, 128, args.calib_seq_len, 0, context_length=lm.info.context_length)
     results = Path(args.results) / f"calib-{calib.content_hash}"
     protocol = Protocol(model=args.model, qaft_lr=args.qaft_lr)  # only its QAFT settings name the files
@@ -114,12 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, source in extra.items():
         paths[name] = str(source)
         tasks[f"path/{name}"] = path_task(lambda source=source: displacement_direction(lm.model, source))
-    provenance = {"kind": "curvature", "model": args.model, "model_info": lm.info.to_dict(),
-                  "model_fingerprint": weights_fingerprint(lm.model), "data": data.provenance(),
-                  "nll_convention": NLLConvention.for_data(data, args.model).to_dict(),
-                  "settings": {k: v for k, v in vars(args).items() if k not in ("out", "results", "krylov_dir")},
-                  "tasks": list(tasks), "paths": paths}
-    store, _ = run_tasks(out, provenance, tasks)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "results", "krylov_dir")}
+    store, _ = run_tasks(out, provenance("curvature", Base(lm.model, args.model), data, model_info=lm.info.to_dict(),
+                                         settings=settings, tasks=list(tasks), paths=paths), tasks)
     report(store)
 
 

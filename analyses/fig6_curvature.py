@@ -19,8 +19,9 @@ import plotly.graph_objects as go
 from analyses.plan import COSTS, Step, quant_table_steps, run_figure_script
 from analyses.session import Session, eval_set, model_protocols, quantized_model_path
 from landscape import plots
-from landscape.engine.directions import random_direction_of_length
-from landscape.store import read_store
+from landscape.curvature import Curvature
+from landscape.engine.directions import displacement_direction, random_direction_of_length
+from landscape.store import provenance, read_store, run_tasks
 
 FIGURE = "fig6_curvature"
 TITLE = "Hessian spectrum and curvature along the displacements"
@@ -40,12 +41,6 @@ def path_label(method: str, fmt: str) -> str:
 
 
 def measure(session: Session) -> None:
-    from landscape.curvature import Curvature
-    from landscape.engine.directions import displacement_direction
-    from landscape.objectives import NLLConvention
-    from landscape.store import run_tasks
-    from landscape.weights import weights_fingerprint
-
     p, model = session.profile, session.profile.model
     c, fmt = p.curvature, p.headline_format
     lm = session.model(model)
@@ -55,9 +50,9 @@ def measure(session: Session) -> None:
     def direction(method: str):
         """The displacement ``w_q - w0``, or a random filter-normalised direction as long as GPTQ's."""
         if method != "random":
-            return displacement_direction(lm.model, sources[method])
-        return random_direction_of_length(lm.model, c.random_seed,
-                                          displacement_direction(lm.model, sources["gptq"]).norm())
+            return displacement_direction(lm.base, sources[method])
+        return random_direction_of_length(lm.base, c.random_seed,
+                                          displacement_direction(lm.base, sources["gptq"]).norm())
 
     curvature = Curvature(lm.model, data, batch_size=1, progress=session.progress)
     tasks = {
@@ -68,16 +63,11 @@ def measure(session: Session) -> None:
         **{f"path/{path_label(m, fmt)}": (lambda m=m: curvature.along(
             direction(m), t=c.path_t, level=c.level).to_record()) for m in PATH_METHODS},
     }
-    provenance = {
-        "kind": "curvature", "model": model, "model_info": lm.info.to_dict(),
-        "model_fingerprint": weights_fingerprint(lm.model), "data": data.provenance(),
-        "nll_convention": NLLConvention.for_data(data, model).to_dict(), "settings": asdict(c), "format": fmt,
-        "tasks": list(tasks),
-        "paths": {path_label(m, fmt): {"method": m, "source": sources.get(
-            m, f"random filter-normalised seed {c.random_seed}, scaled to ||w_gptq - w0||")} for m in PATH_METHODS},
-        "layout": "<task>/<array> from each result's to_record(); <task>/attrs: its JSON attributes",
-    }
-    run_tasks(store(session), provenance, tasks)
+    paths = {path_label(m, fmt): {"method": m, "source": sources.get(
+        m, f"random filter-normalised seed {c.random_seed}, scaled to ||w_gptq - w0||")} for m in PATH_METHODS}
+    layout = "<task>/<array> from each result's to_record(); <task>/attrs: its JSON attributes"
+    run_tasks(store(session), provenance("curvature", lm.base, data, model_info=lm.info.to_dict(), settings=asdict(c),
+                                         format=fmt, tasks=list(tasks), paths=paths, layout=layout), tasks)
 
 
 def steps(session: Session) -> list[Step]:

@@ -1,30 +1,6 @@
-"""HDF5 result stores: one file per run, every finished point kept, provenance in JSON attributes.
+"""The store files: paths, the writer of one run (a file, or memory), the reader, and the checks of both.
 
-A store holds a grid of *points* (``grid_shape``, e.g. the ``(21,)`` coefficients of a 1-D scan, the
-``(21, 21)`` of a 2-D one, or the ``(16,)`` directions of a basin-radius run). Each point array
-(declared at creation as ``name -> (point_shape, dtype)``) is a dataset of shape
-``grid_shape + point_shape``, keyed by name; a ``/`` in a name makes groups, so per-layer values live
-at ``layer_mse/<layer name>``. A boolean ``done`` dataset marks finished points. Small finished
-results go in with :meth:`ResultStore.write_array` and :meth:`ResultStore.write_table`.
-
-Layout and guarantees (see FIELD_NOTES.md on HDF5):
-
-* While running, the file is ``<path>.partial``; it appears only once its empty layout is written and
-  closed (it is created under a temporary name and renamed), and every :meth:`~ResultStore.write_point`
-  writes the values, then the done flag, then flushes, so a run killed at any instant keeps every
-  finished point and resumes where it stopped. :meth:`~ResultStore.finish` moves the file to ``<path>``
-  atomically (``os.replace``): a reader of ``<path>`` never sees a half-written run, and reading a run
-  that has not finished (only the partial file exists, or its writer holds the file) raises
-  :class:`StoreInProgressError`.
-* An output location that cannot be written, or an existing store without ``resume``, is refused by
-  :func:`check_store_path` before any work (entry points call it first).
-* Root attributes: ``landscape_store`` (format version), ``grid_shape``, ``point_arrays`` (JSON list of
-  names) and ``provenance`` (one JSON object: model and its weights fingerprint, data hash, NLL
-  convention, direction specs, code version, creation date...).
-  Resuming a store whose provenance, grid or arrays differ from the run's raises
-  :class:`StoreMismatchError` naming every differing key, before any work starts; an unreadable,
-  truncated or foreign file raises :class:`StoreError`.
-* Float point arrays start as NaN, integer ones as 0, booleans as False; trust ``done``, not the values.
+See :mod:`landscape.store` for the layout and the guarantees.
 """
 
 from __future__ import annotations
@@ -32,20 +8,16 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from landscape.data import TokenSet
-from landscape.objectives import NLLConvention
 from landscape.outputs import check_output_path
 from landscape.version import __version__
-from landscape.weights import Base
 
 STORE_FORMAT_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
@@ -80,20 +52,6 @@ def check_store_path(path: str | os.PathLike, resume: bool = False) -> Path:
             if existing.exists():
                 raise StoreError(f"{existing} already exists: resume it, or remove it to start over")
     return path
-
-
-def provenance(kind: str, base: Base | None = None, data: TokenSet | None = None,
-               **extra: Any) -> dict[str, Any]:
-    """The provenance a store starts from: what it holds (``kind``), the model w0 and its fingerprint over
-    every quantizable layer, the data with the convention of its NLLs, then ``extra`` (which may override
-    them)."""
-    out: dict[str, Any] = {"kind": kind}
-    if base is not None:
-        out |= {"model": base.label, "model_fingerprint": base.fingerprint()}
-    if data is not None:
-        label = base.label if base is not None else ""
-        out |= {"data": data.provenance(), "nll_convention": NLLConvention.for_data(data, label).to_dict()}
-    return {**out, **extra}
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -356,79 +314,6 @@ def finish_run(record: ResultStore | MemoryStore) -> tuple[StoreData, Path | Non
     return read_store(path), path
 
 
-@dataclass(frozen=True)
-class StoreRecord:
-    """What a finished result writes to a store: the one form every result type serialises to (``to_record``).
-
-    Attributes:
-        provenance: JSON-able description (``kind`` says what the store holds).
-        rows: per-row arrays ``(n_rows, ...)``, stored as the store's points (one point per row); may be empty
-            for a task of :func:`run_tasks`.
-        arrays: whole arrays (matrices, coordinates, scalars).
-        tables: small tables, name -> columns of equal length.
-    """
-
-    provenance: Mapping[str, Any]
-    rows: Mapping[str, np.ndarray] = field(default_factory=dict)
-    arrays: Mapping[str, Any] = field(default_factory=dict)
-    tables: Mapping[str, Mapping[str, Sequence[Any]]] = field(default_factory=dict)
-
-
-def write_record(path: str | os.PathLike, record: StoreRecord) -> Path:
-    """Write a :class:`StoreRecord` to a new store at ``path`` through :func:`start_run` (written as
-    ``<path>.partial``, then moved into place, so a reader never sees half of it). Refused if ``path``
-    exists."""
-    rows = {name: np.asarray(values) for name, values in record.rows.items()}
-    counts = {len(v) for v in rows.values()}
-    if len(counts) != 1 or 0 in counts:
-        raise StoreError(f"a record needs row arrays of one common, nonzero length; got lengths "
-                         f"{ {k: len(v) for k, v in rows.items()} }")
-    n = counts.pop()
-    store = start_run(path, record.provenance, {k: (v.shape[1:], v.dtype) for k, v in rows.items()}, (n,))
-    try:
-        store.write_points(rows, np.ones(n, dtype=bool))
-        _write_whole(store, record)
-    except BaseException:
-        store.close()
-        os.remove(partial_path(path))
-        raise
-    return store.finish()
-
-
-def _write_whole(store: ResultStore | MemoryStore, record: StoreRecord, prefix: str = "") -> None:
-    """A record's arrays and tables (not its rows), their names under ``prefix``."""
-    for name, array in record.arrays.items():
-        store.write_array(prefix + name, array)
-    for name, columns in record.tables.items():
-        store.write_table(prefix + name, columns)
-
-
-def run_tasks(path: str | os.PathLike | None, provenance: Mapping[str, Any],
-              tasks: Mapping[str, Callable[[], StoreRecord]]) -> tuple[StoreData, Path | None]:
-    """Run named tasks into one resumable store: one point per task, a killed run resumes at the next task.
-
-    Each task returns a :class:`StoreRecord` without rows (e.g. a curvature result's ``to_record()``); its
-    arrays and tables are stored as ``<task>/<name>`` and its provenance as ``<task>/attrs`` (JSON), and the
-    point array ``seconds`` holds each task's wall time. ``provenance`` should name the tasks (a rerun with
-    other tasks is refused as another run).
-    """
-    names = list(tasks)
-    with start_run(path, provenance, {"seconds": ((), np.float64)}, (len(names),), resume=True) as record:
-        for i, name in enumerate(names):
-            if record.done[i]:
-                continue
-            started = time.perf_counter()
-            result = tasks[name]()
-            if result.rows:
-                raise StoreError(f"task {name!r} returned rows {sorted(result.rows)}: "
-                                 f"a task stores arrays and tables")
-            _write_whole(record, result, f"{name}/")
-            record.write_array(f"{name}/attrs",
-                               json.dumps(normalize_provenance(result.provenance), sort_keys=True))
-            record.write_point(i, {"seconds": time.perf_counter() - started})
-        return finish_run(record)
-
-
 # ------------------------------------------------------------------------------------------ the reader
 @dataclass(frozen=True)
 class StoreData:
@@ -511,57 +396,6 @@ def read_store(path: str | os.PathLike) -> StoreData:
     if done.shape != grid:
         raise StoreError(f"{path} is damaged: done mask shape {done.shape} differs from grid shape {grid}")
     return StoreData(arrays, done, provenance, point_arrays, grid)
-
-
-# --------------------------------------------------------------------------------------------- merging
-def merge_stores(out: str | os.PathLike, shards: Iterable[str | os.PathLike]) -> Path:
-    """Merge stores of the same run (e.g. shards ``i/n`` of one sweep) into a new store at ``out``.
-
-    The shards must agree on everything but :data:`RUN_SPECIFIC_KEYS` of their provenance, on the grid and
-    the arrays; a point done in several shards must hold bit-identical values there; finished arrays and
-    tables must be identical. The merged provenance drops ``shard`` and lists ``merged_from``.
-
-    Raises:
-        StoreError / StoreMismatchError: before anything is written.
-    """
-    paths = [Path(p) for p in shards]
-    if not paths:
-        raise StoreError("merge needs at least one store")
-    data = [read_store(p) for p in paths]
-    first = data[0]
-    specs = {n: (first.arrays[n].shape[len(first.grid_shape):], first.arrays[n].dtype)
-             for n in first.point_arrays}
-    values = {n: first.arrays[n].copy() for n in first.point_arrays}
-    done = first.done.copy()
-    for path, other in zip(paths[1:], data[1:]):
-        try:
-            _check_same_run(other, first.provenance, first.grid_shape, specs, ignore=RUN_SPECIFIC_KEYS)
-        except StoreMismatchError as err:
-            raise StoreMismatchError(f"cannot merge {path} with {paths[0]}: {err}") from None
-        for name in other.arrays:
-            if name not in other.point_arrays and not _same_array(other.arrays[name], first.arrays.get(name)):
-                raise StoreMismatchError(f"cannot merge {path}: its array {name!r} differs from {paths[0]}'s")
-        both = done & other.done
-        for name in first.point_arrays:
-            if not np.array_equal(values[name][both], other.arrays[name][both], equal_nan=True):
-                raise StoreMismatchError(f"cannot merge {path}: "
-                                         f"points done in several stores differ in {name!r}")
-            values[name][other.done] = other.arrays[name][other.done]
-        done |= other.done
-    provenance = {k: v for k, v in first.provenance.items() if k not in RUN_SPECIFIC_KEYS}
-    provenance["merged_from"] = [{"file": p.name, "shard": d.provenance.get("shard")}
-                                 for p, d in zip(paths, data)]
-    store = start_run(out, provenance, specs, first.grid_shape)
-    try:
-        store.write_points(values, done)
-        for name, array in first.arrays.items():
-            if name not in first.point_arrays:
-                store.write_array(name, array)
-    except BaseException:
-        store.close()
-        os.remove(partial_path(out))
-        raise
-    return store.finish()
 
 
 # --------------------------------------------------------------------------------------------- helpers

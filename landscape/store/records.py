@@ -1,0 +1,176 @@
+"""Whole results in stores: the provenance every store starts from, the one serialised form of a finished
+result (:class:`StoreRecord`) and its writer, task stores (one point per task), and merging the shards of one
+run."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from landscape.data import TokenSet
+from landscape.objectives import NLLConvention
+from landscape.store.files import (
+    RUN_SPECIFIC_KEYS,
+    MemoryStore,
+    ResultStore,
+    StoreData,
+    StoreError,
+    StoreMismatchError,
+    _check_same_run,
+    _same_array,
+    finish_run,
+    normalize_provenance,
+    partial_path,
+    read_store,
+    start_run,
+)
+from landscape.weights import Base
+
+
+def provenance(kind: str, base: Base | None = None, data: TokenSet | None = None,
+               **extra: Any) -> dict[str, Any]:
+    """The provenance a store starts from: what it holds (``kind``), the model w0 and its fingerprint over
+    every quantizable layer, the data with the convention of its NLLs, then ``extra`` (which may override
+    them)."""
+    out: dict[str, Any] = {"kind": kind}
+    if base is not None:
+        out |= {"model": base.label, "model_fingerprint": base.fingerprint()}
+    if data is not None:
+        label = base.label if base is not None else ""
+        out |= {"data": data.provenance(), "nll_convention": NLLConvention.for_data(data, label).to_dict()}
+    return {**out, **extra}
+
+
+
+
+@dataclass(frozen=True)
+class StoreRecord:
+    """What a finished result writes to a store: the one form every result type serialises to (``to_record``).
+
+    Attributes:
+        provenance: JSON-able description (``kind`` says what the store holds).
+        rows: per-row arrays ``(n_rows, ...)``, stored as the store's points (one point per row); may be empty
+            for a task of :func:`run_tasks`.
+        arrays: whole arrays (matrices, coordinates, scalars).
+        tables: small tables, name -> columns of equal length.
+    """
+
+    provenance: Mapping[str, Any]
+    rows: Mapping[str, np.ndarray] = field(default_factory=dict)
+    arrays: Mapping[str, Any] = field(default_factory=dict)
+    tables: Mapping[str, Mapping[str, Sequence[Any]]] = field(default_factory=dict)
+
+
+def write_record(path: str | os.PathLike, record: StoreRecord) -> Path:
+    """Write a :class:`StoreRecord` to a new store at ``path`` through :func:`start_run` (written as
+    ``<path>.partial``, then moved into place, so a reader never sees half of it). Refused if ``path``
+    exists."""
+    rows = {name: np.asarray(values) for name, values in record.rows.items()}
+    counts = {len(v) for v in rows.values()}
+    if len(counts) != 1 or 0 in counts:
+        raise StoreError(f"a record needs row arrays of one common, nonzero length; got lengths "
+                         f"{ {k: len(v) for k, v in rows.items()} }")
+    n = counts.pop()
+    store = start_run(path, record.provenance, {k: (v.shape[1:], v.dtype) for k, v in rows.items()}, (n,))
+    try:
+        store.write_points(rows, np.ones(n, dtype=bool))
+        _write_whole(store, record)
+    except BaseException:
+        store.close()
+        os.remove(partial_path(path))
+        raise
+    return store.finish()
+
+
+def _write_whole(store: ResultStore | MemoryStore, record: StoreRecord, prefix: str = "") -> None:
+    """A record's arrays and tables (not its rows), their names under ``prefix``."""
+    for name, array in record.arrays.items():
+        store.write_array(prefix + name, array)
+    for name, columns in record.tables.items():
+        store.write_table(prefix + name, columns)
+
+
+def run_tasks(path: str | os.PathLike | None, provenance: Mapping[str, Any],
+              tasks: Mapping[str, Callable[[], StoreRecord]]) -> tuple[StoreData, Path | None]:
+    """Run named tasks into one resumable store: one point per task, a killed run resumes at the next task.
+
+    Each task returns a :class:`StoreRecord` without rows (e.g. a curvature result's ``to_record()``); its
+    arrays and tables are stored as ``<task>/<name>`` and its provenance as ``<task>/attrs`` (JSON), and the
+    point array ``seconds`` holds each task's wall time. ``provenance`` should name the tasks (a rerun with
+    other tasks is refused as another run).
+    """
+    names = list(tasks)
+    with start_run(path, provenance, {"seconds": ((), np.float64)}, (len(names),), resume=True) as record:
+        for i, name in enumerate(names):
+            if record.done[i]:
+                continue
+            started = time.perf_counter()
+            result = tasks[name]()
+            if result.rows:
+                raise StoreError(f"task {name!r} returned rows {sorted(result.rows)}: "
+                                 f"a task stores arrays and tables")
+            _write_whole(record, result, f"{name}/")
+            record.write_array(f"{name}/attrs",
+                               json.dumps(normalize_provenance(result.provenance), sort_keys=True))
+            record.write_point(i, {"seconds": time.perf_counter() - started})
+        return finish_run(record)
+
+
+
+
+# --------------------------------------------------------------------------------------------- merging
+def merge_stores(out: str | os.PathLike, shards: Iterable[str | os.PathLike]) -> Path:
+    """Merge stores of the same run (e.g. shards ``i/n`` of one sweep) into a new store at ``out``.
+
+    The shards must agree on everything but :data:`RUN_SPECIFIC_KEYS` of their provenance, on the grid and
+    the arrays; a point done in several shards must hold bit-identical values there; finished arrays and
+    tables must be identical. The merged provenance drops ``shard`` and lists ``merged_from``.
+
+    Raises:
+        StoreError / StoreMismatchError: before anything is written.
+    """
+    paths = [Path(p) for p in shards]
+    if not paths:
+        raise StoreError("merge needs at least one store")
+    data = [read_store(p) for p in paths]
+    first = data[0]
+    specs = {n: (first.arrays[n].shape[len(first.grid_shape):], first.arrays[n].dtype)
+             for n in first.point_arrays}
+    values = {n: first.arrays[n].copy() for n in first.point_arrays}
+    done = first.done.copy()
+    for path, other in zip(paths[1:], data[1:]):
+        try:
+            _check_same_run(other, first.provenance, first.grid_shape, specs, ignore=RUN_SPECIFIC_KEYS)
+        except StoreMismatchError as err:
+            raise StoreMismatchError(f"cannot merge {path} with {paths[0]}: {err}") from None
+        for name in other.arrays:
+            if name not in other.point_arrays and not _same_array(other.arrays[name], first.arrays.get(name)):
+                raise StoreMismatchError(f"cannot merge {path}: its array {name!r} differs from {paths[0]}'s")
+        both = done & other.done
+        for name in first.point_arrays:
+            if not np.array_equal(values[name][both], other.arrays[name][both], equal_nan=True):
+                raise StoreMismatchError(f"cannot merge {path}: "
+                                         f"points done in several stores differ in {name!r}")
+            values[name][other.done] = other.arrays[name][other.done]
+        done |= other.done
+    provenance = {k: v for k, v in first.provenance.items() if k not in RUN_SPECIFIC_KEYS}
+    provenance["merged_from"] = [{"file": p.name, "shard": d.provenance.get("shard")}
+                                 for p, d in zip(paths, data)]
+    store = start_run(out, provenance, specs, first.grid_shape)
+    try:
+        store.write_points(values, done)
+        for name, array in first.arrays.items():
+            if name not in first.point_arrays:
+                store.write_array(name, array)
+    except BaseException:
+        store.close()
+        os.remove(partial_path(out))
+        raise
+    return store.finish()
