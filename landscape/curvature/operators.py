@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from landscape.curvature.space import CurvatureError, OperatorKind, WeightSpace, check_curvature_model
 from landscape.data import TokenSet
 from landscape.objectives import nll_sums_from_logits, segment_nll_sums
+from landscape.weights import model_label
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (tokens (b, t), score_mask (b, t))
 
@@ -145,9 +146,8 @@ class NLLProblem:
 
     def provenance(self) -> dict[str, Any]:
         """Model name, dtype, batch size and data provenance, for a result's settings (JSON-able)."""
-        name = getattr(getattr(self.model, "config", None), "name_or_path", "") or type(self.model).__name__
         dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
-        return {"model": name, "dtype": dtype, "batch_size": self.batch_size, "data": self.data.provenance()}
+        return {"model": model_label(self.model), "dtype": dtype, "batch_size": self.batch_size, "data": self.data.provenance()}
 
 
 # ------------------------------------------------------------------------------------ Krylov memory

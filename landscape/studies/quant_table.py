@@ -308,11 +308,16 @@ def _bits_per_weight(result: QuantResult | None, w0: dict[str, torch.Tensor]) ->
 # ------------------------------------------------------------------------------------------- reading
 @dataclass(frozen=True)
 class QuantTable:
-    """The study's table as read from its store."""
+    """The study's table as read from its store (written row by row by :func:`run_quant_table`)."""
 
     rows: list[dict[str, Any]]
     provenance: dict[str, Any]
     complete: bool
+
+    @classmethod
+    def from_store(cls, path: str | Path) -> QuantTable:
+        """The finished rows and provenance of a quant-table store (finished or partial)."""
+        return read_quant_table(path)
 
     def markdown(self) -> str:
         corpora = self.provenance["protocol"]["eval_corpora"]
