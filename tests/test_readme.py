@@ -19,6 +19,8 @@ def test_readme_library_example_runs(capsys):
     radius, norm_gptq, norm_qaft, cos = (float(x) for x in capsys.readouterr().out.split()[-4:])
     assert radius > 0 and norm_gptq > 0 and norm_qaft > 0
     assert -1.0 <= cos <= 1.0 and not math.isnan(cos)
+    top = list(namespace["top"])  # the Curvature object's Lanczos run: three eigenvalues, largest first
+    assert len(top) == 3 and top == sorted(top, reverse=True)
     # the example's quantized models lie on the same lattice and the model was left at w0
     from landscape.quant import make_grid
     from landscape.weights import layer_weights
