@@ -17,7 +17,6 @@ Curvatures are in nats/token per squared weight unit. Each estimate is a ratio o
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -37,10 +36,10 @@ from landscape.curvature.space import (
     direction_space,
     direction_tensors,
 )
-from landscape.curvature.stored import store_data, task_record
+from landscape.curvature.stored import StoredTask
 from landscape.objectives import segment_nll_sums
 from landscape.stats import Interval, token_mean_interval
-from landscape.store import StoreData, StoreRecord
+from landscape.store import StoreRecord
 from landscape.weights import layer_weights, swapped_weights
 
 Method = Literal["hvp", "finite-difference", "gradient"]
@@ -53,7 +52,7 @@ DEFAULT_FD_STEP: dict[torch.dtype, float] = {torch.float64: 1e-3, torch.float32:
 
 # ----------------------------------------------------------------------------------------- results
 @dataclass(frozen=True)
-class DirectionalCurvature:
+class DirectionalCurvature(StoredTask):
     """Curvature of the NLL along a unit direction ``u = d / ||d||``: ``u^T H u`` (nats/token per squared
     weight unit), from Hessian-vector products or from a finite difference of the NLL.
 
@@ -73,6 +72,8 @@ class DirectionalCurvature:
         interval: bootstrap interval over the units, or ``None`` when not requested.
         direction_norm: ``||d||`` of the direction as given (weight units).
     """
+
+    KIND = "directional_curvature"
 
     value: float
     method: Method
@@ -107,15 +108,6 @@ class DirectionalCurvature:
                    arrays["unit_tokens"], attrs["unit"], interval, float(attrs["direction_norm"]), step,
                    float(attrs["seconds"]), {k: v for k, v in attrs.items() if k not in fields})
 
-    @classmethod
-    def from_data(cls, data: StoreData, task: str) -> DirectionalCurvature:
-        """The estimate stored as task ``task`` of a curvature store's contents."""
-        return cls.from_record(task_record(data, task, "directional_curvature"))
-
-    @classmethod
-    def from_store(cls, path: str | os.PathLike, task: str) -> DirectionalCurvature:
-        """The estimate stored as task ``task`` of the curvature store at ``path``."""
-        return cls.from_data(store_data(path), task)
 
     def __str__(self) -> str:
         body = (str(self.interval) if self.interval is not None
@@ -124,7 +116,7 @@ class DirectionalCurvature:
 
 
 @dataclass(frozen=True)
-class PathCurvature:
+class PathCurvature(StoredTask):
     """Rayleigh quotient of a direction ``d`` at points ``w0 + t d`` of the straight path toward ``w0 + d``
     (e.g. ``d`` = a quantized model's displacement, ``t = 1`` its endpoint).
 
@@ -137,6 +129,8 @@ class PathCurvature:
             its interval, when asked for (``slope=True``); else ``None``. With the curvature at ``t = 0`` they
             give the quadratic model ``NLL(w0 + d) - NLL(w0) ~ ||d|| slope + ||d||^2 curvature / 2``.
     """
+
+    KIND = "path_curvature"
 
     t: np.ndarray
     curvature: np.ndarray
@@ -170,15 +164,6 @@ class PathCurvature:
         return cls(arrays["t"], arrays["curvature"], arrays["low"], arrays["high"], (),
                    float(attrs["direction_norm"]), attrs["operator"], settings, *slope)
 
-    @classmethod
-    def from_data(cls, data: StoreData, task: str) -> PathCurvature:
-        """The path stored as task ``task`` (``path/<label>``) of a curvature store's contents."""
-        return cls.from_record(task_record(data, task, "path_curvature"))
-
-    @classmethod
-    def from_store(cls, path: str | os.PathLike, task: str) -> PathCurvature:
-        """The path stored as task ``task`` (``path/<label>``) of the curvature store at ``path``."""
-        return cls.from_data(store_data(path), task)
 
 
 # ------------------------------------------------------------------------------------ measurements

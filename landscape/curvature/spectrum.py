@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 
 from landscape.curvature.operators import CountedOperator, NLLProblem, check_krylov_memory, krylov_backend
 from landscape.curvature.space import ConvergenceWarning, CurvatureError, WeightSpace
-from landscape.curvature.stored import store_data, task_record
+from landscape.curvature.stored import StoredTask
 from landscape.stats import Interval, normal_interval
-from landscape.store import StoreData, StoreRecord
+from landscape.store import StoreRecord
 
 DEFAULT_LANCZOS_STEPS = 50
 DEFAULT_TOL = 1e-4
@@ -75,7 +75,7 @@ class Eigenpairs:
 
 
 @dataclass(frozen=True)
-class Spectrum:
+class Spectrum(StoredTask):
     """Extreme eigenpairs of the NLL Hessian (or GGN) from one Lanczos run.
 
     Attributes:
@@ -86,6 +86,9 @@ class Spectrum:
         seconds: wall time of the Lanczos run; ``seconds_per_matvec``: mean time of one product.
         settings: tolerance, seed, batch size, model and data provenance (JSON-able).
     """
+
+    KIND = "spectrum"
+    TASK = "spectrum"
 
     top: Eigenpairs
     bottom: Eigenpairs
@@ -145,15 +148,6 @@ class Spectrum:
                    int(attrs["lanczos_steps"]), float(attrs["seconds"]), float(attrs["seconds_per_matvec"]),
                    {k: v for k, v in attrs.items() if k not in fields})
 
-    @classmethod
-    def from_data(cls, data: StoreData, task: str = "spectrum") -> Spectrum:
-        """The spectrum stored as task ``task`` of a curvature store's contents."""
-        return cls.from_record(task_record(data, task, "spectrum"))
-
-    @classmethod
-    def from_store(cls, path: str | os.PathLike, task: str = "spectrum") -> Spectrum:
-        """The spectrum stored as task ``task`` of the curvature store at ``path``."""
-        return cls.from_data(store_data(path), task)
 
     def __str__(self) -> str:
         flag = "" if self.converged else " (NOT all converged)"
@@ -252,12 +246,15 @@ def _tridiagonal(krylov: LanczosTridiag) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------- trace
 @dataclass(frozen=True)
-class TraceEstimate:
+class TraceEstimate(StoredTask):
     """Hutch++ estimate of ``tr(H)`` (nats/token per squared weight unit).
 
     ``stderr`` is the standard error of the stochastic (residual Hutchinson) part; the sketched part is
     exact. ``n_matvecs`` products were spent; ``value / n_params`` is the mean eigenvalue.
     """
+
+    KIND = "trace"
+    TASK = "trace"
 
     value: float
     stderr: float
@@ -293,15 +290,6 @@ class TraceEstimate:
                    tuple(attrs["layers"]), int(attrs["n_params"]), float(attrs["seconds"]),
                    {k: v for k, v in attrs.items() if k not in fields})
 
-    @classmethod
-    def from_data(cls, data: StoreData, task: str = "trace") -> TraceEstimate:
-        """The estimate stored as task ``task`` of a curvature store's contents."""
-        return cls.from_record(task_record(data, task, "trace"))
-
-    @classmethod
-    def from_store(cls, path: str | os.PathLike, task: str = "trace") -> TraceEstimate:
-        """The estimate stored as task ``task`` of the curvature store at ``path``."""
-        return cls.from_data(store_data(path), task)
 
     def __str__(self) -> str:
         return (f"tr({self.operator}) = {self.value:.5g} +- {self.stderr:.2g} (Hutch++, {self.n_matvecs} "
@@ -332,7 +320,7 @@ def hutchpp_trace(problem: NLLProblem, n_matvecs: int, seed: int) -> TraceEstima
 
 # ------------------------------------------------------------------------------------------- density
 @dataclass(frozen=True)
-class Density:
+class Density(StoredTask):
     """Eigenvalue density of the NLL Hessian (or GGN) by stochastic Lanczos quadrature.
 
     Attributes:
@@ -344,6 +332,9 @@ class Density:
             to 1).
         settings: ``n_runs``, ``lanczos_steps``, seed, batch size, model and data provenance (JSON-able).
     """
+
+    KIND = "density"
+    TASK = "density"
 
     grid: np.ndarray
     density: np.ndarray
@@ -375,15 +366,6 @@ class Density:
                    int(attrs["n_matvecs"]), float(attrs["seconds"]),
                    {k: v for k, v in attrs.items() if k not in fields})
 
-    @classmethod
-    def from_data(cls, data: StoreData, task: str = "density") -> Density:
-        """The density stored as task ``task`` of a curvature store's contents."""
-        return cls.from_record(task_record(data, task, "density"))
-
-    @classmethod
-    def from_store(cls, path: str | os.PathLike, task: str = "density") -> Density:
-        """The density stored as task ``task`` of the curvature store at ``path``."""
-        return cls.from_data(store_data(path), task)
 
 
 def slq_density(problem: NLLProblem, n_runs: int, lanczos_steps: int, n_grid: int, sigma: float | None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import ClassVar
 
 from landscape.curvature.space import CurvatureError
 from landscape.store import StoreData, StoreRecord, read_store
@@ -45,3 +46,24 @@ def task_record(data: StoreData, task: str, kind: str) -> StoreRecord:
     arrays = {name[len(prefix):]: array for name, array in data.arrays.items()
               if name.startswith(prefix) and name != f"{task}/{ATTRS}"}
     return StoreRecord(provenance, arrays=arrays)
+
+
+class StoredTask:
+    """``from_data`` and ``from_store`` of a result stored as one task of a curvature store: a result type
+    names the ``KIND`` its attributes carry and its usual ``TASK`` (``None``: the task must be named, e.g.
+    ``path/<label>``), and defines ``from_record``."""
+
+    KIND: ClassVar[str]
+    TASK: ClassVar[str | None] = None
+
+    @classmethod
+    def from_data(cls, data: StoreData, task: str | None = None):
+        """The result stored as task ``task`` (default :attr:`TASK`) of a curvature store's contents."""
+        if task is None and cls.TASK is None:
+            raise CurvatureError(f"name the task of the {cls.KIND} result to read (e.g. 'path/<label>')")
+        return cls.from_record(task_record(data, task or cls.TASK, cls.KIND))
+
+    @classmethod
+    def from_store(cls, path: str | os.PathLike, task: str | None = None):
+        """The result stored as task ``task`` (default :attr:`TASK`) of the curvature store at ``path``."""
+        return cls.from_data(store_data(path), task)
