@@ -21,10 +21,6 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python bench/hessian.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

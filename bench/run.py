@@ -8,11 +8,11 @@ and the others still run; the exit status is then 1.
 
 Usage::
 
-    python bench/run.py --quick            # make bench: small models, 2.7 min on 2 busy shared cores
-    python bench/run.py --full             # adds SmolLM2-135M (estimated ~45 min on 2 cores; not run yet)
-    python bench/run.py --tiny --out /tmp  # smoke run in seconds
-    python bench/run.py --only gptq scan   # a subset
-    python bench/run.py --rebuild bench/results.json   # re-render from stored measurements, no re-run
+    python -m bench.run --quick            # make bench: small models, 2.7 min on 2 busy shared cores
+    python -m bench.run --full             # adds SmolLM2-135M (estimated ~45 min on 2 cores; not run yet)
+    python -m bench.run --tiny --out /tmp  # smoke run in seconds
+    python -m bench.run --only gptq scan   # a subset
+    python -m bench.run --rebuild bench/results.json   # re-render from stored measurements, no re-run
 
 Every section is built from its raw measurements alone (``build_section(data)`` in each script), so
 ``--rebuild`` regenerates RESULTS.md and results.json from a results.json with the current code (wording,
@@ -33,9 +33,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as `python bench/run.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
     BENCH_DIR,

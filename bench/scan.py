@@ -26,10 +26,6 @@ import copy
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python bench/scan.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
