@@ -147,7 +147,8 @@ class NLLProblem:
     def provenance(self) -> dict[str, Any]:
         """Model name, dtype, batch size and data provenance, for a result's settings (JSON-able)."""
         dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
-        return {"model": model_label(self.model), "dtype": dtype, "batch_size": self.batch_size, "data": self.data.provenance()}
+        return {"model": model_label(self.model), "dtype": dtype, "batch_size": self.batch_size,
+                "data": self.data.provenance()}
 
 
 # ------------------------------------------------------------------------------------ Krylov memory
