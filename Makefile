@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 
 help:
 	@echo "make setup        create .venv and install landscape with its pinned dependencies (idempotent)"
-	@echo "make test         run the test suite (what CI runs)"
+	@echo "make test         run the linter and the test suite (what CI runs)"
 	@echo "make test-all     also the slow tests on SmolLM2-135M and the bundled corpus"
 	@echo "make figures      the headline measurements on smollm2-135m (quick protocol)"
 	@echo "make figures-full the full protocol (hours on CPU)"
@@ -29,9 +29,11 @@ $(STAMP): pyproject.toml Makefile
 	@touch $@
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not slow"
 
 test-all: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 figures: setup chromium
@@ -47,10 +49,10 @@ chromium:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "[landscape] no Chromium: figures will be HTML only (PNG export skipped)"; }
 
-# Quick profile (tiny random GPT-2/Llama, ref-tiny), one torch thread per worker; `bench/run.py --full` adds
-# SmolLM2-135M. Writes bench/RESULTS.md and bench/results.json.
+# Quick profile (tiny random GPT-2/Llama, ref-tiny), one torch thread per worker;
+# `python -m bench.run --full` adds SmolLM2-135M. Writes bench/RESULTS.md and bench/results.json.
 bench: setup
-	$(PY) bench/run.py --quick
+	$(PY) -m bench.run --quick
 
 clean-cache:
 	rm -rf "$$($(PY) -c 'from landscape.cache import cache_dir; print(cache_dir())')"

@@ -42,9 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--formats", nargs="*", default=["int4", "int4-g64", "int3-g64"],
                    help="formats whose RTN, GPTQ and QAFT displacements (and a random one) are followed")
     p.add_argument("--also", nargs="+", default=[], metavar="NAME",
-                   help="also the displacements of these saved results (file stems in the results folder, e.g. "
-                        "fp-finetune-lr0.0003-e1-b4-s0 for the full-precision control, gptq+lorc-int4-r8)")
-    p.add_argument("--qaft-lr", type=float, default=3e-4, help="the QAFT runs' learning rate (their file names)")
+                   help="also the displacements of these saved results (file stems in the results folder, "
+                        "e.g. fp-finetune-lr0.0003-e1-b4-s0 for the full-precision control, "
+                        "gptq+lorc-int4-r8)")
+    p.add_argument("--qaft-lr", type=float, default=3e-4,
+                   help="the QAFT runs' learning rate (their file names)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="the tables' calibration sequence length")
     p.add_argument("--segments", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128)
@@ -55,8 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--t", nargs="+", type=float, default=[0.0, 0.5, 1.0])
     p.add_argument("--no-spectrum", action="store_true", help="only the paths")
     p.add_argument("--no-paths", action="store_true", help="only the spectrum and the trace")
-    p.add_argument("--krylov-dir", help="keep the Lanczos basis in memory-mapped files in this directory (60 steps "
-                                        "on SmolLM2 need 25 GiB, more than a 24 GiB machine has)")
+    p.add_argument("--krylov-dir",
+                   help="keep the Lanczos basis in memory-mapped files in this directory (60 steps "
+                        "on SmolLM2 need 25 GiB, more than a 24 GiB machine has)")
     p.add_argument("--random-seed", type=int, default=0)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_paths and args.also:
         p.error("--no-paths takes no --also (it names paths)")
     if args.no_spectrum and (args.no_paths or not (formats or args.also)):
-        p.error("--no-spectrum without paths (--no-paths, or no --formats and no --also) leaves nothing to do")
+        p.error("--no-spectrum without paths (--no-paths, or no --formats and no --also) "
+                "leaves nothing to do")
     if args.krylov_dir is not None and not Path(args.krylov_dir).is_dir():
         p.error(f"--krylov-dir {args.krylov_dir} is not an existing directory")
     if args.trace_matvecs < 6:
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
                                         if not s.with_name(s.name + ".json").exists()]
     if missing:
         p.error(f"no saved results {missing}: run python -m analyses.quant_table first")
-    data = heldout_set(lm.tokenizer, args.seq_len, "wiki", args.segments, context_length=lm.info.context_length)
+    data = heldout_set(lm.tokenizer, args.seq_len, "wiki", args.segments,
+                       context_length=lm.info.context_length)
 
     def random_like(fmt: str):
         length = displacement_direction(lm.model, sources[("gptq", fmt)]).norm()
@@ -104,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     for f in formats if not args.no_paths else ():
         for m in METHODS:
             paths[f"{m} {f}"] = str(sources[(m, f)])
-            tasks[f"path/{m} {f}"] = path_task(lambda m=m, f=f: displacement_direction(lm.model, sources[(m, f)]))
+            tasks[f"path/{m} {f}"] = path_task(
+                lambda m=m, f=f: displacement_direction(lm.model, sources[(m, f)]))
         label = f"random (GPTQ {f}'s length)"
         paths[label] = f"filter seed {args.random_seed}, GPTQ {f}'s norm"
         tasks[f"path/{label}"] = path_task(lambda f=f: random_like(f))
@@ -112,8 +118,9 @@ def main(argv: list[str] | None = None) -> None:
         paths[name] = str(source)
         tasks[f"path/{name}"] = path_task(lambda source=source: displacement_direction(lm.model, source))
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "results", "krylov_dir")}
-    store, _ = run_tasks(out, provenance("curvature", Base(lm.model, args.model), data, model_info=lm.info.to_dict(),
-                                         settings=settings, tasks=list(tasks), paths=paths), tasks)
+    store, _ = run_tasks(out, provenance("curvature", Base(lm.model, args.model), data,
+                                         model_info=lm.info.to_dict(), settings=settings, tasks=list(tasks),
+                                         paths=paths), tasks)
     report(store)
 
 
@@ -122,8 +129,9 @@ def report(store) -> None:
     and the NLL convention."""
     print(read_curvature(store).markdown())
     conv = store.provenance["nll_convention"]
-    print(f"\nNLL: token-mean over {conv['n_segments']} x {conv['seq_len']} held-out {conv['corpus']} tokens; "
-          f"curvature in nats/token per squared weight unit, slope g^T u (u = d / ||d||) per weight unit")
+    print(f"\nNLL: token-mean over {conv['n_segments']} x {conv['seq_len']} held-out {conv['corpus']} "
+          f"tokens; curvature in nats/token per squared weight unit, slope g^T u (u = d / ||d||) "
+          f"per weight unit")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def store(session: Session) -> Path:
 
 
 def path_label(method: str, fmt: str) -> str:
-    return "random direction (GPTQ's length)" if method == "random" else f"{plots.METHOD_LABELS[method]} {fmt}"
+    return ("random direction (GPTQ's length)" if method == "random"
+            else f"{plots.METHOD_LABELS[method]} {fmt}")
 
 
 def measure(session: Session) -> None:
@@ -64,10 +65,12 @@ def measure(session: Session) -> None:
             direction(m), t=c.path_t, level=c.level).to_record()) for m in PATH_METHODS},
     }
     paths = {path_label(m, fmt): {"method": m, "source": sources.get(
-        m, f"random filter-normalised seed {c.random_seed}, scaled to ||w_gptq - w0||")} for m in PATH_METHODS}
+        m, f"random filter-normalised seed {c.random_seed}, scaled to ||w_gptq - w0||")}
+             for m in PATH_METHODS}
     layout = "<task>/<array> from each result's to_record(); <task>/attrs: its JSON attributes"
-    run_tasks(store(session), provenance("curvature", lm.base, data, model_info=lm.info.to_dict(), settings=asdict(c),
-                                         format=fmt, tasks=list(tasks), paths=paths, layout=layout), tasks)
+    run_tasks(store(session),
+              provenance("curvature", lm.base, data, model_info=lm.info.to_dict(), settings=asdict(c),
+                         format=fmt, tasks=list(tasks), paths=paths, layout=layout), tasks)
 
 
 def steps(session: Session) -> list[Step]:

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--validation", type=int, default=DEFAULT_VALIDATION_SEQUENCES)
     p.add_argument("--out", default="results/lr_sweep.json")
     args = p.parse_args(argv)
-    formats = [f if f == "fp32" else parse_format(f).name for f in args.formats]  # bad ones fail before loading
+    # bad ones fail before loading
+    formats = [f if f == "fp32" else parse_format(f).name for f in args.formats]
     if any(c <= 0 for c in args.candidates):
         p.error(f"--candidates must be learning rates > 0, got {args.candidates}")
     out = Path(args.out)
@@ -49,9 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     calib = calibration_set(lm.tokenizer, args.calib_sequences, args.calib_seq_len, 0,
                             context_length=lm.info.context_length)
     for fmt in formats:
-        key = f"{args.model}/{fmt}/{calib.content_hash}/" + ",".join(f"{c:g}" for c in sorted(args.candidates))
+        key = (f"{args.model}/{fmt}/{calib.content_hash}/"
+               + ",".join(f"{c:g}" for c in sorted(args.candidates)))
         if key not in done:
-            control = fmt == "fp32"  # the control: the same loop with the quantizer off, its own learning rate
+            # the control: the same loop with the quantizer off, its own learning rate
+            control = fmt == "fp32"
             search = LearningRateSweepSettings(tuple(args.candidates), n_validation=args.validation)
             sweep = select_learning_rate(lm.base, calib, None if control else fmt,
                                          FinetuneSettings(quantize=not control), search)

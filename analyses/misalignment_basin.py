@@ -15,8 +15,8 @@ model on the first calibration sequences) and its token-mean NLL on held-out wik
 time; quantized models this script computes (RTN/GPTQ at the extra formats) are saved beside the tables'
 results and reused on a rerun.
 
-R(w0) comes from :func:`landscape.engine.basin.basin_statistics` (``landscape radius``; figure 4's store holds it)
-on the same layers: pass its median as ``--radius``.
+R(w0) comes from :func:`landscape.engine.basin.basin_statistics` (``landscape radius``; figure 4's store
+holds it) on the same layers: pass its median as ``--radius``.
 
 Besides all candidates, the correlations are printed for two subsets of them: without the random roundings
 (the methods only), and the post-training methods only (without QAFT, whose NLL also carries what fine-tuning
@@ -60,11 +60,13 @@ def saved_candidates(results: Path, methods: tuple[str, ...]) -> dict[str, Path]
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--results", help="the quantization tables' results/ folder (study.result_path); required unless "
-                                     "--from-store")
+    p.add_argument("--results",
+                   help="the quantization tables' results/ folder (study.result_path); required unless "
+                        "--from-store")
     p.add_argument("--radius", type=float, required=True, help="R(w0), median over directions, weight units")
     p.add_argument("--out", help="new HDF5 store for the study (required unless --from-store)")
-    p.add_argument("--from-store", help="re-analyse the candidates of this finished study instead of measuring")
+    p.add_argument("--from-store",
+                   help="re-analyse the candidates of this finished study instead of measuring")
     p.add_argument("--methods", nargs="+", default=list(TABLE_METHODS), help="saved results to include")
     p.add_argument("--rtn-formats", nargs="+", default=["int8", "int6", "int5"])
     p.add_argument("--gptq-formats", nargs="+", default=["int6", "int5"])
@@ -80,8 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.radius > 0:
         p.error(f"--radius must be R(w0) > 0, got {args.radius}")
     if args.from_store is None and (args.out is None or args.results is None):
-        p.error("--out (a new store for the study) and --results are required unless --from-store re-analyses a "
-                "finished study")
+        p.error("--out (a new store for the study) and --results are required unless --from-store "
+                "re-analyses a finished study")
     bad = sorted(set(args.methods) - set(TABLE_METHODS))
     if bad:
         p.error(f"--methods {bad}: choose from {list(TABLE_METHODS)}")
@@ -131,10 +133,10 @@ def report(table: CandidateTable, radius: float, out: Path | None) -> None:
         print(f"\n## {name}\n")
         print(misalignment(table.subset(keep), radius, bins=4).markdown(include_candidates=False))
     conv, mse = table.provenance["nll_convention"], table.provenance.get("mse_data", {})
-    print(f"\nNLL: {conv['reduction']} over {conv['n_segments']} x {conv['seq_len']} held-out {conv['corpus']} tokens "
-          f"(stride {conv['stride']}, {conv['n_tokens']:,} scored), {conv['unit']}; layer MSE: "
-          f"{mse.get('n_segments', '?')} calibration sequences of {mse.get('seq_len', '?')} tokens, full-precision "
-          f"inputs" + (f"; store: {out}" if out else ""))
+    print(f"\nNLL: {conv['reduction']} over {conv['n_segments']} x {conv['seq_len']} held-out "
+          f"{conv['corpus']} tokens (stride {conv['stride']}, {conv['n_tokens']:,} scored), {conv['unit']}; "
+          f"layer MSE: {mse.get('n_segments', '?')} calibration sequences of {mse.get('seq_len', '?')} "
+          f"tokens, full-precision inputs" + (f"; store: {out}" if out else ""))
 
 
 if __name__ == "__main__":

@@ -42,15 +42,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--eval-segments", type=int, default=16)
     p.add_argument("--qaft-lr", type=float, default=3e-4)
-    p.add_argument("--seeds", type=int, default=1, help="seeds of QAFT and its control (>= 3 for a comparison)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="seeds of QAFT and its control (>= 3 for a comparison)")
     p.add_argument("--core-formats", nargs="+", default=["int3", "int4"])
     p.add_argument("--core-methods", nargs="+", default=list(CORE_METHODS),
                    help=f"methods of the core protocols (default all: {' '.join(CORE_METHODS)})")
     p.add_argument("--layer-mse-sequences", type=int, default=16,
                    help="first calibration sequences of every row's summed layer MSE (one forward pass each)")
     p.add_argument("--only", nargs="+", default=None, help="run only these protocols (e.g. core-int3 wide)")
-    p.add_argument("--tag", default="", help="suffix of the store names (e.g. '-lr1e-3' for a variant protocol "
-                                             "beside the default ones, sharing their saved quantized models)")
+    p.add_argument("--tag", default="",
+                   help="suffix of the store names (e.g. '-lr1e-3' for a variant protocol "
+                        "beside the default ones, sharing their saved quantized models)")
     args = p.parse_args(argv)
     runs = protocols(args)  # every protocol is validated before the model loads
     if args.only:
@@ -66,8 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         print(table.markdown())
         ev = table.provenance["evaluation"]
         print("\nNLL: token-mean nats per scored token; " + "; ".join(
-            f"{c}: {e['n_segments']} x {e['seq_len']} tokens, stride {e['stride']}, {e['n_scored_tokens']} scored, "
-            f"data {e['data_hash']}" for c, e in ev.items()))
+            f"{c}: {e['n_segments']} x {e['seq_len']} tokens, stride {e['stride']}, {e['n_scored_tokens']} "
+            f"scored, data {e['data_hash']}" for c, e in ev.items()))
         # how much of QAFT's advantage over GPTQ is left after the full-precision control
         for gap in table_control_gaps(table.rows, table.provenance["protocol"]["eval_corpora"]):
             print(gap.sentence())

@@ -105,7 +105,8 @@ class Row:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["target"] = None if self.target is None else {**asdict(self.target), "text": self.target.describe(self.unit)}
+        d["target"] = None if self.target is None else {**asdict(self.target),
+                                                        "text": self.target.describe(self.unit)}
         d["status"] = self.status
         return d
 
@@ -156,8 +157,10 @@ class Section:
         rows = tuple(Row(r["benchmark"], r["case"], r["metric"], r["value"], r["unit"],
                          None if r["target"] is None else Target(r["target"]["limit"], r["target"]["kind"]),
                          r["detail"]) for r in d["rows"])
-        tables = tuple(Table(t["title"], tuple(t["columns"]), tuple(tuple(c) for c in t["rows"])) for t in d["tables"])
-        return cls(d["name"], d["title"], rows, tables, tuple(d["notes"]), dict(d["data"]), float(d["seconds"]))
+        tables = tuple(Table(t["title"], tuple(t["columns"]), tuple(tuple(c) for c in t["rows"]))
+                       for t in d["tables"])
+        return cls(d["name"], d["title"], rows, tables, tuple(d["notes"]), dict(d["data"]),
+                   float(d["seconds"]))
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -206,7 +209,8 @@ def interleaved_medians(candidates: Mapping[str, Callable[[], Any]], repeats: in
 def log_log_slope(sizes: Sequence[float], times: Sequence[float]) -> float:
     """Least-squares slope of ``log(time)`` against ``log(size)``: time grows like ``size**slope``."""
     if len(sizes) != len(times) or len(sizes) < 2:
-        raise ValueError(f"need at least two (size, time) pairs of equal length, got {len(sizes)} and {len(times)}")
+        raise ValueError(f"need at least two (size, time) pairs of equal length, got {len(sizes)} "
+                         f"and {len(times)}")
     x = [math.log(s) for s in sizes]
     y = [math.log(t) for t in times]
     mx, my = sum(x) / len(x), sum(y) / len(y)
@@ -237,7 +241,8 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size (bytes) since the last :func:`reset_peak_rss` (Linux ``VmHWM``), else since start."""
+    """Peak resident set size (bytes) since the last :func:`reset_peak_rss` (Linux ``VmHWM``), else since
+    start."""
     try:
         return _proc_status_kib("VmHWM") * 1024
     except (OSError, KeyError):
@@ -269,8 +274,9 @@ ARCHITECTURES = ("gpt2", "llama", "pretrained")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A benchmark model: a random GPT-2 or Llama built in-process (like ``tests/conftest.py``'s ``tiny_model``)
-    or a built-in landscape model loaded with :func:`landscape.models.load_model` (``arch="pretrained"``).
+    """A benchmark model: a random GPT-2 or Llama built in-process (like ``tests/conftest.py``'s
+    ``tiny_model``) or a built-in landscape model loaded with :func:`landscape.models.load_model`
+    (``arch="pretrained"``).
 
     Attributes:
         name: label in the results (for ``pretrained``: the landscape model name, e.g. ``ref-tiny``).
@@ -289,14 +295,17 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
-            raise ValueError(f"ModelSpec {self.name!r}: arch must be one of {ARCHITECTURES}, got {self.arch!r}")
+            raise ValueError(f"ModelSpec {self.name!r}: arch must be one of {ARCHITECTURES}, "
+                             f"got {self.arch!r}")
         if self.arch != "pretrained":
             for what in ("hidden", "layers", "vocab", "context"):
                 value = getattr(self, what)
                 if not isinstance(value, int) or value < 1:
-                    raise ValueError(f"ModelSpec {self.name!r}: {what} must be a positive integer, got {value!r}")
+                    raise ValueError(f"ModelSpec {self.name!r}: {what} must be a positive "
+                                     f"integer, got {value!r}")
             if self.hidden % 2:
-                raise ValueError(f"ModelSpec {self.name!r}: hidden must be even (2 attention heads), got {self.hidden}")
+                raise ValueError(f"ModelSpec {self.name!r}: hidden must be even (2 attention heads), "
+                                 f"got {self.hidden}")
 
     def build(self) -> nn.Module:
         """The model in eval mode with eager attention, fp32, on the CPU (random ones seeded by ``seed``)."""
@@ -308,9 +317,9 @@ class ModelSpec:
 
         torch.manual_seed(self.seed)
         if self.arch == "gpt2":
-            model = GPT2LMHeadModel(GPT2Config(vocab_size=self.vocab, n_positions=self.context, n_embd=self.hidden,
-                                               n_layer=self.layers, n_head=2, bos_token_id=self.vocab - 1,
-                                               eos_token_id=self.vocab - 1))
+            model = GPT2LMHeadModel(GPT2Config(vocab_size=self.vocab, n_positions=self.context,
+                                               n_embd=self.hidden, n_layer=self.layers, n_head=2,
+                                               bos_token_id=self.vocab - 1, eos_token_id=self.vocab - 1))
         else:
             model = LlamaForCausalLM(LlamaConfig(vocab_size=self.vocab, max_position_embeddings=self.context,
                                                  hidden_size=self.hidden, num_hidden_layers=self.layers,
@@ -339,7 +348,8 @@ def context_length(model: nn.Module) -> int:
 
 
 def random_token_set(model: nn.Module, n_segments: int, seq_len: int, seed: int = 0):
-    """A :class:`~landscape.data.TokenSet` of ``n_segments x seq_len`` uniform random ids in ``model``'s vocabulary.
+    """A :class:`~landscape.data.TokenSet` of ``n_segments x seq_len`` uniform random ids in ``model``'s
+    vocabulary.
 
     Timings do not depend on token values. Raises ``ValueError`` before anything runs if ``seq_len`` exceeds
     the model's context length.
@@ -391,7 +401,8 @@ def fmt_seconds(seconds: float) -> str:
 
 # -------------------------------------------------------------------------------------------- machine
 def machine_info() -> dict[str, Any]:
-    """Where and when the benchmark ran: CPU, cores, memory, load, Python and package versions, commit, date."""
+    """Where and when the benchmark ran: CPU, cores, memory, load, Python and package versions, commit,
+    date."""
     versions = {}
     for package in ("torch", "transformers", "numpy", "h5py", "hessian-eigenthings", "tqdm"):
         try:
@@ -405,7 +416,8 @@ def machine_info() -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gib": round(_meminfo_kib("MemTotal") / 2**20, 1) if _meminfo_kib("MemTotal") else None,
-        "load_average_1m_5m_15m": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "load_average_1m_5m_15m": ([round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg")
+                                   else None),
         "python": platform.python_version(),
         "versions": versions,
         "git_commit": _git(["rev-parse", "--short", "HEAD"]),

@@ -28,10 +28,6 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python bench/gptq.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from torch import nn
@@ -99,25 +95,27 @@ def reference_gptq_layer(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, dam
     return w_q.to(w.dtype)
 
 
-def reference_gptq_model(model: nn.Module, calib: TokenSet, fmt: QuantFormat | str, damp: float = DEFAULT_DAMP,
-                         act_order: bool = True, batch_size: int = 8,
+def reference_gptq_model(model: nn.Module, calib: TokenSet, fmt: QuantFormat | str,
+                         damp: float = DEFAULT_DAMP, act_order: bool = True, batch_size: int = 8,
                          hessian_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Every quantizable layer with :func:`reference_gptq_layer` in the toolkit's sequential block-by-block driver,
-    its Hessians accumulated in ``hessian_dtype`` (float32, as :func:`landscape.quant.gptq` and the reference
-    implementation do: with float64 Hessians a few near-tie weights of ref-tiny int3-g32 round the other way)."""
+    """Every quantizable layer with :func:`reference_gptq_layer` in the toolkit's sequential block-by-block
+    driver, its Hessians accumulated in ``hessian_dtype`` (float32, as :func:`landscape.quant.gptq` and the
+    reference implementation do: with float64 Hessians a few near-tie weights of ref-tiny int3-g32 round the
+    other way)."""
     fmt = parse_format(fmt)
 
     def solve(name: str, w0: torch.Tensor, hessian: torch.Tensor):
         return reference_gptq_layer(w0, hessian, make_grid(w0, fmt, name), damp, act_order), None
 
-    solved = quantize_block_by_block(model, calib, list(quantizable_layers(model)), solve, batch_size=batch_size,
-                                     compute_dtype=hessian_dtype, progress=False)
+    solved = quantize_block_by_block(model, calib, list(quantizable_layers(model)), solve,
+                                     batch_size=batch_size, compute_dtype=hessian_dtype, progress=False)
     return {name: s.weight for name, s in solved.items()}
 
 
 def lattice_difference(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
                        grids: dict[str, Grid]) -> tuple[float, float, int]:
-    """``(max abs difference, the same as a fraction of the grid step, entries that differ)`` over every layer."""
+    """``(max abs difference, the same as a fraction of the grid step, entries that differ)`` over every
+    layer."""
     if set(ours) != set(reference):
         raise ValueError(f"the two results quantized different layers: {sorted(set(ours) ^ set(reference))}")
     max_abs = max_steps = 0.0
@@ -133,12 +131,15 @@ def lattice_difference(ours: dict[str, torch.Tensor], reference: dict[str, torch
 
 def check_identical(what: str, ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
                     grids: dict[str, Grid]) -> dict[str, float]:
-    """Raise ``AssertionError`` unless ours and the reference lie on the same lattice points (within rounding)."""
+    """Raise ``AssertionError`` unless ours and the reference lie on the same lattice points (within
+    rounding)."""
     max_abs, max_steps, differing = lattice_difference(ours, reference, grids)
     if not max_steps <= LATTICE_AGREEMENT:
-        raise AssertionError(f"{what}: ours and the reference GPTQ differ by up to {max_abs:.3g} ({max_steps:.3g} grid "
-                             f"steps) in {differing} weights; they must pick the same lattice points")
-    return {"max_abs_difference": max_abs, "max_difference_in_grid_steps": max_steps, "entries_differing": differing}
+        raise AssertionError(f"{what}: ours and the reference GPTQ differ by up to {max_abs:.3g} "
+                             f"({max_steps:.3g} grid steps) in {differing} weights; they must pick the same "
+                             f"lattice points")
+    return {"max_abs_difference": max_abs, "max_difference_in_grid_steps": max_steps,
+            "entries_differing": differing}
 
 
 # ------------------------------------------------------------------------------------------ the bench
@@ -201,9 +202,10 @@ def measure_model(spec: ModelSpec, settings: GPTQSettings) -> dict:
         per_layer_ref = {n: reference_gptq_layer(w0[n], hessians[n], grids[n]) for n in layers}
         whole_ours = gptq(model, calib, fmt, progress=False).weights
         whole_ref = reference_gptq_model(model, calib, fmt)
-        equality[fmt] = {"per_layer": check_identical(f"{spec.name} {fmt} per layer", per_layer_ours, per_layer_ref,
-                                                      grids),
-                         "whole_model": check_identical(f"{spec.name} {fmt} whole model", whole_ours, whole_ref, grids)}
+        equality[fmt] = {"per_layer": check_identical(f"{spec.name} {fmt} per layer", per_layer_ours,
+                                                      per_layer_ref, grids),
+                         "whole_model": check_identical(f"{spec.name} {fmt} whole model", whole_ours,
+                                                        whole_ref, grids)}
 
     fmt = settings.formats[0]
     grids = {n: make_grid(w, fmt, n) for n, w in w0.items()}
@@ -219,8 +221,9 @@ def measure_model(spec: ModelSpec, settings: GPTQSettings) -> dict:
         "ours": lambda: gptq(model, calib, fmt, progress=False),
         "reference": lambda: reference_gptq_model(model, calib, fmt),
     }, repeats=settings.repeats)
-    return {"model": describe_model(spec.name, model), "format": fmt, "layers": len(layers), "per_layer": per_layer,
-            "whole_model": {k: v.to_dict() for k, v in whole.items()}, "equality": equality}
+    return {"model": describe_model(spec.name, model), "format": fmt, "layers": len(layers),
+            "per_layer": per_layer, "whole_model": {k: v.to_dict() for k, v in whole.items()},
+            "equality": equality}
 
 
 def run(profile: str = "quick") -> Section:
@@ -247,19 +250,21 @@ def solver_times(case: dict) -> dict[str, float]:
 def miss_note(case: dict) -> str | None:
     """Why ours misses 1.2x the reference on ``case`` (None if it does not), and what would close it."""
     t = solver_times(case)
-    ratios = {"layer solver": t["ours"] / t["reference"], "whole model": t["whole_ours"] / t["whole_reference"]}
+    ratios = {"layer solver": t["ours"] / t["reference"],
+              "whole model": t["whole_ours"] / t["whole_reference"]}
     missed = [f"{what} {ratio:.2f}x ({OURS_VS_REFERENCE.miss_text(ratio)})" for what, ratio in ratios.items()
               if not OURS_VS_REFERENCE.met(ratio)]
     if not missed:
         return None
     widest = max(p["shape"][1] for p in case["per_layer"].values())
-    return (f"{case['model']}: ours / reference is {' and '.join(missed)}. Its widest layer has {widest} inputs, so "
-            f"both solvers spend their time on per-column Python overhead, not arithmetic: the reference indexes "
-            f"per-column scales computed once per layer, while ours calls Grid.round_columns for every column (an "
-            f"arange, a division and two gathers of the group's scale and zero point) and fills the buffers of the "
-            f"lazy block update. The whole-model ratio is closer to 1 because both share the driver (block replays, "
-            f"Hessians). Precomputing each column's scale and zero point once per layer in gptq_layer would close "
-            f"it; on wider layers the lazy blocks already win (the wider models' rows and the per-layer table).")
+    return (f"{case['model']}: ours / reference is {' and '.join(missed)}. Its widest layer has {widest} "
+            f"inputs, so both solvers spend their time on per-column Python overhead, not arithmetic: the "
+            f"reference indexes per-column scales computed once per layer, while ours calls "
+            f"Grid.round_columns for every column (an arange, a division and two gathers of the group's "
+            f"scale and zero point) and fills the buffers of the lazy block update. The whole-model ratio is "
+            f"closer to 1 because both share the driver (block replays, Hessians). Precomputing each "
+            f"column's scale and zero point once per layer in gptq_layer would close it; on wider layers the "
+            f"lazy blocks already win (the wider models' rows and the per-layer table).")
 
 
 def build_section(data: dict, seconds: float = 0.0) -> Section:
@@ -270,30 +275,34 @@ def build_section(data: dict, seconds: float = 0.0) -> Section:
         t = solver_times(c)
         case = (f"{c['model']}, {c['format']}, {settings['calib_segments']} x {settings['calib_seq_len']} "
                 f"calibration tokens")
-        rows.append(Row("gptq", case, "ours / reference, layer solver (sum over layers)", t["ours"] / t["reference"],
+        rows.append(Row("gptq", case, "ours / reference, layer solver (sum over layers)",
+                        t["ours"] / t["reference"], "x", OURS_VS_REFERENCE,
+                        f"{fmt_seconds(t['ours'])} vs {fmt_seconds(t['reference'])} for "
+                        f"{c['layers']} layers"))
+        rows.append(Row("gptq", case, "ours / reference, whole model", t["whole_ours"] / t["whole_reference"],
                         "x", OURS_VS_REFERENCE,
-                        f"{fmt_seconds(t['ours'])} vs {fmt_seconds(t['reference'])} for {c['layers']} layers"))
-        rows.append(Row("gptq", case, "ours / reference, whole model", t["whole_ours"] / t["whole_reference"], "x",
-                        OURS_VS_REFERENCE, f"{fmt_seconds(t['whole_ours'])} vs {fmt_seconds(t['whole_reference'])}"))
+                        f"{fmt_seconds(t['whole_ours'])} vs {fmt_seconds(t['whole_reference'])}"))
         worst = max(e["whole_model"]["max_abs_difference"] for e in c["equality"].values())
         summary.append((c["model"], str(c["layers"]), fmt_seconds(t["ours"] / c["layers"]),
                         fmt_seconds(t["reference"] / c["layers"]), fmt_seconds(t["whole_ours"]),
                         fmt_seconds(t["whole_reference"]), ", ".join(c["equality"]), f"{worst:.1e}"))
         for name, p in c["per_layer"].items():
-            layer_rows.append((c["model"].split(" ")[0], name, "x".join(map(str, p["shape"])), fmt_seconds(p["ours_s"]),
-                               fmt_seconds(p["reference_s"]), f"{p['ours_s'] / p['reference_s']:.2f}"))
+            layer_rows.append((c["model"].split(" ")[0], name, "x".join(map(str, p["shape"])),
+                               fmt_seconds(p["ours_s"]), fmt_seconds(p["reference_s"]),
+                               f"{p['ours_s'] / p['reference_s']:.2f}"))
         note = miss_note(c)
         if note:
             notes.append(note)
     tables = (
-        Table("Seconds (medians) per layer and for the whole model; identical lattice points checked for every format",
+        Table("Seconds (medians) per layer and for the whole model; identical lattice points checked "
+              "for every format",
               ("model", "layers", "ours per layer", "reference per layer", "ours whole model",
                "reference whole model", "formats checked", "max |ours - reference|"), tuple(summary)),
-        Table("Per layer (first format)", ("model", "layer", "shape (out x in)", "ours", "reference", "ratio"),
-              tuple(layer_rows)),
+        Table("Per layer (first format)",
+              ("model", "layer", "shape (out x in)", "ours", "reference", "ratio"), tuple(layer_rows)),
     )
-    return Section("gptq", "GPTQ: ours against a reference per-column loop", tuple(rows), tables, tuple(notes), data,
-                   seconds)
+    return Section("gptq", "GPTQ: ours against a reference per-column loop", tuple(rows), tables,
+                   tuple(notes), data, seconds)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,6 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python bench/hessian.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -101,8 +97,9 @@ def measure_model(spec: ModelSpec, settings: HessianSettings) -> dict:
         with torch.no_grad():
             segment_nll_sums(model, tokens, mask)
 
-    timings = interleaved_medians({"hvp": lambda: operator.matvec(vector), "forward_backward": forward_backward,
-                                   "forward": forward}, repeats=settings.repeats)
+    timings = interleaved_medians({"hvp": lambda: operator.matvec(vector),
+                                   "forward_backward": forward_backward, "forward": forward},
+                                  repeats=settings.repeats)
     steps = min(settings.lanczos_steps, space.size)
 
     converged: list[int] = []
@@ -118,8 +115,10 @@ def measure_model(spec: ModelSpec, settings: HessianSettings) -> dict:
         lanczos_timings = interleaved_medians({"lanczos": lanczos, "lanczos_disk": lambda: lanczos(folder)},
                                               repeats=settings.lanczos_repeats, warmup=0)
     return {"model": describe_model(spec.name, model), "weights": space.size, "lanczos_steps": steps,
-            "timings": {k: t.to_dict() for k, t in timings.items()}, "lanczos": lanczos_timings["lanczos"].to_dict(),
-            "lanczos_disk": lanczos_timings["lanczos_disk"].to_dict(), "lanczos_converged_of_top": converged[-1]}
+            "timings": {k: t.to_dict() for k, t in timings.items()},
+            "lanczos": lanczos_timings["lanczos"].to_dict(),
+            "lanczos_disk": lanczos_timings["lanczos_disk"].to_dict(),
+            "lanczos_converged_of_top": converged[-1]}
 
 
 def run(profile: str = "quick") -> Section:
@@ -140,33 +139,38 @@ def build_section(data: dict, seconds: float = 0.0) -> Section:
     for c in data["cases"]:
         hvp, fb, fwd = (c["timings"][k]["median_s"] for k in ("hvp", "forward_backward", "forward"))
         lanczos, steps = c["lanczos"]["median_s"], c["lanczos_steps"]
-        case = f"{c['model']}, {settings['segments']} x {settings['seq_len']} tokens, {c['weights']:,} weights"
-        rows.append(Row("hessian", case, "one HVP / one forward+backward", hvp / fb, "x", HVP_VS_FORWARD_BACKWARD,
-                        f"{fmt_seconds(hvp)} vs {fmt_seconds(fb)}"))
-        rows.append(Row("hessian", case, f"Lanczos top-{TOP_K} ({steps} steps) / {steps} HVPs", lanczos / (steps * hvp),
-                        "x", None,
-                        f"Lanczos {fmt_seconds(lanczos)}, {c['lanczos_converged_of_top']}/{TOP_K} pairs converged"))
+        case = (f"{c['model']}, {settings['segments']} x {settings['seq_len']} tokens, {c['weights']:,} "
+                f"weights")
+        rows.append(Row("hessian", case, "one HVP / one forward+backward", hvp / fb, "x",
+                        HVP_VS_FORWARD_BACKWARD, f"{fmt_seconds(hvp)} vs {fmt_seconds(fb)}"))
+        rows.append(Row("hessian", case, f"Lanczos top-{TOP_K} ({steps} steps) / {steps} HVPs",
+                        lanczos / (steps * hvp), "x", None,
+                        f"Lanczos {fmt_seconds(lanczos)}, {c['lanczos_converged_of_top']}/{TOP_K} "
+                        f"pairs converged"))
         if "lanczos_disk" in c:  # absent in results stored before the mapped basis existed
             disk = c["lanczos_disk"]["median_s"]
-            rows.append(Row("hessian", case, "Lanczos, basis in mapped files / in memory", disk / lanczos, "x", None,
-                            f"{fmt_seconds(disk)} vs {fmt_seconds(lanczos)}"))
+            rows.append(Row("hessian", case, "Lanczos, basis in mapped files / in memory", disk / lanczos,
+                            "x", None, f"{fmt_seconds(disk)} vs {fmt_seconds(lanczos)}"))
         table.append((c["model"], f"{c['weights']:,}", fmt_seconds(fwd), fmt_seconds(fb), fmt_seconds(hvp),
                       f"{fb / fwd:.2f}", f"{hvp / fb:.2f}", f"{steps}", fmt_seconds(lanczos)))
         if not HVP_VS_FORWARD_BACKWARD.met(hvp / fb):
             notes.append(f"{c['model']}: one HVP costs {hvp / fb:.2f}x a forward+backward and "
-                         f"{HVP_VS_FORWARD_BACKWARD.miss_text(hvp / fb)}. The double-backward HVP runs a forward, a "
-                         f"backward that keeps its graph and a second backward through it; a forward-over-reverse "
-                         f"product (torch.func.jvp of the gradient) keeps no second graph and is what to try.")
+                         f"{HVP_VS_FORWARD_BACKWARD.miss_text(hvp / fb)}. The double-backward HVP runs a "
+                         f"forward, a backward that keeps its graph and a second backward through it; a "
+                         f"forward-over-reverse product (torch.func.jvp of the gradient) keeps no second "
+                         f"graph and is what to try.")
     overheads = [c["lanczos"]["median_s"] / (c["lanczos_steps"] * c["timings"]["hvp"]["median_s"])
                  for c in data["cases"]]
     notes.append(f"Lanczos top-{TOP_K} (reorthogonalised, {settings['lanczos_steps']} steps) costs "
-                 f"{min(overheads):.2f}-{max(overheads):.2f}x its HVPs timed alone: the products dominate, the rest is "
-                 f"reorthogonalisation, the Ritz step and the operator's bookkeeping. Convergence is not what is timed "
-                 f"here (random models have clustered spectra; see the detail column).")
-    tables = (Table("Seconds (medians)", ("model", "weights", "forward", "forward+backward", "HVP", "fwd+bwd / fwd",
-                                          "HVP / fwd+bwd", "Lanczos steps", f"Lanczos top-{TOP_K}"), tuple(table)),)
-    return Section("hessian", "Hessian-vector products and Lanczos (landscape.curvature)", tuple(rows), tables,
-                   tuple(notes), data, seconds)
+                 f"{min(overheads):.2f}-{max(overheads):.2f}x its HVPs timed alone: the products dominate, "
+                 f"the rest is reorthogonalisation, the Ritz step and the operator's bookkeeping. "
+                 f"Convergence is not what is timed here (random models have clustered spectra; see the "
+                 f"detail column).")
+    tables = (Table("Seconds (medians)",
+                    ("model", "weights", "forward", "forward+backward", "HVP", "fwd+bwd / fwd",
+                     "HVP / fwd+bwd", "Lanczos steps", f"Lanczos top-{TOP_K}"), tuple(table)),)
+    return Section("hessian", "Hessian-vector products and Lanczos (landscape.curvature)", tuple(rows),
+                   tables, tuple(notes), data, seconds)
 
 
 if __name__ == "__main__":

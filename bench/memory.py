@@ -31,10 +31,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python bench/memory.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
@@ -124,7 +120,8 @@ def run_workload(workload: str, spec: ModelSpec, settings: MemorySettings) -> di
                              evaluation.score_mask[: settings.batch_size])
     elif workload == "scan":
         axis = np.linspace(-0.5, 0.5, settings.grid_points)
-        scan(model, plane(model), (axis, axis), data=evaluation, batch_size=settings.batch_size, execution=Execution(progress=False))
+        scan(model, plane(model), (axis, axis), data=evaluation, batch_size=settings.batch_size,
+             execution=Execution(progress=False))
     elif workload == "train-step":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -183,7 +180,8 @@ def run(profile: str = "quick") -> Section:
 
 
 def model_sizes_at_peak(measured: dict, reference: dict) -> float:
-    """``1 + (added - added by the reference) / model bytes``: the peak in model sizes, activations taken out."""
+    """``1 + (added - added by the reference) / model bytes``: the peak in model sizes, activations taken
+    out."""
     return 1.0 + (measured["extra_bytes"] - reference["extra_bytes"]) / measured["model_bytes"]
 
 
@@ -192,39 +190,42 @@ def miss_note(workload: str, measured: dict, value: float) -> str:
     fraction = measured["perturbed_bytes"] / measured["model_bytes"]
     estimate = 1 + design_estimate(workload, measured["perturbed_bytes"]) / measured["model_bytes"]
     if workload == "scan":
-        why = (f"the engine never copies the model, but it holds three weight-sized tensors of the perturbed layers "
-               f"({fraction:.0%} of the model): the saved w0 that makes every restore bit-exact and the two "
-               f"directions u and v (design estimate {estimate:.2f}). Closing it: regenerate each layer's direction "
-               f"from its seed when a point is set (directions are stored as seeds already), leaving only w0 "
-               f"({1 + fraction:.2f} model sizes here), or perturb one block at a time.")
+        why = (f"the engine never copies the model, but it holds three weight-sized tensors of the perturbed "
+               f"layers ({fraction:.0%} of the model): the saved w0 that makes every restore bit-exact and "
+               f"the two directions u and v (design estimate {estimate:.2f}). Closing it: regenerate each "
+               f"layer's direction from its seed when a point is set (directions are stored as seeds "
+               f"already), leaving only w0 ({1 + fraction:.2f} model sizes here), or perturb one "
+               f"block at a time.")
     else:
-        why = (f"QAFT trains every quantized weight ({fraction:.0%} of the model) with AdamW, so latent weights, "
-               f"gradients and two moments are each weight-sized; the plan also keeps its own copy of w0, and the "
-               f"peak comes at the final layer-MSE pass, where the returned weights and the layer-MSE deltas join "
-               f"them while the optimiser is still alive (design estimate {estimate:.2f}). Closing it: dropping the "
-               f"plan's w0 copy (the model holds w0 unchanged) saves one weight size throughout, and freeing the "
-               f"optimiser before the final evaluation removes the end peak; the training steps still hold latent "
-               f"weights, gradients, two moments and the fake-quantized weights, so going below that needs a leaner "
-               f"method: train block by block, or keep the moments in 8 bits or factored (Adafactor).")
-    return (f"{measured['model']}, {workload}: {value:.2f} model sizes, which {MODEL_SIZES_AT_PEAK.miss_text(value)}. "
-            f"Why: {why}")
+        why = (f"QAFT trains every quantized weight ({fraction:.0%} of the model) with AdamW, so latent "
+               f"weights, gradients and two moments are each weight-sized; the plan also keeps its own copy "
+               f"of w0, and the peak comes at the final layer-MSE pass, where the returned weights and the "
+               f"layer-MSE deltas join them while the optimiser is still alive (design estimate "
+               f"{estimate:.2f}). Closing it: dropping the plan's w0 copy (the model holds w0 unchanged) "
+               f"saves one weight size throughout, and freeing the optimiser before the final evaluation "
+               f"removes the end peak; the training steps still hold latent weights, gradients, two moments "
+               f"and the fake-quantized weights, so going below that needs a leaner method: train block by "
+               f"block, or keep the moments in 8 bits or factored (Adafactor).")
+    return (f"{measured['model']}, {workload}: {value:.2f} model sizes, which "
+            f"{MODEL_SIZES_AT_PEAK.miss_text(value)}. Why: {why}")
 
 
 def build_section(data: dict, seconds: float = 0.0) -> Section:
     """The section (rows with targets, tables, notes) from the raw measurements ``data`` alone."""
     settings = data["settings"]
-    points, tokens = settings["grid_points_per_axis"], f"{settings['eval_segments']} x {settings['seq_len']} tokens"
+    points, tokens = (settings["grid_points_per_axis"],
+                      f"{settings['eval_segments']} x {settings['seq_len']} tokens")
     what = {"scan": f"2-D scan, {points}x{points} points, {tokens}",
-            "qaft": f"QAFT {settings['qaft_format']}, {settings['qaft_steps']} steps of {settings['qaft_batch_size']} "
-                    f"x {settings['seq_len']} tokens"}
+            "qaft": f"QAFT {settings['qaft_format']}, {settings['qaft_steps']} steps of "
+                    f"{settings['qaft_batch_size']} x {settings['seq_len']} tokens"}
     rows, table, notes = [], [], []
     for c in data["cases"]:
         for workload, reference in REFERENCE_OF.items():
             m, r = c[workload], c[reference]
             value, model_mib = model_sizes_at_peak(m, r), m["model_bytes"] / MIB
             estimate = 1 + design_estimate(workload, m["perturbed_bytes"]) / m["model_bytes"]
-            rows.append(Row("memory", f"{m['model']}, {what[workload]}", "peak in model sizes, activations excluded",
-                            value, "x", MODEL_SIZES_AT_PEAK,
+            rows.append(Row("memory", f"{m['model']}, {what[workload]}",
+                            "peak in model sizes, activations excluded", value, "x", MODEL_SIZES_AT_PEAK,
                             f"+{m['extra_bytes'] / MIB:.0f} MiB over the loaded model ({model_mib:.0f} MiB); "
                             f"{reference} alone +{r['extra_bytes'] / MIB:.0f} MiB"))
             table.append((m["model"], workload, f"{model_mib:.1f}", f"{m['baseline_bytes'] / MIB:.0f}",
@@ -235,12 +236,13 @@ def build_section(data: dict, seconds: float = 0.0) -> Section:
     tables = (Table("Peak RSS over the loaded model (MiB), each in a fresh process",
                     ("model", "workload", "model", "baseline RSS", "added at peak", "reference added",
                      "model sizes (measured)", "model sizes (design estimate)"), tuple(table)),)
-    return Section("memory", "Memory: peak RSS of a 2-D scan and of QAFT", tuple(rows), tables, tuple(notes), data,
-                   seconds)
+    return Section("memory", "Memory: peak RSS of a 2-D scan and of QAFT", tuple(rows), tables, tuple(notes),
+                   data, seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``--worker WORKLOAD --model NAME --profile P``: one measurement, JSON on stdout; otherwise the benchmark."""
+    """``--worker WORKLOAD --model NAME --profile P``: one measurement, JSON on stdout; otherwise the
+    benchmark."""
     argv = sys.argv[1:] if argv is None else argv
     if "--worker" not in argv:
         return bench_main(run, argv)

@@ -8,11 +8,11 @@ and the others still run; the exit status is then 1.
 
 Usage::
 
-    python bench/run.py --quick            # make bench: small models, 2.7 min on 2 busy shared cores
-    python bench/run.py --full             # adds SmolLM2-135M (estimated ~45 min on 2 cores; not run yet)
-    python bench/run.py --tiny --out /tmp  # smoke run in seconds
-    python bench/run.py --only gptq scan   # a subset
-    python bench/run.py --rebuild bench/results.json   # re-render from stored measurements, no re-run
+    python -m bench.run --quick            # make bench: small models, 2.7 min on 2 busy shared cores
+    python -m bench.run --full             # adds SmolLM2-135M (estimated ~45 min on 2 cores; not run yet)
+    python -m bench.run --tiny --out /tmp  # smoke run in seconds
+    python -m bench.run --only gptq scan   # a subset
+    python -m bench.run --rebuild bench/results.json   # re-render from stored measurements, no re-run
 
 Every section is built from its raw measurements alone (``build_section(data)`` in each script), so
 ``--rebuild`` regenerates RESULTS.md and results.json from a results.json with the current code (wording,
@@ -33,9 +33,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as `python bench/run.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
     BENCH_DIR,
@@ -91,9 +88,9 @@ class BenchReport:
         return tuple(r for s in self.sections for r in s.rows)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"profile": self.profile, "command": self.command, "machine": self.machine, "seconds": self.seconds,
-                "load_average_end": list(self.load_average_end), "rebuilt": self.rebuilt,
-                "summary": [r.to_dict() for r in self.rows],
+        return {"profile": self.profile, "command": self.command, "machine": self.machine,
+                "seconds": self.seconds, "load_average_end": list(self.load_average_end),
+                "rebuilt": self.rebuilt, "summary": [r.to_dict() for r in self.rows],
                 "sections": [s.to_dict() for s in self.sections],
                 "failures": [{"benchmark": f.benchmark, "error": f.error} for f in self.failures]}
 
@@ -105,8 +102,9 @@ def run_in_worker(name: str, profile: str) -> Section:
         raise ValueError(f"unknown benchmark {name!r}; accepted: {', '.join(BENCHMARKS)}")
     with tempfile.TemporaryDirectory(prefix="landscape-bench-") as tmp:
         out = Path(tmp) / f"{name}.json"
-        done = subprocess.run(python_command(name, "--profile", profile, "--json", str(out)), capture_output=True,
-                              text=True, env=worker_environment(), timeout=WORKER_TIMEOUT_S, cwd=BENCH_DIR.parent)
+        done = subprocess.run(python_command(name, "--profile", profile, "--json", str(out)),
+                              capture_output=True, text=True, env=worker_environment(),
+                              timeout=WORKER_TIMEOUT_S, cwd=BENCH_DIR.parent)
         if done.returncode != 0 or not out.exists():
             raise RuntimeError(f"exit status {done.returncode}:\n{done.stderr[-4000:]}")
         return Section.from_dict(json.loads(out.read_text()))
@@ -132,19 +130,20 @@ def run_all(profile: str, names: tuple[str, ...] = BENCHMARKS, progress: bool = 
             except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as err:
                 failures.append(Failure(name, str(err)))
     load = tuple(round(x, 2) for x in os.getloadavg()) if hasattr(os, "getloadavg") else ()
-    return BenchReport(profile, command or f"bench/run.py --{profile}", machine, tuple(sections), tuple(failures),
-                       time.perf_counter() - started, load)
+    return BenchReport(profile, command or f"bench/run.py --{profile}", machine, tuple(sections),
+                       tuple(failures), time.perf_counter() - started, load)
 
 
 def rebuild_report(stored: Mapping[str, Any]) -> BenchReport:
-    """The report of a stored ``results.json``, every section rebuilt from its raw measurements with the current
-    code (``bench.<name>.build_section``); machine, date, command and failures are kept as stored."""
+    """The report of a stored ``results.json``, every section rebuilt from its raw measurements with the
+    current code (``bench.<name>.build_section``); machine, date, command and failures are kept as stored."""
     sections = []
     for s in stored["sections"]:
         if s["name"] not in BENCHMARKS:
             raise ValueError(f"results.json holds an unknown benchmark {s['name']!r}; "
                              f"accepted: {', '.join(BENCHMARKS)}")
-        sections.append(importlib.import_module(f"bench.{s['name']}").build_section(s["data"], float(s["seconds"])))
+        sections.append(importlib.import_module(f"bench.{s['name']}").build_section(s["data"],
+                                                                                    float(s["seconds"])))
     return BenchReport(stored["profile"], stored["command"], dict(stored["machine"]), tuple(sections),
                        tuple(Failure(f["benchmark"], f["error"]) for f in stored.get("failures", ())),
                        float(stored["seconds"]), tuple(stored.get("load_average_end", ())), rebuilt=True)
@@ -172,7 +171,8 @@ def summary_table(rows: tuple[Row, ...]) -> Table:
     """The summary: one line per reported figure, with its target and PASS / MISS / —."""
     return Table("Summary", ("benchmark", "case", "metric", "measured", "target", "status", "detail"),
                  tuple((r.benchmark, r.case, r.metric, format_value(r),
-                        r.target.describe(r.unit) if r.target else NO_TARGET, r.status, r.detail) for r in rows))
+                        r.target.describe(r.unit) if r.target else NO_TARGET, r.status, r.detail)
+                       for r in rows))
 
 
 def render_results(report: BenchReport) -> str:
@@ -187,22 +187,24 @@ def render_results(report: BenchReport) -> str:
     lines = [
         "# Benchmarks",
         "",
-        f"Generated by `{report.command}` (profile `{report.profile}`) on {m.get('date_utc', 'n/a')} at commit "
-        f"`{m.get('git_commit') or 'n/a'}`{' with uncommitted changes' if m.get('git_dirty') else ''}; "
+        f"Generated by `{report.command}` (profile `{report.profile}`) on {m.get('date_utc', 'n/a')} at "
+        f"commit `{m.get('git_commit') or 'n/a'}`"
+        f"{' with uncommitted changes' if m.get('git_dirty') else ''}; "
         f"the run took {report.seconds / 60:.1f} min."
         + (" Tables and notes were re-rendered from its results.json with `bench/run.py --rebuild` (no new "
            "measurements)." if report.rebuilt else ""),
         "",
         f"- **Machine**: {m.get('cpu', 'n/a')}, {m.get('logical_cpus', 'n/a')} logical CPUs "
-        f"({m.get('usable_cpus', 'n/a')} usable), {m.get('memory_gib', 'n/a')} GiB RAM, {m.get('platform', 'n/a')}.",
-        f"- **Load average** (1 / 5 / 15 min): {load_start} at the start, {load_end} at the end. The cores are "
-        f"shared with other jobs, so absolute times are noisy; compare the ratios.",
+        f"({m.get('usable_cpus', 'n/a')} usable), {m.get('memory_gib', 'n/a')} GiB RAM, "
+        f"{m.get('platform', 'n/a')}.",
+        f"- **Load average** (1 / 5 / 15 min): {load_start} at the start, {load_end} at the end. The cores "
+        f"are shared with other jobs, so absolute times are noisy; compare the ratios.",
         f"- **Software**: Python {m.get('python', 'n/a')}, {versions}.",
         "- **Protocol**: every benchmark runs in a fresh worker process with `torch.set_num_threads(1)` (and "
-        "`OMP_NUM_THREADS=1`) to avoid oversubscribing the shared cores: times are single-thread. Each figure with "
-        "a target is a ratio of two measurements taken in the same process on the same inputs, timed interleaved "
-        "after a warm-up, medians of a few repeats (counts in results.json). Memory is measured in one fresh "
-        "process per workload. Targets are checked here (PASS / MISS), never by tests.",
+        "`OMP_NUM_THREADS=1`) to avoid oversubscribing the shared cores: times are single-thread. Each "
+        "figure with a target is a ratio of two measurements taken in the same process on the same inputs, "
+        "timed interleaved after a warm-up, medians of a few repeats (counts in results.json). Memory is "
+        "measured in one fresh process per workload. Targets are checked here (PASS / MISS), never by tests.",
         "",
         "## Summary",
         "",
@@ -210,8 +212,8 @@ def render_results(report: BenchReport) -> str:
         "",
         f"**{passed} of {len(judged)} targets PASS, {len(judged) - passed} MISS**"
         f"{f'; {len(report.failures)} benchmark(s) FAILED' if report.failures else ''}. "
-        f"Rows without a target are informational. Why each miss happens and what would close it is under its "
-        f"benchmark below.",
+        f"Rows without a target are informational. Why each miss happens and what would close it is under "
+        f"its benchmark below.",
     ]
     for section in report.sections:
         lines += ["", f"## {section.title}", "", f"_{section.seconds:.0f} s._"]
@@ -229,7 +231,8 @@ def render_results(report: BenchReport) -> str:
 
 
 def write_results(report: BenchReport, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``RESULTS.md`` and ``results.json`` into ``out_dir`` (each written whole, then moved into place)."""
+    """Write ``RESULTS.md`` and ``results.json`` into ``out_dir`` (each written whole, then moved into
+    place)."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"output directory {out_dir} does not exist")
@@ -249,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                           help=f"the {name} profile" + (" (default)" if name == "quick" else ""))
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), metavar="NAME",
                         help=f"run only these benchmarks ({', '.join(BENCHMARKS)})")
-    parser.add_argument("--out", type=Path, default=BENCH_DIR, help="directory for RESULTS.md and results.json")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR,
+                        help="directory for RESULTS.md and results.json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--rebuild", type=Path, default=None, metavar="RESULTS_JSON",
                         help="measure nothing: rebuild RESULTS.md and results.json from this results.json")
@@ -263,15 +267,16 @@ def main(argv: list[str] | None = None) -> int:
         md, js = write_results(rebuild_report(json.loads(args.rebuild.read_text())), args.out)
         print(f"rebuilt {md} and {js} from {args.rebuild}")
         return 0
-    command = "bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv) if (argv or sys.argv[1:]) else \
-        "bench/run.py"
+    command = ("bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv) if (argv or sys.argv[1:])
+               else "bench/run.py")
     report = run_all(profile, tuple(args.only), progress=not args.no_progress, command=command.strip())
     md, js = write_results(report, args.out)
     judged = [r for r in report.rows if r.target is not None]
     print(f"{sum(r.status == 'PASS' for r in judged)}/{len(judged)} targets PASS; wrote {md} and {js} "
           f"in {report.seconds / 60:.1f} min")
     for failure in report.failures:
-        print(f"FAILED: {failure.benchmark}: {failure.error.strip().splitlines()[-1] if failure.error.strip() else ''}",
+        print(f"FAILED: {failure.benchmark}: "
+              f"{failure.error.strip().splitlines()[-1] if failure.error.strip() else ''}",
               file=sys.stderr)
     return 1 if report.failures else 0
 

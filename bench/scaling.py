@@ -27,9 +27,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/scaling.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 
 from bench.common import (
@@ -71,7 +68,8 @@ class ScalingSettings:
         token_model: the model of the evaluation-token series (and of the sharded sweep).
         token_segments: segments (of ``token_seq_len``) per point in the token series.
         token_seq_len: tokens per segment in the token series and the sharded sweep.
-        shard_grid_points: points per axis of the sharded 2-D scan; ``shard_segments``: its segments per point.
+        shard_grid_points: points per axis of the sharded 2-D scan; ``shard_segments``: its segments per
+            point.
         repeats: timed repeats (medians).
     """
 
@@ -94,7 +92,8 @@ SIZE_SERIES = (ModelSpec("gpt2-h32-l2", "gpt2", hidden=32, layers=2, vocab=512),
                ModelSpec("gpt2-h256-l4", "gpt2", hidden=256, layers=4, vocab=512),
                REF_TINY)
 PROFILES: dict[str, ScalingSettings] = {
-    "tiny": ScalingSettings((ModelSpec("tiny-gpt2", hidden=16, layers=1), ModelSpec("tiny-gpt2-l2", hidden=32)),
+    "tiny": ScalingSettings((ModelSpec("tiny-gpt2", hidden=16, layers=1),
+                             ModelSpec("tiny-gpt2-l2", hidden=32)),
                             2, 16, 2, 2, ModelSpec("tiny-gpt2", hidden=16, layers=1), (1, 2), 32, 2, 2, 1),
     "quick": ScalingSettings(SIZE_SERIES),
     "full": ScalingSettings((*SIZE_SERIES, ModelSpec("smollm2-135m", "pretrained")), repeats=3),
@@ -117,8 +116,8 @@ def size_series(settings: ScalingSettings) -> list[dict]:
             "gptq": lambda: gptq(model, calib, "int4", progress=False),
         }, repeats=settings.repeats)
         cases.append({"model": describe_model(spec.name, model), "parameters": n_parameters(model),
-                      "scan_seconds_per_point": t["scan"].median / axis.size**2, "gptq_seconds": t["gptq"].median,
-                      "timings": {k: x.to_dict() for k, x in t.items()}})
+                      "scan_seconds_per_point": t["scan"].median / axis.size**2,
+                      "gptq_seconds": t["gptq"].median, "timings": {k: x.to_dict() for k, x in t.items()}})
     return cases
 
 
@@ -142,13 +141,15 @@ def token_series(settings: ScalingSettings) -> tuple[str, list[dict]]:
         }, repeats=settings.repeats)
         per_point = {"engine": t["engine"].median / points, "naive": t["naive"].median / points,
                      "forward": t["forward"].median}
-        cases.append({"tokens": segments * settings.token_seq_len, **{f"{k}_seconds": x for k, x in per_point.items()},
+        cases.append({"tokens": segments * settings.token_seq_len,
+                      **{f"{k}_seconds": x for k, x in per_point.items()},
                       "timings": {k: x.to_dict() for k, x in t.items()}})
     return describe_model(settings.token_model.name, model), cases
 
 
 def shard_worker(index: int, count: int, store: Path, settings: ScalingSettings) -> dict:
-    """Inside a worker process: load the token model, run shard ``index/count`` of the sweep into ``store``."""
+    """Inside a worker process: load the token model, run shard ``index/count`` of the sweep into
+    ``store``."""
     from landscape.engine.perturb import scan
 
     start = time.perf_counter()
@@ -157,7 +158,8 @@ def shard_worker(index: int, count: int, store: Path, settings: ScalingSettings)
     axis = np.linspace(-0.5, 0.5, settings.shard_grid_points)
     directions = plane(model)
     loaded = time.perf_counter()
-    scan(model, directions, (axis, axis), data=data, batch_size=4, execution=Execution(store=store, shard=(index, count), progress=False))
+    scan(model, directions, (axis, axis), data=data, batch_size=4,
+         execution=Execution(store=store, shard=(index, count), progress=False))
     return {"load_seconds": loaded - start, "scan_seconds": time.perf_counter() - loaded}
 
 
@@ -194,8 +196,8 @@ def sharded_sweep(profile: str, settings: ScalingSettings) -> dict:
         combined = ScanResult.from_store(merged).values["nll"]
     if not np.array_equal(single, combined):
         raise AssertionError(f"the merged 2-shard sweep differs from the 1-process sweep by up to "
-                             f"{float(np.nanmax(np.abs(single - combined))):.3g} nats/token: points must be pure "
-                             f"functions of (model, directions, coordinates, data)")
+                             f"{float(np.nanmax(np.abs(single - combined))):.3g} nats/token: points must be "
+                             f"pure functions of (model, directions, coordinates, data)")
     return {"points": settings.shard_grid_points**2,
             "tokens_per_point": settings.shard_segments * settings.token_seq_len,
             "one_process": {"wall_seconds": one_wall, **one[0]},
@@ -215,7 +217,8 @@ def run(profile: str = "quick") -> Section:
     data = {"settings": {"size_models": [m.name for m in settings.size_models],
                          "eval_segments": settings.eval_segments, "seq_len": settings.seq_len,
                          "calib_segments": settings.calib_segments, "token_model": settings.token_model.name,
-                         "token_segments": list(settings.token_segments), "token_seq_len": settings.token_seq_len,
+                         "token_segments": list(settings.token_segments),
+                         "token_seq_len": settings.token_seq_len,
                          "shard_grid_points_per_axis": settings.shard_grid_points,
                          "shard_segments": settings.shard_segments, "repeats": settings.repeats},
             "model_size": sizes, "token_model": token_name, "tokens": tokens, "sharded_sweep": shards}
@@ -224,7 +227,8 @@ def run(profile: str = "quick") -> Section:
 
 def build_section(data: dict, seconds: float = 0.0) -> Section:
     """The section (rows, tables, notes; no targets) from the raw measurements ``data`` alone."""
-    settings, sizes, tokens, shards = data["settings"], data["model_size"], data["tokens"], data["sharded_sweep"]
+    settings, sizes, tokens, shards = (data["settings"], data["model_size"], data["tokens"],
+                                       data["sharded_sweep"])
     token_name = data["token_model"]
     params = [c["parameters"] for c in sizes]
     scan_slope = log_log_slope(params, [c["scan_seconds_per_point"] for c in sizes])
@@ -239,8 +243,8 @@ def build_section(data: dict, seconds: float = 0.0) -> Section:
             f"{settings['calib_segments']} x {settings['seq_len']} calibration tokens"),
         Row("scaling", f"{token_name}, {tokens[0]['tokens']:,} .. {tokens[-1]['tokens']:,} tokens per point",
             "scan time per point ~ tokens^slope", token_slope, "", None, ""),
-        Row("scaling", f"{token_name}, {shards['points']}-point 2-D sweep, {shards['tokens_per_point']:,} tokens "
-            f"per point", "2 processes / 1 process: scan speed-up", shards["scan_speedup"], "x", None,
+        Row("scaling", f"{token_name}, {shards['points']}-point 2-D sweep, {shards['tokens_per_point']:,} "
+            f"tokens per point", "2 processes / 1 process: scan speed-up", shards["scan_speedup"], "x", None,
             f"end to end (start, load, merge) {shards['wall_speedup']:.2f}x; merged = single bit for bit"),
     )
     tables = (
@@ -260,22 +264,23 @@ def build_section(data: dict, seconds: float = 0.0) -> Section:
                 fmt_seconds(shards["two_processes"]["wall_seconds"])))),
     )
     few, many = tokens[0], tokens[-1]
-    notes = (f"Naive loop / engine is {few['naive_seconds'] / few['engine_seconds']:.2f}x at {few['tokens']:,} "
-             f"tokens per point and {many['naive_seconds'] / many['engine_seconds']:.2f}x at {many['tokens']:,}: "
-             f"the naive loop's extra cost (a deep copy) is fixed per point while the forward pass both pay grows "
-             f"with the tokens (engine time ~ tokens^{token_slope:.2f}), so the ratio is largest for the cheapest "
-             f"points and tends to 1 as evaluations grow.",
+    notes = (f"Naive loop / engine is {few['naive_seconds'] / few['engine_seconds']:.2f}x at "
+             f"{few['tokens']:,} tokens per point and {many['naive_seconds'] / many['engine_seconds']:.2f}x "
+             f"at {many['tokens']:,}: the naive loop's extra cost (a deep copy) is fixed per point while the "
+             f"forward pass both pay grows with the tokens (engine time ~ tokens^{token_slope:.2f}), so the "
+             f"ratio is largest for the cheapest points and tends to 1 as evaluations grow.",
              f"Two shards on a machine with 2 cores shared with other jobs: the scan speed-up "
-             f"({shards['scan_speedup']:.2f}x) is bounded by the cores actually free (see the load average above); "
-             f"points are independent, so on idle cores it approaches the number of processes. End to end "
-             f"({shards['wall_speedup']:.2f}x) also pays each process's start-up and model load.")
+             f"({shards['scan_speedup']:.2f}x) is bounded by the cores actually free (see the load average "
+             f"above); points are independent, so on idle cores it approaches the number of processes. End "
+             f"to end ({shards['wall_speedup']:.2f}x) also pays each process's start-up and model load.")
     return Section("scaling", "Scaling with model size, evaluation tokens and processes", rows, tables, notes,
                    {**data, "slopes": {"scan_vs_parameters": scan_slope, "gptq_vs_parameters": gptq_slope,
                                        "scan_vs_tokens": token_slope}}, seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``--shard-worker I N STORE --profile P``: one shard of the sweep (JSON on stdout); otherwise the benchmark."""
+    """``--shard-worker I N STORE --profile P``: one shard of the sweep (JSON on stdout); otherwise the
+    benchmark."""
     argv = sys.argv[1:] if argv is None else argv
     if "--shard-worker" not in argv:
         return bench_main(run, argv)

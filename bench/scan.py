@@ -3,7 +3,8 @@
 On one 2-D grid ``w0 + a u + b v`` (``u``, ``v``: seeded filter-normalised random directions over every
 decoder linear) and one set of evaluation tokens, three ways of getting the NLL at every point are timed:
 
-* **engine**: :func:`landscape.engine.perturb.scan` (in place: copy w0 back, add ``a u + b v``, token-mean NLL).
+* **engine**: :func:`landscape.engine.perturb.scan` (in place: copy w0 back, add ``a u + b v``, token-mean
+  NLL).
 * **naive loop**: per point ``copy.deepcopy`` of the model, add the perturbation to the copy's weights, the
   Hugging Face loss (``model(input_ids, labels=input_ids).loss``, averaged over equal batches), under
   ``torch.no_grad`` (without it the naive loop would also build autograd graphs; we keep the comparison fair).
@@ -11,8 +12,8 @@ decoder linear) and one set of evaluation tokens, three ways of getting the NLL 
   any scan engine can approach.
 
 Also timed, to explain the gaps: the forward plus the NLL (no engine around it), a one-point scan (so the
-engine's time splits into a fixed set-up per :func:`~landscape.engine.perturb.scan` call and a marginal cost per
-point) and one ``copy.deepcopy`` of the model.
+engine's time splits into a fixed set-up per :func:`~landscape.engine.perturb.scan` call and a marginal cost
+per point) and one ``copy.deepcopy`` of the model.
 
 Targets (issue #8): engine at least 5x the naive loop's throughput and at most 1.3x the bare forward time
 per point. Both loops must agree on every NLL (checked, max abs difference reported) or the benchmark stops.
@@ -26,10 +27,6 @@ import copy
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python bench/scan.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
@@ -98,21 +95,23 @@ PROFILES: dict[str, ScanSettings] = {
     "tiny": ScanSettings((ModelSpec("tiny-gpt2", hidden=16, layers=1),), 2, 16, 2, 2, repeats=1),
     "quick": ScanSettings((TINY_GPT2, TINY_LLAMA, REF_TINY), eval_segments=4, eval_seq_len=128, batch_size=4,
                           grid_points=4, repeats=5),
-    "full": ScanSettings((TINY_GPT2, TINY_LLAMA, REF_TINY, SMOLLM2), eval_segments=4, eval_seq_len=128, batch_size=4,
-                         grid_points=3, repeats=3),
+    "full": ScanSettings((TINY_GPT2, TINY_LLAMA, REF_TINY, SMOLLM2), eval_segments=4, eval_seq_len=128,
+                         batch_size=4, grid_points=3, repeats=3),
 }
 
 
 # ------------------------------------------------------------------------------------- the candidates
 def plane(model: nn.Module, seed: int = 0) -> tuple[Direction, Direction]:
-    """Two seeded filter-normalised random directions over every decoder linear (the scan's ``u`` and ``v``)."""
+    """Two seeded filter-normalised random directions over every decoder linear (the scan's ``u`` and
+    ``v``)."""
     return random_direction(model, seed), random_direction(model, seed + 1)
 
 
 def engine_scan(model: nn.Module, u: Direction, v: Direction, axis: np.ndarray, data: TokenSet,
                 batch_size: int) -> np.ndarray:
     """NLL (nats/token) at every ``(a, b)`` of ``axis x axis`` by :func:`landscape.engine.perturb.scan`."""
-    return scan(model, (u, v), (axis, axis), data=data, batch_size=batch_size, execution=Execution(progress=False)).values["nll"]
+    return scan(model, (u, v), (axis, axis), data=data, batch_size=batch_size,
+                execution=Execution(progress=False)).values["nll"]
 
 
 @torch.no_grad()
@@ -126,7 +125,8 @@ def naive_scan(model: nn.Module, u: Direction, v: Direction, axis: np.ndarray, d
             for name in u.names:
                 weight = weight_matrix(get_layer(perturbed, name))  # (out, in) view of the copy's parameter
                 weight.add_(u[name], alpha=float(a)).add_(v[name], alpha=float(b))
-            losses = [float(perturbed(input_ids=tokens, labels=tokens).loss) for tokens, _ in data.batches(batch_size)]
+            losses = [float(perturbed(input_ids=tokens, labels=tokens).loss)
+                      for tokens, _ in data.batches(batch_size)]
             values[i, j] = float(np.mean(losses))  # equal batches: the mean of batch means is the token mean
     return values
 
@@ -140,7 +140,8 @@ def bare_forward(model: nn.Module, data: TokenSet, batch_size: int) -> None:
 
 @torch.no_grad()
 def forward_and_nll(model: nn.Module, data: TokenSet, batch_size: int) -> None:
-    """One forward pass and the summed NLL of every segment: what a point costs without the engine around it."""
+    """One forward pass and the summed NLL of every segment: what a point costs without the engine around
+    it."""
     for tokens, mask in data.batches(batch_size):
         segment_nll_sums(model, tokens, mask)
 
@@ -157,8 +158,8 @@ def measure_model(spec: ModelSpec, settings: ScanSettings) -> dict:
     naive_nll = naive_scan(model, u, v, axis, data, settings.batch_size)
     disagreement = float(np.abs(engine_nll - naive_nll).max())
     if not disagreement <= NLL_AGREEMENT:
-        raise RuntimeError(f"{spec.name}: engine and naive loop disagree on the NLL by {disagreement:.3g} nats/token "
-                           f"(> {NLL_AGREEMENT}): they do not measure the same thing")
+        raise RuntimeError(f"{spec.name}: engine and naive loop disagree on the NLL by {disagreement:.3g} "
+                           f"nats/token (> {NLL_AGREEMENT}): they do not measure the same thing")
     timings = interleaved_medians({
         "engine": lambda: engine_scan(model, u, v, axis, data, settings.batch_size),
         "engine_one_point": lambda: engine_scan(model, u, v, axis[:1], data, settings.batch_size),
@@ -189,7 +190,8 @@ def run(profile: str = "quick") -> Section:
     settings = PROFILES[check_profile(profile)]
     started = time.perf_counter()
     cases = [measure_model(spec, settings) for spec in settings.models]
-    return build_section({"settings": _settings_dict(settings), "cases": cases}, time.perf_counter() - started)
+    return build_section({"settings": _settings_dict(settings), "cases": cases},
+                         time.perf_counter() - started)
 
 
 def build_section(data: dict, seconds: float = 0.0) -> Section:
@@ -203,8 +205,8 @@ def build_section(data: dict, seconds: float = 0.0) -> Section:
         speedup, overhead = s["naive"] / s["engine"], s["engine"] / s["forward"]
         rows.append(Row("scan", case, "naive loop / engine, time per point", speedup, "x", ENGINE_VS_NAIVE,
                         f"{fmt_seconds(s['naive'])} vs {fmt_seconds(s['engine'])} per point"))
-        rows.append(Row("scan", case, "engine / bare forward, time per point", overhead, "x", ENGINE_VS_FORWARD,
-                        f"{fmt_seconds(s['engine'])} vs {fmt_seconds(s['forward'])}"))
+        rows.append(Row("scan", case, "engine / bare forward, time per point", overhead, "x",
+                        ENGINE_VS_FORWARD, f"{fmt_seconds(s['engine'])} vs {fmt_seconds(s['forward'])}"))
         table.append((c["model"], f"{c['tokens_per_point']:,}", f"{c['points_per_second']['engine']:.3g}",
                       *(fmt_seconds(s[k]) for k in ("engine", "naive", "forward", "forward_nll")),
                       *(fmt_seconds(c[k]) for k in ("engine_marginal_seconds_per_point",
@@ -218,8 +220,8 @@ def build_section(data: dict, seconds: float = 0.0) -> Section:
                     ("model", "tokens per point", "engine points/s", "engine", "naive loop", "bare forward",
                      "forward + NLL", "engine: marginal", "engine: set-up per call", "one deepcopy",
                      "max |NLL engine - naive|"), tuple(table)),)
-    return Section("scan", "Scan throughput (landscape.engine.perturb.scan)", tuple(rows), tables, tuple(notes), data,
-                   seconds)
+    return Section("scan", "Scan throughput (landscape.engine.perturb.scan)", tuple(rows), tables,
+                   tuple(notes), data, seconds)
 
 
 def naive_loop_note(case: dict) -> str:
@@ -227,13 +229,14 @@ def naive_loop_note(case: dict) -> str:
     s = case["seconds_per_point"]
     speedup, ceiling = s["naive"] / s["engine"], s["naive"] / s["forward"]  # no engine beats the bare forward
     return (f"{case['model']}: the engine is {speedup:.2f}x as fast as the naive loop and "
-            f"{ENGINE_VS_NAIVE.miss_text(speedup)}. Why: both pay one forward pass over the evaluation tokens per "
-            f"point and the naive loop adds only a deep copy ({fmt_seconds(case['deepcopy_seconds'])}), so even an "
-            f"engine as fast as the bare forward could be at most {ceiling:.2f}x the naive loop here (naive / bare "
-            f"forward). 5x would need the copy to cost 4x a forward pass, i.e. points far cheaper than a useful NLL "
-            f"evaluation (scaling: the ratio falls toward 1 as tokens grow): no in-place engine can reach it at these "
-            f"sizes. What would close it is making a point cost less than one forward pass: several grid points in "
-            f"one batched forward (torch.func.vmap over stacked perturbed weights).")
+            f"{ENGINE_VS_NAIVE.miss_text(speedup)}. Why: both pay one forward pass over the evaluation "
+            f"tokens per point and the naive loop adds only a deep copy "
+            f"({fmt_seconds(case['deepcopy_seconds'])}), so even an engine as fast as the bare forward could "
+            f"be at most {ceiling:.2f}x the naive loop here (naive / bare forward). 5x would need the copy "
+            f"to cost 4x a forward pass, i.e. points far cheaper than a useful NLL evaluation (scaling: the "
+            f"ratio falls toward 1 as tokens grow): no in-place engine can reach it at these sizes. What "
+            f"would close it is making a point cost less than one forward pass: several grid points in one "
+            f"batched forward (torch.func.vmap over stacked perturbed weights).")
 
 
 def bare_forward_note(case: dict) -> str:
@@ -245,18 +248,19 @@ def bare_forward_note(case: dict) -> str:
     return (f"{case['model']}: the engine takes {overhead:.2f}x the bare forward and "
             f"{ENGINE_VS_FORWARD.miss_text(overhead)}. Of the {fmt_seconds(gap)} extra per point, "
             f"{loss_share:.0%} is the NLL itself (a log-softmax over the whole vocabulary at every position: "
-            f"forward + NLL alone is {s['forward_nll'] / s['forward']:.2f}x the forward); the rest is setting and "
-            f"restoring the weights, per-point bookkeeping and the scan's fixed set-up ({fmt_seconds(setup)} per "
-            f"call: w0 copy, weight fingerprint, provenance; {fmt_seconds(setup / case['points'])} per point over "
-            f"this grid), which matter only when a forward pass is this short. Closing it: larger grids (the "
-            f"set-up is per call), more tokens per point, and an NLL that gathers the target logit before "
-            f"normalising.")
+            f"forward + NLL alone is {s['forward_nll'] / s['forward']:.2f}x the forward); the rest is "
+            f"setting and restoring the weights, per-point bookkeeping and the scan's fixed set-up "
+            f"({fmt_seconds(setup)} per call: w0 copy, weight fingerprint, provenance; "
+            f"{fmt_seconds(setup / case['points'])} per point over this grid), which matter only when a "
+            f"forward pass is this short. Closing it: larger grids (the set-up is per call), more tokens per "
+            f"point, and an NLL that gathers the target logit before normalising.")
 
 
 def _settings_dict(settings: ScanSettings) -> dict:
     return {"models": [m.name for m in settings.models], "eval_segments": settings.eval_segments,
             "eval_seq_len": settings.eval_seq_len, "batch_size": settings.batch_size,
-            "grid_points_per_axis": settings.grid_points, "radius": settings.radius, "repeats": settings.repeats}
+            "grid_points_per_axis": settings.grid_points, "radius": settings.radius,
+            "repeats": settings.repeats}
 
 
 if __name__ == "__main__":

@@ -37,12 +37,14 @@ def tiny_model(arch: str = "gpt2", dtype: torch.dtype = torch.float32, seed: int
         cfg = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=hidden, n_layer=layers, n_head=2)
         model = GPT2LMHeadModel(cfg)
     elif arch == "opt":
-        cfg = OPTConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=2, ffn_dim=2 * hidden, word_embed_proj_dim=hidden)
+        cfg = OPTConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=hidden,
+                        num_hidden_layers=layers, num_attention_heads=2, ffn_dim=2 * hidden,
+                        word_embed_proj_dim=hidden)
         model = OPTForCausalLM(cfg)
     elif arch == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=hidden, num_hidden_layers=layers,
-                          num_attention_heads=2, num_key_value_heads=1, intermediate_size=2 * hidden)
+        cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=64, hidden_size=hidden,
+                          num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                          intermediate_size=2 * hidden)
         model = LlamaForCausalLM(cfg)
     else:
         raise ValueError(arch)
@@ -56,7 +58,8 @@ def random_tokens(n: int = 6, seq_len: int = 16, seed: int = 0, vocab: int = VOC
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Tiny models run fastest (and most reproducibly) on one thread; oversubscribed cores make them 100x slower."""
+    """Tiny models run fastest (and most reproducibly) on one thread; oversubscribed cores make them 100x
+    slower."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -24,7 +24,8 @@ def hand_fake_quant_rows(x2d: torch.Tensor, bits: int, symmetric: bool) -> torch
         if symmetric:
             qmax = 2 ** (bits - 1) - 1
             scale = max(abs(v) for v in row) / qmax or 1.0
-            out[i] = torch.tensor([min(max(round(v / scale), -qmax), qmax) * scale for v in row], dtype=x2d.dtype)
+            out[i] = torch.tensor([min(max(round(v / scale), -qmax), qmax) * scale for v in row],
+                                  dtype=x2d.dtype)
         else:
             qmax = 2**bits - 1
             lo, hi = min(min(row), 0.0), max(max(row), 0.0)
@@ -44,7 +45,8 @@ def hand_fake_quant(x: torch.Tensor, spec: ActivationQuant) -> torch.Tensor:
 @pytest.mark.parametrize("granularity", ["token", "tensor"])
 def test_fake_quant_matches_hand_computation_and_passes_gradient_straight_through(granularity, symmetric):
     g = torch.Generator().manual_seed(1)
-    x = (torch.randn(2, 5, 7, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 7)).requires_grad_(True)
+    x = (torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+         * torch.linspace(0.1, 3, 7)).requires_grad_(True)
     spec = ActivationQuant(4, granularity, symmetric)
     y = fake_quant_activations(x, spec)
     assert torch.allclose(y, hand_fake_quant(x.detach(), spec), rtol=0, atol=1e-12)
@@ -106,7 +108,8 @@ def test_kv_quantization_rounds_keys_and_values_only(arch):
         reference = model(input_ids=tokens).logits
         with quantized_activations(model, kv=spec):
             handles += [get_layer(model, p.module_name).register_forward_hook(  # runs after the quantizer
-                lambda m, a, y, n=p.module_name: final.__setitem__(n, y.detach().clone())) for p in projections]
+                lambda m, a, y, n=p.module_name: final.__setitem__(n, y.detach().clone()))
+                        for p in projections]
             quantized = model(input_ids=tokens).logits
     finally:
         for h in handles:
@@ -118,7 +121,8 @@ def test_kv_quantization_rounds_keys_and_values_only(arch):
             e = width // 3
             assert torch.equal(after[..., :e], before[..., :e])
             for lo in (e, 2 * e):
-                assert torch.allclose(after[..., lo:lo + e], hand_fake_quant(before[..., lo:lo + e], spec), atol=1e-12)
+                assert torch.allclose(after[..., lo:lo + e], hand_fake_quant(before[..., lo:lo + e], spec),
+                                      atol=1e-12)
         else:
             assert torch.allclose(after, hand_fake_quant(before, spec), rtol=0, atol=1e-12)
         assert not torch.equal(after, before)

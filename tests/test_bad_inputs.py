@@ -1,10 +1,11 @@
 """The bad-input matrix: every public entry point (library and CLI) refuses bad input with an error that names
 the bad value and what is accepted, before any work starts, and leaves no file behind.
 
-Each row of :data:`MATRIX` is one (bad input, entry point) pair. The test runs it on a fresh tiny GPT-2 (hidden
-32, so every linear has 32 or 64 input columns) and checks, independently of the code under test:
+Each row of :data:`MATRIX` is one (bad input, entry point) pair. The test runs it on a fresh tiny GPT-2
+(hidden 32, so every linear has 32 or 64 input columns) and checks, independently of the code under test:
 
-* the error type, and that its message matches every pattern in ``says`` (the bad value, then what is accepted);
+* the error type, and that its message matches every pattern in ``says`` (the bad value, then what is
+  accepted);
 * no work: no forward pass of any model (a pre-hook on the model and on every quantizable layer), and for the
   rows marked ``before_load`` no model loaded at all;
 * nothing left behind: the output directory holds exactly the same files, byte for byte, as before the call.
@@ -123,19 +124,23 @@ def assets(tmp_path_factory) -> Assets:
     rtn(other, "int4").save(root / "other-rtn")
     rtn(own, "int4").save(root / "own-rtn")
     grid, data = [0.0, 0.5], random_tokens(2, 8)
-    scan(own, random_direction(own, 0), grid, data=data, execution=Execution(store=root / "own.h5", progress=False))
-    scan(other, random_direction(other, 0), grid, data=data, execution=Execution(store=root / "other.h5", progress=False))
+    scan(own, random_direction(own, 0), grid, data=data,
+         execution=Execution(store=root / "own.h5", progress=False))
+    scan(other, random_direction(other, 0), grid, data=data,
+         execution=Execution(store=root / "other.h5", progress=False))
     raw = (root / "own.h5").read_bytes()
     (root / "truncated.h5").write_bytes(raw[: len(raw) // 2])
     (root / "corrupted.h5").write_bytes(bytes(b ^ 0xFF if i % 7 == 0 else b for i, b in enumerate(raw)))
     (root / "a-file").write_text("not a directory")
     return Assets(model_dir, AutoTokenizer.from_pretrained(model_dir), root / "other-rtn", root / "own-rtn",
-                  root / "own.h5", root / "other.h5", root / "truncated.h5", root / "corrupted.h5", root / "a-file")
+                  root / "own.h5", root / "other.h5", root / "truncated.h5", root / "corrupted.h5",
+                  root / "a-file")
 
 
 @dataclass
 class Context:
-    """What a row's call receives: a fresh tiny GPT-2 (seed 0) and data, an empty output directory, the assets."""
+    """What a row's call receives: a fresh tiny GPT-2 (seed 0) and data, an empty output directory, the
+    assets."""
 
     model: nn.Module
     data: TokenSet
@@ -144,7 +149,8 @@ class Context:
     monkeypatch: pytest.MonkeyPatch
 
     def copy(self, asset: Path, name: str) -> Path:
-        """Copy an asset into the output directory (a row's ``prepare``: the copy must come back unchanged)."""
+        """Copy an asset into the output directory (a row's ``prepare``: the copy must come back
+        unchanged)."""
         return Path(shutil.copy(asset, self.out / name))
 
 
@@ -181,7 +187,8 @@ def work(monkeypatch) -> WorkLog:
 
 
 def run_cli(argv: list[str]) -> None:
-    """``landscape <argv>`` in-process; raises :class:`CLIError` with the captured stderr on a non-zero exit."""
+    """``landscape <argv>`` in-process; raises :class:`CLIError` with the captured stderr on a non-zero
+    exit."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
@@ -235,7 +242,8 @@ def edited_result(c: Context, name: str = "q", edit: Callable[[dict[str, Any]], 
 
 
 def other_shape_result(c: Context) -> Path:
-    """``q``: tensors of a hidden-16 model under the seed-0 model's metadata (right fingerprint, wrong shapes)."""
+    """``q``: tensors of a hidden-16 model under the seed-0 model's metadata (right fingerprint, wrong
+    shapes)."""
     rtn(tiny_model("gpt2", hidden=16), "int4").save(c.out / "small-rtn")
     return edited_result(c, "q", tensors_from=c.out / "small-rtn")
 
@@ -265,7 +273,8 @@ class Row:
     error: type[Exception]
     says: tuple[str, ...]  # regexes the message must match: the bad value, then what is accepted
     before_load: bool = False  # CLI: refused before any model is loaded
-    prepare: Callable[[Context], Any] | None = None  # makes the row's input files in ``out``, before the snapshot
+    # makes the row's input files in ``out``, before the snapshot
+    prepare: Callable[[Context], Any] | None = None
 
 
 def oov_tokens() -> TokenSet:
@@ -279,8 +288,9 @@ MATRIX: tuple[Row, ...] = (
     # unknown model name
     Row("unknown model name", "load_model", lambda c: load_model("no-such-model"),
         ModelNotFoundError, ("'no-such-model'", "valid: .*ref-tiny")),
-    Row("unknown model name", "run_quant_table", lambda c: run_quant_table(Protocol(model="no-such-model"), c.out),
-        ModelNotFoundError, ("'no-such-model'", "valid: .*ref-tiny")),
+    Row("unknown model name", "run_quant_table",
+        lambda c: run_quant_table(Protocol(model="no-such-model"), c.out), ModelNotFoundError,
+        ("'no-such-model'", "valid: .*ref-tiny")),
     Row("unknown model name", "landscape eval", lambda c: run_cli(["eval", "no-such-model"]),
         CLIError, ("exit status 2", "unknown model 'no-such-model'", "valid: .*smollm2-135m")),
     # bits 1 and 9
@@ -290,9 +300,11 @@ MATRIX: tuple[Row, ...] = (
     Row("bits 1", "qaft", lambda c: qaft(c.model, c.data, "int1", FinetuneSettings(steps=1, batch_size=2),
                                          progress=False),
         FormatError, ("got 1", r"2\.\.8")),
-    Row("bits 9", "Protocol", lambda c: Protocol(formats=("int4", "int9")), FormatError, ("got 9", r"2\.\.8")),
+    Row("bits 9", "Protocol", lambda c: Protocol(formats=("int4", "int9")), FormatError,
+        ("got 9", r"2\.\.8")),
     Row("bits 1", "landscape quantize",
-        lambda c: run_cli(on_local_model(c, "quantize", "--method", "gptq", "--format", "int1", "--out", str(c.out / "q"))),
+        lambda c: run_cli(on_local_model(c, "quantize", "--method", "gptq", "--format", "int1", "--out",
+                                         str(c.out / "q"))),
         CLIError, ("exit status 2", "got 1", r"2\.\.8"), before_load=True),
     Row("bits 9", "landscape eval --rtn", lambda c: run_cli(on_local_model(c, "eval", "--rtn", "int9")),
         CLIError, ("exit status 2", "got 9", r"2\.\.8"), before_load=True),
@@ -302,7 +314,8 @@ MATRIX: tuple[Row, ...] = (
     Row("unknown format", "gptq", lambda c: gptq(c.model, c.data, "nf4", progress=False),
         FormatError, ("unknown format 'nf4'", "accepted: int<b>")),
     Row("unknown format", "landscape quantize",
-        lambda c: run_cli(on_local_model(c, "quantize", "--method", "rtn", "--format", "fp4", "--out", str(c.out / "q"))),
+        lambda c: run_cli(on_local_model(c, "quantize", "--method", "rtn", "--format", "fp4", "--out",
+                                         str(c.out / "q"))),
         CLIError, ("exit status 2", "unknown format 'fp4'", "accepted: int<b>"), before_load=True),
     # group size not dividing the columns
     Row("group 24 does not divide 32 columns", "rtn", lambda c: rtn(c.model, "int4-g24"),
@@ -310,21 +323,24 @@ MATRIX: tuple[Row, ...] = (
     Row("group 24 does not divide 32 columns", "qaft",
         lambda c: qaft(c.model, c.data, "int4-g24", FinetuneSettings(steps=1, batch_size=2), progress=False),
         FormatError, ("group size 24", "in_features=32", r"group sizes that do: \[16, 32\]")),
-    Row("MX block 24 does not divide 32 columns", "gptq", lambda c: gptq(c.model, c.data, "mxint4-24", progress=False),
-        FormatError, ("group size 24", "in_features=32", r"group sizes that do: \[16, 32\]")),
+    Row("MX block 24 does not divide 32 columns", "gptq",
+        lambda c: gptq(c.model, c.data, "mxint4-24", progress=False), FormatError,
+        ("group size 24", "in_features=32", r"group sizes that do: \[16, 32\]")),
     Row("group 24 does not divide 32 columns", "landscape quantize",
-        lambda c: run_cli(on_local_model(c, "quantize", "--method", "gptq", "--format", "int4-g24", "--out", str(c.out / "q"),
+        lambda c: run_cli(on_local_model(c, "quantize", "--method", "gptq", "--format", "int4-g24", "--out",
+                                         str(c.out / "q"),
                                 *QUANT_DATA)),
         CLIError, ("exit status 2", "group size 24", "in_features=32", r"\[16, 32\]")),
     # empty or too-short text
     Row("empty token tensor", "token_set_from_tensor",
         lambda c: token_set_from_tensor(torch.empty(0, 16, dtype=torch.long)),
         DataError, (r"got shape \(0, 16\)", r"n_segments >= 1, seq_len >= 2")),
-    Row("one-token segments", "TokenSet", lambda c: TokenSet(torch.zeros(3, 1, dtype=torch.long),
-                                                             torch.zeros(3, 1, dtype=torch.bool), "x", "x", 1, 1, "x"),
+    Row("one-token segments", "TokenSet",
+        lambda c: TokenSet(torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, 1, dtype=torch.bool), "x", "x",
+                           1, 1, "x"),
         DataError, (r"got shape \(3, 1\)", r"n_segments >= 1, seq_len >= 2")),
-    Row("text shorter than one segment", "segments_from_stream", lambda c: segments_from_stream(np.arange(5), 16),
-        DataError, ("5 tokens", "seq_len=16")),
+    Row("text shorter than one segment", "segments_from_stream",
+        lambda c: segments_from_stream(np.arange(5), 16), DataError, ("5 tokens", "seq_len=16")),
     Row("empty text", "heldout_set", lambda c: heldout_set(c.assets.tokenizer, 16),
         DataError, ("0 tokens", "seq_len=16"), prepare=lambda c: short_corpus(c, 0)),
     Row("too little text for the calibration budget", "calibration_set",
@@ -332,7 +348,8 @@ MATRIX: tuple[Row, ...] = (
         DataError, ("40 tokens = 2 disjoint segments of 16", "the 8 calibration sequences"),
         prepare=lambda c: short_corpus(c, 40)),
     Row("one-token calibration sequences", "landscape quantize",
-        lambda c: run_cli(on_local_model(c, "quantize", "--method", "rtn", "--format", "int4", "--out", str(c.out / "q"),
+        lambda c: run_cli(on_local_model(c, "quantize", "--method", "rtn", "--format", "int4", "--out",
+                                         str(c.out / "q"),
                                 "--calib-seq-len", "1")),
         CLIError, ("exit status 2", "got 1", "seq_len must be an integer >= 2")),
     # NaN / Inf in weights
@@ -341,10 +358,13 @@ MATRIX: tuple[Row, ...] = (
     Row("Inf weight", "qaft", lambda c: qaft(with_weight(c.model, float("inf")), c.data, "int4",
                                              FinetuneSettings(steps=1, batch_size=2), progress=False),
         ValueError, (FIRST_LAYER, "NaN or Inf", r"\[3, 5\]")),
-    Row("Inf weight", "scan", lambda c: scan(with_weight(c.model, float("inf")), random_direction(tiny_model(), 0), [0.0, 1.0], data=c.data, execution=Execution(store=c.out / "s.h5", progress=False)),
+    Row("Inf weight", "scan",
+        lambda c: scan(with_weight(c.model, float("inf")), random_direction(tiny_model(), 0), [0.0, 1.0],
+                       data=c.data, execution=Execution(store=c.out / "s.h5", progress=False)),
         DirectionError, (FIRST_LAYER, "NaN or Inf weights", r"\[3, 5\]", "must be finite")),
     Row("NaN weight", "basin_statistics",
-        lambda c: basin_statistics(with_weight(c.model, float("nan")), [DirectionSpec("random", seed=0)], data=c.data, execution=Execution(store=c.out / "r.h5", progress=False)),
+        lambda c: basin_statistics(with_weight(c.model, float("nan")), [DirectionSpec("random", seed=0)],
+                                   data=c.data, execution=Execution(store=c.out / "r.h5", progress=False)),
         DirectionError, (FIRST_LAYER, "NaN or Inf weights", "must be finite")),
     Row("NaN weight", "Curvature.spectrum",
         lambda c: Curvature(with_weight(c.model, float("nan")), c.data,
@@ -359,10 +379,13 @@ MATRIX: tuple[Row, ...] = (
                                          "x", "x", 8, 8, "x"), "int4", progress=False),
         DataError, ("dtype torch.float32 holding NaN or Inf", "integer token ids")),
     # token ids outside the model's vocabulary (text tokenized for another model)
-    Row("token id = vocab size", "scan", lambda c: scan(c.model, random_direction(c.model, 0), [0.0, 1.0], data=oov_tokens(), execution=Execution(store=c.out / "s.h5", progress=False)),
-        ValueError, ("NLLObjective data", f"0..{VOCAB - 1}", f"got [0-9]+..{VOCAB}", "another model")),
+    Row("token id = vocab size", "scan",
+        lambda c: scan(c.model, random_direction(c.model, 0), [0.0, 1.0], data=oov_tokens(),
+                       execution=Execution(store=c.out / "s.h5", progress=False)), ValueError,
+        ("NLLObjective data", f"0..{VOCAB - 1}", f"got [0-9]+..{VOCAB}", "another model")),
     Row("token id = vocab size", "basin_statistics",
-        lambda c: basin_statistics(c.model, [DirectionSpec("random", seed=0)], data=oov_tokens(), execution=Execution(store=c.out / "r.h5", progress=False)),
+        lambda c: basin_statistics(c.model, [DirectionSpec("random", seed=0)], data=oov_tokens(),
+                                   execution=Execution(store=c.out / "r.h5", progress=False)),
         ValueError, (f"0..{VOCAB - 1}", f"got [0-9]+..{VOCAB}")),
     Row("token id = vocab size", "Curvature.spectrum",
         lambda c: Curvature(c.model, oov_tokens(), progress=False).spectrum(k=1, k_bottom=0),
@@ -373,16 +396,21 @@ MATRIX: tuple[Row, ...] = (
     Row("NaN direction", "user_direction",
         lambda c: user_direction(c.model, direction_with(c, float("nan")).tensors),
         DirectionError, (FIRST_LAYER, "NaN or Inf entries")),
-    Row("Inf direction", "scan", lambda c: scan(c.model, direction_with(c, float("inf")), [1.0], data=c.data, execution=Execution(store=c.out / "s.h5", progress=False)),
-        DirectionError, (FIRST_LAYER, "NaN or Inf entries")),
-    Row("NaN direction", "basin_radius", lambda c: basin_radius(c.model, direction_with(c, float("nan")), data=c.data),
-        DirectionError, ("norm nan", "finite and nonzero")),
+    Row("Inf direction", "scan",
+        lambda c: scan(c.model, direction_with(c, float("inf")), [1.0], data=c.data,
+                       execution=Execution(store=c.out / "s.h5", progress=False)), DirectionError,
+        (FIRST_LAYER, "NaN or Inf entries")),
+    Row("NaN direction", "basin_radius",
+        lambda c: basin_radius(c.model, direction_with(c, float("nan")), data=c.data), DirectionError,
+        ("norm nan", "finite and nonzero")),
     Row("NaN direction", "Curvature.rayleigh_quotient",
         lambda c: Curvature(c.model, c.data).rayleigh_quotient(direction_with(c, float("nan")).tensors),
         DirectionMismatchError, (FIRST_LAYER, "non-finite")),
     # zero direction
-    Row("zero direction", "scan", lambda c: scan(c.model, zero_direction(c), [1.0], data=c.data, execution=Execution(store=c.out / "s.h5", progress=False)),
-        DirectionError, ("norm 0.0", "finite and nonzero")),
+    Row("zero direction", "scan",
+        lambda c: scan(c.model, zero_direction(c), [1.0], data=c.data,
+                       execution=Execution(store=c.out / "s.h5", progress=False)), DirectionError,
+        ("norm 0.0", "finite and nonzero")),
     Row("zero direction", "basin_radius", lambda c: basin_radius(c.model, zero_direction(c), data=c.data),
         DirectionError, ("norm 0.0", "finite and nonzero")),
     Row("zero direction", "Curvature.rayleigh_quotient",
@@ -397,28 +425,35 @@ MATRIX: tuple[Row, ...] = (
         lambda c: radial_profile(c.model, random_direction(c.model, 0), [-1.0, 1.0], data=c.data),
         ValueError, (r"got \[-1.0, 1.0\]", "finite numbers >= 0")),
     Row("negative radius", "basin_statistics",
-        lambda c: basin_statistics(c.model, [random_direction(c.model, 0)], data=c.data, profile_radii=[-0.5, 1.0], execution=Execution(store=c.out / "r.h5", progress=False)),
+        lambda c: basin_statistics(c.model, [random_direction(c.model, 0)], data=c.data,
+                                   profile_radii=[-0.5, 1.0],
+                                   execution=Execution(store=c.out / "r.h5", progress=False)),
         ValueError, (r"got \[-0.5, 1.0\]", "finite numbers >= 0")),
     Row("negative threshold", "landscape radius",
-        lambda c: run_cli(on_local_model(c, "radius", "--threshold", "-0.1", "--out", str(c.out / "r.h5"), *ENGINE_DATA)),
+        lambda c: run_cli(on_local_model(c, "radius", "--threshold", "-0.1", "--out", str(c.out / "r.h5"),
+                                         *ENGINE_DATA)),
         CLIError, ("exit status 2", "got -0.1", "finite number > 0"), before_load=True),
     Row("negative radius", "landscape radius --profile",
-        lambda c: run_cli(on_local_model(c, "radius", "--profile", "-0.1:0.2:3", "--out", str(c.out / "r.h5"), *ENGINE_DATA)),
+        lambda c: run_cli(on_local_model(c, "radius", "--profile", "-0.1:0.2:3", "--out", str(c.out / "r.h5"),
+                                         *ENGINE_DATA)),
         CLIError, ("exit status 2", r"got \[-0.1, 0.05, 0.2\]", "must be >= 0"), before_load=True),
     # a store from another model or data set
     Row("store from another model", "scan(resume=True)",
-        lambda c: scan(c.model, random_direction(c.model, 0), [0.0, 0.5], data=c.data, execution=Execution(store=c.out / "s.h5", resume=True, progress=False)),
+        lambda c: scan(c.model, random_direction(c.model, 0), [0.0, 0.5], data=c.data,
+                       execution=Execution(store=c.out / "s.h5", resume=True, progress=False)),
         StoreMismatchError, ("model_fingerprint: store has", "this run has"),
         prepare=lambda c: c.copy(c.assets.other_scan, "s.h5")),
     Row("store from another data set", "scan(resume=True)",
-        lambda c: scan(c.model, random_direction(c.model, 0), [0.0, 0.5], data=random_tokens(2, 8, seed=5), execution=Execution(store=c.out / "s.h5", resume=True, progress=False)),
+        lambda c: scan(c.model, random_direction(c.model, 0), [0.0, 0.5], data=random_tokens(2, 8, seed=5),
+                       execution=Execution(store=c.out / "s.h5", resume=True, progress=False)),
         StoreMismatchError, ("data.data_hash: store has", "this run has"),
         prepare=lambda c: c.copy(c.assets.own_scan, "s.h5")),
     Row("store from another model", "merge_stores",
         lambda c: merge_stores(c.out / "merged.h5", [c.assets.own_scan, c.assets.other_scan]),
         StoreMismatchError, ("cannot merge .*other.h5", "model_fingerprint")),
     Row("store from another model", "landscape scan --resume",
-        lambda c: run_cli(on_local_model(c, "scan", "--grid", "0:0.5:2", "--resume", "--out", str(c.out / "s.h5"),
+        lambda c: run_cli(on_local_model(c, "scan", "--grid", "0:0.5:2", "--resume", "--out",
+                                         str(c.out / "s.h5"),
                                 *ENGINE_DATA)),
         CLIError, ("exit status 2", "model_fingerprint: store has", "this run has"),
         prepare=lambda c: c.copy(c.assets.other_scan, "s.h5")),
@@ -427,14 +462,16 @@ MATRIX: tuple[Row, ...] = (
         StoreError, ("truncated.h5", "not a readable HDF5 store", "truncated file")),
     Row("corrupted HDF5", "ScanResult.from_store", lambda c: ScanResult.from_store(c.assets.corrupted),
         StoreError, ("corrupted.h5", "not a readable HDF5 store")),
-    Row("truncated HDF5", "BasinStatistics.from_store", lambda c: BasinStatistics.from_store(c.assets.truncated),
-        StoreError, ("truncated.h5", "not a readable HDF5 store")),
+    Row("truncated HDF5", "BasinStatistics.from_store",
+        lambda c: BasinStatistics.from_store(c.assets.truncated), StoreError,
+        ("truncated.h5", "not a readable HDF5 store")),
     Row("corrupted HDF5", "read_quant_table", lambda c: read_quant_table(c.assets.corrupted),
         StoreError, ("corrupted.h5", "not a readable HDF5 store")),
     Row("store of another kind", "read_quant_table", lambda c: read_quant_table(c.assets.own_scan),
         ValueError, ("holds a 'scan' run", "not a quant table")),
     Row("truncated unfinished store", "scan(resume=True)",
-        lambda c: scan(c.model, random_direction(c.model, 0), [0.0, 0.5], data=c.data, execution=Execution(store=c.out / "s.h5", resume=True, progress=False)),
+        lambda c: scan(c.model, random_direction(c.model, 0), [0.0, 0.5], data=c.data,
+                       execution=Execution(store=c.out / "s.h5", resume=True, progress=False)),
         StoreError, ("s.h5.partial", "not a readable HDF5 store"),
         prepare=lambda c: c.copy(c.assets.truncated, "s.h5.partial")),
     Row("truncated HDF5", "landscape merge",
@@ -455,10 +492,12 @@ MATRIX: tuple[Row, ...] = (
     Row("metadata lists other layers", "QuantResult.load", lambda c: QuantResult.load(c.out / "q"),
         ResultMismatchError, ("q.safetensors do not match the layers listed in q.json",),
         prepare=lambda c: edited_result(c, edit=lambda meta: meta.update(layers=meta["layers"][:-1]))),
-    Row("tensors of another shape", "displacement_direction", lambda c: displacement_direction(c.model, c.out / "q"),
-        DirectionError, (r"shape \(48, 16\)", FIRST_LAYER, r"\(96, 32\)"), prepare=other_shape_result),
+    Row("tensors of another shape", "displacement_direction",
+        lambda c: displacement_direction(c.model, c.out / "q"), DirectionError,
+        (r"shape \(48, 16\)", FIRST_LAYER, r"\(96, 32\)"), prepare=other_shape_result),
     Row("truncated metadata", "QuantResult.load", lambda c: QuantResult.load(c.out / "q"),
-        ResultFileError, ("q.json", "not valid JSON"), prepare=lambda c: edited_result(c, truncate_json=True)),
+        ResultFileError, ("q.json", "not valid JSON"),
+        prepare=lambda c: edited_result(c, truncate_json=True)),
     Row("truncated tensors", "QuantResult.load", lambda c: QuantResult.load(c.out / "q"),
         ResultFileError, ("q.safetensors", "not a readable safetensors file"),
         prepare=lambda c: edited_result(c, truncate_tensors=True)),
@@ -466,45 +505,57 @@ MATRIX: tuple[Row, ...] = (
         lambda c: lorc(c.model, QuantResult.load(c.assets.other_result), rank=2),
         ValueError, ("fingerprint", "this model")),
     Row("quantized model of another base", "landscape scan --kind displacement",
-        lambda c: run_cli(on_local_model(c, "scan", "--kind", "displacement", "--quantized", str(c.assets.other_result),
+        lambda c: run_cli(on_local_model(c, "scan", "--kind", "displacement", "--quantized",
+                                         str(c.assets.other_result),
                                 "--grid", "0:1:2", "--out", str(c.out / "s.h5"), *ENGINE_DATA)),
         CLIError, ("exit status 2", "computed on base", "not on this model")),
     Row("quantized model of another base", "landscape radius --quantized",
-        lambda c: run_cli(on_local_model(c, "radius", "--directions", "1", "--quantized", str(c.assets.other_result),
+        lambda c: run_cli(on_local_model(c, "radius", "--directions", "1", "--quantized",
+                                         str(c.assets.other_result),
                                 "--out", str(c.out / "r.h5"), *ENGINE_DATA)),
         CLIError, ("exit status 2", "computed on base", "not on this model")),
     # unwritable output directory (a regular file where a directory should be: refused even for root)
-    Row("unwritable output", "scan", lambda c: scan(c.model, random_direction(c.model, 0), [0.0], data=c.data, execution=Execution(store=c.assets.file_not_dir / "s.h5", progress=False)),
+    Row("unwritable output", "scan",
+        lambda c: scan(c.model, random_direction(c.model, 0), [0.0], data=c.data,
+                       execution=Execution(store=c.assets.file_not_dir / "s.h5", progress=False)),
         OutputPathError, ("a-file is a file, not a directory", "writable directory")),
     Row("unwritable output", "basin_statistics",
-        lambda c: basin_statistics(c.model, [random_direction(c.model, 0)], data=c.data, execution=Execution(store=c.assets.file_not_dir / "sub" / "r.h5", progress=False)),
+        lambda c: basin_statistics(c.model, [random_direction(c.model, 0)], data=c.data,
+                                   execution=Execution(store=c.assets.file_not_dir / "sub" / "r.h5",
+                                                       progress=False)),
         OutputPathError, ("a-file is a file, not a directory", "writable directory")),
     Row("unwritable output", "ResultStore.create",
         lambda c: ResultStore.create(c.assets.file_not_dir / "x.h5", {}, {"v": ((), "f8")}, (2,)),
         OutputPathError, ("a-file is a file, not a directory", "writable directory")),
-    Row("unwritable output", "QuantResult.save", lambda c: rtn(c.model, "int4").save(c.assets.file_not_dir / "q"),
-        OutputPathError, ("a-file is a file, not a directory", "writable directory")),
+    Row("unwritable output", "QuantResult.save",
+        lambda c: rtn(c.model, "int4").save(c.assets.file_not_dir / "q"), OutputPathError,
+        ("a-file is a file, not a directory", "writable directory")),
     Row("unwritable output", "run_quant_table",
         lambda c: run_quant_table(Protocol(model=str(c.assets.model_dir)), c.assets.file_not_dir / "study"),
         OutputPathError, ("a-file is a file, not a directory", "writable directory")),
-    Row("output path is a directory", "scan", lambda c: scan(c.model, random_direction(c.model, 0), [0.0], data=c.data, execution=Execution(store=c.out, progress=False)),
-        OutputPathError, ("is a directory", "file path inside it")),
+    Row("output path is a directory", "scan",
+        lambda c: scan(c.model, random_direction(c.model, 0), [0.0], data=c.data,
+                       execution=Execution(store=c.out, progress=False)), OutputPathError,
+        ("is a directory", "file path inside it")),
     Row("unwritable output", "landscape quantize",
         lambda c: run_cli(on_local_model(c, "quantize", "--method", "rtn", "--format", "int4", "--out",
                                 str(c.assets.file_not_dir / "q"), *QUANT_DATA)),
         CLIError, ("exit status 2", "a-file is a file, not a directory"), before_load=True),
     Row("unwritable output", "landscape scan",
-        lambda c: run_cli(on_local_model(c, "scan", "--grid", "0:1:2", "--out", str(c.assets.file_not_dir / "s.h5"),
+        lambda c: run_cli(on_local_model(c, "scan", "--grid", "0:1:2", "--out",
+                                         str(c.assets.file_not_dir / "s.h5"),
                                 *ENGINE_DATA)),
         CLIError, ("exit status 2", "a-file is a file, not a directory"), before_load=True),
     Row("unwritable output", "landscape radius",
-        lambda c: run_cli(on_local_model(c, "radius", "--out", str(c.assets.file_not_dir / "r.h5"), *ENGINE_DATA)),
+        lambda c: run_cli(on_local_model(c, "radius", "--out", str(c.assets.file_not_dir / "r.h5"),
+                                         *ENGINE_DATA)),
         CLIError, ("exit status 2", "a-file is a file, not a directory"), before_load=True),
 )
 
 
 @pytest.mark.parametrize("row", MATRIX, ids=[f"{r.case} @ {r.entry}" for r in MATRIX])
-def test_bad_input_is_refused_clearly_before_any_work_leaving_no_file(row, assets, work, tmp_path, monkeypatch):
+def test_bad_input_is_refused_clearly_before_any_work_leaving_no_file(row, assets, work, tmp_path,
+                                                                      monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     context = Context(tiny_model("gpt2"), random_tokens(2, 8), out, assets, monkeypatch)

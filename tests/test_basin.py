@@ -1,5 +1,5 @@
-"""Basin radius: bracketing and bisection against closed forms, radii on a quadratic equal sqrt(2 t / u^T H u),
-statistics over directions, displacement norms in the same units, and the bracket checked on a real NLL.
+"""Basin radius: bracketing and bisection against closed forms, radii on a quadratic equal sqrt(2 t / u^T H
+u), statistics over directions, displacement norms in the same units, and the bracket checked on a real NLL.
 
 The quadratic is centred at w0 (``Quadratic(centred=True)``): along a unit direction u its profile is
 c + r^2 u^T H u / 2, so the radius for a rise t is sqrt(2 t / u^T H u)."""
@@ -68,8 +68,8 @@ def test_basin_radius_on_a_quadratic_equals_the_closed_form():
     expected_profile = 2.0 + 0.5 * kappa * found.samples.radii ** 2
     np.testing.assert_allclose(found.samples.values, expected_profile, rtol=1e-12)
 
-    relative = basin_radius(model, direction, loss, search=RadiusSearch(0.1, relative=True, tolerance=1e-6,
-                                                                        value_name="loss"))  # a rise of 0.1 x 2.0
+    relative = basin_radius(model, direction, loss,  # a rise of 0.1 x 2.0
+                            search=RadiusSearch(0.1, relative=True, tolerance=1e-6, value_name="loss"))
     assert relative.radius == pytest.approx(math.sqrt(2 * 0.2 / kappa), rel=1e-6)
 
 
@@ -80,7 +80,8 @@ def test_statistics_over_directions_profiles_and_displacements_on_a_quadratic(tm
     search = RadiusSearch(threshold=0.5, tolerance=1e-7, value_name="loss")
     names = ["first", "second"]
     w_q = {"first": model.first.weight.detach() + 0.25, "second": model.second.weight.detach().clone()}
-    result = QuantResult(w_q, None, "shift", base_model="bowl", base_fingerprint=weights_fingerprint(model, names))
+    result = QuantResult(w_q, None, "shift", base_model="bowl",
+                         base_fingerprint=weights_fingerprint(model, names))
     stats = basin_statistics(model, specs, loss, search=search, profile_radii=[0.0, 0.5, 1.0],
                              quant_results={"shift": result},
                              execution=Execution(store=tmp_path / "radius.h5", progress=False))
@@ -91,19 +92,23 @@ def test_statistics_over_directions_profiles_and_displacements_on_a_quadratic(tm
     assert stats.quantiles((0.25, 0.9))[0.9] == pytest.approx(np.quantile(exact, 0.9), rel=1e-6)
     w0_norm = float(model.flat_weights().norm())
     np.testing.assert_allclose(stats.relative_radii, exact / w0_norm, rtol=1e-6)
-    np.testing.assert_allclose(stats.profile_values, 2.0 + 0.5 * kappas[:, None] * np.array([0.0, 0.5, 1.0]) ** 2,
-                               rtol=1e-12)
-    assert stats.displacement_norms["shift"] == pytest.approx(0.25 * math.sqrt(6), rel=1e-12)  # 6 entries moved
-    assert stats.displacement_to_radius()["shift"] == pytest.approx(0.25 * math.sqrt(6) / np.median(exact), rel=1e-6)
+    np.testing.assert_allclose(stats.profile_values,
+                               2.0 + 0.5 * kappas[:, None] * np.array([0.0, 0.5, 1.0]) ** 2, rtol=1e-12)
+    # 6 entries moved
+    assert stats.displacement_norms["shift"] == pytest.approx(0.25 * math.sqrt(6), rel=1e-12)
+    assert stats.displacement_to_radius()["shift"] == pytest.approx(0.25 * math.sqrt(6) / np.median(exact),
+                                                                    rel=1e-6)
 
     in_memory = basin_statistics(model, specs, loss, search=search, profile_radii=[0.0, 0.5, 1.0],
                                  execution=Execution(progress=False))
     assert np.array_equal(in_memory.radii, BasinStatistics.from_store(tmp_path / "radius.h5").radii)
-    assert displacement_norms(model, {"shift": result}, ["second"]) == {"shift": 0.0}  # that layer did not move
+    # that layer did not move
+    assert displacement_norms(model, {"shift": result}, ["second"]) == {"shift": 0.0}
 
 
 def trained_tiny_gpt2(data) -> nn.Module:
-    """A tiny GPT-2 fitted to ``data`` (40 Adam steps), so w0 sits in a basin of its NLL: a random one is flat."""
+    """A tiny GPT-2 fitted to ``data`` (40 Adam steps), so w0 sits in a basin of its NLL: a random one is
+    flat."""
     model = tiny_model("gpt2")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(40):
@@ -146,15 +151,17 @@ def test_bad_settings_and_directions_are_refused_before_any_evaluation():
     with pytest.raises(ValueError, match="value_name 'nll' is not an output"):
         basin_radius(model, random_direction(model, 0), counting)
     with pytest.raises(DirectionError, match="norm 0"):
-        basin_radius(model, user_direction(model, {"first": torch.zeros(3, 2, dtype=torch.float64)}), counting,
-                     search=RadiusSearch(value_name="loss"))
+        basin_radius(model, user_direction(model, {"first": torch.zeros(3, 2, dtype=torch.float64)}),
+                     counting, search=RadiusSearch(value_name="loss"))
     other = Quadratic(seed=1, centred=True)
     with pytest.raises(DirectionError, match="made on base weights"):
         basin_statistics(model, [random_direction(model, 0).spec, random_direction(other, 1).spec], counting,
                          search=RadiusSearch(value_name="loss"), execution=Execution(progress=False))
     with pytest.raises(DirectionError, match="same layers"):
-        basin_statistics(model, [random_direction(model, 0).spec, random_direction(model, 1, layers="first").spec],
-                         counting, search=RadiusSearch(value_name="loss"), execution=Execution(progress=False))
+        basin_statistics(model,
+                         [random_direction(model, 0).spec, random_direction(model, 1, layers="first").spec],
+                         counting, search=RadiusSearch(value_name="loss"),
+                         execution=Execution(progress=False))
     assert not calls
     assert quantile(np.array([1.0, math.inf, math.inf]), 0.75) == math.inf  # not NaN
     assert quantile(np.array([1.0, 2.0, 4.0, 8.0]), 0.3) == pytest.approx(np.quantile([1, 2, 4, 8], 0.3))

@@ -1,5 +1,5 @@
-"""The benchmark harness (bench/): the reference GPTQ against ours, the scan loops, the RESULTS.md writer, timing
-helpers. No timing is asserted: targets are the benchmark's business, not the tests'."""
+"""The benchmark harness (bench/): the reference GPTQ against ours, the scan loops, the RESULTS.md writer,
+timing helpers. No timing is asserted: targets are the benchmark's business, not the tests'."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def layer_problem(out_f: int, in_f: int, seed: int = 0, dead: tuple[int, ...] = 
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
     x = torch.randn(4 * in_f, in_f, generator=g, dtype=torch.float64)
-    x = x @ (torch.eye(in_f, dtype=torch.float64) + 0.5 * torch.randn(in_f, in_f, generator=g, dtype=torch.float64))
+    x = x @ (torch.eye(in_f, dtype=torch.float64)
+             + 0.5 * torch.randn(in_f, in_f, generator=g, dtype=torch.float64))
     x[:, list(dead)] = 0
     return w, 2.0 / x.shape[0] * x.T @ x
 
@@ -105,13 +106,15 @@ def test_log_log_slope_recovers_a_power_law():
 
 # ------------------------------------------------------------------------------------------ writer
 MACHINE = {"date_utc": "2030-01-02 03:04:05 UTC", "cpu": "Test CPU", "logical_cpus": 2, "usable_cpus": 2,
-           "memory_gib": 8.0, "platform": "Linux", "load_average_1m_5m_15m": [1.5, 1.0, 0.5], "python": "3.11.0",
-           "versions": {"torch": "2.13.0"}, "git_commit": "abc1234", "git_dirty": True}
+           "memory_gib": 8.0, "platform": "Linux", "load_average_1m_5m_15m": [1.5, 1.0, 0.5],
+           "python": "3.11.0", "versions": {"torch": "2.13.0"}, "git_commit": "abc1234", "git_dirty": True}
 
 
 def sample_report() -> BenchReport:
-    rows_a = (Row("scan", "tiny | model", "naive / engine", 6.0, "x", Target(5.0, "at_least"), "6 ms vs 1 ms"),
-              Row("scan", "tiny | model", "engine / forward", 1.5, "x", Target(1.3, "at_most"), "1.5 ms vs 1 ms"))
+    rows_a = (Row("scan", "tiny | model", "naive / engine", 6.0, "x", Target(5.0, "at_least"),
+                  "6 ms vs 1 ms"),
+              Row("scan", "tiny | model", "engine / forward", 1.5, "x", Target(1.3, "at_most"),
+                  "1.5 ms vs 1 ms"))
     rows_b = (Row("scaling", "series", "time ~ params^slope", 0.87, "", None, ""),
               Row("gptq", "ref", "ours / reference", 1.2, "x", Target(1.2, "at_most"), ""))
     return BenchReport("tiny", "bench/run.py --tiny", MACHINE, (
@@ -140,7 +143,8 @@ def test_results_markdown_has_one_summary_row_per_figure_with_its_status():
     ]
     assert "**2 of 3 targets PASS, 1 MISS**; 1 benchmark(s) FAILED" in markdown
     for text in ("2030-01-02 03:04:05 UTC", "Test CPU", "torch 2.13.0", "`abc1234` with uncommitted changes",
-                 "torch.set_num_threads(1)", "1.5 / 1.0 / 0.5 at the start", "- why the miss", "RuntimeError: boom"):
+                 "torch.set_num_threads(1)", "1.5 / 1.0 / 0.5 at the start", "- why the miss",
+                 "RuntimeError: boom"):
         assert text in markdown
 
 
@@ -152,13 +156,15 @@ def test_write_results_writes_markdown_and_json_that_round_trip(tmp_path):
     assert tuple(Section.from_dict(s) for s in data["sections"]) == report.sections
     assert [r["status"] for r in data["summary"]] == ["PASS", "MISS", "—", "PASS"]
     assert data["machine"] == MACHINE and data["failures"][0]["benchmark"] == "hessian"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["RESULTS.md", "results.json"]  # no temporary files left
+    # no temporary files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["RESULTS.md", "results.json"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         write_results(report, tmp_path / "missing")
 
 
 def memory_data(scan_extra: int, forward_extra: int, qaft_extra: int, train_extra: int) -> dict:
-    """Raw memory measurements (bytes) as bench/memory.py stores them, for a 100 MiB model with 75 MiB trained."""
+    """Raw memory measurements (bytes) as bench/memory.py stores them, for a 100 MiB model with 75 MiB
+    trained."""
     mib = 2**20
 
     def measured(workload: str, extra: int) -> dict:
@@ -166,8 +172,9 @@ def memory_data(scan_extra: int, forward_extra: int, qaft_extra: int, train_extr
                 "extra_bytes": extra * mib, "model_bytes": 100 * mib, "perturbed_bytes": 75 * mib,
                 "exact_peak_reset": True, "seconds": 1.0}
 
-    settings = {"models": ["m"], "eval_segments": 4, "seq_len": 128, "batch_size": 4, "grid_points_per_axis": 3,
-                "qaft_steps": 2, "qaft_batch_size": 4, "qaft_format": "int4", "malloc": {}}
+    settings = {"models": ["m"], "eval_segments": 4, "seq_len": 128, "batch_size": 4,
+                "grid_points_per_axis": 3, "qaft_steps": 2, "qaft_batch_size": 4, "qaft_format": "int4",
+                "malloc": {}}
     return {"settings": settings, "cases": [{"scan": measured("scan", scan_extra),
                                              "forward": measured("forward", forward_extra),
                                              "qaft": measured("qaft", qaft_extra),
@@ -190,10 +197,11 @@ def test_rebuild_report_recomputes_every_section_from_its_stored_data():
     from bench.run import rebuild_report
 
     stale = build_section(memory_data(120, 80, 400, 100))
-    stored = BenchReport("quick", "bench/run.py --quick", MACHINE,
-                         (Section(stale.name, stale.title, (), (), ("stale note",), stale.data, 7.0),)).to_dict()
+    section = Section(stale.name, stale.title, (), (), ("stale note",), stale.data, 7.0)
+    stored = BenchReport("quick", "bench/run.py --quick", MACHINE, (section,)).to_dict()
     rebuilt = rebuild_report(json.loads(json.dumps(stored)))
     assert rebuilt.sections == (build_section(stale.data, 7.0),)
-    assert [r.status for r in rebuilt.rows] == ["PASS", "MISS"] and "stale note" not in rebuilt.sections[0].notes
+    assert ([r.status for r in rebuilt.rows] == ["PASS", "MISS"]
+            and "stale note" not in rebuilt.sections[0].notes)
     assert rebuilt.machine == MACHINE and rebuilt.command == "bench/run.py --quick"
     assert rebuilt.rebuilt and "re-rendered from its results.json" in render_results(rebuilt)

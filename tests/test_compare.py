@@ -55,7 +55,8 @@ def hand_layer_mse(model, data, layer: str, w_q: torch.Tensor) -> float:
 
 
 def dense_hessian(model, data, layer: str) -> torch.Tensor:
-    """d2 NLL / dW2 of the token-mean NLL over ``data`` w.r.t. one layer's (out, in) weight, row-major (fp64)."""
+    """d2 NLL / dW2 of the token-mean NLL over ``data`` w.r.t. one layer's (out, in) weight, row-major
+    (fp64)."""
     module = get_layer(model, layer)
     w0 = weight_matrix(module).detach().clone()
     name = f"{layer}.weight"
@@ -84,7 +85,8 @@ def setting():
 
 def test_norms_and_cosines_equal_numpy_on_flattened_vectors(setting):
     model, results, data = setting
-    c = compare_displacements(model, results, data, progress=False, settings=ComparisonSettings(path_t=(0.0, 1.0), curvature_t=(), between=()))
+    c = compare_displacements(model, results, data, progress=False,
+                              settings=ComparisonSettings(path_t=(0.0, 1.0), curvature_t=(), between=()))
     layers = list(quantizable_layers(model))
     assert list(c.layers) == layers
     w0 = np.concatenate([w.numpy().ravel() for w in layer_weights(model, layers).values()])
@@ -95,11 +97,12 @@ def test_norms_and_cosines_equal_numpy_on_flattened_vectors(setting):
         assert row.relative_norm == pytest.approx(np.linalg.norm(d) / np.linalg.norm(w0), rel=1e-12)
         for n in layers:
             quantized = n in results[label].weights
-            d_layer = (results[label].weights[n] - layer_weights(model, [n])[n]).numpy() if quantized else np.zeros(1)
+            d_layer = ((results[label].weights[n] - layer_weights(model, [n])[n]).numpy() if quantized
+                       else np.zeros(1))
             assert row.layer_norms[n] == pytest.approx(np.linalg.norm(d_layer), rel=1e-12, abs=1e-300)
             w_layer = layer_weights(model, [n])[n].numpy()
-            assert row.layer_relative_norms[n] == pytest.approx(np.linalg.norm(d_layer) / np.linalg.norm(w_layer),
-                                                                rel=1e-12, abs=1e-300)
+            assert row.layer_relative_norms[n] == pytest.approx(
+                np.linalg.norm(d_layer) / np.linalg.norm(w_layer), rel=1e-12, abs=1e-300)
         for other, e in vectors.items():
             assert c.cosine(label, other) == pytest.approx(d @ e / (np.linalg.norm(d) * np.linalg.norm(e)),
                                                            rel=1e-10, abs=1e-14)
@@ -113,12 +116,14 @@ def test_projections_and_curvature_equal_dense_eigh_on_a_tiny_model():
     results = {f"rtn {fmt}": rtn(model, fmt, layers=[SMALL_LAYER]) for fmt in ("int3", "int2")}
     curvature = Curvature(model, data, layers=SMALL_LAYER, progress=False)
     spectrum = curvature.spectrum(k=4, k_bottom=0, lanczos_steps=64)
-    c = compare_displacements(model, results, data, eigenvectors=spectrum, progress=False, settings=ComparisonSettings(path_t=(0.0, 1.0), curvature_t=(0.0,)))
+    c = compare_displacements(model, results, data, eigenvectors=spectrum, progress=False,
+                              settings=ComparisonSettings(path_t=(0.0, 1.0), curvature_t=(0.0,)))
 
     hessian = dense_hessian(model, data, SMALL_LAYER).numpy()
     values, vectors = np.linalg.eigh(hessian)
     top_values, top_vectors = values[::-1][:4], vectors[:, ::-1][:, :4]
-    assert np.min(np.abs(np.diff(top_values))) > 1e-6 * np.abs(top_values).max()  # distinct: vectors defined up to sign
+    # distinct: vectors defined up to sign
+    assert np.min(np.abs(np.diff(top_values))) > 1e-6 * np.abs(top_values).max()
     np.testing.assert_allclose(c.eigenvalues, top_values, rtol=1e-8, atol=1e-12)
     for label, result in results.items():
         d = flat_displacement(model, result, [SMALL_LAYER])
@@ -129,7 +134,8 @@ def test_projections_and_curvature_equal_dense_eigh_on_a_tiny_model():
 
     # the same eigenvectors given as directions of this model project identically
     directions = [eigenvector_direction(model, spectrum.top.direction(i), "dense test") for i in range(4)]
-    again = compare_displacements(model, results, data, eigenvectors=directions, progress=False, settings=ComparisonSettings(path_t=(0.0,), curvature_t=()))
+    again = compare_displacements(model, results, data, eigenvectors=directions, progress=False,
+                                  settings=ComparisonSettings(path_t=(0.0,), curvature_t=()))
     np.testing.assert_allclose(again.row("rtn int3").projections, c.row("rtn int3").projections, rtol=1e-12)
     assert np.isnan(again.eigenvalues).all()
 
@@ -137,7 +143,8 @@ def test_projections_and_curvature_equal_dense_eigh_on_a_tiny_model():
 def test_nll_along_paths_and_between_endpoints_equal_swapped_in_weights(setting):
     model, results, data = setting
     chosen = {k: results[k] for k in ("rtn int4", "gptq int4", "qaft int4")}
-    c = compare_displacements(model, chosen, data, progress=False, settings=ComparisonSettings(path_t=(0.0, 0.5, 1.0), curvature_t=()))
+    c = compare_displacements(model, chosen, data, progress=False,
+                              settings=ComparisonSettings(path_t=(0.0, 0.5, 1.0), curvature_t=()))
     at_w0 = nll(model, data).value
     assert c.center_nll.value == at_w0
     for label, result in chosen.items():
@@ -159,14 +166,19 @@ def test_nll_along_paths_and_between_endpoints_equal_swapped_in_weights(setting)
         assert segment.nll[1] == pytest.approx(nll(model, data).value, rel=1e-12)
     assert segment.nll[0] == c.row("gptq int4").nll.value and segment.nll[2] == c.row("qaft int4").nll.value
     layers = list(g)
-    diff = flat_displacement(model, chosen["qaft int4"], layers) - flat_displacement(model, chosen["gptq int4"], layers)
+    diff = (flat_displacement(model, chosen["qaft int4"], layers)
+            - flat_displacement(model, chosen["gptq int4"], layers))
     assert segment.distance == pytest.approx(np.linalg.norm(diff), rel=1e-9)
-    assert torch.equal(layer_weights(model)[SMALL_LAYER], weight_matrix(get_layer(model, SMALL_LAYER)))  # still w0
+    # still w0
+    assert torch.equal(layer_weights(model)[SMALL_LAYER], weight_matrix(get_layer(model, SMALL_LAYER)))
 
 
 def test_layer_mse_equals_hooked_inputs_and_curvature_runs_along_the_path(setting):
     model, results, data = setting
-    c = compare_displacements(model, {"rtn int3": results["rtn int3"]}, data, progress=False, settings=ComparisonSettings(path_t=(1.0,), curvature_t=(0.0, 1.0), batch_size=2))  # 2 batches of 2 segments: an interval over batches
+    # 2 batches of 2 segments: an interval over batches
+    c = compare_displacements(model, {"rtn int3": results["rtn int3"]}, data, progress=False,
+                              settings=ComparisonSettings(path_t=(1.0,), curvature_t=(0.0, 1.0),
+                                                          batch_size=2))
     row = c.row("rtn int3")
     for n, w in results["rtn int3"].weights.items():
         assert row.layer_mse[n] == pytest.approx(hand_layer_mse(model, data, n, w), rel=1e-10)
@@ -177,7 +189,8 @@ def test_layer_mse_equals_hooked_inputs_and_curvature_runs_along_the_path(settin
     h = 1e-3
 
     def nll_at(offset: float) -> float:
-        with swapped_weights(model, {n: w + offset * d[n] / norm for n, w in results["rtn int3"].weights.items()}):
+        with swapped_weights(model,
+                             {n: w + offset * d[n] / norm for n, w in results["rtn int3"].weights.items()}):
             return nll(model, data).value
 
     second = (nll_at(h) - 2 * nll_at(0.0) + nll_at(-h)) / h**2
@@ -204,9 +217,11 @@ def test_bad_inputs_are_refused_before_any_work(setting, monkeypatch):
     with pytest.raises(ComparisonError, match="share the labels"):
         compare_displacements(model, [results["rtn int4"], rtn(model, "int4")], data, progress=False)
     with pytest.raises(ComparisonError, match="path_t"):
-        compare_displacements(model, results, data, progress=False, settings=ComparisonSettings(path_t=(0.0, float("nan"))))
+        compare_displacements(model, results, data, progress=False,
+                              settings=ComparisonSettings(path_t=(0.0, float("nan"))))
     with pytest.raises(ComparisonError, match="between pair"):
-        compare_displacements(model, results, data, progress=False, settings=ComparisonSettings(between=[("rtn int4", "nope")]))
+        compare_displacements(model, results, data, progress=False,
+                              settings=ComparisonSettings(between=[("rtn int4", "nope")]))
     with pytest.raises(ComparisonError, match="level"):
         compare_displacements(model, results, data, progress=False, settings=ComparisonSettings(level=1.5))
     # a direction made on another model's weights (same shapes) is refused by its fingerprint
@@ -215,14 +230,17 @@ def test_bad_inputs_are_refused_before_any_work(setting, monkeypatch):
         compare_displacements(model, results, data, eigenvectors=[stranger], progress=False)
     # and a direction of another architecture by its layer names and shapes
     with pytest.raises(ComparisonError, match="eigenvector 0.*shape"):
-        compare_displacements(model, results, data, eigenvectors=[{SMALL_LAYER: torch.ones(8, 8)}], progress=False)
+        compare_displacements(model, results, data, eigenvectors=[{SMALL_LAYER: torch.ones(8, 8)}],
+                              progress=False)
 
 
 def test_store_round_trip_per_format_tables_and_determinism(setting, tmp_path):
     model, results, data = setting
     chosen = {k: results[k] for k in ("rtn int4", "gptq int4", "qaft int4", "rtn int3")}
-    first = compare_displacements(model, chosen, data, progress=False, settings=ComparisonSettings(path_t=(0.0, 0.5, 1.0), curvature_t=(0.5,)))
-    second = compare_displacements(model, chosen, data, progress=False, settings=ComparisonSettings(path_t=(0.0, 0.5, 1.0), curvature_t=(0.5,)))
+    first = compare_displacements(model, chosen, data, progress=False,
+                                  settings=ComparisonSettings(path_t=(0.0, 0.5, 1.0), curvature_t=(0.5,)))
+    second = compare_displacements(model, chosen, data, progress=False,
+                                   settings=ComparisonSettings(path_t=(0.0, 0.5, 1.0), curvature_t=(0.5,)))
     for a, b in zip(first.rows, second.rows):  # bit-identical
         assert a.norm == b.norm and a.nll == b.nll and np.array_equal(a.path_nll, b.path_nll)
         assert np.array_equal(a.curvature, b.curvature)
@@ -248,16 +266,17 @@ def test_cli_compare_on_ref_tiny(tmp_path, capsys):
     from landscape.data import calibration_set
     from landscape.models import load_model
 
-    assert main(["compare", "ref-tiny", str(tmp_path / "missing"), "--no-progress"]) == 2  # before loading a model
+    # before loading a model
+    assert main(["compare", "ref-tiny", str(tmp_path / "missing"), "--no-progress"]) == 2
     assert "no saved quantized model" in capsys.readouterr().err
     lm = load_model("ref-tiny")
     calib = calibration_set(lm.tokenizer, 8, 32, context_length=lm.info.context_length)
     paths = [rtn(lm.model, "int3").save(tmp_path / "rtn.int3"),
              gptq(lm.model, calib, "int3", progress=False).save(tmp_path / "gptq.int3")]
     out = tmp_path / "c.h5"
-    code = main(["compare", "ref-tiny", *map(str, paths), "--seq-len", "32", "--segments", "2", "--path", "0:1:3",
-                 "--curvature-t", "0:0:1", "--curvature-segments", "2", "--eigenvectors", "2", "--out", str(out),
-                 "--no-progress"])
+    code = main(["compare", "ref-tiny", *map(str, paths), "--seq-len", "32", "--segments", "2", "--path",
+                 "0:1:3", "--curvature-t", "0:0:1", "--curvature-segments", "2", "--eigenvectors", "2",
+                 "--out", str(out), "--no-progress"])
     printed = capsys.readouterr().out
     assert code == 0 and "## int3" in printed and "| rtn int3 |" in printed and "| gptq int3 |" in printed
     stored = Comparison.from_store(out)
@@ -272,7 +291,8 @@ def test_cli_compare_on_ref_tiny(tmp_path, capsys):
     assert "--lanczos-steps must be >= --eigenvectors" in capsys.readouterr().err
 
 
-def test_qaft_advantage_after_the_control_is_stated_from_endpoint_nlls_and_survives_the_store(setting, tmp_path):
+def test_qaft_advantage_after_the_control_is_stated_from_endpoint_nlls_and_survives_the_store(setting,
+                                                                                              tmp_path):
     from landscape.quant.qaft import paired_control
     from landscape.stats import control_adjusted_gap
 
@@ -280,7 +300,8 @@ def test_qaft_advantage_after_the_control_is_stated_from_endpoint_nlls_and_survi
     calib = random_tokens(8, 16, seed=1)
     chosen = {k: results[k] for k in ("gptq int4", "qaft int4")}
     chosen["control"] = paired_control(model, calib, results["qaft int4"])
-    comparison = compare_displacements(model, chosen, data, progress=False, settings=ComparisonSettings(curvature_t=[], path_t=[0.0, 1.0]))
+    comparison = compare_displacements(model, chosen, data, progress=False,
+                                       settings=ComparisonSettings(curvature_t=[], path_t=[0.0, 1.0]))
     [gap] = comparison.provenance["control_adjusted"]
     nlls = {}
     for label, weights in (("w0", {}), *((k, r.weights) for k, r in chosen.items())):
@@ -292,6 +313,7 @@ def test_qaft_advantage_after_the_control_is_stated_from_endpoint_nlls_and_survi
     assert gap["format"] == "int4" and gap["remaining"] == pytest.approx(
         [expected.remaining.value, expected.remaining.low, expected.remaining.high], rel=1e-9)
     assert gap["remaining"][0] == pytest.approx(
-        (nlls["gptq int4"].value - nlls["qaft int4"].value) - (nlls["w0"].value - nlls["control"].value), rel=1e-9)
+        (nlls["gptq int4"].value - nlls["qaft int4"].value) - (nlls["w0"].value - nlls["control"].value),
+        rel=1e-9)
     assert gap["sentence"] in comparison.markdown()
     assert gap["sentence"] in Comparison.from_store(comparison.to_store(tmp_path / "c.h5")).markdown()

@@ -62,15 +62,15 @@ def jacobian_rows(output: torch.Tensor, params: list[torch.Tensor], chunk: int =
     basis = torch.eye(flat.numel(), dtype=flat.dtype)
     rows = []
     for start in range(0, flat.numel(), chunk):
-        grads = torch.autograd.grad(flat, params, grad_outputs=basis[start : start + chunk], is_grads_batched=True,
-                                    retain_graph=True)
+        grads = torch.autograd.grad(flat, params, grad_outputs=basis[start : start + chunk],
+                                    is_grads_batched=True, retain_graph=True)
         rows.append(torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1))
     return torch.cat(rows).detach()
 
 
 def dense_hessian(model, data, layers: list[str]) -> torch.Tensor:
-    """d2 NLL / dw2 over the named layers' weight parameters (stored layout, concatenated in ``layers`` order):
-    the Jacobian of the gradient, by double backward."""
+    """d2 NLL / dw2 over the named layers' weight parameters (stored layout, concatenated in ``layers``
+    order): the Jacobian of the gradient, by double backward."""
     modules = quantizable_layers(model)
     params = [modules[name].weight for name in layers]
     loss = segment_nll_sums(model, data.tokens, data.score_mask).sum() / data.n_scored_tokens
@@ -97,7 +97,8 @@ def dense_ggn(model, data, layers: list[str]) -> torch.Tensor:
 def to_stored_layout(model, direction: dict[str, torch.Tensor], layers: list[str]) -> torch.Tensor:
     """(out, in) direction -> flat vector in the parameters' stored layout (Conv1D is (in, out))."""
     modules = quantizable_layers(model)
-    return torch.cat([(direction[n].T if _is_conv1d(modules[n]) else direction[n]).reshape(-1) for n in layers])
+    return torch.cat([(direction[n].T if _is_conv1d(modules[n]) else direction[n]).reshape(-1)
+                      for n in layers])
 
 
 def nll_at(model, data, weights) -> float:
@@ -110,7 +111,8 @@ def fd_second_derivative(model, data, direction, h: float = 1e-2) -> float:
     at steps h and 2h, Richardson-extrapolated to remove the O(h^2) error (float64 roundoff ~ 1e-10 here)."""
     norm = torch.sqrt(sum((d.double() ** 2).sum() for d in direction.values()))
     w0 = layer_weights(model, list(direction))
-    f = {s: nll_at(model, data, {n: w0[n] + s * h * direction[n] / norm for n in direction}) for s in (-2, -1, 0, 1, 2)}
+    f = {s: nll_at(model, data, {n: w0[n] + s * h * direction[n] / norm for n in direction})
+         for s in (-2, -1, 0, 1, 2)}
     central_h = (f[1] - 2 * f[0] + f[-1]) / h**2
     central_2h = (f[2] - 2 * f[0] + f[-2]) / (2 * h) ** 2
     return (4 * central_h - central_2h) / 3
@@ -121,7 +123,8 @@ def fd_first_derivative(model, data, direction, h: float = 1e-3) -> float:
     Richardson-extrapolated (error O(h^4))."""
     norm = torch.sqrt(sum((d.double() ** 2).sum() for d in direction.values()))
     w0 = layer_weights(model, list(direction))
-    f = {s: nll_at(model, data, {n: w0[n] + s * h * direction[n] / norm for n in direction}) for s in (-2, -1, 1, 2)}
+    f = {s: nll_at(model, data, {n: w0[n] + s * h * direction[n] / norm for n in direction})
+         for s in (-2, -1, 1, 2)}
     return (4 * (f[1] - f[-1]) / (2 * h) - (f[2] - f[-2]) / (4 * h)) / 3
 
 
@@ -134,7 +137,8 @@ def random_direction(model, layers: list[str], seed: int) -> dict[str, torch.Ten
 
 @pytest.fixture(scope="module")
 def gpt2_problem(one_thread):
-    """Tiny GPT-2 (768 quantizable weights, Conv1D layers), float64, 4 x 8 random tokens, and its dense Hessian."""
+    """Tiny GPT-2 (768 quantizable weights, Conv1D layers), float64, 4 x 8 random tokens, and its dense
+    Hessian."""
     model = tiny_model("gpt2", torch.float64, hidden=8, layers=1)
     data = random_tokens(4, 8)
     layers = list(quantizable_layers(model))
@@ -202,7 +206,8 @@ def test_eigenvectors_are_out_in_directions_of_the_dense_hessian(gpt2_problem, g
 
 def test_reported_residuals_are_the_true_residuals(gpt2_problem):
     model, data, layers, hessian = gpt2_problem
-    with pytest.warns(ConvergenceWarning):  # 30 steps leave some pairs unconverged: their residuals matter most
+    # 30 steps leave some pairs unconverged: their residuals matter most
+    with pytest.warns(ConvergenceWarning):
         spectrum = Curvature(model, data, progress=False).spectrum(k=3, k_bottom=1, lanczos_steps=30)
     for pairs in (spectrum.top, spectrum.bottom):
         for i, (value, reported) in enumerate(zip(pairs.eigenvalues, pairs.residuals)):
@@ -305,7 +310,8 @@ def test_density_nodes_and_moments_match_the_dense_block(gpt2_problem):
     tol = 1e-9 * np.abs(exact).max()
     distinct = exact[np.concatenate([[True], np.diff(exact) > tol])]  # the block has repeated eigenvalues
     for nodes in density.nodes:
-        nodes = nodes[np.isfinite(nodes)]  # runs stop when the Krylov space closes (one node per distinct value)
+        # runs stop when the Krylov space closes (one node per distinct value)
+        nodes = nodes[np.isfinite(nodes)]
         assert len(nodes) == len(distinct)
         np.testing.assert_allclose(np.sort(nodes), distinct, atol=tol)
     np.testing.assert_allclose(density.weights.sum(axis=1), 1.0, atol=1e-12)
@@ -350,7 +356,8 @@ def test_slope_equals_the_dense_gradient_and_a_finite_difference_and_rides_along
     slope = Curvature(model, data, batch_size=1, progress=False).slope(direction, level=0.9, n_resamples=200)
     assert slope.value == pytest.approx(dense, rel=1e-9) and slope.method == "gradient"
     assert slope.value == pytest.approx(fd_first_derivative(model, data, direction), rel=1e-6)
-    assert len(slope.unit_sums) == data.n_segments and slope.interval.low <= slope.value <= slope.interval.high
+    assert (len(slope.unit_sums) == data.n_segments
+            and slope.interval.low <= slope.value <= slope.interval.high)
     chosen = layers[:2]
     sub = {n: direction[n] for n in chosen}
     path = Curvature(model, data, progress=False).along(sub, t=(0.0, 1.0), slope=True)
@@ -464,7 +471,8 @@ def test_bad_requests_are_clear_errors(gpt2_problem):
 
 
 def test_a_krylov_basis_that_cannot_fit_in_memory_is_refused_before_any_product(gpt2_problem, monkeypatch):
-    """Lanczos keeps one full-length vector per step: n_params x itemsize x (steps + 1 + returned pairs) bytes."""
+    """Lanczos keeps one full-length vector per step: n_params x itemsize x (steps + 1 + returned pairs)
+    bytes."""
     model, data, _, _ = gpt2_problem
     n = weight_space(model).size
     per_vector = n * 8  # float64
@@ -473,12 +481,15 @@ def test_a_krylov_basis_that_cannot_fit_in_memory_is_refused_before_any_product(
         raise AssertionError("work started before the memory check")
 
     monkeypatch.setattr(operators, "nll_operator", no_product)
-    # 13 vectors (12 steps + 1) fit in 80 % of 16.5 vectors' worth; 20 steps do not, and the error says what fits
+    # 13 vectors (12 steps + 1) fit in 80 % of 16.5 vectors' worth; 20 steps do not, and the error says what
+    # fits
     monkeypatch.setattr(operators, "available_memory_bytes", lambda device: int(16.5 * per_vector))
-    with pytest.raises(CurvatureError, match=r"lanczos_steps=20 keeps 21 full-length vectors .* 13 vectors fit"):
+    with pytest.raises(CurvatureError,
+                       match=r"lanczos_steps=20 keeps 21 full-length vectors .* 13 vectors fit"):
         Curvature(model, data, progress=False).spectrum(k=2, k_bottom=0, lanczos_steps=20,
                                                         return_eigenvectors=False)
-    with pytest.raises(CurvatureError, match=r"keeps 15 full-length vectors"):  # 12 steps + 1 + 2 returned pairs
+    # 12 steps + 1 + 2 returned pairs
+    with pytest.raises(CurvatureError, match=r"keeps 15 full-length vectors"):
         Curvature(model, data, progress=False).spectrum(k=2, k_bottom=0, lanczos_steps=12)
     with pytest.raises(CurvatureError, match=r"lanczos_steps=20 keeps 21"):
         Curvature(model, data, progress=False).density(lanczos_steps=20)
@@ -494,7 +505,8 @@ def test_a_krylov_basis_that_cannot_fit_in_memory_is_refused_before_any_product(
         Curvature(model, data, progress=False).spectrum(k=2, k_bottom=0, lanczos_steps=20)
 
 
-def test_a_krylov_basis_on_disk_gives_bit_identical_spectra_and_leaves_no_files(gpt2_problem, tmp_path, monkeypatch):
+def test_a_krylov_basis_on_disk_gives_bit_identical_spectra_and_leaves_no_files(gpt2_problem, tmp_path,
+                                                                                monkeypatch):
     model, data, _, _ = gpt2_problem
     made = []
     original = operators.MappedBasisBackend.scale
@@ -568,9 +580,11 @@ def test_same_seed_gives_bit_identical_results_and_records_serialise(gpt2_proble
 def test_eigenvectors_work_as_toolkit_directions_and_foreign_bases_are_refused(gpt2_problem, gpt2_spectrum):
     directions = pytest.importorskip("landscape.engine.directions")
     model, data, _, _ = gpt2_problem
-    top = directions.eigenvector_direction(model, gpt2_spectrum.top.direction(0), source="test top eigenvector")
+    top = directions.eigenvector_direction(model, gpt2_spectrum.top.direction(0),
+                                           source="test top eigenvector")
     rq = Curvature(model, data, progress=False).rayleigh_quotient(top)
-    assert rq.value == pytest.approx(gpt2_spectrum.top.eigenvalues[0], rel=1e-9)  # v^T H v = lambda for a unit v
+    # v^T H v = lambda for a unit v
+    assert rq.value == pytest.approx(gpt2_spectrum.top.eigenvalues[0], rel=1e-9)
     other_w0 = tiny_model("gpt2", torch.float64, hidden=8, layers=1, seed=1)  # same shapes, other weights
     with pytest.raises(DirectionMismatchError, match="fingerprint"):
         Curvature(other_w0, data, progress=False).rayleigh_quotient(top)
@@ -588,7 +602,8 @@ def test_cli_spectrum_stores_what_the_library_computes_and_resumes(tmp_path, cap
             "--lanczos-steps", "10", "--trace-matvecs", "6", "--density-runs", "1", "--density-steps", "5",
             "--layers", "transformer.h.0.*", "--no-progress"]
     real_load = models.load_model
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    monkeypatch.setattr(models, "load_model",
+                        lambda *a, **k: pytest.fail("the model loaded before the check"))
     for bad, message in ((["--trace-matvecs", "3"], "--trace-matvecs"), (["--k", "0"], "--k must be"),
                          (["--lanczos-steps", "2"], "k_bottom = 3"), (["--krylov-dir", str(tmp_path / "no")],
                                                                       "not an existing directory")):
@@ -607,11 +622,12 @@ def test_cli_spectrum_stores_what_the_library_computes_and_resumes(tmp_path, cap
         direct = Curvature(lm.model, data, layers=layers, batch_size=1, progress=False).spectrum(
             k=2, k_bottom=1, lanczos_steps=10)
     np.testing.assert_allclose(store.arrays["spectrum/top/eigenvalues"], direct.top.eigenvalues, rtol=1e-6)
-    np.testing.assert_allclose(store.arrays["spectrum/bottom/eigenvalues"], direct.bottom.eigenvalues, rtol=1e-6)
+    np.testing.assert_allclose(store.arrays["spectrum/bottom/eigenvalues"], direct.bottom.eigenvalues,
+                               rtol=1e-6)
     trace = Curvature(lm.model, data, layers=layers, batch_size=1, progress=False).trace(n_matvecs=6)
     assert json.loads(str(store.arrays["trace/attrs"]))["value"] == pytest.approx(trace.value, rel=1e-6)
-    assert float(np.trapezoid(store.arrays["density/density"], store.arrays["density/grid"])) == pytest.approx(
-        1.0, abs=0.02)
+    assert float(np.trapezoid(store.arrays["density/density"],
+                              store.arrays["density/grid"])) == pytest.approx(1.0, abs=0.02)
     assert "| top |" in printed and "trace (Hutch++, 6 products)" in printed and "density (SLQ" in printed
     before = out.stat().st_mtime_ns
     assert main([*base, "--out", str(out)]) == 0  # finished: read back, nothing recomputed

@@ -103,7 +103,8 @@ def test_asking_for_more_windows_than_the_text_holds_is_an_error_not_fewer_windo
     stream = np.arange(100)
     tokens, _ = D.segments_from_stream(stream, 10, max_segments=10)
     assert tokens.shape == (10, 10)
-    with pytest.raises(DataError, match=r"max_segments=11 asked for, but the text \(100 tokens\) holds only 10 windows"):
+    with pytest.raises(DataError,
+                       match=r"max_segments=11 asked for, but the text \(100 tokens\) holds only 10 windows"):
         D.segments_from_stream(stream, 10, max_segments=11)
     with pytest.raises(DataError, match="holds only 19 windows of seq_len=10 at stride 5"):
         D.segments_from_stream(stream, 10, stride=5, max_segments=20)

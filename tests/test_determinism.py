@@ -46,8 +46,9 @@ PIPELINE = textwrap.dedent("""
 
     torch.set_num_threads(1)
     out = Path(sys.argv[1])
-    REF_CONFIGS["ref-micro"] = RefModelConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_ctx=32, batch_size=4,
-                                              epochs=0.05, warmup_steps=2, max_train_documents=40)
+    REF_CONFIGS["ref-micro"] = RefModelConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_ctx=32,
+                                              batch_size=4, epochs=0.05, warmup_steps=2,
+                                              max_train_documents=40)
     model_dir = build_reference_model("ref-micro", force=True, progress=False)
     (out / "model").mkdir()
     for name in ("model.safetensors", "tokenizer.json", "landscape_build.json"):
@@ -57,12 +58,12 @@ PIPELINE = textwrap.dedent("""
     data = ["--seq-len", "32", "--segments", "2", "--no-progress"]
     commands = [
         ["quantize", "ref-micro", "--method", "gptq", "--format", "int3", "--out", str(out / "gptq"), *calib],
-        ["quantize", "ref-micro", "--method", "qaft", "--format", "int3", "--lr", "1e-3", "--train-batch-size", "4",
-         "--seed", "3", "--out", str(out / "qaft"), *calib],
+        ["quantize", "ref-micro", "--method", "qaft", "--format", "int3", "--lr", "1e-3",
+         "--train-batch-size", "4", "--seed", "3", "--out", str(out / "qaft"), *calib],
         ["scan", "ref-micro", "--kind", "filter", "--seed", "5", "--grid", "-1:1:3", "--layer-mse",
          "--out", str(out / "scan.h5"), *data],
-        ["radius", "ref-micro", "--directions", "2", "--seed", "7", "--threshold", "0.05", "--tolerance", "0.2",
-         "--out", str(out / "radius.h5"), *data],
+        ["radius", "ref-micro", "--directions", "2", "--seed", "7", "--threshold", "0.05", "--tolerance",
+         "0.2", "--out", str(out / "radius.h5"), *data],
     ]
     for argv in commands:
         assert cli.main(argv) == 0, argv
@@ -79,7 +80,8 @@ def run_pipeline(out: Path, hash_seed: int) -> None:
     out.mkdir()
     script = out.parent / "pipeline.py"
     script.write_text(PIPELINE)
-    env = {**os.environ, "PYTHONHASHSEED": str(hash_seed), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONHASHSEED": str(hash_seed), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -102,7 +104,8 @@ def assert_stores_identical(a: Path, b: Path) -> None:
         other = second.arrays[name]
         assert array.dtype == other.dtype and array.shape == other.shape, name
         assert array.tobytes() == other.tobytes(), f"{a.name}: {name} differs"
-    strip = lambda p: without_wall_times({k: v for k, v in p.items() if k not in RUN_SPECIFIC_KEYS})  # noqa: E731
+    strip = lambda p: without_wall_times({k: v for k, v in p.items()  # noqa: E731
+                                          if k not in RUN_SPECIFIC_KEYS})
     assert strip(first.provenance) == strip(second.provenance)
 
 

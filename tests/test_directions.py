@@ -74,10 +74,12 @@ def test_same_seed_gives_the_same_direction_and_other_seeds_do_not(gpt2):
 def test_filter_and_layer_normalisation_match_hand_computation():
     w0 = torch.tensor([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)  # row norms 5, 0, 1
     model = TwoLinear(w0, torch.eye(3, dtype=torch.float64))
-    d = user_direction(model, {"first": torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 5.0]], dtype=torch.float64)})
+    d = user_direction(model,
+                       {"first": torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 5.0]], dtype=torch.float64)})
     by_filter = normalize(model, d, "filter")["first"]
     s = 5 / math.sqrt(2)
-    assert torch.allclose(by_filter, torch.tensor([[s, s], [0.0, 0.0], [0.0, 1.0]], dtype=torch.float64), atol=1e-15)
+    assert torch.allclose(by_filter, torch.tensor([[s, s], [0.0, 0.0], [0.0, 1.0]], dtype=torch.float64),
+                          atol=1e-15)
     by_layer = normalize(model, d, "layer")["first"]  # ||w0|| = sqrt(26), ||d|| = sqrt(31)
     assert torch.allclose(by_layer, d["first"] * math.sqrt(26 / 31), atol=1e-15)
 
@@ -121,7 +123,8 @@ def test_displacement_is_wq_minus_w0_and_refuses_another_base(gpt2, tmp_path):
     layers = quantizable_layers(gpt2)
     names = list(layers)[:3]
     w_q = {n: torch.round(layers[n].weight.detach().T * 8) / 8 for n in names}  # a lattice, (out, in)
-    result = QuantResult(w_q, None, "rtn-test", base_model="tiny", base_fingerprint=weights_fingerprint(gpt2, names))
+    result = QuantResult(w_q, None, "rtn-test", base_model="tiny",
+                         base_fingerprint=weights_fingerprint(gpt2, names))
     d = displacement_direction(gpt2, result)
     assert d.names == names
     assert all(torch.equal(d[n], w_q[n] - layers[n].weight.detach().T) for n in names)
@@ -157,5 +160,6 @@ def test_bad_directions_give_clear_errors(gpt2):
 
 def test_weights_norm_is_the_euclidean_norm_over_the_layers(gpt2):
     names = select_layers(gpt2, "*.mlp.*")
-    expected = math.sqrt(sum(float(quantizable_layers(gpt2)[n].weight.detach().double().pow(2).sum()) for n in names))
+    expected = math.sqrt(sum(float(quantizable_layers(gpt2)[n].weight.detach().double().pow(2).sum())
+                             for n in names))
     assert math.isclose(weights_norm(gpt2, names), expected, rel_tol=1e-12)

@@ -46,7 +46,8 @@ from analyses.session import (
 from landscape import plots
 from landscape.store import read_store
 
-pytestmark = pytest.mark.filterwarnings("ignore::landscape.curvature.ConvergenceWarning")  # 8 Lanczos steps on purpose
+# 8 Lanczos steps on purpose
+pytestmark = pytest.mark.filterwarnings("ignore::landscape.curvature.ConvergenceWarning")
 FIGURES = run_all.FIGURES
 SOTU_STANDIN = " ".join(f"In address number {i} the president spoke of the budget, the army, schools and the "
                         f"economy of the union, and of the year {1900 + i}." for i in range(120))
@@ -84,7 +85,8 @@ def trace(fig, name: str, col: int | None = None):
     """The trace called ``name`` (in subplot column ``col``: x axis ``x`` for 1, ``x2`` for 2...)."""
     axis = None if col is None else ("x" if col == 1 else f"x{col}")
     found = [t for t in fig.data if t.name == name and (axis is None or t.xaxis == axis)]
-    assert len(found) == 1, f"{len(found)} traces named {name!r} (axis {axis}); have {[t.name for t in fig.data]}"
+    assert len(found) == 1, (f"{len(found)} traces named {name!r} (axis {axis}); have "
+                             f"{[t.name for t in fig.data]}")
     return found[0]
 
 
@@ -94,8 +96,9 @@ def table_arrays(session):
     for path in table_stores(session, session.profile.model):
         data = read_store(path)
         for i, label in enumerate(data.arrays["variants/label"]):
-            rows.setdefault(str(label), (str(data.arrays["variants/method"][i]), str(data.arrays["variants/format"][i]),
-                                         data.arrays, i))
+            rows.setdefault(str(label),
+                            (str(data.arrays["variants/method"][i]), str(data.arrays["variants/format"][i]),
+                             data.arrays, i))
     return rows
 
 
@@ -115,23 +118,28 @@ def test_fig1_shows_the_stored_nll_and_intervals(run):
             t = trace(fig, f"{plots.METHOD_LABELS[method]} · {granularity}", col)
             k = list(t.x).index(bits)
             assert t.y[k] == arrays[f"nll/{corpus}"][i]
-            assert t.error_y.array[k] == pytest.approx(arrays[f"nll_high/{corpus}"][i] - arrays[f"nll/{corpus}"][i])
-            assert t.error_y.arrayminus[k] == pytest.approx(arrays[f"nll/{corpus}"][i] - arrays[f"nll_low/{corpus}"][i])
+            assert t.error_y.array[k] == pytest.approx(arrays[f"nll_high/{corpus}"][i]
+                                                       - arrays[f"nll/{corpus}"][i])
+            assert t.error_y.arrayminus[k] == pytest.approx(arrays[f"nll/{corpus}"][i]
+                                                            - arrays[f"nll_low/{corpus}"][i])
             checked += 1
     assert checked == 2 * len([r for r in rows.values() if r[0] in plots.QUANTIZED_METHODS])
     method, fmt, arrays, i = rows["fp32"]
     assert set(trace(fig, "fp32 (w0)", 1).y) == {arrays["nll/wiki"][i]}
     # the caption states the model, its caveat and the NLL convention (read from provenance)
     caption = plots.caption_of(fig)
-    assert "ref-tiny" in caption and "barely notices" in caption and "token-mean nats per scored token" in caption
+    assert ("ref-tiny" in caption and "barely notices" in caption
+            and "token-mean nats per scored token" in caption)
     assert f"{session.profile.eval_segments} × {session.profile.eval_seq_len} tokens" in caption
     # ... and how much of QAFT's advantage over GPTQ remains after the full-precision control, per corpus
     fmt = session.profile.headline_format
     for c in corpora:
         value = {label: rows[label][2][f"nll/{c}"][rows[label][3]]
                  for label in (f"gptq {fmt}", f"qaft {fmt} s0", f"fp-finetune {fmt} s0", "fp32")}
-        remaining = (value[f"gptq {fmt}"] - value[f"qaft {fmt} s0"]) - (value["fp32"] - value[f"fp-finetune {fmt} s0"])
-        pattern = rf"At {fmt} on {c}, QAFT beats GPTQ by .*?, so {re.escape(f'{remaining:+.3f}')} \[.* remains after"
+        remaining = ((value[f"gptq {fmt}"] - value[f"qaft {fmt} s0"])
+                     - (value["fp32"] - value[f"fp-finetune {fmt} s0"]))
+        pattern = (rf"At {fmt} on {c}, QAFT beats GPTQ by .*?, so {re.escape(f'{remaining:+.3f}')} \[.* "
+                   rf"remains after")
         assert re.search(pattern, caption.replace("\n", " ")), (c, remaining)
 
 
@@ -198,7 +206,8 @@ def test_fig3_shows_the_stored_candidates_and_agrees_with_the_tables(run):
         if label in tables:
             _, _, arrays, j = tables[label]
             assert a["nll"][i] == pytest.approx(arrays["nll/wiki"][j], rel=1e-9)
-    # layer MSE of a dithered candidate by hand: mean over tokens and outputs of (x dW^T)^2 on the first sequences
+    # layer MSE of a dithered candidate by hand: mean over tokens and outputs of (x dW^T)^2 on the first
+    # sequences
     i = next(i for i, m in enumerate(a["candidates/method"]) if m == "dither")
     from landscape.quant import make_grid
     from landscape.studies.candidates import dither_generator, dithered_rounding
@@ -212,11 +221,13 @@ def test_fig3_shows_the_stored_candidates_and_agrees_with_the_tables(run):
                            float(a["candidates/strength"][i]))
     dw = dithered_rounding(w0, make_grid(w0, fmt, name), strength, dither_generator(seed, fmt, name)) - w0
     seen = []
-    handle = quantizable_layers(lm.model)[name].register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    handle = quantizable_layers(lm.model)[name].register_forward_hook(
+        lambda m, args, out: seen.append(args[0]))
     with torch.no_grad():
         lm.model(input_ids=calib.tokens)
     handle.remove()
-    assert a["layer_mse"][i][0] == pytest.approx(float((seen[0].double() @ dw.double().T).pow(2).mean()), rel=1e-6)
+    assert a["layer_mse"][i][0] == pytest.approx(float((seen[0].double() @ dw.double().T).pow(2).mean()),
+                                                 rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- figure 4
@@ -232,7 +243,8 @@ def test_fig4_profiles_radius_and_displacements_match_the_store(run):
     for k, spec in enumerate(basin.provenance["directions"]):
         t = trace(fig, f"random direction {spec['seed']}")
         np.testing.assert_array_equal(t.x, np.concatenate([[0.0], a["profile_radii"]]))
-        np.testing.assert_allclose(t.y, np.concatenate([[0.0], a["profile_value"][k] - center]), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(t.y, np.concatenate([[0.0], a["profile_value"][k] - center]), rtol=0,
+                                   atol=1e-12)
     median_line = trace(fig, "median over directions")
     np.testing.assert_allclose(median_line.y[1:], np.median(a["profile_value"] - center, axis=0), atol=1e-12)
     r_line = [s for s in fig.layout.shapes if s.type == "line" and s.line.color == "#2ca02c" and s.x0 == s.x1]
@@ -240,7 +252,8 @@ def test_fig4_profiles_radius_and_displacements_match_the_store(run):
     # the GPTQ int3 diamond: at ||w_q - w0|| computed here, and at its table NLL on the basin's windows
     w0 = layer_weights(session.model("ref-tiny").model)
     result = QuantResult.load(quantized_model_path(session, "ref-tiny", "gptq", "int3"))
-    norm = math.sqrt(sum(float((result.weights[n].double() - w.double()).pow(2).sum()) for n, w in w0.items()))
+    norm = math.sqrt(sum(float((result.weights[n].double() - w.double()).pow(2).sum())
+                         for n, w in w0.items()))
     diamond = trace(fig, "GPTQ int3")
     assert diamond.x[0] == pytest.approx(norm, rel=1e-9)
     _, _, arrays, j = table_arrays(session)["gptq int3"]
@@ -318,7 +331,8 @@ def test_fig7_points_are_the_stored_radius_and_gap(run):
     facts = read_store(facts_store(session, "ref-tiny"))
     radius = trace(fig, "R(w0) / ‖w0‖")
     assert list(radius.x) == [int(facts.arrays["n_params"])]
-    assert radius.y[0] == pytest.approx(float(np.median(basin.arrays["radius"])) / float(basin.arrays["weights_norm"]))
+    assert radius.y[0] == pytest.approx(float(np.median(basin.arrays["radius"]))
+                                        / float(basin.arrays["weights_norm"]))
     rows = table_arrays(session)
     (_, _, g, i), (_, _, q, j) = rows["gptq int3"], rows["qaft int3 s0"]
     gap = (g["segment_nll_sum/wiki"][i].sum() / g["segment_tokens/wiki"][i].sum()
@@ -354,7 +368,8 @@ def test_pages_measured_from_scratch_equal_the_legacy_pages(run):
     if fingerprint != EXPECTED["ref_tiny_fingerprint"]:
         pytest.skip(f"ref-tiny trained to other weights on this machine ({fingerprint}, legacy "
                     f"{EXPECTED['ref_tiny_fingerprint']}): pages cannot match")
-    pages = {page: hashlib.sha256((session.out / page).read_bytes()).hexdigest() for page in EXPECTED["pages"]}
+    pages = {page: hashlib.sha256((session.out / page).read_bytes()).hexdigest()
+             for page in EXPECTED["pages"]}
     assert pages == EXPECTED["pages"]
     assert {m.FIGURE: m.reading(session) for m in FIGURES} == EXPECTED["readings"]
 

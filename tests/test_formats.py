@@ -1,4 +1,5 @@
-"""Formats and grids (landscape/quant/formats.py) against brute force and the closed forms of the conventions."""
+"""Formats and grids (landscape/quant/formats.py) against brute force and the closed forms of the
+conventions."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def random_weight(out_f: int = 6, in_f: int = 32, seed: int = 0, dtype=torch.flo
     return torch.randn(out_f, in_f, generator=g, dtype=dtype) * scales
 
 
-def brute_force_nearest(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int, codes: range) -> np.ndarray:
+def brute_force_nearest(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int,
+                        codes: range) -> np.ndarray:
     """Nearest lattice point of every entry by enumerating every integer code (no rounding formula)."""
     out = np.empty_like(w)
     for i in range(w.shape[0]):
@@ -39,12 +41,14 @@ def test_round_is_the_nearest_lattice_point(spec):
     grid = make_grid(w, fmt)
     codes = range(fmt.qmin, fmt.qmax + 1)
     for probe in (w, 1.7 * w):  # 1.7 * w also exercises clamping at the ends of the code range
-        expected = brute_force_nearest(probe.numpy(), grid.scale.numpy(), grid.zero.numpy(), grid.group_size, codes)
+        expected = brute_force_nearest(probe.numpy(), grid.scale.numpy(), grid.zero.numpy(), grid.group_size,
+                                       codes)
         np.testing.assert_allclose(grid.round(probe).numpy(), expected, rtol=0, atol=1e-12)
 
 
 def test_asymmetric_channel_grid_closed_form():
-    """int<b> per channel: scale = (max - min) / (2^b - 1) with the range widened to include 0, zero = round(-min/scale)."""
+    """int<b> per channel: scale = (max - min) / (2^b - 1) with the range widened to include 0, zero =
+    round(-min/scale)."""
     w = random_weight(5, 24, seed=1)
     w[0] = w[0].abs() + 0.05  # an all-positive row: the range must be widened to include 0
     for bits in (2, 3, 4, 8):
@@ -117,7 +121,8 @@ def test_round_columns_equals_round_on_the_same_columns():
     grid = make_grid(w, "int3-g8")
     full = grid.round(w)
     for start, stop in [(0, 8), (5, 19), (31, 32)]:
-        torch.testing.assert_close(grid.round_columns(w[:, start:stop], start), full[:, start:stop], rtol=0, atol=0)
+        torch.testing.assert_close(grid.round_columns(w[:, start:stop], start), full[:, start:stop], rtol=0,
+                                   atol=0)
 
 
 def test_fake_quant_is_round_forward_and_identity_backward():
@@ -137,8 +142,9 @@ def test_names_round_trip(spec):
     assert parse_format(fmt) is fmt
 
 
-@pytest.mark.parametrize("spec, needle", [("int9", "got 9"), ("int1", "got 1"), ("fp8", "fp8"), ("mxint4", "mxint4"),
-                                          ("int4-32", "int4-32"), ("int4-g0", "got 0"), ("int4-gx", "int4-gx")])
+@pytest.mark.parametrize("spec, needle",
+                         [("int9", "got 9"), ("int1", "got 1"), ("fp8", "fp8"), ("mxint4", "mxint4"),
+                          ("int4-32", "int4-32"), ("int4-g0", "got 0"), ("int4-gx", "int4-gx")])
 def test_bad_format_names_raise_naming_the_value(spec, needle):
     with pytest.raises(FormatError, match=needle):
         parse_format(spec)
@@ -169,7 +175,8 @@ def test_nan_weight_is_refused():
 
 @pytest.mark.parametrize("spec", ["int4", "int3-sym", "int4-g16", "int2-g8-sym", "int8-tensor", "mxint4-8"])
 def test_storage_bits(spec):
-    """codes (b bits each) + per group: an fp16 scale and, if asymmetric, a b-bit zero point; MX: an 8-bit exponent."""
+    """codes (b bits each) + per group: an fp16 scale and, if asymmetric, a b-bit zero point; MX: an 8-bit
+    exponent."""
     fmt = parse_format(spec)
     out_f, in_f = 12, 32
     if fmt.granularity == "tensor":

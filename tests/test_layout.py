@@ -1,6 +1,6 @@
-"""The package in floors: its import graph has no cycle, every module imports in a fresh interpreter in dependency
-order, no module is over 700 lines, imports sit at the top of modules (but for optional dependencies), and no
-public function takes more than eight parameters unless its docstring says why."""
+"""The package in floors: its import graph has no cycle, every module imports in a fresh interpreter in
+dependency order, no module is over 700 lines, imports sit at the top of modules (but for optional
+dependencies), and no public function takes more than eight parameters unless its docstring says why."""
 
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def test_the_import_graph_has_no_cycle():
 
 def test_every_module_imports_in_a_fresh_interpreter_in_dependency_order():
     order = [m for m in TopologicalSorter(GRAPH).static_order() if not m.endswith("__main__")]  # those run
-    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\nprint(len(sys.argv) - 1)"
+    code = ("import importlib, sys\nfor name in sys.argv[1:]:\n"
+            "    importlib.import_module(name)\nprint(len(sys.argv) - 1)")
     done = subprocess.run([sys.executable, "-c", code, *order], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -72,10 +73,12 @@ def test_every_module_imports_in_a_fresh_interpreter_in_dependency_order():
 
 
 def test_the_library_floors_import_nothing_above_them():
-    """Foundations import no floor above them; the engine, curvature and quantization core no study, CLI or plot."""
+    """Foundations import no floor above them; the engine, curvature and quantization core no study, CLI or
+    plot."""
     above = {
-        "landscape.cache": {"landscape"}, "landscape.outputs": {"landscape"}, "landscape.version": {"landscape"},
-        "landscape.weights": {"landscape"}, "landscape.stats": {"landscape"}, "landscape.figio": {"landscape"},
+        "landscape.cache": {"landscape"}, "landscape.outputs": {"landscape"},
+        "landscape.version": {"landscape"}, "landscape.weights": {"landscape"},
+        "landscape.stats": {"landscape"}, "landscape.figio": {"landscape"},
         "landscape.data": {"landscape.models", "landscape.quant", "landscape.engine", "landscape.curvature",
                            "landscape.studies", "landscape.cli", "landscape.plots"},
     }

@@ -1,10 +1,10 @@
-"""Stores and a saved result written by the code of commit 2917599 (``tests/fixtures/legacy``, made on ref-tiny by
-``make_legacy.py`` there) read and give the same numbers today, and the seven figure pages rebuilt from those
-stores are byte-identical to the pages that code wrote.
+"""Stores and a saved result written by the code of commit 2917599 (``tests/fixtures/legacy``, made on
+ref-tiny by ``make_legacy.py`` there) read and give the same numbers today, and the seven figure pages
+rebuilt from those stores are byte-identical to the pages that code wrote.
 
 ``expected.json`` holds what the old code read: a sha256 of every array of every store, its done mask and
-provenance, the outputs of the typed readers (floats as ``float.hex``), the saved result's weights and metadata,
-and a sha256 of every page of ``run_all --tiny``.
+provenance, the outputs of the typed readers (floats as ``float.hex``), the saved result's weights and
+metadata, and a sha256 of every page of ``run_all --tiny``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def floats(x) -> list[str]:
 
 
 def digest(path: Path) -> dict:
-    """What ``make_legacy.py`` recorded of a store: every array's dtype, shape and bytes, done mask, provenance."""
+    """What ``make_legacy.py`` recorded of a store: every array's dtype, shape and bytes, done mask,
+    provenance."""
     data = read_store(path)
     arrays = {}
     for name, a in sorted(data.arrays.items()):
@@ -79,9 +80,9 @@ def reader_output(name: str, how: dict) -> dict:
         return {"reader": kind, "text": read_curvature(path).markdown(paths=False)}
     if kind == "comparison":
         c = Comparison.from_store(path)
-        return {"reader": kind, "markdown": c.markdown(per_layer=True), "norms": floats([r.norm for r in c.rows]),
-                "curvature": [floats(r.curvature) for r in c.rows], "slope": [floats(r.slope) for r in c.rows],
-                "cosines": floats(c.cosines)}
+        return {"reader": kind, "markdown": c.markdown(per_layer=True),
+                "norms": floats([r.norm for r in c.rows]), "curvature": [floats(r.curvature) for r in c.rows],
+                "slope": [floats(r.slope) for r in c.rows], "cosines": floats(c.cosines)}
     if kind == "misalignment":
         return {"reader": kind, "markdown": Misalignment.from_store(path).markdown()}
     if kind == "predict":
@@ -105,8 +106,8 @@ def test_a_legacy_saved_result_loads_with_the_same_weights_and_metadata():
 
 
 def test_the_seven_pages_rebuilt_from_legacy_stores_are_byte_identical(tmp_path):
-    """``run_all --tiny`` on a copy of the legacy stores measures nothing (every store exists: no model is loaded)
-    and writes pages equal to the old code's, byte for byte, with the same readings."""
+    """``run_all --tiny`` on a copy of the legacy stores measures nothing (every store exists: no model is
+    loaded) and writes pages equal to the old code's, byte for byte, with the same readings."""
     from analyses import run_all
     from analyses.session import parse_args, session_from_args
 

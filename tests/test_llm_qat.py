@@ -81,7 +81,8 @@ def test_llm_qat_distils_towards_the_full_precision_model_on_the_grid():
     assert kl_to_teacher(model, result.weights, text.tokens) < kl_to_teacher(model, rtn, text.tokens)
     assert all(make_grid(w0[n], "int3").contains(w) for n, w in result.weights.items())
     assert result.method == "llm-qat" and result.settings["distill_weight"] == 1.0
-    assert result.calibration["corpus"] == "generated" and result.calibration["data_hash"] == text.content_hash
+    assert (result.calibration["corpus"] == "generated"
+            and result.calibration["data_hash"] == text.content_hash)
     assert all(torch.equal(layer_weights(model)[n], w0[n]) for n in w0)
 
 
@@ -93,9 +94,10 @@ def test_llm_qat_generates_its_own_text_with_the_sequence_budget():
     assert result.calibration["n_segments"] == 4 and result.calibration["data_hash"] == again.content_hash
 
 
-@pytest.mark.parametrize("bad", [dict(seq_len=65), dict(seq_len=1), dict(greedy_tokens=8), dict(temperature=0.0),
-                                 dict(vocab_size=0), dict(vocab_size=98), dict(n_sequences=0), dict(lr=-1.0),
-                                 dict(steps=0), dict(activations=16), dict(fmt="int9"), dict(batch_size=5)])
+@pytest.mark.parametrize("bad",
+                         [dict(seq_len=65), dict(seq_len=1), dict(greedy_tokens=8), dict(temperature=0.0),
+                          dict(vocab_size=0), dict(vocab_size=98), dict(n_sequences=0), dict(lr=-1.0),
+                          dict(steps=0), dict(activations=16), dict(fmt="int9"), dict(batch_size=5)])
 def test_bad_settings_are_refused_before_generating(bad):
     model = tiny_model("gpt2")  # context 64, vocabulary 97
     calls = [0]

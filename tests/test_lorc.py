@@ -21,7 +21,8 @@ def residual_singular_norm(error: np.ndarray, rank: int) -> float:
 def test_lorc_error_is_the_norm_of_the_residual_singular_values(base_method):
     model = tiny_model("llama", torch.float64)
     w0 = layer_weights(model)
-    base = rtn(model, "int3") if base_method == "rtn" else gptq(model, random_tokens(3, 12), "int3", progress=False)
+    base = (rtn(model, "int3") if base_method == "rtn"
+            else gptq(model, random_tokens(3, 12), "int3", progress=False))
     result = lorc(model, base, rank=4, factor_dtype=None)
     assert result.method == f"{base_method}+lorc" and result.format == base.format
     for name, w in w0.items():
@@ -55,7 +56,8 @@ def test_fp16_factors_cost_16_bits_per_extra_parameter_and_stay_close_to_the_exa
         remaining = float((w.double() - result.weights[name].double()).norm())
         before = float((w.double() - base.weights[name].double()).norm())
         assert exact <= remaining * (1 + 1e-6) and remaining <= exact * 1.001 < before
-        assert result.extra["relative_error_after"][name] == pytest.approx(remaining / float(w.double().norm()))
+        assert result.extra["relative_error_after"][name] == pytest.approx(
+            remaining / float(w.double().norm()))
 
 
 def test_lorc_lowers_layer_mse_on_calibration_inputs_consistently_with_objectives():

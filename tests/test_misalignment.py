@@ -1,6 +1,7 @@
-"""Misalignment study: random on-grid roundings lie on the shared grid, are deterministic per seed and reach the
-closed-form displacement size; Spearman equals scipy (and its bootstrap a hand loop); groups inside / outside
-the basin and by norm bin equal scipy on the subsets; candidates' measurements equal independent ones."""
+"""Misalignment study: random on-grid roundings lie on the shared grid, are deterministic per seed and reach
+the closed-form displacement size; Spearman equals scipy (and its bootstrap a hand loop); groups inside /
+outside the basin and by norm bin equal scipy on the subsets; candidates' measurements equal independent
+ones."""
 
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ def test_random_roundings_lie_on_the_grid_between_neighbours_and_are_determinist
 
 
 def test_fraction_sets_the_displacement_size_as_in_closed_form():
-    """With fractional positions p ~ U(0, 1): E[RTN error^2] = s^2/12 and E[stochastic error^2] = s^2/6, so mixing a
-    fraction f of stochastic rounding scales the displacement norm by sqrt(1 + f)."""
+    """With fractional positions p ~ U(0, 1): E[RTN error^2] = s^2/12 and E[stochastic error^2] = s^2/6, so
+    mixing a fraction f of stochastic rounding scales the displacement norm by sqrt(1 + f)."""
     model = tiny_model("gpt2", torch.float64)
     w0 = layer_weights(model)
 
@@ -90,8 +91,9 @@ def test_spearman_equals_scipy_and_its_bootstrap_a_hand_loop():
 
 def synthetic_table(norms, mses, nlls) -> CandidateTable:
     n = len(norms)
-    return CandidateTable(tuple(f"c{i}" for i in range(n)), ("synthetic",) * n, ("int4",) * n, np.asarray(norms, float),
-                          np.asarray(mses, float), np.asarray(nlls, float), 3.0, {"model": "synthetic"})
+    return CandidateTable(tuple(f"c{i}" for i in range(n)), ("synthetic",) * n, ("int4",) * n,
+                          np.asarray(norms, float), np.asarray(mses, float), np.asarray(nlls, float), 3.0,
+                          {"model": "synthetic"})
 
 
 def test_groups_inside_outside_the_basin_and_bins_equal_scipy_on_the_subsets():
@@ -105,7 +107,8 @@ def test_groups_inside_outside_the_basin_and_bins_equal_scipy_on_the_subsets():
     assert study.inside.correlation.value == pytest.approx(1.0)
     assert study.outside.correlation.value == pytest.approx(
         scipy_stats.spearmanr(mses[outside], nlls[outside]).statistic, rel=1e-12)
-    assert study.overall.correlation.value == pytest.approx(scipy_stats.spearmanr(mses, nlls).statistic, rel=1e-12)
+    assert study.overall.correlation.value == pytest.approx(scipy_stats.spearmanr(mses, nlls).statistic,
+                                                            rel=1e-12)
     edges = np.quantile(norms, [0, 1 / 3, 2 / 3, 1])
     assert [g.n for g in study.bins] == [8, 8, 8]
     for k, group in enumerate(study.bins):
@@ -122,8 +125,8 @@ def test_groups_inside_outside_the_basin_and_bins_equal_scipy_on_the_subsets():
 
 @pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")  # constant resamples in the hand loop
 def test_within_format_correlations_equal_scipy_per_format_and_a_hand_stratified_bootstrap(tmp_path):
-    """Three formats at growing distance, R between the first and the others. Within each format MSE and NLL are
-    aligned (int8) or reversed (int4, int3), while across formats both grow with the distance: pooled, the
+    """Three formats at growing distance, R between the first and the others. Within each format MSE and NLL
+    are aligned (int8) or reversed (int4, int3), while across formats both grow with the distance: pooled, the
     correlation is high outside R; within formats it is -1 there."""
     rng = np.random.default_rng(3)
     formats, norms, mses, nlls = [], [], [], []
@@ -134,20 +137,22 @@ def test_within_format_correlations_equal_scipy_per_format_and_a_hand_stratified
         mses += list(mse)
         nlls += list(3 + distance + sign * mse / 100)
     n = len(formats)
-    table = CandidateTable(tuple(f"c{i}" for i in range(n)), ("synthetic",) * n, tuple(formats), np.array(norms),
-                           np.array(mses), np.array(nlls), 3.0, {"model": "synthetic"})
+    table = CandidateTable(tuple(f"c{i}" for i in range(n)), ("synthetic",) * n, tuple(formats),
+                           np.array(norms), np.array(mses), np.array(nlls), 3.0, {"model": "synthetic"})
     study = misalignment(table, 5.0, bins=2, n_resamples=300, seed=4)
     w = study.within_format
     assert [f.format for f in w.per_format] == ["int8", "int4", "int3"]  # by median distance
-    assert [f.inside for f in w.per_format] == [True, False, False] and [f.n for f in w.per_format] == [5, 6, 4]
+    assert ([f.inside for f in w.per_format] == [True, False, False]
+            and [f.n for f in w.per_format] == [5, 6, 4])
     fmts = np.array(formats)
     for f in w.per_format:
         chosen = fmts == f.format
-        assert f.correlation.value == pytest.approx(scipy_stats.spearmanr(table.layer_mse_sum[chosen],
-                                                                          table.nll[chosen]).statistic, rel=1e-12)
+        assert f.correlation.value == pytest.approx(
+            scipy_stats.spearmanr(table.layer_mse_sum[chosen], table.nll[chosen]).statistic, rel=1e-12)
         assert f.median_norm == pytest.approx(np.median(table.displacement_norm[chosen]))
     assert w.inside.value == pytest.approx(1.0) and w.outside.value == pytest.approx(-1.0)
-    assert study.outside.correlation.value > 0.4  # pooled over int4 and int3, the distance orders both: positive
+    # pooled over int4 and int3, the distance orders both: positive
+    assert study.outside.correlation.value > 0.4
     # the stratified bootstrap by hand: per side one generator, formats in order, resampled within each format
     rng_hand = np.random.default_rng(4)
     boot = np.zeros(300)
@@ -156,10 +161,12 @@ def test_within_format_correlations_equal_scipy_per_format_and_a_hand_stratified
         draws = index[rng_hand.integers(0, len(index), size=(300, len(index)))]
         boot += [scipy_stats.spearmanr(table.layer_mse_sum[d], table.nll[d]).statistic for d in draws]
     boot = boot[np.isfinite(boot)] / 2
-    assert (w.outside.low, w.outside.high) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])), rel=1e-12)
+    assert (w.outside.low, w.outside.high) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])),
+                                                            rel=1e-12)
     assert w.outside.n_units == 10 and w.outside.method == "stratified bootstrap"
     # a format with fewer than 3 candidates has no correlation and is left out of its side's mean
-    few = table.subset(np.array([f != "int3" or i < 13 for i, f in enumerate(formats)]))  # int3: c11 and c12 only
+    # int3: c11 and c12 only
+    few = table.subset(np.array([f != "int3" or i < 13 for i, f in enumerate(formats)]))
     fw = within_format_correlation(few, 5.0, n_resamples=300)
     assert fw.per_format[-1].correlation is None and [f.format for f in fw.side_formats(False)] == ["int4"]
     assert fw.outside.value == pytest.approx(-1.0)
@@ -208,18 +215,22 @@ def test_bad_candidates_are_refused_before_any_work(monkeypatch, tmp_path):
     monkeypatch.setattr(candidates_module, "nll", no_work)
     foreign = rtn(tiny_model("gpt2", torch.float64, seed=1), "int4")
     with pytest.raises(ComparisonError, match="fingerprint"):
-        measure_candidates(model, {"a": RoundingSpec("int4", 0), "b": foreign}, data, execution=Execution(progress=False))
+        measure_candidates(model, {"a": RoundingSpec("int4", 0), "b": foreign}, data,
+                           execution=Execution(progress=False))
     with pytest.raises(FormatError, match="group size 24"):
-        measure_candidates(model, {"a": RoundingSpec("int4-g24", 0)}, data, execution=Execution(progress=False))
+        measure_candidates(model, {"a": RoundingSpec("int4-g24", 0)}, data,
+                           execution=Execution(progress=False))
     with pytest.raises(MisalignmentError, match="fraction"):
         RoundingSpec("int4", 0, fraction=1.5)
     with pytest.raises(MisalignmentError, match="non-empty"):
         measure_candidates(model, {}, data, execution=Execution(progress=False))
     foreign.save(tmp_path / "foreign")  # a saved result is checked from its metadata, before anything loads
     with pytest.raises(ComparisonError, match="fingerprint"):
-        measure_candidates(model, {"a": RoundingSpec("int4", 0), "b": tmp_path / "foreign"}, data, execution=Execution(progress=False))
+        measure_candidates(model, {"a": RoundingSpec("int4", 0), "b": tmp_path / "foreign"}, data,
+                           execution=Execution(progress=False))
     with pytest.raises(FileNotFoundError, match="missing.json"):
-        measure_candidates(model, {"a": RoundingSpec("int4", 0), "b": tmp_path / "missing"}, data, execution=Execution(progress=False))
+        measure_candidates(model, {"a": RoundingSpec("int4", 0), "b": tmp_path / "missing"}, data,
+                           execution=Execution(progress=False))
 
 
 def test_a_saved_result_given_by_its_path_measures_as_the_loaded_result(tmp_path):
@@ -227,7 +238,8 @@ def test_a_saved_result_given_by_its_path_measures_as_the_loaded_result(tmp_path
     data = random_tokens(4, 16, seed=3)
     result = rtn(model, "int3")
     result.save(tmp_path / "rtn-int3")
-    table = measure_candidates(model, {"in memory": result, "saved": str(tmp_path / "rtn-int3")}, data, execution=Execution(progress=False))
+    table = measure_candidates(model, {"in memory": result, "saved": str(tmp_path / "rtn-int3")}, data,
+                               execution=Execution(progress=False))
     assert table.nll[0] == table.nll[1] and table.layer_mse_sum[0] == table.layer_mse_sum[1]
     assert table.displacement_norm[0] == table.displacement_norm[1] > 0
     assert table.provenance["candidates"]["saved"]["kind"] == "saved quant result"

@@ -21,7 +21,8 @@ def test_quantizable_layers_cover_decoder_linears_only(arch):
     assert all(m is not emb and m is not head for m in layers.values())
     # forward order: block 0 before block 1
     names = list(layers)
-    assert names.index(next(n for n in names if ".0." in n)) < names.index(next(n for n in names if ".1." in n))
+    assert (names.index(next(n for n in names if ".0." in n))
+            < names.index(next(n for n in names if ".1." in n)))
     with_extra = quantizable_layers(model, include_embeddings=True, include_lm_head=True)
     assert len(with_extra) == len(layers) + 2
 

@@ -30,7 +30,8 @@ def test_nll_equals_independent_cross_entropy_float64(arch):
     assert result.convention.n_tokens == count == 5 * 11
     assert result.value == pytest.approx(total / count, rel=1e-12)
     assert result.segment_tokens.tolist() == [11] * 5
-    assert result.segment_nll_sum.sum() / result.segment_tokens.sum() == pytest.approx(result.value, rel=1e-12)
+    assert result.segment_nll_sum.sum() / result.segment_tokens.sum() == pytest.approx(result.value,
+                                                                                       rel=1e-12)
 
 
 def test_nll_matches_hf_loss_float32(arch):
@@ -45,7 +46,8 @@ def test_nll_matches_hf_loss_float32(arch):
 def test_nll_does_not_depend_on_batch_size():
     model = tiny_model("gpt2", dtype=torch.float64)
     data = random_tokens(7, 10)
-    assert nll(model, data, batch_size=1).value == pytest.approx(nll(model, data, batch_size=7).value, rel=1e-12)
+    assert nll(model, data, batch_size=1).value == pytest.approx(nll(model, data, batch_size=7).value,
+                                                                 rel=1e-12)
 
 
 def test_convention_is_recorded():

@@ -1,5 +1,6 @@
 """Scans: closed-form values on a quadratic, the real NLL and layer MSE against a naive copy-the-model loop,
-bit-exact restoration of w0, SIGKILL resume, shards, the CLI, and errors raised before any point is evaluated."""
+bit-exact restoration of w0, SIGKILL resume, shards, the CLI, and errors raised before any point is
+evaluated."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ from landscape.weights import layer_weights, quantizable_layers
 
 
 class Quadratic(nn.Module):
-    """Two bias-free float64 linear layers (3x2 and 2x2) whose 'loss' is c + 1/2 (w - w*)^T H (w - w*) over all
-    10 weights, with H symmetric positive definite; w* is random, or w0 itself if ``centred`` (a basin at w0)."""
+    """Two bias-free float64 linear layers (3x2 and 2x2) whose 'loss' is c + 1/2 (w - w*)^T H (w - w*) over
+    all 10 weights, with H symmetric positive definite; w* is random, or w0 itself if ``centred`` (a basin at
+    w0)."""
 
     def __init__(self, seed: int = 0, centred: bool = False):
         super().__init__()
@@ -38,7 +40,8 @@ class Quadratic(nn.Module):
             self.second.weight.copy_(torch.randn(2, 2, generator=g, dtype=torch.float64))
         a = torch.randn(10, 10, generator=g, dtype=torch.float64)
         self.hessian = a @ a.T + torch.eye(10, dtype=torch.float64)
-        self.w_star = self.flat_weights().clone() if centred else torch.randn(10, generator=g, dtype=torch.float64)
+        self.w_star = (self.flat_weights().clone() if centred
+                       else torch.randn(10, generator=g, dtype=torch.float64))
         self.offset = 2.0
 
     def flat_weights(self) -> torch.Tensor:
@@ -77,7 +80,8 @@ def test_2d_scan_of_a_quadratic_equals_the_closed_form():
     u = random_direction(model, 0, "none")
     v = random_direction(model, 1, "filter")
     a, b = np.linspace(-1, 2, 4), np.linspace(-0.5, 0.5, 3)
-    result = scan(model, [u, v], [a, b], [FunctionObjective("loss", lambda m: m.loss())], execution=Execution(progress=False))
+    result = scan(model, [u, v], [a, b], [FunctionObjective("loss", lambda m: m.loss())],
+                  execution=Execution(progress=False))
     h, d0 = model.hessian.numpy(), model.flat_weights().numpy() - model.w_star.numpy()
     fu, fv = flat_np(u), flat_np(v)
     A, B = np.meshgrid(a, b, indexing="ij")
@@ -90,19 +94,22 @@ def test_2d_scan_of_a_quadratic_equals_the_closed_form():
 def test_nll_and_layer_mse_equal_a_naive_copy_of_the_model(gpt2, tokens):
     u = random_direction(gpt2, 3)
     a = np.array([-0.5, 1.0])
-    result = scan(gpt2, u, a, default_objectives(tokens, with_layer_mse=True), execution=Execution(progress=False))
+    result = scan(gpt2, u, a, default_objectives(tokens, with_layer_mse=True),
+                  execution=Execution(progress=False))
     w0 = layer_weights(gpt2, u.names)
     for i, coefficient in enumerate(a):
         naive = copy.deepcopy(gpt2)
         with torch.no_grad():
             for name, module in quantizable_layers(naive).items():
                 module.weight.add_(coefficient * u[name].T)  # Conv1D stores (in, out)
-            loss = naive(input_ids=tokens.tokens, labels=tokens.tokens).loss  # HF: mean over every predicted token
+            # HF: mean over every predicted token
+            loss = naive(input_ids=tokens.tokens, labels=tokens.tokens).loss
         assert result.values["nll"][i] == pytest.approx(float(loss), rel=1e-6)
         moved = {n: w0[n] + coefficient * u[n] for n in u.names}
         reference = layer_mse(gpt2, tokens, moved, inputs="reference")  # inputs of the unperturbed model
         for name in u.names:
-            assert result.values[f"layer_mse/{name}"][i] == pytest.approx(reference[name], rel=1e-6, abs=1e-12)
+            assert result.values[f"layer_mse/{name}"][i] == pytest.approx(reference[name], rel=1e-6,
+                                                                          abs=1e-12)
             # with reference inputs the error is linear in the coefficient: MSE(a) = a^2 MSE(1)
             assert result.values[f"layer_mse/{name}"][i] == pytest.approx(coefficient**2 * result.values[
                 f"layer_mse/{name}"][1], rel=1e-5, abs=1e-12)
@@ -113,7 +120,8 @@ def test_weights_are_bit_identical_to_w0_after_a_scan_and_after_an_exception(gpt
     u = random_direction(gpt2, 5, "none")
     name = u.names[0]
     w0 = quantizable_layers(gpt2)[name].weight.detach().T
-    assert not torch.equal((w0 + 1e3 * u[name]) - 1e3 * u[name], w0)  # restoring by subtraction would not be exact
+    # restoring by subtraction would not be exact
+    assert not torch.equal((w0 + 1e3 * u[name]) - 1e3 * u[name], w0)
     scan(gpt2, u, [1e3, -7.3], data=tokens, execution=Execution(progress=False))
     assert_bit_identical(gpt2, saved)
 
@@ -126,7 +134,8 @@ def test_weights_are_bit_identical_to_w0_after_a_scan_and_after_an_exception(gpt
         return 0.0
 
     with pytest.raises(RuntimeError, match="mid-scan"):
-        scan(gpt2, u, [1e3, -7.3, 2.0], [FunctionObjective("f", fails_on_second_point)], execution=Execution(progress=False))
+        scan(gpt2, u, [1e3, -7.3, 2.0], [FunctionObjective("f", fails_on_second_point)],
+             execution=Execution(progress=False))
     assert len(calls) == 2
     assert_bit_identical(gpt2, saved)
 
@@ -134,15 +143,18 @@ def test_weights_are_bit_identical_to_w0_after_a_scan_and_after_an_exception(gpt
 def test_shards_merged_equal_one_full_run(gpt2, tokens, tmp_path):
     u, v = random_direction(gpt2, 0), random_direction(gpt2, 1)
     grid = [[-1.0, 1.0], [-1.0, 0.5]]
-    full = scan(gpt2, [u, v], grid, data=tokens, execution=Execution(store=tmp_path / "full.h5", progress=False))
-    shards = [scan(gpt2, [u, v], grid, data=tokens, execution=Execution(store=tmp_path / f"s{i}.h5", shard=(i, 3), progress=False)).path
+    full = scan(gpt2, [u, v], grid, data=tokens,
+                execution=Execution(store=tmp_path / "full.h5", progress=False))
+    shards = [scan(gpt2, [u, v], grid, data=tokens,
+                   execution=Execution(store=tmp_path / f"s{i}.h5", shard=(i, 3), progress=False)).path
               for i in range(3)]
     assert read_store(shards[0]).done.ravel().tolist() == [True, False, False, True]  # points 0, 0 + 3
     merged = ScanResult.from_store(merge_stores(tmp_path / "merged.h5", shards))
     assert merged.done.all() and np.array_equal(merged.values["nll"], full.values["nll"])
     strip = lambda p: {k: v for k, v in p.items() if k not in RUN_SPECIFIC_KEYS}  # noqa: E731
     assert strip(merged.provenance) == strip(full.provenance)
-    assert merged.provenance["model_fingerprint"] and merged.provenance["objectives"][0]["nll_convention"]["data_hash"]
+    assert (merged.provenance["model_fingerprint"]
+            and merged.provenance["objectives"][0]["nll_convention"]["data_hash"])
 
 
 KILLED_SCAN = textwrap.dedent("""
@@ -183,7 +195,9 @@ def test_a_scan_killed_with_sigkill_resumes_to_the_uninterrupted_store(tmp_path)
     assert "evaluated 5" in resumed.stdout.decode()  # only the unfinished points
 
     model = Quadratic()
-    uninterrupted = scan(model, [random_direction(model, 0), random_direction(model, 1)], GRID_2D, [FunctionObjective("loss", lambda m: m.loss())], execution=Execution(store=tmp_path / "whole.h5", progress=False))
+    uninterrupted = scan(model, [random_direction(model, 0), random_direction(model, 1)], GRID_2D,
+                         [FunctionObjective("loss", lambda m: m.loss())],
+                         execution=Execution(store=tmp_path / "whole.h5", progress=False))
     a, b = read_store(path), read_store(uninterrupted.path)
     assert a.done.all() and set(a.arrays) == set(b.arrays)
     assert all(np.array_equal(a.arrays[n], b.arrays[n]) for n in a.arrays)
@@ -200,11 +214,14 @@ def test_bad_input_is_refused_before_any_point_is_evaluated(gpt2, tokens, tmp_pa
     with pytest.raises(ValueError, match=r"non-finite coefficients \[nan\] at positions \[1\]"):
         scan(gpt2, u, [0.0, float("nan")], counting, execution=Execution(progress=False))
     with pytest.raises(DirectionError, match=r"shape \(3, 3\) for layer"):
-        scan(gpt2, Direction({name: torch.ones(3, 3)}, u.spec), [1.0], counting, execution=Execution(progress=False))
+        scan(gpt2, Direction({name: torch.ones(3, 3)}, u.spec), [1.0], counting,
+             execution=Execution(progress=False))
     with pytest.raises(DirectionError, match="unknown layer 'lm_body'"):
-        scan(gpt2, Direction({"lm_body": torch.ones(3, 3)}, u.spec), [1.0], counting, execution=Execution(progress=False))
+        scan(gpt2, Direction({"lm_body": torch.ones(3, 3)}, u.spec), [1.0], counting,
+             execution=Execution(progress=False))
     with pytest.raises(DirectionError, match="norm 0.0"):
-        scan(gpt2, Direction({name: torch.zeros_like(u[name])}, u.spec), [1.0], counting, execution=Execution(progress=False))
+        scan(gpt2, Direction({name: torch.zeros_like(u[name])}, u.spec), [1.0], counting,
+             execution=Execution(progress=False))
     with pytest.raises(ValueError, match="2 axes but there are 1 directions"):
         scan(gpt2, u, [[1.0], [2.0]], counting, execution=Execution(progress=False))
     with pytest.raises(ValueError, match=r"0 <= i < n, got \(2, 2\)"):
@@ -221,12 +238,14 @@ def test_bad_input_is_refused_before_any_point_is_evaluated(gpt2, tokens, tmp_pa
 
     path = tmp_path / "run.h5"
     with pytest.raises(RuntimeError, match="stop after one point"):
-        scan(gpt2, u, [0.0, 1.0], [FunctionObjective("f", fails_after_one_point)], execution=Execution(store=path, progress=False))
+        scan(gpt2, u, [0.0, 1.0], [FunctionObjective("f", fails_after_one_point)],
+             execution=Execution(store=path, progress=False))
     assert read_store(partial_path(path)).done.sum() == 1
     calls.clear()
     other = tiny_model("gpt2", seed=1)
     with pytest.raises(StoreMismatchError, match="model_fingerprint"):
-        scan(other, random_direction(other, 0), [0.0, 1.0], counting, execution=Execution(store=path, resume=True, progress=False))
+        scan(other, random_direction(other, 0), [0.0, 1.0], counting,
+             execution=Execution(store=path, resume=True, progress=False))
     assert not calls
     assert_bit_identical(gpt2, saved)
 
@@ -267,7 +286,8 @@ def test_cli_scan_shards_merge_displacement_and_radius(model_dir, tmp_path, caps
     data = heldout_set(lm.tokenizer, 16, "wiki", 2)
     data_args = ["--seq-len", "16", "--segments", "2", "--no-progress"]
     full = tmp_path / "full.h5"
-    assert run_cli(["scan", model_dir, "--kind", "filter", "--grid", "-1:1:3", "--out", str(full), *data_args]) == 0
+    assert run_cli(["scan", model_dir, "--kind", "filter", "--grid", "-1:1:3", "--out", str(full),
+                    *data_args]) == 0
     shards = [tmp_path / f"s{i}.h5" for i in range(2)]
     for i, shard in enumerate(shards):
         argv = ["scan", model_dir, "--grid", "-1:1:3", "--shard", f"{i}/2", "--out", str(shard), *data_args]
@@ -277,33 +297,36 @@ def test_cli_scan_shards_merge_displacement_and_radius(model_dir, tmp_path, caps
     assert np.array_equal(result.values["nll"], merged.values["nll"])
     assert result.grid[0].tolist() == [-1.0, 0.0, 1.0]
     assert result.values["nll"][1] == pytest.approx(nll(lm.model, data).value, rel=1e-9)
-    assert result.directions[0].normalization == "filter" and result.provenance["model_info"]["architecture"] == "gpt2"
+    assert (result.directions[0].normalization == "filter"
+            and result.provenance["model_info"]["architecture"] == "gpt2")
 
     w0 = layer_weights(lm.model)
     w_q = {n: torch.round(w * 16) / 16 for n, w in w0.items()}
     saved = QuantResult(w_q, None, "rtn-test", base_model=model_dir,
                         base_fingerprint=weights_fingerprint(lm.model, list(w_q))).save(tmp_path / "rtn")
     toward = tmp_path / "toward.h5"
-    argv = ["scan", model_dir, "--kind", "displacement", "--quantized", str(saved), "--grid", "0:1:2", "--out",
-            str(toward), *data_args]
+    argv = ["scan", model_dir, "--kind", "displacement", "--quantized", str(saved), "--grid", "0:1:2",
+            "--out", str(toward), *data_args]
     assert run_cli(argv) == 0
     with swapped_weights(lm.model, w_q):
         nll_quantized = nll(lm.model, data).value
-    assert ScanResult.from_store(toward).values["nll"][1] == pytest.approx(nll_quantized, rel=1e-6)  # a = 1: w_q
+    # a = 1: w_q
+    assert ScanResult.from_store(toward).values["nll"][1] == pytest.approx(nll_quantized, rel=1e-6)
 
     radius = tmp_path / "radius.h5"
-    argv = ["radius", model_dir, "--directions", "2", "--threshold", "0.01", "--profile", "0:0.5:3", "--tolerance",
-            "0.05", "--quantized", str(saved), "--out", str(radius), *data_args]
+    argv = ["radius", model_dir, "--directions", "2", "--threshold", "0.01", "--profile", "0:0.5:3",
+            "--tolerance", "0.05", "--quantized", str(saved), "--out", str(radius), *data_args]
     assert run_cli(argv) == 0
     stats = BasinStatistics.from_store(radius)
     assert [b.direction.seed for b in stats.per_direction] == [0, 1]
-    assert stats.profile_values.shape == (2, 3) and stats.center_value == pytest.approx(nll(lm.model, data).value)
+    assert (stats.profile_values.shape == (2, 3)
+            and stats.center_value == pytest.approx(nll(lm.model, data).value))
     distance = float(torch.sqrt(sum(((w_q[n] - w0[n]).double() ** 2).sum() for n in w0)))
     assert stats.displacement_norms == {"rtn": pytest.approx(distance, rel=1e-6)}
     assert "R(w0) median" in capsys.readouterr().out
 
-    assert run_cli(["scan", model_dir, "--kind", "displacement", "--grid", "0:1:2", "--out", str(tmp_path / "d.h5"),
-                    *data_args]) == 2
+    assert run_cli(["scan", model_dir, "--kind", "displacement", "--grid", "0:1:2", "--out",
+                    str(tmp_path / "d.h5"), *data_args]) == 2
     assert "--kind displacement needs --quantized" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run_cli(["scan", model_dir, "--grid", "nan:1:3", "--out", str(tmp_path / "x.h5")])

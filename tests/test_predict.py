@@ -1,5 +1,6 @@
-"""PTQ-difficulty predictor: cases read from quant-table rows, the ranking metric (Spearman of score vs gap) and
-the threshold rule's accuracy against hand computations on a synthetic table, bad input, store round trip."""
+"""PTQ-difficulty predictor: cases read from quant-table rows, the ranking metric (Spearman of score vs gap)
+and the threshold rule's accuracy against hand computations on a synthetic table, bad input, store round
+trip."""
 
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def test_ranking_metric_and_threshold_accuracy_equal_hand_computations():
     evaluation = evaluate_predictor(cases, gap_threshold=0.1, n_resamples=300)
 
     scores = [40 / 80, 100 / 80, 300 / 80, 60 / 200, 180 / 200, 500 / 200]  # 0.5 1.25 3.75 0.3 0.9 2.5
-    gaps = [3.40 - 3.36, 4.10 - 3.82, 9.00 - 6.10, 3.00 - 2.99, 3.50 - 3.44, 6.00 - 4.20]  # .04 .28 2.9 .01 .06 1.8
+    # .04 .28 2.9 .01 .06 1.8
+    gaps = [3.40 - 3.36, 4.10 - 3.82, 9.00 - 6.10, 3.00 - 2.99, 3.50 - 3.44, 6.00 - 4.20]
     np.testing.assert_allclose(evaluation.scores, scores)
     np.testing.assert_allclose(evaluation.gaps, gaps, atol=1e-12)
     score_ranks, gap_ranks = [2, 4, 6, 1, 3, 5], [2, 4, 6, 1, 3, 5]
@@ -75,11 +77,13 @@ def test_ranking_metric_and_threshold_accuracy_equal_hand_computations():
     assert evaluation.rank_correlation.value == pytest.approx(1 - 6 * d2 / (6 * 35))  # = 1: a perfect ranking
     # rule: score > 1 -> [F T T F F T]; measured gap > 0.1 -> [F T T F F T]: all right
     assert evaluation.accuracy == 1.0
-    assert evaluation.confusion == {"true_positive": 3, "false_positive": 0, "true_negative": 3, "false_negative": 0}
+    assert evaluation.confusion == {"true_positive": 3, "false_positive": 0, "true_negative": 3,
+                                    "false_negative": 0}
 
     # move one case: large int3 now far behind (gap 0.26) though its score 0.9 says close
     moved = [PredictionCase(c.model, c.format, c.rtn_displacement_norm, c.basin_radius,
-                            c.nll_gptq + (0.20 if (c.model, c.format) == ("large", "int3") else 0.0), c.nll_qaft)
+                            c.nll_gptq + (0.20 if (c.model, c.format) == ("large", "int3") else 0.0),
+                            c.nll_qaft)
              for c in cases]
     again = evaluate_predictor(moved, gap_threshold=0.1, n_resamples=300)
     gap_ranks = [2, 4, 6, 1, 3, 5]  # gaps .04 .28 2.9 .01 .26 1.8 -> ranks 2 4 6 1 3 5: ranking unchanged
@@ -89,7 +93,8 @@ def test_ranking_metric_and_threshold_accuracy_equal_hand_computations():
     strict = evaluate_predictor(moved, score_threshold=0.8, gap_threshold=0.1, n_resamples=300)
     assert strict.accuracy == 1.0  # 0.9 > 0.8: the lower threshold catches it
     swapped = [PredictionCase(c.model, c.format, c.rtn_displacement_norm, c.basin_radius,
-                              c.nll_qaft + g, c.nll_qaft) for c, g in zip(cases, [0.04, 2.9, 0.28, 0.01, 0.06, 1.8])]
+                              c.nll_qaft + g, c.nll_qaft)
+               for c, g in zip(cases, [0.04, 2.9, 0.28, 0.01, 0.06, 1.8])]
     rho = evaluate_predictor(swapped, n_resamples=300).rank_correlation.value
     gap_ranks = [2, 6, 4, 1, 3, 5]
     d2 = sum((a - b) ** 2 for a, b in zip(score_ranks, gap_ranks))
@@ -99,7 +104,8 @@ def test_ranking_metric_and_threshold_accuracy_equal_hand_computations():
 
 def test_score_rule_and_bad_input():
     assert difficulty_score(150.0, 100.0) == 1.5 and difficulty_score(10.0, float("inf")) == 0.0
-    assert predicts_gptq_behind(1.5) and not predicts_gptq_behind(1.0) and predicts_gptq_behind(0.9, threshold=0.5)
+    assert (predicts_gptq_behind(1.5) and not predicts_gptq_behind(1.0)
+            and predicts_gptq_behind(0.9, threshold=0.5))
     for norm, radius in ((-1.0, 10.0), (float("nan"), 10.0), (1.0, 0.0), (1.0, -2.0)):
         with pytest.raises(PredictionError):
             difficulty_score(norm, radius)
@@ -117,7 +123,8 @@ def test_score_rule_and_bad_input():
 
 
 def test_store_round_trip(tmp_path):
-    cases = [PredictionCase("m", f"int{b}", 10.0 * (9 - b), 30.0, 3.0 + 1 / b, 3.0 + 0.5 / b) for b in (2, 3, 4, 5)]
+    cases = [PredictionCase("m", f"int{b}", 10.0 * (9 - b), 30.0, 3.0 + 1 / b, 3.0 + 0.5 / b)
+             for b in (2, 3, 4, 5)]
     evaluation = evaluate_predictor(cases, n_resamples=300)
     read = PredictorEvaluation.from_store(evaluation.to_store(tmp_path / "predict.h5"))
     assert read == evaluation and read.markdown() == evaluation.markdown()
@@ -129,13 +136,16 @@ def test_control_adjusted_gaps_subtract_the_controls_gain(tmp_path):
     table = synthetic_table("m1", {"int4": (50.0, 3.30, 3.20, 3.22), "int3": (120.0, 5.00, 4.40, 4.60)})
     with pytest.raises(PredictionError, match="fp-finetune"):
         cases_from_quant_table(table, 100.0, adjust_for_control=True)
-    rows = table.rows + [row("fp-finetune", "int4", 1.0, 2.70, seed=0), row("fp-finetune", "int4", 1.0, 2.80, seed=1)]
+    rows = table.rows + [row("fp-finetune", "int4", 1.0, 2.70, seed=0),
+                         row("fp-finetune", "int4", 1.0, 2.80, seed=1)]
     adjusted = QuantTable(rows, table.provenance, True)
     cases = cases_from_quant_table(adjusted, 100.0, adjust_for_control=True)
     gain = 3.0 - (2.70 + 2.80) / 2  # fp32 row minus the mean control
     assert [c.control_gain for c in cases] == pytest.approx([gain, gain])
-    assert cases[1].gap == pytest.approx(5.00 - 4.50 - gain) and cases[0].gap == pytest.approx(3.30 - 3.21 - gain)
-    assert [c.gap for c in cases_from_quant_table(adjusted, 100.0)] == pytest.approx([3.30 - 3.21, 5.00 - 4.50])
+    assert (cases[1].gap == pytest.approx(5.00 - 4.50 - gain)
+            and cases[0].gap == pytest.approx(3.30 - 3.21 - gain))
+    assert ([c.gap for c in cases_from_quant_table(adjusted, 100.0)]
+            == pytest.approx([3.30 - 3.21, 5.00 - 4.50]))
     evaluation = evaluate_predictor(cases + [PredictionCase("m2", "int4", 10.0, 20.0, 3.1, 3.0, 0.05)],
                                     n_resamples=200)
     assert "control gain" in evaluation.markdown() and "| +0.2500 |" in evaluation.markdown()

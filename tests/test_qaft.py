@@ -78,8 +78,10 @@ def test_lsq_fake_quant_forward_and_closed_form_gradients():
     codes = torch.round(w.detach() / s + z)
     inside = (codes >= 0) & (codes <= 7)
     assert (~inside).any() and inside.any()
-    assert torch.allclose(grad_w, torch.where(inside, upstream, torch.zeros_like(upstream)), rtol=1e-15, atol=0)
-    # d/d log s of s * (q - z) with q = clamp(round_ste(w / s + z)): s * (q - z - w / s) inside, s * (q - z) clipped
+    assert torch.allclose(grad_w, torch.where(inside, upstream, torch.zeros_like(upstream)), rtol=1e-15,
+                          atol=0)
+    # d/d log s of s * (q - z) with q = clamp(round_ste(w / s + z)): s * (q - z - w / s) inside, s * (q - z)
+    # clipped
     d_output = torch.where(inside, s * (codes - z) - w.detach(), s * (codes.clamp(0, 7) - z))
     expected = (d_output * upstream).reshape(2, 2, 4).sum(-1)
     assert torch.allclose(grad_log_scale, expected, rtol=1e-12, atol=1e-12)
@@ -179,10 +181,12 @@ def test_first_step_losses_equal_independent_nll_and_kl_of_rtn():
         with swapped_weights(model, rtn_weights(model, "int3")):
             student = F.log_softmax(model(input_ids=batch).logits[:, :-1], dim=-1)
     nll_rtn = -student.gather(-1, batch[:, 1:, None]).mean().item()
-    kl_rtn = (F.kl_div(student, teacher, log_target=True, reduction="sum") / teacher.shape[0] / teacher.shape[1]).item()
+    kl_rtn = (F.kl_div(student, teacher, log_target=True, reduction="sum")
+              / teacher.shape[0] / teacher.shape[1]).item()
     assert math.isclose(result.extra["nll_curve"][0], float(nll_rtn), rel_tol=1e-10)
     assert math.isclose(result.extra["kl_curve"][0], float(kl_rtn), rel_tol=1e-8)
-    assert math.isclose(result.extra["loss_curve"][0], 0.75 * float(nll_rtn) + 0.25 * float(kl_rtn), rel_tol=1e-8)
+    assert math.isclose(result.extra["loss_curve"][0], 0.75 * float(nll_rtn) + 0.25 * float(kl_rtn),
+                        rel_tol=1e-8)
     assert result.extra["lr_curve"] == [0.0] * 3
 
 
@@ -200,8 +204,8 @@ def test_training_with_quantized_activations_sees_them_in_the_student_only():
             student = F.log_softmax(model(input_ids=batch).logits[:, :-1], dim=-1)
     assert math.isclose(result.extra["nll_curve"][0], -student.gather(-1, batch[:, 1:, None]).mean().item(),
                         rel_tol=1e-10)
-    assert math.isclose(result.extra["kl_curve"][0], (teacher.exp() * (teacher - student)).sum(-1).mean().item(),
-                        rel_tol=1e-8)
+    assert math.isclose(result.extra["kl_curve"][0],
+                        (teacher.exp() * (teacher - student)).sum(-1).mean().item(), rel_tol=1e-8)
 
 
 def test_start_result_is_the_starting_point():
@@ -253,9 +257,11 @@ def test_paired_control_repeats_the_qaft_run_with_the_quantizer_off():
                layers="*.mlp.*", progress=False)
     control = paired_control(model, calib, run, progress=False)
     assert list(control.weights) == list(run.weights) and all("mlp" in n for n in run.weights)
-    assert control.extra["batch_order"] == run.extra["batch_order"] and control.extra["lr_curve"] == run.extra["lr_curve"]
+    assert (control.extra["batch_order"] == run.extra["batch_order"]
+            and control.extra["lr_curve"] == run.extra["lr_curve"])
     differing = {k for k in run.settings if run.settings[k] != control.settings[k]}
-    assert differing == {"quantize", "start", "layers"} and control.extra["paired_with"]["label"] == "qaft int3"
+    assert (differing == {"quantize", "start", "layers"}
+            and control.extra["paired_with"]["label"] == "qaft int3")
     with pytest.raises(QAFTError, match="calibration data"):
         paired_control(model, random_tokens(8, 16, seed=9), run, progress=False)
     with pytest.raises(QAFTError, match="qaft result"):
@@ -362,11 +368,12 @@ def test_control_moves_weights_off_w0_and_lowers_nll():
 # --------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("bad, message", [
     (dict(lr=-1e-4), "lr must be"), (dict(lr=float("nan")), "lr must be"), (dict(steps=0), "steps must be"),
-    (dict(steps=2.5), "steps must be"), (dict(epochs=0), "epochs must be"), (dict(batch_size=0), "batch_size"),
-    (dict(batch_size=9), "batch_size=9 exceeds"), (dict(warmup_steps=3), "warmup_steps=3"),
-    (dict(distill_weight=1.5), "distill_weight"), (dict(weight_decay=-1.0), "weight_decay"),
-    (dict(activations=12), "2..8, got 12"), (dict(kv=1), "2..8, got 1"),
-    (dict(quantize=False, learned_scales=True), "learned_scales"), (dict(layers=["no.such.layer"]), "no.such.layer"),
+    (dict(steps=2.5), "steps must be"), (dict(epochs=0), "epochs must be"),
+    (dict(batch_size=0), "batch_size"), (dict(batch_size=9), "batch_size=9 exceeds"),
+    (dict(warmup_steps=3), "warmup_steps=3"), (dict(distill_weight=1.5), "distill_weight"),
+    (dict(weight_decay=-1.0), "weight_decay"), (dict(activations=12), "2..8, got 12"),
+    (dict(kv=1), "2..8, got 1"), (dict(quantize=False, learned_scales=True), "learned_scales"),
+    (dict(layers=["no.such.layer"]), "no.such.layer"),
 ])
 def test_bad_settings_are_refused_before_training(bad, message):
     model = tiny_model("gpt2")
@@ -388,7 +395,8 @@ def test_bad_start_points_are_refused_before_training():
     cases = {
         "fingerprint": quant_result(other_base, rtn_weights(other_base, "int4"), "int4"),
         "int3": quant_result(model, rtn_weights(model, "int4"), "int4"),  # asked for int3 below
-        "not on the int4 grid": quant_result(model, {n: w + 1e-3 for n, w in layer_weights(model).items()}, "int4"),
+        "not on the int4 grid": quant_result(model, {n: w + 1e-3 for n, w in layer_weights(model).items()},
+                                             "int4"),
         "has no weights": quant_result(model, dict(list(rtn_weights(model, "int4").items())[:2]), "int4"),
     }
     for message, start in cases.items():

@@ -4,11 +4,11 @@ error or the finished state, never a crash or half a record.
 
 The pipeline (:func:`pipeline` in :data:`DRIVER`) runs three resumable stages on a tiny GPT-2 and wiki text:
 a 1-D scan with layer MSE, a basin-radius search over three directions, and the quantization study
-(:func:`landscape.studies.quant_table.run_quant_table`: RTN, GPTQ and QAFT, each saved as a QuantResult, then evaluated).
-Every *event* is counted: each HDF5 dataset write and flush, each ``os.replace``, each safetensors write
-and each forward pass of the model or of a decoder block. A run armed with ``kill_at = k`` sends itself
-SIGKILL just before event ``k``, wherever that falls (between a point's values and its done flag, inside a
-store's creation, between the two files of a saved result, mid-training...).
+(:func:`landscape.studies.quant_table.run_quant_table`: RTN, GPTQ and QAFT, each saved as a QuantResult, then
+evaluated). Every *event* is counted: each HDF5 dataset write and flush, each ``os.replace``, each
+safetensors write and each forward pass of the model or of a decoder block. A run armed with ``kill_at = k``
+sends itself SIGKILL just before event ``k``, wherever that falls (between a point's values and its done
+flag, inside a store's creation, between the two files of a saved result, mid-training...).
 
 A driver process imports everything once (single-threaded, so forking it is safe) and forks each run: first
 the uninterrupted reference, then trials. The first kill of trial ``t`` falls in stage ``t % 3`` (in the first
@@ -83,23 +83,27 @@ DRIVER = textwrap.dedent("""
         os.replace = counted(os.replace)
         safetensors.torch.save_file = counted(safetensors.torch.save_file)
         create = ResultStore.create
-        ResultStore.create = lambda *args, **kwargs: starts["creations"].append(count[0]) or create(*args, **kwargs)
+        ResultStore.create = lambda *args, **kwargs: (starts["creations"].append(count[0])
+                                                      or create(*args, **kwargs))
         lm = load_model(model_dir)
         for module in [lm.model, *decoder_blocks(lm.model)]:
             module.register_forward_pre_hook(lambda *_: event())
         data = heldout_set(lm.tokenizer, 16, "wiki", 2)
 
         starts["scan"] = count[0]
-        scan(lm.model, random_direction(lm.model, 0), [-1.0, -0.5, 0.0, 0.5, 1.0], default_objectives(data, True),
+        scan(lm.model, random_direction(lm.model, 0), [-1.0, -0.5, 0.0, 0.5, 1.0],
+             default_objectives(data, True),
              execution=Execution(store=out / "scan.h5", resume=True, progress=False))
         starts["radius"] = count[0]
-        basin_statistics(lm.model, [DirectionSpec("random", seed=s, normalization="filter") for s in range(3)],
-                         data=data, search=RadiusSearch(threshold=0.05, tolerance=0.2), profile_radii=[1.0, 4.0],
+        basin_statistics(lm.model,
+                         [DirectionSpec("random", seed=s, normalization="filter") for s in range(3)],
+                         data=data, search=RadiusSearch(threshold=0.05, tolerance=0.2),
+                         profile_radii=[1.0, 4.0],
                          execution=Execution(store=out / "radius.h5", resume=True, progress=False))
         starts["quant_table"] = count[0]
         protocol = Protocol(model=model_dir, calib_sequences=8, calib_seq_len=16, eval_corpora=("wiki",),
-                            eval_seq_len=16, eval_segments=2, formats=("int4",), methods=("rtn", "gptq", "qaft"),
-                            qaft_lr=1e-3, qaft_batch_size=4)
+                            eval_seq_len=16, eval_segments=2, formats=("int4",),
+                            methods=("rtn", "gptq", "qaft"), qaft_lr=1e-3, qaft_batch_size=4)
         run_quant_table(protocol, out, progress=False, lm=lm)
         starts["end"] = count[0]
         return starts
@@ -138,7 +142,8 @@ DRIVER = textwrap.dedent("""
         out = root / f"trial{t}"
         out.mkdir()
         low, high = bounds[STAGES[t % len(STAGES)]]
-        # first kill: in trials 0-2 the first event inside the stage's store creation, later uniform in the stage
+        # first kill: in trials 0-2 the first event inside the stage's store creation, later uniform in the
+        # stage
         first = starts["creations"][t] + 1 if t < len(STAGES) else int(rng.integers(low + 1, high + 1))
         schedule = [first]
         schedule += [int(rng.integers(1, starts["end"] + 1)) for _ in range(kills_per_trial - 1)]
@@ -166,23 +171,24 @@ def crashed(tmp_path_factory) -> tuple[Path, dict]:
         token_stream(tokenizer, "wiki", split)
     (root / "driver.py").write_text(DRIVER)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    driver = subprocess.run([sys.executable, str(root / "driver.py"), str(root), str(model_dir), str(N_TRIALS),
-                             str(KILLS_PER_TRIAL), str(SCHEDULE_SEED)], env=env, capture_output=True, text=True,
-                            timeout=600)
+    driver = subprocess.run([sys.executable, str(root / "driver.py"), str(root), str(model_dir),
+                             str(N_TRIALS), str(KILLS_PER_TRIAL), str(SCHEDULE_SEED)], env=env,
+                            capture_output=True, text=True, timeout=600)
     assert driver.returncode == 0, driver.stderr[-3000:]
     return root, json.loads((root / "log.json").read_text())
 
 
 def finished_points(directory: Path, store: str) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
-    """``(done, point arrays)`` of a store in ``directory``: the finished file, else the partial one, else None.
-    Raises if a file exists but cannot be read."""
+    """``(done, point arrays)`` of a store in ``directory``: the finished file, else the partial one, else
+    None. Raises if a file exists but cannot be read."""
     path = directory / store
     if not path.exists() and partial_path(path).exists():
         path = partial_path(path)
     if not path.exists():
         return None
     data = read_store(path)
-    return data.done, {n: data.arrays[n] for n in data.point_arrays if n not in WALL_TIME_ARRAYS.get(store, ())}
+    return data.done, {n: data.arrays[n] for n in data.point_arrays
+                       if n not in WALL_TIME_ARRAYS.get(store, ())}
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -200,7 +206,8 @@ def test_every_trial_was_killed_then_resumed_to_completion(crashed):
         assert all(r["status"] in (-signal.SIGKILL, 0) for r in runs) and runs[-1]["status"] == 0
     stages = [r["kill_at"] for r in (runs[0] for runs in log["trials"])]
     bounds = [log["events"][s] for s in ("scan", "radius", "quant_table", "end")]
-    assert [int(np.searchsorted(bounds, k) - 1) for k in stages] == [t % 3 for t in range(N_TRIALS)]  # every stage
+    # every stage
+    assert [int(np.searchsorted(bounds, k) - 1) for k in stages] == [t % 3 for t in range(N_TRIALS)]
 
 
 def test_no_finished_point_is_lost_and_each_equals_the_uninterrupted_run(crashed):
@@ -238,7 +245,8 @@ def test_resumed_stores_and_results_equal_the_uninterrupted_run(crashed):
                 if name not in WALL_TIME_ARRAYS.get(store, ()):
                     assert same_bits(resumed.arrays[name], array), f"trial {t}: {store} {name}"
             assert strip(resumed.provenance) == strip(whole.provenance)
-        results = sorted(p.relative_to(root / "reference") for p in (root / "reference").rglob("*.safetensors"))
+        results = sorted(p.relative_to(root / "reference")
+                         for p in (root / "reference").rglob("*.safetensors"))
         assert len(results) == 3  # rtn, gptq, qaft
         for result in results:
             assert (trial / result).read_bytes() == (root / "reference" / result).read_bytes(), str(result)
@@ -280,7 +288,8 @@ def test_a_reader_gets_a_clear_in_progress_error_or_the_finished_store(tmp_path)
                 in_progress += 1
             except StoreError as err:  # only once the run has finished and its partial file is gone
                 assert target == partial_path(path) and not target.exists(), str(err)
-            else:  # the finished state, whole (also from the partial file between the writer's close and rename)
+            else:
+                # the finished state, whole (also from the partial file between the writer's close and rename)
                 assert data.complete
                 assert all(data.arrays["value"][i].tolist() == [float(i)] * 3 for i in range(40))
                 finished += target == path

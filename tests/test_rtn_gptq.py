@@ -1,4 +1,5 @@
-"""RTN, GPTQ and the block-by-block driver, each checked against an independent computation on a tiny problem."""
+"""RTN, GPTQ and the block-by-block driver, each checked against an independent computation on a tiny
+problem."""
 
 from __future__ import annotations
 
@@ -24,12 +25,16 @@ from landscape.weights import Base, decoder_blocks, layer_weights, quantizable_l
 
 
 # --------------------------------------------------------------------------------------- helpers
-def layer_problem(out_f: int = 12, in_f: int = 32, n_tokens: int = 96, seed: int = 0, dead: tuple[int, ...] = ()):
-    """A weight and correlated calibration inputs X (tokens, in), float64; ``dead`` input columns are always 0."""
+def layer_problem(out_f: int = 12, in_f: int = 32, n_tokens: int = 96, seed: int = 0,
+                  dead: tuple[int, ...] = ()):
+    """A weight and correlated calibration inputs X (tokens, in), float64; ``dead`` input columns are always
+    0."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
-    mix = torch.eye(in_f, dtype=torch.float64) + 0.6 * torch.randn(in_f, in_f, generator=g, dtype=torch.float64)
-    x = torch.randn(n_tokens, in_f, generator=g, dtype=torch.float64) @ mix * (1 + torch.rand(in_f, generator=g))
+    mix = torch.eye(in_f, dtype=torch.float64) + 0.6 * torch.randn(in_f, in_f, generator=g,
+                                                                   dtype=torch.float64)
+    x = (torch.randn(n_tokens, in_f, generator=g, dtype=torch.float64) @ mix
+         * (1 + torch.rand(in_f, generator=g)))
     x[:, list(dead)] = 0
     return w, x
 
@@ -48,7 +53,8 @@ def obq_reference(w: torch.Tensor, hessian: torch.Tensor, grid, damp: float, act
     every remaining column updated at once; no Cholesky, no lazy blocks."""
     W, H = w.double().clone(), hessian.double().clone()
     H.diagonal()[H.diagonal() == 0] = 1.0
-    order = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(W.shape[1])
+    order = (torch.argsort(H.diagonal(), descending=True, stable=True) if act_order
+             else torch.arange(W.shape[1]))
     H += damp * H.diagonal().mean() * torch.eye(W.shape[1], dtype=H.dtype)
     Hinv = torch.linalg.inv(H)
     Q = torch.zeros_like(W)
@@ -104,7 +110,8 @@ def test_rtn_layer_mse_matches_direct_computation_on_captured_inputs():
     assert all(".mlp." in n for n in result.weights) and len(result.weights) == 6
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in result.weights}
     modules = quantizable_layers(model)
-    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0].reshape(-1, a[0].shape[-1])))
+    handles = [modules[n].register_forward_pre_hook(
+                   lambda m, a, n=n: inputs[n].append(a[0].reshape(-1, a[0].shape[-1])))
                for n in inputs]
     with torch.no_grad():
         model(input_ids=calib.tokens)
@@ -112,12 +119,14 @@ def test_rtn_layer_mse_matches_direct_computation_on_captured_inputs():
         h.remove()
     for name, w_q in result.weights.items():
         x = torch.cat(inputs[name])
-        assert result.layer_mse[name] == pytest.approx(mse_on_inputs(modules[name].weight.detach(), w_q, x), rel=1e-10)
+        assert result.layer_mse[name] == pytest.approx(mse_on_inputs(modules[name].weight.detach(), w_q, x),
+                                                       rel=1e-10)
 
 
 # ---------------------------------------------------------------------------- GPTQ, one layer
-@pytest.mark.parametrize("spec, act_order, block_size", [("int3", True, 5), ("int3", False, 128), ("int4-g8", True, 7),
-                                                         ("int2-g16-sym", True, 1), ("mxint3-8", False, 3)])
+@pytest.mark.parametrize("spec, act_order, block_size",
+                         [("int3", True, 5), ("int3", False, 128), ("int4-g8", True, 7),
+                          ("int2-g16-sym", True, 1), ("mxint3-8", False, 3)])
 def test_gptq_layer_matches_column_by_column_reference(spec, act_order, block_size):
     w, x = layer_problem(seed=1)
     H, grid = hessian_of(x), make_grid(w, spec)
@@ -200,7 +209,8 @@ def test_damping_escalates_until_cholesky_succeeds_and_is_recorded():
 
 def test_hessian_that_no_damping_fixes_raises():
     w, _ = layer_problem(out_f=4, in_f=4, seed=9)
-    H = torch.tensor([[1.0, 1e4, 0, 0], [1e4, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]], dtype=torch.float64)
+    H = torch.tensor([[1.0, 1e4, 0, 0], [1e4, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]],
+                     dtype=torch.float64)
     with pytest.raises(CholeskyError, match="not positive semi-definite"):
         gptq_layer(w, H, make_grid(w, "int4"))
 
@@ -245,7 +255,8 @@ def test_a_capture_pass_stops_once_its_layers_have_their_inputs_and_gives_the_sa
     model, calib = tiny_model("llama"), calib_set()
     calls = capture_block_inputs(model, calib, batch_size=3)
     block = decoder_blocks(model)[0]
-    layers = {n: m for n, m in quantizable_layers(model).items() if ".layers.0.self_attn." in n and "o_proj" not in n}
+    layers = {n: m for n, m in quantizable_layers(model).items()
+              if ".layers.0.self_attn." in n and "o_proj" not in n}
     later_calls = []
     handle = block.mlp.down_proj.register_forward_pre_hook(lambda module, args: later_calls.append(1))
     try:
@@ -263,7 +274,8 @@ def test_a_capture_pass_stops_once_its_layers_have_their_inputs_and_gives_the_sa
 
 EXPECTED_GROUPS = {  # layers reading the same tensor, in forward order, per decoder block
     "gpt2": [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]],
-    "opt": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"], ["fc2"]],
+    "opt": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"],
+            ["fc2"]],
     "llama": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
               ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
 }
@@ -276,7 +288,8 @@ def test_input_groups_follow_shared_input_tensors(arch):
     prefix = [n for n in quantizable_layers(model) if ".1." in n][0].split(".1.")[0] + ".1."
     layers = {n: m for n, m in quantizable_layers(model).items() if n.startswith(prefix)}
     groups = input_groups(block, layers, calls[0])
-    assert [sorted(n.removeprefix(prefix) for n in g) for g in groups] == [sorted(g) for g in EXPECTED_GROUPS[arch]]
+    assert [sorted(n.removeprefix(prefix) for n in g)
+            for g in groups] == [sorted(g) for g in EXPECTED_GROUPS[arch]]
 
 
 def test_sequential_gptq_layer_mse_equals_mse_on_the_quantized_models_inputs(arch):
@@ -320,7 +333,8 @@ def test_gptq_is_deterministic_and_selects_layers_by_glob():
     a = gptq(model, calib, "int4", layers=["*.h.1.*", "transformer.h.0.attn.c_attn"], progress=False)
     b = gptq(model, calib, "int4", layers=["*.h.1.*", "transformer.h.0.attn.c_attn"], progress=False)
     assert list(a.weights) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn",
-                               "transformer.h.1.attn.c_proj", "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
+                               "transformer.h.1.attn.c_proj", "transformer.h.1.mlp.c_fc",
+                               "transformer.h.1.mlp.c_proj"]
     assert all(torch.equal(a.weights[n], b.weights[n]) for n in a.weights)
     assert a.layer_mse == b.layer_mse
 
@@ -365,16 +379,19 @@ def _nan_embedding(model):
 
 BAD_CALLS = {
     "bits": (None, lambda m, c: gptq(m, c, "int9", progress=False), FormatError, "got 9"),
-    "group": (None, lambda m, c: gptq(m, c, "int4-g24", progress=False), FormatError, r"group size 24 .*in_features=32"),
-    "layer": (None, lambda m, c: gptq(m, c, "int4", layers=["transformer.h.7.attn.c_attn"], progress=False), KeyError,
-              r"transformer\.h\.7\.attn\.c_attn"),
+    "group": (None, lambda m, c: gptq(m, c, "int4-g24", progress=False), FormatError,
+              r"group size 24 .*in_features=32"),
+    "layer": (None, lambda m, c: gptq(m, c, "int4", layers=["transformer.h.7.attn.c_attn"], progress=False),
+              KeyError, r"transformer\.h\.7\.attn\.c_attn"),
     "nan_weight": (_nan_last_layer, lambda m, c: gptq(m, c, "int4", progress=False), ValueError,
                    r"transformer\.h\.1\.mlp\.c_proj.*NaN"),
-    "nan_hidden": (_nan_embedding, lambda m, c: gptq(m, c, "int4", progress=False), ValueError, "hidden states .*NaN"),
-    "token_range": (None, lambda m, c: gptq(m, random_tokens(2, 8, vocab=500), "int4", progress=False), ValueError,
-                    r"0\.\.96"),
-    "float_tokens": (None, lambda m, c: gptq(m, TokenSet(torch.full((2, 8), float("nan")), torch.ones(2, 8, dtype=bool),
-                                                         "x", "x", 8, 8, "x"), "int4", progress=False), ValueError,
+    "nan_hidden": (_nan_embedding, lambda m, c: gptq(m, c, "int4", progress=False), ValueError,
+                   "hidden states .*NaN"),
+    "token_range": (None, lambda m, c: gptq(m, random_tokens(2, 8, vocab=500), "int4", progress=False),
+                    ValueError, r"0\.\.96"),
+    "float_tokens": (None, lambda m, c: gptq(m, TokenSet(torch.full((2, 8), float("nan")),
+                                                         torch.ones(2, 8, dtype=bool), "x", "x", 8, 8, "x"),
+                                             "int4", progress=False), ValueError,
                      "integer token ids"),
     "damp": (None, lambda m, c: gptq(m, c, "int4", GPTQSettings(damp=-1.0), progress=False), ValueError,
              "damp"),
@@ -424,7 +441,8 @@ def test_cli_quantize_saves_what_the_library_computes(cli_on_tiny_model, tmp_pat
     out = tmp_path / "tiny-gptq"
     rc = main(["quantize", "tiny-gpt2", "--method", "gptq+lorc", "--format", "int4-g16", "--out", str(out),
                "--calib-sequences", "3", "--calib-seq-len", "10", "--calib-seed", "7", "--rank", "2",
-               "--damp", "0.05", "--block-size", "8", "--no-act-order", "--layers", "*.mlp.*", "--no-progress"])
+               "--damp", "0.05", "--block-size", "8", "--no-act-order", "--layers", "*.mlp.*",
+               "--no-progress"])
     printed = capsys.readouterr().out
     assert rc == 0 and requests == [(3, 10, 7)]
     saved = QuantResult.load(out)

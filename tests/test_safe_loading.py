@@ -1,8 +1,8 @@
 """Safe loading: models, quantized results, stores and caches are read without unpickling anything.
 
-The threat: a user-supplied path holding a pickle (``pytorch_model.bin``, ``*.pt``) whose unpickling runs code.
-Every payload here is live: :func:`test_the_payload_is_live` shows that a plain ``torch.load`` of it runs
-``os.makedirs(marker)``. The other tests hand such files to landscape's loaders and check that they are
+The threat: a user-supplied path holding a pickle (``pytorch_model.bin``, ``*.pt``) whose unpickling runs
+code. Every payload here is live: :func:`test_the_payload_is_live` shows that a plain ``torch.load`` of it
+runs ``os.makedirs(marker)``. The other tests hand such files to landscape's loaders and check that they are
 refused with a clear error, that the marker never appears, and that ``torch.load`` is not even called.
 """
 
@@ -40,7 +40,8 @@ class Payload:
 
 
 def write_pickle_checkpoint(path: Path, marker: Path) -> Path:
-    """A torch checkpoint (zip + pickle, what ``torch.save`` and old ``save_pretrained`` write) carrying the payload."""
+    """A torch checkpoint (zip + pickle, what ``torch.save`` and old ``save_pretrained`` write) carrying the
+    payload."""
     torch.save({"transformer.wte.weight": Payload(marker)}, path)
     return path
 
@@ -143,9 +144,9 @@ def test_stores_and_token_caches_holding_pickles_are_refused(tmp_path, torch_loa
 
 # ------------------------------------------------------------------------------------- the source itself
 def _unsafe_calls(source: str) -> list[str]:
-    """Calls in ``source`` that could unpickle: ``pickle.load(s)``, ``torch.load`` without ``weights_only=True``,
-    ``np.load`` with ``allow_pickle=True``, and a model's ``from_pretrained`` without ``use_safetensors=True``
-    (GGUF files, which hold no pickle, excepted)."""
+    """Calls in ``source`` that could unpickle: ``pickle.load(s)``, ``torch.load`` without
+    ``weights_only=True``, ``np.load`` with ``allow_pickle=True``, and a model's ``from_pretrained`` without
+    ``use_safetensors=True`` (GGUF files, which hold no pickle, excepted)."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
@@ -163,9 +164,10 @@ def _unsafe_calls(source: str) -> list[str]:
 
 
 def test_the_checker_flags_unsafe_calls():
-    unsafe = ("pickle.load(f)\ntorch.load(p)\ntorch.load(p, weights_only=False)\nnp.load(p, allow_pickle=True)\n"
-              "AutoModelForCausalLM.from_pretrained(path)\n")
-    safe = ("torch.load(p, weights_only=True)\nnp.load(p, allow_pickle=False)\nAutoTokenizer.from_pretrained(p)\n"
+    unsafe = ("pickle.load(f)\ntorch.load(p)\ntorch.load(p, weights_only=False)\n"
+              "np.load(p, allow_pickle=True)\nAutoModelForCausalLM.from_pretrained(path)\n")
+    safe = ("torch.load(p, weights_only=True)\nnp.load(p, allow_pickle=False)\n"
+            "AutoTokenizer.from_pretrained(p)\n"
             "AutoModelForCausalLM.from_pretrained(p, use_safetensors=True)\n"
             "AutoModelForCausalLM.from_pretrained(d, gguf_file=g)\n")
     assert len(_unsafe_calls(unsafe)) == 5 and _unsafe_calls(safe) == []

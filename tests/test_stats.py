@@ -88,7 +88,8 @@ def test_intervals_from_nll_results_and_their_conventions():
     def result(segment_sums, data_hash="abc"):
         convention = objectives.NLLConvention("m", "wiki", "heldout", data_hash, 256, 256, len(tokens),
                                               int(tokens.sum()))
-        return objectives.NLLResult(float(segment_sums.sum() / tokens.sum()), segment_sums, tokens, convention)
+        return objectives.NLLResult(float(segment_sums.sum() / tokens.sum()), segment_sums, tokens,
+                                    convention)
 
     a, b = result(sums), result(sums * 1.01)
     assert nll_interval(a, seed=2) == token_mean_interval(sums, tokens, seed=2)
@@ -110,7 +111,8 @@ def test_quantiles_and_t_interval_against_closed_forms():
     half = 2.7764451051977987 * seeds.std(ddof=1) / np.sqrt(5)  # t_{0.975, 4}
     assert (t.low, t.high) == pytest.approx((seeds.mean() - half, seeds.mean() + half), rel=1e-12)
     assert t.n_resamples == 0 and t.unit == "seeds"
-    hits = sum(mean_t_interval(np.random.default_rng(s).normal(1.0, 2.0, size=4)).contains(1.0) for s in range(400))
+    hits = sum(mean_t_interval(np.random.default_rng(s).normal(1.0, 2.0, size=4)).contains(1.0)
+               for s in range(400))
     assert 0.92 <= hits / 400 <= 0.98
     normal = normal_interval(10.0, 2.0, level=0.95, n_units=10, unit="probe vectors")
     assert (normal.low, normal.high) == pytest.approx((10 - 3.919927969, 10 + 3.919927969), rel=1e-9)
@@ -165,9 +167,12 @@ def test_contrast_of_two_models_is_the_paired_difference_and_its_value_a_closed_
     a, b, c = (counts * (3.0 + rng.normal(0, 0.3, size=24)) for _ in range(3))
     pair = contrast_interval([a, b], counts, [-1.0, 1.0])
     reference = difference_interval(a, counts, b, counts, paired=True)
-    assert (pair.value, pair.low, pair.high) == pytest.approx((reference.value, reference.low, reference.high), abs=1e-12)
+    assert (pair.value, pair.low,
+            pair.high) == pytest.approx((reference.value, reference.low, reference.high),
+                                        abs=1e-12)
     three = contrast_interval([a, b, c], counts, [0.5, 2.0, -1.0])
-    assert three.value == pytest.approx(0.5 * a.sum() / counts.sum() + 2 * b.sum() / counts.sum() - c.sum() / counts.sum())
+    assert three.value == pytest.approx(0.5 * a.sum() / counts.sum() + 2 * b.sum() / counts.sum()
+                                        - c.sum() / counts.sum())
     assert three.low < three.value < three.high and three.method == "paired bootstrap"
     with pytest.raises(StatsError, match="one coefficient per model: got 2 models and 3 coefficients"):
         contrast_interval([a, b], counts, [1.0, -1.0, 0.0])
@@ -186,11 +191,13 @@ def test_control_adjusted_gap_subtracts_the_adaptation_and_averages_seeds():
     assert gap.adaptation.value == pytest.approx((fp32.sum() - control.sum()) / counts.sum())
     assert gap.remaining.value == pytest.approx(gap.advantage.value - gap.adaptation.value)
     assert gap.remaining.value == pytest.approx(0.6 - 0.3, abs=0.05)
-    assert gap.remaining.low > 0 and "remains after the control (3 seeds of QAFT and 1 of the control" in gap.sentence()
+    assert (gap.remaining.low > 0
+            and "remains after the control (3 seeds of QAFT and 1 of the control" in gap.sentence())
     same = control_adjusted_gap("int3", "wiki", gptq, [qaft[0]] * 2, fp32, [control], counts)
     one = control_adjusted_gap("int3", "wiki", gptq, [qaft[0]], fp32, [control], counts)
     assert same.remaining.value == pytest.approx(one.remaining.value)
     null = control_adjusted_gap("int3", "wiki", gptq, [gptq], fp32, [fp32], counts)
-    assert null.remaining.low <= 0 <= null.remaining.high and "no advantage beyond adaptation" in null.sentence()
+    assert (null.remaining.low <= 0 <= null.remaining.high
+            and "no advantage beyond adaptation" in null.sentence())
     with pytest.raises(StatsError, match="at least one QAFT and one control run, got 0 and 1"):
         control_adjusted_gap("int3", "wiki", gptq, [], fp32, [control], counts)

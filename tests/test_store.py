@@ -1,4 +1,5 @@
-"""HDF5 result stores: round trip, atomic completion, SIGKILL resume, merge, and refusing foreign or broken files."""
+"""HDF5 result stores: round trip, atomic completion, SIGKILL resume, merge, and refusing foreign or broken
+files."""
 
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ def test_resume_refuses_a_store_of_another_run(tmp_path):
     path = tmp_path / "run.h5"
     store_with_points(path, [0], finish=False)
     other_model = {**PROVENANCE, "model_fingerprint": "bbbb"}
-    with pytest.raises(StoreMismatchError, match="model_fingerprint: store has \"aaaa\", this run has \"bbbb\""):
+    with pytest.raises(StoreMismatchError,
+                       match="model_fingerprint: store has \"aaaa\", this run has \"bbbb\""):
         ResultStore.open_run(path, other_model, ARRAYS, GRID, resume=True)
     other_data = {**PROVENANCE, "data": {"data_hash": "d2", "seq_len": 16}}
     with pytest.raises(StoreMismatchError, match="data.data_hash"):
@@ -179,13 +181,16 @@ KILLED_WRITER = textwrap.dedent("""
 def test_a_store_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(KILLED_WRITER.format(tests=os.path.dirname(__file__)))
-    killed = subprocess.run([sys.executable, str(script), str(tmp_path / "killed.h5"), "4"], capture_output=True)
+    killed = subprocess.run([sys.executable, str(script), str(tmp_path / "killed.h5"), "4"],
+                            capture_output=True)
     assert killed.returncode == -9
     survivor = read_store(partial_path(tmp_path / "killed.h5"))
     assert survivor.done.ravel().tolist() == [True] * 4 + [False] * 2  # every finished point kept
-    resumed = subprocess.run([sys.executable, str(script), str(tmp_path / "killed.h5"), "-1"], capture_output=True)
+    resumed = subprocess.run([sys.executable, str(script), str(tmp_path / "killed.h5"), "-1"],
+                             capture_output=True)
     assert resumed.returncode == 0, resumed.stderr.decode()
-    whole = subprocess.run([sys.executable, str(script), str(tmp_path / "whole.h5"), "-1"], capture_output=True)
+    whole = subprocess.run([sys.executable, str(script), str(tmp_path / "whole.h5"), "-1"],
+                           capture_output=True)
     assert whole.returncode == 0, whole.stderr.decode()
     a, b = read_store(tmp_path / "killed.h5"), read_store(tmp_path / "whole.h5")
     assert a.done.all() and b.done.all()

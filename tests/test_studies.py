@@ -37,8 +37,8 @@ def tables(tmp_path_factory):
 
 
 def _quant_tables(out):
-    quant_table.main([*SHORT, "--out", str(out), "--core-formats", "int4", "--only", "core-int4", "--core-methods",
-                      "rtn", "gptq", "qaft", "--eval-seq-len", "32", "--eval-segments", "4",
+    quant_table.main([*SHORT, "--out", str(out), "--core-formats", "int4", "--only", "core-int4",
+                      "--core-methods", "rtn", "gptq", "qaft", "--eval-seq-len", "32", "--eval-segments", "4",
                       "--layer-mse-sequences", "2", "--qaft-lr", "1e-3"])
 
 
@@ -66,7 +66,8 @@ def test_misalignment_split_counts_candidates_inside_the_radius(tables, tmp_path
                              "--eval-seq-len", "32", "--eval-segments", "4", "--mse-sequences", "2"])
     study = Misalignment.from_store(out)
     labels = set(study.candidates.labels)
-    assert {"rtn int4", "gptq int4", "qaft int4 lr0.001", "rtn int8", "gptq int6", "stochastic int3 f1 s0"} <= labels
+    assert {"rtn int4", "gptq int4", "qaft int4 lr0.001", "rtn int8", "gptq int6",
+            "stochastic int3 f1 s0"} <= labels
     norms = study.candidates.displacement_norm
     assert study.inside.n == int((norms <= 0.5).sum()) and study.outside.n == int((norms > 0.5).sum())
     assert study.inside.n + study.outside.n == len(labels) and study.inside.n > 0 and study.outside.n > 0
@@ -87,14 +88,16 @@ def test_misalignment_split_counts_candidates_inside_the_radius(tables, tmp_path
     with pytest.raises(SystemExit):  # measuring needs --results and --out
         misalignment_basin.main([*SHORT, "--radius", "0.5"])
     with pytest.raises(SystemExit):
-        misalignment_basin.main([*SHORT, "--results", str(tables), "--radius", "-1", "--out", str(tmp_path / "y.h5")])
+        misalignment_basin.main([*SHORT, "--results", str(tables), "--radius", "-1", "--out",
+                                 str(tmp_path / "y.h5")])
 
 
-def test_curvature_study_paths_have_their_displacement_norms_and_a_rerun_does_nothing(tables, tmp_path, capsys):
+def test_curvature_study_paths_have_their_displacement_norms_and_a_rerun_does_nothing(tables, tmp_path,
+                                                                                      capsys):
     out = tmp_path / "curv.h5"
     args = [*SHORT, "--results", str(tables), "--formats", "int4", "--qaft-lr", "1e-3", "--seq-len", "16",
-            "--k-top", "2", "--k-bottom", "1", "--lanczos-steps", "6", "--trace-matvecs", "6", "--t", "0", "1",
-            "--out", str(out)]
+            "--k-top", "2", "--k-bottom", "1", "--lanczos-steps", "6", "--trace-matvecs", "6", "--t", "0",
+            "1", "--out", str(out)]
     curvature_study.main(args)
     data = read_store(out)
     assert data.complete and list(data.provenance["tasks"])[:2] == ["spectrum", "trace"]
@@ -121,17 +124,21 @@ def test_curvature_study_paths_have_their_displacement_norms_and_a_rerun_does_no
                           "--out", str(spectrum_only)])
     alone = read_store(spectrum_only)
     assert [t for t in alone.provenance["tasks"]] == ["spectrum", "trace"] and list(krylov.iterdir()) == []
-    np.testing.assert_array_equal(alone.arrays["spectrum/top/eigenvalues"], data.arrays["spectrum/top/eigenvalues"])
-    # another saved result's displacement (here RTN's, under its file name): the same numbers as its format path
+    np.testing.assert_array_equal(alone.arrays["spectrum/top/eigenvalues"],
+                                  data.arrays["spectrum/top/eigenvalues"])
+    # another saved result's displacement (here RTN's, under its file name): the same numbers as its format
+    # path
     also = tmp_path / "also.h5"
     curvature_study.main([*args[:args.index("--out")], "--no-spectrum", "--formats", "--also", "rtn-int4",
                           "--out", str(also)])
     extra = read_store(also)
     assert extra.provenance["tasks"] == ["path/rtn-int4"]
-    np.testing.assert_array_equal(extra.arrays["path/rtn-int4/curvature"], data.arrays["path/rtn int4/curvature"])
+    np.testing.assert_array_equal(extra.arrays["path/rtn-int4/curvature"],
+                                  data.arrays["path/rtn int4/curvature"])
     np.testing.assert_array_equal(extra.arrays["path/rtn-int4/slope"], data.arrays["path/rtn int4/slope"])
     for bad in (["--no-paths", "--no-spectrum"], ["--krylov-dir", str(tmp_path / "missing")],
-                ["--no-spectrum", "--formats"], ["--also", "no-such-result"], ["--no-paths", "--also", "rtn-int4"]):
+                ["--no-spectrum", "--formats"], ["--also", "no-such-result"],
+                ["--no-paths", "--also", "rtn-int4"]):
         with pytest.raises(SystemExit):
             curvature_study.main([*SHORT, "--results", str(tables), *bad, "--out", str(tmp_path / "z.h5")])
 
@@ -146,7 +153,8 @@ def test_predict_gap_cases_are_the_tables_gptq_minus_qaft(tables, tmp_path):
     predict_gap.main(["--model", "ref-tiny", "0.5", str(store), "--out", str(out)])
     (case,) = PredictorEvaluation.from_store(out).cases
     rows = {r["label"]: r for r in read_quant_table(store).rows}
-    assert case.gap == pytest.approx(rows["gptq int4"]["nll"]["wiki"] - rows["qaft int4 s0"]["nll"]["wiki"], abs=1e-12)
+    assert case.gap == pytest.approx(rows["gptq int4"]["nll"]["wiki"] - rows["qaft int4 s0"]["nll"]["wiki"],
+                                     abs=1e-12)
     assert case.score == pytest.approx(rows["rtn int4"]["displacement_norm"] / 0.5, rel=1e-12)
     for bad in (["--model", "ref-tiny", "-2", str(store)], ["--model", "ref-small", "0.5", str(store)],
                 ["--model", "ref-tiny", "0.5", str(tmp_path / "none.h5")]):

@@ -67,7 +67,8 @@ def test_changed_protocol_is_refused_not_silently_reused(lm, tmp_path):
 
     run_quant_table(Protocol(**{**TINY, "methods": ("rtn",)}), tmp_path, progress=False, lm=lm)
     with pytest.raises(StoreMismatchError, match="calib_seed"):
-        run_quant_table(Protocol(**{**TINY, "methods": ("rtn",), "calib_seed": 1}), tmp_path, progress=False, lm=lm)
+        run_quant_table(Protocol(**{**TINY, "methods": ("rtn",), "calib_seed": 1}), tmp_path, progress=False,
+                        lm=lm)
 
 
 def test_protocol_rejects_bad_input():
@@ -75,7 +76,8 @@ def test_protocol_rejects_bad_input():
         Protocol(formats=("int9",))
     with pytest.raises(ValueError, match="unknown methods"):
         Protocol(methods=("awq",))
-    with pytest.raises(ValueError, match=r"layer_mse_sequences must be None \(all\) or an integer in 1..calib_sequences=128, got 0"):
+    with pytest.raises(ValueError, match=r"layer_mse_sequences must be None \(all\) or an integer in "
+                                         r"1..calib_sequences=128, got 0"):
         Protocol(layer_mse_sequences=0)
     with pytest.raises(ValueError, match="paired control"):
         Protocol(methods=("fp-finetune",))

@@ -1,8 +1,8 @@
 """The ``landscape`` command line: ``landscape --help`` lists the commands; each has ``--help``.
 
-One parser, built from an explicit list of command modules (:data:`COMMAND_MODULES`), each exposing ``COMMANDS``
-(:class:`~landscape.cli.common.Command`); the flags they share are declared once in :mod:`landscape.cli.common`.
-Every command is a thin entry point over library calls.
+One parser, built from an explicit list of command modules (:data:`COMMAND_MODULES`), each exposing
+``COMMANDS`` (:class:`~landscape.cli.common.Command`); the flags they share are declared once in
+:mod:`landscape.cli.common`. Every command is a thin entry point over library calls.
 """
 
 from __future__ import annotations

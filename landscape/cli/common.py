@@ -88,24 +88,28 @@ def parse_shard(text: str) -> tuple[int, int]:
         if not 0 <= index < count:
             raise ValueError
     except ValueError:
-        raise argparse.ArgumentTypeError(f"shard must be i/n with 0 <= i < n (e.g. 0/4), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"shard must be i/n with 0 <= i < n (e.g. 0/4), "
+                                         f"got {text!r}") from None
     return index, count
 
 
 # ----------------------------------------------------------------------------------------- argument groups
 def model_argument(p: argparse.ArgumentParser) -> None:
     """The positional ``model`` (every command that loads one)."""
-    p._negative_number_matcher = NEGATIVE_VALUE  # private argparse attribute (3.11-3.13); no public hook exists
+    # private argparse attribute (3.11-3.13); no public hook exists
+    p._negative_number_matcher = NEGATIVE_VALUE
     p.add_argument("model", help=MODEL_HELP)
 
 
 def data_arguments(p: argparse.ArgumentParser, *, segments: int, batch_size: int = 4, stride: bool = True,
                    many_corpora: bool = False) -> None:
-    """Held-out text: ``--corpus``, ``--seq-len``, ``--segments``, ``--stride`` (optional), ``--batch-size``."""
+    """Held-out text: ``--corpus``, ``--seq-len``, ``--segments``, ``--stride`` (optional),
+    ``--batch-size``."""
     g = p.add_argument_group("held-out data")
     if many_corpora:
         g.add_argument("--corpus", action="append", default=None,
-                       help="held-out corpus (repeatable): wiki (in-domain), sotu (out-of-domain); default both")
+                       help="held-out corpus (repeatable): wiki (in-domain), sotu "
+                            "(out-of-domain); default both")
     else:
         g.add_argument("--corpus", default="wiki", help="held-out corpus (wiki, sotu; default wiki)")
     g.add_argument("--seq-len", type=positive_int, default=None,
@@ -141,8 +145,8 @@ def default_seq_len(info: ModelInfo) -> int:
 
 def heldout(lm: LoadedModel, args: argparse.Namespace, corpus: str | None = None) -> TokenSet:
     """The held-out segments the data arguments ask for (``corpus`` overrides ``--corpus``)."""
-    return heldout_set(lm.tokenizer, args.seq_len or default_seq_len(lm.info), corpus or args.corpus, args.segments,
-                       getattr(args, "stride", None), lm.info.context_length)
+    return heldout_set(lm.tokenizer, args.seq_len or default_seq_len(lm.info), corpus or args.corpus,
+                       args.segments, getattr(args, "stride", None), lm.info.context_length)
 
 
 def load_with_data(args: argparse.Namespace) -> tuple[LoadedModel, TokenSet]:

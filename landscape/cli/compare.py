@@ -35,20 +35,22 @@ def label_pair(text: str) -> tuple[str, str]:
     """``START=>END`` (two result labels) -> ``(START, END)``."""
     start, sep, end = text.partition("=>")
     if not sep or not start.strip() or not end.strip():
-        raise argparse.ArgumentTypeError(f"a segment is START=>END with two result labels (e.g. 'gptq int4=>qaft "
-                                         f"int4'), got {text!r}")
+        raise argparse.ArgumentTypeError(f"a segment is START=>END with two result labels (e.g. 'gptq "
+                                         f"int4=>qaft int4'), got {text!r}")
     return start.strip(), end.strip()
 
 
 def compare_arguments(p: argparse.ArgumentParser) -> None:
     model_argument(p)
     p.add_argument("results", nargs="+", metavar="RESULT",
-                   help="saved QuantResults (PATH of PATH.json + PATH.safetensors, from `landscape quantize`)")
+                   help="saved QuantResults (PATH of PATH.json + PATH.safetensors, from "
+                        "`landscape quantize`)")
     data_arguments(p, segments=8, stride=False)
     p.add_argument("--path", type=parse_grid, default=parse_grid("0:1:5"),
                    help="coordinates t of the NLL along w0 + t (w_q - w0), START:STOP:COUNT (default 0:1:5)")
     p.add_argument("--curvature-t", type=parse_grid, default=parse_grid("0:1:3"),
-                   help="coordinates of the Rayleigh quotient along the path, START:STOP:COUNT (default 0:1:3)")
+                   help="coordinates of the Rayleigh quotient along the path, START:STOP:COUNT "
+                        "(default 0:1:3)")
     p.add_argument("--no-curvature", action="store_true", help="skip the curvature (Hessian-vector products)")
     p.add_argument("--curvature-segments", type=int, default=4,
                    help="first held-out segments used for Hessian products and eigenvectors (default 4)")
@@ -60,8 +62,8 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--krylov-dir", type=Path, default=None,
                    help="keep the Lanczos basis in memory-mapped files in this directory (large models)")
     p.add_argument("--between", type=label_pair, action="append", default=None, metavar="START=>END",
-                   help="NLL along the segment between two results' endpoints (repeatable; labels as printed); "
-                        "default every GPTQ and QAFT pair of a format")
+                   help="NLL along the segment between two results' endpoints (repeatable; labels as "
+                        "printed); default every GPTQ and QAFT pair of a format")
     p.add_argument("--per-layer", action="store_true", help="also print per-layer norms and MSE")
     store_arguments(p, required=False, resume=False)
     progress_argument(p)
@@ -82,7 +84,8 @@ def run_compare(args: argparse.Namespace) -> int:
     settings = ComparisonSettings(path_t=args.path, curvature_t=() if args.no_curvature else args.curvature_t,
                                   between=args.between or "gptq-qaft", batch_size=args.batch_size)
     stems = [quant_result_path(p) for p in args.results]
-    missing = [str(s) for s in stems if not (os.path.exists(f"{s}.json") and os.path.exists(f"{s}.safetensors"))]
+    missing = [str(s) for s in stems
+               if not (os.path.exists(f"{s}.json") and os.path.exists(f"{s}.safetensors"))]
     if missing:
         raise ValueError(f"no saved quantized model at {missing} (each needs PATH.json and PATH.safetensors)")
     loaded = [QuantResult.load(s) for s in stems]
@@ -97,11 +100,13 @@ def run_compare(args: argparse.Namespace) -> int:
     eigenvectors = None
     if args.eigenvectors:
         check_same_base(lm.base, results)  # before the Lanczos run
-        curvature = Curvature(lm.model, curvature_data, batch_size=args.batch_size, progress=not args.no_progress)
+        curvature = Curvature(lm.model, curvature_data, batch_size=args.batch_size,
+                              progress=not args.no_progress)
         eigenvectors = curvature.spectrum(args.eigenvectors, 0, lanczos_steps=args.lanczos_steps,
                                           krylov_dir=args.krylov_dir)
     comparison = compare_displacements(lm.base, results, data, curvature_data=curvature_data,
-                                       eigenvectors=eigenvectors, settings=settings, progress=not args.no_progress)
+                                       eigenvectors=eigenvectors, settings=settings,
+                                       progress=not args.no_progress)
     if lm.info.caveat:
         print(f"caveat: {lm.info.caveat}\n")
     print(comparison.markdown(per_layer=args.per_layer))
@@ -110,5 +115,6 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (Command("compare", "displacements of quantized models of one base: norms, cosines, eigen-projections, "
-                               "curvature, NLL along paths, layer MSE", compare_arguments, run_compare),)
+COMMANDS = (Command("compare",
+                    "displacements of quantized models of one base: norms, cosines, eigen-projections, "
+                    "curvature, NLL along paths, layer MSE", compare_arguments, run_compare),)

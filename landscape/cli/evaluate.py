@@ -31,7 +31,8 @@ def run_eval(args: argparse.Namespace) -> int:
     load_s = time.time() - t0
     sets = [heldout(lm, args, c) for c in corpora]
     if not args.json:
-        print(f"model {lm.info.name} ({lm.info.source}; {lm.info.n_params:,} parameters; loaded in {load_s:.1f} s)")
+        print(f"model {lm.info.name} ({lm.info.source}; {lm.info.n_params:,} parameters; loaded in "
+              f"{load_s:.1f} s)")
         if lm.info.caveat:
             print(f"caveat: {lm.info.caveat}")
     variants: list[tuple[str, dict]] = [("fp32", {})]
@@ -51,7 +52,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def build_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", help="a reference model name (ref-small, ref-tiny) or smollm2-135m (GGUF conversion)")
+    p.add_argument("name",
+                   help="a reference model name (ref-small, ref-tiny) or smollm2-135m (GGUF conversion)")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
 
 
@@ -72,6 +74,6 @@ def run_build(args: argparse.Namespace) -> int:
 COMMANDS = (
     Command("eval", "held-out NLL of a model (with its convention), optionally after round-to-nearest",
             eval_arguments, run_eval),
-    Command("build-model", "train a reference model (or convert smollm2-135m) into the cache", build_arguments,
-            run_build),
+    Command("build-model", "train a reference model (or convert smollm2-135m) into the cache",
+            build_arguments, run_build),
 )

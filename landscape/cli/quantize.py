@@ -139,5 +139,6 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 
 
-COMMANDS = (Command("quantize", "quantize a model's linear layers (rtn, gptq, qaft, llm-qat, +lorc; fp-finetune "
-                                "control) and save the result", quantize_arguments, run_quantize),)
+COMMANDS = (Command("quantize",
+                    "quantize a model's linear layers (rtn, gptq, qaft, llm-qat, +lorc; fp-finetune "
+                    "control) and save the result", quantize_arguments, run_quantize),)

@@ -1,4 +1,5 @@
-"""Command-line front ends of the perturbation engine: ``landscape scan``, ``landscape radius``, ``landscape merge``.
+"""Command-line front ends of the perturbation engine: ``landscape scan``, ``landscape radius``,
+``landscape merge``.
 
 Examples::
 
@@ -48,8 +49,9 @@ RANDOM_KINDS = {"random": "none", "filter": "filter", "layer": "layer"}  # --kin
 def sweep_arguments(p: argparse.ArgumentParser) -> None:
     """What scan and radius share: the model, the perturbed layers, the held-out data, the store, progress."""
     model_argument(p)
-    p.add_argument("--layers", default="*", help="glob(s), comma-separated, of the perturbed layers (default: all "
-                                                 "quantizable decoder linears)")
+    p.add_argument("--layers", default="*",
+                   help="glob(s), comma-separated, of the perturbed layers (default: all "
+                        "quantizable decoder linears)")
     data_arguments(p, segments=8)
     store_arguments(p)
     progress_argument(p)
@@ -58,8 +60,8 @@ def sweep_arguments(p: argparse.ArgumentParser) -> None:
 def check_quantized(paths: list[str | None]) -> None:
     for path in paths:
         if path is not None and not os.path.exists(f"{quant_result_path(path)}.json"):
-            raise ValueError(f"no saved quantized model at {path} (expected {quant_result_path(path)}.json and "
-                             f".safetensors)")
+            raise ValueError(f"no saved quantized model at {path} (expected {quant_result_path(path)}.json "
+                             f"and .safetensors)")
 
 
 # ----------------------------------------------------------------------------------------------- scan
@@ -74,7 +76,8 @@ def scan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", required=True, type=parse_grid,
                    help="coefficients along the first direction, START:STOP:COUNT")
     p.add_argument("--kind2", choices=kinds, default=None, help="second direction (default: same as --kind)")
-    p.add_argument("--seed2", type=int, default=None, help="seed of a random second direction (default seed + 1)")
+    p.add_argument("--seed2", type=int, default=None,
+                   help="seed of a random second direction (default seed + 1)")
     p.add_argument("--quantized2", default=None, help="saved QuantResult for --kind2 displacement")
     p.add_argument("--grid2", type=parse_grid, default=None,
                    help="coefficients along the second direction: a 2-D scan")
@@ -172,20 +175,24 @@ def run_radius(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- merge
 def merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path, help="merged store to write")
-    p.add_argument("shards", nargs="+", type=Path, help="stores of the same run (e.g. shards i/n of one scan)")
+    p.add_argument("shards", nargs="+", type=Path,
+                   help="stores of the same run (e.g. shards i/n of one scan)")
 
 
 def run_merge(args: argparse.Namespace) -> int:
     path = merge_stores(args.out, args.shards)
     merged = read_store(path)
-    print(f"{path}: {int(merged.done.sum())} of {merged.done.size} points done, from {len(args.shards)} stores")
+    print(f"{path}: {int(merged.done.sum())} of {merged.done.size} points done, from "
+          f"{len(args.shards)} stores")
     return 0
 
 
 COMMANDS = (
-    Command("scan", "NLL (and layer MSE) on a 1-D or 2-D grid through w0 along random or displacement directions",
+    Command("scan", "NLL (and layer MSE) on a 1-D or 2-D grid through w0 along random or "
+                    "displacement directions",
             scan_arguments, run_scan),
     Command("radius", "basin radius R(w0) along random directions, with the radial profile and quantized "
                       "displacements", radius_arguments, run_radius),
-    Command("merge", "merge the stores of one run (shards of a sweep) into one store", merge_arguments, run_merge),
+    Command("merge", "merge the stores of one run (shards of a sweep) into one store", merge_arguments,
+            run_merge),
 )

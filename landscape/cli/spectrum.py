@@ -3,11 +3,12 @@
 Example::
 
     landscape spectrum ref-small --k 10 --k-bottom 3 --trace-matvecs 30 --density-runs 4 --out spectrum.h5
-    landscape spectrum smollm2-135m --segments 2 --seq-len 128 --lanczos-steps 60 --krylov-dir /scratch --out s.h5
+    landscape spectrum smollm2-135m --segments 2 --seq-len 128 --lanczos-steps 60 --krylov-dir /scratch \\
+        --out s.h5
 
 One resumable store (:func:`landscape.store.run_tasks`): the tasks ``spectrum`` (top/bottom eigenpairs with
-residuals and convergence flags), ``trace`` (Hutch++) and ``density`` (stochastic Lanczos quadrature), one point
-each, so a killed run resumes at the next task. Every setting is checked before the model loads.
+residuals and convergence flags), ``trace`` (Hutch++) and ``density`` (stochastic Lanczos quadrature), one
+point each, so a killed run resumes at the next task. Every setting is checked before the model loads.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from landscape.store import check_store_path, provenance, run_tasks
 def spectrum_arguments(p: argparse.ArgumentParser) -> None:
     model_argument(p)
     p.add_argument("--layers", default=None,
-                   help="glob(s), comma-separated, of the layers whose weights span the space (default: every "
-                        "quantizable decoder linear); a subset gives that diagonal block of the Hessian")
+                   help="glob(s), comma-separated, of the layers whose weights span the space (default: "
+                        "every quantizable decoder linear); a subset gives that diagonal block "
+                        "of the Hessian")
     p.add_argument("--operator", default="hessian", choices=["hessian", "ggn"],
                    help="the NLL Hessian, or the generalized Gauss-Newton matrix (PSD)")
     data_arguments(p, segments=4, batch_size=1, stride=False)
@@ -40,7 +42,8 @@ def spectrum_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep Lanczos bases in memory-mapped files in this directory instead of in memory")
     p.add_argument("--save-eigenvectors", action="store_true",
                    help="store the eigenvectors too ((k + k_bottom) x every selected weight)")
-    p.add_argument("--out", required=True, type=Path, help="HDF5 store (resumed if unfinished, read if finished)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="HDF5 store (resumed if unfinished, read if finished)")
     progress_argument(p)
 
 
@@ -50,8 +53,8 @@ def check_spectrum_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if args.trace_matvecs != 0 and args.trace_matvecs < 6:
-        raise ValueError(f"--trace-matvecs must be 0 (no trace) or >= 6 (Hutch++ needs two residual probes for its "
-                         f"error), got {args.trace_matvecs}")
+        raise ValueError(f"--trace-matvecs must be 0 (no trace) or >= 6 (Hutch++ needs two residual probes "
+                         f"for its error), got {args.trace_matvecs}")
     if args.lanczos_steps is not None and args.lanczos_steps < args.k + args.k_bottom:
         raise ValueError(f"--lanczos-steps must be >= k + k_bottom = {args.k + args.k_bottom}, got "
                          f"{args.lanczos_steps}")
@@ -86,5 +89,6 @@ def run_spectrum(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (Command("spectrum", "Hessian (or GGN) eigenvalues at w0: top/bottom eigenpairs, Hutch++ trace, SLQ "
-                                "density, into a resumable store", spectrum_arguments, run_spectrum),)
+COMMANDS = (Command("spectrum",
+                    "Hessian (or GGN) eigenvalues at w0: top/bottom eigenpairs, Hutch++ trace, SLQ "
+                    "density, into a resumable store", spectrum_arguments, run_spectrum),)

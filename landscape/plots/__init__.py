@@ -70,4 +70,11 @@ from landscape.plots.quantization import (
     reading_pareto,
 )
 
-__all__ = ['CAPTION_WIDTH', 'CORPUS_TITLES', 'DISTANCE_AXIS', 'LABEL_SIDE', 'METHOD_COLORS', 'METHOD_LABELS', 'NLL_AXIS', 'PlotError', 'QUANTIZED_METHODS', 'add_caption', 'basin_summary', 'caption_of', 'curvature', 'find_row', 'gap_interval', 'granularity_of', 'merged_rows', 'misalignment', 'model_of', 'model_sentence', 'model_size', 'model_size_mib', 'nll_convention_sentence', 'nll_vs_bits', 'num', 'pareto', 'pareto_front', 'quant_rows', 'radial_profiles', 'reading_curvature', 'reading_misalignment', 'reading_model_size', 'reading_nll_vs_bits', 'reading_pareto', 'reading_radial', 'reading_slices', 'require_kind', 'require_same_evaluation', 'size_points', 'slices', 'subset_nll', 'table_convention', 'wrap']
+__all__ = ['CAPTION_WIDTH', 'CORPUS_TITLES', 'DISTANCE_AXIS', 'LABEL_SIDE', 'METHOD_COLORS', 'METHOD_LABELS',
+           'NLL_AXIS', 'PlotError', 'QUANTIZED_METHODS', 'add_caption', 'basin_summary', 'caption_of',
+           'curvature', 'find_row', 'gap_interval', 'granularity_of', 'merged_rows', 'misalignment',
+           'model_of', 'model_sentence', 'model_size', 'model_size_mib', 'nll_convention_sentence',
+           'nll_vs_bits', 'num', 'pareto', 'pareto_front', 'quant_rows', 'radial_profiles',
+           'reading_curvature', 'reading_misalignment', 'reading_model_size', 'reading_nll_vs_bits',
+           'reading_pareto', 'reading_radial', 'reading_slices', 'require_kind', 'require_same_evaluation',
+           'size_points', 'slices', 'subset_nll', 'table_convention', 'wrap']

@@ -39,7 +39,8 @@ class PlotError(ValueError):
 
 # ------------------------------------------------------------------------------- reading stores
 def quant_rows(data: StoreData) -> list[dict[str, Any]]:
-    """The finished rows of a quantization-table store (:func:`landscape.studies.quant_table.run_quant_table`).
+    """The finished rows of a quantization-table store
+    (:func:`landscape.studies.quant_table.run_quant_table`).
 
     Each row: ``label, method, format, seed``, ``bits_per_weight``, ``displacement_norm``, ``layer_mse_sum``,
     and per evaluation corpus ``nll``, ``nll_low``, ``nll_high``, ``segment_nll_sum``, ``segment_tokens``.
@@ -71,7 +72,8 @@ def subset_nll(row: Mapping[str, Any], corpus: str, n_segments: int) -> float:
     """Token-mean NLL of a table row over its first ``n_segments`` evaluation windows (from stored sums)."""
     sums, tokens = row["segment_nll_sum"][corpus], row["segment_tokens"][corpus]
     if not 1 <= n_segments <= len(sums):
-        raise PlotError(f"asked for the first {n_segments} segments of {row['label']}, the table has {len(sums)}")
+        raise PlotError(f"asked for the first {n_segments} segments of {row['label']}, the table "
+                        f"has {len(sums)}")
     return float(np.sum(sums[:n_segments]) / np.sum(tokens[:n_segments]))
 
 
@@ -95,10 +97,12 @@ def require_same_evaluation(a: Mapping[str, Any], b: Mapping[str, Any]) -> None:
                         f"{b.get('model')!r} ({b.get('model_fingerprint')})")
     hashes = [{c: e["data_hash"] for c, e in p["evaluation"].items()} for p in (a, b)]
     if hashes[0] != hashes[1]:
-        raise PlotError(f"tables evaluated on different data ({hashes[0]} vs {hashes[1]}): their NLLs do not compare")
+        raise PlotError(f"tables evaluated on different data ({hashes[0]} vs {hashes[1]}): their NLLs "
+                        f"do not compare")
 
 
-def find_row(rows: Sequence[Mapping[str, Any]], method: str, fmt: str | None = None) -> Mapping[str, Any] | None:
+def find_row(rows: Sequence[Mapping[str, Any]], method: str,
+             fmt: str | None = None) -> Mapping[str, Any] | None:
     for row in rows:
         if row["method"] == method and (fmt is None or row["format"] == fmt):
             return row
@@ -140,12 +144,12 @@ def table_convention(provenance: Mapping[str, Any]) -> str:
              for c, e in ((c, provenance["evaluation"][c]) for c in p["eval_corpora"])]
     cal = provenance["calibration"]
     return (f"NLL: token-mean nats per scored token over disjoint windows of {'; '.join(parts)}. "
-            f"Error bars: 95 % bootstrap over segments. Every method uses the same {cal['n_segments']} calibration "
-            f"sequences × {cal['seq_len']} tokens ({cal['corpus']}/{cal['split']}, seed {cal['seed']}, data "
-            f"{cal['data_hash']}) and the same min-max grid of w0 per layer; GPTQ with act-order (gptq-noact: "
-            f"without; every saved quantized model records its settings); QAFT: straight-through estimator, AdamW lr "
-            f"{p['qaft_lr']:g}, {p['qaft_epochs']:g} epoch(s) in batches of {p['qaft_batch_size']}; LoRC rank "
-            f"{p['lorc_rank']}.")
+            f"Error bars: 95 % bootstrap over segments. Every method uses the same {cal['n_segments']} "
+            f"calibration sequences × {cal['seq_len']} tokens ({cal['corpus']}/{cal['split']}, seed "
+            f"{cal['seed']}, data {cal['data_hash']}) and the same min-max grid of w0 per layer; GPTQ with "
+            f"act-order (gptq-noact: without; every saved quantized model records its settings); QAFT: "
+            f"straight-through estimator, AdamW lr {p['qaft_lr']:g}, {p['qaft_epochs']:g} epoch(s) in "
+            f"batches of {p['qaft_batch_size']}; LoRC rank {p['lorc_rank']}.")
 
 
 def nll_convention_sentence(convention: Mapping[str, Any] | None) -> str:
@@ -153,13 +157,15 @@ def nll_convention_sentence(convention: Mapping[str, Any] | None) -> str:
     if not convention:
         return ""
     c = convention
-    return (f"NLL: token-mean nats per scored token on {c['corpus']}/{c['split']} {c['n_segments']} × {c['seq_len']} "
-            f"tokens (stride {c['stride']}, {c['n_tokens']:,} scored tokens, data {c['data_hash']}).")
+    return (f"NLL: token-mean nats per scored token on {c['corpus']}/{c['split']} {c['n_segments']} × "
+            f"{c['seq_len']} tokens (stride {c['stride']}, {c['n_tokens']:,} scored tokens, data "
+            f"{c['data_hash']}).")
 
 
 def model_of(provenance: Mapping[str, Any]) -> tuple[str, str]:
     info = provenance.get("model_info") or {}
-    return provenance.get("model") or info.get("name", "?"), provenance.get("model_caveat") or info.get("caveat", "")
+    return (provenance.get("model") or info.get("name", "?"),
+            provenance.get("model_caveat") or info.get("caveat", ""))
 
 
 def granularity_of(fmt: str) -> str:

@@ -46,10 +46,12 @@ def _subset_of_table(basin_prov: Mapping[str, Any], tables: Sequence[StoreData])
     """How many leading evaluation windows of the tables the basin (or slice) NLL was measured on."""
     data = basin_prov["data"]
     evaluation = tables[0].provenance["evaluation"].get(data["corpus"])
-    if (evaluation is None or evaluation["seq_len"] != data["seq_len"] or evaluation["tokenizer"] != data["tokenizer"]
+    if (evaluation is None or evaluation["seq_len"] != data["seq_len"]
+            or evaluation["tokenizer"] != data["tokenizer"]
             or data["n_segments"] > evaluation["n_segments"]):
-        raise PlotError(f"the landscape store's data ({data['corpus']}, {data['n_segments']} × {data['seq_len']}) is "
-                        f"not a leading subset of the tables' evaluation windows: its NLLs would not compare")
+        raise PlotError(f"the landscape store's data ({data['corpus']}, {data['n_segments']} × "
+                        f"{data['seq_len']}) is not a leading subset of the tables' evaluation windows: its "
+                        f"NLLs would not compare")
     return int(data["n_segments"])
 
 
@@ -73,10 +75,11 @@ def radial_profiles(basin: StoreData, tables: Sequence[StoreData]) -> go.Figure:
                                  line={"color": "#a0a0a0", "width": 1}, marker={"size": 4},
                                  opacity=0.6))
     median = np.median(stats.profile_values - center, axis=0)
-    fig.add_trace(go.Scatter(x=radii, y=np.concatenate([[0.0], median]), mode="lines", name="median over directions",
-                             line={"color": "#222222", "width": 3}))
+    fig.add_trace(go.Scatter(x=radii, y=np.concatenate([[0.0], median]), mode="lines",
+                             name="median over directions", line={"color": "#222222", "width": 3}))
     searched = np.concatenate([b.samples.radii for b in stats.per_direction])
-    fig.add_trace(go.Scatter(x=searched, y=np.concatenate([b.samples.values for b in stats.per_direction]) - center,
+    fig.add_trace(go.Scatter(x=searched,
+                             y=np.concatenate([b.samples.values for b in stats.per_direction]) - center,
                              mode="markers", name="radius search (bracketing, bisection)",
                              marker={"symbol": "x-thin-open", "size": 6, "color": "#2ca02c"}))
     q = stats.quantiles((0.1, 0.5, 0.9))
@@ -94,20 +97,22 @@ def radial_profiles(basin: StoreData, tables: Sequence[StoreData]) -> go.Figure:
             name=f"{METHOD_LABELS[row['method']]} {row['format']}", legendgroup=row["method"],
             marker={"color": METHOD_COLORS[row["method"]], "size": 12, "symbol": "diamond"},
             hovertemplate=f"{row['label']}: ‖d‖ = %{{x:.4g}}, ΔNLL = %{{y:.4f}}<extra></extra>"))
-        fig.add_vline(x=norm, line={"color": METHOD_COLORS[row["method"]], "dash": "dash", "width": 1}, opacity=0.5)
+        fig.add_vline(x=norm, line={"color": METHOD_COLORS[row["method"]], "dash": "dash", "width": 1},
+                      opacity=0.5)
     prov = basin.provenance
     model, caveat = model_of(prov)
     s = prov["search"]
-    fig.update_layout(title=f"Radial NLL profile around w0 of {model}: the basin R(w0) and the quantized displacements",
+    fig.update_layout(title=f"Radial NLL profile around w0 of {model}: the basin R(w0) and the "
+                            f"quantized displacements",
                       template="plotly_white", xaxis={"title": DISTANCE_AXIS},
                       yaxis={"title": "ΔNLL = NLL(w) − NLL(w0) (nats/token)"})
     return add_caption(fig, [
-        f"Grey: {len(stats.per_direction)} Gaussian directions, filter-normalised (each output row as long as w0's) "
-        f"then unit-norm, over all quantized linears (‖w0‖ = {stats.weights_norm:.4g}). Green: R(w0), the radius "
-        f"where ΔNLL first exceeds {s['threshold']:g} nats (bracketing then bisection to {s['tolerance']:g} relative "
-        f"width; crosses: every radius the search evaluated): median line, 10-90 % band over directions. Diamonds "
-        f"and dashed lines: each quantized model's ‖w_q − w0‖ and its ΔNLL on the same windows (from the "
-        f"quantization table's per-segment sums).",
+        f"Grey: {len(stats.per_direction)} Gaussian directions, filter-normalised (each output row as long "
+        f"as w0's) then unit-norm, over all quantized linears (‖w0‖ = {stats.weights_norm:.4g}). Green: "
+        f"R(w0), the radius where ΔNLL first exceeds {s['threshold']:g} nats (bracketing then bisection to "
+        f"{s['tolerance']:g} relative width; crosses: every radius the search evaluated): median line, 10-90 "
+        f"% band over directions. Diamonds and dashed lines: each quantized model's ‖w_q − w0‖ and its ΔNLL "
+        f"on the same windows (from the quantization table's per-segment sums).",
         nll_convention_sentence(prov["nll_convention"]), model_sentence(model, caveat)])
 
 
@@ -128,7 +133,8 @@ def reading_radial(basin: StoreData, tables: Sequence[StoreData]) -> str:
         text = (f"{row['label']}: ‖d‖ = {norm:.4g} ({norm / q[0.5]:.1f} R), ΔNLL "
                 f"{subset_nll(row, corpus, n_segments) - stats.center_value:+.3f}")
         if stats.profile_radii.size and stats.profile_radii[0] <= norm <= stats.profile_radii[-1]:
-            text += f" vs {np.interp(norm, stats.profile_radii, median):+.3f} along random directions at that distance"
+            text += (f" vs {np.interp(norm, stats.profile_radii, median):+.3f} along random directions at "
+                     f"that distance")
         sentences.append(text + ".")
     return " ".join(sentences)
 
@@ -145,13 +151,15 @@ def slices(lines: Sequence[StoreData], plane: StoreData) -> go.Figure:
     for data in (*lines, plane):
         require_kind(data, "scan")
     fig = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5], horizontal_spacing=0.1,
-                        subplot_titles=["1-D slices through w0", "2-D slice: span of the GPTQ and QAFT displacements"])
+                        subplot_titles=["1-D slices through w0",
+                                        "2-D slice: span of the GPTQ and QAFT displacements"])
     for data in lines:
         role = data.provenance["slice"]
         r, y = data.arrays["coords/axis0"], data.arrays["nll"]
         color = METHOD_COLORS[role["method"]]
         fig.add_trace(go.Scatter(x=r, y=y, mode="lines+markers", name=f"along {role['label']}",
-                                 line={"color": color, "dash": "dot" if role["method"] == "random" else "solid"},
+                                 line={"color": color,
+                                       "dash": "dot" if role["method"] == "random" else "solid"},
                                  legendgroup=role["label"]), row=1, col=1)
         if role.get("endpoint") is not None:
             end = int(np.argmin(np.abs(r - role["endpoint"])))
@@ -165,8 +173,9 @@ def slices(lines: Sequence[StoreData], plane: StoreData) -> go.Figure:
                              hovertemplate="a %{x:.4g}, b %{y:.4g}: %{z:.4f}<extra></extra>"), row=1, col=2)
     ends = plane.provenance["slice"]["endpoints"]
     colors = ["#000000", *(METHOD_COLORS.get(e["method"], "#888888") for e in ends.values())]
-    fig.add_trace(go.Scatter(x=[0.0, *(e["a"] for e in ends.values())], y=[0.0, *(e["b"] for e in ends.values())],
-                             mode="markers+text", text=["w0", *ends], textposition="top center",
+    fig.add_trace(go.Scatter(x=[0.0, *(e["a"] for e in ends.values())],
+                             y=[0.0, *(e["b"] for e in ends.values())], mode="markers+text",
+                             text=["w0", *ends], textposition="top center",
                              marker={"color": colors, "size": 13, "symbol": "star",
                                      "line": {"width": 1, "color": "white"}},
                              name="w0 and endpoints", showlegend=False), row=1, col=2)
@@ -177,14 +186,16 @@ def slices(lines: Sequence[StoreData], plane: StoreData) -> go.Figure:
     fig.update_xaxes(title_text="a: along the GPTQ displacement (weight units)", row=1, col=2)
     fig.update_yaxes(title_text="b: orthogonal, toward QAFT (weight units)", row=1, col=2)
     fmt = prov["slice"]["format"]
-    fig.update_layout(title={"text": f"Slices through w0 of {model} along the GPTQ and QAFT {fmt} displacements",
+    fig.update_layout(title={"text": f"Slices through w0 of {model} along the GPTQ and QAFT "
+                                     f"{fmt} displacements",
                              "y": 0.98, "yanchor": "top"},
-                      template="plotly_white", legend={"orientation": "h", "x": 0, "y": 1.08, "yanchor": "bottom"})
+                      template="plotly_white",
+                      legend={"orientation": "h", "x": 0, "y": 1.08, "yanchor": "bottom"})
     return add_caption(fig, [
-        "Left: NLL at w0 + r u for unit directions u: each displacement w_q − w0 (its endpoint, the quantized model, "
-        "at r = ‖w_q − w0‖, star) and a random filter-normalised direction over the same distances as GPTQ's. "
-        "Right: w0 + a u + b v with u = unit GPTQ displacement and v = the QAFT displacement made orthogonal to u "
-        "(Gram-Schmidt) and unit: both endpoints lie in this plane.",
+        "Left: NLL at w0 + r u for unit directions u: each displacement w_q − w0 (its endpoint, the "
+        "quantized model, at r = ‖w_q − w0‖, star) and a random filter-normalised direction over the same "
+        "distances as GPTQ's. Right: w0 + a u + b v with u = unit GPTQ displacement and v = the QAFT "
+        "displacement made orthogonal to u (Gram-Schmidt) and unit: both endpoints lie in this plane.",
         nll_convention_sentence(prov["nll_convention"]), model_sentence(model, caveat)])
 
 
@@ -196,10 +207,11 @@ def reading_slices(lines: Sequence[StoreData], plane: StoreData) -> str:
         center = float(y[int(np.argmin(np.abs(r)))])
         if role.get("endpoint") is not None:
             end = int(np.argmin(np.abs(r - role["endpoint"])))
-            sentences.append(f"along {role['label']} the NLL goes from {num(center)} at w0 to {num(float(y[end]))} "
-                             f"at its endpoint (‖d‖ = {role['endpoint']:.4g})")
+            sentences.append(f"along {role['label']} the NLL goes from {num(center)} at w0 to "
+                             f"{num(float(y[end]))} at its endpoint (‖d‖ = {role['endpoint']:.4g})")
         else:
-            sentences.append(f"along {role['label']} it reaches {num(float(y[-1]))} at distance {float(r[-1]):.4g}")
+            sentences.append(f"along {role['label']} it reaches {num(float(y[-1]))} at distance "
+                             f"{float(r[-1]):.4g}")
     ends = plane.provenance["slice"]["endpoints"]
     text = "On these windows, " + "; ".join(sentences) + "."
     qaft = next((e for e in ends.values() if e["method"] == "qaft"), None)
@@ -234,9 +246,11 @@ def curvature(hessian: StoreData) -> go.Figure:
         path = record.paths[label]
         t, k, low, high = path.t, path.curvature, path.low, path.high
         method = prov["paths"][label]["method"]
-        error = ({"type": "data", "array": high - k, "arrayminus": k - low} if np.all(np.isfinite(low)) else None)
+        error = ({"type": "data", "array": high - k, "arrayminus": k - low} if np.all(np.isfinite(low))
+                 else None)
         line = {"color": METHOD_COLORS[method], "dash": "dot" if method == "random" else "solid"}
-        fig.add_trace(go.Scatter(x=t, y=k, error_y=error, mode="lines+markers", name=f"along {label}", line=line),
+        fig.add_trace(go.Scatter(x=t, y=k, error_y=error, mode="lines+markers", name=f"along {label}",
+                                 line=line),
                       row=1, col=2)
     model, caveat = model_of(prov)
     fig.update_xaxes(title_text="eigenvalue (nats/token per squared weight unit)", row=1, col=1)
@@ -244,7 +258,8 @@ def curvature(hessian: StoreData) -> go.Figure:
     fig.update_xaxes(title_text="t: the point w0 + t (w_q − w0) of the path (0: w0, 1: the quantized model)",
                      row=1, col=2)
     fig.update_yaxes(title_text="u^T H u, u = d/‖d‖ (nats/token per squared unit)", row=1, col=2)
-    fig.update_layout(title=f"Curvature of the NLL of {model}: spectrum at w0 and along the quantization paths",
+    fig.update_layout(title=f"Curvature of the NLL of {model}: spectrum at w0 and along the "
+                            f"quantization paths",
                       template="plotly_white")
     converged = "all converged" if spectrum.converged else "NOT all converged (few Lanczos steps)"
     s = prov["settings"]
@@ -254,8 +269,9 @@ def curvature(hessian: StoreData) -> go.Figure:
         f"Lanczos ({spectrum.lanczos_steps} steps, reorthogonalised; Ritz pairs {converged}); trace by "
         f"Hutch++ ({trace.n_matvecs} products): {trace.value:.4g} ± {trace.stderr:.2g}; density by "
         f"stochastic Lanczos "
-        f"quadrature ({s['density_runs']} run(s) × {s['density_steps']} steps). Right: the Rayleigh quotient along "
-        f"each displacement d (and a random filter-normalised direction of GPTQ's length) at w0 + t d{interval}",
+        f"quadrature ({s['density_runs']} run(s) × {s['density_steps']} steps). Right: the Rayleigh quotient "
+        f"along each displacement d (and a random filter-normalised direction of GPTQ's length) at w0 "
+        f"+ t d{interval}",
         nll_convention_sentence(prov["nll_convention"]), model_sentence(model, caveat)])
 
 
@@ -276,7 +292,8 @@ def reading_curvature(hessian: StoreData) -> str:
 
 # --------------------------------------------------------------------------------- figure 7: model size
 def size_points(models: Sequence[tuple[StoreData, StoreData, StoreData]], fmt: str) -> list[dict[str, Any]]:
-    """Per model ``(facts, basin, headline table)``: parameters, relative R(w0) quantiles and the GPTQ − QAFT gap."""
+    """Per model ``(facts, basin, headline table)``: parameters, relative R(w0) quantiles and the GPTQ − QAFT
+    gap."""
     points = []
     for facts, basin, table in models:
         require_kind(facts, "model_facts")
@@ -289,7 +306,8 @@ def size_points(models: Sequence[tuple[StoreData, StoreData, StoreData]], fmt: s
         points.append({"model": facts.provenance["model"], "n_params": int(facts.arrays["n_params"]),
                        "caveat": facts.provenance["model_info"].get("caveat", ""), "radius": stats.median,
                        "relative_radius": q, "gap": gap_interval(gptq, qaft, "wiki"),
-                       "gptq_norm_over_r": stats.displacement_norms.get(gptq["label"], math.nan) / stats.median})
+                       "gptq_norm_over_r": (stats.displacement_norms.get(gptq["label"], math.nan)
+                                            / stats.median)})
     return sorted(points, key=lambda p: p["n_params"])
 
 
@@ -310,13 +328,14 @@ def model_size(models: Sequence[tuple[StoreData, StoreData, StoreData]], fmt: st
         error_y={"type": "data", "array": [p["relative_radius"][0.9] for p in points] - rel,
                  "arrayminus": rel - [p["relative_radius"][0.1] for p in points]},
         line={"color": "#2ca02c"}, customdata=[[p["radius"], p["gptq_norm_over_r"]] for p in points],
-        hovertemplate="%{text}: R/‖w0‖ = %{y:.4f}, R = %{customdata[0]:.4g}, ‖d_GPTQ‖ = %{customdata[1]:.2f} R"
-                      "<extra></extra>"), row=1, col=1)
+        hovertemplate="%{text}: R/‖w0‖ = %{y:.4f}, R = %{customdata[0]:.4g}, ‖d_GPTQ‖ = %{customdata[1]:.2f} "
+                      "R<extra></extra>"), row=1, col=1)
     gap = np.array([p["gap"].value for p in points])
     fig.add_trace(go.Scatter(
         x=x, y=gap, mode="lines+markers+text", text=names, textposition="top center", name="GPTQ − QAFT",
         error_y={"type": "data", "array": [p["gap"].high for p in points] - gap,
-                 "arrayminus": gap - [p["gap"].low for p in points]}, line={"color": "#d62728"}), row=1, col=2)
+                 "arrayminus": gap - [p["gap"].low for p in points]}, line={"color": "#d62728"}),
+                  row=1, col=2)
     fig.add_hline(y=0, line={"color": "#888888", "width": 1}, row=1, col=2)
     for col in (1, 2):
         fig.update_xaxes(title_text="parameters (log scale)", type="log", row=1, col=col)
@@ -326,14 +345,16 @@ def model_size(models: Sequence[tuple[StoreData, StoreData, StoreData]], fmt: st
     caveats = [f"{p['model']}: {p['caveat']}" for p in points if p["caveat"]]
     basin = models[0][1].provenance
     return add_caption(fig, [
-        f"R(w0): the radius where the held-out NLL first rises by {basin['search']['threshold']:g} nats along random "
-        f"filter-normalised directions, relative to ‖w0‖ over the quantized linears. Gap: GPTQ minus QAFT on the "
-        f"same held-out wiki windows, same calibration budget per model (sequence lengths capped at each model's "
-        f"context; each model's NLL convention is in its stores).", "Caveats. " + " ".join(caveats)])
+        f"R(w0): the radius where the held-out NLL first rises by {basin['search']['threshold']:g} nats "
+        f"along random filter-normalised directions, relative to ‖w0‖ over the quantized linears. Gap: GPTQ "
+        f"minus QAFT on the same held-out wiki windows, same calibration budget per model (sequence lengths "
+        f"capped at each model's context; each model's NLL convention is in its stores).",
+        "Caveats. " + " ".join(caveats)])
 
 
 def reading_model_size(models: Sequence[tuple[StoreData, StoreData, StoreData]], fmt: str) -> str:
     points = size_points(models, fmt)
-    parts = [f"{p['model']} ({p['n_params']:,} parameters): R/‖w0‖ = {100 * p['relative_radius'][0.5]:.3g} %, "
-             f"GPTQ − QAFT = {p['gap'].value:+.3f} [{p['gap'].low:+.3f}, {p['gap'].high:+.3f}] nats" for p in points]
+    parts = [f"{p['model']} ({p['n_params']:,} parameters): R/‖w0‖ = {100 * p['relative_radius'][0.5]:.3g} "
+             f"%, GPTQ − QAFT = {p['gap'].value:+.3f} [{p['gap'].low:+.3f}, {p['gap'].high:+.3f}] nats"
+             for p in points]
     return f"At {fmt}: " + "; ".join(parts) + "."

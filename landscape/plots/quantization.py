@@ -38,7 +38,8 @@ from landscape.studies.quant_table import table_control_gaps
 
 # -------------------------------------------------------------------------------- figure 1: NLL vs bits
 def nll_vs_bits(tables: Sequence[StoreData]) -> go.Figure:
-    """Held-out NLL against bits per weight element, one line per method and granularity, one panel per corpus.
+    """Held-out NLL against bits per weight element, one line per method and granularity, one panel per
+    corpus.
 
     Traces are named ``"<METHOD> · <granularity>"`` (x: bits, y: NLL, error bars: bootstrap interval);
     ``fp32 (w0)`` and the fine-tuning control are horizontal lines.
@@ -63,10 +64,12 @@ def nll_vs_bits(tables: Sequence[StoreData]) -> go.Figure:
                 x=[parse_format(r["format"]).bits for r in points], y=y,
                 error_y={"type": "data", "array": [float(r["nll_high"][corpus]) for r in points] - y,
                          "arrayminus": y - [float(r["nll_low"][corpus]) for r in points]},
-                mode="lines+markers", name=f"{METHOD_LABELS[method]} · {granularity}", legendgroup=method + granularity,
-                showlegend=col == 1, line={"color": METHOD_COLORS[method],
-                                           "dash": "solid" if granularity == "per-channel" else "dash"},
-                text=[r["label"] for r in points], hovertemplate="%{text}: %{y:.4f} nats/token<extra></extra>"),
+                mode="lines+markers", name=f"{METHOD_LABELS[method]} · {granularity}",
+                legendgroup=method + granularity, showlegend=col == 1,
+                line={"color": METHOD_COLORS[method],
+                      "dash": "solid" if granularity == "per-channel" else "dash"},
+                text=[r["label"] for r in points],
+                hovertemplate="%{text}: %{y:.4f} nats/token<extra></extra>"),
                 row=1, col=col)
         for method in ("fp32", "fp-finetune"):
             row = find_row(rows, method)
@@ -74,17 +77,19 @@ def nll_vs_bits(tables: Sequence[StoreData]) -> go.Figure:
                 fig.add_trace(go.Scatter(x=x_span, y=[float(row["nll"][corpus])] * 2, mode="lines",
                                          name=METHOD_LABELS[method], legendgroup=method, showlegend=col == 1,
                                          line={"color": METHOD_COLORS[method],
-                                               "dash": "dot" if method == "fp-finetune" else "solid", "width": 1}),
+                                               "dash": "dot" if method == "fp-finetune" else "solid",
+                                               "width": 1}),
                               row=1, col=col)
-        fig.update_xaxes(title_text="weight bits per element (integer code width)", tickvals=bits, row=1, col=col)
+        fig.update_xaxes(title_text="weight bits per element (integer code width)", tickvals=bits, row=1,
+                         col=col)
     fig.update_yaxes(title_text=NLL_AXIS + ", log scale", type="log", row=1, col=1)
     model, caveat = model_of(prov)
     fig.update_layout(title=f"NLL against bits per weight: RTN, GPTQ, GPTQ + LoRC and QAFT on {model}",
                       template="plotly_white", legend={"orientation": "v"})
     return add_caption(fig, [
         "Quantized: every linear layer of the decoder blocks (embeddings and LM head stay full precision). "
-        "Solid: per-channel scales; dashed: group scales. Dotted green: QAFT's control, the same fine-tuning loop "
-        "on the same calibration text with the quantizer off (what adaptation to that text alone does).",
+        "Solid: per-channel scales; dashed: group scales. Dotted green: QAFT's control, the same fine-tuning "
+        "loop on the same calibration text with the quantizer off (what adaptation to that text alone does).",
         *[gap.sentence() for gap in table_control_gaps(rows, corpora)],
         table_convention(prov), model_sentence(model, caveat)])
 
@@ -95,7 +100,8 @@ def reading_nll_vs_bits(tables: Sequence[StoreData]) -> str:
     corpora = list(tables[0].provenance["protocol"]["eval_corpora"])
     fp32 = find_row(rows, "fp32")
     sentences = [f"On {model_of(tables[0].provenance)[0]}, fp32 reaches "
-                 + ", ".join(f"{num(float(fp32['nll'][c]))} nats/token on {c}" for c in corpora) + "."] if fp32 else []
+                 + ", ".join(f"{num(float(fp32['nll'][c]))} nats/token on {c}" for c in corpora)
+                 + "."] if fp32 else []
     for qaft in (r for r in rows if r["method"] == "qaft"):
         fmt = qaft["format"]
         gptq, rtn = find_row(rows, "gptq", fmt), find_row(rows, "rtn", fmt)
@@ -110,7 +116,8 @@ def reading_nll_vs_bits(tables: Sequence[StoreData]) -> str:
     sentences += [gap.sentence() for gap in table_control_gaps(rows, corpora)]
     lowest = min((parse_format(r["format"]).bits for r in rows if r["method"] == "gptq"), default=None)
     if lowest is not None:
-        worst = [r for r in rows if r["method"] in ("rtn", "gptq") and parse_format(r["format"]).bits == lowest]
+        worst = [r for r in rows
+                 if r["method"] in ("rtn", "gptq") and parse_format(r["format"]).bits == lowest]
         sentences.append(f"At {lowest} bits: " + ", ".join(
             f"{r['label']} {num(float(r['nll'][corpora[0]]))}" for r in worst) + f" on {corpora[0]}.")
     return " ".join(sentences)
@@ -138,7 +145,8 @@ def pareto_front(sizes: Sequence[float], nlls: Sequence[float]) -> list[int]:
 
 
 def pareto(tables: Sequence[StoreData], facts: StoreData) -> go.Figure:
-    """NLL against model size in MiB: one trace per method (marker per format), the Pareto frontier per corpus.
+    """NLL against model size in MiB: one trace per method (marker per format), the Pareto frontier per
+    corpus.
 
     fp32 is counted as an fp16 deployment (16 bits per weight); the fine-tuning control is not a
     compressed model and is left out.
@@ -157,9 +165,9 @@ def pareto(tables: Sequence[StoreData], facts: StoreData) -> go.Figure:
                 continue
             fig.add_trace(go.Scatter(
                 x=[sizes[i] for i in index], y=[nlls[i] for i in index], mode="markers+text",
-                text=[rows[i]["format"] or "fp16" for i in index], textposition=LABEL_SIDE.get(method, "top center"),
-                name=METHOD_LABELS[method], legendgroup=method, showlegend=col == 1,
-                marker={"color": METHOD_COLORS[method], "size": 9},
+                text=[rows[i]["format"] or "fp16" for i in index],
+                textposition=LABEL_SIDE.get(method, "top center"), name=METHOD_LABELS[method],
+                legendgroup=method, showlegend=col == 1, marker={"color": METHOD_COLORS[method], "size": 9},
                 hovertemplate="%{text}: %{x:.2f} MiB, %{y:.4f} nats/token<extra></extra>"), row=1, col=col)
         front = pareto_front(sizes, nlls)
         fig.add_trace(go.Scatter(x=[sizes[i] for i in front], y=[nlls[i] for i in front], mode="lines",
@@ -172,9 +180,10 @@ def pareto(tables: Sequence[StoreData], facts: StoreData) -> go.Figure:
     n_params, n_quantized = int(facts.arrays["n_params"]), int(facts.arrays["n_quantized"])
     fig.update_layout(title=f"Pareto: NLL against model size on {model}", template="plotly_white")
     return add_caption(fig, [
-        f"Size: the {n_quantized:,} quantized weights at their storage bits (codes plus fp16 scales and zero points "
-        f"per channel or group, plus LoRC's fp16 factors), the other {n_params - n_quantized:,} weights in fp16; "
-        f"fp32 is shown as its fp16 deployment.", table_convention(prov), model_sentence(model, caveat)])
+        f"Size: the {n_quantized:,} quantized weights at their storage bits (codes plus fp16 scales and zero "
+        f"points per channel or group, plus LoRC's fp16 factors), the other {n_params - n_quantized:,} "
+        f"weights in fp16; fp32 is shown as its fp16 deployment.", table_convention(prov),
+        model_sentence(model, caveat)])
 
 
 def reading_pareto(tables: Sequence[StoreData], facts: StoreData) -> str:
@@ -182,11 +191,12 @@ def reading_pareto(tables: Sequence[StoreData], facts: StoreData) -> str:
     corpus = tables[0].provenance["protocol"]["eval_corpora"][0]
     sizes = [model_size_mib(r["bits_per_weight"], facts) for r in rows]
     front = pareto_front(sizes, [float(r["nll"][corpus]) for r in rows])
-    points = ", ".join(f"{rows[i]['label']} ({sizes[i]:.1f} MiB, {num(float(rows[i]['nll'][corpus]))})" for i in front)
+    points = ", ".join(f"{rows[i]['label']} ({sizes[i]:.1f} MiB, {num(float(rows[i]['nll'][corpus]))})"
+                       for i in front)
     methods = [rows[i]["method"] for i in front]
     counts = ", ".join(f"{METHOD_LABELS[m]} {methods.count(m)}" for m in dict.fromkeys(methods))
-    return (f"On {corpus}, the Pareto frontier (smallest NLL for its size) runs through {points}: {counts} of its "
-            f"{len(front)} points.")
+    return (f"On {corpus}, the Pareto frontier (smallest NLL for its size) runs through {points}: {counts} "
+            f"of its {len(front)} points.")
 
 
 # ----------------------------------------------------------------------------- figure 3: misalignment
@@ -209,32 +219,36 @@ def misalignment(candidates: StoreData) -> go.Figure:
             error_y={"type": "data", "array": a["nll_high"][index] - y, "arrayminus": y - a["nll_low"][index],
                      "thickness": 1},
             marker={"color": METHOD_COLORS[method], "size": 10 if method != "dither" else 7,
-                    "symbol": symbols[formats.index(fmt) % len(symbols)], "line": {"width": 1, "color": "white"}},
+                    "symbol": symbols[formats.index(fmt) % len(symbols)],
+                    "line": {"width": 1, "color": "white"}},
             text=[str(table["label"][i]) for i in index],
             hovertemplate="%{text}<br>layer MSE %{x:.4g}<br>NLL %{y:.4f}<extra></extra>"))
     prov = candidates.provenance
     model, caveat = model_of(prov)
     mse = prov["layer_mse"]
-    fig.update_layout(title=f"Local layer MSE against global NLL: {int(done.sum())} quantized candidates of {model}",
+    fig.update_layout(title=f"Local layer MSE against global NLL: {int(done.sum())} quantized "
+                            f"candidates of {model}",
                       template="plotly_white",
-                      xaxis={"title": "sum over quantized layers of the output MSE (squared activations, log scale)",
+                      xaxis={"title": "sum over quantized layers of the output MSE (squared "
+                                      "activations, log scale)",
                              "type": "log"},
                       yaxis={"title": NLL_AXIS + ", log scale", "type": "log"})
     return add_caption(fig, [
-        "Marker shape: format; colour: method. Besides the quantization tables' RTN, GPTQ, GPTQ + LoRC and QAFT, "
-        "dithered roundings onto the same grid, round(w0/s + z + σ(u − 1/2)) with u ~ U[0, 1) seeded "
-        f"(σ = {', '.join(f'{s:g}' for s in _dither_strengths(table))}; σ = 1 is stochastic rounding), span the "
-        "MSE axis.",
-        f"Layer MSE: mean over tokens and outputs of (W x − W_q x)², summed over the {mse['n_layers']} quantized "
-        f"layers, x from the full-precision model on the first {mse['n_segments']} calibration sequences × "
-        f"{mse['seq_len']} tokens (data {mse['data_hash']}), the same for every candidate.",
+        "Marker shape: format; colour: method. Besides the quantization tables' RTN, GPTQ, GPTQ + LoRC and "
+        "QAFT, dithered roundings onto the same grid, round(w0/s + z + σ(u − 1/2)) with u ~ U[0, 1) seeded "
+        f"(σ = {', '.join(f'{s:g}' for s in _dither_strengths(table))}; σ = 1 is stochastic rounding), span "
+        "the MSE axis.",
+        f"Layer MSE: mean over tokens and outputs of (W x − W_q x)², summed over the {mse['n_layers']} "
+        f"quantized layers, x from the full-precision model on the first {mse['n_segments']} calibration "
+        f"sequences × {mse['seq_len']} tokens (data {mse['data_hash']}), the same for every candidate.",
         nll_convention_sentence(prov["nll_convention"]) + " Error bars: 95 % bootstrap over segments.",
         model_sentence(model, caveat)])
 
 
 def _dither_strengths(table: Mapping[str, np.ndarray]) -> list[float]:
     """The dither strengths among a misalignment store's candidates, in order of first appearance."""
-    return list(dict.fromkeys(float(s) for m, s in zip(table["method"], table["strength"]) if str(m) == "dither"))
+    return list(dict.fromkeys(float(s) for m, s in zip(table["method"], table["strength"])
+                              if str(m) == "dither"))
 
 
 def _method_rank(method: str) -> int:
@@ -243,7 +257,8 @@ def _method_rank(method: str) -> int:
 
 
 def reading_misalignment(candidates: StoreData) -> str:
-    """Per format: how GPTQ's and QAFT's layer MSE and NLL compare with RTN's; the rank correlation overall."""
+    """Per format: how GPTQ's and QAFT's layer MSE and NLL compare with RTN's; the rank correlation
+    overall."""
     require_kind(candidates, "misalignment")
     table, a = candidates.table("candidates"), candidates.arrays
     done = np.flatnonzero(candidates.done)
@@ -253,12 +268,13 @@ def reading_misalignment(candidates: StoreData) -> str:
         if "rtn" not in here:
             continue
         r = here["rtn"]
-        parts = [f"{METHOD_LABELS[m]} has {a['layer_mse_sum'][i] / a['layer_mse_sum'][r]:.2f}× RTN's layer MSE and "
-                 f"NLL {a['nll'][i] - a['nll'][r]:+.3f}" for m, i in here.items() if m in ("gptq", "qaft")]
+        parts = [f"{METHOD_LABELS[m]} has {a['layer_mse_sum'][i] / a['layer_mse_sum'][r]:.2f}× RTN's layer "
+                 f"MSE and NLL {a['nll'][i] - a['nll'][r]:+.3f}" for m, i in here.items()
+                 if m in ("gptq", "qaft")]
         if parts:
             sentences.append(f"At {fmt}: " + "; ".join(parts) + ".")
     if len(done) >= 3:
         rho = spearman(a["layer_mse_sum"][done], a["nll"][done])
-        sentences.append(f"Over all {len(done)} candidates, the rank correlation between layer MSE and NLL is "
-                         f"{rho:+.2f} (Spearman).")
+        sentences.append(f"Over all {len(done)} candidates, the rank correlation between layer MSE and NLL "
+                         f"is {rho:+.2f} (Spearman).")
     return " ".join(sentences)

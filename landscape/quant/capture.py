@@ -310,9 +310,9 @@ def quantize_block_by_block(
 ) -> dict[str, SolvedLayer]:
     """Quantize the named layers block by block with a layer-wise solver; the model is left as it was.
 
-    Why so many parameters: nine, not a settings object, because the driver serves any layer-wise solver (GPTQ passes the input
-    order and Hessian dtype of its :class:`~landscape.quant.gptq.GPTQSettings`), and its five keyword-only
-    knobs (input order, memory, dtype, progress) are the driver's own.
+    Why so many parameters: nine, not a settings object, because the driver serves any layer-wise solver
+    (GPTQ passes the input order and Hessian dtype of its :class:`~landscape.quant.gptq.GPTQSettings`), and
+    its five keyword-only knobs (input order, memory, dtype, progress) are the driver's own.
 
     Args:
         names: layers to quantize (already validated, e.g. by :func:`resolve_layers`).

@@ -1,4 +1,5 @@
-"""Displacement analysis of quantized models of one base model: where each quantizer moved w0, and what it cost.
+"""Displacement analysis of quantized models of one base model: where each quantizer moved w0, and what it
+cost.
 
 For quantized models ``w_q`` of the same pretrained weights ``w0`` (RTN, GPTQ, QAFT, LoRC..., at several
 formats) :func:`compare_displacements` measures, for every displacement ``d = w_q - w0``:
@@ -82,8 +83,9 @@ def _coordinates(t: Sequence[float], name: str, allow_empty: bool) -> np.ndarray
     except (TypeError, ValueError):
         raise ComparisonError(f"{name} must be a sequence of numbers, got {t!r}") from None
     if points.ndim != 1 or (points.size == 0 and not allow_empty) or not np.isfinite(points).all():
-        raise ComparisonError(f"{name} must be a {'possibly empty' if allow_empty else 'non-empty'} 1-D sequence of "
-                              f"finite path coordinates (0 = w0, 1 = the endpoint), got {list(np.atleast_1d(points))}")
+        raise ComparisonError(f"{name} must be a {'possibly empty' if allow_empty else 'non-empty'} 1-D "
+                              f"sequence of finite path coordinates (0 = w0, 1 = the endpoint), got "
+                              f"{list(np.atleast_1d(points))}")
     return points
 
 
@@ -93,7 +95,8 @@ class ComparisonSettings:
 
     Attributes:
         path_t: coordinates ``t`` of the NLL along ``w0 + t d`` (and of the segments between endpoints).
-        curvature_t: coordinates of the slope and Rayleigh quotient along the path; ``()`` skips the curvature.
+        curvature_t: coordinates of the slope and Rayleigh quotient along the path; ``()`` skips the
+            curvature.
         between: pairs of labels whose endpoints are joined by a segment, or ``"gptq-qaft"``: every pair of a
             ``gptq`` and a ``qaft`` result in the same format group.
         level, n_resamples, seed: bootstrap intervals (NLL over segments, curvature over batches).
@@ -111,7 +114,8 @@ class ComparisonSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path_t", _coordinates(self.path_t, "path_t", allow_empty=False))
-        object.__setattr__(self, "curvature_t", _coordinates(self.curvature_t, "curvature_t", allow_empty=True))
+        object.__setattr__(self, "curvature_t",
+                           _coordinates(self.curvature_t, "curvature_t", allow_empty=True))
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ComparisonError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         try:
@@ -135,8 +139,8 @@ def compare_displacements(
     """Compare the displacements ``w_q - w0`` of quantized models of ``model`` (see the module docstring).
 
     Args:
-        model: the base model at w0, or its :class:`~landscape.weights.Base` (whose label names it in the report);
-            left bit-exactly at w0.
+        model: the base model at w0, or its :class:`~landscape.weights.Base` (whose label names it in the
+            report); left bit-exactly at w0.
         results: label -> :class:`QuantResult`, or results labelled by ``result.label`` (must be unique).
         data: held-out segments for every NLL (token-mean, nats/token; >= 2 segments for the interval).
         mse_data: inputs of the layer MSE (default ``data``); e.g. the calibration set.
@@ -156,7 +160,8 @@ def compare_displacements(
     labelled = labelled_results(results)
     layers = check_same_base(base, labelled)
     path_points, curvature_points = settings.path_t, settings.curvature_t
-    batch_size, level, n_resamples, seed = settings.batch_size, settings.level, settings.n_resamples, settings.seed
+    batch_size, level, n_resamples, seed = (settings.batch_size, settings.level, settings.n_resamples,
+                                            settings.seed)
     mse_data, curvature_data = mse_data or data, curvature_data or data
     for name, value in (("data", data), ("mse_data", mse_data), ("curvature_data", curvature_data)):
         if not isinstance(value, TokenSet):
@@ -192,9 +197,9 @@ def compare_displacements(
         rows.append(DisplacementMeasures(
             label, result.method, format_group(result), math.sqrt(geometry.gram[i, i]),
             math.sqrt(geometry.gram[i, i]) / geometry.w0_norm, layer_norms,
-            {n: layer_norms[n] / geometry.layer_w0_norms[n] for n in layers}, {n: float(mse[n]) for n in layers},
-            nll_interval(endpoint_nll[label], **interval_args), path_nll, *steepness[:3],
-            geometry.projections[i], *steepness[3:]))
+            {n: layer_norms[n] / geometry.layer_w0_norms[n] for n in layers},
+            {n: float(mse[n]) for n in layers}, nll_interval(endpoint_nll[label], **interval_args), path_nll,
+            *steepness[:3], geometry.projections[i], *steepness[3:]))
     labels = list(labelled)
     segments = []
     for start, end in pairs:
@@ -206,9 +211,11 @@ def compare_displacements(
     control_adjusted = [{"format": g.format, "corpus": g.corpus, "sentence": g.sentence(),
                          **{k: [getattr(g, k).value, getattr(g, k).low, getattr(g, k).high]
                             for k in ("advantage", "adaptation", "remaining")}}
-                        for g in control_gaps([(r.method, format_group(r), endpoint_nll[label].segment_nll_sum)
+                        for g in control_gaps([(r.method, format_group(r),
+                                                endpoint_nll[label].segment_nll_sum)
                                                for label, r in labelled.items()], center.segment_nll_sum,
-                                              center.segment_tokens, center.convention.corpus, **interval_args)]
+                                              center.segment_tokens, center.convention.corpus,
+                                              **interval_args)]
     provenance = {
         "model": name,
         "model_fingerprint": base.fingerprint(layers),
@@ -232,18 +239,20 @@ def compare_displacements(
 
 # ------------------------------------------------------------------------------------- validation
 def labelled_results(results: Mapping[str, QuantResult] | Sequence[QuantResult]) -> dict[str, QuantResult]:
-    """``label -> QuantResult`` from a mapping, or from a sequence labelled by ``result.label`` (unique labels)."""
+    """``label -> QuantResult`` from a mapping, or from a sequence labelled by ``result.label`` (unique
+    labels)."""
     if isinstance(results, Mapping):
         labelled = dict(results)
     elif isinstance(results, Sequence) and not isinstance(results, str):
         labels = [getattr(r, "label", None) for r in results]
         duplicates = sorted({x for x in labels if labels.count(x) > 1}, key=str)
         if duplicates:
-            raise ComparisonError(f"results share the labels {duplicates}: pass a mapping label -> QuantResult")
+            raise ComparisonError(f"results share the labels {duplicates}: pass a mapping label "
+                                  f"-> QuantResult")
         labelled = dict(zip(labels, results))
     else:
-        raise ComparisonError(f"results must be a mapping label -> QuantResult or a sequence of QuantResults, "
-                              f"got {type(results).__name__}")
+        raise ComparisonError(f"results must be a mapping label -> QuantResult or a sequence of "
+                              f"QuantResults, got {type(results).__name__}")
     if not labelled:
         raise ComparisonError("need at least one quantized model to compare")
     for label, result in labelled.items():
@@ -261,8 +270,8 @@ def check_same_base(model: nn.Module | Base, results: Mapping[str, QuantResult])
 
     Raises:
         ComparisonError: a layer the model does not have, a weight of the wrong shape, or a result computed on
-            other base weights (its ``base_fingerprint`` differs from :func:`weights_fingerprint` of this model
-            on the result's layers).
+            other base weights (its ``base_fingerprint`` differs from :func:`weights_fingerprint` of this
+            model on the result's layers).
     """
     base = as_base(model)
     available = quantizable_layers(base.model)
@@ -272,8 +281,8 @@ def check_same_base(model: nn.Module | Base, results: Mapping[str, QuantResult])
         for n, w in result.weights.items():
             expected = tuple(weight_matrix(available[n]).shape)
             if tuple(w.shape) != expected:
-                raise ComparisonError(f"result {label!r}: weight of {n!r} has shape {tuple(w.shape)}, the layer's "
-                                      f"(out, in) weight is {expected}")
+                raise ComparisonError(f"result {label!r}: weight of {n!r} has shape {tuple(w.shape)}, the "
+                                      f"layer's (out, in) weight is {expected}")
     used = {n for r in results.values() for n in r.weights}
     return [n for n in available if n in used]
 
@@ -281,20 +290,21 @@ def check_same_base(model: nn.Module | Base, results: Mapping[str, QuantResult])
 def check_layers_and_base(model: nn.Module | Base, what: str, layers: Sequence[str], base_model: str,
                           base_fingerprint: str) -> None:
     """Raise :class:`ComparisonError` unless every one of ``layers`` is a quantizable layer of ``model`` and
-    ``base_fingerprint`` (of the result described by ``what``) is :func:`weights_fingerprint` of ``model`` on them.
-    Needs only a result's metadata, so saved results can be checked before any is loaded."""
+    ``base_fingerprint`` (of the result described by ``what``) is :func:`weights_fingerprint` of ``model`` on
+    them. Needs only a result's metadata, so saved results can be checked before any is loaded."""
     base = as_base(model)
     available = quantizable_layers(base.model)
     unknown = [n for n in layers if n not in available]
     if unknown:
         raise ComparisonError(f"{what} has layers this model does not have, e.g. {unknown[:3]}; "
-                              f"its quantizable layers are e.g. {list(available)[:3]} ({len(available)} in all)")
+                              f"its quantizable layers are e.g. {list(available)[:3]} "
+                              f"({len(available)} in all)")
     actual = base.fingerprint(list(layers))
     if base_fingerprint != actual:
         raise ComparisonError(
-            f"{what} was computed on base {base_model!r} with fingerprint {base_fingerprint or 'missing'}, not on "
-            f"this model (fingerprint {actual} on its {len(layers)} layers): compare only quantized models of the "
-            f"same w0")
+            f"{what} was computed on base {base_model!r} with fingerprint {base_fingerprint or 'missing'}, "
+            f"not on this model (fingerprint {actual} on its {len(layers)} layers): compare only quantized "
+            f"models of the same w0")
 
 
 def format_group(result: QuantResult) -> str:
@@ -306,8 +316,10 @@ def format_group(result: QuantResult) -> str:
     return str(paired) if paired else NO_FORMAT
 
 
-def eigen_basis(model: nn.Module, eigenvectors: EigenBasis | None) -> tuple[np.ndarray, list[dict[str, torch.Tensor]]]:
-    """Eigenvalues (NaN where unknown) and unit-norm ``layer -> (out, in)`` float64 vectors, checked against ``model``.
+def eigen_basis(model: nn.Module,
+                eigenvectors: EigenBasis | None) -> tuple[np.ndarray, list[dict[str, torch.Tensor]]]:
+    """Eigenvalues (NaN where unknown) and unit-norm ``layer -> (out, in)`` float64 vectors, checked against
+    ``model``.
 
     Raises:
         ComparisonError: an eigenvector over layers the model lacks, of the wrong shape, zero, non-finite,
@@ -319,7 +331,8 @@ def eigen_basis(model: nn.Module, eigenvectors: EigenBasis | None) -> tuple[np.n
         eigenvectors = eigenvectors.top
     if isinstance(eigenvectors, Eigenpairs):
         if eigenvectors.eigenvectors is None:
-            raise ComparisonError("the eigenpairs carry no eigenvectors (computed with return_eigenvectors=False)")
+            raise ComparisonError("the eigenpairs carry no eigenvectors (computed with "
+                                  "return_eigenvectors=False)")
         values = np.asarray(eigenvectors.eigenvalues, dtype=np.float64)
         vectors = [eigenvectors.direction(i) for i in range(len(eigenvectors))]
     elif isinstance(eigenvectors, Sequence) and not isinstance(eigenvectors, str):
@@ -340,16 +353,19 @@ def eigen_basis(model: nn.Module, eigenvectors: EigenBasis | None) -> tuple[np.n
     return values, basis
 
 
-def _pairs(results: Mapping[str, QuantResult], between: Sequence[tuple[str, str]] | str) -> list[tuple[str, str]]:
+def _pairs(results: Mapping[str, QuantResult],
+           between: Sequence[tuple[str, str]] | str) -> list[tuple[str, str]]:
     if between == "gptq-qaft":
         return [(a, b) for a, ra in results.items() for b, rb in results.items()
                 if ra.method == "gptq" and rb.method == "qaft" and format_group(ra) == format_group(rb)]
     if isinstance(between, str) or not isinstance(between, Sequence):
-        raise ComparisonError(f"between must be 'gptq-qaft' or a sequence of (start, end) label pairs, got {between!r}")
+        raise ComparisonError(f"between must be 'gptq-qaft' or a sequence of (start, end) label pairs, "
+                              f"got {between!r}")
     pairs = []
     for pair in between:
         if not (isinstance(pair, Sequence) and len(pair) == 2 and all(x in results for x in pair)):
-            raise ComparisonError(f"between pair {pair!r} must name two of the results' labels: {list(results)}")
+            raise ComparisonError(f"between pair {pair!r} must name two of the results' labels: "
+                                  f"{list(results)}")
         pairs.append((pair[0], pair[1]))
     return pairs
 
@@ -372,15 +388,16 @@ class _Geometry:
 
 def _geometry(w0: Mapping[str, torch.Tensor], endpoints: Mapping[str, Mapping[str, torch.Tensor]],
               basis: Sequence[Mapping[str, torch.Tensor]]) -> _Geometry:
-    """Gram matrix, per-layer squared norms and eigenvector coefficients of the displacements, one layer at a time
-    (float64; never more than one layer of every displacement in memory)."""
+    """Gram matrix, per-layer squared norms and eigenvector coefficients of the displacements, one layer at a
+    time (float64; never more than one layer of every displacement in memory)."""
     n, layers = len(endpoints), list(w0)
     gram, layer_sq = np.zeros((n, n)), np.zeros((n, len(layers)))
     projections = np.zeros((n, len(basis)))
     w0_norms = {}
     for j, name in enumerate(layers):
         base = w0[name].double()
-        d = torch.stack([w[name].double() - base for w in endpoints.values()]).reshape(n, -1).cpu()  # (n, out*in)
+        # (n, out*in)
+        d = torch.stack([w[name].double() - base for w in endpoints.values()]).reshape(n, -1).cpu()
         gram += (d @ d.T).numpy()
         layer_sq[:, j] = d.pow(2).sum(dim=1).numpy()
         w0_norms[name] = math.sqrt(float(base.pow(2).sum()))
@@ -392,7 +409,8 @@ def _geometry(w0: Mapping[str, torch.Tensor], endpoints: Mapping[str, Mapping[st
 
 
 def _endpoint(result: QuantResult, w0: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The result's weights on every compared layer, in the model's dtype and device (w0 where it has none)."""
+    """The result's weights on every compared layer, in the model's dtype and device (w0 where it has
+    none)."""
     return {n: result.weights[n].to(w) if n in result.weights else w for n, w in w0.items()}
 
 
@@ -402,8 +420,9 @@ def _nll(model: nn.Module, weights: Mapping[str, torch.Tensor], data: TokenSet, 
         return nll(model, data, batch_size=batch_size, model_name=name)
 
 
-def _segment_nll(model: nn.Module, start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor], t: np.ndarray,
-                 known: Mapping[float, float], data: TokenSet, batch_size: int, name: str) -> np.ndarray:
+def _segment_nll(model: nn.Module, start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor],
+                 t: np.ndarray, known: Mapping[float, float], data: TokenSet, batch_size: int,
+                 name: str) -> np.ndarray:
     """NLL at ``lerp(start, end, t)`` for each ``t``; values already ``known`` (at t = 0 and 1: the endpoints,
     where lerp is exact) are reused."""
     values = []
@@ -417,8 +436,8 @@ def _segment_nll(model: nn.Module, start: Mapping[str, torch.Tensor], end: Mappi
 
 
 def _path_curvature(model: nn.Module, data: TokenSet, w0: Mapping[str, torch.Tensor],
-                    endpoint: Mapping[str, torch.Tensor], t: np.ndarray, level: float | None, n_resamples: int,
-                    seed: int, batch_size: int) -> tuple[np.ndarray, ...]:
+                    endpoint: Mapping[str, torch.Tensor], t: np.ndarray, level: float | None,
+                    n_resamples: int, seed: int, batch_size: int) -> tuple[np.ndarray, ...]:
     """Rayleigh quotient and slope of ``d = endpoint - w0`` at ``w0 + t d``: (curvature, its low, its high,
     slope, its low, its high)."""
     if len(t) == 0:
@@ -437,14 +456,16 @@ def _basis_source(eigenvectors: Any) -> dict[str, Any] | None:
     settings = getattr(eigenvectors, "settings", None)
     if settings is not None:
         return {"kind": "spectrum", "operator": eigenvectors.operator, "layers": list(eigenvectors.layers),
-                "eigenvalues": eigenvectors.top.eigenvalues.tolist(), "residuals": eigenvectors.top.residuals.tolist(),
+                "eigenvalues": eigenvectors.top.eigenvalues.tolist(),
+                "residuals": eigenvectors.top.residuals.tolist(),
                 "converged": eigenvectors.top.converged.tolist(), "lanczos_steps": eigenvectors.lanczos_steps,
                 "data": settings.get("data"), "seed": settings.get("seed")}
     return {"kind": type(eigenvectors).__name__, "count": len(eigenvectors)}
 
 
 def _describe(result: QuantResult) -> dict[str, Any]:
-    return {"label": result.label, "method": result.method, "format": result.format.name if result.format else None,
-            "base_model": result.base_model, "base_fingerprint": result.base_fingerprint,
+    return {"label": result.label, "method": result.method,
+            "format": result.format.name if result.format else None, "base_model": result.base_model,
+            "base_fingerprint": result.base_fingerprint,
             "calibration_hash": result.calibration.get("data_hash"), "settings": result.settings,
             "layers": len(result.weights)}

@@ -1,9 +1,9 @@
 """The result of a displacement comparison (:func:`landscape.studies.compare.compare_displacements`): what was
 measured of each quantized model's displacement, its report and its store.
 
-Conventions are those of :mod:`landscape.studies.compare`: norms, dot products and cosines are Euclidean over the
-``(out, in)`` weights of the compared layers, in float64; NLLs are token-mean nats/token with bootstrap intervals
-over segments; curvatures are nats/token per squared weight unit.
+Conventions are those of :mod:`landscape.studies.compare`: norms, dot products and cosines are Euclidean over
+the ``(out, in)`` weights of the compared layers, in float64; NLLs are token-mean nats/token with bootstrap
+intervals over segments; curvatures are nats/token per squared weight unit.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ class DisplacementMeasures:
             (NaN when there were fewer than two batches).
         projections: ``<d, v_i>`` on each unit eigenvector ``v_i`` (weight units; sign is arbitrary
             because an eigenvector's is).
-        slope: ``g^T u`` at the same points as ``curvature`` (nats/token per weight unit), with ``slope_low`` /
-            ``slope_high`` as for the curvature (NaN in stores written before the slope was measured).
+        slope: ``g^T u`` at the same points as ``curvature`` (nats/token per weight unit), with ``slope_low``
+            / ``slope_high`` as for the curvature (NaN in stores written before the slope was measured).
     """
 
     label: str
@@ -72,8 +72,8 @@ class DisplacementMeasures:
 
     @property
     def captured_fraction(self) -> float:
-        """``sum_i <d, v_i>^2 / ||d||^2``: the share of the squared displacement in the span of the (orthonormal)
-        eigenvectors (NaN for a zero displacement)."""
+        """``sum_i <d, v_i>^2 / ||d||^2``: the share of the squared displacement in the span of the
+        (orthonormal) eigenvectors (NaN for a zero displacement)."""
         return float(np.sum(self.projections**2) / self.norm**2) if self.norm > 0 else math.nan
 
 
@@ -151,8 +151,9 @@ class Comparison:
         """The printed report: one table per format (and optionally per layer), cosines, segments."""
         conv = self.provenance.get("nll_convention", {})
         lines = [f"# Displacements of quantized {self.model}",
-                 (f"||w0|| = {self.w0_norm:.4g} over {len(self.layers)} layers; NLL(w0) = {_interval(self.center_nll)} "
-                  f"nats/token ({conv.get('corpus', '?')}/{conv.get('split', '?')}, {conv.get('n_segments', '?')} x "
+                 (f"||w0|| = {self.w0_norm:.4g} over {len(self.layers)} layers; NLL(w0) = "
+                  f"{_interval(self.center_nll)} nats/token "
+                  f"({conv.get('corpus', '?')}/{conv.get('split', '?')}, {conv.get('n_segments', '?')} x "
                   f"{conv.get('seq_len', '?')} tokens, {conv.get('n_tokens', '?')} scored, data "
                   f"{conv.get('data_hash', '?')}); layer MSE on the full-precision model's inputs.")]
         path_inner = [t for t in self.path_t if t not in (0.0, 1.0)]
@@ -166,8 +167,8 @@ class Comparison:
             head += [f"top-{k} share"] if k else []
             lines += ["", f"## {fmt}", "", _md_row(head), _md_row(["---"] * len(head))]
             for r in rows:
-                cells = [r.label, f"{r.norm:.4g}", f"{r.relative_norm:.3%}", f"{r.layer_mse_sum:.4g}", _interval(r.nll),
-                         f"{r.nll.value - self.center_nll.value:+.4f}"]
+                cells = [r.label, f"{r.norm:.4g}", f"{r.relative_norm:.3%}", f"{r.layer_mse_sum:.4g}",
+                         _interval(r.nll), f"{r.nll.value - self.center_nll.value:+.4f}"]
                 cells += [f"{r.path_nll[list(self.path_t).index(t)]:.4f}" for t in path_inner]
                 cells += [_with_interval(c, lo, hi)
                           for c, lo, hi in zip(r.curvature, r.curvature_low, r.curvature_high)]
@@ -175,10 +176,12 @@ class Comparison:
                           if len(r.slope) else ["n/a"] * len(self.curvature_t))
                 cells += [f"{r.captured_fraction:.3g}"] if k else []
                 lines.append(_md_row(cells))
-            lines += ["", "cosines:", "", _md_row([""] + [r.label for r in rows]), _md_row(["---"] * (len(rows) + 1))]
+            lines += ["", "cosines:", "", _md_row([""] + [r.label for r in rows]),
+                      _md_row(["---"] * (len(rows) + 1))]
             for r in rows:
                 lines.append(_md_row([r.label] + [f"{self.cosine(r.label, s.label):+.3f}" for s in rows]))
-            lines += ["", *(g["sentence"] for g in self.provenance.get("control_adjusted", []) if g["format"] == fmt)]
+            lines += ["", *(g["sentence"] for g in self.provenance.get("control_adjusted", [])
+                            if g["format"] == fmt)]
             segments = [s for s in self.between if self.row(s.start).format == fmt]
             if segments:
                 head = ["segment", "‖w_end − w_start‖"] + [f"NLL t={t:g}" for t in segments[0].t]
@@ -192,7 +195,8 @@ class Comparison:
                                   + [f"{r.layer_mse[n]:.4g}" for r in rows]) for n in self.layers]
         if k:
             source = self.provenance.get("eigenvectors") or {}
-            converged = (f"; {sum(source['converged'])} of {k} converged after {source['lanczos_steps']} Lanczos steps"
+            converged = (f"; {sum(source['converged'])} of {k} converged after "
+                         f"{source['lanczos_steps']} Lanczos steps"
                          if "converged" in source else "")
             lines += ["", (f"eigenvalues projected on: {np.array2string(self.eigenvalues, precision=4)} "
                            f"(nats/token per squared weight unit{converged})")]
@@ -219,16 +223,19 @@ class Comparison:
             "slope_low": _stack([r.slope_low for r in self.rows], len(self.curvature_t)),
             "slope_high": _stack([r.slope_high for r in self.rows], len(self.curvature_t)),
             "projections": _stack([r.projections for r in self.rows], len(self.eigenvalues)),
-            "layer_norm": np.array([[r.layer_norms[n_] for n_ in self.layers] for r in self.rows]).reshape(n, -1),
+            "layer_norm": np.array([[r.layer_norms[n_] for n_ in self.layers]
+                                    for r in self.rows]).reshape(n, -1),
             "layer_relative_norm": np.array([[r.layer_relative_norms[n_] for n_ in self.layers]
                                              for r in self.rows]).reshape(n, -1),
-            "layer_mse": np.array([[r.layer_mse[n_] for n_ in self.layers] for r in self.rows]).reshape(n, -1),
+            "layer_mse": np.array([[r.layer_mse[n_] for n_ in self.layers]
+                                   for r in self.rows]).reshape(n, -1),
         }
         arrays = {"cosines": self.cosines, "path_t": self.path_t, "curvature_t": self.curvature_t,
                   "eigenvalues": self.eigenvalues, "w0_norm": np.float64(self.w0_norm),
                   "layer_w0_norm": np.array([self.layer_w0_norms[n_] for n_ in self.layers]),
                   "center_nll": np.array([self.center_nll.value, self.center_nll.low, self.center_nll.high]),
-                  "between_nll": _stack([s.nll for s in self.between], len(self.between[0].t) if self.between else 0),
+                  "between_nll": _stack([s.nll for s in self.between],
+                                        len(self.between[0].t) if self.between else 0),
                   "between_t": self.between[0].t if self.between else np.empty(0)}
         tables: dict[str, dict[str, list]] = {
             "results": {"label": self.labels, "method": [r.method for r in self.rows],
@@ -247,12 +254,14 @@ class Comparison:
                 "delta_nll": [r.nll.value - self.center_nll.value for r in chosen],
                 "captured_fraction": [r.captured_fraction for r in chosen]}
         provenance = {"kind": "comparison", "model": self.model, "nll_level": level,
-                      "nll_interval_method": self.center_nll.method, "n_resamples": self.center_nll.n_resamples,
+                      "nll_interval_method": self.center_nll.method,
+                      "n_resamples": self.center_nll.n_resamples,
                       **{k: v for k, v in self.provenance.items() if k not in ("kind", "model")}}
         return StoreRecord(provenance, rows, arrays, tables)
 
     def to_store(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`to_record` to a new HDF5 store at ``path`` (refused if it exists); returns the path."""
+        """Write :meth:`to_record` to a new HDF5 store at ``path`` (refused if it exists); returns the
+        path."""
         return write_record(path, self.to_record())
 
     @classmethod
@@ -275,19 +284,22 @@ class Comparison:
 
         rows = []
         for i, label in enumerate(results["label"]):
-            slope = {k: a[k][i] for k in ("slope", "slope_low", "slope_high") if k in a}  # absent in older stores
+            # absent in older stores
+            slope = {k: a[k][i] for k in ("slope", "slope_low", "slope_high") if k in a}
             rows.append(DisplacementMeasures(
                 str(label), str(results["method"][i]), str(results["format"][i]), float(a["norm"][i]),
                 float(a["relative_norm"][i]), per_layer("layer_norm", i), per_layer("layer_relative_norm", i),
-                per_layer("layer_mse", i), interval(a["nll"][i], a["nll_low"][i], a["nll_high"][i]), a["path_nll"][i],
-                a["curvature"][i], a["curvature_low"][i], a["curvature_high"][i], a["projections"][i], **slope))
+                per_layer("layer_mse", i), interval(a["nll"][i], a["nll_low"][i], a["nll_high"][i]),
+                a["path_nll"][i], a["curvature"][i], a["curvature_low"][i], a["curvature_high"][i],
+                a["projections"][i], **slope))
         between = data.table("between") if "between/start" in a else {"start": [], "end": [], "distance": []}
         segments = tuple(SegmentProfile(str(s), str(e), float(d), a["between_t"], a["between_nll"][j])
-                         for j, (s, e, d) in enumerate(zip(between["start"], between["end"], between["distance"])))
+                         for j, (s, e, d) in enumerate(zip(between["start"], between["end"],
+                                                           between["distance"])))
         center = a["center_nll"]
-        return cls(prov["model"], float(a["w0_norm"]), layers, dict(zip(layers, map(float, a["layer_w0_norm"]))),
-                   interval(*center), tuple(rows), a["cosines"], a["path_t"], a["curvature_t"], a["eigenvalues"],
-                   segments, prov)
+        return cls(prov["model"], float(a["w0_norm"]), layers,
+                   dict(zip(layers, map(float, a["layer_w0_norm"]))), interval(*center), tuple(rows),
+                   a["cosines"], a["path_t"], a["curvature_t"], a["eigenvalues"], segments, prov)
 
 
 def _stack(arrays: Sequence[np.ndarray], width: int) -> np.ndarray:

@@ -96,7 +96,8 @@ class Protocol:
         if not self.seeds:
             raise ValueError("seeds must not be empty")
         n = self.layer_mse_sequences
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.calib_sequences):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int)
+                              or not 1 <= n <= self.calib_sequences):
             raise ValueError(f"layer_mse_sequences must be None (all) or an integer in 1..calib_sequences="
                              f"{self.calib_sequences}, got {n!r}")
 
@@ -236,11 +237,12 @@ def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = Tr
              for c in protocol.eval_corpora}
     for c, data in evals.items():
         if data.n_segments != protocol.eval_segments:
-            raise ValueError(f"corpus {c!r} has only {data.n_segments} segments of {protocol.eval_seq_len} tokens; "
-                             f"the protocol asks for {protocol.eval_segments}")
+            raise ValueError(f"corpus {c!r} has only {data.n_segments} segments of {protocol.eval_seq_len} "
+                             f"tokens; the protocol asks for {protocol.eval_segments}")
     fingerprint = lm.base.fingerprint()
     rows = variants(protocol)
-    mse_calib = calib if protocol.layer_mse_sequences is None else calib.subset(range(protocol.layer_mse_sequences))
+    mse_calib = (calib if protocol.layer_mse_sequences is None
+                 else calib.subset(range(protocol.layer_mse_sequences)))
     provenance = {
         "kind": "quant_table",
         "protocol": protocol.to_dict(),
@@ -250,8 +252,8 @@ def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = Tr
         "calibration": calib.provenance(),
         "evaluation": {c: d.provenance() for c, d in evals.items()},
         "nll_convention": "token-mean nats per scored token over disjoint windows (stride = seq_len)",
-        "layer_mse_convention": f"sum over layers of mean (W x - W' x)^2, x: inputs of the full-precision model "
-                                f"on the first {mse_calib.n_segments} calibration sequences",
+        "layer_mse_convention": f"sum over layers of mean (W x - W' x)^2, x: inputs of the full-precision "
+                                f"model on the first {mse_calib.n_segments} calibration sequences",
         "variants": [r.label for r in rows],
     }
     ctx = _Context(lm, protocol, calib, mse_calib, out_dir / "results", fingerprint, progress)
@@ -261,9 +263,10 @@ def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = Tr
     try:
         if store.writable:  # (re)written on every resume: both are functions of the protocol only
             store.write_array("w0_norm", np.float64(w0_norm))
-            store.write_table("variants", {"label": [r.label for r in rows], "method": [r.method for r in rows],
-                                           "format": [r.format or "" for r in rows],
-                                           "seed": [r.seed for r in rows], "act_bits": [r.act_bits or 0 for r in rows]})
+            store.write_table("variants",
+                              {"label": [r.label for r in rows], "method": [r.method for r in rows],
+                               "format": [r.format or "" for r in rows],
+                               "seed": [r.seed for r in rows], "act_bits": [r.act_bits or 0 for r in rows]})
         todo = [i for i in range(len(rows)) if not store.done[i]]
         for i in tqdm(todo, desc=f"quant table {lm.info.name}", disable=not progress):
             store.write_point(i, _measure(ctx, rows[i], evals, w0))
@@ -278,7 +281,8 @@ def _measure(ctx: _Context, v: Variant, evals: dict, w0: dict[str, torch.Tensor]
     weights = result.weights if result else {}
     # One convention for every row (GPTQ's own layer_mse is on sequentially quantized inputs, QAFT's on
     # its training data): the first layer_mse_sequences calibration sequences, full-precision inputs.
-    mse = sum(layer_mse(ctx.lm.model, ctx.mse_calib, weights, inputs="reference").values()) if weights else 0.0
+    mse = (sum(layer_mse(ctx.lm.model, ctx.mse_calib, weights, inputs="reference").values()) if weights
+           else 0.0)
     values: dict[str, Any] = {
         "seconds": result.seconds if result else 0.0,
         "layer_mse_sum": float(mse),
@@ -327,8 +331,8 @@ class QuantTable:
         for r in self.rows:
             cells = [f"{r['nll'][c]:.4f} [{r['nll_low'][c]:.3f}, {r['nll_high'][c]:.3f}]" for c in corpora]
             lines.append(f"| {r['label']} | " + " | ".join(cells) +
-                         f" | {r['displacement_norm']:.1f} | {r['layer_mse_sum']:.3g} | {r['bits_per_weight']:.2f}"
-                         f" | {r['seconds']:.0f} |")
+                         f" | {r['displacement_norm']:.1f} | {r['layer_mse_sum']:.3g} | "
+                         f"{r['bits_per_weight']:.2f} | {r['seconds']:.0f} |")
         return "\n".join(lines)
 
 
@@ -367,14 +371,16 @@ def quant_table_rows(data: StoreData) -> list[dict[str, Any]]:
 
 
 def result_path(out_dir: str | Path, protocol: Protocol, variant: Variant, calibration_hash: str) -> Path:
-    """Where :func:`run_quant_table` saves a variant's QuantResult (without the .json/.safetensors extension)."""
+    """Where :func:`run_quant_table` saves a variant's QuantResult (without the .json/.safetensors
+    extension)."""
     return Path(out_dir) / "results" / f"calib-{calibration_hash}" / result_key(protocol, variant)
 
 
 def table_control_gaps(rows: Sequence[Mapping[str, Any]], corpora: Sequence[str]) -> list[ControlAdjustedGap]:
-    """Per format with GPTQ, QAFT and the fine-tuning control (and fp32), per corpus: QAFT's advantage over GPTQ
-    and how much of it remains after the control (:func:`landscape.stats.control_gaps`; seeds averaged), from the
-    rows of one or more quantization tables on the same evaluation windows (:func:`quant_table_rows`)."""
+    """Per format with GPTQ, QAFT and the fine-tuning control (and fp32), per corpus: QAFT's advantage over
+    GPTQ and how much of it remains after the control (:func:`landscape.stats.control_gaps`; seeds averaged),
+    from the rows of one or more quantization tables on the same evaluation windows
+    (:func:`quant_table_rows`)."""
     fp32 = next((r for r in rows if r["method"] == FP32), None)
     if fp32 is None:
         return []
