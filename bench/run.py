@@ -130,8 +130,8 @@ def run_all(profile: str, names: tuple[str, ...] = BENCHMARKS, progress: bool = 
             except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as err:
                 failures.append(Failure(name, str(err)))
     load = tuple(round(x, 2) for x in os.getloadavg()) if hasattr(os, "getloadavg") else ()
-    return BenchReport(profile, command or f"bench/run.py --{profile}", machine, tuple(sections),
-                       tuple(failures), time.perf_counter() - started, load)
+    return BenchReport(profile, command or f"python -m bench.run --{profile}", machine,
+                       tuple(sections), tuple(failures), time.perf_counter() - started, load)
 
 
 def rebuild_report(stored: Mapping[str, Any]) -> BenchReport:
@@ -191,8 +191,8 @@ def render_results(report: BenchReport) -> str:
         f"commit `{m.get('git_commit') or 'n/a'}`"
         f"{' with uncommitted changes' if m.get('git_dirty') else ''}; "
         f"the run took {report.seconds / 60:.1f} min."
-        + (" Tables and notes were re-rendered from its results.json with `bench/run.py --rebuild` (no new "
-           "measurements)." if report.rebuilt else ""),
+        + (" Tables and notes were re-rendered from its results.json with `python -m bench.run --rebuild` "
+           "(no new measurements)." if report.rebuilt else ""),
         "",
         f"- **Machine**: {m.get('cpu', 'n/a')}, {m.get('logical_cpus', 'n/a')} logical CPUs "
         f"({m.get('usable_cpus', 'n/a')} usable), {m.get('memory_gib', 'n/a')} GiB RAM, "
@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         md, js = write_results(rebuild_report(json.loads(args.rebuild.read_text())), args.out)
         print(f"rebuilt {md} and {js} from {args.rebuild}")
         return 0
-    command = ("bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv) if (argv or sys.argv[1:])
-               else "bench/run.py")
+    given = sys.argv[1:] if argv is None else argv
+    command = "python -m bench.run " + " ".join(given) if given else "python -m bench.run"
     report = run_all(profile, tuple(args.only), progress=not args.no_progress, command=command.strip())
     md, js = write_results(report, args.out)
     judged = [r for r in report.rows if r.target is not None]
