@@ -36,11 +36,14 @@ test-all: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
+# Your model, device and dtype: make figures MODEL=facebook/opt-125m DEVICE=cuda DTYPE=bfloat16
+FIGURE_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(DEVICE),--device $(DEVICE)) $(if $(DTYPE),--dtype $(DTYPE))
+
 figures: setup chromium
-	$(PY) -m analyses.run_all --quick --out figures
+	$(PY) -m analyses.run_all --quick --out figures $(FIGURE_ARGS)
 
 figures-full: setup chromium
-	$(PY) -m analyses.run_all --full --out figures
+	$(PY) -m analyses.run_all --full --out figures $(FIGURE_ARGS)
 
 # PNG export needs a Chromium (HTML does not). Installed where we can (root + apt); otherwise the
 # figure run says that PNGs were skipped.

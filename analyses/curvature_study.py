@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from analyses.session import load_model_of, model_options
 from landscape.curvature import Curvature, read_curvature
 from landscape.data import calibration_set, heldout_set
 from landscape.engine.directions import displacement_direction, random_direction_of_length
-from landscape.models import load_model
 from landscape.quant import parse_format
 from landscape.store import check_store_path, provenance, run_tasks
 from landscape.studies.quant_table import Protocol, Variant, result_key
@@ -37,7 +37,7 @@ METHODS = ("rtn", "gptq", "qaft")
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    model_options(p)
     p.add_argument("--results", required=True, help="the quantization tables' results/ folder")
     p.add_argument("--formats", nargs="*", default=["int4", "int4-g64", "int3-g64"],
                    help="formats whose RTN, GPTQ and QAFT displacements (and a random one) are followed")
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{args.trace_matvecs}")
     out = check_store_path(args.out, resume=True)
 
-    lm = load_model(args.model)
+    lm = load_model_of(args)
     calib = calibration_set(lm.tokenizer, 128, args.calib_seq_len, 0, context_length=lm.info.context_length)
     results = Path(args.results) / f"calib-{calib.content_hash}"
     protocol = Protocol(model=args.model, qaft_lr=args.qaft_lr)  # only its QAFT settings name the files
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, source in extra.items():
         paths[name] = str(source)
         tasks[f"path/{name}"] = path_task(lambda source=source: displacement_direction(lm.model, source))
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "results", "krylov_dir")}
+    unrecorded = ("out", "results", "krylov_dir", "device", "dtype")  # device and dtype: the provenance's own
+    settings = {k: v for k, v in vars(args).items() if k not in unrecorded}
     store, _ = run_tasks(out, provenance("curvature", Base(lm.model, args.model), data,
                                          model_info=lm.info.to_dict(), settings=settings, tasks=list(tasks),
                                          paths=paths), tasks)

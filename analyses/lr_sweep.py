@@ -18,8 +18,8 @@ import json
 import os
 from pathlib import Path
 
+from analyses.session import load_model_of, model_options
 from landscape.data import calibration_set
-from landscape.models import load_model
 from landscape.quant import parse_format
 from landscape.quant.lr_selection import (
     DEFAULT_VALIDATION_SEQUENCES,
@@ -31,7 +31,7 @@ from landscape.quant.qaft import FinetuneSettings, LearningRateSweep
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    model_options(p)
     p.add_argument("--formats", nargs="+", default=["int3", "int4"],
                    help="QAFT formats; 'fp32' sweeps the full-precision control (fp-finetune) instead")
     p.add_argument("--candidates", nargs="+", type=float, default=[1e-4, 3e-4, 1e-3])
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--candidates must be learning rates > 0, got {args.candidates}")
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.exists() else {}
-    lm = load_model(args.model)
+    lm = load_model_of(args)
     calib = calibration_set(lm.tokenizer, args.calib_sequences, args.calib_seq_len, 0,
                             context_length=lm.info.context_length)
     for fmt in formats:

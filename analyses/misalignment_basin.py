@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from analyses.session import load_model_of, model_options
 from landscape.data import calibration_set, heldout_set
-from landscape.models import load_model
 from landscape.outputs import check_output_path
 from landscape.quant import gptq, parse_format, rtn
 from landscape.quant.result import read_result_metadata
@@ -59,7 +59,7 @@ def saved_candidates(results: Path, methods: tuple[str, ...]) -> dict[str, Path]
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    model_options(p)
     p.add_argument("--results",
                    help="the quantization tables' results/ folder (study.result_path); required unless "
                         "--from-store")
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     specs = random_roundings(args.rounding_formats, args.seeds, args.fractions)
 
-    lm = load_model(args.model)
+    lm = load_model_of(args)
     tok, ctx = lm.tokenizer, lm.info.context_length
     calib = calibration_set(tok, 128, args.calib_seq_len, 0, context_length=ctx)
     results = Path(args.results) / f"calib-{calib.content_hash}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from landscape.models import load_model
+from analyses.session import load_model_of, model_options
 from landscape.studies.quant_table import Protocol, read_quant_table, run_quant_table, table_control_gaps
 
 CORE_METHODS = ("rtn", "gptq", "qaft", "fp-finetune", "gptq-noact", "gptq+lorc")
@@ -36,7 +36,7 @@ def protocols(args: argparse.Namespace) -> dict[str, Protocol]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    model_options(p)
     p.add_argument("--out", default="results/quant_table")
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--eval-seq-len", type=int, default=256)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             p.error(f"--only {unknown}: no such protocol; choose from {sorted(runs)}")
         runs = {name: runs[name] for name in args.only}
-    lm = load_model(args.model)
+    lm = load_model_of(args)
     for name, protocol in runs.items():
         path = run_quant_table(protocol, args.out, lm=lm, name=name + args.tag)
         table = read_quant_table(path)

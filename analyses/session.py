@@ -21,12 +21,14 @@ from typing import Any
 
 import plotly.graph_objects as go
 import plotly.io as pio
+import torch
 
 from analyses.profiles import PROFILES, Profile, TableSpec
 from landscape.cache import stable_hash
+from landscape.cli.common import device_arg, dtype_arg
 from landscape.data import calibration_set, heldout_set
 from landscape.figio import png_export_available, write_figure
-from landscape.models import load_model
+from landscape.models import load_model, parse_dtype, resolve_device
 from landscape.quant import parse_format
 from landscape.quant.methods import QUANT_TABLE_METHODS
 from landscape.store import StoreData, read_store
@@ -46,13 +48,19 @@ class Session:
     data: Path
     png: bool = True
     progress: bool = True
+    device: str | torch.device = "cpu"
+    dtype: str | torch.dtype = "float32"
     _models: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        self.device, self.dtype = resolve_device(self.device), parse_dtype(self.dtype)
+
     def model(self, name: str):
-        """The :class:`~landscape.models.LoadedModel` ``name`` (loaded once per session)."""
+        """The :class:`~landscape.models.LoadedModel` ``name`` on the session's device in its dtype (loaded
+        once per session)."""
         if name not in self._models:
             started = time.perf_counter()
-            self._models[name] = load_model(name)
+            self._models[name] = load_model(name, self.dtype, self.device)
             if self.progress:
                 print(f"  loaded {name} in {format_seconds(time.perf_counter() - started)}", flush=True)
         return self._models[name]
@@ -62,7 +70,11 @@ class Session:
         return self.profile.for_model(model)
 
     def store_path(self, model: str, kind: str, settings: Mapping[str, Any], suffix: str = ".h5") -> Path:
-        """``<data>/<model>/<kind>-<hash of settings><suffix>``: a new path whenever a setting changes."""
+        """``<data>/<model>/<kind>-<hash of settings><suffix>``: a new path whenever a setting changes, the
+        dtype included (a float32 run's paths are those of the runs before the dtype was a setting). The
+        device is recorded in each store, not in its path: a store measured on a GPU serves a CPU rerun."""
+        if self.dtype != torch.float32:
+            settings = {**settings, "dtype": str(self.dtype).removeprefix("torch.")}
         return self.data / model_slug(model) / f"{kind}-{stable_hash(dict(settings), 10)}{suffix}"
 
 
@@ -220,8 +232,15 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     parser.add_argument("--plan", action="store_true", help="print the plan with estimated times and stop")
     parser.add_argument("--no-png", dest="png", action="store_false", help="skip the static PNGs")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    # tests: another model (e.g. ref-tiny)
-    parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default=None,
+                        help="the model of figures 1-6 (and the largest of figure 7): a built-in name, a hub "
+                             "id or a local directory (default: the profile's, smollm2-135m; ref-tiny for "
+                             "--tiny)")
+    parser.add_argument("--device", type=device_arg, default="auto",
+                        help="where models compute: auto (cuda when available, else cpu), cpu, cuda, cuda:N, "
+                             "mps")
+    parser.add_argument("--dtype", type=dtype_arg, default="float32",
+                        help="the models' dtype: float32 (default), bfloat16, float16, float64")
     parser.set_defaults(profile="quick")
     return parser.parse_args(argv)
 
@@ -236,4 +255,21 @@ def session_from_args(args: argparse.Namespace) -> Session:
         profile = replace(profile, model=args.model)
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} exists and is not a folder")
-    return Session(profile, args.out, args.data or args.out / "data", png=args.png, progress=args.progress)
+    return Session(profile, args.out, args.data or args.out / "data", png=args.png, progress=args.progress,
+                   device=args.device, dtype=args.dtype)
+
+
+def model_options(parser: argparse.ArgumentParser, default: str = "smollm2-135m") -> None:
+    """``--model``, ``--device`` and ``--dtype`` of a study script (the CLI's converters: bad values fail when
+    the arguments are parsed, before any work)."""
+    parser.add_argument("--model", default=default,
+                        help=f"a built-in name, a hub id or a local directory (default {default})")
+    parser.add_argument("--device", type=device_arg, default="auto",
+                        help="auto (cuda when available, else cpu), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--dtype", type=dtype_arg, default="float32",
+                        help="float32 (default), bfloat16, float16, float64")
+
+
+def load_model_of(args: argparse.Namespace):
+    """The :class:`~landscape.models.LoadedModel` of a study script's :func:`model_options`."""
+    return load_model(args.model, args.dtype, args.device)

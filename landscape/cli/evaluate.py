@@ -9,7 +9,7 @@ import sys
 import time
 
 from landscape import models
-from landscape.cli.common import Command, data_arguments, format_arg, heldout, model_argument
+from landscape.cli.common import Command, data_arguments, format_arg, heldout, load, model_argument
 from landscape.objectives import nll
 from landscape.quant import rtn
 from landscape.refmodel import REF_CONFIGS, build_reference_model
@@ -27,7 +27,7 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     corpora = args.corpus or ["wiki", "sotu"]
     t0 = time.time()
-    lm = models.load_model(args.model)
+    lm = load(args)
     load_s = time.time() - t0
     sets = [heldout(lm, args, c) for c in corpora]
     if not args.json:

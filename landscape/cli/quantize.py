@@ -12,11 +12,12 @@ import argparse
 import time
 from dataclasses import replace
 
-from landscape import data, models
+from landscape import data
 from landscape.cli.common import (
     Command,
     default_seq_len,
     format_arg,
+    load,
     model_argument,
     positive_float,
     positive_int,
@@ -110,7 +111,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     gptq_settings = GPTQSettings(damp=args.damp, block_size=args.block_size, act_order=args.act_order)
     finetune = finetune_settings(args)  # bad settings fail before the model loads, too
     t0 = time.perf_counter()
-    lm = models.load_model(args.model)
+    lm = load(args)
     # layer globs, format vs shapes, finite weights: before any data
     resolve_layers(lm.model, args.layers, args.fmt)
     seq_len = args.calib_seq_len or default_seq_len(lm.info)

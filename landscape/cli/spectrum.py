@@ -79,7 +79,7 @@ def run_spectrum(args: argparse.Namespace) -> int:
         tasks["density"] = lambda: curvature.density(args.density_runs, args.density_steps, seed=args.seed,
                                                      krylov_dir=args.krylov_dir).to_record()
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("func", "out", "krylov_dir", "no_progress", "model")}
+                if k not in ("func", "out", "krylov_dir", "no_progress", "model", "device", "dtype")}
     store, _ = run_tasks(out, provenance("curvature", lm.base, data, model_info=lm.info.to_dict(),
                                          settings=settings, tasks=list(tasks)), tasks)
     if lm.info.caveat:

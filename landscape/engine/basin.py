@@ -45,7 +45,7 @@ from landscape.engine.perturb import (
     output_names,
 )
 from landscape.engine.sweep import Execution
-from landscape.store import StoreData, finish_run, read_store, start_run
+from landscape.store import StoreData, finish_run, model_provenance, read_store, start_run
 from landscape.weights import Base, as_base, weights_norm
 
 DEFAULT_QUANTILES: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -371,8 +371,7 @@ def basin_statistics(
     n_max = search.max_evaluations
     run_provenance = {
         "kind": "basin_radius",
-        "model": base.label,
-        "model_fingerprint": base.fingerprint(),
+        **model_provenance(base),
         "directions": [s.to_dict() for s in specs],
         "search": search.bracket_settings(),
         "value_name": value_name,

@@ -34,7 +34,7 @@ from landscape.data import TokenSet
 from landscape.engine.directions import Direction, DirectionSpec, check_direction, layer_weight
 from landscape.engine.sweep import POINT_ORDER, Execution
 from landscape.objectives import InputSource, NLLConvention, check_in_vocabulary, layer_mse, nll
-from landscape.store import StoreData, finish_run, read_store, start_run
+from landscape.store import StoreData, finish_run, model_provenance, read_store, start_run
 from landscape.weights import Base, as_base
 
 COORDINATE_PREFIX = "coords/axis"
@@ -309,8 +309,7 @@ def scan(
         names = output_names(objectives, perturbation.layers)
         run_provenance = {
             "kind": "scan",
-            "model": base.label,
-            "model_fingerprint": base.fingerprint(),
+            **model_provenance(base),
             "directions": [s.to_dict() for s in specs],
             "grid": [axis.tolist() for axis in axes],
             "objectives": [o.provenance() for o in objectives],

@@ -47,10 +47,17 @@ from landscape.store.files import (
     read_store,
     start_run,
 )
-from landscape.store.records import StoreRecord, merge_stores, provenance, run_tasks, write_record
+from landscape.store.records import (
+    StoreRecord,
+    merge_stores,
+    model_provenance,
+    provenance,
+    run_tasks,
+    write_record,
+)
 
 __all__ = ["DONE", "PARTIAL_SUFFIX", "RUN_SPECIFIC_KEYS", "STORE_FORMAT_VERSION", "ArraySpec", "MemoryStore",
            "ResultStore", "StoreData", "StoreError", "StoreInProgressError", "StoreMismatchError",
            "StoreRecord", "check_store_path", "code_version", "finish_run", "merge_stores",
-           "normalize_provenance", "partial_path", "provenance", "read_store", "run_tasks", "start_run",
-           "write_record"]
+           "model_provenance", "normalize_provenance", "partial_path", "provenance", "read_store",
+           "run_tasks", "start_run", "write_record"]

@@ -26,6 +26,9 @@ DONE = "done"
 # in these hold the same results (a resumed run keeps its store's keys; merging drops "shard").
 RUN_SPECIFIC_KEYS: tuple[str, ...] = ("created", "shard", "merged_from")
 
+# What stores written before these keys existed computed in: a missing key there means this value.
+OLDER_DEFAULTS: dict[str, Any] = {"model_info.device": "cpu", "device": "cpu", "dtype": "float32"}
+
 ArraySpec = tuple[tuple[int, ...], Any]  # (point shape, numpy dtype-like)
 
 
@@ -472,6 +475,7 @@ def _check_same_run(existing: StoreData, provenance: Mapping[str, Any], grid: tu
     """Raise :class:`StoreMismatchError` naming every difference between a stored run and the expected one."""
     expected = _flatten({"code_version": code_version(), **normalize_provenance(provenance)})
     found = _flatten(existing.provenance)
+    found |= {k: v for k, v in OLDER_DEFAULTS.items() if k not in found and k in expected}
     keep = lambda key: key.split(".")[0] not in ignore  # noqa: E731
     diffs = [f"{k}: store has {_short(found.get(k))}, this run has {_short(expected.get(k))}"
              for k in sorted(set(expected) | set(found)) if keep(k) and found.get(k) != expected.get(k)]

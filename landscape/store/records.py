@@ -34,14 +34,20 @@ from landscape.store.files import (
 from landscape.weights import Base
 
 
+def model_provenance(base: Base) -> dict[str, Any]:
+    """What every store records of its model: its name, the fingerprint of w0 over every quantizable layer,
+    and the dtype and device it computed in (a resume in another dtype or on another device is refused)."""
+    return {"model": base.label, "model_fingerprint": base.fingerprint(),
+            "dtype": str(base.dtype).removeprefix("torch."), "device": str(base.device)}
+
+
 def provenance(kind: str, base: Base | None = None, data: TokenSet | None = None,
                **extra: Any) -> dict[str, Any]:
-    """The provenance a store starts from: what it holds (``kind``), the model w0 and its fingerprint over
-    every quantizable layer, the data with the convention of its NLLs, then ``extra`` (which may override
-    them)."""
+    """The provenance a store starts from: what it holds (``kind``), the model (:func:`model_provenance`), the
+    data with the convention of its NLLs, then ``extra`` (which may override them)."""
     out: dict[str, Any] = {"kind": kind}
     if base is not None:
-        out |= {"model": base.label, "model_fingerprint": base.fingerprint()}
+        out |= model_provenance(base)
     if data is not None:
         label = base.label if base is not None else ""
         out |= {"data": data.provenance(), "nll_convention": NLLConvention.for_data(data, label).to_dict()}

@@ -59,6 +59,7 @@ from landscape.stats import (
     control_gaps,
     nll_interval,
 )
+from landscape.store import model_provenance
 from landscape.studies.comparison import Comparison, ComparisonError, DisplacementMeasures, SegmentProfile
 from landscape.weights import (
     Base,
@@ -217,7 +218,7 @@ def compare_displacements(
                                               center.segment_tokens, center.convention.corpus,
                                               **interval_args)]
     provenance = {
-        "model": name,
+        **model_provenance(base),
         "model_fingerprint": base.fingerprint(layers),
         "control_adjusted": control_adjusted,
         "data": data.provenance(),

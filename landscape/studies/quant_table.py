@@ -36,7 +36,7 @@ from landscape.quant.methods import METHODS, QUANT_TABLE_METHODS, QuantJob, run_
 from landscape.quant.qaft import DEFAULT_LR, FinetuneSettings
 from landscape.quant.result import QuantResult
 from landscape.stats import ControlAdjustedGap, control_gaps, nll_interval
-from landscape.store import StoreData, check_store_path, read_store, start_run
+from landscape.store import StoreData, check_store_path, model_provenance, read_store, start_run
 from landscape.weights import layer_weights, swapped_weights
 
 FP32 = "fp32"
@@ -246,8 +246,7 @@ def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = Tr
     provenance = {
         "kind": "quant_table",
         "protocol": protocol.to_dict(),
-        "model": lm.info.name,
-        "model_fingerprint": fingerprint,
+        **model_provenance(lm.base),
         "model_caveat": lm.info.caveat,
         "calibration": calib.provenance(),
         "evaluation": {c: d.provenance() for c, d in evals.items()},
