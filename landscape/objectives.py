@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from landscape.data import TokenSet
-from landscape.weights import get_layer, model_label, swapped_weights, weight_matrix
+from landscape.weights import get_layer, model_label, swapped_weights, weight_matrix, working_dtype
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,12 @@ def segment_nll_sums(model: nn.Module, tokens: torch.Tensor, score_mask: torch.T
 
 def nll_sums_from_logits(logits: torch.Tensor, tokens: torch.Tensor,
                          score_mask: torch.Tensor) -> torch.Tensor:
-    """Summed NLL of the scored tokens of each segment from ``(b, t, vocab)`` logits: ``(b,)``."""
+    """Summed NLL of the scored tokens of each segment from ``(b, t, vocab)`` logits: ``(b,)``.
+
+    bfloat16 / float16 logits are normalised and summed in float32 (a bf16 log-softmax over a 49k
+    vocabulary and a bf16 sum over 2k tokens would each cost more than the effects we measure).
+    """
+    logits = logits.to(working_dtype(logits.dtype))
     logp = F.log_softmax(logits[:, :-1], dim=-1)  # predicts tokens[:, 1:]
     nll_tok = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (b, t-1)
     return (nll_tok * score_mask[:, 1:]).sum(dim=1)
@@ -175,14 +180,17 @@ def layer_mse(
         if tuple(w.shape) != tuple(w0.shape):
             raise ValueError(f"weight for {name!r} has shape {tuple(w.shape)}, "
                              f"layer expects {tuple(w0.shape)}")
-        deltas[name] = w.to(w0) - w0.detach()
+        # the model's own rounding of W' (its dtype), the difference formed in float32 for bf16 / fp16
+        work = working_dtype(w0.dtype)
+        deltas[name] = w.to(w0).to(work) - w0.detach().to(work)
     sq_sum = {n: 0.0 for n in deltas}
     count = {n: 0 for n in deltas}
 
     def hook_for(name: str):
         def hook(module, args, output):
             x = args[0]
-            err = x @ deltas[name].T  # (b, t, out): W' x - W x for each token
+            delta = deltas[name]
+            err = x.to(delta.dtype) @ delta.T  # (b, t, out): W' x - W x for each token
             sq_sum[name] += float(err.double().pow(2).sum())
             count[name] += err.numel()
 

@@ -39,6 +39,16 @@ class LayerSelectionError(ValueError, KeyError):
     __str__ = Exception.__str__  # KeyError would quote the message
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype landscape computes in for weights of ``dtype``: float32 for bfloat16 and float16
+    (perturbations, grids, NLL sums and training updates are formed there and rounded to the model's dtype
+    once), else ``dtype`` itself."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
 # ------------------------------------------------------------------------------------------ addressing
 def is_linear(module: nn.Module) -> bool:
     """``nn.Linear`` or GPT-2's ``Conv1D`` (a linear layer storing its weight transposed)."""

@@ -40,7 +40,7 @@ from landscape.curvature.stored import StoredTask
 from landscape.objectives import segment_nll_sums
 from landscape.stats import Interval, token_mean_interval
 from landscape.store import StoreRecord
-from landscape.weights import layer_weights, swapped_weights
+from landscape.weights import layer_weights, swapped_weights, working_dtype
 
 Method = Literal["hvp", "finite-difference", "gradient"]
 
@@ -176,7 +176,8 @@ def hvp_rayleigh_quotient(problem: NLLProblem, direction: Direction, level: floa
     def product(batch: Batch, space: WeightSpace, unit_vector: torch.Tensor) -> float:
         batch_op = nll_operator(model, [batch], 1.0, space, kind)  # curvature of this batch's summed NLL
         with torch.enable_grad():
-            return float(torch.dot(unit_vector, batch_op.matvec(unit_vector).detach()))
+            product = batch_op.matvec(unit_vector.to(batch_op.dtype)).detach()  # (n,), model dtype
+            return float(torch.dot(unit_vector, product.to(unit_vector)))
 
     problem.check_model(needs_double_backward=True)
     return _over_batches(problem, direction, product, "hvp", (level, n_resamples, seed))
@@ -193,7 +194,7 @@ def gradient_slope(problem: NLLProblem, direction: Direction, level: float | Non
         selected = [parameters[name] for name in space.parameter_names]  # the order of space.flatten
         with torch.enable_grad():
             grads = torch.autograd.grad(segment_nll_sums(model, *batch).sum(), selected)
-        return float(torch.dot(torch.cat([g.reshape(-1) for g in grads]), unit_vector))
+        return float(torch.dot(torch.cat([g.reshape(-1) for g in grads]).to(unit_vector), unit_vector))
 
     problem.check_model(needs_double_backward=False)
     return _over_batches(problem, direction, gradient, "gradient", (level, n_resamples, seed))
@@ -213,7 +214,9 @@ def _over_batches(problem: NLLProblem, direction: Direction,
     level, n_resamples, _ = interval
     check_interval_request(level, n_resamples, len(batches), "batches", problem.batch_size, problem.data)
     norm = direction_norm(tensors, space.layers)
-    unit_vector = space.flatten(tensors, next(model.parameters())) / norm  # (n,)
+    like = next(model.parameters())
+    # (n,), float32 for a bf16 / fp16 model: every dot product is reduced in float32
+    unit_vector = space.flatten(tensors, like.to(working_dtype(like.dtype))[:0]) / norm
     operator = "gradient" if method == "gradient" else problem.kind
     started = time.perf_counter()
     sums, tokens = [], []
@@ -238,8 +241,10 @@ def finite_difference_curvature(problem: NLLProblem, direction: Direction, step:
     like = next(model.parameters())
     if step is None:
         if like.dtype not in DEFAULT_FD_STEP:
-            raise CurvatureError(f"no default finite-difference step for {like.dtype}: pass step= explicitly "
-                                 f"(defaults exist for {list(DEFAULT_FD_STEP)})")
+            raise CurvatureError(f"no default finite-difference step for {like.dtype} weights (defaults "
+                                 f"exist for {list(DEFAULT_FD_STEP)}): a {like.dtype} weight rounds w0 + h u "
+                                 f"to 8 or 11 bits, which swamps any small step; use rayleigh_quotient (an "
+                                 f"HVP) or load the model in float32, or pass step= explicitly")
         step = DEFAULT_FD_STEP[like.dtype]
     if not (isinstance(step, (int, float)) and math.isfinite(step) and step > 0):
         raise CurvatureError(f"step must be a finite number > 0 (weight-norm units), got {step!r}")

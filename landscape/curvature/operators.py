@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from landscape.curvature.space import CurvatureError, OperatorKind, WeightSpace, check_curvature_model
 from landscape.data import TokenSet
 from landscape.objectives import nll_sums_from_logits, segment_nll_sums
-from landscape.weights import model_label
+from landscape.weights import model_label, working_dtype
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (tokens (b, t), score_mask (b, t))
 
@@ -113,6 +113,36 @@ class CountedOperator(CurvatureOperator):
         return out
 
 
+class WorkingPrecisionOperator(CurvatureOperator):
+    """A bfloat16 / float16 model's operator on float32 vectors.
+
+    Each product runs in the model's dtype (the forward and double backward of a bf16 model; its NLL sums are
+    float32, :func:`landscape.objectives.nll_sums_from_logits`), but the vectors it is given and returns, and
+    so every Lanczos recurrence, reorthogonalisation, Hutchinson sum and tridiagonal eigensolve, are float32:
+    the algorithms' own reductions never round to 8 bits of mantissa. A product itself carries the model's
+    rounding (measured on SmolLM2: README, "How far bf16 results may be trusted").
+    """
+
+    def __init__(self, inner: CurvatureOperator) -> None:
+        self.inner = inner
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return working_dtype(self.inner.dtype)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v`` of a flat float32 ``(size,)`` vector, computed in the model's dtype, as float32."""
+        return self.inner.matvec(v.to(self.inner.dtype)).to(self.dtype)
+
+
 @dataclass(frozen=True, eq=False)
 class NLLProblem:
     """The token-mean NLL of ``data`` w.r.t. the weights of ``space``, prepared once for every measurement.
@@ -138,7 +168,8 @@ class NLLProblem:
     def operator(self) -> CurvatureOperator:
         """The Hessian (or GGN) of the token-mean NLL over all batches, on flat vectors of :attr:`space`."""
         loss_scale = len(self.batches) / scored_tokens(self.batches)
-        return nll_operator(self.model, self.batches, loss_scale, self.space, self.kind)
+        inner = nll_operator(self.model, self.batches, loss_scale, self.space, self.kind)
+        return WorkingPrecisionOperator(inner) if working_dtype(inner.dtype) != inner.dtype else inner
 
     def check_model(self, needs_double_backward: bool = True) -> None:
         """Eval mode (and eager attention for products): the model's state may have changed since set-up."""

@@ -52,6 +52,7 @@ from landscape.weights import (
     quantizable_layers,
     select_layers,
     weight_matrix,
+    working_dtype,
 )
 
 DirectionKind = Literal["random", "displacement", "eigenvector", "user"]
@@ -312,7 +313,9 @@ def displacement_direction(model: nn.Module | Base, result: Any,
             raise DirectionError(f"quantized model {result.label!r} has a weight of shape "
                                  f"{tuple(result.weights[n].shape)} for layer {n!r}, "
                                  f"whose (out, in) weight is {tuple(w0.shape)}")
-        tensors[n] = result.weights[n].to(device=w0.device, dtype=w0.dtype) - w0
+        # w_q as the model would hold it, the difference formed in float32 for bf16 / fp16 and rounded once
+        w_q, work = result.weights[n].to(device=w0.device, dtype=w0.dtype), working_dtype(w0.dtype)
+        tensors[n] = (w_q.to(work) - w0.to(work)).to(w0.dtype)
     spec = DirectionSpec("displacement", patterns, source=source or result.label,
                          base_fingerprint=base.fingerprint(names))
     return Direction(tensors, spec)

@@ -35,7 +35,7 @@ from landscape.engine.directions import Direction, DirectionSpec, check_directio
 from landscape.engine.sweep import POINT_ORDER, Execution
 from landscape.objectives import InputSource, NLLConvention, check_in_vocabulary, layer_mse, nll
 from landscape.store import StoreData, finish_run, model_provenance, read_store, start_run
-from landscape.weights import Base, as_base
+from landscape.weights import Base, as_base, working_dtype
 
 COORDINATE_PREFIX = "coords/axis"
 
@@ -147,7 +147,9 @@ class Perturbation:
     Construction checks every direction against the model
     (:func:`~landscape.engine.directions.check_direction`) and saves w0 of the layers they touch. Use as a
     context manager: leaving it (normally or by an exception) restores w0 by copying the saved weights back
-    (never by subtracting).
+    (never by subtracting). In a bfloat16 / float16 model the point is formed in float32 one layer at a time
+    and rounded to the model's dtype once (directions stay in the model's dtype: no float32 copy of the
+    model is ever held).
     """
 
     def __init__(self, model: nn.Module | Base, directions: Sequence[Direction]):
@@ -169,10 +171,17 @@ class Perturbation:
             raise ValueError(f"need {len(self._steps)} coefficients, got {len(coefficients)}")
         with torch.no_grad():
             for name, target in self._targets.items():
-                target.copy_(self.w0[name])
+                work = working_dtype(target.dtype)  # bfloat16 / float16: the sum in float32, rounded once
+                point = self.w0[name].to(work) if work != target.dtype else target.copy_(self.w0[name])
                 for step, coefficient in zip(self._steps, coefficients):
-                    if name in step:
+                    if name not in step:
+                        continue
+                    if point is target:
                         target.add_(step[name], alpha=float(coefficient))
+                    else:  # ((w0 + c1 d1) + c2 d2) in float32, each product rounded: one fixed order
+                        point.add_(step[name].to(work) * float(coefficient))
+                if point is not target:
+                    target.copy_(point)
 
     def restore(self) -> None:
         """Copy the saved w0 back into every touched layer."""

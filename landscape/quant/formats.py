@@ -37,6 +37,8 @@ from typing import Literal
 
 import torch
 
+from landscape.weights import working_dtype
+
 Granularity = Literal["tensor", "channel", "group", "mx"]
 GRANULARITIES = ("tensor", "channel", "group", "mx")
 SCALE_BITS = 16  # a per-group scale is stored in fp16 (MX: an 8-bit shared exponent)
@@ -181,15 +183,24 @@ class Grid:
         ``q = clamp(round(w / scale + zero), qmin, qmax)``; with an integer zero point this equals the usual
         ``round(w / scale) + zero``, with a real-valued one (``-fz``) the lattice is offset by ``zero``.
         """
+        if w.dtype != working_dtype(w.dtype):  # bfloat16 / float16: computed in float32, codes cast once
+            return self.quantize(w.to(working_dtype(w.dtype))).to(w.dtype)
         s, z = self.per_column(self.scale).to(w), self.per_column(self.zero).to(w)
         return torch.clamp(torch.round(w / s + z), self.fmt.qmin, self.fmt.qmax)
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        """Lattice values ``scale * (q - zero)`` of codes ``q`` (in ``q``'s dtype; computed in float32 and
+        cast once for bfloat16 / float16)."""
+        if q.dtype != working_dtype(q.dtype):
+            return self.dequantize(q.to(working_dtype(q.dtype))).to(q.dtype)
         s, z = self.per_column(self.scale).to(q), self.per_column(self.zero).to(q)
         return s * (q - z)
 
     def round(self, w: torch.Tensor) -> torch.Tensor:
-        """Nearest lattice point of every entry of ``w`` (round-to-nearest, clamped to the code range)."""
+        """Nearest lattice point of every entry of ``w`` (round-to-nearest, clamped to the code range), in
+        ``w``'s dtype (for bfloat16 / float16: found in float32 and rounded to that dtype once)."""
+        if w.dtype != working_dtype(w.dtype):
+            return self.round(w.to(working_dtype(w.dtype))).to(w.dtype)
         return self.dequantize(self.quantize(w))
 
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
@@ -210,9 +221,14 @@ class Grid:
         return scale * (torch.clamp(torch.round(w / scale + zero), self.fmt.qmin, self.fmt.qmax) - zero)
 
     def contains(self, w: torch.Tensor, rtol: float = 1e-5) -> bool:
-        """True if every entry of ``w`` is a lattice point (up to float tolerance relative to the scale)."""
+        """True if every entry of ``w`` is a lattice point (up to float tolerance relative to the scale; for
+        bfloat16 / float16 weights also up to their own rounding of the lattice value)."""
         s = self.per_column(self.scale).to(w)
-        return bool(((w - self.round(w)).abs() <= rtol * s).all())
+        tolerance = rtol * s
+        if w.dtype != working_dtype(w.dtype):
+            w, s = w.to(working_dtype(w.dtype)), s.to(working_dtype(w.dtype))
+            tolerance = rtol * s + torch.finfo(tolerance.dtype).eps * w.abs()
+        return bool(((w - self.round(w)).abs() <= tolerance).all())
 
     def to(self, *args, **kwargs) -> "Grid":
         return Grid(self.fmt, self.scale.to(*args, **kwargs), self.zero.to(*args, **kwargs), self.group_size)
@@ -233,7 +249,7 @@ def make_grid(w: torch.Tensor, fmt: QuantFormat | str, name: str = "weight") -> 
         raise FormatError(f"{name}: weights contain NaN or Inf (first at index {bad}); cannot build a grid")
     out_f, in_f = w.shape
     g = fmt.group_size_for(in_f)
-    wd = w.detach()
+    wd = w.detach().to(working_dtype(w.dtype))  # bfloat16 / float16 weights: the grid in float32
     wg = wd.reshape(out_f, in_f // g, g)  # (out, n_groups, g)
     if fmt.granularity == "tensor":
         wg = wd.reshape(1, 1, -1)

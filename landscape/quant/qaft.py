@@ -71,7 +71,15 @@ from landscape.quant.training import (
     token_losses,
     training_batches,
 )
-from landscape.weights import Base, LayerSelection, as_base, get_layer, parameter_layout, weight_matrix
+from landscape.weights import (
+    Base,
+    LayerSelection,
+    as_base,
+    get_layer,
+    parameter_layout,
+    weight_matrix,
+    working_dtype,
+)
 
 DEFAULT_LR = 3e-4
 DEFAULT_EPOCHS = 1.0
@@ -389,7 +397,11 @@ def qaft(
     device = next(iter(plan.w0.values())).device
     modules = {n: get_layer(model, n) for n in plan.names}
     frozen = {name: p.detach() for name, p in model.named_parameters()}
-    latent = {n: plan.start_point(n).clone().requires_grad_(True) for n in plan.names}  # (out, in)
+    # (out, in) latent weights; a bfloat16 / float16 model trains float32 master weights (an AdamW update of
+    # lr 1e-5 is far below a bf16 weight's resolution), cast to the model's dtype in each forward pass
+    model_dtype = next(iter(plan.w0.values())).dtype
+    latent = {n: plan.start_point(n).to(working_dtype(model_dtype)).clone().requires_grad_(True)
+              for n in plan.names}
     log_scales = ({n: torch.zeros_like(plan.grids[n].scale, requires_grad=True) for n in plan.names}
                   if settings.learned_scales else {})
     optimizer = torch.optim.AdamW(
@@ -399,10 +411,10 @@ def qaft(
 
     def forward_weight(name: str) -> torch.Tensor:
         if not settings.quantize:
-            return latent[name]
+            return latent[name].to(model_dtype)
         if settings.learned_scales:
-            return lsq_fake_quant(latent[name], plan.grids[name], log_scales[name])
-        return plan.grids[name].fake_quant(latent[name])
+            return lsq_fake_quant(latent[name], plan.grids[name], log_scales[name]).to(model_dtype)
+        return plan.grids[name].fake_quant(latent[name]).to(model_dtype)
 
     batches = training_batches(calib.n_segments, settings.batch_size, plan.steps, settings.seed)
     curves: dict[str, list[float]] = {"loss": [], "nll": [], "kl": [], "lr": []}
@@ -435,7 +447,7 @@ def qaft(
         final_grids = ({n: learned_grid(plan.grids[n], log_scales[n]) for n in plan.names}
                        if settings.learned_scales else plan.grids)
         weights = {n: (final_grids[n].round(latent[n].detach()) if settings.quantize
-                       else latent[n].detach().clone()) for n in plan.names}
+                       else latent[n].detach().clone()).to(model_dtype) for n in plan.names}
     seconds = time.perf_counter() - t0
     extra = _summary(plan, weights, final_grids, curves, batches, seconds)
     n_mse = "all" if mse_data is None else mse_data.n_segments

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from landscape.quant.formats import Grid
+from landscape.weights import working_dtype
 
 
 # ----------------------------------------------------------------------------- data order and schedule
@@ -68,9 +69,8 @@ def token_losses(logits: torch.Tensor, tokens: torch.Tensor, score_mask: torch.T
     ``logits`` and ``teacher_logits`` are ``(b, t, vocab)``; position ``t`` predicts ``tokens[:, t + 1]``
     and counts iff ``score_mask[:, t + 1]``. The KL is 0 when no teacher is given.
     """
-    low_precision = logits.dtype in (torch.float16, torch.bfloat16)
     # (b, t-1, vocab)
-    logp = F.log_softmax(logits[:, :-1].float() if low_precision else logits[:, :-1], dim=-1)
+    logp = F.log_softmax(logits[:, :-1].to(working_dtype(logits.dtype)), dim=-1)
     mask = score_mask[:, 1:].to(logp.dtype)  # (b, t-1)
     n_scored = mask.sum()
     nll_per_token = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
