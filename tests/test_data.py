@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import numpy as np
 import pytest
 import torch
 
+import landscape.models
+from landscape import cli
 from landscape import data as D
 from landscape.data import DataError, calibration_set, heldout_set, token_stream
 
@@ -108,3 +112,91 @@ def test_asking_for_more_windows_than_the_text_holds_is_an_error_not_fewer_windo
         D.segments_from_stream(stream, 10, max_segments=11)
     with pytest.raises(DataError, match="holds only 19 windows of seq_len=10 at stride 5"):
         D.segments_from_stream(stream, 10, stride=5, max_segments=20)
+
+
+# ------------------------------------------------------------------------------------- a user's text
+def write_documents(path, docs, jsonl=False):
+    if jsonl:
+        path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    else:
+        path.write_text("\n\n".join(docs) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_a_text_file_is_split_by_document_like_the_wiki_text(tokenizer, tmp_path, jsonl):
+    docs = [" ".join(D.wiki_documents("train")[i].split()[:60]) for i in range(400)]
+    path = write_documents(tmp_path / ("mine.jsonl" if jsonl else "mine.txt"), docs, jsonl)
+    corpus = D.text_corpus(path)
+    assert corpus == "text:" + str(path.resolve())
+    held, train = D.documents(corpus, "heldout"), D.documents(corpus, "train")
+    assert sorted(held + train) == sorted(docs) and not set(held) & set(train)
+    # the same rule as the wiki split, applied to a document's text: an independent recount
+    assert len(held) == sum(int(D.hashlib.sha256(d.encode()).hexdigest(), 16) % 20 == 0 for d in docs)
+    assert 0 < len(held) < 0.15 * len(docs)
+    calib = calibration_set(tokenizer, 32, 32, 0, corpus=corpus)
+    evaluation = heldout_set(tokenizer, 32, corpus, max_segments=4)
+    sha = D.file_sha256(path)[:16]
+    for token_set in (calib, evaluation):
+        assert token_set.provenance()["text_sha256"] == sha and token_set.corpus == corpus
+    # the held-out windows are the held-out documents' tokens, joined by EOS
+    expected = []
+    for d in held:
+        expected += tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert evaluation.tokens.flatten().tolist() == expected[: 4 * 32]
+
+
+def test_an_edited_text_file_is_tokenized_afresh(tokenizer, tmp_path):
+    docs = [f"document {i} says {'many words ' * 30}" for i in range(60)]
+    path = write_documents(tmp_path / "mine.txt", docs)
+    before = heldout_set(tokenizer, 16, D.text_corpus(path))
+    write_documents(path, [d.replace("words", "other words") for d in docs])
+    after = heldout_set(tokenizer, 16, D.text_corpus(path))
+    assert before.provenance()["text_sha256"] != after.provenance()["text_sha256"]
+    assert before.content_hash != after.content_hash
+
+
+def test_bad_text_files_are_refused_naming_the_file_and_what_is_accepted(tokenizer, tmp_path):
+    with pytest.raises(DataError, match=r"'nowhere.txt' does not exist.*plain text.*JSON lines"):
+        D.text_corpus("nowhere.txt")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        D.text_corpus(tmp_path / "empty.txt")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    with pytest.raises(DataError, match=r'line 2 has no "text" string'):
+        D.documents(D.text_corpus(bad), "train")
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(DataError, match="line 2 is not JSON"):
+        D.documents(D.text_corpus(bad), "train")
+    few = write_documents(tmp_path / "few.txt", ["one document", "another document"])
+    with pytest.raises(DataError, match=r"its 2 documents hold none for the 'heldout' split"):
+        heldout_set(tokenizer, 16, D.text_corpus(few))
+    small = write_documents(tmp_path / "small.txt", [f"short document number {i}" for i in range(40)])
+    with pytest.raises(DataError, match=r"fewer than the 128 calibration sequences"):
+        calibration_set(tokenizer, 128, 64, corpus=D.text_corpus(small))
+
+
+def test_hub_corpora_fail_at_once_without_datasets_or_network(monkeypatch):
+    monkeypatch.setattr(D.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataError, match=r"'c4' needs the `datasets` package.*--text FILE"):
+        D.check_hub_corpus("c4")
+    D.check_hub_corpus("wiki")  # built-in: nothing to check
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "ref-tiny", "--text", "nowhere.txt"], "'nowhere.txt' does not exist"),
+    (["scan", "ref-tiny", "--text", "nowhere.txt"], "'nowhere.txt' does not exist"),
+    (["quantize", "ref-tiny", "--method", "rtn", "--format", "int4", "--out", "x", "--text", "nowhere.txt"],
+     "'nowhere.txt' does not exist"),
+    (["eval", "ref-tiny", "--corpus", "wikitext3"], "unknown corpus 'wikitext3'; accepted: wiki, sotu"),
+])
+def test_the_cli_refuses_bad_text_before_loading_a_model(monkeypatch, argv, message):
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(landscape.models, "load_model", no_load)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2 and message in err.getvalue()

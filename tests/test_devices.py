@@ -72,7 +72,7 @@ def test_the_cli_refuses_a_bad_device_or_dtype_before_loading_anything(monkeypat
     monkeypatch.setattr(landscape.models, "load_model", no_load)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
-        cli.main([command, "--model", "ref-tiny", flag, value])
+        cli.main([command, "ref-tiny", flag, value])
     assert exit_.value.code == 2
     assert message in err.getvalue() and flag in err.getvalue()
 

@@ -17,7 +17,16 @@ import numpy as np
 import torch
 
 from landscape import models
-from landscape.data import TokenSet, heldout_set
+from landscape.data import (
+    CORPORA,
+    HELDOUT_MODULUS,
+    HUB_CORPORA,
+    TEXT_FORMATS,
+    TokenSet,
+    check_hub_corpus,
+    heldout_set,
+    text_corpus,
+)
 from landscape.engine.perturb import grid_axis
 from landscape.models import LoadedModel, ModelInfo, parse_dtype, resolve_device
 from landscape.quant.formats import QuantFormat, parse_format
@@ -111,6 +120,33 @@ def device_arg(text: str) -> torch.device:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def corpus_arg(text: str) -> str:
+    """argparse type: a built-in corpus name (:data:`landscape.data.CORPORA`)."""
+    if text not in CORPORA:
+        raise argparse.ArgumentTypeError(f"unknown corpus {text!r}; accepted: {', '.join(CORPORA)} "
+                                         f"(or --text FILE for your own)")
+    try:
+        check_hub_corpus(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def text_arg(text: str) -> str:
+    """argparse type: a user's text file, as a corpus name (:func:`landscape.data.text_corpus`)."""
+    try:
+        return text_corpus(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def text_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup, use: str) -> None:
+    """``--text FILE``: a user's own corpus for ``use``."""
+    p.add_argument("--text", type=text_arg, default=None, metavar="FILE",
+                   help=f"your own text for {use}: {TEXT_FORMATS}; split by document as the bundled wiki "
+                        f"text is (1 in {HELDOUT_MODULUS} documents held out)")
+
+
 def model_argument(p: argparse.ArgumentParser) -> None:
     """The positional ``model`` and where it computes, ``--device`` and ``--dtype`` (every command that loads
     a model)."""
@@ -129,12 +165,15 @@ def data_arguments(p: argparse.ArgumentParser, *, segments: int, batch_size: int
     """Held-out text: ``--corpus``, ``--seq-len``, ``--segments``, ``--stride`` (optional),
     ``--batch-size``."""
     g = p.add_argument_group("held-out data")
+    built_in = f"{', '.join(CORPORA)}; {', '.join(HUB_CORPORA)} need a network"
     if many_corpora:
-        g.add_argument("--corpus", action="append", default=None,
-                       help="held-out corpus (repeatable): wiki (in-domain), sotu "
-                            "(out-of-domain); default both")
+        g.add_argument("--corpus", action="append", default=None, type=corpus_arg,
+                       help=f"held-out corpus (repeatable): {built_in}; default wiki (in-domain) and sotu "
+                            f"(out-of-domain)")
     else:
-        g.add_argument("--corpus", default="wiki", help="held-out corpus (wiki, sotu; default wiki)")
+        g.add_argument("--corpus", default="wiki", type=corpus_arg,
+                       help=f"held-out corpus: {built_in}; default wiki")
+    text_argument(g, "the held-out data (its held-out documents; replaces --corpus)")
     g.add_argument("--seq-len", type=positive_int, default=None,
                    help="tokens per segment (default 512 for smollm2-135m, else min(256, context))")
     g.add_argument("--segments", type=positive_int, default=segments,
@@ -167,8 +206,9 @@ def default_seq_len(info: ModelInfo) -> int:
 
 
 def heldout(lm: LoadedModel, args: argparse.Namespace, corpus: str | None = None) -> TokenSet:
-    """The held-out segments the data arguments ask for (``corpus`` overrides ``--corpus``)."""
-    return heldout_set(lm.tokenizer, args.seq_len or default_seq_len(lm.info), corpus or args.corpus,
+    """The held-out segments the data arguments ask for (``corpus`` overrides ``--text`` and ``--corpus``)."""
+    corpus = corpus or args.text or args.corpus
+    return heldout_set(lm.tokenizer, args.seq_len or default_seq_len(lm.info), corpus,
                        args.segments, getattr(args, "stride", None), lm.info.context_length)
 
 

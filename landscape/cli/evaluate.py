@@ -25,7 +25,7 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    corpora = args.corpus or ["wiki", "sotu"]
+    corpora = [args.text] if args.text else args.corpus or ["wiki", "sotu"]
     t0 = time.time()
     lm = load(args)
     load_s = time.time() - t0

@@ -22,6 +22,7 @@ from landscape.cli.common import (
     positive_float,
     positive_int,
     progress_argument,
+    text_argument,
 )
 from landscape.outputs import check_output_path
 from landscape.quant.capture import resolve_layers
@@ -60,6 +61,7 @@ def quantize_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per calibration sequence (default 512 for smollm2-135m, else "
                         "min(256, context))")
     p.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration draw (default 0)")
+    text_argument(p, "calibration (its training documents; default: the bundled wiki text)")
     p.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="GPTQ: process columns in natural order instead of decreasing diag(H)")
     p.add_argument("--damp", type=positive_float, default=DEFAULT_DAMP,
@@ -116,7 +118,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     resolve_layers(lm.model, args.layers, args.fmt)
     seq_len = args.calib_seq_len or default_seq_len(lm.info)
     calib = data.calibration_set(lm.tokenizer, args.calib_sequences, seq_len, args.calib_seed,
-                                 context_length=lm.info.context_length)
+                                 corpus=args.text or "wiki", context_length=lm.info.context_length)
     job = QuantJob(lm.base, calib, args.fmt, layers=args.layers, gptq=gptq_settings, finetune=finetune,
                    lorc_rank=args.rank, lr_sweep=LearningRateSweepSettings() if args.lr == "auto" else None,
                    batch_size=args.batch_size, progress=not args.no_progress)
