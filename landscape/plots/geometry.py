@@ -323,10 +323,13 @@ def model_size(models: Sequence[tuple[StoreData, StoreData, StoreData]], fmt: st
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
                         subplot_titles=["relative basin radius", f"GPTQ − QAFT NLL gap at {fmt} (wiki)"])
     rel = np.array([p["relative_radius"][0.5] for p in points])
+    with np.errstate(invalid="ignore"):  # an unbounded radius (inf) has no bar (nor a point): see the caption
+        above = np.array([p["relative_radius"][0.9] for p in points]) - rel
+        below = rel - np.array([p["relative_radius"][0.1] for p in points])
+    above, below = np.where(np.isfinite(above), above, 0.0), np.where(np.isfinite(below), below, 0.0)
     fig.add_trace(go.Scatter(
         x=x, y=rel, mode="lines+markers+text", text=names, textposition="top center", name="R(w0) / ‖w0‖",
-        error_y={"type": "data", "array": [p["relative_radius"][0.9] for p in points] - rel,
-                 "arrayminus": rel - [p["relative_radius"][0.1] for p in points]},
+        error_y={"type": "data", "array": above, "arrayminus": below},
         line={"color": "#2ca02c"}, customdata=[[p["radius"], p["gptq_norm_over_r"]] for p in points],
         hovertemplate="%{text}: R/‖w0‖ = %{y:.4f}, R = %{customdata[0]:.4g}, ‖d_GPTQ‖ = %{customdata[1]:.2f} "
                       "R<extra></extra>"), row=1, col=1)
@@ -343,6 +346,10 @@ def model_size(models: Sequence[tuple[StoreData, StoreData, StoreData]], fmt: st
     fig.update_yaxes(title_text="NLL(GPTQ) − NLL(QAFT) (nats/token, 95 % paired bootstrap)", row=1, col=2)
     fig.update_layout(title="Basin radius and the GPTQ-QAFT gap against model size", template="plotly_white")
     caveats = [f"{p['model']}: {p['caveat']}" for p in points if p["caveat"]]
+    caveats += [f"{p['model']}: along some directions the NLL never rose by the threshold within the "
+                f"search's largest radius, so R(w0) is unbounded there (quantiles {fmt_quantiles(p)}); an "
+                f"untrained model's landscape is flat like this." for p in points
+                if not all(math.isfinite(v) for v in p["relative_radius"].values())]
     basin = models[0][1].provenance
     return add_caption(fig, [
         f"R(w0): the radius where the held-out NLL first rises by {basin['search']['threshold']:g} nats "
@@ -350,6 +357,10 @@ def model_size(models: Sequence[tuple[StoreData, StoreData, StoreData]], fmt: st
         f"minus QAFT on the same held-out wiki windows, same calibration budget per model (sequence lengths "
         f"capped at each model's context; each model's NLL convention is in its stores).",
         "Caveats. " + " ".join(caveats)])
+
+
+def fmt_quantiles(point: dict[str, Any]) -> str:
+    return ", ".join(f"{100 * q:g} %: {v:.3g}" for q, v in point["relative_radius"].items())
 
 
 def reading_model_size(models: Sequence[tuple[StoreData, StoreData, StoreData]], fmt: str) -> str:
