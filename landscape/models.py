@@ -228,12 +228,15 @@ def _from_pretrained(path: str | Path, name: str):
     """Model and tokenizer through transformers, weights from safetensors only (``use_safetensors=True``:
     a pickled ``pytorch_model.bin`` is never opened; a directory holding only pickles is refused up front)."""
     if os.path.isdir(path):
-        refuse_pickled_weights(Path(path))
+        check_model_directory(Path(path))
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
                                                      attn_implementation="eager", use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
+        if os.path.isdir(path):
+            raise ModelNotFoundError(f"the model directory {str(path)!r} could not be loaded by "
+                                     f"transformers: {err}") from err
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise ModelNotFoundError(
             f"unknown model {name!r}: not a built-in name (valid: {', '.join(builtin_model_names())}), "
@@ -241,6 +244,25 @@ def _from_pretrained(path: str | Path, name: str):
             f"{' (HF_HUB_OFFLINE=1: only cached hub models load)' if offline else ''}: {err}"
         ) from err
     return model, tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def check_model_directory(directory: Path) -> None:
+    """A local model directory must hold what loading needs, checked before any weight is read: a
+    ``config.json``, weights in safetensors (pickles are refused, :func:`refuse_pickled_weights`) and a
+    tokenizer (the data are tokenized with the model's own)."""
+    if not (directory / "config.json").is_file():
+        raise ModelNotFoundError(f"the model directory {str(directory)!r} has no config.json: save the model "
+                                 f"with model.save_pretrained({str(directory)!r})")
+    refuse_pickled_weights(directory)
+    if not any(directory.glob("*.safetensors")):
+        raise ModelNotFoundError(f"the model directory {str(directory)!r} holds no weights (*.safetensors)")
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelNotFoundError(f"the model directory {str(directory)!r} has no tokenizer (one of "
+                                 f"{', '.join(TOKENIZER_FILES)}): save it next to the weights with "
+                                 f"tokenizer.save_pretrained({str(directory)!r})")
 
 
 def refuse_pickled_weights(directory: Path) -> None:

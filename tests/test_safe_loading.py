@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 from conftest import tiny_model
 
 import landscape
@@ -96,6 +97,25 @@ def test_safetensors_are_loaded_and_a_pickle_beside_them_is_never_opened(tmp_pat
     expected = tiny_model("gpt2", vocab=loaded.config.vocab_size, seed=3).state_dict()
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())  # the safetensors weights
     assert not marker.exists() and torch_load_calls == []
+
+
+@pytest.mark.parametrize("remove, message", [
+    (["tokenizer.json"], r"has no tokenizer \(one of tokenizer.json.*tokenizer.save_pretrained"),
+    (["config.json"], r"has no config.json: save the model with model.save_pretrained"),
+    (["model.safetensors"], r"holds no weights \(\*.safetensors\)"),
+])
+def test_a_model_directory_missing_a_part_is_refused_naming_it_before_loading(tmp_path, monkeypatch, remove,
+                                                                              message):
+    directory = model_directory(tmp_path / "model", with_safetensors=True)
+    for name in remove:
+        (directory / name).unlink()
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("transformers was asked to load the model")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    with pytest.raises(landscape.models.ModelNotFoundError, match=message):
+        load_model(str(directory))
 
 
 def test_remote_code_named_by_a_model_directory_is_not_executed(tmp_path):
