@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 
 import numpy as np
 import pytest
@@ -146,7 +147,7 @@ def test_float64_results_equal_float32_within_float32_rounding():
     assert a != b and abs(a - b) < 1e-5 * abs(a)
 
 
-def test_bf16_qaft_trains_float32_master_weights_and_returns_bf16_lattice_points(bf16_llama):
+def test_bf16_qaft_trains_float32_master_weights_and_returns_bf16_lattice_points(bf16_llama, tmp_path):
     calib = random_tokens(8, 16, seed=3)
     # 6 AdamW steps of 2e-5 move a latent weight by at most 1.2e-4: below half a bf16 ulp of most weights, so
     # bf16 latent weights would never move and QAFT would return RTN; float32 master weights do move
@@ -163,6 +164,8 @@ def test_bf16_qaft_trains_float32_master_weights_and_returns_bf16_lattice_points
         assert grid.contains(w)
         agree.append(float((w.float() == high.weights[name].bfloat16().float()).float().mean()))
     assert np.mean(agree) > 0.99  # the same steps from the same weights; only the forward pass's rounding
+    saved = json.loads(low.save(tmp_path / "q").with_suffix(".json").read_text())
+    assert (saved["dtype"], saved["device"]) == ("bfloat16", "cpu")
 
 
 def test_bf16_curvature_runs_its_krylov_algebra_in_float32(bf16_llama):

@@ -83,8 +83,13 @@ class QuantResult:
         return total + int(self.extra.get("extra_storage_bits_total", 0))
 
     def metadata(self) -> dict[str, Any]:
+        """The ``.json`` beside the weights: everything but the tensors, with the dtype and device they were
+        computed in."""
+        first = next(iter(self.weights.values()), None)
         return {
             "version": RESULT_VERSION,
+            "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
+            "device": str(first.device) if first is not None else None,
             "format": self.format.name if self.format else None,
             "method": self.method,
             "settings": self.settings,
