@@ -10,6 +10,8 @@ the results.
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +42,7 @@ from landscape.engine.basin import RadiusSearch, basin_statistics
 from landscape.engine.directions import DirectionSpec
 from landscape.engine.perturb import NLLObjective
 from landscape.engine.sweep import Execution
+from landscape.memory import MemoryPeak, MemoryWatch
 from landscape.quant import parse_format
 from landscape.store import finish_run, start_run
 from landscape.studies.quant_table import Protocol, run_quant_table
@@ -151,28 +154,70 @@ def plan_text(steps: Sequence[Step], session: Session) -> str:
     return "\n".join(lines)
 
 
-def execute(steps: Sequence[Step], progress: bool = True) -> None:
+@dataclass(frozen=True)
+class StepReport:
+    """What running a step took: wall time against its estimate, and its memory peak."""
+
+    title: str
+    seconds: float
+    estimate_s: float
+    peak: MemoryPeak
+
+    def to_dict(self) -> dict[str, object]:
+        return {"title": self.title, "seconds": self.seconds, "estimate_s": self.estimate_s,
+                **self.peak.to_dict()}
+
+
+def execute(steps: Sequence[Step], session: Session) -> list[StepReport]:
     """Run the steps whose stores do not exist yet, in order, under one progress bar (in estimated
-    seconds)."""
+    seconds); each step's time and memory peak is printed as it finishes and returned."""
     todo = [s for s in unique_steps(steps) if not s.done]
+    reports: list[StepReport] = []
     if not todo:
-        return
+        return reports
 
     def weight(step: Step) -> int:  # estimated seconds, at least 1 so that every step moves the bar
         return max(1, round(step.estimate_s))
 
-    with tqdm(total=sum(weight(s) for s in todo), desc="measurements", unit="s(est)", disable=not progress,
-              dynamic_ncols=True) as bar:
+    with tqdm(total=sum(weight(s) for s in todo), desc="measurements", unit="s(est)",
+              disable=not session.progress, dynamic_ncols=True) as bar:
         for step in todo:
             bar.set_postfix_str(step.title[:60])
             started = time.perf_counter()
-            step.run()
+            with MemoryWatch(session.device) as watch:
+                step.run()
             if not step.done:
                 raise RuntimeError(f"step {step.title!r} finished without writing its store {step.store}")
-            took = time.perf_counter() - started
-            bar.write(f"  done: {step.title} in {format_seconds(took)} "
-                      f"(estimated {format_seconds(step.estimate_s)})")
+            reports.append(StepReport(step.title, time.perf_counter() - started, step.estimate_s, watch.peak))
+            bar.write(f"  done: {step.title} in {format_seconds(reports[-1].seconds)} "
+                      f"(estimated {format_seconds(step.estimate_s)}; {watch.peak.describe()})")
             bar.update(weight(step))
+    return reports
+
+
+def summary_text(reports: Sequence[StepReport]) -> str:
+    """The steps a run measured, with time and memory peak, as a Markdown table."""
+    lines = ["| step | time | estimated | peak RSS (GB) | added (GB) | device peak (GB) |",
+             "|---|---|---|---|---|---|"]
+    for r in reports:
+        device = "" if r.peak.device is None else f"{r.peak.device / 1e9:.2f}"
+        lines.append(f"| {r.title} | {format_seconds(r.seconds)} | {format_seconds(r.estimate_s)} | "
+                     f"{r.peak.rss / 1e9:.2f}{'' if r.peak.rss_exact else ' (lifetime)'} | "
+                     f"{(r.peak.rss - r.peak.rss_before) / 1e9:.2f} | {device} |")
+    return "\n".join(lines)
+
+
+def record_run(session: Session, reports: Sequence[StepReport]) -> Path:
+    """Append this run's step reports to ``<data>/runs.jsonl`` (one JSON line per run that measured
+    something: date, profile, model, device, dtype, steps)."""
+    path = session.data / "runs.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "profile": session.profile.name, "model": session.profile.model, "device": str(session.device),
+            "dtype": str(session.dtype).removeprefix("torch."), "steps": [r.to_dict() for r in reports]}
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
+    return path
 
 
 def quant_table_steps(session: Session, model: str) -> list[Step]:
@@ -223,7 +268,9 @@ def run_figure_script(module: ModuleType, argv: Sequence[str] | None = None) -> 
     print(plan_text(steps, session), flush=True)
     if args.plan:
         return 0
-    execute(steps, session.progress)
+    reports = execute(steps, session)
+    if reports:
+        record_run(session, reports)
     print(publish(module.figure(session), session, module.FIGURE), flush=True)
     return 0
 

@@ -20,7 +20,7 @@ from analyses import (
     fig6_curvature,
     fig7_model_size,
 )
-from analyses.plan import execute, plan_text
+from analyses.plan import execute, plan_text, record_run, summary_text
 from analyses.session import Session, parse_args, publish, session_from_args
 from landscape.plots import caption_of
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     print(plan_text(steps, session), flush=True)
     if args.plan:
         return 0
-    execute(steps, session.progress)
+    reports = execute(steps, session)
     entries = []
     for module in FIGURES:
         fig = module.figure(session)
@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     if not index.exists() or index.read_text(encoding="utf-8") != page:
         index.write_text(page, encoding="utf-8")
     print(f"{index}: {len(entries)} figures", flush=True)
+    if reports:
+        where = record_run(session, reports)
+        print(f"\nWhat this run measured (also in {where}):\n{summary_text(reports)}", flush=True)
     return 0
 
 

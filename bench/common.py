@@ -24,7 +24,6 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -221,40 +220,7 @@ def log_log_slope(sizes: Sequence[float], times: Sequence[float]) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ RSS
-def current_rss_bytes() -> int:
-    """Resident set size of this process now (bytes), from ``/proc/self/status`` (Linux)."""
-    return _proc_status_kib("VmRSS") * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark of this process to its current RSS (Linux ``clear_refs`` 5).
-
-    Returns False where the kernel does not allow it; :func:`peak_rss_bytes` then reports the peak over the
-    process's whole life (``resource.getrusage``), which includes everything before the reset.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size (bytes) since the last :func:`reset_peak_rss` (Linux ``VmHWM``), else since
-    start."""
-    try:
-        return _proc_status_kib("VmHWM") * 1024
-    except (OSError, KeyError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _proc_status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(f"{key} not in /proc/self/status")
+# the process's resident set and its peak: landscape.memory
 
 
 def parameter_bytes(model: nn.Module) -> int:

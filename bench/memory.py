@@ -46,15 +46,13 @@ from bench.common import (
     bench_main,
     check_profile,
     configure_worker,
-    current_rss_bytes,
     describe_model,
     parameter_bytes,
-    peak_rss_bytes,
     python_command,
     random_token_set,
-    reset_peak_rss,
     worker_environment,
 )
+from landscape.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
 MODEL_SIZES_AT_PEAK = Target(1.5, "at_most")  # (model + extra - activations) / model
 WORKLOADS = ("forward", "scan", "train-step", "qaft")

@@ -87,6 +87,9 @@ def test_every_store_and_quantized_model_records_the_runs_dtype(pipelines, arch,
         recorded = prov["dtype"] if "dtype" in prov else prov["model_info"]["dtype"]
         assert recorded == dtype, name
         assert prov.get("model", prov.get("model_info", {}).get("name")) == str(directory), name
+    runs = [json.loads(line) for line in (figures / "data" / "runs.jsonl").read_text().splitlines()]
+    assert len(runs) == 1 and runs[0]["dtype"] == dtype and runs[0]["model"] == str(directory)
+    assert len(runs[0]["steps"]) >= 10 and all(step["peak_rss_gb"] > 0 for step in runs[0]["steps"])
     saved = sorted((figures / "data").rglob("*.safetensors"))
     assert saved
     for path in saved:

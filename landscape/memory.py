@@ -1,0 +1,105 @@
+"""Peak memory of a piece of work: the process's resident set (Linux) and, on an accelerator, its allocator.
+
+:class:`MemoryWatch` brackets the work::
+
+    with MemoryWatch(device) as watch:
+        run_step()
+    print(watch.peak.describe())          # "peak RSS 3.21 GB (+1.10 GB), cuda 2.05 GB"
+
+The RSS peak since the watch started is exact where the kernel lets a process reset its high-water mark
+(``/proc/self/clear_refs``, Linux); elsewhere it is the peak over the process's life and says so.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+
+import torch
+
+GB = 1e9
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (bytes), from ``/proc/self/status`` (Linux)."""
+    return _proc_status_kib("VmRSS") * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process to its current RSS (Linux ``clear_refs`` 5).
+
+    Returns False where the kernel does not allow it; :func:`peak_rss_bytes` then reports the peak over the
+    process's whole life (``resource.getrusage``), which includes everything before the reset.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size (bytes) since the last :func:`reset_peak_rss` (Linux ``VmHWM``), else since
+    start."""
+    try:
+        return _proc_status_kib("VmHWM") * 1024
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(f"{key} not in /proc/self/status")
+
+
+@dataclass(frozen=True)
+class MemoryPeak:
+    """Peaks of one piece of work (bytes).
+
+    Attributes:
+        rss: peak resident set size of the process while the work ran.
+        rss_before: resident set size when it started (``rss - rss_before`` is what the work added).
+        rss_exact: False where the peak could not be reset and is the process's lifetime peak.
+        device: peak bytes allocated on the accelerator (``None`` on the CPU).
+    """
+
+    rss: int
+    rss_before: int
+    rss_exact: bool
+    device: int | None = None
+
+    def to_dict(self) -> dict[str, float | bool | None]:
+        device = None if self.device is None else self.device / GB
+        return {"peak_rss_gb": self.rss / GB, "rss_before_gb": self.rss_before / GB,
+                "rss_exact": self.rss_exact, "peak_device_gb": device}
+
+    def describe(self) -> str:
+        text = (f"peak RSS {self.rss / GB:.2f} GB (+{(self.rss - self.rss_before) / GB:.2f} GB)"
+                f"{'' if self.rss_exact else ' (lifetime peak: this kernel cannot reset it)'}")
+        return text if self.device is None else f"{text}, device {self.device / GB:.2f} GB"
+
+
+class MemoryWatch:
+    """Context manager measuring the :class:`MemoryPeak` of its body (``.peak`` once it has exited)."""
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else None
+        self.peak: MemoryPeak | None = None
+
+    def _on_cuda(self) -> bool:
+        return self.device is not None and self.device.type == "cuda" and torch.cuda.is_available()
+
+    def __enter__(self) -> MemoryWatch:
+        self._before = current_rss_bytes()
+        self._exact = reset_peak_rss()
+        if self._on_cuda():
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        device = torch.cuda.max_memory_allocated(self.device) if self._on_cuda() else None
+        self.peak = MemoryPeak(peak_rss_bytes(), self._before, self._exact, device)
