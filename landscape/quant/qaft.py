@@ -308,7 +308,9 @@ def plan_run(base: Base, data: TokenSet, fmt: QuantFormat | str | None, layers: 
         raise QAFTError("QAFT needs a weight format (e.g. 'int4'); fmt=None is only for fp-finetune")
     steps = settings.steps_for(data.n_segments)
     names = resolve_layers(model, layers, fmt)
-    w0 = {n: weight_matrix(get_layer(model, n)).detach().clone() for n in names}  # (out, in)
+    # (out, in) views of the model's own weights, not copies: training substitutes weights in a functional
+    # call and never writes the model's parameters, so w0 stays as it is and costs no memory
+    w0 = {n: weight_matrix(get_layer(model, n)).detach() for n in names}
     grids = {n: make_grid(w0[n], fmt, n) for n in names} if fmt is not None else {}
     if start is not None:
         _check_start(base, start, fmt, names, grids, settings)
