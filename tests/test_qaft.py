@@ -19,7 +19,13 @@ from landscape.quant.lr_selection import LearningRateSweepSettings, select_learn
 from landscape.quant.qaft import FinetuneSettings, QAFTError, fp_finetune, paired_control, qaft
 from landscape.quant.result import QuantResult
 from landscape.quant.training import learning_rate_at, lsq_fake_quant
-from landscape.weights import layer_weights, swapped_weights, weights_fingerprint
+from landscape.weights import (
+    get_layer,
+    layer_weights,
+    swapped_weights,
+    weight_is_transposed,
+    weights_fingerprint,
+)
 
 FAST = dict(steps=3, batch_size=4)
 ONE_STEP = dict(steps=1, batch_size=4)
@@ -439,3 +445,30 @@ def test_learning_rate_selection_uses_a_split_of_the_calibration_set_only():
     with pytest.raises(QAFTError, match="unknown settings"):
         select_learning_rate(model, calib, "int3", FinetuneSettings(lr=1e-3),
                              LearningRateSweepSettings(n_validation=4), progress=False)
+
+
+def test_one_sgd_step_is_w0_minus_lr_times_the_gradient():
+    """fp-finetune with SGD (no momentum), one step over every sequence: w1 = w0 - lr * dNLL/dw at w0,
+    the gradient taken by plain autograd on the model itself."""
+    model = tiny_model("gpt2", torch.float64)
+    calib = random_tokens(4, 12, seed=5)
+    lr = 0.05
+    settings = FinetuneSettings(lr=lr, steps=1, batch_size=4, optimizer="sgd", momentum=0.0)
+    result = fp_finetune(model, calib, settings=settings, progress=False)
+    w0 = layer_weights(model)
+    params = dict(model.named_parameters())
+    logits = model(input_ids=calib.tokens).logits[:, :-1]
+    mask = calib.score_mask[:, 1:]
+    token_nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), calib.tokens[:, 1:].reshape(-1),
+                                reduction="none").reshape(mask.shape)
+    loss = (token_nll * mask).sum() / mask.sum()
+    names = list(result.weights)
+    grads = torch.autograd.grad(loss, [params[f"{n}.weight"] for n in names])
+    for name, grad in zip(names, grads):
+        grad = grad.T if weight_is_transposed(get_layer(model, name)) else grad  # Conv1D stores (in, out)
+        torch.testing.assert_close(result.weights[name], w0[name] - lr * grad, rtol=1e-9, atol=1e-12)
+    assert result.settings["optimizer"] == "SGD(momentum=0.0)"
+    assert FinetuneSettings.from_recorded(result.settings).optimizer == "sgd"
+    assert "optimizer" not in FinetuneSettings().to_dict()  # AdamW runs record what they recorded before
+    with pytest.raises(QAFTError, match="optimizer must be one of"):
+        FinetuneSettings(optimizer="lion")

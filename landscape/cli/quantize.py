@@ -30,7 +30,7 @@ from landscape.quant.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, GPTQSettings
 from landscape.quant.lorc import DEFAULT_RANK
 from landscape.quant.lr_selection import LearningRateSweepSettings
 from landscape.quant.methods import METHODS, QuantJob, run_method
-from landscape.quant.qaft import DEFAULT_LR, FinetuneSettings, LearningRateSweep
+from landscape.quant.qaft import DEFAULT_LR, OPTIMIZERS, FinetuneSettings, LearningRateSweep
 from landscape.quant.result import QuantResult, result_stem
 
 
@@ -87,6 +87,10 @@ def quantize_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight a of the KL to the fp model in (1-a) NLL + a KL (default: 0 for qaft and "
                         "fp-finetune, 1 for llm-qat)")
     p.add_argument("--learned-scales", action="store_true", help="qaft: LSQ-style learned per-group scales")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="adamw (default; 4 float32 copies of the trained layers) or sgd with momentum (3 "
+                        "copies, for large models; its --lr is per unit gradient: use --lr auto)")
+    p.add_argument("--momentum", type=float, default=0.9, help="sgd's heavy-ball momentum (default 0.9)")
     progress_argument(p)
 
 
@@ -98,7 +102,8 @@ def finetune_settings(args: argparse.Namespace) -> FinetuneSettings | None:
     distill_weight = defaults.distill_weight if args.distill_weight is None else args.distill_weight
     lr = defaults.lr if args.lr == "auto" else args.lr  # auto: chosen by the job's sweep (QuantJob.lr_sweep)
     return replace(defaults, lr=lr, epochs=args.epochs, steps=args.steps, batch_size=args.train_batch_size,
-                   seed=args.seed, distill_weight=distill_weight, learned_scales=args.learned_scales)
+                   seed=args.seed, distill_weight=distill_weight, learned_scales=args.learned_scales,
+                   optimizer=args.optimizer, momentum=args.momentum)
 
 
 def _print_sweep(result: QuantResult) -> None:

@@ -86,6 +86,7 @@ DEFAULT_EPOCHS = 1.0
 DEFAULT_BATCH_SIZE = 4
 ADAMW_BETAS = (0.9, 0.999)
 ADAMW_EPS = 1e-8
+OPTIMIZERS = ("adamw", "sgd")
 
 
 class QAFTError(ValueError):
@@ -166,6 +167,10 @@ class FinetuneSettings:
             ``b`` means per-token asymmetric ``b``-bit quantization.
         lr_sweep: the sweep that chose ``lr`` (set from ``lr``; given explicitly, ``lr`` must be its
             ``best_lr``).
+        optimizer: ``"adamw"`` (the default: latent weights, gradients and two moments, four float32
+            copies of the trained layers) or ``"sgd"`` with heavy-ball ``momentum`` (one moment: three copies,
+            for models where AdamW's state does not fit). SGD's ``lr`` is in weight per unit gradient, not
+            AdamW's weight per step: choose it anew (``--lr auto``).
     """
 
     lr: float | LearningRateSweep = DEFAULT_LR
@@ -181,6 +186,8 @@ class FinetuneSettings:
     activations: ActivationQuant | int | None = None
     kv: ActivationQuant | int | None = None
     lr_sweep: LearningRateSweep | None = field(default=None, compare=False, repr=False)
+    optimizer: str = "adamw"
+    momentum: float = 0.9
 
     def __post_init__(self) -> None:
         def is_number(v: Any) -> bool:
@@ -218,6 +225,10 @@ class FinetuneSettings:
         if not is_number(self.distill_weight) or not 0 <= self.distill_weight <= 1:
             raise QAFTError(f"distill_weight must be in [0, 1] (0: NLL only, 1: KL only), got "
                             f"{self.distill_weight!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise QAFTError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not is_number(self.momentum) or not 0 <= self.momentum < 1:
+            raise QAFTError(f"momentum must be in [0, 1), got {self.momentum!r}")
         for name in ("activations", "kv"):  # an int b means per-token asymmetric b-bit quantization
             object.__setattr__(self, name, as_activation_quant(getattr(self, name)))
         if not self.quantize and (self.learned_scales or self.activations or self.kv):
@@ -247,6 +258,8 @@ class FinetuneSettings:
         ``extra``)."""
         d = asdict(self)
         del d["lr_sweep"]
+        if self.optimizer == "adamw":  # as recorded before SGD existed: the stores of those runs still match
+            del d["optimizer"], d["momentum"]
         d["activations"] = self.activations.name if self.activations else None
         d["kv"] = self.kv.name if self.kv else None
         return d
@@ -259,7 +272,20 @@ class FinetuneSettings:
                             "rebuilt from the record")
         keys = ("lr", "epochs", "steps", "batch_size", "weight_decay", "warmup_steps", "seed",
                 "distill_weight", "quantize")
-        return cls(**{k: recorded[k] for k in keys})
+        sgd = str(recorded.get("optimizer", "")).startswith("SGD")
+        return cls(**{k: recorded[k] for k in keys}, optimizer="sgd" if sgd else "adamw",
+                   momentum=recorded.get("momentum", 0.9))
+
+    def describe_optimizer(self) -> str:
+        if self.optimizer == "sgd":
+            return f"SGD(momentum={self.momentum})"
+        return f"AdamW(betas={ADAMW_BETAS}, eps={ADAMW_EPS})"
+
+    def make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """The optimiser of these settings over parameter ``groups`` (each with its own weight decay)."""
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
+        return torch.optim.AdamW(groups, lr=self.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS)
 
 
 # ------------------------------------------------------------------------------------------- planning
@@ -406,10 +432,9 @@ def qaft(
               for n in plan.names}
     log_scales = ({n: torch.zeros_like(plan.grids[n].scale, requires_grad=True) for n in plan.names}
                   if settings.learned_scales else {})
-    optimizer = torch.optim.AdamW(
+    optimizer = settings.make_optimizer(
         [{"params": list(latent.values()), "weight_decay": settings.weight_decay},
-         {"params": list(log_scales.values()), "weight_decay": 0.0}],
-        lr=settings.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS)
+         {"params": list(log_scales.values()), "weight_decay": 0.0}])
 
     def forward_weight(name: str) -> torch.Tensor:
         if not settings.quantize:
@@ -464,7 +489,7 @@ def qaft(
             "format": plan.fmt.name if plan.fmt else None, "layers": layers if layers is None or isinstance(
                 layers, str) else list(layers),
             "start": start.label if start is not None else ("rtn" if settings.quantize else "w0"),
-            "optimizer": f"AdamW(betas={ADAMW_BETAS}, eps={ADAMW_EPS})",
+            "optimizer": settings.describe_optimizer(),
             "schedule": "linear warm-up then cosine to 0", "trained": "quantized layers' weights only",
             "model_mode": "eval (no dropout)",
             "loss": "(1 - distill_weight) NLL + distill_weight KL(w0 || student)",
