@@ -155,12 +155,11 @@ def design_estimate(workload: str, perturbed_bytes: int) -> int:
     """Bytes the workload must add beyond its activation reference, by construction of the code.
 
     scan: a saved copy of w0 for exact restores plus the two direction tensors (3 x the perturbed weights).
-    qaft, at its peak (the layer-MSE evaluation at the end, while the optimiser still lives): w0 kept by the
-    plan, the latent weights, their gradients, two AdamW moments, the returned weights and the weight
-    deltas of the layer MSE (7 x the trained weights), less the gradient that the train-step reference
-    holds already (6 x).
+    qaft, during a step: the latent weights, their gradients, two AdamW moments and the fake-quantized weights
+    the backward pass keeps (5 x the trained weights; w0 is read from the model, and the optimiser is freed
+    before the final layer-MSE pass), less the gradient that the train-step reference holds already (4 x).
     """
-    return {"scan": 3, "qaft": 6}[workload] * perturbed_bytes
+    return {"scan": 3, "qaft": 4}[workload] * perturbed_bytes
 
 
 def run(profile: str = "quick") -> Section:
@@ -196,14 +195,10 @@ def miss_note(workload: str, measured: dict, value: float) -> str:
                f"block at a time.")
     else:
         why = (f"QAFT trains every quantized weight ({fraction:.0%} of the model) with AdamW, so latent "
-               f"weights, gradients and two moments are each weight-sized; the plan also keeps its own copy "
-               f"of w0, and the peak comes at the final layer-MSE pass, where the returned weights and the "
-               f"layer-MSE deltas join them while the optimiser is still alive (design estimate "
-               f"{estimate:.2f}). Closing it: dropping the plan's w0 copy (the model holds w0 unchanged) "
-               f"saves one weight size throughout, and freeing the optimiser before the final evaluation "
-               f"removes the end peak; the training steps still hold latent weights, gradients, two moments "
-               f"and the fake-quantized weights, so going below that needs a leaner method: train block by "
-               f"block, or keep the moments in 8 bits or factored (Adafactor).")
+               f"weights, gradients, two moments and the fake-quantized weights the backward pass keeps are "
+               f"each weight-sized (design estimate {estimate:.2f}; w0 is read from the model and the "
+               f"optimiser is freed before the final layer-MSE pass). Going lower needs a leaner method: "
+               f"--optimizer sgd (one moment), training block by block, or 8-bit / factored moments.")
     return (f"{measured['model']}, {workload}: {value:.2f} model sizes, which "
             f"{MODEL_SIZES_AT_PEAK.miss_text(value)}. Why: {why}")
 

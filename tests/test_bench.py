@@ -189,7 +189,7 @@ def test_memory_section_counts_model_sizes_without_activations():
     assert scan_row.value == pytest.approx(1 + (120 - 80) / 100) and scan_row.status == "PASS"
     assert qaft_row.value == pytest.approx(1 + (400 - 100) / 100) and qaft_row.status == "MISS"
     assert len(section.notes) == 1 and "by a factor of 2.67" in section.notes[0]  # 4.0 / 1.5
-    assert "design estimate 5.50" in section.notes[0]  # 1 + 6 x 75 MiB / 100 MiB
+    assert "design estimate 4.00" in section.notes[0]  # 1 + 4 x 75 MiB / 100 MiB
 
 
 def test_rebuild_report_recomputes_every_section_from_its_stored_data():

@@ -470,11 +470,14 @@ def qaft(
             curves[key].append(float(value.detach()))
         curves["lr"].append(lr_t)
 
+    optimizer.zero_grad(set_to_none=True)
+    del optimizer  # its moments and the gradients: the result and its layer-MSE pass need neither
     with torch.no_grad():
         final_grids = ({n: learned_grid(plan.grids[n], log_scales[n]) for n in plan.names}
                        if settings.learned_scales else plan.grids)
         weights = {n: (final_grids[n].round(latent[n].detach()) if settings.quantize
                        else latent[n].detach().clone()).to(model_dtype) for n in plan.names}
+    latent.clear()  # the latent weights, once their lattice points are taken
     seconds = time.perf_counter() - t0
     extra = _summary(plan, weights, final_grids, curves, batches, seconds)
     n_mse = "all" if mse_data is None else mse_data.n_segments
