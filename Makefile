@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-done
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup test test-all figures figures-full chromium bench gpu-check clean-cache
+.PHONY: help setup test test-all figures figures-full chromium bench bench-full gpu-check clean-cache
 
 help:
 	@echo "make setup        create .venv and install landscape with its pinned dependencies (idempotent)"
@@ -15,6 +15,7 @@ help:
 	@echo "make figures      the headline measurements on smollm2-135m (quick protocol)"
 	@echo "make figures-full the full protocol (hours on CPU)"
 	@echo "make bench        speed and memory benchmarks -> bench/RESULTS.md"
+	@echo "make bench-full   the same with SmolLM2-135M rows (about 45 min on 2 cores)"
 	@echo "make gpu-check    on a CUDA machine: the same measurements on the GPU and the CPU, compared"
 
 setup: $(STAMP)
@@ -57,6 +58,9 @@ chromium:
 # `python -m bench.run --full` adds SmolLM2-135M. Writes bench/RESULTS.md and bench/results.json.
 bench: setup
 	$(PY) -m bench.run --quick
+
+bench-full: setup
+	$(PY) -m bench.run --full
 
 # On a CUDA machine, with that machine's own torch (no set-up: `make setup` pins a CPU build): the tiny
 # profile of every figure and a SmolLM2 slice on cuda and on cpu, compared; table -> bench/GPU_CHECK.md.
