@@ -198,3 +198,15 @@ def test_a_store_made_in_bf16_is_refused_for_a_float32_resume(bf16_llama, tmp_pa
     with pytest.raises(StoreMismatchError, match="dtype"):
         scan(twin, random_direction(twin, 0), [0.0, 1.0], [FunctionObjective("f", lambda m: 0.0)],
              execution=Execution(store=path, resume=True, progress=False))
+
+
+def test_eval_in_bf16_names_its_dtype_and_stays_near_float32(capsys):
+    values = {}
+    for dtype, label in (("float32", "fp32"), ("bfloat16", "bf16")):
+        assert cli.main(["eval", "ref-tiny", "--dtype", dtype, "--segments", "2", "--seq-len", "32",
+                         "--corpus", "wiki", "--json"]) == 0
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        assert [r["variant"] for r in rows] == [label]
+        values[dtype] = rows[0]["nll"]
+    assert values["bfloat16"] != values["float32"]
+    assert abs(values["bfloat16"] - values["float32"]) < 0.02 * values["float32"]

@@ -35,7 +35,9 @@ def run_eval(args: argparse.Namespace) -> int:
               f"{load_s:.1f} s)")
         if lm.info.caveat:
             print(f"caveat: {lm.info.caveat}")
-    variants: list[tuple[str, dict]] = [("fp32", {})]
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+    unquantized = short[str(lm.base.dtype).removeprefix("torch.")]  # the model as loaded, in its dtype
+    variants: list[tuple[str, dict]] = [(unquantized, {})]
     for fmt in args.rtn:  # parsed (and so checked) by argparse, before the model loads
         variants.append((f"rtn {fmt.name}", rtn(lm.base, fmt).weights))
     for label, weights in variants:
