@@ -12,9 +12,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
-import torch
 
 from landscape import models
 from landscape.data import (
@@ -29,11 +29,13 @@ from landscape.data import (
 )
 from landscape.engine.perturb import grid_axis
 from landscape.models import LoadedModel, ModelInfo, parse_dtype, resolve_device
-from landscape.quant.formats import QuantFormat, parse_format
+from landscape.quant.formats import parse_format
 
 MODEL_HELP = "smollm2-135m, ref-small, ref-tiny, a hub id or a local directory"
 # argparse takes "-1:1:21" for an option; let arguments that start like a negative number be values.
 NEGATIVE_VALUE = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.]+(e[-+]?\d+)?:")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -70,12 +72,20 @@ def positive_float(text: str) -> float:
     return value
 
 
-def format_arg(text: str) -> QuantFormat:
-    """argparse type: a :class:`~landscape.quant.formats.QuantFormat` (bad names fail before any work)."""
-    try:
-        return parse_format(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+def checked(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from a library parser: its ``ValueError`` becomes argparse's message, so a bad value
+    fails when the arguments are parsed, before any work, in the library's own words."""
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+format_arg = checked(parse_format)  # a QuantFormat
 
 
 def parse_grid(text: str) -> np.ndarray:
@@ -104,40 +114,20 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------- argument groups
-def dtype_arg(text: str) -> torch.dtype:
-    """argparse type: a dtype landscape computes in (:func:`landscape.models.parse_dtype`)."""
-    try:
-        return parse_dtype(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+dtype_arg = checked(parse_dtype)  # a dtype landscape computes in
+device_arg = checked(resolve_device)  # a device this machine has
+text_arg = checked(text_corpus)  # a user's text file, as a corpus name
 
 
-def device_arg(text: str) -> torch.device:
-    """argparse type: a device this machine has (:func:`landscape.models.resolve_device`)."""
-    try:
-        return resolve_device(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def corpus_arg(text: str) -> str:
-    """argparse type: a built-in corpus name (:data:`landscape.data.CORPORA`)."""
+def _corpus(text: str) -> str:
     if text not in CORPORA:
-        raise argparse.ArgumentTypeError(f"unknown corpus {text!r}; accepted: {', '.join(CORPORA)} "
-                                         f"(or --text FILE for your own)")
-    try:
-        check_hub_corpus(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+        raise ValueError(f"unknown corpus {text!r}; accepted: {', '.join(CORPORA)} (or --text FILE for your "
+                         f"own)")
+    check_hub_corpus(text)  # a hub corpus without `datasets` or a network fails here
     return text
 
 
-def text_arg(text: str) -> str:
-    """argparse type: a user's text file, as a corpus name (:func:`landscape.data.text_corpus`)."""
-    try:
-        return text_corpus(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+corpus_arg = checked(_corpus)  # a built-in corpus name (landscape.data.CORPORA)
 
 
 def text_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup, use: str) -> None:

@@ -78,16 +78,11 @@ def nll_operator(model: nn.Module, batches: list[Batch], loss_scale: float, spac
     return GGNOperator(model, batches, logits_of, scaled_nll_of_logits, param_filter=in_space)
 
 
-class CountedOperator(CurvatureOperator):
-    """Wraps an operator: enables autograd, detaches, counts and times its products, advances a progress bar.
+class WrappedOperator(CurvatureOperator):
+    """An operator around ``inner``: its size, device and dtype are the inner one's unless overridden."""
 
-    Attributes:
-        n_matvecs: products spent; ``seconds``: wall time spent in them.
-    """
-
-    def __init__(self, inner: CurvatureOperator, bar: tqdm | None = None) -> None:
-        self.inner, self.bar = inner, bar
-        self.n_matvecs, self.seconds = 0, 0.0
+    def __init__(self, inner: CurvatureOperator) -> None:
+        self.inner = inner
 
     @property
     def size(self) -> int:
@@ -101,6 +96,19 @@ class CountedOperator(CurvatureOperator):
     def dtype(self) -> torch.dtype:
         return self.inner.dtype
 
+
+class CountedOperator(WrappedOperator):
+    """Wraps an operator: enables autograd, detaches, counts and times its products, advances a progress bar.
+
+    Attributes:
+        n_matvecs: products spent; ``seconds``: wall time spent in them.
+    """
+
+    def __init__(self, inner: CurvatureOperator, bar: tqdm | None = None) -> None:
+        super().__init__(inner)
+        self.bar = bar
+        self.n_matvecs, self.seconds = 0, 0.0
+
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a flat ``(size,)`` vector ``v``, detached, ``(size,)``."""
         start = time.perf_counter()
@@ -113,7 +121,7 @@ class CountedOperator(CurvatureOperator):
         return out
 
 
-class WorkingPrecisionOperator(CurvatureOperator):
+class WorkingPrecisionOperator(WrappedOperator):
     """A bfloat16 / float16 model's operator on float32 vectors.
 
     Each product runs in the model's dtype (the forward and double backward of a bf16 model; its NLL sums are
@@ -122,17 +130,6 @@ class WorkingPrecisionOperator(CurvatureOperator):
     the algorithms' own reductions never round to 8 bits of mantissa. A product itself carries the model's
     rounding (measured on SmolLM2: README, "How far bf16 results may be trusted").
     """
-
-    def __init__(self, inner: CurvatureOperator) -> None:
-        self.inner = inner
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
-
-    @property
-    def device(self) -> torch.device:
-        return self.inner.device
 
     @property
     def dtype(self) -> torch.dtype:
