@@ -184,7 +184,17 @@ def text_corpus(path: str | os.PathLike) -> str:
 
 
 def _text_path(corpus: str) -> Path:
-    return Path(corpus.removeprefix(TEXT_PREFIX))
+    path = Path(corpus.removeprefix(TEXT_PREFIX))
+    if not path.is_file():
+        raise DataError(f"text file {str(path)!r} no longer exists")
+    return path
+
+
+@lru_cache(maxsize=64)
+def _text_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 (16 hex) of a text file, read once per (path, size, modification time): a token set's
+    provenance and its token cache both ask for it."""
+    return file_sha256(path)[:16]
 
 
 def text_file_documents(path: Path) -> list[str]:
@@ -217,8 +227,6 @@ def text_documents(corpus: str, split: Split) -> list[str]:
     """A split of a user's text file (:func:`text_corpus`), by document: held out iff
     ``sha256(text) % 20 == 0``, as the bundled Wikipedia text is split."""
     path = _text_path(corpus)
-    if not path.is_file():
-        raise DataError(f"text file {str(path)!r} no longer exists")
     docs = text_file_documents(path)
     held = [d for d in docs if _is_heldout(d)]
     chosen = held if split == "heldout" else [d for d in docs if not _is_heldout(d)]
@@ -232,7 +240,9 @@ def text_documents(corpus: str, split: Split) -> list[str]:
 def corpus_meta(corpus: str) -> dict[str, str]:
     """Provenance a corpus adds to its token sets: a text file's sha256 (16 hex); nothing for built-ins."""
     if corpus.startswith(TEXT_PREFIX):
-        return {"text_sha256": file_sha256(_text_path(corpus))[:16]}
+        path = _text_path(corpus)
+        stat = path.stat()
+        return {"text_sha256": _text_digest(str(path), stat.st_size, stat.st_mtime_ns)}
     return {}
 
 

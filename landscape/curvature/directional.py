@@ -216,7 +216,7 @@ def _over_batches(problem: NLLProblem, direction: Direction,
     norm = direction_norm(tensors, space.layers)
     like = next(model.parameters())
     # (n,), float32 for a bf16 / fp16 model: every dot product is reduced in float32
-    unit_vector = space.flatten(tensors, like.to(working_dtype(like.dtype))[:0]) / norm
+    unit_vector = space.flatten(tensors, like.new_empty(0, dtype=working_dtype(like.dtype))) / norm
     operator = "gradient" if method == "gradient" else problem.kind
     started = time.perf_counter()
     sums, tokens = [], []
