@@ -171,16 +171,16 @@ class Perturbation:
             raise ValueError(f"need {len(self._steps)} coefficients, got {len(coefficients)}")
         with torch.no_grad():
             for name, target in self._targets.items():
-                work = working_dtype(target.dtype)  # bfloat16 / float16: the sum in float32, rounded once
-                point = self.w0[name].to(work) if work != target.dtype else target.copy_(self.w0[name])
-                for step, coefficient in zip(self._steps, coefficients):
-                    if name not in step:
-                        continue
-                    if point is target:
-                        target.add_(step[name], alpha=float(coefficient))
-                    else:  # ((w0 + c1 d1) + c2 d2) in float32, each product rounded: one fixed order
-                        point.add_(step[name].to(work) * float(coefficient))
-                if point is not target:
+                moves = [(step[name], float(c)) for step, c in zip(self._steps, coefficients) if name in step]
+                work = working_dtype(target.dtype)
+                if work == target.dtype:
+                    target.copy_(self.w0[name])
+                    for d, c in moves:
+                        target.add_(d, alpha=c)
+                else:  # bfloat16 / float16: ((w0 + c1 d1) + c2 d2) in float32, rounded to the model's once
+                    point = self.w0[name].to(work)
+                    for d, c in moves:
+                        point.add_(d.to(work) * c)
                     target.copy_(point)
 
     def restore(self) -> None:

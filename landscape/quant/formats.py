@@ -30,8 +30,10 @@ the same integer format, so 0.0 is exactly representable). SmolLM2-135M's GGUF w
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -157,6 +159,18 @@ def parse_format(spec: str | QuantFormat) -> QuantFormat:
 
 
 # ----------------------------------------------------------------------------------------------- grid
+def in_working_dtype(method: Callable[[Grid, torch.Tensor], torch.Tensor]
+                     ) -> Callable[[Grid, torch.Tensor], torch.Tensor]:
+    """A grid method on a bfloat16 / float16 tensor: computed in float32, the result cast to the tensor's
+    dtype once (:func:`landscape.weights.working_dtype`); other dtypes pass through."""
+    @functools.wraps(method)
+    def wrapper(grid: Grid, t: torch.Tensor) -> torch.Tensor:
+        work = working_dtype(t.dtype)
+        return method(grid, t) if work == t.dtype else method(grid, t.to(work)).to(t.dtype)
+
+    return wrapper
+
+
 @dataclass(frozen=True)
 class Grid:
     """The lattice of one ``(out, in)`` matrix: ``value = scale * (q - zero)`` with ``q`` in ``[qmin, qmax]``.
@@ -177,30 +191,28 @@ class Grid:
         """Expand a per-group ``(out, n_groups)`` tensor (``scale``, ``zero``) to ``(out, in)``."""
         return t.repeat_interleave(self.group_size, dim=1)  # (out, in)
 
+    @in_working_dtype
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
         """Integer codes (same dtype as ``w``, integral values) of the nearest lattice points of ``w``.
 
         ``q = clamp(round(w / scale + zero), qmin, qmax)``; with an integer zero point this equals the usual
         ``round(w / scale) + zero``, with a real-valued one (``-fz``) the lattice is offset by ``zero``.
+        (bfloat16 / float16: computed in float32, the codes cast once.)
         """
-        if w.dtype != working_dtype(w.dtype):  # bfloat16 / float16: computed in float32, codes cast once
-            return self.quantize(w.to(working_dtype(w.dtype))).to(w.dtype)
         s, z = self.per_column(self.scale).to(w), self.per_column(self.zero).to(w)
         return torch.clamp(torch.round(w / s + z), self.fmt.qmin, self.fmt.qmax)
 
+    @in_working_dtype
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
         """Lattice values ``scale * (q - zero)`` of codes ``q`` (in ``q``'s dtype; computed in float32 and
         cast once for bfloat16 / float16)."""
-        if q.dtype != working_dtype(q.dtype):
-            return self.dequantize(q.to(working_dtype(q.dtype))).to(q.dtype)
         s, z = self.per_column(self.scale).to(q), self.per_column(self.zero).to(q)
         return s * (q - z)
 
+    @in_working_dtype
     def round(self, w: torch.Tensor) -> torch.Tensor:
         """Nearest lattice point of every entry of ``w`` (round-to-nearest, clamped to the code range), in
         ``w``'s dtype (for bfloat16 / float16: found in float32 and rounded to that dtype once)."""
-        if w.dtype != working_dtype(w.dtype):
-            return self.round(w.to(working_dtype(w.dtype))).to(w.dtype)
         return self.dequantize(self.quantize(w))
 
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
