@@ -42,7 +42,7 @@ FORMATS = ("int4", "int3")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="The study's key numbers in bfloat16 against float32.")
-    model_options(p)
+    model_options(p, dtype=False)  # both dtypes, one after the other
     p.add_argument("--segments", type=int, default=16, help="held-out segments of every NLL (default 16)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per segment (default 512)")
     p.add_argument("--calib-sequences", type=int, default=128, help="GPTQ calibration budget (default 128)")
@@ -94,7 +94,7 @@ def tasks_for(lm: LoadedModel, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def store_path(args: argparse.Namespace, dtype: str) -> Path:
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "device", "dtype")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "device")}
     return args.out / model_slug(args.model) / f"precision-{dtype}-{stable_hash(settings, 10)}.h5"
 
 
@@ -127,15 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stores = {}
     for dtype in DTYPES:
-        args.dtype = torch.float32 if dtype == "float32" else torch.bfloat16
-        lm = load_model_of(args)
         path = store_path(args, dtype)
+        print(f"{dtype}: {path}", flush=True)
+        if path.exists():  # finished earlier: no model to load
+            stores[dtype] = read_store(path)
+            continue
         path.parent.mkdir(parents=True, exist_ok=True)
+        lm = load_model_of(argparse.Namespace(**vars(args), dtype=dtype))
         tasks = tasks_for(lm, args)
         provenance = {"kind": "precision", "model": lm.info.name, "dtype": dtype, "device": str(args.device),
                       "tasks": list(tasks), "settings": {k: str(v) for k, v in vars(args).items()}}
-        print(f"{dtype}: {path}", flush=True)
-        stores[dtype] = read_store(path) if path.exists() else run_tasks(path, provenance, tasks)[0]
+        stores[dtype] = run_tasks(path, provenance, tasks)[0]
         del lm
     table = report(stores)
     conv = stores["float32"].arrays

@@ -259,15 +259,16 @@ def session_from_args(args: argparse.Namespace) -> Session:
                    device=args.device, dtype=args.dtype)
 
 
-def model_options(parser: argparse.ArgumentParser, default: str = "smollm2-135m") -> None:
+def model_options(parser: argparse.ArgumentParser, default: str = "smollm2-135m", dtype: bool = True) -> None:
     """``--model``, ``--device`` and ``--dtype`` of a study script (the CLI's converters: bad values fail when
     the arguments are parsed, before any work)."""
     parser.add_argument("--model", default=default,
                         help=f"a built-in name, a hub id or a local directory (default {default})")
     parser.add_argument("--device", type=device_arg, default="auto",
                         help="auto (cuda when available, else cpu), cpu, cuda, cuda:N, mps")
-    parser.add_argument("--dtype", type=dtype_arg, default="float32",
-                        help="float32 (default), bfloat16, float16, float64")
+    if dtype:  # a script that runs several dtypes itself passes dtype=False
+        parser.add_argument("--dtype", type=dtype_arg, default="float32",
+                            help="float32 (default), bfloat16, float16, float64")
 
 
 def load_model_of(args: argparse.Namespace):

@@ -35,4 +35,5 @@ def test_the_table_reports_the_stored_numbers_and_a_rerun_measures_nothing(tmp_p
         raise AssertionError("measured again")
 
     monkeypatch.setattr(precision, "run_tasks", no_tasks)
+    monkeypatch.setattr(precision, "load_model_of", no_tasks)  # a finished study loads no model either
     assert precision.main([*ARGV, "--out", str(tmp_path)]) == 0
