@@ -15,6 +15,7 @@ from landscape.engine.directions import (
     Direction,
     DirectionError,
     DirectionSpec,
+    LayerwiseTensors,
     check_direction,
     cosine,
     displacement_direction,
@@ -163,3 +164,50 @@ def test_weights_norm_is_the_euclidean_norm_over_the_layers(gpt2):
     expected = math.sqrt(sum(float(quantizable_layers(gpt2)[n].weight.detach().double().pow(2).sum())
                              for n in names))
     assert math.isclose(weights_norm(gpt2, names), expected, rel_tol=1e-12)
+
+
+def test_streamed_directions_equal_the_eager_ones_bit_for_bit_and_hold_one_layer(gpt2, tmp_path):
+    layers = quantizable_layers(gpt2)
+    names = list(layers)
+    w_q = {n: torch.round(layers[n].weight.detach().T * 8) / 8 for n in names}
+    path = QuantResult(w_q, None, "rtn-test", base_model="tiny",
+                       base_fingerprint=weights_fingerprint(gpt2, names)).save(tmp_path / "rtn")
+    cases = [
+        lambda streamed: random_direction(gpt2, 3, "filter", streamed=streamed),
+        lambda streamed: random_direction(gpt2, 4, "layer", "*.attn.*", streamed=streamed).unit(),
+        lambda streamed: random_direction(gpt2, 5, "none", streamed=streamed),
+        lambda streamed: displacement_direction(gpt2, path, streamed=streamed),
+        # the figure-5 plane: a displacement made orthogonal to another direction, then unit
+        lambda streamed: orthogonalize(displacement_direction(gpt2, path, streamed=streamed),
+                                       random_direction(gpt2, 6, streamed=streamed)).unit(),
+    ]
+    for make in cases:
+        eager, streamed = make(False), make(True)
+        assert not eager.streamed and streamed.streamed
+        assert streamed.names == eager.names
+        assert all(torch.equal(streamed[n], eager[n]) for n in eager.names), streamed.spec.describe()
+        assert streamed.norm() == eager.norm()
+    spec = orthogonalize(random_direction(gpt2, 1), random_direction(gpt2, 2)).unit().spec
+    assert all(torch.equal(a, b) for a, b in zip(regenerate(gpt2, spec, streamed=True).tensors.values(),
+                                                  regenerate(gpt2, spec).tensors.values()))
+    # a streamed map keeps only the last layer it computed, and computes a layer again when asked again
+    computed = []
+    lazy = LayerwiseTensors(["a", "b"], lambda n: computed.append(n) or torch.zeros(1))
+    lazy["a"], lazy["a"], lazy["b"], lazy["a"]
+    assert computed == ["a", "b", "a"]
+    with pytest.raises(KeyError):
+        lazy["c"]
+
+
+def test_a_streamed_displacement_refuses_another_base_and_a_wrong_shape(gpt2, tmp_path):
+    layers = quantizable_layers(gpt2)
+    names = list(layers)[:2]
+    w_q = {n: layers[n].weight.detach().T.clone() for n in names}
+    path = QuantResult(w_q, None, "rtn-test", base_fingerprint="0123456789abcdef").save(tmp_path / "other")
+    with pytest.raises(DirectionError, match="fingerprint 0123456789abcdef"):
+        displacement_direction(gpt2, path, streamed=True)
+    wrong = {names[0]: torch.zeros(3, 3)}
+    path = QuantResult(wrong, None, "rtn-test", base_fingerprint=weights_fingerprint(gpt2, names[:1])
+                       ).save(tmp_path / "shape")
+    with pytest.raises(DirectionError, match=r"shape \(3, 3\)"):
+        displacement_direction(gpt2, path, streamed=True)

@@ -17,8 +17,21 @@ from conftest import random_tokens, tiny_model
 from torch import nn
 
 from landscape import cli
-from landscape.engine.directions import Direction, DirectionError, random_direction
-from landscape.engine.perturb import FunctionObjective, ScanResult, default_objectives, scan
+from landscape.engine.directions import (
+    Direction,
+    DirectionError,
+    layer_weight,
+    orthogonalize,
+    random_direction,
+)
+from landscape.engine.perturb import (
+    FunctionObjective,
+    NLLObjective,
+    Perturbation,
+    ScanResult,
+    default_objectives,
+    scan,
+)
 from landscape.engine.sweep import Execution
 from landscape.objectives import layer_mse, nll
 from landscape.store import RUN_SPECIFIC_KEYS, StoreMismatchError, merge_stores, partial_path, read_store
@@ -331,3 +344,48 @@ def test_cli_scan_shards_merge_displacement_and_radius(model_dir, tmp_path, caps
     with pytest.raises(SystemExit):
         run_cli(["scan", model_dir, "--grid", "nan:1:3", "--out", str(tmp_path / "x.h5")])
     assert "grid must be START:STOP:COUNT" in capsys.readouterr().err
+
+
+class CountingNLL(NLLObjective):
+    """The NLL, also checking after the model ran that every touched layer reads w0 again."""
+
+    def __call__(self, model, w0):
+        values = super().__call__(model, w0)
+        values["at_w0_after_forward"] = float(all(torch.equal(layer_weight(model, n), t) for n, t in
+                                                  self.w0_copy.items()))
+        return values
+
+    def output_names(self, layers):
+        return ("nll", "at_w0_after_forward")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_streamed_perturbation_equals_the_resident_one_and_moves_one_layer_at_a_time(dtype, tokens):
+    model = tiny_model("llama", dtype=dtype)
+    saved = state(model)
+    u, v = random_direction(model, 1, streamed=True), random_direction(model, 2, streamed=True)
+    v = orthogonalize(v, u).unit()
+    points = [(0.0, 0.0), (0.7, -0.3), (-2.0, 1.5)]
+    resident = Perturbation(model, [u, v])
+    expected = [resident.measure(p, [NLLObjective(tokens, 2)])["nll"] for p in points]
+    objective = CountingNLL(tokens, 2)
+    object.__setattr__(objective, "w0_copy", {n: layer_weight(model, n).detach().clone() for n in u.names})
+    with Perturbation(model, [u, v], streamed=True) as streamed:
+        measured = [streamed.measure(p, [objective]) for p in points]
+    assert [m["nll"] for m in measured] == expected  # bit for bit, batches of 2 segments
+    assert expected[1] != expected[0]
+    assert all(m["at_w0_after_forward"] == 1.0 for m in measured)
+    assert_bit_identical(model, saved)
+    # a forward call that raises inside a layer leaves no layer moved
+    name = u.names[3]
+    failing = model.get_submodule(name).register_forward_hook(lambda *a: (_ for _ in ()).throw(
+        RuntimeError("failed inside a layer")))
+    try:
+        with Perturbation(model, [u], streamed=True) as streamed, pytest.raises(RuntimeError, match="inside"):
+            streamed.measure([5.0], [NLLObjective(tokens, 2)])
+    finally:
+        failing.remove()
+    assert_bit_identical(model, saved)
+    # objectives that read the weights cannot be measured layer by layer
+    with pytest.raises(ValueError, match="forward-only"):
+        Perturbation(model, [u], streamed=True).measure([1.0], [FunctionObjective("f", lambda m: 0.0)])

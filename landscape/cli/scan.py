@@ -88,10 +88,10 @@ def scan_arguments(p: argparse.ArgumentParser) -> None:
                    help="i/n: evaluate points i, i+n, ... (default 0/1)")
 
 
-def direction(model, kind: str, seed: int, quantized: str | None, layers: str):
+def direction(model, kind: str, seed: int, quantized: str | None, layers: str, streamed: bool):
     if kind == "displacement":
-        return displacement_direction(model, quantized, layers)
-    return random_direction(model, seed, RANDOM_KINDS[kind], layers)
+        return displacement_direction(model, quantized, layers, streamed=streamed)
+    return random_direction(model, seed, RANDOM_KINDS[kind], layers, streamed=streamed)
 
 
 def run_scan(args: argparse.Namespace) -> int:
@@ -104,10 +104,11 @@ def run_scan(args: argparse.Namespace) -> int:
         raise ValueError("a displacement second direction needs --quantized2 PATH")
     check_quantized([args.quantized, args.quantized2 if two_d else None])
     lm, data = load_with_data(args)
-    directions = [direction(lm.base, args.kind, args.seed, args.quantized, args.layers)]
+    streamed = not args.layer_mse  # the NLL alone: each layer's direction computed while it is applied
+    directions = [direction(lm.base, args.kind, args.seed, args.quantized, args.layers, streamed)]
     if two_d:
         seed2 = args.seed + 1 if args.seed2 is None else args.seed2
-        second = direction(lm.base, kind2, seed2, args.quantized2, args.layers)
+        second = direction(lm.base, kind2, seed2, args.quantized2, args.layers, streamed)
         directions.append(orthogonalize(second, directions[0]) if args.orthogonalize else second)
     grid = [args.grid, args.grid2] if two_d else [args.grid]
     objectives = default_objectives(data, args.layer_mse, args.batch_size, lm.info.name)

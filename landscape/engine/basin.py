@@ -41,6 +41,7 @@ from landscape.engine.perturb import (
     Objective,
     Perturbation,
     check_objective_data,
+    forward_only,
     nll_convention,
     output_names,
 )
@@ -192,7 +193,7 @@ def basin_radius(model: nn.Module | Base, direction: Direction, objective: Objec
     objective = objective or NLLObjective(_require(data), model_name=base.label)
     value_name = search.value_name
     unit = direction.unit()
-    with Perturbation(base, [unit]) as perturbation:
+    with Perturbation(base, [unit], streamed=forward_only(objective)) as perturbation:
         _check_value_name(objective, perturbation.layers, value_name)
         samples: dict[float, float] = {}
 
@@ -220,7 +221,7 @@ def radial_profile(model: nn.Module | Base, direction: Direction, radii: Sequenc
     base = as_base(model)
     objective = objective or NLLObjective(_require(data), model_name=base.label)
     radii = _check_radii(radii)
-    with Perturbation(base, [direction.unit()]) as perturbation:
+    with Perturbation(base, [direction.unit()], streamed=forward_only(objective)) as perturbation:
         _check_value_name(objective, perturbation.layers, value_name)
         values = [perturbation.measure([r], [objective])[value_name] for r in radii]
     return RadialProfile(radii, np.array(values))
@@ -234,7 +235,8 @@ def displacement_norms(model: nn.Module | Base, results: Mapping[str, Any],
     Args:
         results: label -> :class:`~landscape.quant.result.QuantResult` or the path it was saved to.
     """
-    return {label: displacement_direction(model, result, layers).norm() for label, result in results.items()}
+    return {label: displacement_direction(model, result, layers, streamed=True).norm()
+            for label, result in results.items()}
 
 
 @dataclass(frozen=True)
@@ -329,7 +331,8 @@ def basin_statistics(
 
     Args:
         directions: Directions, or specs (regenerated one at a time, so many large directions never sit in
-            memory together); all must cover the same layers.
+            memory together; streamed, a layer at a time, for a forward-only objective such as the NLL);
+            all must cover the same layers.
         objective: what is measured (default: NLL on ``data``, batches of 8); ``search.value_name`` picks its
             output.
         search: the threshold and the bracketing of each search.
@@ -388,6 +391,7 @@ def basin_statistics(
     if profile.size:
         arrays["profile_value"] = ((profile.size,), np.float64)
     w0 = {n: layer_weight(model, n).detach() for n in layers}  # the model is at w0: views, read-only
+    streamed = forward_only(objective)
     center = float(objective(model, w0)[value_name])
     level = search.level(center)
     with start_run(execution.store, run_provenance, arrays, (len(specs),), execution.resume) as record:
@@ -401,7 +405,7 @@ def basin_statistics(
                                                      "relative_norm": [v / norm0 for v in norms.values()]})
         for i in execution.progress_bar(np.flatnonzero(~record.done), "basin radius"):
             d = directions[i]
-            direction = d if isinstance(d, Direction) else regenerate(base, d)
+            direction = d if isinstance(d, Direction) else regenerate(base, d, streamed=streamed)
             found = basin_radius(base, direction, objective, search=search, center_value=center)
             point = {"radius": found.radius, "lower": found.lower, "upper": found.upper,
                      "search_radius": _padded(found.samples.radii, n_max),

@@ -26,6 +26,14 @@ Then, in this order (the order :func:`regenerate` replays):
 Conventions: norms and dot products are Euclidean over every entry of every layer of the direction,
 computed in float64; a layer missing from one operand counts as zeros. Only weight matrices are
 perturbed (never biases or norm gains).
+
+**Streamed directions** (``streamed=True`` on the constructors and :func:`regenerate`): the tensors are a
+:class:`LayerwiseTensors` map that computes a layer when it is asked for (a random layer redrawn from its
+seed, a displacement's layer read from its safetensors file) and holds only the last one, so a direction
+never sits in memory whole; normalisation, Gram-Schmidt and unit rescaling keep it streamed (their global
+scalars are computed in one pass, a layer at a time). A streamed layer equals the eager one bit for bit; it
+costs its recomputation at every access. A streamed displacement reads w0 from the model when a layer is
+asked for: ask while the model holds w0 (as :class:`~landscape.engine.perturb.Perturbation` does).
 """
 
 from __future__ import annotations
@@ -35,15 +43,16 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
-from landscape.quant.result import QuantResult, result_stem
+from landscape.quant.result import QuantResult, read_result_metadata, result_stem
 from landscape.weights import (
     ALL_LAYERS,
     Base,
@@ -129,11 +138,53 @@ class DirectionSpec:
 
 
 # ------------------------------------------------------------------------------------- the direction
+class LayerwiseTensors(Mapping[str, torch.Tensor]):
+    """A read-only map ``layer name -> tensor`` whose tensors are computed when asked for, one at a time.
+
+    Only the last tensor asked for is kept, so that several streamed directions built on the same one
+    (``d.unit()`` and a direction orthogonalised against ``d``) compute a layer once when they are applied
+    layer by layer. Never modify a tensor it returns.
+    """
+
+    def __init__(self, names: Sequence[str], compute: Callable[[str], torch.Tensor]):
+        self._names = tuple(names)
+        self._known = frozenset(self._names)
+        self._compute = compute
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._last is not None and self._last[0] == name:
+            return self._last[1]
+        if name not in self._known:
+            raise KeyError(name)
+        tensor = self._compute(name)
+        self._last = (name, tensor)
+        return tensor
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._known
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self) -> str:
+        return f"LayerwiseTensors({len(self._names)} layers, computed when asked for)"
+
+
+def _layerwise(names: Sequence[str], compute: Callable[[str], torch.Tensor],
+               streamed: bool) -> Mapping[str, torch.Tensor]:
+    """``compute`` over ``names``: every layer now (a dict), or each when asked for (``streamed``)."""
+    return LayerwiseTensors(names, compute) if streamed else {n: compute(n) for n in names}
+
+
 @dataclass(frozen=True)
 class Direction:
     """A direction in weight space: layer name -> ``(out, in)`` tensor (same dtype and device as the layer).
 
-    Treat ``tensors`` as read-only; every operation here returns a new Direction.
+    Treat ``tensors`` as read-only; every operation here returns a new Direction (streamed if this one is).
     """
 
     tensors: Mapping[str, torch.Tensor]
@@ -142,6 +193,11 @@ class Direction:
     @property
     def names(self) -> list[str]:
         return list(self.tensors)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the tensors are computed layer by layer when asked for (:class:`LayerwiseTensors`)."""
+        return isinstance(self.tensors, LayerwiseTensors)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
@@ -152,8 +208,9 @@ class Direction:
 
     def unit(self) -> Direction:
         """This direction rescaled to Euclidean norm 1 (the spec records ``unit_norm``)."""
-        length = _nonzero_norm(self)
-        return Direction({n: t / length for n, t in self.tensors.items()}, replace(self.spec, unit_norm=True))
+        length, tensors = _nonzero_norm(self), self.tensors
+        return Direction(_layerwise(self.names, lambda n: tensors[n] / length, self.streamed),
+                         replace(self.spec, unit_norm=True))
 
 
 def dot(a: Direction, b: Direction) -> float:
@@ -176,10 +233,16 @@ def orthogonalize(v: Direction, against: Direction) -> Direction:
         raise DirectionError(f"orthogonalize a direction before rescaling it to unit norm and only once; "
                              f"got [{v.spec.describe()}]")
     coef = dot(v, against) / _nonzero_norm(against) ** 2
-    tensors = {n: t.clone() for n, t in v.tensors.items()}
-    for n, u in against.tensors.items():
-        tensors[n] = tensors[n] - coef * u.to(tensors[n]) if n in tensors else -coef * u
-    return Direction(tensors, replace(v.spec, orthogonal_to=against.spec))
+    mine, theirs = v.tensors, against.tensors
+
+    def layer(n: str) -> torch.Tensor:
+        if n not in theirs:
+            return mine[n].clone()
+        return mine[n] - coef * theirs[n].to(mine[n]) if n in mine else -coef * theirs[n]
+
+    names = v.names + [n for n in against.names if n not in mine]
+    return Direction(_layerwise(names, layer, v.streamed or against.streamed),
+                     replace(v.spec, orthogonal_to=against.spec))
 
 
 def plane_coordinates(point: Direction, u: Direction, v: Direction) -> tuple[float, float]:
@@ -257,14 +320,15 @@ def _nonzero_norm(direction: Direction) -> float:
 
 # -------------------------------------------------------------------------------------- constructors
 def random_direction(model: nn.Module | Base, seed: int, normalization: Normalization = "filter",
-                     layers: str | Sequence[str] = ALL_LAYERS) -> Direction:
+                     layers: str | Sequence[str] = ALL_LAYERS, *, streamed: bool = False) -> Direction:
     """A Gaussian random direction over the selected layers, regenerable from ``seed``.
 
     ``normalization="filter"`` (the default, Li et al. 2018) makes every output row as long as w0's row,
     so the perturbation is scale-aware; ``"layer"`` does it per layer; ``"none"`` keeps N(0, 1) entries.
+    ``streamed``: each layer redrawn when asked for (see the module docstring).
     """
     return regenerate(model, DirectionSpec("random", layer_patterns(layers), seed=seed,
-                                           normalization=normalization))
+                                           normalization=normalization), streamed=streamed)
 
 
 def random_direction_of_length(model: nn.Module | Base, seed: int, length: float) -> dict[str, torch.Tensor]:
@@ -275,50 +339,77 @@ def random_direction_of_length(model: nn.Module | Base, seed: int, length: float
 
 
 def displacement_direction(model: nn.Module | Base, result: Any,
-                           layers: str | Sequence[str] = ALL_LAYERS) -> Direction:
+                           layers: str | Sequence[str] = ALL_LAYERS, *, streamed: bool = False) -> Direction:
     """``w_q - w0`` toward a quantized model, on the result's layers that match ``layers``.
 
     Args:
         result: a :class:`~landscape.quant.result.QuantResult` or the path it was saved to (the path is
             recorded, so the direction can be regenerated).
+        streamed: each layer's difference formed when asked for (from a path: ``w_q`` of that layer read
+            from the safetensors file, the file never loaded whole).
 
     Raises:
         DirectionError: if the result was computed on other base weights (its ``base_fingerprint``
             differs from :func:`~landscape.models.weights_fingerprint` of this model on the result's
-            layers, in the result's order) or no layer matches.
+            layers, in the result's order), a layer's shape differs from the model's, or no layer matches.
     """
     base = as_base(model)
     model = base.model
-    source = ""
+    source, quantized = "", result
     if isinstance(result, (str, os.PathLike)):
         source = str(quant_result_path(result))
-        result = QuantResult.load(source)
-    if not isinstance(result, QuantResult):
+        quantized = _SavedWeights(source) if streamed else QuantResult.load(source)
+    if not isinstance(quantized, (QuantResult, _SavedWeights)):
         raise DirectionError(f"a displacement needs a QuantResult or the path of one, "
                              f"got {type(result).__name__}")
-    actual = base.fingerprint(list(result.weights))
-    if result.base_fingerprint != actual:
-        raise DirectionError(f"quantized model {result.label!r} was computed on base {result.base_model!r} "
-                             f"(fingerprint {result.base_fingerprint or 'missing'}), not on this model "
+    actual = base.fingerprint(list(quantized.weights))
+    if quantized.base_fingerprint != actual:
+        raise DirectionError(f"quantized model {quantized.label!r} was computed on base "
+                             f"{quantized.base_model!r} (fingerprint "
+                             f"{quantized.base_fingerprint or 'missing'}), not on this model "
                              f"(fingerprint {actual})")
     patterns = layer_patterns(layers)
-    names = [n for n in result.weights if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    names = [n for n in quantized.weights if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not names:
-        raise DirectionError(f"layer globs {list(patterns)} match none of the {len(result.weights)} "
-                             f"layers of {result.label!r} (e.g. {list(result.weights)[:3]})")
-    tensors = {}
+        raise DirectionError(f"layer globs {list(patterns)} match none of the {len(quantized.weights)} "
+                             f"layers of {quantized.label!r} (e.g. {list(quantized.weights)[:3]})")
     for n in names:
-        w0 = layer_weight(model, n).detach()
-        if tuple(result.weights[n].shape) != tuple(w0.shape):
-            raise DirectionError(f"quantized model {result.label!r} has a weight of shape "
-                                 f"{tuple(result.weights[n].shape)} for layer {n!r}, "
-                                 f"whose (out, in) weight is {tuple(w0.shape)}")
+        shape = (quantized.shapes[n] if isinstance(quantized, _SavedWeights)
+                 else tuple(quantized.weights[n].shape))
+        if shape != (expected := tuple(layer_weight(model, n).shape)):
+            raise DirectionError(f"quantized model {quantized.label!r} has a weight of shape {shape} "
+                                 f"for layer {n!r}, whose (out, in) weight is {expected}")
+
+    def layer(n: str) -> torch.Tensor:
         # w_q as the model would hold it, the difference formed in float32 for bf16 / fp16 and rounded once
-        w_q, work = result.weights[n].to(device=w0.device, dtype=w0.dtype), working_dtype(w0.dtype)
-        tensors[n] = (w_q.to(work) - w0.to(work)).to(w0.dtype)
-    spec = DirectionSpec("displacement", patterns, source=source or result.label,
+        w0 = layer_weight(model, n).detach()
+        w_q, work = quantized.weights[n].to(device=w0.device, dtype=w0.dtype), working_dtype(w0.dtype)
+        return (w_q.to(work) - w0.to(work)).to(w0.dtype)
+
+    spec = DirectionSpec("displacement", patterns, source=source or quantized.label,
                          base_fingerprint=base.fingerprint(names))
-    return Direction(tensors, spec)
+    return Direction(_layerwise(names, layer, streamed), spec)
+
+
+class _SavedWeights:
+    """A saved QuantResult's metadata, with its weights read one layer at a time from the safetensors file
+    (what a streamed displacement needs of a :class:`~landscape.quant.result.QuantResult`)."""
+
+    def __init__(self, stem: str):
+        meta = read_result_metadata(stem)
+        self.path = f"{stem}.safetensors"
+        self.label = f"{meta['method']} {meta['format'] or 'fp32'}"  # as QuantResult.label
+        self.base_model, self.base_fingerprint = meta["base_model"], meta["base_fingerprint"]
+        with safe_open(self.path, framework="pt") as f:
+            stored = set(f.keys())
+            self.shapes = {n: tuple(f.get_slice(n).get_shape()) for n in stored}
+        if stored != set(meta["layers"]):
+            raise DirectionError(f"{self.path}: the tensors do not match the layers listed in {stem}.json")
+        self.weights = LayerwiseTensors(meta["layers"], self._read)
+
+    def _read(self, name: str) -> torch.Tensor:
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_tensor(name)
 
 
 def quant_result_path(path: str | os.PathLike) -> Path:
@@ -373,14 +464,17 @@ def normalize(model: nn.Module | Base, direction: Direction, normalization: Norm
     if normalization == "none":
         return direction
     dim = 1 if normalization == "filter" else (0, 1)
-    tensors = {}
-    for name, d in direction.tensors.items():
-        w0 = layer_weight(model, name).detach()
+    # w0's row (or layer) norms now: a streamed layer is normalised later without reading w0 again
+    w0_norms = {n: layer_weight(model, n).detach().norm(dim=dim, keepdim=True) for n in direction.names}
+    raw = direction.tensors
+
+    def layer(name: str) -> torch.Tensor:
+        d = raw[name]
         d_norm = d.norm(dim=dim, keepdim=True)
-        scale = torch.where(d_norm > 0, w0.to(d).norm(dim=dim, keepdim=True) / d_norm,
-                            torch.zeros_like(d_norm))
-        tensors[name] = d * scale
-    return Direction(tensors, replace(direction.spec, normalization=normalization))
+        return d * torch.where(d_norm > 0, w0_norms[name].to(d) / d_norm, torch.zeros_like(d_norm))
+
+    return Direction(_layerwise(direction.names, layer, direction.streamed),
+                     replace(direction.spec, normalization=normalization))
 
 
 def check_spec(model: nn.Module | Base, spec: DirectionSpec) -> list[str]:
@@ -415,11 +509,12 @@ def _base_layers(base: Base, spec: DirectionSpec) -> tuple[list[str], str]:
     return names, actual
 
 
-def regenerate(model: nn.Module | Base, spec: DirectionSpec) -> Direction:
+def regenerate(model: nn.Module | Base, spec: DirectionSpec, *, streamed: bool = False) -> Direction:
     """Rebuild a direction from its spec (random kinds from the seed; displacements from a saved path).
 
     Replays: base tensors, normalisation, Gram-Schmidt against ``spec.orthogonal_to``, unit rescaling.
     Eigenvector and user directions are not regenerable (their tensors live where they were made).
+    ``streamed``: every layer computed when asked for, never the whole direction at once (equal bit for bit).
     """
     base = as_base(model)
     if spec.orthogonal_to is not None:
@@ -427,23 +522,26 @@ def regenerate(model: nn.Module | Base, spec: DirectionSpec) -> Direction:
     names, fingerprint = _base_layers(base, spec)
     if spec.kind == "random":
         raw = DirectionSpec("random", spec.layers, seed=spec.seed, base_fingerprint=fingerprint)
-        drawn = _gaussian(base.model, names, raw)
+        drawn = _gaussian(base.model, names, raw, streamed)
     else:
-        drawn = displacement_direction(base, spec.source, spec.layers)
+        drawn = displacement_direction(base, spec.source, spec.layers, streamed=streamed)
     direction = normalize(base, drawn, spec.normalization)
     if spec.orthogonal_to is not None:
-        direction = orthogonalize(direction, regenerate(base, spec.orthogonal_to))
+        direction = orthogonalize(direction, regenerate(base, spec.orthogonal_to, streamed=streamed))
     return direction.unit() if spec.unit_norm else direction
 
 
-def _gaussian(model: nn.Module, names: Sequence[str], spec: DirectionSpec) -> Direction:
-    tensors = {}
-    for name in names:
-        w0 = layer_weight(model, name)
+def _gaussian(model: nn.Module, names: Sequence[str], spec: DirectionSpec, streamed: bool) -> Direction:
+    weights = {n: layer_weight(model, n) for n in names}
+    shapes = {n: (tuple(w.shape), w.device, w.dtype) for n, w in weights.items()}
+
+    def layer(name: str) -> torch.Tensor:
+        shape, device, dtype = shapes[name]
         generator = torch.Generator().manual_seed(_layer_seed(spec.seed, name))
-        draw = torch.randn(tuple(w0.shape), generator=generator, dtype=torch.float32)  # (out, in), on CPU
-        tensors[name] = draw.to(device=w0.device, dtype=w0.dtype)
-    return Direction(tensors, spec)
+        draw = torch.randn(shape, generator=generator, dtype=torch.float32)  # (out, in), on CPU
+        return draw.to(device=device, dtype=dtype)
+
+    return Direction(_layerwise(names, layer, streamed), spec)
 
 
 def _layer_seed(seed: int, name: str) -> int:

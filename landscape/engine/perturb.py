@@ -24,7 +24,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -42,7 +42,12 @@ COORDINATE_PREFIX = "coords/axis"
 
 # ---------------------------------------------------------------------------------------- objectives
 class Objective(Protocol):
-    """What a scan measures at each point. Called with the model holding the perturbed weights."""
+    """What a scan measures at each point. Called with the model holding the perturbed weights.
+
+    An objective that only runs the model forward without gradients and never reads its weights says so
+    with a class attribute ``forward_only = True`` (:class:`NLLObjective`): scans and radius searches then
+    hold the point layer by layer (:class:`Perturbation` ``streamed``), in about one model's memory.
+    """
 
     def output_names(self, layers: Sequence[str]) -> tuple[str, ...]:
         """Names of the scalar values it returns, given the perturbed layers (fixed before the scan
@@ -63,6 +68,7 @@ class NLLObjective:
     data: TokenSet
     batch_size: int = 8
     model_name: str = ""
+    forward_only: ClassVar[bool] = True  # runs the model forward only: a streamed perturbation can measure it
 
     def output_names(self, layers: Sequence[str]) -> tuple[str, ...]:
         return ("nll",)
@@ -142,56 +148,78 @@ def default_objectives(data: TokenSet | None, with_layer_mse: bool = False, batc
 
 # -------------------------------------------------------------------------------------- perturbation
 class Perturbation:
-    """Moves a model's weights in place to ``w0 + sum_k c_k d_k`` and back to w0, bit-exactly.
+    """Moves a model's weights to ``w0 + sum_k c_k d_k`` and back to w0, bit-exactly.
 
     Construction checks every direction against the model
-    (:func:`~landscape.engine.directions.check_direction`) and saves w0 of the layers they touch. Use as a
-    context manager: leaving it (normally or by an exception) restores w0 by copying the saved weights back
-    (never by subtracting). In a bfloat16 / float16 model the point is formed in float32 one layer at a time
-    and rounded to the model's dtype once (directions stay in the model's dtype: no float32 copy of the
+    (:func:`~landscape.engine.directions.check_direction`). Two ways to hold a point, with the same numbers:
+
+    * **resident** (``streamed=False``): w0 of the touched layers is saved, the directions are made whole,
+      and :meth:`move_to` writes the point into every touched layer; any code may then read the weights or
+      differentiate through them (extra memory: w0 of the touched layers and every direction);
+    * **streamed** (``streamed=True``): nothing is saved up front; while the model runs forward, each touched
+      layer is set to its point just before its own forward call (its direction's layer computed then, from a
+      streamed direction) and put back right after, so at most one layer's w0 is held aside. For objectives
+      that only run the model forward without gradients (:attr:`Objective.forward_only`): outside a forward
+      call the weights read as w0.
+
+    Use as a context manager: leaving it (normally or by an exception) restores w0 by copying saved weights
+    back (never by subtracting). In a bfloat16 / float16 model the point is formed in float32 one layer at a
+    time and rounded to the model's dtype once (directions stay in the model's dtype: no float32 copy of the
     model is ever held).
     """
 
-    def __init__(self, model: nn.Module | Base, directions: Sequence[Direction]):
+    def __init__(self, model: nn.Module | Base, directions: Sequence[Direction], *, streamed: bool = False):
         if not directions:
             raise ValueError("a perturbation needs at least one direction")
         base = as_base(model)
         for direction in directions:
             check_direction(base, direction)
         model = self.model = base.model
+        self.streamed = streamed
         self.layers: list[str] = list(dict.fromkeys(n for d in directions for n in d.names))
         self._targets = {n: layer_weight(model, n) for n in self.layers}  # (out, in) views of the parameters
-        self.w0: dict[str, torch.Tensor] = {n: t.detach().clone() for n, t in self._targets.items()}
-        self._steps = [{n: t.to(self._targets[n]) for n, t in d.tensors.items()} for d in directions]
+        if streamed:  # the model holds w0 outside forward calls: these are views
+            self.w0 = {n: t.detach() for n, t in self._targets.items()}
+            self._steps: list[Mapping[str, torch.Tensor]] = [d.tensors for d in directions]
+        else:
+            self.w0 = {n: t.detach().clone() for n, t in self._targets.items()}
+            self._steps = [{n: t.to(self._targets[n]) for n, t in d.tensors.items()} for d in directions]
+        self._coefficients: tuple[float, ...] | None = None
+        self._hooks: list[Any] = []
+        self._held: tuple[str, torch.Tensor] | None = None  # streamed: the layer now at its point, and its w0
 
     def move_to(self, coefficients: Sequence[float]) -> None:
-        """Set the touched layers to ``w0 + sum_k coefficients[k] * directions[k]`` (always starting from
-        w0)."""
+        """Set the touched layers to ``w0 + sum_k coefficients[k] * directions[k]`` (always starting from w0;
+        streamed: each layer during its forward calls from now until :meth:`restore`)."""
         if len(coefficients) != len(self._steps):
             raise ValueError(f"need {len(self._steps)} coefficients, got {len(coefficients)}")
-        with torch.no_grad():
-            for name, target in self._targets.items():
-                moves = [(step[name], float(c)) for step, c in zip(self._steps, coefficients) if name in step]
-                work = working_dtype(target.dtype)
-                if work == target.dtype:
-                    target.copy_(self.w0[name])
-                    for d, c in moves:
-                        target.add_(d, alpha=c)
-                else:  # bfloat16 / float16: ((w0 + c1 d1) + c2 d2) in float32, rounded to the model's once
-                    point = self.w0[name].to(work)
-                    for d, c in moves:
-                        point.add_(d.to(work) * c)
-                    target.copy_(point)
+        self._coefficients = tuple(float(c) for c in coefficients)
+        if self.streamed:
+            if not self._hooks:
+                self._hooks = [hook for name in self.layers for hook in self._register(name)]
+            return
+        for name, target in self._targets.items():
+            self._write(name, target, self.w0[name])
 
     def restore(self) -> None:
-        """Copy the saved w0 back into every touched layer."""
+        """Put w0 back into every touched layer (streamed: the layer held at its point, if any, and no layer
+        moves on later forward calls)."""
         with torch.no_grad():
-            for name, target in self._targets.items():
-                target.copy_(self.w0[name])
+            if not self.streamed:
+                for name, target in self._targets.items():
+                    target.copy_(self.w0[name])
+                return
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = []
+            self._put_back()
 
     def measure(self, coefficients: Sequence[float], objectives: Sequence[Objective]) -> dict[str, float]:
         """The objectives at ``w0 + sum_k c_k d_k``; w0 is restored afterwards, also if an objective
         raises."""
+        if self.streamed and (eager := [type(o).__name__ for o in objectives if not forward_only(o)]):
+            raise ValueError(f"a streamed perturbation measures forward-only objectives; {eager} read the "
+                             f"weights or their gradients: use Perturbation(..., streamed=False)")
         self.move_to(coefficients)
         try:
             values: dict[str, float] = {}
@@ -201,11 +229,56 @@ class Perturbation:
         finally:
             self.restore()
 
+    def _write(self, name: str, target: torch.Tensor, w0: torch.Tensor) -> None:
+        """``target <- w0 + sum_k c_k d_k[name]``: in place for float32 / float64, formed in float32 and
+        rounded once for bfloat16 / float16."""
+        moves = [(step[name], c) for step, c in zip(self._steps, self._coefficients) if name in step]
+        work = working_dtype(target.dtype)
+        with torch.no_grad():
+            if work == target.dtype:
+                target.copy_(w0)
+                for d, c in moves:
+                    target.add_(d.to(target), alpha=c)
+            else:  # bfloat16 / float16: ((w0 + c1 d1) + c2 d2) in float32, rounded to the model's once
+                point = w0.to(work)
+                for d, c in moves:
+                    point.add_(d.to(target).to(work) * c)
+                target.copy_(point)
+
+    def _register(self, name: str) -> list[Any]:
+        module = self.model.get_submodule(name)
+        target = self._targets[name]
+
+        def before(module: nn.Module, args: Any) -> None:
+            self._put_back()  # a forward call that raised left its layer moved: w0 first
+            with torch.no_grad():
+                saved = target.detach().clone()
+            self._held = (name, saved)
+            self._write(name, target, saved)
+
+        def after(module: nn.Module, args: Any, output: Any) -> None:
+            self._put_back()
+
+        return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+
+    def _put_back(self) -> None:
+        if self._held is not None:
+            name, saved = self._held
+            with torch.no_grad():
+                self._targets[name].copy_(saved)
+            self._held = None
+
     def __enter__(self) -> Perturbation:
         return self
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+def forward_only(objective: Objective) -> bool:
+    """Whether an objective only runs the model forward without gradients (and never reads its weights), so
+    a streamed :class:`Perturbation` can measure it."""
+    return bool(getattr(objective, "forward_only", False))
 
 
 def check_objective_data(model: nn.Module, objectives: Sequence[Objective]) -> None:
@@ -287,6 +360,11 @@ def scan(
 ) -> ScanResult:
     """Measure objectives at ``w0 + sum_k grid[k][i_k] * directions[k]`` for every grid point, in place.
 
+    Forward-only objectives (the NLL) are measured with the point held layer by layer (a streamed
+    :class:`Perturbation`): with streamed directions (``streamed=True`` where they are made) the scan needs
+    about one model's memory plus one layer and the activations. Other objectives (layer MSE, functions of
+    the weights) see every layer moved at once.
+
     Args:
         model: the model at w0, or its :class:`~landscape.weights.Base` (left bit-identical to w0, also on
             errors).
@@ -314,7 +392,8 @@ def scan(
     grid_shape = tuple(len(axis) for axis in axes)
     specs = tuple(d.spec for d in directions)
 
-    with Perturbation(base, directions) as perturbation:
+    streamed = all(forward_only(o) for o in objectives)
+    with Perturbation(base, directions, streamed=streamed) as perturbation:
         names = output_names(objectives, perturbation.layers)
         run_provenance = {
             "kind": "scan",
