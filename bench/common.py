@@ -249,6 +249,9 @@ class ModelSpec:
         arch: ``gpt2``, ``llama`` or ``pretrained``.
         hidden, layers, vocab, context: sizes of a random model (ignored for ``pretrained``).
         seed: initialisation seed of a random model.
+        heads, kv_heads, intermediate: a random Llama's attention heads, key-value heads and MLP width
+            (``0``: twice ``hidden``); a random GPT-2 has ``heads`` heads.
+        dtype: the parameters' dtype (``float32``, ``bfloat16``...).
     """
 
     name: str
@@ -258,6 +261,10 @@ class ModelSpec:
     vocab: int = 97
     context: int = 128
     seed: int = 0
+    heads: int = 2
+    kv_heads: int = 1
+    intermediate: int = 0
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -269,29 +276,31 @@ class ModelSpec:
                 if not isinstance(value, int) or value < 1:
                     raise ValueError(f"ModelSpec {self.name!r}: {what} must be a positive "
                                      f"integer, got {value!r}")
-            if self.hidden % 2:
-                raise ValueError(f"ModelSpec {self.name!r}: hidden must be even (2 attention heads), "
-                                 f"got {self.hidden}")
+            if self.hidden % self.heads or self.heads % self.kv_heads:
+                raise ValueError(f"ModelSpec {self.name!r}: hidden ({self.hidden}) must be a multiple of "
+                                 f"heads ({self.heads}), and heads of kv_heads ({self.kv_heads})")
 
     def build(self) -> nn.Module:
-        """The model in eval mode with eager attention, fp32, on the CPU (random ones seeded by ``seed``)."""
-        from landscape.models import load_model, prepare_model
+        """The model in eval mode with eager attention, in ``dtype``, on the CPU (random ones seeded by
+        ``seed``)."""
+        from landscape.models import load_model, parse_dtype, prepare_model
 
         if self.arch == "pretrained":
-            return load_model(self.name).model
+            return load_model(self.name, dtype=parse_dtype(self.dtype)).model
         from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(self.seed)
         if self.arch == "gpt2":
             model = GPT2LMHeadModel(GPT2Config(vocab_size=self.vocab, n_positions=self.context,
-                                               n_embd=self.hidden, n_layer=self.layers, n_head=2,
+                                               n_embd=self.hidden, n_layer=self.layers, n_head=self.heads,
                                                bos_token_id=self.vocab - 1, eos_token_id=self.vocab - 1))
         else:
             model = LlamaForCausalLM(LlamaConfig(vocab_size=self.vocab, max_position_embeddings=self.context,
                                                  hidden_size=self.hidden, num_hidden_layers=self.layers,
-                                                 num_attention_heads=2, num_key_value_heads=1,
-                                                 intermediate_size=2 * self.hidden))
-        return prepare_model(model)
+                                                 num_attention_heads=self.heads,
+                                                 num_key_value_heads=self.kv_heads,
+                                                 intermediate_size=self.intermediate or 2 * self.hidden))
+        return prepare_model(model.to(parse_dtype(self.dtype)))
 
 
 def vocab_size(model: nn.Module) -> int:

@@ -1,4 +1,5 @@
-"""Memory: peak RSS of a 2-D scan and of QAFT, relative to the model's size, each in a fresh process.
+"""Memory: peak RSS of a 2-D scan, a radius search, GPTQ and QAFT, relative to the model's size, each in a
+fresh process.
 
 Every workload runs in its own fresh worker process (``python -m bench.memory --worker WORKLOAD``) that
 
@@ -11,14 +12,23 @@ Every workload runs in its own fresh worker process (``python -m bench.memory --
 Workers run with ``MALLOC_MMAP_THRESHOLD_=131072``: glibc then returns every freed block of 128 KiB or
 more to the system at once, so RSS follows the live tensors instead of what the allocator keeps cached.
 
-Workloads: ``scan`` (:func:`landscape.engine.perturb.scan` over a 2-D grid of two random directions, including
-building the directions) against ``forward`` (its activations: one no-grad forward and NLL of one
-evaluation batch), and ``qaft`` (:func:`landscape.quant.qaft.qaft`, a few steps) against ``train-step`` (its
-activations: one forward and backward of one training batch with gradients for the trained weights, what
-any gradient method holds). The reported figure is the peak in model sizes with the activations taken
-out: ``1 + (extra - extra of the reference) / model bytes``. Targets (issue 18): a scan at most 1.3 model
-sizes (only the touched layer's w0 and direction beside the model); QAFT at most 4.5 (AdamW's floor is 4:
-latent weights, gradients and two moments of the trained layers, beside the model).
+Workloads: ``scan`` (:func:`landscape.engine.perturb.scan` over a 2-D grid of two streamed random directions,
+including building them) and ``radius``
+(:func:`landscape.engine.basin.basin_statistics` along one random direction given by its spec) against
+``forward`` (their activations: one no-grad forward and NLL of one evaluation batch); ``gptq``
+(:func:`landscape.quant.gptq.gptq` on the calibration set) against ``forward`` with the weights it returns
+also taken out (a result the size of the quantized layers is its output, not its working memory); and
+``qaft`` (:func:`landscape.quant.qaft.qaft`, a few steps) against ``train-step`` (its activations: one forward
+and backward of one training batch with gradients for the trained weights, what any gradient method holds).
+The reported figure is the peak in model sizes with the activations taken out:
+``1 + (extra - extra of the reference [- returned weights]) / model bytes``. Targets (issue 18): a scan or a
+radius search at most 1.3 model sizes (only the touched layer's w0 and direction beside the model); GPTQ at
+most 1.5 (one block's inputs and Hessians); QAFT at most 4.5 (AdamW's floor is 4: latent weights, gradients
+and two moments of the trained layers, beside the model).
+
+A model may restrict the layers that GPTQ and QAFT quantize (``MemorySettings.quantized``, e.g. two decoder
+blocks of a 1B model); their figures are then also given per trained byte (``x trained``), the unit that
+compares across model sizes.
 
 Run alone: ``python -m bench.memory --profile quick [--json out.json]``.
 """
@@ -56,9 +66,11 @@ from bench.common import (
 from landscape.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
 # (model + extra - activations) / model, per workload
-MODEL_SIZES_AT_PEAK = {"scan": Target(1.3, "at_most"), "qaft": Target(4.5, "at_most")}
-WORKLOADS = ("forward", "scan", "train-step", "qaft")
-REFERENCE_OF = {"scan": "forward", "qaft": "train-step"}
+MODEL_SIZES_AT_PEAK = {"scan": Target(1.3, "at_most"), "radius": Target(1.3, "at_most"),
+                       "gptq": Target(1.5, "at_most"), "qaft": Target(4.5, "at_most")}
+WORKLOADS = ("forward", "scan", "radius", "gptq", "train-step", "qaft")
+REFERENCE_OF = {"scan": "forward", "radius": "forward", "gptq": "forward", "qaft": "train-step"}
+RETURNS_WEIGHTS = ("gptq",)  # workloads whose result holds a weight-sized tensor per quantized layer
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
@@ -71,7 +83,8 @@ class MemorySettings:
         eval_segments, seq_len, batch_size: evaluation tokens of the scan (and of the forward reference).
         grid_points: points per axis of the 2-D scan.
         qaft_steps, qaft_batch_size, qaft_format: the QAFT run (its calibration set has
-            ``qaft_steps * qaft_batch_size`` sequences of ``seq_len``).
+            ``qaft_steps * qaft_batch_size`` sequences of ``seq_len``; GPTQ uses the same set and format).
+        quantized: model name -> layer globs that GPTQ and QAFT quantize (default: every quantizable layer).
     """
 
     models: tuple[ModelSpec, ...]
@@ -82,13 +95,21 @@ class MemorySettings:
     qaft_steps: int = 2
     qaft_batch_size: int = 4
     qaft_format: str = "int4"
+    quantized: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def layers_of(self, model: str) -> tuple[str, ...] | None:
+        return dict(self.quantized).get(model)
 
 
 MEM_GPT2 = ModelSpec("mem-gpt2", "gpt2", hidden=512, layers=4, vocab=8192, context=128)
+# Llama-3.2-1B's shape (1.1B parameters with an untied head), random, in bfloat16: built from a config
+LLAMA_1B = ModelSpec("llama-1b-bf16", "llama", hidden=2048, layers=16, vocab=32000, context=2048, heads=32,
+                     kv_heads=8, intermediate=8192, dtype="bfloat16")
 PROFILES: dict[str, MemorySettings] = {
     "tiny": MemorySettings((ModelSpec("tiny-gpt2", hidden=32, layers=1),), 2, 16, 2, 2, 1, 2),
     "quick": MemorySettings((MEM_GPT2,)),
-    "full": MemorySettings((MEM_GPT2, ModelSpec("smollm2-135m", "pretrained"))),
+    "full": MemorySettings((MEM_GPT2, ModelSpec("smollm2-135m", "pretrained"), LLAMA_1B), 1, 64, 1, 2, 1, 1,
+                           quantized=(("llama-1b-bf16", ("model.layers.0.*", "model.layers.1.*")),)),
 }
 
 
@@ -96,18 +117,23 @@ PROFILES: dict[str, MemorySettings] = {
 def run_workload(workload: str, spec: ModelSpec, settings: MemorySettings) -> dict:
     """Inside a fresh process: build, warm up, take the baseline, run ``workload``, report RSS (bytes)."""
     from bench.scan import plane
-    from landscape.engine.perturb import scan
+    from landscape.engine.basin import RadiusSearch, basin_statistics
+    from landscape.engine.directions import DirectionSpec
+    from landscape.engine.perturb import NLLObjective, scan
     from landscape.engine.sweep import Execution
     from landscape.objectives import segment_nll_sums
+    from landscape.quant.gptq import gptq
     from landscape.quant.qaft import FinetuneSettings, qaft
-    from landscape.weights import quantizable_layers, weight_matrix
+    from landscape.weights import quantizable_layers, select_layers, weight_matrix
 
     if workload not in WORKLOADS:
         raise ValueError(f"unknown memory workload {workload!r}; accepted: {', '.join(WORKLOADS)}")
     model = spec.build()
     evaluation = random_token_set(model, settings.eval_segments, settings.seq_len)
     calib = random_token_set(model, settings.qaft_steps * settings.qaft_batch_size, settings.seq_len, seed=1)
-    trained = quantizable_layers(model)
+    layers = settings.layers_of(spec.name)
+    trained = ({n: m for n, m in quantizable_layers(model).items() if n in select_layers(model, layers)}
+               if layers else quantizable_layers(model))
     with torch.no_grad():
         model(input_ids=evaluation.tokens[:1, :8])  # warm-up on 8 tokens
     gc.collect()
@@ -120,8 +146,15 @@ def run_workload(workload: str, spec: ModelSpec, settings: MemorySettings) -> di
                              evaluation.score_mask[: settings.batch_size])
     elif workload == "scan":
         axis = np.linspace(-0.5, 0.5, settings.grid_points)
-        scan(model, plane(model), (axis, axis), data=evaluation, batch_size=settings.batch_size,
-             execution=Execution(progress=False))
+        scan(model, plane(model, streamed=True), (axis, axis), data=evaluation,
+             batch_size=settings.batch_size, execution=Execution(progress=False))
+    elif workload == "radius":
+        basin_statistics(model, [DirectionSpec("random", seed=0, normalization="filter")],
+                         NLLObjective(evaluation, settings.batch_size), search=RadiusSearch(tolerance=0.25),
+                         execution=Execution(progress=False))
+    elif workload == "gptq":
+        gptq(model, calib, settings.qaft_format, layers=list(trained), batch_size=settings.qaft_batch_size,
+             progress=False)
     elif workload == "train-step":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -132,13 +165,17 @@ def run_workload(workload: str, spec: ModelSpec, settings: MemorySettings) -> di
         loss.backward()
     else:
         qaft(model, calib, settings.qaft_format,
-             FinetuneSettings(steps=settings.qaft_steps, batch_size=settings.qaft_batch_size), progress=False)
+             FinetuneSettings(steps=settings.qaft_steps, batch_size=settings.qaft_batch_size),
+             layers=list(trained), progress=False)
     seconds = time.perf_counter() - started
     peak = peak_rss_bytes()
-    trained_bytes = sum(weight_matrix(m).numel() * weight_matrix(m).element_size() for m in trained.values())
-    return {"workload": workload, "model": describe_model(spec.name, model), "baseline_bytes": baseline,
-            "peak_bytes": peak, "extra_bytes": peak - baseline, "model_bytes": parameter_bytes(model),
-            "perturbed_bytes": trained_bytes, "exact_peak_reset": exact_peak, "seconds": seconds}
+    sizes = {n: weight_matrix(m).numel() * weight_matrix(m).element_size()
+             for n, m in quantizable_layers(model).items()}
+    return {"workload": workload, "model": describe_model(spec.name, model), "dtype": spec.dtype,
+            "baseline_bytes": baseline, "peak_bytes": peak, "extra_bytes": peak - baseline,
+            "model_bytes": parameter_bytes(model), "perturbed_bytes": sum(sizes.values()),
+            "trained_bytes": sum(sizes[n] for n in trained), "largest_layer_bytes": max(sizes.values()),
+            "trained_layers": len(trained), "exact_peak_reset": exact_peak, "seconds": seconds}
 
 
 def measure_in_fresh_process(workload: str, spec: ModelSpec, profile: str) -> dict:
@@ -153,15 +190,21 @@ def measure_in_fresh_process(workload: str, spec: ModelSpec, profile: str) -> di
 
 
 # ------------------------------------------------------------------------------------------ the bench
-def design_estimate(workload: str, perturbed_bytes: int) -> int:
-    """Bytes the workload must add beyond its activation reference, by construction of the code.
+def design_estimate(workload: str, measured: dict) -> int:
+    """Bytes the workload must add beyond its activation reference (and its returned weights), by
+    construction of the code.
 
-    scan: a saved copy of w0 for exact restores plus the two direction tensors (3 x the perturbed weights).
-    qaft, during a step: the latent weights, their gradients, two AdamW moments and the fake-quantized weights
-    the backward pass keeps (5 x the trained weights; w0 is read from the model, and the optimiser is freed
-    before the final layer-MSE pass), less the gradient that the train-step reference holds already (4 x).
+    scan: the layer being run held at its point and its saved w0, plus that layer of u and of v (about 4 x
+    the largest perturbed layer); radius: the same with one direction (3 x). gptq: one decoder block's
+    Hessians and inputs, a few layers' worth (2 x the largest layer, a rough bound). qaft, during a step: the
+    latent weights, their gradients, two AdamW moments and the fake-quantized weights the backward pass keeps
+    (5 x the trained weights; w0 is read from the model, and the optimiser is freed before the final
+    layer-MSE pass), less the gradient that the train-step reference holds already (4 x).
     """
-    return {"scan": 3, "qaft": 4}[workload] * perturbed_bytes
+    if workload == "qaft":
+        return 4 * measured.get("trained_bytes", measured["perturbed_bytes"])
+    largest = measured.get("largest_layer_bytes", 0)  # not recorded by runs before the streamed scan
+    return {"scan": 4, "radius": 3, "gptq": 2}[workload] * largest
 
 
 def run(profile: str = "quick") -> Section:
@@ -173,34 +216,39 @@ def run(profile: str = "quick") -> Section:
                          "seq_len": settings.seq_len, "batch_size": settings.batch_size,
                          "grid_points_per_axis": settings.grid_points, "qaft_steps": settings.qaft_steps,
                          "qaft_batch_size": settings.qaft_batch_size, "qaft_format": settings.qaft_format,
+                         "quantized": {k: list(v) for k, v in settings.quantized},
                          "malloc": MALLOC_ENV},
             "cases": cases}
     return build_section(data, time.perf_counter() - started)
 
 
-def model_sizes_at_peak(measured: dict, reference: dict) -> float:
-    """``1 + (added - added by the reference) / model bytes``: the peak in model sizes, activations taken
-    out."""
-    return 1.0 + (measured["extra_bytes"] - reference["extra_bytes"]) / measured["model_bytes"]
+def added_bytes(workload: str, measured: dict, reference: dict) -> int:
+    """What the workload added beyond its activation reference (and the weights it returns)."""
+    trained = measured.get("trained_bytes", measured["perturbed_bytes"])
+    returned = trained if workload in RETURNS_WEIGHTS else 0
+    return measured["extra_bytes"] - reference["extra_bytes"] - returned
+
+
+def model_sizes_at_peak(workload: str, measured: dict, reference: dict) -> float:
+    """``1 + added / model bytes``: the peak in model sizes, activations (and returned weights) taken out."""
+    return 1.0 + added_bytes(workload, measured, reference) / measured["model_bytes"]
 
 
 def miss_note(workload: str, measured: dict, value: float) -> str:
     """Why ``workload`` needs more model sizes than its target, by how much, and what would close it."""
-    fraction = measured["perturbed_bytes"] / measured["model_bytes"]
-    estimate = 1 + design_estimate(workload, measured["perturbed_bytes"]) / measured["model_bytes"]
-    if workload == "scan":
-        why = (f"the engine never copies the model, but it holds three weight-sized tensors of the perturbed "
-               f"layers ({fraction:.0%} of the model): the saved w0 that makes every restore bit-exact and "
-               f"the two directions u and v (design estimate {estimate:.2f}). Closing it: regenerate each "
-               f"layer's direction from its seed when a point is set (directions are stored as seeds "
-               f"already), leaving only w0 ({1 + fraction:.2f} model sizes here), or perturb one "
-               f"block at a time.")
-    else:
+    trained = measured.get("trained_bytes", measured["perturbed_bytes"])
+    fraction = trained / measured["model_bytes"]
+    estimate = 1 + design_estimate(workload, measured) / measured["model_bytes"]
+    if workload == "qaft":
         why = (f"QAFT trains every quantized weight ({fraction:.0%} of the model) with AdamW, so latent "
                f"weights, gradients, two moments and the fake-quantized weights the backward pass keeps are "
                f"each weight-sized (design estimate {estimate:.2f}; w0 is read from the model and the "
                f"optimiser is freed before the final layer-MSE pass). Going lower needs a leaner method: "
                f"--optimizer sgd (one moment), training block by block, or 8-bit / factored moments.")
+    else:
+        why = (f"by design it holds only a layer or a block beside the model (design estimate "
+               f"{estimate:.2f}); the excess is allocator or library state that this measurement does not "
+               f"attribute.")
     return (f"{measured['model']}, {workload}: {value:.2f} model sizes, which "
             f"{MODEL_SIZES_AT_PEAK[workload].miss_text(value)}. Why: {why}")
 
@@ -210,30 +258,61 @@ def build_section(data: dict, seconds: float = 0.0) -> Section:
     settings = data["settings"]
     points, tokens = (settings["grid_points_per_axis"],
                       f"{settings['eval_segments']} x {settings['seq_len']} tokens")
+    calibration = f"{settings['qaft_steps'] * settings['qaft_batch_size']} x {settings['seq_len']} tokens"
     what = {"scan": f"2-D scan, {points}x{points} points, {tokens}",
+            "radius": f"radius search, 1 direction, {tokens}",
+            "gptq": f"GPTQ {settings['qaft_format']}, {calibration}",
             "qaft": f"QAFT {settings['qaft_format']}, {settings['qaft_steps']} steps of "
                     f"{settings['qaft_batch_size']} x {settings['seq_len']} tokens"}
     rows, table, notes = [], [], []
     for c in data["cases"]:
         for workload, reference in REFERENCE_OF.items():
+            if workload not in c:  # results written before this workload existed
+                continue
             m, r = c[workload], c[reference]
-            value, model_mib = model_sizes_at_peak(m, r), m["model_bytes"] / MIB
-            estimate = 1 + design_estimate(workload, m["perturbed_bytes"]) / m["model_bytes"]
-            rows.append(Row("memory", f"{m['model']}, {what[workload]}",
-                            "peak in model sizes, activations excluded", value, "x",
+            value, model_mib = model_sizes_at_peak(workload, m, r), m["model_bytes"] / MIB
+            estimate = 1 + design_estimate(workload, m) / m["model_bytes"]
+            trained = m.get("trained_bytes", m["perturbed_bytes"])
+            per_trained = (f"; {added_bytes(workload, m, r) / trained:.2f} x the trained weights"
+                           if workload in ("gptq", "qaft") else "")
+            returned = " and returned weights" if workload in RETURNS_WEIGHTS else ""
+            rows.append(Row("memory", f"{m['model']}, {m.get('dtype', 'float32')}, {what[workload]}",
+                            f"peak in model sizes, activations{returned} excluded", value, "x",
                             MODEL_SIZES_AT_PEAK[workload],
                             f"+{m['extra_bytes'] / MIB:.0f} MiB over the loaded model ({model_mib:.0f} MiB); "
-                            f"{reference} alone +{r['extra_bytes'] / MIB:.0f} MiB"))
-            table.append((m["model"], workload, f"{model_mib:.1f}", f"{m['baseline_bytes'] / MIB:.0f}",
-                          f"{m['extra_bytes'] / MIB:.1f}", f"{r['extra_bytes'] / MIB:.1f} ({reference})",
-                          f"{value:.2f}", f"{estimate:.2f}"))
+                            f"{reference} alone +{r['extra_bytes'] / MIB:.0f} MiB{per_trained}"))
+            table.append((m["model"], workload, f"{model_mib:.1f}", f"{trained / MIB:.1f}",
+                          f"{m['baseline_bytes'] / MIB:.0f}", f"{m['extra_bytes'] / MIB:.1f}",
+                          f"{r['extra_bytes'] / MIB:.1f} ({reference})", f"{value:.2f}", f"{estimate:.2f}",
+                          f"{m['seconds']:.1f}"))
             if not MODEL_SIZES_AT_PEAK[workload].met(value):
                 notes.append(miss_note(workload, m, value))
+    notes.extend(scaling_notes(data["cases"]))
     tables = (Table("Peak RSS over the loaded model (MiB), each in a fresh process",
-                    ("model", "workload", "model", "baseline RSS", "added at peak", "reference added",
-                     "model sizes (measured)", "model sizes (design estimate)"), tuple(table)),)
-    return Section("memory", "Memory: peak RSS of a 2-D scan and of QAFT", tuple(rows), tables, tuple(notes),
-                   data, seconds)
+                    ("model", "workload", "model", "trained layers", "baseline RSS", "added at peak",
+                     "reference added", "model sizes (measured)", "model sizes (design estimate)", "seconds"),
+                    tuple(table)),)
+    return Section("memory", "Memory: peak RSS of scans, radius searches, GPTQ and QAFT", tuple(rows), tables,
+                   tuple(notes), data, seconds)
+
+
+def scaling_notes(cases: list[dict]) -> list[str]:
+    """The largest model's figures against SmolLM2's (issue 18: the same within 10 %)."""
+    by_name = {c["forward"]["model"].split(" ")[0]: c for c in cases}
+    small, large = by_name.get("smollm2-135m"), by_name.get("llama-1b-bf16")
+    if not (small and large):
+        return []
+    parts = []
+    for workload in ("scan", "radius"):
+        a = model_sizes_at_peak(workload, small[workload], small[REFERENCE_OF[workload]])
+        b = model_sizes_at_peak(workload, large[workload], large[REFERENCE_OF[workload]])
+        parts.append(f"{workload} {b:.2f} vs {a:.2f} model sizes ({(b - a) / a:+.1%}, "
+                     f"{'within' if abs(b - a) <= 0.1 * a else 'outside'} 10 %)")
+    return [f"Scaling, llama-1b-bf16 against smollm2-135m: {'; '.join(parts)}. GPTQ and QAFT on the 1B "
+            f"model quantize two decoder blocks, so their figures compare per trained byte (rows above), and "
+            f"QAFT's "
+            f"differs by design between dtypes: its float32 master weights, gradients and moments are 2 x a "
+            f"bfloat16 weight each."]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,10 +101,11 @@ PROFILES: dict[str, ScanSettings] = {
 
 
 # ------------------------------------------------------------------------------------- the candidates
-def plane(model: nn.Module, seed: int = 0) -> tuple[Direction, Direction]:
+def plane(model: nn.Module, seed: int = 0, streamed: bool = False) -> tuple[Direction, Direction]:
     """Two seeded filter-normalised random directions over every decoder linear (the scan's ``u`` and
-    ``v``)."""
-    return random_direction(model, seed), random_direction(model, seed + 1)
+    ``v``); ``streamed``: each layer redrawn when it is applied."""
+    return (random_direction(model, seed, streamed=streamed),
+            random_direction(model, seed + 1, streamed=streamed))
 
 
 def engine_scan(model: nn.Module, u: Direction, v: Direction, axis: np.ndarray, data: TokenSet,

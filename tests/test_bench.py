@@ -162,31 +162,35 @@ def test_write_results_writes_markdown_and_json_that_round_trip(tmp_path):
         write_results(report, tmp_path / "missing")
 
 
-def memory_data(scan_extra: int, forward_extra: int, qaft_extra: int, train_extra: int) -> dict:
+def memory_data(scan_extra: int, forward_extra: int, qaft_extra: int, train_extra: int,
+                gptq_extra: int = 150, radius_extra: int = 90) -> dict:
     """Raw memory measurements (bytes) as bench/memory.py stores them, for a 100 MiB model with 75 MiB
-    trained."""
+    trained, its largest layer 5 MiB."""
     mib = 2**20
 
     def measured(workload: str, extra: int) -> dict:
         return {"workload": workload, "model": "m (26M params)", "baseline_bytes": 400 * mib, "peak_bytes": 0,
                 "extra_bytes": extra * mib, "model_bytes": 100 * mib, "perturbed_bytes": 75 * mib,
-                "exact_peak_reset": True, "seconds": 1.0}
+                "trained_bytes": 75 * mib, "largest_layer_bytes": 5 * mib, "exact_peak_reset": True,
+                "seconds": 1.0}
 
     settings = {"models": ["m"], "eval_segments": 4, "seq_len": 128, "batch_size": 4,
                 "grid_points_per_axis": 3, "qaft_steps": 2, "qaft_batch_size": 4, "qaft_format": "int4",
                 "malloc": {}}
-    return {"settings": settings, "cases": [{"scan": measured("scan", scan_extra),
-                                             "forward": measured("forward", forward_extra),
-                                             "qaft": measured("qaft", qaft_extra),
-                                             "train-step": measured("train-step", train_extra)}]}
+    extras = {"scan": scan_extra, "forward": forward_extra, "qaft": qaft_extra, "train-step": train_extra,
+              "gptq": gptq_extra, "radius": radius_extra}
+    return {"settings": settings, "cases": [{w: measured(w, e) for w, e in extras.items()}]}
 
 
 def test_memory_section_counts_model_sizes_without_activations():
     from bench.memory import build_section
 
     section = build_section(memory_data(scan_extra=105, forward_extra=80, qaft_extra=500, train_extra=100))
-    scan_row, qaft_row = section.rows
+    scan_row, radius_row, gptq_row, qaft_row = section.rows
     assert scan_row.value == pytest.approx(1 + (105 - 80) / 100) and scan_row.status == "PASS"  # <= 1.3
+    assert radius_row.value == pytest.approx(1 + (90 - 80) / 100) and radius_row.status == "PASS"
+    # GPTQ returns its weights (75 MiB): they are its output, not its working memory
+    assert gptq_row.value == pytest.approx(1 + (150 - 80 - 75) / 100) and gptq_row.status == "PASS"
     assert qaft_row.value == pytest.approx(1 + (500 - 100) / 100) and qaft_row.status == "MISS"  # > 4.5
     assert len(section.notes) == 1 and "by a factor of 1.11" in section.notes[0]  # 5.0 / 4.5
     assert "design estimate 4.00" in section.notes[0]  # 1 + 4 x 75 MiB / 100 MiB
@@ -201,7 +205,7 @@ def test_rebuild_report_recomputes_every_section_from_its_stored_data():
     stored = BenchReport("quick", "bench/run.py --quick", MACHINE, (section,)).to_dict()
     rebuilt = rebuild_report(json.loads(json.dumps(stored)))
     assert rebuilt.sections == (build_section(stale.data, 7.0),)
-    assert ([r.status for r in rebuilt.rows] == ["PASS", "MISS"]
+    assert ([r.status for r in rebuilt.rows] == ["PASS", "PASS", "PASS", "MISS"]
             and "stale note" not in rebuilt.sections[0].notes)
     assert rebuilt.machine == MACHINE and rebuilt.command == "bench/run.py --quick"
     assert rebuilt.rebuilt and "re-rendered from its results.json" in render_results(rebuilt)

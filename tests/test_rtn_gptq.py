@@ -476,3 +476,27 @@ def test_cli_unknown_layer_glob_is_an_error(cli_on_tiny_model, tmp_path, capsys)
                "--layers", "*.attention.*", "--calib-sequences", "2"])
     assert rc == 2 and "*.attention.*" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_earlier_blocks_are_back_at_w0_while_a_later_block_is_solved(sequential):
+    """Only the block being solved is held aside (its w0 copied): every earlier block reads w0 again. (That
+    the next block's inputs were still taken from the quantized blocks is
+    test_sequential_gptq_layer_mse_equals_mse_on_the_quantized_models_inputs.)"""
+    model, calib = tiny_model("llama"), calib_set(2)
+    w0 = layer_weights(model)
+    names = list(quantizable_layers(model))
+    prefix = "model.layers."
+    block_of = {n: int(n[len(prefix):].split(".")[0]) for n in names}
+    checked = []
+
+    def solver(name, w, hessian):
+        now = layer_weights(model)
+        earlier = [n for n in names if block_of[n] < block_of[name]]
+        checked.append(all(torch.equal(now[n], w0[n]) for n in earlier))
+        return torch.round(w * 4) / 4, None
+
+    solved = quantize_block_by_block(model, calib, names, solver, sequential=sequential, progress=False)
+    assert len(checked) == len(names) and all(checked) and max(block_of.values()) >= 1
+    assert all(torch.equal(solved[n].weight, torch.round(w0[n] * 4) / 4) for n in names)
+    assert all(torch.equal(w0[n], w) for n, w in layer_weights(model).items())

@@ -344,38 +344,40 @@ def quantize_block_by_block(
 
     solved: dict[str, SolvedLayer] = {}
     bar = _progress(len(names), progress)
-    with restored_on_exit(model, names) as w0:
 
-        def solve_and_install(name: str, hessian: torch.Tensor) -> None:
-            t0 = time.perf_counter()
-            w_q, info = solve(name, w0[name], hessian)
-            seconds = time.perf_counter() - t0
-            target = weight_matrix(modules[name]).detach()
-            target.copy_(w_q)  # later layers (sequential) see this layer quantized
-            installed = target.clone(memory_format=torch.contiguous_format)
-            solved[name] = SolvedLayer(installed, info, output_mse(installed - w0[name], hessian), seconds)
-            bar.update(1)
+    def solve_and_install(name: str, w0: torch.Tensor, hessian: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        w_q, info = solve(name, w0, hessian)
+        seconds = time.perf_counter() - t0
+        target = weight_matrix(modules[name]).detach()
+        target.copy_(w_q)  # later layers (sequential) see this layer quantized
+        installed = target.clone(memory_format=torch.contiguous_format)
+        solved[name] = SolvedLayer(installed, info, output_mse(installed - w0, hessian), seconds)
+        bar.update(1)
 
-        try:
-            for index in range(last_block + 1):
-                block, layers = blocks[index], per_block[index]
-                bar.set_postfix_str(f"block {index}")
+    try:
+        for index in range(last_block + 1):
+            block, layers = blocks[index], per_block[index]
+            bar.set_postfix_str(f"block {index}")
+            # One block's w0 aside at a time: once its outputs (the next block's inputs) are computed, the
+            # block goes back to w0, bit-exactly, also on an exception.
+            with restored_on_exit(model, list(layers)) as w0:
                 if layers and sequential:
                     groups = input_groups(block, layers, calls[0]) if true_sequential else [list(layers)]
                     for group in groups:
                         _, hessians = run_block(block, calls, {n: layers[n] for n in group}, compute_dtype,
                                                 keep_outputs=False)
                         for name in group:
-                            solve_and_install(name, hessians.pop(name))
+                            solve_and_install(name, w0[name], hessians.pop(name))
                     if index < last_block:
                         calls, _ = run_block(block, calls)
                 else:  # inputs and outputs of the full-precision block, in one pass
                     calls, hessians = run_block(block, calls, layers, compute_dtype,
                                                 keep_outputs=index < last_block)
                     for name in layers:
-                        solve_and_install(name, hessians.pop(name))
-        finally:
-            bar.close()
+                        solve_and_install(name, w0[name], hessians.pop(name))
+    finally:
+        bar.close()
     return {n: solved[n] for n in names}
 
 

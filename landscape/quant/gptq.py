@@ -151,16 +151,21 @@ def inverse_cholesky_upper(hessian: torch.Tensor, damp: float, max_escalations: 
     times. Returns ``(U, damp_used, lambda_used, escalations)``; raises :class:`CholeskyError` when every
     damping failed.
     """
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     mean_diag = float(hessian.diagonal().mean())
     tried = []
     for escalations in range(max_escalations + 1):
         rel = damp * 10.0**escalations
         lam = rel * mean_diag
         tried.append(rel)
-        chol, info = torch.linalg.cholesky_ex(hessian + lam * eye)
+        damped = hessian.clone()  # (in, in); at most three of these exist at once (memory of a 7B layer)
+        damped.diagonal().add_(lam)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            inverse = torch.cholesky_inverse(chol)
+            del chol
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0 and torch.isfinite(upper).all():
                 return upper, rel, lam, escalations
     raise CholeskyError(f"{name}: Cholesky of the damped Hessian failed at every damping tried "
@@ -206,7 +211,9 @@ def gptq_layer(
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
     else:
         perm = torch.arange(n_in, device=w.device)
-    W, H = W[:, perm], H[perm][:, perm]
+    W = W[:, perm]
+    H = H.index_select(0, perm)  # two steps: at most two (in, in) copies at once
+    H = H.index_select(1, perm)
     # U: (in, in), upper triangular
     U, damp_used, lam, escalations = inverse_cholesky_upper(H, damp, settings.max_escalations, name)
     # Each column's grid scale and zero point, in the processing order (a column keeps its own group's).
