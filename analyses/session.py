@@ -102,7 +102,8 @@ def quant_protocols(profile: Profile, main: bool = True) -> list[Protocol]:
                      eval_seq_len=profile.eval_seq_len, eval_segments=profile.eval_segments,
                      formats=spec.formats, methods=spec.methods, seeds=(0,),
                      qaft_lr=profile.qaft_lr, qaft_epochs=profile.qaft_epochs,
-                     qaft_batch_size=profile.qaft_batch_size, lorc_rank=profile.lorc_rank,
+                     qaft_batch_size=profile.qaft_batch_size,
+                     qaft_micro_batch_size=profile.qaft_micro_batch_size, lorc_rank=profile.lorc_rank,
                      layer_mse_sequences=profile.misalignment.mse_sequences)  # figure 3's convention
             for spec in specs]
 

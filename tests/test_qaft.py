@@ -447,13 +447,17 @@ def test_learning_rate_selection_uses_a_split_of_the_calibration_set_only():
                              LearningRateSweepSettings(n_validation=4), progress=False)
 
 
-def test_one_sgd_step_is_w0_minus_lr_times_the_gradient():
+@pytest.mark.parametrize("micro_batch_size", [None, 1, 3])
+def test_one_sgd_step_is_w0_minus_lr_times_the_gradient(micro_batch_size):
     """fp-finetune with SGD (no momentum), one step over every sequence: w1 = w0 - lr * dNLL/dw at w0,
-    the gradient taken by plain autograd on the model itself."""
+    the gradient taken by plain autograd on the model itself over the whole batch; also when the step runs
+    as micro-batches of 1 or of 3 + 1 sequences (their gradients summed, each over the batch's tokens)."""
     model = tiny_model("gpt2", torch.float64)
     calib = random_tokens(4, 12, seed=5)
+    calib.score_mask[1, :5] = False  # sequences with different numbers of scored tokens
     lr = 0.05
-    settings = FinetuneSettings(lr=lr, steps=1, batch_size=4, optimizer="sgd", momentum=0.0)
+    settings = FinetuneSettings(lr=lr, steps=1, batch_size=4, optimizer="sgd", momentum=0.0,
+                                micro_batch_size=micro_batch_size)
     result = fp_finetune(model, calib, settings=settings, progress=False)
     w0 = layer_weights(model)
     params = dict(model.named_parameters())
@@ -467,8 +471,14 @@ def test_one_sgd_step_is_w0_minus_lr_times_the_gradient():
     for name, grad in zip(names, grads):
         grad = grad.T if weight_is_transposed(get_layer(model, name)) else grad  # Conv1D stores (in, out)
         torch.testing.assert_close(result.weights[name], w0[name] - lr * grad, rtol=1e-9, atol=1e-12)
+    assert result.extra["nll_curve"][0] == pytest.approx(float(loss), rel=1e-12)
     assert result.settings["optimizer"] == "SGD(momentum=0.0)"
+    assert result.settings.get("micro_batch_size") == micro_batch_size
     assert FinetuneSettings.from_recorded(result.settings).optimizer == "sgd"
     assert "optimizer" not in FinetuneSettings().to_dict()  # AdamW runs record what they recorded before
+    assert "micro_batch_size" not in FinetuneSettings().to_dict()
     with pytest.raises(QAFTError, match="optimizer must be one of"):
         FinetuneSettings(optimizer="lion")
+    for bad in (0, 5, 1.5):
+        with pytest.raises(QAFTError, match="micro_batch_size must be an integer in 1..batch_size=4"):
+            FinetuneSettings(batch_size=4, micro_batch_size=bad)

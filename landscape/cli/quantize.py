@@ -82,6 +82,9 @@ def quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=positive_float, default=1.0,
                    help="fine-tuning passes over the sequences")
     p.add_argument("--train-batch-size", type=positive_int, default=4, help="fine-tuning sequences per step")
+    p.add_argument("--micro-batch-size", type=positive_int, default=None,
+                   help="sequences per forward/backward pass (memory only: gradients summed over a step's "
+                        "micro-batches, equal up to float rounding; default: the whole batch)")
     p.add_argument("--seed", type=int, default=0, help="fine-tuning data-order seed")
     p.add_argument("--distill-weight", type=float, default=None,
                    help="weight a of the KL to the fp model in (1-a) NLL + a KL (default: 0 for qaft and "
@@ -103,7 +106,7 @@ def finetune_settings(args: argparse.Namespace) -> FinetuneSettings | None:
     lr = defaults.lr if args.lr == "auto" else args.lr  # auto: chosen by the job's sweep (QuantJob.lr_sweep)
     return replace(defaults, lr=lr, epochs=args.epochs, steps=args.steps, batch_size=args.train_batch_size,
                    seed=args.seed, distill_weight=distill_weight, learned_scales=args.learned_scales,
-                   optimizer=args.optimizer, momentum=args.momentum)
+                   optimizer=args.optimizer, momentum=args.momentum, micro_batch_size=args.micro_batch_size)
 
 
 def _print_sweep(result: QuantResult) -> None:

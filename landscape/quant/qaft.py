@@ -68,6 +68,8 @@ from landscape.quant.training import (
     learned_grid,
     learning_rate_at,
     lsq_fake_quant,
+    micro_batches,
+    scored_tokens,
     token_losses,
     training_batches,
 )
@@ -171,6 +173,10 @@ class FinetuneSettings:
             copies of the trained layers) or ``"sgd"`` with heavy-ball ``momentum`` (one moment: three copies,
             for models where AdamW's state does not fit). SGD's ``lr`` is in weight per unit gradient, not
             AdamW's weight per step: choose it anew (``--lr auto``).
+        micro_batch_size: sequences per forward and backward pass (``None``: the whole batch). Memory only:
+            a step's gradient is summed over its micro-batches, each normalised by the whole batch's scored
+            tokens, so it equals the whole batch's up to float rounding; the activations held shrink by
+            ``batch_size / micro_batch_size``.
     """
 
     lr: float | LearningRateSweep = DEFAULT_LR
@@ -188,6 +194,7 @@ class FinetuneSettings:
     lr_sweep: LearningRateSweep | None = field(default=None, compare=False, repr=False)
     optimizer: str = "adamw"
     momentum: float = 0.9
+    micro_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         def is_number(v: Any) -> bool:
@@ -216,6 +223,10 @@ class FinetuneSettings:
             raise QAFTError(f"steps must be an integer >= 1 (or None to use epochs), got {self.steps!r}")
         if not is_int(self.batch_size) or self.batch_size < 1:
             raise QAFTError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if self.micro_batch_size is not None and (not is_int(self.micro_batch_size)
+                                                  or not 1 <= self.micro_batch_size <= self.batch_size):
+            raise QAFTError(f"micro_batch_size must be an integer in 1..batch_size={self.batch_size} "
+                            f"(or None: the whole batch), got {self.micro_batch_size!r}")
         if not is_number(self.weight_decay) or self.weight_decay < 0:
             raise QAFTError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if not is_int(self.warmup_steps) or self.warmup_steps < 0:
@@ -260,6 +271,8 @@ class FinetuneSettings:
         del d["lr_sweep"]
         if self.optimizer == "adamw":  # as recorded before SGD existed: the stores of those runs still match
             del d["optimizer"], d["momentum"]
+        if self.micro_batch_size is None:  # likewise: recorded only when set
+            del d["micro_batch_size"]
         d["activations"] = self.activations.name if self.activations else None
         d["kv"] = self.kv.name if self.kv else None
         return d
@@ -443,31 +456,45 @@ def qaft(
             return lsq_fake_quant(latent[name], plan.grids[name], log_scales[name]).to(model_dtype)
         return plan.grids[name].fake_quant(latent[name]).to(model_dtype)
 
+    def substituted() -> dict[str, torch.Tensor]:
+        trained = {f"{n}.weight": parameter_layout(modules[n], forward_weight(n)) for n in plan.names}
+        return {**frozen, **trained}
+
+    def forward_backward(rows: list[int], n_scored: float | None) -> tuple[float, float, float]:
+        """Loss, NLL and KL of ``rows`` (each a sum over its tokens / ``n_scored``, or a token mean over its
+        own tokens if ``None``), its gradient added to the latent weights' ``.grad``."""
+        tokens = calib.tokens[rows].to(device)  # (b, t)
+        mask = calib.score_mask[rows].to(device)
+        teacher_logits = None
+        if alpha > 0:
+            with torch.no_grad():
+                teacher_logits = model(input_ids=tokens).logits
+        with quantized_activations(model, settings.activations, settings.kv, plan.names):
+            logits = torch.func.functional_call(model, substituted(), kwargs={"input_ids": tokens}).logits
+        nll_t, kl_t = token_losses(logits, tokens, mask, teacher_logits, n_scored)
+        loss = (1 - alpha) * nll_t + alpha * kl_t
+        loss.backward()
+        return float(loss.detach()), float(nll_t.detach()), float(kl_t.detach())
+
     batches = training_batches(calib.n_segments, settings.batch_size, plan.steps, settings.seed)
     curves: dict[str, list[float]] = {"loss": [], "nll": [], "kl": [], "lr": []}
     alpha = settings.distill_weight
     t0 = time.perf_counter()
     for step in tqdm(range(plan.steps), desc=plan.method, leave=False, disable=not progress):
-        tokens = calib.tokens[batches[step]].to(device)  # (b, t)
-        mask = calib.score_mask[batches[step]].to(device)
         lr_t = learning_rate_at(step, settings.lr, plan.steps, settings.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr_t
-        teacher_logits = None
-        if alpha > 0:
-            with torch.no_grad():
-                teacher_logits = model(input_ids=tokens).logits
-        substituted = {**frozen, **{f"{n}.weight": parameter_layout(modules[n], forward_weight(n))
-                                    for n in plan.names}}
-        with quantized_activations(model, settings.activations, settings.kv, plan.names):
-            logits = torch.func.functional_call(model, substituted, kwargs={"input_ids": tokens}).logits
-        nll_t, kl_t = token_losses(logits, tokens, mask, teacher_logits)
-        loss = (1 - alpha) * nll_t + alpha * kl_t
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        chunks = micro_batches(batches[step], settings.micro_batch_size)
+        # one micro-batch: the token mean of the batch, as before micro-batches existed (bit for bit)
+        n_scored = scored_tokens(calib, batches[step]) if len(chunks) > 1 else None
+        loss = nll_t = kl_t = 0.0
+        for rows in chunks:
+            parts = forward_backward(rows, n_scored)
+            loss, nll_t, kl_t = loss + parts[0], nll_t + parts[1], kl_t + parts[2]
         optimizer.step()
         for key, value in (("loss", loss), ("nll", nll_t), ("kl", kl_t)):
-            curves[key].append(float(value.detach()))
+            curves[key].append(value)
         curves["lr"].append(lr_t)
 
     optimizer.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from landscape.data import TokenSet
 from landscape.quant.formats import Grid
 from landscape.weights import working_dtype
 
@@ -27,6 +28,18 @@ def training_batches(n_sequences: int, batch_size: int, steps: int, seed: int) -
     epochs = -(-needed // n_sequences)
     order = torch.cat([torch.randperm(n_sequences, generator=generator) for _ in range(epochs)])
     return order[:needed].view(steps, batch_size).tolist()
+
+
+def micro_batches(rows: list[int], size: int | None) -> list[list[int]]:
+    """A step's sequence indices cut into consecutive micro-batches of ``size`` (``None``: one batch)."""
+    if size is None or size >= len(rows):
+        return [rows]
+    return [rows[i: i + size] for i in range(0, len(rows), size)]
+
+
+def scored_tokens(data: TokenSet, rows: list[int]) -> float:
+    """Scored (predicted) tokens of the sequences ``rows``: what :func:`token_losses` divides by."""
+    return float(data.score_mask[rows][:, 1:].sum())
 
 
 def learning_rate_at(step: int, peak_lr: float, steps: int, warmup_steps: int) -> float:
@@ -63,16 +76,18 @@ def learned_grid(grid: Grid, log_scale: torch.Tensor) -> Grid:
 
 # ---------------------------------------------------------------------------------------------- losses
 def token_losses(logits: torch.Tensor, tokens: torch.Tensor, score_mask: torch.Tensor,
-                 teacher_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 teacher_logits: torch.Tensor | None = None,
+                 n_scored: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-mean NLL and ``KL(teacher || student)`` (nats/token) over the scored positions of a batch.
 
     ``logits`` and ``teacher_logits`` are ``(b, t, vocab)``; position ``t`` predicts ``tokens[:, t + 1]``
-    and counts iff ``score_mask[:, t + 1]``. The KL is 0 when no teacher is given.
+    and counts iff ``score_mask[:, t + 1]``. The KL is 0 when no teacher is given. ``n_scored``: divide the
+    sums by this count instead of the batch's own (a micro-batch of a larger batch, :func:`scored_tokens`).
     """
     # (b, t-1, vocab)
     logp = F.log_softmax(logits[:, :-1].to(working_dtype(logits.dtype)), dim=-1)
     mask = score_mask[:, 1:].to(logp.dtype)  # (b, t-1)
-    n_scored = mask.sum()
+    n_scored = mask.sum() if n_scored is None else n_scored
     nll_per_token = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
     nll_mean = (nll_per_token * mask).sum() / n_scored
     if teacher_logits is None:

@@ -56,6 +56,8 @@ class Protocol:
         seeds: seeds of the stochastic methods (QAFT and its control); deterministic methods use one.
         qaft_lr, qaft_epochs, qaft_batch_size: QAFT (and control) settings: one :class:`FinetuneSettings`
             per seed, the same for QAFT and its control.
+        qaft_micro_batch_size: sequences per forward and backward pass of QAFT and its control (memory only,
+            equal up to float rounding; ``None``: the whole batch).
         lorc_rank: rank of LoRC's correction.
         act_bits: extra variants evaluated with per-token activation fake quantization at these bits
             on top of the GPTQ weights (e.g. ``((4, 8),)`` for W4A8: (weight bits, activation bits)).
@@ -77,6 +79,7 @@ class Protocol:
     qaft_lr: float = DEFAULT_LR
     qaft_epochs: float = 1.0
     qaft_batch_size: int = 4
+    qaft_micro_batch_size: int | None = None
     lorc_rank: int = 8
     act_bits: tuple[tuple[int, int], ...] = ()
     layer_mse_sequences: int | None = None
@@ -102,7 +105,10 @@ class Protocol:
                              f"{self.calib_sequences}, got {n!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.qaft_micro_batch_size is None:  # recorded only when set: older stores still match
+            del d["qaft_micro_batch_size"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,8 @@ def _job(ctx: _Context, v: Variant) -> QuantJob:
     that method's result from :func:`_quantized`, saved and reused.
     """
     p = ctx.protocol
-    settings = FinetuneSettings(lr=p.qaft_lr, epochs=p.qaft_epochs, batch_size=p.qaft_batch_size, seed=v.seed)
+    settings = FinetuneSettings(lr=p.qaft_lr, epochs=p.qaft_epochs, batch_size=p.qaft_batch_size, seed=v.seed,
+                                micro_batch_size=p.qaft_micro_batch_size)
 
     def result_of(method: str) -> QuantResult:
         return _quantized(ctx, Variant(method, v.format, v.seed if _seeded(method) else 0))
@@ -198,10 +205,12 @@ def result_key(p: Protocol, v: Variant) -> str:
     data, seed, batches, steps and layers), so its weights do not depend on the format it is paired with
     (tested bit-exactly), and one control is trained per seed and shared by every format's table.
     """
+    micro = "" if p.qaft_micro_batch_size is None else f"-mb{p.qaft_micro_batch_size}"
+    training = f"lr{p.qaft_lr:g}-e{p.qaft_epochs:g}-b{p.qaft_batch_size}{micro}-s{v.seed}"
     if v.method == "fp-finetune":  # the control never quantizes: one result serves every format
-        return f"{v.method}-lr{p.qaft_lr:g}-e{p.qaft_epochs:g}-b{p.qaft_batch_size}-s{v.seed}"
+        return f"{v.method}-{training}"
     if v.method == "qaft":
-        return f"{v.method}-{v.format}-lr{p.qaft_lr:g}-e{p.qaft_epochs:g}-b{p.qaft_batch_size}-s{v.seed}"
+        return f"{v.method}-{v.format}-{training}"
     if v.method == "gptq+lorc":
         return f"{v.method}-{v.format}-r{p.lorc_rank}"
     return f"{v.method}-{v.format}"
