@@ -272,6 +272,31 @@ def test_a_capture_pass_stops_once_its_layers_have_their_inputs_and_gives_the_sa
         assert torch.equal(early[name], full[name])
 
 
+def test_layers_reading_one_input_share_one_hessian_equal_to_x_transpose_x():
+    """q/k/v and gate/up read one tensor each: one Hessian per group (the same object), equal to
+    2/n sum x x^T over the tokens, brute force from the captured inputs."""
+    model, calib = tiny_model("llama"), calib_set()
+    calls = capture_block_inputs(model, calib, batch_size=3)
+    block = decoder_blocks(model)[0]
+    layers = {n: m for n, m in quantizable_layers(model).items() if ".layers.0." in n}
+    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    handles = [m.register_forward_pre_hook(lambda module, args, n=n: inputs[n].append(args[0].detach()))
+               for n, m in layers.items()]
+    try:
+        _, hessians = run_block(block, calls, layers, torch.float64)
+    finally:
+        for h in handles:
+            h.remove()
+    prefix = "model.layers.0."
+    q, k, v = (hessians[f"{prefix}self_attn.{p}_proj"] for p in "qkv")
+    gate, up = hessians[f"{prefix}mlp.gate_proj"], hessians[f"{prefix}mlp.up_proj"]
+    assert q is k is v and gate is up and q is not gate
+    assert len({id(h) for h in hessians.values()}) == 4  # qkv, o, gate/up, down
+    for name, xs in inputs.items():
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).double()
+        torch.testing.assert_close(hessians[name], 2 * x.T @ x / x.shape[0], rtol=1e-10, atol=1e-12)
+
+
 EXPECTED_GROUPS = {  # layers reading the same tensor, in forward order, per decoder block
     "gpt2": [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]],
     "opt": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"],

@@ -184,6 +184,9 @@ def run_block(
             input (the rest of the block cannot change them): the capture pass for ``q/k/v`` costs a
             layer norm, not a block.
 
+    Layers that read the same input tensor (``q/k/v``, ``gate/up``) get one Hessian, computed once and shared
+    (the same tensor object: treat it as read-only).
+
     Returns:
         ``(next_calls, hessians)``: ``hessians[name]`` is ``(in, in)`` on the module's device.
 
@@ -194,14 +197,20 @@ def run_block(
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(watched, 0)
     stop_early = bool(watched) and not keep_outputs
-    seen_this_call: set[str] = set()
+    seen_this_call: dict[str, torch.Tensor] = {}  # watched layer -> the input tensor it read in this call
+    shares: dict[str, str] = {}  # a layer reading an earlier one's input tensor (k, v after q) -> that one
 
     def hook_for(name: str):
         def accumulate(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(compute_dtype)  # (tokens, in)
-            sums[name] = x.T @ x if name not in sums else sums[name].addmm_(x.T, x)
-            counts[name] += x.shape[0]
-            seen_this_call.add(name)
+            if name not in sums and name not in shares:  # first call: does it read an earlier layer's input?
+                owner = next((n for n, t in seen_this_call.items() if t is args[0] and n not in shares), None)
+                if owner is not None:
+                    shares[name] = owner
+            if name not in shares:  # one x^T x per distinct input: q/k/v and gate/up share theirs
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).to(compute_dtype)  # (tokens, in)
+                sums[name] = x.T @ x if name not in sums else sums[name].addmm_(x.T, x)
+            counts[name] += args[0].reshape(-1, args[0].shape[-1]).shape[0]
+            seen_this_call[name] = args[0]
             if stop_early and len(seen_this_call) == len(watched):
                 raise _StopForward
 
@@ -225,7 +234,8 @@ def run_block(
     if missing:
         raise ValueError(f"layers {missing} received no input when their decoder block ran; cannot build "
                          f"their Hessian")
-    return outputs, {n: sums[n] * (2.0 / counts[n]) for n in watched}
+    hessians = {n: sums[n] * (2.0 / counts[n]) for n in watched if n not in shares}
+    return outputs, {n: hessians[shares.get(n, n)] for n in watched}  # shared: one tensor, read-only
 
 
 @torch.no_grad()
