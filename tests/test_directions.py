@@ -190,11 +190,16 @@ def test_streamed_directions_equal_the_eager_ones_bit_for_bit_and_hold_one_layer
     spec = orthogonalize(random_direction(gpt2, 1), random_direction(gpt2, 2)).unit().spec
     assert all(torch.equal(a, b) for a, b in zip(regenerate(gpt2, spec, streamed=True).tensors.values(),
                                                   regenerate(gpt2, spec).tensors.values()))
-    # a streamed map keeps only the last layer it computed, and computes a layer again when asked again
+    # a streamed map shares its last layer while someone holds it, and holds nothing itself
     computed = []
     lazy = LayerwiseTensors(["a", "b"], lambda n: computed.append(n) or torch.zeros(1))
     lazy["a"], lazy["a"], lazy["b"], lazy["a"]
     assert computed == ["a", "b", "a"]
+    held = lazy["b"]
+    assert lazy["b"] is held and computed == ["a", "b", "a", "b"]
+    del held
+    lazy["b"]
+    assert computed == ["a", "b", "a", "b", "b"]
     with pytest.raises(KeyError):
         lazy["c"]
 

@@ -43,6 +43,7 @@ import hashlib
 import json
 import math
 import os
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -141,24 +142,25 @@ class DirectionSpec:
 class LayerwiseTensors(Mapping[str, torch.Tensor]):
     """A read-only map ``layer name -> tensor`` whose tensors are computed when asked for, one at a time.
 
-    Only the last tensor asked for is kept, so that several streamed directions built on the same one
-    (``d.unit()`` and a direction orthogonalised against ``d``) compute a layer once when they are applied
-    layer by layer. Never modify a tensor it returns.
+    The last tensor asked for is remembered as long as someone else still holds it (a weak reference), so
+    directions built on the same one (``d.unit()`` and a direction orthogonalised against ``d``) share a
+    layer while it is in use, and a streamed direction holds no layer once its user lets go. Never modify a
+    tensor it returns.
     """
 
     def __init__(self, names: Sequence[str], compute: Callable[[str], torch.Tensor]):
         self._names = tuple(names)
         self._known = frozenset(self._names)
         self._compute = compute
-        self._last: tuple[str, torch.Tensor] | None = None
+        self._last: tuple[str, weakref.ref[torch.Tensor]] | None = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if self._last is not None and self._last[0] == name:
-            return self._last[1]
+        if self._last is not None and self._last[0] == name and (alive := self._last[1]()) is not None:
+            return alive
         if name not in self._known:
             raise KeyError(name)
         tensor = self._compute(name)
-        self._last = (name, tensor)
+        self._last = (name, weakref.ref(tensor))
         return tensor
 
     def __contains__(self, name: object) -> bool:

@@ -232,17 +232,18 @@ class Perturbation:
     def _write(self, name: str, target: torch.Tensor, w0: torch.Tensor) -> None:
         """``target <- w0 + sum_k c_k d_k[name]``: in place for float32 / float64, formed in float32 and
         rounded once for bfloat16 / float16."""
-        moves = [(step[name], c) for step, c in zip(self._steps, self._coefficients) if name in step]
+        # one direction's layer at a time (a streamed one is computed here and let go after its add)
+        moves = [(step, c) for step, c in zip(self._steps, self._coefficients) if name in step]
         work = working_dtype(target.dtype)
         with torch.no_grad():
             if work == target.dtype:
                 target.copy_(w0)
-                for d, c in moves:
-                    target.add_(d.to(target), alpha=c)
+                for step, c in moves:
+                    target.add_(step[name].to(target), alpha=c)
             else:  # bfloat16 / float16: ((w0 + c1 d1) + c2 d2) in float32, rounded to the model's once
                 point = w0.to(work)
-                for d, c in moves:
-                    point.add_(d.to(target).to(work) * c)
+                for step, c in moves:
+                    point.add_(step[name].to(target).to(work).mul_(c))  # c·d rounded, then added
                 target.copy_(point)
 
     def _register(self, name: str) -> list[Any]:
