@@ -175,6 +175,8 @@ def run_workload(workload: str, spec: ModelSpec, settings: MemorySettings) -> di
             "baseline_bytes": baseline, "peak_bytes": peak, "extra_bytes": peak - baseline,
             "model_bytes": parameter_bytes(model), "perturbed_bytes": sum(sizes.values()),
             "trained_bytes": sum(sizes[n] for n in trained), "largest_layer_bytes": max(sizes.values()),
+            "widest_input": max(weight_matrix(m).shape[1] for m in trained.values()),
+            "largest_trained_numel": max(weight_matrix(m).numel() for m in trained.values()),
             "trained_layers": len(trained), "exact_peak_reset": exact_peak, "seconds": seconds}
 
 
@@ -195,8 +197,9 @@ def design_estimate(workload: str, measured: dict) -> int:
     construction of the code.
 
     scan: the layer being run held at its point and its saved w0, plus that layer of u and of v (about 4 x
-    the largest perturbed layer); radius: the same with one direction (3 x). gptq: one decoder block's
-    Hessians and inputs, a few layers' worth (2 x the largest layer, a rough bound). qaft, during a step: the
+    the largest perturbed layer); radius: the same with one direction (3 x). gptq: the solve of the widest
+    layer, three float64 ``(in, in)`` copies of its Hessian and three float64 copies of the layer (runs
+    recorded before these fields: 2 x the largest layer). qaft, during a step: the
     latent weights, their gradients, two AdamW moments and the fake-quantized weights the backward pass keeps
     (5 x the trained weights; w0 is read from the model, and the optimiser is freed before the final
     layer-MSE pass), less the gradient that the train-step reference holds already (4 x).
@@ -204,6 +207,8 @@ def design_estimate(workload: str, measured: dict) -> int:
     if workload == "qaft":
         return 4 * measured.get("trained_bytes", measured["perturbed_bytes"])
     largest = measured.get("largest_layer_bytes", 0)  # not recorded by runs before the streamed scan
+    if workload == "gptq" and "widest_input" in measured:
+        return 3 * 8 * measured["widest_input"] ** 2 + 3 * 8 * measured["largest_trained_numel"]
     return {"scan": 4, "radius": 3, "gptq": 2}[workload] * largest
 
 
@@ -245,6 +250,14 @@ def miss_note(workload: str, measured: dict, value: float) -> str:
                f"each weight-sized (design estimate {estimate:.2f}; w0 is read from the model and the "
                f"optimiser is freed before the final layer-MSE pass). Going lower needs a leaner method: "
                f"--optimizer sgd (one moment), training block by block, or 8-bit / factored moments.")
+    elif workload == "gptq" and "widest_input" in measured:
+        n = measured["widest_input"]
+        why = (f"beside one block's w0, GPTQ solves each layer in float64: three ({n}, {n}) copies of the "
+               f"widest input's Hessian ({8 * n * n / MIB:.0f} MiB each) and float64 copies of the layer "
+               f"(design estimate {estimate:.2f}). They grow with the input width squared, not with the "
+               f"model: wide-MLP models that are small overall pay most (a 7B model's 11,008-wide input: "
+               f"about 0.3 of its bf16 size). Closing it: a float32 solve (GPTQSettings.compute_dtype) "
+               f"halves them.")
     else:
         why = (f"by design it holds only a layer or a block beside the model (design estimate "
                f"{estimate:.2f}); the excess is allocator or library state that this measurement does not "
