@@ -21,6 +21,7 @@ from landscape.quant import (
     rtn,
 )
 from landscape.quant.capture import capture_block_inputs, input_groups, quantize_block_by_block, run_block
+from landscape.quant.gptq import inverse_cholesky_upper
 from landscape.weights import Base, decoder_blocks, layer_weights, quantizable_layers
 
 
@@ -205,6 +206,27 @@ def test_damping_escalates_until_cholesky_succeeds_and_is_recorded():
     assert grid.contains(q)
     with pytest.raises(CholeskyError, match=r"0\.01 x mean diag"):
         gptq_layer(w, H, grid, GPTQSettings(damp=0.01, max_escalations=0))
+
+
+def test_a_consumed_hessian_gives_the_same_factor_and_is_rebuilt_only_on_a_retry():
+    """inverse_cholesky_upper(fresh H, rebuild=...) damps H in place and lets it go: the factor equals the
+    one from a kept H bit for bit, with and without an escalation, and H is rebuilt once per retry."""
+    w, x = layer_problem(in_f=16, n_tokens=6, seed=8)
+    H_psd = hessian_of(x).double()
+    indefinite = H_psd - 0.01 * H_psd.diagonal().mean() * torch.eye(16, dtype=H_psd.dtype)
+    for H, escalations in ((H_psd, 0), (indefinite, 1)):
+        kept = H.clone()
+        builds = []
+
+        def rebuild(H=H):
+            builds.append(1)
+            return H.clone()
+
+        a = inverse_cholesky_upper(kept, 0.01)
+        b = inverse_cholesky_upper(rebuild(), 0.01, rebuild=rebuild)
+        assert torch.equal(kept, H)  # a kept H is left as it was
+        assert torch.equal(a[0], b[0]) and a[1:] == b[1:] and a[3] == escalations
+        assert len(builds) == 1 + escalations
 
 
 def test_hessian_that_no_damping_fixes_raises():

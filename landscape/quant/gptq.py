@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -143,24 +144,36 @@ def _check_layer_problem(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, nam
                          f"matrix 2/n sum x x^T has diag >= 0")
 
 
-def inverse_cholesky_upper(hessian: torch.Tensor, damp: float, max_escalations: int = MAX_DAMP_ESCALATIONS,
-                           name: str = "layer") -> tuple[torch.Tensor, float, float, int]:
+def inverse_cholesky_upper(
+    hessian: torch.Tensor, damp: float, max_escalations: int = MAX_DAMP_ESCALATIONS, name: str = "layer", *,
+    rebuild: Callable[[], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, float, float, int]:
     """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` with ``lambda = damp * mean(diag H)``.
 
     On a failed factorisation the relative damping is multiplied by 10, at most ``max_escalations``
     times. Returns ``(U, damp_used, lambda_used, escalations)``; raises :class:`CholeskyError` when every
     damping failed.
+
+    ``rebuild``: a function that makes ``hessian`` again. Then ``hessian`` is consumed (pass a fresh tensor
+    nobody else holds): it is damped in place and let go once factorised, and rebuilt only if a later step
+    fails, so at most two ``(in, in)`` matrices exist at once instead of three (a 7B layer's 11,008 inputs:
+    1 GB each in float64). The numbers are the same either way.
     """
     mean_diag = float(hessian.diagonal().mean())
+    undamped = hessian.diagonal().clone()
     tried = []
     for escalations in range(max_escalations + 1):
         rel = damp * 10.0**escalations
         lam = rel * mean_diag
         tried.append(rel)
-        damped = hessian.clone()  # (in, in); at most three of these exist at once (memory of a 7B layer)
-        damped.diagonal().add_(lam)
+        if hessian is None:
+            hessian = rebuild()
+        damped = hessian if rebuild is not None else hessian.clone()
+        damped.diagonal().copy_(undamped + lam)
         chol, info = torch.linalg.cholesky_ex(damped)
         del damped
+        if rebuild is not None:
+            hessian = None  # factorised: let it go (rebuilt if a later step fails)
         if info == 0:
             inverse = torch.cholesky_inverse(chol)
             del chol
@@ -168,6 +181,8 @@ def inverse_cholesky_upper(hessian: torch.Tensor, damp: float, max_escalations: 
             del inverse
             if info == 0 and torch.isfinite(upper).all():
                 return upper, rel, lam, escalations
+    if rebuild is not None:  # the undamped matrix again, for the message
+        hessian = rebuild()
     raise CholeskyError(f"{name}: Cholesky of the damped Hessian failed at every damping tried "
                         f"({', '.join(f'{d:g}' for d in tried)} x mean diag H = {mean_diag:.3g}); the "
                         f"Hessian is not positive semi-definite (smallest eigenvalue "
@@ -204,18 +219,25 @@ def gptq_layer(
     compute_dtype = settings.compute_dtype
     n_in = w.shape[1]
     W = w.detach().to(compute_dtype).clone()  # (out, in), updated in place by the error feedback
-    H = hessian.detach().to(device=w.device, dtype=compute_dtype).clone()  # (in, in)
-    dead = H.diagonal() == 0
-    H.diagonal()[dead] = 1.0
+    diagonal = hessian.detach().diagonal().to(device=w.device, dtype=compute_dtype).clone()
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
     if act_order:
-        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        perm = torch.argsort(diagonal, descending=True, stable=True)
     else:
         perm = torch.arange(n_in, device=w.device)
     W = W[:, perm]
-    H = H.index_select(0, perm)  # two steps: at most two (in, in) copies at once
-    H = H.index_select(1, perm)
-    # U: (in, in), upper triangular
-    U, damp_used, lam, escalations = inverse_cholesky_upper(H, damp, settings.max_escalations, name)
+
+    def permuted_hessian() -> torch.Tensor:
+        """H in the compute dtype, dead inputs' diagonal set to 1, rows and columns in processing order."""
+        H = hessian.detach().to(device=w.device, dtype=compute_dtype).clone()  # (in, in)
+        H.diagonal()[dead] = 1.0
+        H = H.index_select(0, perm)  # two steps: at most two (in, in) copies at once
+        return H.index_select(1, perm)
+
+    # U: (in, in), upper triangular; the permuted H is handed over whole and let go once factorised
+    U, damp_used, lam, escalations = inverse_cholesky_upper(
+        permuted_hessian(), damp, settings.max_escalations, name, rebuild=permuted_hessian)
     # Each column's grid scale and zero point, in the processing order (a column keeps its own group's).
     scale, zero = grid.per_column(grid.scale).to(W)[:, perm], grid.per_column(grid.zero).to(W)[:, perm]
 
