@@ -20,6 +20,7 @@ from landscape import cli
 from landscape.engine.directions import (
     Direction,
     DirectionError,
+    displacement_direction,
     layer_weight,
     orthogonalize,
     random_direction,
@@ -34,8 +35,9 @@ from landscape.engine.perturb import (
 )
 from landscape.engine.sweep import Execution
 from landscape.objectives import layer_mse, nll
+from landscape.quant.result import QuantResult
 from landscape.store import RUN_SPECIFIC_KEYS, StoreMismatchError, merge_stores, partial_path, read_store
-from landscape.weights import layer_weights, quantizable_layers
+from landscape.weights import layer_weights, quantizable_layers, weights_fingerprint
 
 
 class Quadratic(nn.Module):
@@ -357,6 +359,32 @@ class CountingNLL(NLLObjective):
 
     def output_names(self, layers):
         return ("nll", "at_w0_after_forward")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_streamed_plane_of_two_saved_displacements_equals_the_resident_one(dtype, tokens, tmp_path):
+    """Figure 5's plane, u = d1 / |d1| and v = orth(d2, d1) / |.|, both read a layer at a time from their
+    files (each layer's difference formed from the model's w0 while it is applied): bit for bit the resident
+    scan's NLLs."""
+    model = tiny_model("llama", dtype=dtype)
+    names = list(quantizable_layers(model))
+    w0 = layer_weights(model, names)
+    paths = []
+    for k, step in enumerate((8, 4)):
+        w_q = {n: torch.round(w0[n].float() * step) / step for n in names}
+        paths.append(QuantResult(w_q, None, f"lattice-{k}", base_fingerprint=weights_fingerprint(model, names)
+                                 ).save(tmp_path / f"q{k}"))
+
+    def plane(streamed):
+        d1, d2 = (displacement_direction(model, p, streamed=streamed) for p in paths)
+        return [d1.unit(), orthogonalize(d2, d1).unit()]
+
+    points = [(0.0, 0.0), (0.5, 0.2), (1.0, -0.4)]
+    resident = Perturbation(model, plane(False))
+    expected = [resident.measure(p, [NLLObjective(tokens, 2)])["nll"] for p in points]
+    with Perturbation(model, plane(True), streamed=True) as streamed:
+        assert [streamed.measure(p, [NLLObjective(tokens, 2)])["nll"] for p in points] == expected
+    assert len(set(expected)) == 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -232,19 +232,18 @@ class Perturbation:
     def _write(self, name: str, target: torch.Tensor, w0: torch.Tensor) -> None:
         """``target <- w0 + sum_k c_k d_k[name]``: in place for float32 / float64, formed in float32 and
         rounded once for bfloat16 / float16."""
-        # one direction's layer at a time (a streamed one is computed here and let go after its add)
+        # One direction's layer at a time (a streamed one is computed here and let go after its add), into a
+        # buffer: the layer keeps w0 until the point is complete, since a streamed displacement reads it.
         moves = [(step, c) for step, c in zip(self._steps, self._coefficients) if name in step]
         work = working_dtype(target.dtype)
         with torch.no_grad():
-            if work == target.dtype:
-                target.copy_(w0)
-                for step, c in moves:
-                    target.add_(step[name].to(target), alpha=c)
-            else:  # bfloat16 / float16: ((w0 + c1 d1) + c2 d2) in float32, rounded to the model's once
-                point = w0.to(work)
-                for step, c in moves:
+            point = w0.to(work, copy=True)
+            for step, c in moves:
+                if work == target.dtype:
+                    point.add_(step[name].to(target), alpha=c)
+                else:  # bfloat16 / float16: ((w0 + c1 d1) + c2 d2) in float32, rounded to the model's once
                     point.add_(step[name].to(target).to(work).mul_(c))  # c·d rounded, then added
-                target.copy_(point)
+            target.copy_(point)
 
     def _register(self, name: str) -> list[Any]:
         module = self.model.get_submodule(name)
