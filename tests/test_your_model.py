@@ -75,6 +75,10 @@ def test_seven_pages_each_naming_the_model(pipelines, arch, dtype):
         assert str(directory) in text, f"{page.name} does not name {directory}"
     index = (figures / "index.html").read_text(encoding="utf-8")
     assert all(f'href="{page.name}"' in index for page in pages) and str(directory) in index
+    # the unquantized row is named by the dtype the model ran in
+    short = {"float32": "fp32", "bfloat16": "bf16", "float64": "fp64"}[dtype]
+    first = pages[0].read_text(encoding="utf-8")
+    assert f"{short} (w0)" in first and (dtype == "float32" or "fp32 (w0)" not in first)
 
 
 @pytest.mark.parametrize("arch, dtype", [(a, d) for a, ds in RUNS.items() for d in ds])

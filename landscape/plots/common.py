@@ -28,6 +28,17 @@ QUANTIZED_METHODS = tuple(m for m in QUANT_TABLE_METHODS if m != "fp-finetune") 
 LABEL_SIDE = {"fp32": "top center", "rtn": "middle left", "gptq": "top center", "gptq-noact": "bottom center",
               "gptq+lorc": "bottom center", "qaft": "middle right"}
 CORPUS_TITLES = {"wiki": "in-domain: wiki held-out", "sotu": "out-of-domain: State of the Union"}
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+
+
+def method_label(method: str, provenance: Mapping[str, Any] | None = None) -> str:
+    """A method's label; the unquantized row (``fp32``, the table's key for w0) is named by the dtype the
+    model ran in (``bf16 (w0)`` for a bfloat16 run; stores written before the dtype was recorded are
+    float32)."""
+    if method == "fp32":
+        dtype = (provenance or {}).get("dtype") or "float32"
+        return f"{DTYPE_SHORT.get(dtype, dtype)} (w0)"
+    return METHOD_LABELS[method]
 NLL_AXIS = "held-out NLL (nats/token)"
 DISTANCE_AXIS = "distance from w0, ‖w − w0‖ (Euclidean, weight units)"
 CAPTION_WIDTH = 170  # characters per caption line

@@ -23,6 +23,7 @@ from landscape.plots.common import (
     gap_interval,
     granularity_of,
     merged_rows,
+    method_label,
     model_of,
     model_sentence,
     nll_convention_sentence,
@@ -75,7 +76,8 @@ def nll_vs_bits(tables: Sequence[StoreData]) -> go.Figure:
             row = find_row(rows, method)
             if row is not None:
                 fig.add_trace(go.Scatter(x=x_span, y=[float(row["nll"][corpus])] * 2, mode="lines",
-                                         name=METHOD_LABELS[method], legendgroup=method, showlegend=col == 1,
+                                         name=method_label(method, prov), legendgroup=method,
+                                         showlegend=col == 1,
                                          line={"color": METHOD_COLORS[method],
                                                "dash": "dot" if method == "fp-finetune" else "solid",
                                                "width": 1}),
@@ -99,7 +101,8 @@ def reading_nll_vs_bits(tables: Sequence[StoreData]) -> str:
     rows = merged_rows(tables)
     corpora = list(tables[0].provenance["protocol"]["eval_corpora"])
     fp32 = find_row(rows, "fp32")
-    sentences = [f"On {model_of(tables[0].provenance)[0]}, fp32 reaches "
+    unquantized = method_label("fp32", tables[0].provenance).removesuffix(" (w0)")
+    sentences = [f"On {model_of(tables[0].provenance)[0]}, {unquantized} reaches "
                  + ", ".join(f"{num(float(fp32['nll'][c]))} nats/token on {c}" for c in corpora)
                  + "."] if fp32 else []
     for qaft in (r for r in rows if r["method"] == "qaft"):
@@ -166,7 +169,7 @@ def pareto(tables: Sequence[StoreData], facts: StoreData) -> go.Figure:
             fig.add_trace(go.Scatter(
                 x=[sizes[i] for i in index], y=[nlls[i] for i in index], mode="markers+text",
                 text=[rows[i]["format"] or "fp16" for i in index],
-                textposition=LABEL_SIDE.get(method, "top center"), name=METHOD_LABELS[method],
+                textposition=LABEL_SIDE.get(method, "top center"), name=method_label(method, prov),
                 legendgroup=method, showlegend=col == 1, marker={"color": METHOD_COLORS[method], "size": 9},
                 hovertemplate="%{text}: %{x:.2f} MiB, %{y:.4f} nats/token<extra></extra>"), row=1, col=col)
         front = pareto_front(sizes, nlls)
@@ -182,7 +185,8 @@ def pareto(tables: Sequence[StoreData], facts: StoreData) -> go.Figure:
     return add_caption(fig, [
         f"Size: the {n_quantized:,} quantized weights at their storage bits (codes plus fp16 scales and zero "
         f"points per channel or group, plus LoRC's fp16 factors), the other {n_params - n_quantized:,} "
-        f"weights in fp16; fp32 is shown as its fp16 deployment.", table_convention(prov),
+        f"weights in fp16; {method_label('fp32', prov).removesuffix(' (w0)')} is shown as its fp16 "
+        f"deployment.", table_convention(prov),
         model_sentence(model, caveat)])
 
 
@@ -194,7 +198,8 @@ def reading_pareto(tables: Sequence[StoreData], facts: StoreData) -> str:
     points = ", ".join(f"{rows[i]['label']} ({sizes[i]:.1f} MiB, {num(float(rows[i]['nll'][corpus]))})"
                        for i in front)
     methods = [rows[i]["method"] for i in front]
-    counts = ", ".join(f"{METHOD_LABELS[m]} {methods.count(m)}" for m in dict.fromkeys(methods))
+    counts = ", ".join(f"{method_label(m, tables[0].provenance)} {methods.count(m)}"
+                       for m in dict.fromkeys(methods))
     return (f"On {corpus}, the Pareto frontier (smallest NLL for its size) runs through {points}: {counts} "
             f"of its {len(front)} points.")
 
