@@ -22,7 +22,6 @@ from analyses import (
 )
 from analyses.plan import execute, plan_text, record_run, summary_text
 from analyses.session import Session, parse_args, publish, session_from_args
-from landscape.memory import return_large_blocks
 from landscape.plots import caption_of
 
 FIGURES = (fig1_nll_vs_bits, fig2_pareto, fig3_misalignment, fig4_radial_profile, fig5_slices, fig6_curvature,
@@ -64,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     print(plan_text(steps, session), flush=True)
     if args.plan:
         return 0
-    return_large_blocks()  # RSS follows the live tensors over a long run (landscape.memory)
     reports = execute(steps, session)
     entries = []
     for module in FIGURES:

@@ -12,7 +12,6 @@ The RSS peak since the watch started is exact where the kernel lets a process re
 
 from __future__ import annotations
 
-import ctypes
 import resource
 from dataclasses import dataclass
 
@@ -47,26 +46,6 @@ def peak_rss_bytes() -> int:
         return _proc_status_kib("VmHWM") * 1024
     except (OSError, KeyError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
-
-
-def return_large_blocks(threshold: int = 128 * 1024) -> bool:
-    """Ask glibc to serve every allocation of ``threshold`` bytes or more by its own mapping, returned to the
-    system as soon as it is freed.
-
-    By default glibc raises this threshold each time a large block is freed, and then keeps later large
-    blocks (activations, optimiser temporaries) in its heap after they are freed: a long job's RSS climbs
-    far above what it holds (SmolLM2's QAFT: 4.18 GB instead of 3.73). A fixed threshold keeps RSS at the
-    live tensors, at the price of one mapping per large allocation. Returns False where the C library is
-    not glibc (nothing changes).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):
-        return False
 
 
 def _proc_status_kib(key: str) -> int:
