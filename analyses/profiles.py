@@ -203,7 +203,7 @@ QUICK = Profile(
     curvature=CurvatureSettings(segments=1, seq_len=128, k_top=5, k_bottom=1, lanczos_steps=10,
                                 trace_matvecs=6, density_runs=1, density_steps=8, path_t=(0.0, 0.5, 1.0)),
     size_models=("ref-tiny", "ref-small"),
-    qaft_micro_batch_size=1,  # QAFT's activations a quarter of a 4-sequence batch's (3.7 GB peak, not 5.1)
+    qaft_micro_batch_size=1,  # a quarter of the activations: SmolLM2 QAFT peaks at 4.2 GB, not 6.0
 )
 
 FULL = Profile(
@@ -224,7 +224,7 @@ FULL = Profile(
                                 trace_matvecs=30, density_runs=3, density_steps=30,
                                 path_t=(0.0, 0.25, 0.5, 0.75, 1.0), level=0.95),
     size_models=("ref-tiny", "ref-small"),
-    qaft_micro_batch_size=1,  # QAFT's activations a quarter of a 4-sequence batch's (3.7 GB peak, not 5.1)
+    qaft_micro_batch_size=1,  # a quarter of the activations: SmolLM2 QAFT peaks at 4.2 GB, not 6.0
 )
 
 TINY = Profile(
