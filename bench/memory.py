@@ -198,8 +198,8 @@ def design_estimate(workload: str, measured: dict) -> int:
 
     scan: the layer being run held at its point and its saved w0, plus that layer of u and of v (about 4 x
     the largest perturbed layer); radius: the same with one direction (3 x). gptq: the solve of the widest
-    layer, three float64 ``(in, in)`` copies of its Hessian and three float64 copies of the layer (runs
-    recorded before these fields: 2 x the largest layer). qaft, during a step: the
+    layer, two float64 ``(in, in)`` matrices at once beside its float32 Hessian, and three float64 copies of
+    the layer (runs recorded before these fields: 2 x the largest layer). qaft, during a step: the
     latent weights, their gradients, two AdamW moments and the fake-quantized weights the backward pass keeps
     (5 x the trained weights; w0 is read from the model, and the optimiser is freed before the final
     layer-MSE pass), less the gradient that the train-step reference holds already (4 x).
@@ -208,7 +208,7 @@ def design_estimate(workload: str, measured: dict) -> int:
         return 4 * measured.get("trained_bytes", measured["perturbed_bytes"])
     largest = measured.get("largest_layer_bytes", 0)  # not recorded by runs before the streamed scan
     if workload == "gptq" and "widest_input" in measured:
-        return 3 * 8 * measured["widest_input"] ** 2 + 3 * 8 * measured["largest_trained_numel"]
+        return (2 * 8 + 4) * measured["widest_input"] ** 2 + 3 * 8 * measured["largest_trained_numel"]
     return {"scan": 4, "radius": 3, "gptq": 2}[workload] * largest
 
 
@@ -252,12 +252,12 @@ def miss_note(workload: str, measured: dict, value: float) -> str:
                f"--optimizer sgd (one moment), training block by block, or 8-bit / factored moments.")
     elif workload == "gptq" and "widest_input" in measured:
         n = measured["widest_input"]
-        why = (f"beside one block's w0, GPTQ solves each layer in float64: three ({n}, {n}) copies of the "
-               f"widest input's Hessian ({8 * n * n / MIB:.0f} MiB each) and float64 copies of the layer "
-               f"(design estimate {estimate:.2f}). They grow with the input width squared, not with the "
-               f"model: wide-MLP models that are small overall pay most (a 7B model's 11,008-wide input: "
-               f"about 0.3 of its bf16 size). Closing it: a float32 solve (GPTQSettings.compute_dtype) "
-               f"halves them.")
+        why = (f"beside one block's w0, GPTQ solves each layer in float64: two ({n}, {n}) matrices "
+               f"at once ({8 * n * n / MIB:.0f} MiB each) beside the float32 Hessian, and float64 copies "
+               f"of the layer (design estimate {estimate:.2f}). They grow with the input width squared, "
+               f"not with the model: wide-MLP models that are small overall pay most (a 7B model's "
+               f"11,008-wide input: about 0.2 of its bf16 size). Closing it: a float32 solve "
+               f"(GPTQSettings.compute_dtype) halves them.")
     else:
         why = (f"by design it holds only a layer or a block beside the model (design estimate "
                f"{estimate:.2f}); the excess is allocator or library state that this measurement does not "
@@ -321,11 +321,14 @@ def scaling_notes(cases: list[dict]) -> list[str]:
         b = model_sizes_at_peak(workload, large[workload], large[REFERENCE_OF[workload]])
         parts.append(f"{workload} {b:.2f} vs {a:.2f} model sizes ({(b - a) / a:+.1%}, "
                      f"{'within' if abs(b - a) <= 0.1 * a else 'outside'} 10 %)")
-    return [f"Scaling, llama-1b-bf16 against smollm2-135m: {'; '.join(parts)}. GPTQ and QAFT on the 1B "
-            f"model quantize two decoder blocks, so their figures compare per trained byte (rows above), and "
-            f"QAFT's "
-            f"differs by design between dtypes: its float32 master weights, gradients and moments are 2 x a "
-            f"bfloat16 weight each."]
+    return [f"Scaling, llama-1b-bf16 against smollm2-135m: {'; '.join(parts)}. A scan's extra is a few "
+            f"layer-sized temporaries (the layer's saved w0, its float32 point and step, the direction's "
+            f"float32 draw and its normalised and unit forms): a layer is 0.65 % of SmolLM2's weights, in "
+            f"float32, but 1.5 % of the 1B model's, in bfloat16, where each float32 temporary is twice the "
+            f"layer's bytes. Forming the point a block of rows at a time would bring the 1B model to "
+            f"SmolLM2's. GPTQ and QAFT on the 1B model quantize two decoder blocks, so their figures compare "
+            f"per trained byte (rows above), and QAFT's differs by design between dtypes: its float32 "
+            f"master weights, gradients and moments are 2 x a bfloat16 weight each."]
 
 
 def main(argv: list[str] | None = None) -> int:
