@@ -193,7 +193,7 @@ def basin_radius(model: nn.Module | Base, direction: Direction, objective: Objec
     objective = objective or NLLObjective(_require(data), model_name=base.label)
     value_name = search.value_name
     unit = direction.unit()
-    with Perturbation(base, [unit], streamed=forward_only(objective)) as perturbation:
+    with Perturbation(base, [unit], streamed=unit.streamed and forward_only(objective)) as perturbation:
         _check_value_name(objective, perturbation.layers, value_name)
         samples: dict[float, float] = {}
 
@@ -221,7 +221,8 @@ def radial_profile(model: nn.Module | Base, direction: Direction, radii: Sequenc
     base = as_base(model)
     objective = objective or NLLObjective(_require(data), model_name=base.label)
     radii = _check_radii(radii)
-    with Perturbation(base, [direction.unit()], streamed=forward_only(objective)) as perturbation:
+    unit = direction.unit()
+    with Perturbation(base, [unit], streamed=unit.streamed and forward_only(objective)) as perturbation:
         _check_value_name(objective, perturbation.layers, value_name)
         values = [perturbation.measure([r], [objective])[value_name] for r in radii]
     return RadialProfile(radii, np.array(values))

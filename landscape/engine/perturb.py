@@ -45,8 +45,9 @@ class Objective(Protocol):
     """What a scan measures at each point. Called with the model holding the perturbed weights.
 
     An objective that only runs the model forward without gradients and never reads its weights says so
-    with a class attribute ``forward_only = True`` (:class:`NLLObjective`): scans and radius searches then
-    hold the point layer by layer (:class:`Perturbation` ``streamed``), in about one model's memory.
+    with a class attribute ``forward_only = True`` (:class:`NLLObjective`): scans and radius searches along
+    streamed directions then hold the point layer by layer (:class:`Perturbation` ``streamed``), in about one
+    model's memory.
     """
 
     def output_names(self, layers: Sequence[str]) -> tuple[str, ...]:
@@ -360,10 +361,10 @@ def scan(
 ) -> ScanResult:
     """Measure objectives at ``w0 + sum_k grid[k][i_k] * directions[k]`` for every grid point, in place.
 
-    Forward-only objectives (the NLL) are measured with the point held layer by layer (a streamed
-    :class:`Perturbation`): with streamed directions (``streamed=True`` where they are made) the scan needs
-    about one model's memory plus one layer and the activations. Other objectives (layer MSE, functions of
-    the weights) see every layer moved at once.
+    With streamed directions (``streamed=True`` where they are made) and forward-only objectives (the NLL),
+    the point is held layer by layer (a streamed :class:`Perturbation`): the scan needs about one model's
+    memory plus a few layers and the activations. Otherwise every layer is moved at once (w0 of the touched
+    layers kept aside), which costs less time per point.
 
     Args:
         model: the model at w0, or its :class:`~landscape.weights.Base` (left bit-identical to w0, also on
@@ -392,7 +393,9 @@ def scan(
     grid_shape = tuple(len(axis) for axis in axes)
     specs = tuple(d.spec for d in directions)
 
-    streamed = all(forward_only(o) for o in objectives)
+    # streamed directions ask for memory over time: then hold the point layer by layer too, if the objectives
+    # allow it (whole directions are in memory anyway: the resident point costs less time)
+    streamed = any(d.streamed for d in directions) and all(forward_only(o) for o in objectives)
     with Perturbation(base, directions, streamed=streamed) as perturbation:
         names = output_names(objectives, perturbation.layers)
         run_provenance = {
