@@ -471,7 +471,7 @@ def test_one_sgd_step_is_w0_minus_lr_times_the_gradient(micro_batch_size):
     for name, grad in zip(names, grads):
         grad = grad.T if weight_is_transposed(get_layer(model, name)) else grad  # Conv1D stores (in, out)
         torch.testing.assert_close(result.weights[name], w0[name] - lr * grad, rtol=1e-9, atol=1e-12)
-    assert result.extra["nll_curve"][0] == pytest.approx(float(loss), rel=1e-12)
+    assert result.extra["nll_curve"][0] == pytest.approx(float(loss.detach()), rel=1e-12)
     assert result.settings["optimizer"] == "SGD(momentum=0.0)"
     assert result.settings.get("micro_batch_size") == micro_batch_size
     assert FinetuneSettings.from_recorded(result.settings).optimizer == "sgd"
