@@ -81,3 +81,28 @@ def test_protocol_rejects_bad_input():
         Protocol(layer_mse_sequences=0)
     with pytest.raises(ValueError, match="paired control"):
         Protocol(methods=("fp-finetune",))
+
+
+def test_a_table_keeps_no_finished_result_in_memory_while_it_computes_the_next(lm, tmp_path, monkeypatch):
+    """While QAFT trains, the earlier variants' results (RTN, GPTQ, GPTQ+LoRC) are on disk, not in memory;
+    GPTQ+LoRC still gets GPTQ's result (read back) instead of computing it again."""
+    import gc
+
+    from landscape.quant.result import QuantResult
+    from landscape.studies import quant_table
+
+    alive_at_call, computed = {}, []
+    real = quant_table.run_method
+
+    def counting(method, job):
+        gc.collect()
+        alive_at_call[method] = sum(type(o) is QuantResult for o in gc.get_objects())
+        computed.append(method)
+        return real(method, job)
+
+    monkeypatch.setattr(quant_table, "run_method", counting)
+    protocol = Protocol(**{**TINY, "methods": ("rtn", "gptq", "gptq+lorc", "qaft")})
+    run_quant_table(protocol, tmp_path, progress=False, lm=lm)
+    assert computed == ["rtn", "gptq", "gptq+lorc", "qaft"]  # gptq once: +lorc read it back
+    assert alive_at_call["qaft"] == 0 and alive_at_call["gptq"] == 0
+    assert alive_at_call["gptq+lorc"] <= 1  # at most its base, GPTQ's result

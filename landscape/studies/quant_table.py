@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -162,14 +162,13 @@ class _Context:
     results_dir: Path
     fingerprint: str
     progress: bool
-    cache: dict[str, QuantResult] = field(default_factory=dict)
 
 
 def _quantized(ctx: _Context, v: Variant) -> QuantResult:
-    """The QuantResult of a variant: from memory, from disk, or computed now (and saved)."""
+    """The QuantResult of a variant: from disk, or computed now (and saved). Never kept in memory after its
+    use: a table's finished results would otherwise pile up beside QAFT's training state (SmolLM2's int3 table
+    peaked at 6.3 GB), and reading one back costs about a second."""
     key = result_key(ctx.protocol, v)
-    if key in ctx.cache:
-        return ctx.cache[key]
     # Saved results are keyed by the calibration data too: a result is reused only under the same budget.
     path = result_path(ctx.results_dir.parent, ctx.protocol, v, ctx.calib.content_hash)
     if path.with_name(key + ".json").exists():
@@ -177,7 +176,6 @@ def _quantized(ctx: _Context, v: Variant) -> QuantResult:
     else:
         result = run_method(v.method, _job(ctx, v))
         result.save(path)
-    ctx.cache[key] = result
     return result
 
 
