@@ -42,7 +42,7 @@ from landscape.engine.basin import RadiusSearch, basin_statistics
 from landscape.engine.directions import DirectionSpec
 from landscape.engine.perturb import NLLObjective
 from landscape.engine.sweep import Execution
-from landscape.memory import MemoryPeak, MemoryWatch
+from landscape.memory import MemoryPeak, MemoryWatch, release_freed_memory
 from landscape.quant import parse_format
 from landscape.store import finish_run, start_run
 from landscape.studies.quant_table import Protocol, run_quant_table
@@ -183,6 +183,7 @@ def execute(steps: Sequence[Step], session: Session) -> list[StepReport]:
               disable=not session.progress, dynamic_ncols=True) as bar:
         for step in todo:
             bar.set_postfix_str(step.title[:60])
+            release_freed_memory()  # each step starts from what is alive, not from the last step's heap
             started = time.perf_counter()
             with MemoryWatch(session.device) as watch:
                 step.run()

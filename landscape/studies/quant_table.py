@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from landscape.data import calibration_set, heldout_set
+from landscape.memory import release_freed_memory
 from landscape.models import LoadedModel, load_model
 from landscape.objectives import layer_mse, nll
 from landscape.quant.activations import quantized_activations
@@ -276,6 +277,7 @@ def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = Tr
         todo = [i for i in range(len(rows)) if not store.done[i]]
         for i in tqdm(todo, desc=f"quant table {lm.info.name}", disable=not progress):
             store.write_point(i, _measure(ctx, rows[i], evals, w0))
+            release_freed_memory()  # the variant's freed tensors go back to the system before the next one
         return store.finish()
     finally:
         store.close()
