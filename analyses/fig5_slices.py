@@ -43,7 +43,7 @@ def store(session: Session, kind: str) -> Path:
 
 def displacement(session: Session, lm, method: str):
     path = quantized_model_path(session, session.profile.model, method, session.profile.headline_format)
-    return displacement_direction(lm.model, str(path), streamed=True)  # read a layer at a time
+    return displacement_direction(lm.model, str(path))
 
 
 def line_step(session: Session, kind: str) -> Step:
@@ -57,7 +57,7 @@ def line_step(session: Session, kind: str) -> Step:
         t = np.linspace(-0.5, 1.5, p.slices.points_1d)  # t = 0 (w0) and t = 1 (the endpoint) lie on the grid
         gptq = displacement(session, lm, "gptq")
         if kind == "random":
-            direction = random_direction(lm.model, p.slices.random_seed, "filter", streamed=True)
+            direction = random_direction(lm.model, p.slices.random_seed, "filter")
             length, endpoint = gptq.norm(), None
         else:
             direction = gptq if kind == "gptq" else displacement(session, lm, kind)

@@ -151,7 +151,7 @@ def run_workload(workload: str, spec: ModelSpec, settings: MemorySettings) -> di
     elif workload == "radius":
         basin_statistics(model, [DirectionSpec("random", seed=0, normalization="filter")],
                          NLLObjective(evaluation, settings.batch_size), search=RadiusSearch(tolerance=0.25),
-                         execution=Execution(progress=False))
+                         execution=Execution(progress=False, low_memory=True))
     elif workload == "gptq":
         gptq(model, calib, settings.qaft_format, layers=list(trained), batch_size=settings.qaft_batch_size,
              progress=False)

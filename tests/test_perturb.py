@@ -340,6 +340,19 @@ def test_cli_scan_shards_merge_displacement_and_radius(model_dir, tmp_path, caps
     assert stats.displacement_norms == {"rtn": pytest.approx(distance, rel=1e-6)}
     assert "R(w0) median" in capsys.readouterr().out
 
+    # --low-memory streams the directions layer by layer: the same numbers, bit for bit
+    low = {"toward": tmp_path / "toward-low.h5", "radius": tmp_path / "radius-low.h5"}
+    assert run_cli(["scan", model_dir, "--kind", "displacement", "--quantized", str(saved), "--grid", "0:1:2",
+                    "--low-memory", "--out", str(low["toward"]), *data_args]) == 0
+    assert np.array_equal(ScanResult.from_store(low["toward"]).values["nll"],
+                          ScanResult.from_store(toward).values["nll"])
+    assert run_cli(["radius", model_dir, "--directions", "2", "--threshold", "0.01", "--profile", "0:0.5:3",
+                    "--tolerance", "0.05", "--low-memory", "--out", str(low["radius"]), *data_args]) == 0
+    streamed = BasinStatistics.from_store(low["radius"])
+    assert [b.radius for b in streamed.per_direction] == [b.radius for b in stats.per_direction]
+    assert np.array_equal(streamed.profile_values, stats.profile_values)
+    capsys.readouterr()
+
     assert run_cli(["scan", model_dir, "--kind", "displacement", "--grid", "0:1:2", "--out",
                     str(tmp_path / "d.h5"), *data_args]) == 2
     assert "--kind displacement needs --quantized" in capsys.readouterr().err

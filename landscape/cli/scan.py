@@ -47,11 +47,15 @@ RANDOM_KINDS = {"random": "none", "filter": "filter", "layer": "layer"}  # --kin
 
 
 def sweep_arguments(p: argparse.ArgumentParser) -> None:
-    """What scan and radius share: the model, the perturbed layers, the held-out data, the store, progress."""
+    """What scan and radius share: the model, the perturbed layers, the held-out data, the store, progress,
+    the memory mode."""
     model_argument(p)
     p.add_argument("--layers", default="*",
                    help="glob(s), comma-separated, of the perturbed layers (default: all "
                         "quantizable decoder linears)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="stream the directions layer by layer (NLL only): about one model of memory, more "
+                        "time per point")
     data_arguments(p, segments=8)
     store_arguments(p)
     progress_argument(p)
@@ -104,7 +108,7 @@ def run_scan(args: argparse.Namespace) -> int:
         raise ValueError("a displacement second direction needs --quantized2 PATH")
     check_quantized([args.quantized, args.quantized2 if two_d else None])
     lm, data = load_with_data(args)
-    streamed = not args.layer_mse  # the NLL alone: each layer's direction computed while it is applied
+    streamed = args.low_memory and not args.layer_mse  # each layer's direction computed while it is applied
     directions = [direction(lm.base, args.kind, args.seed, args.quantized, args.layers, streamed)]
     if two_d:
         seed2 = args.seed + 1 if args.seed2 is None else args.seed2
@@ -160,7 +164,7 @@ def run_radius(args: argparse.Namespace) -> int:
     profile = args.profile * norm0 if args.profile is not None else ()
     results = {quant_result_path(q).name: q for q in args.quantized}
     execution = Execution(store=args.out, resume=args.resume, provenance={"model_info": lm.info.to_dict()},
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, low_memory=args.low_memory)
     stats = basin_statistics(base, specs, NLLObjective(data, args.batch_size, lm.info.name), data=data,
                              search=search, profile_radii=profile, quant_results=results, execution=execution)
     q = stats.quantiles()

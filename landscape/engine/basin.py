@@ -332,8 +332,8 @@ def basin_statistics(
 
     Args:
         directions: Directions, or specs (regenerated one at a time, so many large directions never sit in
-            memory together; streamed, a layer at a time, for a forward-only objective such as the NLL);
-            all must cover the same layers.
+            memory together; streamed, a layer at a time, with ``execution.low_memory`` and a forward-only
+            objective such as the NLL); all must cover the same layers.
         objective: what is measured (default: NLL on ``data``, batches of 8); ``search.value_name`` picks its
             output.
         search: the threshold and the bracketing of each search.
@@ -392,7 +392,7 @@ def basin_statistics(
     if profile.size:
         arrays["profile_value"] = ((profile.size,), np.float64)
     w0 = {n: layer_weight(model, n).detach() for n in layers}  # the model is at w0: views, read-only
-    streamed = forward_only(objective)
+    streamed = execution.low_memory and forward_only(objective)
     center = float(objective(model, w0)[value_name])
     level = search.level(center)
     with start_run(execution.store, run_provenance, arrays, (len(specs),), execution.resume) as record:

@@ -38,6 +38,9 @@ class Execution:
         shard: ``(i, n)``: evaluate only the points ``i, i + n, ...`` of the C-ordered points.
         provenance: extra JSON entries for the store (e.g. the model's :class:`~landscape.models.ModelInfo`).
         progress: show a progress bar over the points.
+        low_memory: directions regenerated from specs are streamed (a layer computed when it is applied, the
+            point held layer by layer): about one model of memory instead of one per direction plus w0, for
+            more time per point (each forward call recomputes every layer of its direction).
     """
 
     store: str | Path | None = None
@@ -45,6 +48,7 @@ class Execution:
     shard: tuple[int, int] = (0, 1)
     provenance: Mapping[str, Any] = field(default_factory=dict)
     progress: bool = True
+    low_memory: bool = False
 
     def __post_init__(self) -> None:
         try:
