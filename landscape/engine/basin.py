@@ -42,6 +42,7 @@ from landscape.engine.perturb import (
     Perturbation,
     check_objective_data,
     forward_only,
+    holds_layer_by_layer,
     nll_convention,
     output_names,
 )
@@ -193,7 +194,7 @@ def basin_radius(model: nn.Module | Base, direction: Direction, objective: Objec
     objective = objective or NLLObjective(_require(data), model_name=base.label)
     value_name = search.value_name
     unit = direction.unit()
-    with Perturbation(base, [unit], streamed=unit.streamed and forward_only(objective)) as perturbation:
+    with Perturbation(base, [unit], streamed=holds_layer_by_layer([unit], [objective])) as perturbation:
         _check_value_name(objective, perturbation.layers, value_name)
         samples: dict[float, float] = {}
 
@@ -222,7 +223,7 @@ def radial_profile(model: nn.Module | Base, direction: Direction, radii: Sequenc
     objective = objective or NLLObjective(_require(data), model_name=base.label)
     radii = _check_radii(radii)
     unit = direction.unit()
-    with Perturbation(base, [unit], streamed=unit.streamed and forward_only(objective)) as perturbation:
+    with Perturbation(base, [unit], streamed=holds_layer_by_layer([unit], [objective])) as perturbation:
         _check_value_name(objective, perturbation.layers, value_name)
         values = [perturbation.measure([r], [objective])[value_name] for r in radii]
     return RadialProfile(radii, np.array(values))

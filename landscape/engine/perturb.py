@@ -231,20 +231,22 @@ class Perturbation:
             self.restore()
 
     def _write(self, name: str, target: torch.Tensor, w0: torch.Tensor) -> None:
-        """``target <- w0 + sum_k c_k d_k[name]``: in place for float32 / float64, formed in float32 and
-        rounded once for bfloat16 / float16."""
-        # One direction's layer at a time (a streamed one is computed here and let go after its add), into a
-        # buffer: the layer keeps w0 until the point is complete, since a streamed displacement reads it.
+        """``target <- w0 + sum_k c_k d_k[name]``, one direction's layer at a time (a streamed one is computed
+        here and let go after its add); formed in float32 and rounded once for bfloat16 / float16."""
         moves = [(step, c) for step, c in zip(self._steps, self._coefficients) if name in step]
         work = working_dtype(target.dtype)
         with torch.no_grad():
-            point = w0.to(work, copy=True)
+            if work == target.dtype and not self.streamed:  # whole directions: the layer is the buffer
+                point = target.copy_(w0)
+            else:  # a buffer: the layer keeps w0 until the point is complete (streamed displacements read it)
+                point = w0.to(work, copy=True)
             for step, c in moves:
                 if work == target.dtype:
                     point.add_(step[name].to(target), alpha=c)
                 else:  # bfloat16 / float16: ((w0 + c1 d1) + c2 d2) in float32, rounded to the model's once
                     point.add_(step[name].to(target).to(work).mul_(c))  # c·d rounded, then added
-            target.copy_(point)
+            if point is not target:
+                target.copy_(point)
 
     def _register(self, name: str) -> list[Any]:
         module = self.model.get_submodule(name)
@@ -280,6 +282,13 @@ def forward_only(objective: Objective) -> bool:
     """Whether an objective only runs the model forward without gradients (and never reads its weights), so
     a streamed :class:`Perturbation` can measure it."""
     return bool(getattr(objective, "forward_only", False))
+
+
+def holds_layer_by_layer(directions: Sequence[Direction], objectives: Sequence[Objective]) -> bool:
+    """Whether a sweep holds its points layer by layer (a streamed :class:`Perturbation`): its directions ask
+    for memory over time (some are streamed) and every objective allows it. Whole directions are in memory
+    anyway, and the resident point costs less time."""
+    return any(d.streamed for d in directions) and all(forward_only(o) for o in objectives)
 
 
 def check_objective_data(model: nn.Module, objectives: Sequence[Objective]) -> None:
@@ -393,9 +402,7 @@ def scan(
     grid_shape = tuple(len(axis) for axis in axes)
     specs = tuple(d.spec for d in directions)
 
-    # streamed directions ask for memory over time: then hold the point layer by layer too, if the objectives
-    # allow it (whole directions are in memory anyway: the resident point costs less time)
-    streamed = any(d.streamed for d in directions) and all(forward_only(o) for o in objectives)
+    streamed = holds_layer_by_layer(directions, objectives)
     with Perturbation(base, directions, streamed=streamed) as perturbation:
         names = output_names(objectives, perturbation.layers)
         run_provenance = {
