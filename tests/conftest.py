@@ -11,11 +11,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
 from landscape.data import TokenSet, token_set_from_tensor
 from landscape.models import prepare_model
+from landscape.store import RUN_SPECIFIC_KEYS, read_store
 
 VOCAB = 97
 
@@ -75,3 +79,33 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(params=["gpt2", "opt", "llama"])
 def arch(request) -> str:
     return request.param
+
+
+# ------------------------------------------------------------------------------ stores of one computation
+WALL_TIMES = ("seconds", "seconds_per_matvec")  # measured, not computed: never equal between two runs
+
+
+def assert_same_store(path, reference):
+    """Every array bit for bit (wall times aside) and the provenance but for how the run was executed."""
+    got, want = read_store(path), read_store(reference)
+    assert got.done.all() and want.done.all()
+
+    def described(data):
+        return {k: v for k, v in data.provenance.items() if k not in RUN_SPECIFIC_KEYS}
+
+    assert described(got) == described(want)
+    names = {n for n in want.arrays if n.split("/")[-1] not in WALL_TIMES}
+    assert names == {n for n in got.arrays if n.split("/")[-1] not in WALL_TIMES}
+    for name in sorted(names):
+        a, b = got.arrays[name], want.arrays[name]
+        if isinstance(b, str):  # a task's provenance (JSON)
+            assert without_wall_times(json.loads(a)) == without_wall_times(json.loads(b)), name
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), name
+
+
+def without_wall_times(value):
+    if isinstance(value, dict):
+        return {k: without_wall_times(v) for k, v in value.items() if k not in WALL_TIMES}
+    return value

@@ -17,7 +17,8 @@ PACKAGES = ("landscape", "analyses")
 MAX_LINES = 700
 MAX_PARAMETERS = 8
 WHY_SO_MANY = "Why so many parameters:"  # the docstring phrase that explains a longer signature
-OPTIONAL_DEPENDENCIES = {"datasets", "kaleido"}  # imported where used: a missing one fails only that feature
+# imported where used: a missing one fails only that feature
+OPTIONAL_DEPENDENCIES = {"datasets", "kaleido", "submitit"}
 
 
 def module_name(path: Path) -> str:

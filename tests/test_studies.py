@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_store
 
 from analyses import curvature_study, lr_sweep, misalignment_basin, quant_table
 from landscape.store import read_store
@@ -113,6 +114,12 @@ def test_curvature_study_paths_have_their_displacement_norms_and_a_rerun_does_no
     before = out.stat().st_mtime_ns
     curvature_study.main(args)  # complete: read back, nothing recomputed
     assert out.stat().st_mtime_ns == before and capsys.readouterr().out == printed
+    # the tasks as 3 jobs (in this process): each writes its shard, the merge equals the one-process store
+    jobs = tmp_path / "jobs.h5"
+    curvature_study.main([*args[:args.index("--out")], "--out", str(jobs), "--executor", "debug",
+                          "--jobs", "3"])
+    assert_same_store(jobs, out)
+    assert capsys.readouterr().out.endswith(printed.split("\n", 1)[1])
     with pytest.raises(SystemExit):  # refused before the model loads
         curvature_study.main([*SHORT, "--results", str(tables), "--trace-matvecs", "3",
                               "--out", str(tmp_path / "z.h5")])

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from landscape.cli import compare, evaluate, quantize, scan, spectrum
+from landscape.cluster import SweepError
 
 COMMAND_MODULES = (evaluate, quantize, scan, compare, spectrum)
 
@@ -27,9 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what a fanned-out sweep's jobs run again, on their shards
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except (ValueError, KeyError, FileNotFoundError, SweepError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from typing import TypeVar
 import numpy as np
 
 from landscape import models
+from landscape.cluster import EXECUTORS, ClusterSettings, SlurmSettings, Sweep, run_sweep, shard_store_path
 from landscape.data import (
     CORPORA,
     HELDOUT_MODULUS,
@@ -187,6 +188,82 @@ def store_arguments(p: argparse.ArgumentParser, *, required: bool = True, resume
 
 def progress_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _slurm_option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or key.startswith("-"):
+        raise argparse.ArgumentTypeError(f"--slurm-arg must be KEY=VALUE with an sbatch option name as KEY "
+                                         f"(e.g. qos=high, constraint=a100), got {text!r}")
+    return key, value
+
+
+def executor_arguments(p: argparse.ArgumentParser) -> None:
+    """``--executor``, ``--jobs``, ``--detach`` and the Slurm jobs' resources (a sweep fanned out as jobs,
+    :mod:`landscape.cluster`)."""
+    g = p.add_argument_group("executor (fan the sweep out as jobs, each into its own shard store, merged)")
+    g.add_argument("--executor", choices=EXECUTORS, default="none",
+                   help="none: this process (default); local: local processes (one GPU each when several "
+                        "are visible); slurm: a Slurm job array; debug: the jobs one by one in this process")
+    g.add_argument("--jobs", type=positive_int, default=1, help="number of jobs (shards) of the sweep")
+    g.add_argument("--detach", action="store_true",
+                   help="submit and return; the same command again re-attaches, waits and merges")
+    g.add_argument("--slurm-config", type=Path, default=None, metavar="TOML",
+                   help="Slurm settings file ([slurm] partition, account, gpus_per_task, cpus_per_task, "
+                        "mem_gb, time_min, setup, [slurm.extra]); the flags below override it")
+    g.add_argument("--slurm-partition", default=None)
+    g.add_argument("--slurm-account", default=None)
+    g.add_argument("--slurm-gpus-per-task", type=positive_int, default=None)
+    g.add_argument("--slurm-cpus-per-task", type=positive_int, default=None)
+    g.add_argument("--slurm-mem-gb", type=positive_float, default=None)
+    g.add_argument("--slurm-time-min", type=positive_int, default=None)
+    g.add_argument("--slurm-setup", action="append", default=None, metavar="LINE",
+                   help="shell line run before each job, e.g. 'module load cuda' (repeatable)")
+    g.add_argument("--slurm-arg", action="append", default=[], type=_slurm_option, metavar="KEY=VALUE",
+                   help="any other sbatch option, e.g. qos=high (repeatable)")
+
+
+def cluster_settings(args: argparse.Namespace) -> ClusterSettings:
+    """The :class:`~landscape.cluster.ClusterSettings` of the executor arguments (a bad combination raises
+    :class:`~landscape.cluster.ClusterError`, a ``ValueError``, before any work)."""
+    slurm = SlurmSettings.from_toml(args.slurm_config) if args.slurm_config else SlurmSettings()
+    slurm = slurm.updated(partition=args.slurm_partition, account=args.slurm_account,
+                          gpus_per_task=args.slurm_gpus_per_task, cpus_per_task=args.slurm_cpus_per_task,
+                          mem_gb=args.slurm_mem_gb, time_min=args.slurm_time_min,
+                          setup=tuple(args.slurm_setup) if args.slurm_setup else None,
+                          extra=dict(args.slurm_arg))
+    settings = ClusterSettings(args.executor, args.jobs, slurm, args.detach)
+    if settings.fans_out and getattr(args, "shard", (0, 1)) != (0, 1):
+        raise ValueError("--shard is what each job of --executor runs: give one or the other")
+    settings.check_available()
+    return settings
+
+
+EXECUTION_FLAGS = ("executor", "jobs", "detach", "slurm_config", "slurm_partition", "slurm_account",
+                   "slurm_gpus_per_task", "slurm_cpus_per_task", "slurm_mem_gb", "slurm_time_min",
+                   "slurm_setup", "slurm_arg", "shard", "argv", "func", "no_progress")
+
+
+def computed_settings(args: argparse.Namespace, *unrecorded: str) -> dict:
+    """The arguments that decide what a run computes, for its store's provenance: not how it is executed
+    (:data:`EXECUTION_FLAGS`: a shard of a sweep records the same settings as one process) nor ``unrecorded``.
+    Paths become strings."""
+    drop = set(EXECUTION_FLAGS) | set(unrecorded)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in drop}
+
+
+def fan_out(args: argparse.Namespace, cluster: ClusterSettings, name: str, store: Path, points: int,
+            job_flags: tuple[str, ...] = ("--resume", "--no-progress")) -> list[Path]:
+    """Run this command (``args.argv``) as ``--jobs`` jobs of ``--executor``, shard ``i`` of ``n`` into
+    ``<store>.shards/<i>-of-<n>.h5``, merged into ``store`` (:func:`landscape.cluster.run_sweep`)."""
+    store = Path(store)
+
+    def shard_arguments(i: int, n: int) -> list[str]:
+        return ["--shard", f"{i}/{n}", "--out", str(shard_store_path(store, i, n))]
+
+    sweep = Sweep(name, "landscape.cli:main", tuple(args.argv), shard_arguments, {store: points},
+                  store.with_name(store.name + ".shards"), job_flags)
+    return run_sweep(sweep, cluster)
 
 
 # ----------------------------------------------------------------------------------------------- loading

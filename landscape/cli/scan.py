@@ -6,7 +6,10 @@ Examples::
     landscape scan ref-tiny --kind filter --seed 0 --grid -1:1:21 --out scan.h5
     landscape scan ref-tiny --kind filter --grid -1:1:11 --grid2 -1:1:11 --shard 0/4 --out s0.h5   # one of 4
     landscape merge scan2d.h5 s0.h5 s1.h5 s2.h5 s3.h5
+    landscape scan ref-tiny --kind filter --grid -1:1:11 --grid2 -1:1:11 --executor local --jobs 4 --out s.h5
     landscape radius ref-tiny --directions 16 --threshold 0.1 --profile 0:0.2:11 --out radius.h5
+    landscape radius my-llama --directions 64 --executor slurm --jobs 16 --slurm-partition gpu \
+        --slurm-gpus-per-task 1 --out radius64.h5
 
 Grids are ``START:STOP:COUNT`` (inclusive, evenly spaced). Data: held-out segments of a bundled corpus.
 """
@@ -21,7 +24,10 @@ import numpy as np
 
 from landscape.cli.common import (
     Command,
+    cluster_settings,
     data_arguments,
+    executor_arguments,
+    fan_out,
     load_with_data,
     model_argument,
     parse_grid,
@@ -29,7 +35,7 @@ from landscape.cli.common import (
     progress_argument,
     store_arguments,
 )
-from landscape.engine.basin import RadiusSearch, basin_statistics
+from landscape.engine.basin import BasinStatistics, RadiusSearch, basin_statistics
 from landscape.engine.directions import (
     DirectionSpec,
     check_spec,
@@ -59,6 +65,10 @@ def sweep_arguments(p: argparse.ArgumentParser) -> None:
     data_arguments(p, segments=8)
     store_arguments(p)
     progress_argument(p)
+    p.add_argument("--shard", type=parse_shard, default=(0, 1),
+                   help="i/n: evaluate only points (directions) i, i+n, ... into --out; join the stores with "
+                        "`landscape merge` (--executor does this for you)")
+    executor_arguments(p)
 
 
 def check_quantized(paths: list[str | None]) -> None:
@@ -88,8 +98,6 @@ def scan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--orthogonalize", action="store_true",
                    help="Gram-Schmidt the second direction against the first")
     p.add_argument("--layer-mse", action="store_true", help="also store every perturbed layer's output MSE")
-    p.add_argument("--shard", type=parse_shard, default=(0, 1),
-                   help="i/n: evaluate points i, i+n, ... (default 0/1)")
 
 
 def direction(model, kind: str, seed: int, quantized: str | None, layers: str, streamed: bool):
@@ -99,6 +107,7 @@ def direction(model, kind: str, seed: int, quantized: str | None, layers: str, s
 
 
 def run_scan(args: argparse.Namespace) -> int:
+    cluster = cluster_settings(args)
     check_store_path(args.out, args.resume)
     kind2 = args.kind2 or args.kind
     two_d = args.grid2 is not None
@@ -107,6 +116,13 @@ def run_scan(args: argparse.Namespace) -> int:
     if two_d and kind2 == "displacement" and not args.quantized2:
         raise ValueError("a displacement second direction needs --quantized2 PATH")
     check_quantized([args.quantized, args.quantized2 if two_d else None])
+    if cluster.fans_out:
+        points = len(args.grid) * (len(args.grid2) if two_d else 1)
+        for path in fan_out(args, cluster, "scan", args.out, points):
+            nll_values = read_store(path).arrays["nll"]
+            print(f"{path}: {points} points, merged from {args.jobs} jobs; NLL "
+                  f"{np.nanmin(nll_values):.4f} .. {np.nanmax(nll_values):.4f} nats/token")
+        return 0
     lm, data = load_with_data(args)
     streamed = args.low_memory and not args.layer_mse  # each layer's direction computed while it is applied
     directions = [direction(lm.base, args.kind, args.seed, args.quantized, args.layers, streamed)]
@@ -146,6 +162,7 @@ def radius_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_radius(args: argparse.Namespace) -> int:
+    cluster = cluster_settings(args)
     check_store_path(args.out, args.resume)
     if args.directions < 1:
         raise ValueError(f"--directions must be >= 1, got {args.directions}")
@@ -154,6 +171,10 @@ def run_radius(args: argparse.Namespace) -> int:
                          f"{np.round(args.profile, 6).tolist()}")
     search = RadiusSearch(args.threshold, args.relative, args.tolerance)
     check_quantized(args.quantized)
+    if cluster.fans_out:
+        for path in fan_out(args, cluster, "radius", args.out, args.directions):
+            report_radius(BasinStatistics.from_store(path), path)
+        return 0
     lm, data = load_with_data(args)
     base = lm.base
     patterns = layer_patterns(args.layers)
@@ -163,18 +184,28 @@ def run_radius(args: argparse.Namespace) -> int:
     norm0 = weights_norm(lm.model, layers)
     profile = args.profile * norm0 if args.profile is not None else ()
     results = {quant_result_path(q).name: q for q in args.quantized}
-    execution = Execution(store=args.out, resume=args.resume, provenance={"model_info": lm.info.to_dict()},
-                          progress=not args.no_progress, low_memory=args.low_memory)
+    execution = Execution(store=args.out, resume=args.resume, shard=args.shard,
+                          provenance={"model_info": lm.info.to_dict()}, progress=not args.no_progress,
+                          low_memory=args.low_memory)
     stats = basin_statistics(base, specs, NLLObjective(data, args.batch_size, lm.info.name), data=data,
                              search=search, profile_radii=profile, quant_results=results, execution=execution)
+    if stats is None:  # one shard of the directions
+        done = read_store(args.out).done
+        print(f"{args.out}: {int(done.sum())} of {done.size} directions done (shard {args.shard[0]}/"
+              f"{args.shard[1]})")
+        return 0
+    report_radius(stats, args.out)
+    return 0
+
+
+def report_radius(stats: BasinStatistics, path: Path) -> None:
     q = stats.quantiles()
-    print(f"{args.out}: NLL(w0) = {stats.center_value:.4f}, level {stats.level:.4f}, "
+    print(f"{path}: NLL(w0) = {stats.center_value:.4f}, level {stats.level:.4f}, "
           f"||w0|| = {stats.weights_norm:.2f}")
     print(f"R(w0) median {stats.median:.3f} ({stats.median / stats.weights_norm:.2%} of ||w0||), "
           f"10-90% {q[0.1]:.3f} .. {q[0.9]:.3f} over {len(stats.per_direction)} directions")
     for label, norm in stats.displacement_norms.items():
         print(f"  {label}: ||w_q - w0|| = {norm:.3f} = {norm / stats.median:.2f} x median R")
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------- merge

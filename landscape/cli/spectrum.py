@@ -5,10 +5,12 @@ Example::
     landscape spectrum ref-small --k 10 --k-bottom 3 --trace-matvecs 30 --density-runs 4 --out spectrum.h5
     landscape spectrum smollm2-135m --segments 2 --seq-len 128 --lanczos-steps 60 --krylov-dir /scratch \\
         --out s.h5
+    landscape spectrum my-llama --density-runs 8 --executor slurm --jobs 3 --slurm-gpus-per-task 1 --out s.h5
 
 One resumable store (:func:`landscape.store.run_tasks`): the tasks ``spectrum`` (top/bottom eigenpairs with
 residuals and convergence flags), ``trace`` (Hutch++) and ``density`` (stochastic Lanczos quadrature), one
-point each, so a killed run resumes at the next task. Every setting is checked before the model loads.
+point each, so a killed run resumes at the next task; ``--executor`` runs the tasks as jobs. Every setting is
+checked before the model loads.
 """
 
 from __future__ import annotations
@@ -16,9 +18,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from landscape.cli.common import Command, data_arguments, load_with_data, model_argument, progress_argument
+from landscape.cli.common import (
+    Command,
+    cluster_settings,
+    computed_settings,
+    data_arguments,
+    executor_arguments,
+    fan_out,
+    load_with_data,
+    model_argument,
+    parse_shard,
+    progress_argument,
+)
 from landscape.curvature import Curvature, read_curvature
-from landscape.store import check_store_path, provenance, run_tasks
+from landscape.store import check_store_path, provenance, read_store, run_tasks
 
 
 def spectrum_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,7 +57,10 @@ def spectrum_arguments(p: argparse.ArgumentParser) -> None:
                    help="store the eigenvectors too ((k + k_bottom) x every selected weight)")
     p.add_argument("--out", required=True, type=Path,
                    help="HDF5 store (resumed if unfinished, read if finished)")
+    p.add_argument("--shard", type=parse_shard, default=(0, 1),
+                   help="i/n: run only tasks i, i+n, ... of spectrum, trace, density (--executor does this)")
     progress_argument(p)
+    executor_arguments(p)
 
 
 def check_spectrum_args(args: argparse.Namespace) -> None:
@@ -62,9 +78,19 @@ def check_spectrum_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--krylov-dir {args.krylov_dir} is not an existing directory")
 
 
+def spectrum_tasks(args: argparse.Namespace) -> list[str]:
+    return ["spectrum"] + ["trace"] * bool(args.trace_matvecs) + ["density"] * bool(args.density_runs)
+
+
 def run_spectrum(args: argparse.Namespace) -> int:
     check_spectrum_args(args)
+    cluster = cluster_settings(args)
     out = check_store_path(args.out, resume=True)
+    if cluster.fans_out:
+        for path in fan_out(args, cluster, "spectrum", out, len(spectrum_tasks(args)), ("--no-progress",)):
+            print(read_curvature(read_store(path)).markdown())
+            print(f"\nunits: nats/token per squared weight unit; store: {path}")
+        return 0
     lm, data = load_with_data(args)
     layers = [g.strip() for g in args.layers.split(",")] if args.layers else None
     curvature = Curvature(lm.model, data, layers=layers, operator=args.operator, batch_size=args.batch_size,
@@ -78,10 +104,14 @@ def run_spectrum(args: argparse.Namespace) -> int:
     if args.density_runs:
         tasks["density"] = lambda: curvature.density(args.density_runs, args.density_steps, seed=args.seed,
                                                      krylov_dir=args.krylov_dir).to_record()
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("func", "out", "krylov_dir", "no_progress", "model", "device", "dtype")}
-    store, _ = run_tasks(out, provenance("curvature", lm.base, data, model_info=lm.info.to_dict(),
-                                         settings=settings, tasks=list(tasks)), tasks)
+    assert list(tasks) == spectrum_tasks(args)
+    settings = computed_settings(args, "out", "krylov_dir", "model", "device", "dtype")
+    store, path = run_tasks(out, provenance("curvature", lm.base, data, model_info=lm.info.to_dict(),
+                                            settings=settings, tasks=list(tasks)), tasks, shard=args.shard)
+    if args.shard != (0, 1):
+        print(f"{path}: {int(store.done.sum())} of {store.done.size} tasks done (shard {args.shard[0]}/"
+              f"{args.shard[1]})")
+        return 0
     if lm.info.caveat:
         print(f"caveat: {lm.info.caveat}\n")
     print(read_curvature(store).markdown())

@@ -328,7 +328,7 @@ def basin_statistics(
     profile_radii: Sequence[float] | np.ndarray = (),
     quant_results: Mapping[str, Any] | None = None,
     execution: Execution = Execution(),
-) -> BasinStatistics:
+) -> BasinStatistics | None:
     """Basin radius along each direction, an optional regular radial profile, and quantized displacements.
 
     Args:
@@ -342,17 +342,16 @@ def basin_statistics(
             profile is also evaluated, for plotting.
         quant_results: label -> QuantResult (or its path) whose ``||w_q - w0||`` is reported in the same
             units.
-        execution: the store (one point per direction, flushed as it finishes, resumable), extra provenance
-            and progress bar; every direction is evaluated (a basin-radius run has no shards).
+        execution: the store (one point per direction, flushed as it finishes, resumable), extra provenance,
+            progress bar, and shard ``(i, n)``: only directions ``i, i + n, ...`` are searched, into a store
+            that :func:`landscape.store.merge_stores` joins with the other shards'; a shard returns ``None``
+            (read the merged store with :meth:`BasinStatistics.from_store`).
 
     Raises:
         ValueError: bad directions, settings, results or store, before any evaluation.
     """
     if not directions:
         raise ValueError("basin_statistics needs at least one direction")
-    if execution.shard != (0, 1):
-        raise ValueError(f"a basin-radius run evaluates every direction: pass shard (0, 1), "
-                         f"got {execution.shard}")
     execution.check_store()
     base = as_base(model)
     model = base.model
@@ -388,6 +387,8 @@ def basin_statistics(
         "units": "radii: Euclidean norm of the displacement over the directions' layers",
         **dict(execution.provenance),
     }
+    if execution.shard != (0, 1):  # recorded only for shards: older single-process stores still resume
+        run_provenance["shard"] = execution.shard_provenance()
     arrays = {"radius": ((), np.float64), "lower": ((), np.float64), "upper": ((), np.float64),
               "search_radius": ((n_max,), np.float64), "search_value": ((n_max,), np.float64)}
     if profile.size:
@@ -405,7 +406,8 @@ def basin_statistics(
             if norms:
                 record.write_table("displacements", {"label": list(norms), "norm": list(norms.values()),
                                                      "relative_norm": [v / norm0 for v in norms.values()]})
-        for i in execution.progress_bar(np.flatnonzero(~record.done), "basin radius"):
+        todo = ~record.done & execution.mine((len(specs),))
+        for i in execution.progress_bar(np.flatnonzero(todo), "basin radius"):
             d = directions[i]
             direction = d if isinstance(d, Direction) else regenerate(base, d, streamed=streamed)
             found = basin_radius(base, direction, objective, search=search, center_value=center)
@@ -417,7 +419,7 @@ def basin_statistics(
                                                         value_name=value_name).values
             record.write_point(int(i), point)
         stored, path = finish_run(record)
-    return BasinStatistics.from_data(stored, path)
+    return BasinStatistics.from_data(stored, path) if execution.shard == (0, 1) else None
 
 
 # --------------------------------------------------------------------------------------------- helpers

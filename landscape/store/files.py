@@ -21,6 +21,9 @@ from landscape.version import __version__
 
 STORE_FORMAT_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
+# Set in a job of a fanned-out sweep (landscape.cluster): the writer keeps a small JSON file beside each
+# partial store with its number of finished points, for the driver (HDF5 locks the store while written).
+PROGRESS_ENV = "LANDSCAPE_REPORT_PROGRESS"
 DONE = "done"
 # Provenance keys that describe how a run was executed, not what it computed: two runs that differ only
 # in these hold the same results (a resumed run keeps its store's keys; merging drops "shard").
@@ -63,6 +66,12 @@ def partial_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
+def progress_path(partial: str | os.PathLike) -> Path:
+    """The progress file beside a partial store (written only in a sweep's jobs, see :data:`PROGRESS_ENV`)."""
+    partial = Path(partial)
+    return partial.with_name(partial.name + ".progress")
+
+
 def code_version() -> str:
     return __version__
 
@@ -80,6 +89,7 @@ class ResultStore:
         self.grid_shape = grid_shape
         self._specs = dict(specs)
         self.point_arrays = tuple(specs)
+        self._report_progress()
 
     # ---------------------------------------------------------------------------------- opening
     @classmethod
@@ -178,6 +188,7 @@ class ResultStore:
             self._file[name][idx] = value
         self._file[DONE][idx] = True
         self._file.flush()
+        self._report_progress()
 
     def write_points(self, values: Mapping[str, np.ndarray], done: np.ndarray) -> None:
         """Store whole point arrays at once for the points where ``done`` is True (e.g. merged shards),
@@ -194,6 +205,7 @@ class ResultStore:
             ds[()] = full
         self._file[DONE][()] = self.done | done
         self._file.flush()
+        self._report_progress()
 
     def write_array(self, name: str, array: Any) -> None:
         """Store a finished array (not point by point), e.g. grid coordinates; replaces one of the same
@@ -227,6 +239,7 @@ class ResultStore:
         self._file.close()
         if writable:
             os.replace(partial_path(self.path), self.path)
+            progress_path(partial_path(self.path)).unlink(missing_ok=True)
         return self.path
 
     def close(self) -> None:
@@ -239,6 +252,16 @@ class ResultStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _report_progress(self) -> None:
+        """In a sweep's job, the number of finished points to the progress file (replaced atomically)."""
+        if not os.environ.get(PROGRESS_ENV) or not self.writable:
+            return
+        path = progress_path(partial_path(self.path))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"done": int(self.done.sum()), "points": int(np.prod(self.grid_shape)),
+                                   "pid": os.getpid()}))
+        os.replace(tmp, path)
 
     def _require_writable(self) -> None:
         if not self._file.id.valid or not self.writable:

@@ -104,18 +104,23 @@ def _write_whole(store: ResultStore | MemoryStore, record: StoreRecord, prefix: 
 
 
 def run_tasks(path: str | os.PathLike | None, provenance: Mapping[str, Any],
-              tasks: Mapping[str, Callable[[], StoreRecord]]) -> tuple[StoreData, Path | None]:
+              tasks: Mapping[str, Callable[[], StoreRecord]],
+              shard: tuple[int, int] = (0, 1)) -> tuple[StoreData, Path | None]:
     """Run named tasks into one resumable store: one point per task, a killed run resumes at the next task.
 
     Each task returns a :class:`StoreRecord` without rows (e.g. a curvature result's ``to_record()``); its
     arrays and tables are stored as ``<task>/<name>`` and its provenance as ``<task>/attrs`` (JSON), and the
     point array ``seconds`` holds each task's wall time. ``provenance`` should name the tasks (a rerun with
-    other tasks is refused as another run).
+    other tasks is refused as another run). With ``shard=(i, n)`` only tasks ``i, i + n, ...`` run (their
+    stores join with :func:`merge_stores`).
     """
     names = list(tasks)
+    index, count = shard
+    if count > 1:  # recorded only for shards; merge_stores drops it
+        provenance = {**provenance, "shard": {"index": index, "count": count}}
     with start_run(path, provenance, {"seconds": ((), np.float64)}, (len(names),), resume=True) as record:
         for i, name in enumerate(names):
-            if record.done[i]:
+            if record.done[i] or i % count != index:
                 continue
             started = time.perf_counter()
             result = tasks[name]()
@@ -137,7 +142,9 @@ def merge_stores(out: str | os.PathLike, shards: Iterable[str | os.PathLike]) ->
 
     The shards must agree on everything but :data:`RUN_SPECIFIC_KEYS` of their provenance, on the grid and
     the arrays; a point done in several shards must hold bit-identical values there; finished arrays and
-    tables must be identical. The merged provenance drops ``shard`` and lists ``merged_from``.
+    tables that several shards hold must be identical (one that a single shard holds, such as a task's
+    result in :func:`run_tasks`, is taken from it). The merged provenance drops ``shard`` and lists
+    ``merged_from``.
 
     Raises:
         StoreError / StoreMismatchError: before anything is written.
@@ -150,6 +157,7 @@ def merge_stores(out: str | os.PathLike, shards: Iterable[str | os.PathLike]) ->
     specs = {n: (first.arrays[n].shape[len(first.grid_shape):], first.arrays[n].dtype)
              for n in first.point_arrays}
     values = {n: first.arrays[n].copy() for n in first.point_arrays}
+    whole = {n: a for n, a in first.arrays.items() if n not in first.point_arrays}
     done = first.done.copy()
     for path, other in zip(paths[1:], data[1:]):
         try:
@@ -157,8 +165,13 @@ def merge_stores(out: str | os.PathLike, shards: Iterable[str | os.PathLike]) ->
         except StoreMismatchError as err:
             raise StoreMismatchError(f"cannot merge {path} with {paths[0]}: {err}") from None
         for name in other.arrays:
-            if name not in other.point_arrays and not _same_array(other.arrays[name], first.arrays.get(name)):
-                raise StoreMismatchError(f"cannot merge {path}: its array {name!r} differs from {paths[0]}'s")
+            if name in other.point_arrays:
+                continue
+            if name not in whole:  # e.g. the arrays of a task that only this shard ran (run_tasks)
+                whole[name] = other.arrays[name]
+            elif not _same_array(other.arrays[name], whole[name]):
+                raise StoreMismatchError(f"cannot merge {path}: its array {name!r} differs from that of "
+                                         f"another store")
         both = done & other.done
         for name in first.point_arrays:
             if not np.array_equal(values[name][both], other.arrays[name][both], equal_nan=True):
@@ -172,9 +185,8 @@ def merge_stores(out: str | os.PathLike, shards: Iterable[str | os.PathLike]) ->
     store = start_run(out, provenance, specs, first.grid_shape)
     try:
         store.write_points(values, done)
-        for name, array in first.arrays.items():
-            if name not in first.point_arrays:
-                store.write_array(name, array)
+        for name, array in whole.items():
+            store.write_array(name, array)
     except BaseException:
         store.close()
         os.remove(partial_path(out))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from landscape.cluster import shard_store_path
 from landscape.data import calibration_set, heldout_set
 from landscape.memory import release_freed_memory
 from landscape.models import LoadedModel, load_model
@@ -197,6 +198,20 @@ def _job(ctx: _Context, v: Variant) -> QuantJob:
                     mse_data=ctx.mse_calib, measure_layer_mse=False, progress=ctx.progress, results=result_of)
 
 
+def task_group(p: Protocol, v: Variant) -> str:
+    """The saved result a row is computed from (``gptq+lorc`` and a W4A8 row from GPTQ's): rows of one group
+    go to the same job of a sharded run, so no result is computed twice, even across protocols."""
+    if v.method == "gptq+lorc" or v.act_bits:
+        return result_key(p, Variant("gptq", v.format, 0))
+    return FP32 if v.method == FP32 else result_key(p, v)
+
+
+def task_groups(protocols: Sequence[Protocol]) -> list[str]:
+    """Every group of the rows of ``protocols``, in order of first appearance: shard ``i`` of ``n`` of a run
+    of these protocols computes the groups at positions ``i, i + n, ...``."""
+    return list(dict.fromkeys(task_group(p, v) for p in protocols for v in variants(p)))
+
+
 def result_key(p: Protocol, v: Variant) -> str:
     """File name of a variant's QuantResult: the method, the format and every setting that changes it.
 
@@ -228,15 +243,24 @@ def _arrays(protocol: Protocol) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = True,
-                    lm: LoadedModel | None = None, name: str = "quant_table") -> Path:
+                    lm: LoadedModel | None = None, name: str = "quant_table",
+                    shard: tuple[int, int] = (0, 1), groups: Sequence[str] | None = None) -> Path:
     """Run (or resume) the study of ``protocol``; returns the path of the finished store ``<name>.h5``.
 
     Quantized models are saved under ``out_dir/results/`` (keyed by calibration data, method, format and
     settings) and reused, also by other protocols run into the same ``out_dir``; the store gets one
     point per :func:`variants` row, each flushed as soon as it is measured.
+
+    With ``shard=(i, n)``, only the rows of the groups at positions ``i, i + n, ...`` of ``groups`` (default
+    :func:`task_groups` of this protocol; pass the list of every protocol run together) are measured, into
+    :func:`landscape.cluster.shard_store_path` of ``<name>.h5``, whose path is returned.
     """
     out_dir = Path(out_dir)
-    check_store_path(out_dir / f"{name}.h5", resume=True)  # an unwritable location fails before any work
+    index, count = shard
+    store_path = out_dir / f"{name}.h5"
+    if count > 1:
+        store_path = shard_store_path(store_path, index, count)
+    check_store_path(store_path, resume=True)  # an unwritable location fails before any work
     lm = lm or load_model(protocol.model)
     tok, ctx_len = lm.tokenizer, lm.info.context_length
     calib = calibration_set(tok, protocol.calib_sequences, protocol.calib_seq_len, protocol.calib_seed,
@@ -263,10 +287,18 @@ def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = Tr
                                 f"model on the first {mse_calib.n_segments} calibration sequences",
         "variants": [r.label for r in rows],
     }
+    order = {g: k for k, g in enumerate(groups if groups is not None else task_groups([protocol]))}
+    unassigned = sorted({task_group(protocol, v) for v in rows} - set(order))
+    if unassigned:
+        raise ValueError(f"groups {unassigned} of {name} are not in the shard order: pass task_groups() of "
+                         f"every protocol run together")
+    mine = [order[task_group(protocol, v)] % count == index for v in rows]
+    if count > 1:  # recorded only for shards; merge_stores drops it
+        provenance["shard"] = {"index": index, "count": count}
     ctx = _Context(lm, protocol, calib, mse_calib, out_dir / "results", fingerprint, progress)
     w0 = layer_weights(lm.model)
     w0_norm = float(torch.sqrt(sum(w.double().pow(2).sum() for w in w0.values())))
-    store = start_run(out_dir / f"{name}.h5", provenance, _arrays(protocol), (len(rows),), resume=True)
+    store = start_run(store_path, provenance, _arrays(protocol), (len(rows),), resume=True)
     try:
         if store.writable:  # (re)written on every resume: both are functions of the protocol only
             store.write_array("w0_norm", np.float64(w0_norm))
@@ -274,7 +306,7 @@ def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = Tr
                               {"label": [r.label for r in rows], "method": [r.method for r in rows],
                                "format": [r.format or "" for r in rows],
                                "seed": [r.seed for r in rows], "act_bits": [r.act_bits or 0 for r in rows]})
-        todo = [i for i in range(len(rows)) if not store.done[i]]
+        todo = [i for i in range(len(rows)) if mine[i] and not store.done[i]]
         for i in tqdm(todo, desc=f"quant table {lm.info.name}", disable=not progress):
             store.write_point(i, _measure(ctx, rows[i], evals, w0))
             release_freed_memory()  # the variant's freed tensors go back to the system before the next one
