@@ -244,11 +244,18 @@ class ShardJob:
     shards: tuple[str, ...]  # the shard stores it writes (for messages)
 
     def __call__(self) -> int:
-        os.environ[PROGRESS_ENV] = "1"  # the store writer reports finished points beside each shard
         module, _, function = self.entry.partition(":")
         tail = _Tail(sys.stderr)
-        with contextlib.redirect_stderr(tail):  # still written to the log, and its end kept for the driver
-            status = getattr(importlib.import_module(module), function)(list(self.argv))
+        before = os.environ.get(PROGRESS_ENV)
+        os.environ[PROGRESS_ENV] = "1"  # the store writer reports finished points beside each shard
+        try:
+            with contextlib.redirect_stderr(tail):  # still written to the log, its end kept for the driver
+                status = getattr(importlib.import_module(module), function)(list(self.argv))
+        finally:  # a debug job runs in the driver's process: leave its environment as it was
+            if before is None:
+                os.environ.pop(PROGRESS_ENV, None)
+            else:
+                os.environ[PROGRESS_ENV] = before
         if status not in (0, None):
             raise SweepError(f"exit status {status}: {tail.last_line()}")
         return 0
@@ -310,7 +317,12 @@ def run_sweep(sweep: Sweep, settings: ClusterSettings) -> list[Path]:
         print("[landscape] detached: run the same command again to re-attach, wait and merge",
               file=sys.stderr)
         return []
-    failures = _wait(sweep, settings, handles)
+    try:
+        failures = _wait(sweep, settings, handles)
+    except KeyboardInterrupt:
+        running = "" if settings.executor == "debug" else "; the submitted jobs keep running"
+        raise SweepError(f"interrupted{running}: run the same command again to re-attach, wait for what is "
+                         f"missing and merge") from None
     if failures:
         lines = "\n".join(f"  job {i} (shard {i}/{n}): {err}\n    log: {log}" for i, (err, log) in
                           sorted(failures.items()))
@@ -382,7 +394,7 @@ def _submit(sweep: Sweep, settings: ClusterSettings, state: _SweepState,
     else:
         jobs = {}
         gpus = _visible_gpus()
-        for k, i in enumerate(indices):
+        for i in indices:
             executor = submitit.LocalExecutor(folder=state.logs)
             one_gpu = {"gpus_per_node": 1, "visible_gpus": (gpus[i % len(gpus)],)} if gpus else {}
             executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, **one_gpu)

@@ -27,7 +27,7 @@ from landscape.cluster import (
     shard_store_path,
 )
 from landscape.store import partial_path, read_store
-from landscape.store.files import progress_path
+from landscape.store.files import PROGRESS_ENV, progress_path
 
 pytest.importorskip("submitit")
 
@@ -55,6 +55,7 @@ def run(argv, capsys=None) -> int:
 def test_radius_search_over_local_and_debug_jobs_equals_one_process(tmp_path, capsys):
     assert run([*RADIUS, "--out", str(tmp_path / "one.h5")]) == 0
     assert run([*RADIUS, "--out", str(tmp_path / "debug.h5"), "--executor", "debug", "--jobs", "3"]) == 0
+    assert PROGRESS_ENV not in os.environ  # the in-process jobs left the driver's environment as it was
     assert run([*RADIUS, "--out", str(tmp_path / "local.h5"), "--executor", "local", "--jobs", "2"]) == 0
     assert "R(w0) median" in capsys.readouterr().out
     for name in ("debug.h5", "local.h5"):
