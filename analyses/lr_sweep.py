@@ -1,24 +1,34 @@
 """QAFT learning-rate selection on the calibration budget alone (issues #4 and #11).
 
-    python -m analyses.lr_sweep --model smollm2-135m --formats int3 int4 --out results/lr_sweep.json
+    python -m analyses.lr_sweep --model smollm2-135m --formats int3 int4 --out results/lr_sweep.h5
+    python -m analyses.lr_sweep --model my-llama --executor slurm --jobs 6 --slurm-gpus-per-task 1
 
 For each format (``fp32``: the full-precision control, which gets its own rate),
 :func:`landscape.quant.lr_selection.select_learning_rate` splits the 128 calibration sequences
 (seeded) into 112 training and 16 validation sequences, trains QAFT on the 112 with each candidate rate
 (every other setting as in the quantization table: one epoch, batch 4, seed 0) and measures the token-mean
-NLL of the snapped result on the 16. Held-out text is never read. Writes every sweep (rates, validation
-NLLs, the split, the calibration hash, seconds) to one JSON file, finished formats kept on a rerun, and
-prints each as a Markdown table.
+NLL of the snapped result on the 16. Held-out text is never read. Every (format, candidate) is one task of a
+resumable store (a killed run resumes at the next task; ``--executor`` runs the tasks as jobs); the sweeps
+are :meth:`~landscape.quant.qaft.LearningRateSweep.combined` from them and printed as Markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
+import sys
+
+import numpy as np
 
 from analyses.session import load_model_of, model_options
+from landscape.cli.common import (
+    cluster_settings,
+    computed_settings,
+    executor_arguments,
+    parse_shard,
+    progress_argument,
+)
+from landscape.cluster import Sweep, run_sweep, shard_store_path
 from landscape.data import calibration_set
 from landscape.quant import parse_format
 from landscape.quant.lr_selection import (
@@ -27,6 +37,7 @@ from landscape.quant.lr_selection import (
     select_learning_rate,
 )
 from landscape.quant.qaft import FinetuneSettings, LearningRateSweep
+from landscape.store import StoreData, StoreRecord, check_store_path, provenance, read_store, run_tasks
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,37 +49,78 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calib-sequences", type=int, default=128)
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--validation", type=int, default=DEFAULT_VALIDATION_SEQUENCES)
-    p.add_argument("--out", default="results/lr_sweep.json")
+    p.add_argument("--out", default="results/lr_sweep.h5", help="the store (resumed if unfinished)")
+    p.add_argument("--shard", type=parse_shard, default=(0, 1),
+                   help="i/n: run only tasks i, i+n, ... into --out (--executor does this for you)")
+    progress_argument(p)
+    executor_arguments(p)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     # bad ones fail before loading
     formats = [f if f == "fp32" else parse_format(f).name for f in args.formats]
     if any(c <= 0 for c in args.candidates):
         p.error(f"--candidates must be learning rates > 0, got {args.candidates}")
-    out = Path(args.out)
-    done = json.loads(out.read_text()) if out.exists() else {}
+    try:
+        cluster = cluster_settings(args)
+    except ValueError as err:
+        p.error(str(err))
+    out = check_store_path(args.out, resume=True)
+    candidates = sorted(set(args.candidates))
+    names = [task_name(fmt, lr) for fmt in formats for lr in candidates]
+    if cluster.fans_out:
+        sweep = Sweep("lr-sweep", "analyses.lr_sweep:main", tuple(argv),
+                      lambda i, n: ["--shard", f"{i}/{n}", "--out", str(shard_store_path(out, i, n))],
+                      {out: len(names)}, out.with_name(out.name + ".shards"), job_flags=("--no-progress",))
+        path, = run_sweep(sweep, cluster)
+        report(read_store(path))
+        return
     lm = load_model_of(args)
     calib = calibration_set(lm.tokenizer, args.calib_sequences, args.calib_seq_len, 0,
                             context_length=lm.info.context_length)
-    for fmt in formats:
-        key = (f"{args.model}/{fmt}/{calib.content_hash}/"
-               + ",".join(f"{c:g}" for c in sorted(args.candidates)))
-        if key not in done:
-            # the control: the same loop with the quantizer off, its own learning rate
-            control = fmt == "fp32"
-            search = LearningRateSweepSettings(tuple(args.candidates), n_validation=args.validation)
-            sweep = select_learning_rate(lm.base, calib, None if control else fmt,
-                                         FinetuneSettings(quantize=not control), search)
-            done[key] = sweep.to_dict()
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(done, indent=1))
-            os.replace(tmp, out)  # a finished sweep is never lost, a half-written file never seen
-        s = done[key]
+
+    def candidate(fmt: str, lr: float) -> StoreRecord:
+        """One candidate's sweep (the control: the same loop with the quantizer off, its own rate)."""
+        control = fmt == "fp32"
+        search = LearningRateSweepSettings((lr,), n_validation=args.validation)
+        part = select_learning_rate(lm.base, calib, None if control else fmt,
+                                    FinetuneSettings(quantize=not control), search,
+                                    progress=not args.no_progress)
+        return StoreRecord(part.to_dict(), arrays={"validation_nll": np.float64(part.validation_nll[0])})
+
+    tasks = {task_name(fmt, lr): (lambda fmt=fmt, lr=lr: candidate(fmt, lr))
+             for fmt in formats for lr in candidates}
+    settings = computed_settings(args, "out", "device", "dtype")
+    record = provenance("lr_sweep", lm.base, calibration=calib.provenance(), settings=settings,
+                        formats=formats, candidates=candidates, tasks=names)
+    store, path = run_tasks(out, record, tasks, shard=args.shard)
+    if args.shard != (0, 1):
+        print(f"{path}: {int(store.done.sum())} of {store.done.size} tasks (shard {args.shard[0]}/"
+              f"{args.shard[1]})")
+        return
+    report(store)
+
+
+def task_name(fmt: str, lr: float) -> str:
+    return f"{fmt}/lr{lr:g}"
+
+
+def sweeps(store: StoreData) -> dict[str, LearningRateSweep]:
+    """Each format's sweep, combined from its candidates' tasks."""
+    prov = store.provenance
+    return {fmt: LearningRateSweep.combined([
+        LearningRateSweep(**json.loads(str(store.arrays[f"{task_name(fmt, lr)}/attrs"])))
+        for lr in prov["candidates"]]) for fmt in prov["formats"]}
+
+
+def report(store: StoreData) -> None:
+    prov = store.provenance
+    seq_len = prov["calibration"]["seq_len"]
+    for fmt, sweep in sweeps(store).items():
         method = "fp-finetune (control)" if fmt == "fp32" else "QAFT"
-        print(f"\n## {args.model} {fmt}: {method} lr on {len(s['train_sequences'])} calibration sequences, "
-              f"validated on {len(s['validation_sequences'])} (token-mean NLL, {args.calib_seq_len}-token "
-              f"sequences; {s['seconds']:.0f} s)\n")
-        print(LearningRateSweep(**s).table())
+        print(f"\n## {prov['model']} {fmt}: {method} lr on {len(sweep.train_sequences)} calibration "
+              f"sequences, validated on {len(sweep.validation_sequences)} (token-mean NLL, {seq_len}-token "
+              f"sequences; {sweep.seconds:.0f} s)\n")
+        print(sweep.table())
 
 
 if __name__ == "__main__":

@@ -16,7 +16,14 @@ from conftest import random_tokens, tiny_model
 from landscape.objectives import nll
 from landscape.quant.formats import Grid, make_grid, parse_format
 from landscape.quant.lr_selection import LearningRateSweepSettings, select_learning_rate
-from landscape.quant.qaft import FinetuneSettings, QAFTError, fp_finetune, paired_control, qaft
+from landscape.quant.qaft import (
+    FinetuneSettings,
+    LearningRateSweep,
+    QAFTError,
+    fp_finetune,
+    paired_control,
+    qaft,
+)
 from landscape.quant.result import QuantResult
 from landscape.quant.training import learning_rate_at, lsq_fake_quant
 from landscape.weights import (
@@ -445,6 +452,20 @@ def test_learning_rate_selection_uses_a_split_of_the_calibration_set_only():
     with pytest.raises(QAFTError, match="unknown settings"):
         select_learning_rate(model, calib, "int3", FinetuneSettings(lr=1e-3),
                              LearningRateSweepSettings(n_validation=4), progress=False)
+
+
+def test_sweeps_over_disjoint_candidates_combine_into_one_and_others_are_refused():
+    def part(rates, values, validation=(0, 1), start=3.0):
+        return LearningRateSweep(tuple(rates), tuple(values), start, rates[0], (2, 3), validation, "h",
+                                 "int3", "qaft", {"seed": 0}, 1.5)
+
+    whole = LearningRateSweep.combined([part([1e-2], [2.5]), part([1e-4, 1e-3], [2.7, 2.5])])
+    assert whole.candidates == (1e-4, 1e-3, 1e-2) and whole.validation_nll == (2.7, 2.5, 2.5)
+    assert whole.best_lr == 1e-3 and whole.seconds == 3.0  # a tie goes to the smaller rate, as in one sweep
+    with pytest.raises(QAFTError, match="differ from sweep 0 in their split"):
+        LearningRateSweep.combined([part([1e-2], [2.5]), part([1e-4], [2.7], validation=(0, 4))])
+    with pytest.raises(QAFTError, match="candidates appear in several sweeps"):
+        LearningRateSweep.combined([part([1e-2], [2.5]), part([1e-2], [2.5])])
 
 
 @pytest.mark.parametrize("micro_batch_size", [None, 1, 3])

@@ -43,21 +43,37 @@ def _quant_tables(out):
                       "--layer-mse-sequences", "2", "--qaft-lr", "1e-3"])
 
 
-def test_lr_sweep_picks_the_lowest_validation_nll_and_reuses_a_finished_sweep(tmp_path, capsys):
-    out = tmp_path / "sweep.json"
-    args = [*SHORT, "--formats", "int3", "--candidates", "1e-2", "1e-4", "--out", str(out)]
+def test_lr_sweep_picks_the_lowest_validation_nll_and_equals_one_sweep_over_all_candidates(tmp_path, capsys):
+    """One task per (format, candidate), combined: the same numbers as one select_learning_rate over every
+    candidate; a rerun reads the store back; debug jobs give the same store."""
+    from landscape.data import calibration_set
+    from landscape.models import load_model
+    from landscape.quant.lr_selection import LearningRateSweepSettings, select_learning_rate
+    from landscape.quant.qaft import FinetuneSettings
+
+    out = tmp_path / "sweep.h5"
+    args = [*SHORT, "--formats", "int3", "--candidates", "1e-2", "1e-4", "--out", str(out), "--no-progress"]
     lr_sweep.main(args)
-    (key, sweep), = json.loads(out.read_text()).items()
-    assert key.startswith("ref-tiny/int3/") and sweep["candidates"] == [1e-4, 1e-2]
-    assert sweep["best_lr"] == sweep["candidates"][int(np.argmin(sweep["validation_nll"]))]
-    assert len(sweep["validation_sequences"]) == 16 and len(sweep["train_sequences"]) == 112
+    sweep = lr_sweep.sweeps(read_store(out))["int3"]
+    assert sweep.candidates == (1e-4, 1e-2)
+    assert sweep.best_lr == sweep.candidates[int(np.argmin(sweep.validation_nll))]
+    assert len(sweep.validation_sequences) == 16 and len(sweep.train_sequences) == 112
+    lm = load_model("ref-tiny")
+    calib = calibration_set(lm.tokenizer, 128, 32, 0, context_length=lm.info.context_length)
+    whole = select_learning_rate(lm.base, calib, "int3", FinetuneSettings(),
+                                 LearningRateSweepSettings((1e-2, 1e-4)), progress=False)
+    assert (whole.validation_nll, whole.best_lr, whole.start_validation_nll) == \
+        (sweep.validation_nll, sweep.best_lr, sweep.start_validation_nll)
     first = capsys.readouterr().out
     before = out.stat().st_mtime_ns
     lr_sweep.main(args)  # finished: printed again, not recomputed
     assert out.stat().st_mtime_ns == before and capsys.readouterr().out == first
     assert "**chosen**" in first
+    jobs = tmp_path / "jobs.h5"
+    lr_sweep.main([*args[:args.index("--out")], "--out", str(jobs), "--executor", "debug", "--jobs", "2"])
+    assert_same_store(jobs, out)
     with pytest.raises(SystemExit):
-        lr_sweep.main([*SHORT, "--candidates", "0", "--out", str(tmp_path / "x.json")])
+        lr_sweep.main([*SHORT, "--candidates", "0", "--out", str(tmp_path / "x.h5")])
 
 
 def test_misalignment_split_counts_candidates_inside_the_radius(tables, tmp_path, capsys):
@@ -174,12 +190,12 @@ def test_lr_sweep_of_the_control_starts_at_w0_and_never_quantizes(tmp_path):
     from landscape.models import load_model
     from landscape.objectives import nll
 
-    out = tmp_path / "sweep.json"
+    out = tmp_path / "sweep.h5"
     lr_sweep.main([*SHORT, "--formats", "fp32", "--candidates", "1e-3", "0.5", "--out", str(out)])
-    (sweep,) = json.loads(out.read_text()).values()
-    assert sweep["method"] == "fp-finetune" and sweep["format"] is None
+    (sweep,) = lr_sweep.sweeps(read_store(out)).values()
+    assert sweep.method == "fp-finetune" and sweep.format is None
     lm = load_model("ref-tiny")
     calib = calibration_set(lm.tokenizer, 128, 32, 0, context_length=lm.info.context_length)
-    assert sweep["start_validation_nll"] == nll(lm.model, calib.subset(sweep["validation_sequences"]),
-                                                batch_size=8).value  # w0 itself, not a rounded model
-    assert sweep["best_lr"] == 1e-3  # a rate of 0.5 wrecks a full-precision model
+    assert sweep.start_validation_nll == nll(lm.model, calib.subset(list(sweep.validation_sequences)),
+                                             batch_size=8).value  # w0 itself, not a rounded model
+    assert sweep.best_lr == 1e-3  # a rate of 0.5 wrecks a full-precision model

@@ -30,6 +30,7 @@ from landscape.quant.qaft import (
     FinetuneSettings,
     LearningRateSweep,
     QAFTError,
+    best_learning_rate,
     jsonable_settings,
     plan_run,
     qaft,
@@ -135,7 +136,7 @@ def select_learning_rate(
                       progress=False, mse_data=mse_data)
         with swapped_weights(base.model, result.weights):
             values.append(nll(base.model, validation_set, batch_size=search.eval_batch_size).value)
-    best = rates[min(range(len(rates)), key=lambda i: (values[i], i))]
+    best = best_learning_rate(rates, values)
     recorded: dict[str, Any] = {k: v for k, v in settings.to_dict().items() if k != "lr"}
     recorded["layers"] = layers if layers is None or isinstance(layers, str) else list(layers)
     recorded["start"] = start.label if start is not None else None

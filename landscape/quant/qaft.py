@@ -49,8 +49,10 @@ on the calibration budget only, never on held-out text
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -96,6 +98,11 @@ class QAFTError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------- settings
+def best_learning_rate(rates: Sequence[float], values: Sequence[float]) -> float:
+    """The rate of the lowest validation NLL; on a tie, the first (``rates`` ascending: the smallest)."""
+    return rates[min(range(len(rates)), key=lambda i: (values[i], i))]
+
+
 @dataclass(frozen=True)
 class LearningRateSweep:
     """A learning-rate selection on the calibration budget only (its fields are JSON values).
@@ -131,6 +138,34 @@ class LearningRateSweep:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def combined(cls, parts: Sequence[LearningRateSweep]) -> LearningRateSweep:
+        """One sweep from sweeps over disjoint candidates with the same split, start and settings (e.g. the
+        jobs of a fanned-out sweep, one candidate each): the candidates ascending, the best chosen as
+        :func:`~landscape.quant.lr_selection.select_learning_rate` chooses, the seconds summed. Equal to one
+        sweep over all the candidates (each candidate's run depends on nothing else)."""
+        def shared(p: LearningRateSweep) -> tuple:
+            return (p.start_validation_nll, tuple(p.train_sequences), tuple(p.validation_sequences),
+                    p.calibration_hash, p.format, p.method, json.dumps(p.settings, sort_keys=True))
+
+        if not parts:
+            raise QAFTError("combined needs at least one sweep")
+        differing = [i for i, p in enumerate(parts) if shared(p) != shared(parts[0])]
+        if differing:
+            raise QAFTError(f"sweeps {differing} differ from sweep 0 in their split, start, format or "
+                            f"settings: only sweeps of one selection over different candidates combine")
+        pairs = sorted((lr, v) for p in parts for lr, v in zip(p.candidates, p.validation_nll))
+        rates = [lr for lr, _ in pairs]
+        if len(set(rates)) != len(rates):
+            raise QAFTError(f"candidates appear in several sweeps: {sorted(rates)}")
+        values = [v for _, v in pairs]
+        best = best_learning_rate(rates, values)
+        first = parts[0]
+        return replace(first, candidates=tuple(rates), validation_nll=tuple(values), best_lr=best,
+                       train_sequences=tuple(first.train_sequences),
+                       validation_sequences=tuple(first.validation_sequences),
+                       seconds=float(sum(p.seconds for p in parts)))
 
     def table(self) -> str:
         """The sweep as a Markdown table (validation NLL per learning rate, the choice marked)."""
