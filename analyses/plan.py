@@ -10,9 +10,11 @@ the results.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +40,8 @@ from analyses.session import (
     table_store,
 )
 from landscape import plots
+from landscape.cli.common import cluster_settings
+from landscape.cluster import ClusterSettings, Sweep, run_sweep, shard_store_path
 from landscape.engine.basin import RadiusSearch, basin_statistics
 from landscape.engine.directions import DirectionSpec
 from landscape.engine.perturb import NLLObjective
@@ -45,7 +49,7 @@ from landscape.engine.sweep import Execution
 from landscape.memory import MemoryPeak, MemoryWatch, release_freed_memory
 from landscape.quant import parse_format
 from landscape.store import finish_run, start_run
-from landscape.studies.quant_table import Protocol, run_quant_table
+from landscape.studies.quant_table import Protocol, run_quant_table, variants
 from landscape.weights import Base, layer_weights, select_layers, weights_norm
 
 
@@ -116,6 +120,10 @@ class Step:
         estimate_s: estimated seconds (:class:`Costs`), for the plan and the progress bar.
         run: does the measurement (resuming a partial store where the library supports it).
         model: the model it needs (loaded once per session, only if some step runs).
+        shard: for a step that is a sweep, ``(i, n) ->`` measures shard ``i`` of ``n`` into
+            :func:`landscape.cluster.shard_store_path` of ``store`` (``make figures`` with ``--executor``
+            runs the shards as jobs and merges them); ``None``: the step runs in this process.
+        points: the points of such a sweep (its progress bar).
     """
 
     title: str
@@ -123,6 +131,8 @@ class Step:
     estimate_s: float
     run: Callable[[], object] = field(repr=False, compare=False)
     model: str = ""
+    shard: Callable[[int, int], object] | None = field(default=None, repr=False, compare=False)
+    points: int = 0
 
     @property
     def done(self) -> bool:
@@ -168,9 +178,15 @@ class StepReport:
                 **self.peak.to_dict()}
 
 
-def execute(steps: Sequence[Step], session: Session) -> list[StepReport]:
+def execute(steps: Sequence[Step], session: Session, cluster: ClusterSettings = ClusterSettings(),
+            argv: Sequence[str] = ()) -> list[StepReport]:
     """Run the steps whose stores do not exist yet, in order, under one progress bar (in estimated
-    seconds); each step's time and memory peak is printed as it finishes and returned."""
+    seconds); each step's time and memory peak is printed as it finishes and returned.
+
+    With an executor (``cluster``), a step that is a sweep (:attr:`Step.shard`) runs as ``cluster.jobs`` jobs
+    of ``analyses.run_all`` (``argv``, the run's own arguments, plus ``--step KEY --shard i/n``), merged into
+    its store before the next step starts; its memory peak is then the driver's, not the jobs'.
+    """
     todo = [s for s in unique_steps(steps) if not s.done]
     reports: list[StepReport] = []
     if not todo:
@@ -186,7 +202,10 @@ def execute(steps: Sequence[Step], session: Session) -> list[StepReport]:
             release_freed_memory()  # each step starts from what is alive, not from the last step's heap
             started = time.perf_counter()
             with MemoryWatch(session.device) as watch:
-                step.run()
+                if cluster.fans_out and step.shard is not None:
+                    run_sweep(step_sweep(step, session, argv), cluster)
+                else:
+                    step.run()
             if not step.done:
                 raise RuntimeError(f"step {step.title!r} finished without writing its store {step.store}")
             reports.append(StepReport(step.title, time.perf_counter() - started, step.estimate_s, watch.peak))
@@ -194,6 +213,38 @@ def execute(steps: Sequence[Step], session: Session) -> list[StepReport]:
                       f"(estimated {format_seconds(step.estimate_s)}; {watch.peak.describe()})")
             bar.update(weight(step))
     return reports
+
+
+def figure_cluster(args: argparse.Namespace) -> ClusterSettings:
+    """The executor of a figure run's sweep steps (checked before any work)."""
+    cluster = cluster_settings(args)
+    if cluster.detach:
+        raise ValueError("a figure run waits for each step's jobs (later steps read their stores): drop "
+                         "--detach")
+    return cluster
+
+
+def run_step_shard(steps: Sequence[Step], session: Session, key: str, shard: tuple[int, int]) -> int:
+    """What one job of a sweep step runs: shard ``i`` of ``n`` of the step whose :func:`step_key` is
+    ``key``."""
+    found = {step_key(s, session): s for s in unique_steps(steps) if s.shard is not None}
+    if key not in found:
+        raise ValueError(f"--step {key!r} is not a sweep step of this run; its sweep steps: {sorted(found)}")
+    found[key].shard(*shard)
+    return 0
+
+
+def step_key(step: Step, session: Session) -> str:
+    """What names a step on the command line (``--step``): its store's path under the session's data."""
+    return step.store.relative_to(session.data).as_posix()
+
+
+def step_sweep(step: Step, session: Session, argv: Sequence[str]) -> Sweep:
+    """A sweep step as jobs: each runs ``analyses.run_all`` with the same arguments on one shard."""
+    key = step_key(step, session)
+    return Sweep(f"step {key}", "analyses.run_all:main", tuple(argv),
+                 lambda i, n: ["--step", key, "--shard", f"{i}/{n}"], {step.store: step.points},
+                 step.store.with_name(step.store.name + ".shards"), job_flags=("--no-progress", "--no-png"))
 
 
 def summary_text(reports: Sequence[StepReport]) -> str:
@@ -226,11 +277,13 @@ def quant_table_steps(session: Session, model: str) -> list[Step]:
     (:func:`landscape.studies.quant_table.run_quant_table`)."""
     def step(protocol: Protocol) -> Step:
         methods = ", ".join(protocol.methods)
+        def shard(i: int, n: int) -> Path:
+            return run_quant_table(protocol, table_dir(session, protocol), progress=session.progress,
+                                   lm=session.model(model), shard=(i, n))
+
         return Step(f"{model}: quant table {', '.join(protocol.formats)} ({methods})",
                     table_store(session, protocol), COSTS.quant_table(protocol),
-                    lambda: run_quant_table(protocol, table_dir(session, protocol), progress=session.progress,
-                                            lm=session.model(model)),
-                    model)
+                    lambda: shard(0, 1), model, shard, len(variants(protocol)))
 
     return [step(p) for p in model_protocols(session, model)]
 
@@ -263,13 +316,17 @@ def run_figure_script(module: ModuleType, argv: Sequence[str] | None = None) -> 
     ``module`` provides ``FIGURE`` (the file stem), ``steps(session) -> list[Step]`` and
     ``figure(session) -> go.Figure`` (from stores only).
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(module.__doc__ or module.FIGURE, argv)
     session = session_from_args(args)
     steps = module.steps(session)
+    if args.step:
+        return run_step_shard(steps, session, args.step, args.shard)
+    cluster = figure_cluster(args)
     print(plan_text(steps, session), flush=True)
     if args.plan:
         return 0
-    reports = execute(steps, session)
+    reports = execute(steps, session, cluster, argv)
     if reports:
         record_run(session, reports)
     print(publish(module.figure(session), session, module.FIGURE), flush=True)
@@ -294,7 +351,7 @@ def basin_step(session: Session, model: str) -> Step:
     quantization tables' results (figures 4 and 7)."""
     settings = session.profile_for(model).basin
 
-    def run() -> None:
+    def run(i: int = 0, n: int = 1) -> None:
         lm = session.model(model)
         base = Base(lm.model, model)
         layers = select_layers(lm.model)
@@ -304,8 +361,10 @@ def basin_step(session: Session, model: str) -> Step:
         data = eval_set(session, model, settings.segments)
         search = RadiusSearch(settings.threshold, tolerance=settings.tolerance,
                               initial_fraction=settings.initial_fraction)
-        execution = Execution(store=basin_store(session, model), resume=True,
-                              provenance={"model_info": lm.info.to_dict()}, progress=session.progress)
+        store = basin_store(session, model)
+        execution = Execution(store=store if n == 1 else shard_store_path(store, i, n), resume=True,
+                              shard=(i, n), provenance={"model_info": lm.info.to_dict()},
+                              progress=session.progress)
         basin_statistics(base, specs, NLLObjective(data, 4, model), data=data, search=search,
                          profile_radii=np.array(settings.profile_fractions) * weights_norm(lm.model, layers),
                          quant_results=quantized_displacements(session, model), execution=execution)
@@ -316,4 +375,4 @@ def basin_step(session: Session, model: str) -> Step:
     estimate = evaluations * COSTS.forward(model, settings.segments * profile.eval_seq_len)
     return Step(f"{model}: basin radius along {settings.n_directions} random directions "
                 f"({len(settings.profile_fractions)} profile radii + bisection)", basin_store(session, model),
-                float(estimate), run, model)
+                float(estimate), run, model, run, settings.n_directions)

@@ -20,7 +20,7 @@ from analyses import (
     fig6_curvature,
     fig7_model_size,
 )
-from analyses.plan import execute, plan_text, record_run, summary_text
+from analyses.plan import execute, figure_cluster, plan_text, record_run, run_step_shard, summary_text
 from analyses.session import Session, parse_args, publish, session_from_args
 from landscape.plots import caption_of
 
@@ -57,13 +57,17 @@ def index_page(session: Session, entries: list[tuple[str, str, str, str]]) -> st
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(__doc__, argv)
     session = session_from_args(args)
     steps = [step for module in FIGURES for step in module.steps(session)]
+    if args.step:  # one job of a sweep step (--executor)
+        return run_step_shard(steps, session, args.step, args.shard)
+    cluster = figure_cluster(args)
     print(plan_text(steps, session), flush=True)
     if args.plan:
         return 0
-    reports = execute(steps, session)
+    reports = execute(steps, session, cluster, argv)
     entries = []
     for module in FIGURES:
         fig = module.figure(session)

@@ -25,7 +25,7 @@ import torch
 
 from analyses.profiles import PROFILES, Profile, TableSpec
 from landscape.cache import stable_hash
-from landscape.cli.common import device_arg, dtype_arg
+from landscape.cli.common import device_arg, dtype_arg, executor_arguments, parse_shard
 from landscape.data import calibration_set, heldout_set
 from landscape.figio import png_export_available, write_figure
 from landscape.models import load_model, parse_dtype, resolve_device
@@ -242,6 +242,9 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
                              "mps")
     parser.add_argument("--dtype", type=dtype_arg, default="float32",
                         help="the models' dtype: float32 (default), bfloat16, float16, float64")
+    executor_arguments(parser)  # the steps that are sweeps run as jobs (quantization tables, radius search)
+    parser.add_argument("--step", default=None, help=argparse.SUPPRESS)  # what one job of such a step runs:
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help=argparse.SUPPRESS)  # its shard
     parser.set_defaults(profile="quick")
     return parser.parse_args(argv)
 

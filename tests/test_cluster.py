@@ -271,3 +271,24 @@ def test_a_detached_sweep_is_re_attached_by_the_same_command(tmp_path, capsys):
     assert "0 to submit" in err and ("2 running" in err or "1 running" in err), err
     assert_same_store(tmp_path / "r.h5", tmp_path / "one.h5")
     assert len(list((tmp_path / "r.h5.shards" / "logs").glob("*_submitted.pkl"))) == 2
+
+
+def test_the_figure_pipeline_runs_its_sweep_steps_as_jobs_with_the_same_stores(tmp_path, capsys):
+    """make figures --executor: the quantization tables and the radius search run as jobs (debug: in this
+    process), every store equals the single-process run's, and the pages are written."""
+    from analyses import run_all
+
+    args = ["--tiny", "--no-png", "--no-progress"]
+    assert run_all.main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert run_all.main([*args, "--out", str(tmp_path / "jobs"), "--executor", "debug", "--jobs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("2 jobs (debug)") == 4  # three quantization tables and the radius search
+    one, jobs = tmp_path / "one" / "data", tmp_path / "jobs" / "data"
+    stores = sorted(one.rglob("*.h5"))
+    assert len(stores) >= 10 and sorted(p.relative_to(one) for p in stores) == sorted(
+        p.relative_to(jobs) for p in jobs.rglob("*.h5"))
+    for store in stores:
+        assert_same_store(jobs / store.relative_to(one), store, folders=(tmp_path / "jobs", tmp_path / "one"))
+    assert (tmp_path / "jobs" / "index.html").exists()
+    with pytest.raises(ValueError, match="drop --detach"):
+        run_all.main([*args, "--out", str(tmp_path / "x"), "--executor", "local", "--detach"])
