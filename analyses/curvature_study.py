@@ -33,7 +33,7 @@ from landscape.cli.common import (
     parse_shard,
     progress_argument,
 )
-from landscape.cluster import Sweep, run_sweep, shard_store_path
+from landscape.cluster import Sweep, run_sweep, shard_report
 from landscape.curvature import Curvature, read_curvature
 from landscape.data import calibration_set, heldout_set
 from landscape.engine.directions import displacement_direction, random_direction_of_length
@@ -98,9 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     out = check_store_path(args.out, resume=True)
     if cluster.fans_out:
         count = len(task_names(args, formats))
-        sweep = Sweep("curvature-study", "analyses.curvature_study:main", tuple(argv),
-                      lambda i, n: ["--shard", f"{i}/{n}", "--out", str(shard_store_path(out, i, n))],
-                      {out: count}, out.with_name(out.name + ".shards"), job_flags=("--no-progress",))
+        sweep = Sweep.of_store("curvature-study", "analyses.curvature_study:main", argv, out, count,
+                               job_flags=("--no-progress",))
         path, = run_sweep(sweep, cluster)
         report(read_store(path))
         return
@@ -151,8 +150,7 @@ def main(argv: list[str] | None = None) -> None:
                         settings=settings, tasks=list(tasks), paths=paths)
     store, path = run_tasks(out, record, tasks, shard=args.shard)
     if args.shard != (0, 1):
-        print(f"{path}: {int(store.done.sum())} of {store.done.size} tasks (shard {args.shard[0]}/"
-              f"{args.shard[1]})")
+        print(shard_report(path, store.done, args.shard, "tasks"))
         return
     report(store)
 

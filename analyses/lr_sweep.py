@@ -28,7 +28,7 @@ from landscape.cli.common import (
     parse_shard,
     progress_argument,
 )
-from landscape.cluster import Sweep, run_sweep, shard_store_path
+from landscape.cluster import Sweep, run_sweep, shard_report
 from landscape.data import calibration_set
 from landscape.quant import parse_format
 from landscape.quant.lr_selection import (
@@ -68,9 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     candidates = sorted(set(args.candidates))
     names = [task_name(fmt, lr) for fmt in formats for lr in candidates]
     if cluster.fans_out:
-        sweep = Sweep("lr-sweep", "analyses.lr_sweep:main", tuple(argv),
-                      lambda i, n: ["--shard", f"{i}/{n}", "--out", str(shard_store_path(out, i, n))],
-                      {out: len(names)}, out.with_name(out.name + ".shards"), job_flags=("--no-progress",))
+        sweep = Sweep.of_store("lr-sweep", "analyses.lr_sweep:main", argv, out, len(names),
+                               job_flags=("--no-progress",))
         path, = run_sweep(sweep, cluster)
         report(read_store(path))
         return
@@ -94,8 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                         formats=formats, candidates=candidates, tasks=names)
     store, path = run_tasks(out, record, tasks, shard=args.shard)
     if args.shard != (0, 1):
-        print(f"{path}: {int(store.done.sum())} of {store.done.size} tasks (shard {args.shard[0]}/"
-              f"{args.shard[1]})")
+        print(shard_report(path, store.done, args.shard, "tasks"))
         return
     report(store)
 

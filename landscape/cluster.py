@@ -219,12 +219,31 @@ class Sweep:
     folder: Path
     job_flags: tuple[str, ...] = ("--resume", "--no-progress")
 
+    @classmethod
+    def of_store(cls, name: str, entry: str, argv: Sequence[str], store: str | os.PathLike, points: int,
+                 job_flags: tuple[str, ...] = ("--resume", "--no-progress")) -> Sweep:
+        """The sweep of an entry point that writes one store at ``--out``: job ``i`` of ``n`` runs it with
+        ``--shard i/n --out <store>.shards/<i>-of-<n>.h5``; its folder is ``<store>.shards``."""
+        store = Path(store)
+
+        def shard_arguments(i: int, n: int) -> list[str]:
+            return ["--shard", f"{i}/{n}", "--out", str(shard_store_path(store, i, n))]
+
+        return cls(name, entry, tuple(argv), shard_arguments, {store: points},
+                   store.with_name(store.name + ".shards"), job_flags)
+
     def job(self, index: int, count: int) -> ShardJob:
         own = (a for a in self.argv if a != "--detach")  # the driver's flag, not the job's
         argv = (*own, *self.shard_arguments(index, count), "--executor", "none", "--jobs", "1",
                 *self.job_flags)
         shards = tuple(str(shard_store_path(s, index, count)) for s in self.stores)
         return ShardJob(self.entry, argv, shards)
+
+
+def shard_report(path: str | os.PathLike, done: np.ndarray, shard: tuple[int, int],
+                 unit: str = "points") -> str:
+    """What a job prints when its shard is stored."""
+    return f"{path}: {int(done.sum())} of {done.size} {unit} done (shard {shard[0]}/{shard[1]})"
 
 
 def shard_store_path(store: str | os.PathLike, index: int, count: int) -> Path:

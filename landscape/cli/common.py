@@ -17,7 +17,7 @@ from typing import TypeVar
 import numpy as np
 
 from landscape import models
-from landscape.cluster import EXECUTORS, ClusterSettings, SlurmSettings, Sweep, run_sweep, shard_store_path
+from landscape.cluster import EXECUTORS, ClusterSettings, SlurmSettings, Sweep, run_sweep
 from landscape.data import (
     CORPORA,
     HELDOUT_MODULUS,
@@ -256,14 +256,7 @@ def fan_out(args: argparse.Namespace, cluster: ClusterSettings, name: str, store
             job_flags: tuple[str, ...] = ("--resume", "--no-progress")) -> list[Path]:
     """Run this command (``args.argv``) as ``--jobs`` jobs of ``--executor``, shard ``i`` of ``n`` into
     ``<store>.shards/<i>-of-<n>.h5``, merged into ``store`` (:func:`landscape.cluster.run_sweep`)."""
-    store = Path(store)
-
-    def shard_arguments(i: int, n: int) -> list[str]:
-        return ["--shard", f"{i}/{n}", "--out", str(shard_store_path(store, i, n))]
-
-    sweep = Sweep(name, "landscape.cli:main", tuple(args.argv), shard_arguments, {store: points},
-                  store.with_name(store.name + ".shards"), job_flags)
-    return run_sweep(sweep, cluster)
+    return run_sweep(Sweep.of_store(name, "landscape.cli:main", args.argv, store, points, job_flags), cluster)
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -35,6 +35,7 @@ from landscape.cli.common import (
     progress_argument,
     store_arguments,
 )
+from landscape.cluster import shard_report
 from landscape.engine.basin import BasinStatistics, RadiusSearch, basin_statistics
 from landscape.engine.directions import (
     DirectionSpec,
@@ -190,9 +191,7 @@ def run_radius(args: argparse.Namespace) -> int:
     stats = basin_statistics(base, specs, NLLObjective(data, args.batch_size, lm.info.name), data=data,
                              search=search, profile_radii=profile, quant_results=results, execution=execution)
     if stats is None:  # one shard of the directions
-        done = read_store(args.out).done
-        print(f"{args.out}: {int(done.sum())} of {done.size} directions done (shard {args.shard[0]}/"
-              f"{args.shard[1]})")
+        print(shard_report(args.out, read_store(args.out).done, args.shard, "directions"))
         return 0
     report_radius(stats, args.out)
     return 0

@@ -30,6 +30,7 @@ from landscape.cli.common import (
     parse_shard,
     progress_argument,
 )
+from landscape.cluster import shard_report
 from landscape.curvature import Curvature, read_curvature
 from landscape.store import check_store_path, provenance, read_store, run_tasks
 
@@ -109,8 +110,7 @@ def run_spectrum(args: argparse.Namespace) -> int:
     store, path = run_tasks(out, provenance("curvature", lm.base, data, model_info=lm.info.to_dict(),
                                             settings=settings, tasks=list(tasks)), tasks, shard=args.shard)
     if args.shard != (0, 1):
-        print(f"{path}: {int(store.done.sum())} of {store.done.size} tasks done (shard {args.shard[0]}/"
-              f"{args.shard[1]})")
+        print(shard_report(path, store.done, args.shard, "tasks"))
         return 0
     if lm.info.caveat:
         print(f"caveat: {lm.info.caveat}\n")
