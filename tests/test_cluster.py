@@ -69,7 +69,8 @@ def test_radius_search_over_local_and_debug_jobs_equals_one_process(tmp_path, ca
 
 def test_a_killed_local_job_loses_nothing_and_the_rerun_computes_only_what_is_missing(tmp_path, capsys):
     """SIGKILL one job of a 2-D scan after its first points, run the same command again: the finished shard
-    is not resubmitted, the killed one resumes its store, and the merge equals one uninterrupted process."""
+    is not resubmitted, the killed one resumes its store, and the merge equals one uninterrupted process (as
+    debug jobs' does)."""
     assert run([*SCAN, "--out", str(tmp_path / "one.h5")], capsys) == 0
     out = tmp_path / "scan.h5"
     argv = [*SCAN, "--out", str(out), "--executor", "local", "--jobs", "2"]
@@ -100,6 +101,9 @@ def test_a_killed_local_job_loses_nothing_and_the_rerun_computes_only_what_is_mi
     assert main(argv) == 0
     assert "1 finished, 0 running, 1 to submit" in capsys.readouterr().err
     assert_same_store(out, tmp_path / "one.h5")
+    debug = tmp_path / "debug.h5"
+    assert main([*SCAN, "--out", str(debug), "--executor", "debug", "--jobs", "3"]) == 0
+    assert_same_store(debug, tmp_path / "one.h5")
     assert not finished.exists() and before  # merged, then removed: never rewritten before the merge
 
 
@@ -120,7 +124,7 @@ def test_a_failing_job_names_its_log_and_leaves_the_other_shards_intact(tmp_path
     assert main(argv) == 0 and read_store(out).done.all()
 
 
-def test_quant_table_over_local_jobs_equals_one_process(tmp_path):
+def test_quant_table_over_local_and_debug_jobs_equals_one_process(tmp_path):
     from analyses import quant_table
 
     args = ["--model", "ref-tiny", "--calib-seq-len", "32", "--eval-seq-len", "32", "--eval-segments", "4",
@@ -129,8 +133,10 @@ def test_quant_table_over_local_jobs_equals_one_process(tmp_path):
             "--no-progress"]
     quant_table.main([*args, "--out", str(tmp_path / "one")])
     quant_table.main([*args, "--out", str(tmp_path / "jobs"), "--executor", "local", "--jobs", "2"])
+    quant_table.main([*args, "--out", str(tmp_path / "debug"), "--executor", "debug", "--jobs", "3"])
     for name in ("core-int4.h5", "wide.h5"):
-        assert_same_store(tmp_path / "jobs" / name, tmp_path / "one" / name)
+        for run_dir in ("jobs", "debug"):
+            assert_same_store(tmp_path / run_dir / name, tmp_path / "one" / name)
     # every saved result computed once, by the job that owns its group (GPTQ int4 with LoRC and W4A8)
     assert sorted(p.name for p in (tmp_path / "jobs" / "results").rglob("*.json")) == \
         sorted(p.name for p in (tmp_path / "one" / "results").rglob("*.json"))
