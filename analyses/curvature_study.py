@@ -91,10 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.trace_matvecs < 6:
         p.error(f"--trace-matvecs must be >= 6 (Hutch++ needs two residual probes for its error), got "
                 f"{args.trace_matvecs}")
-    try:
-        cluster = cluster_settings(args)
-    except ValueError as err:
-        p.error(str(err))
+    cluster = cluster_settings(args, p)
     out = check_store_path(args.out, resume=True)
     if cluster.fans_out:
         count = len(task_names(args, formats))

@@ -60,10 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     formats = [f if f == "fp32" else parse_format(f).name for f in args.formats]
     if any(c <= 0 for c in args.candidates):
         p.error(f"--candidates must be learning rates > 0, got {args.candidates}")
-    try:
-        cluster = cluster_settings(args)
-    except ValueError as err:
-        p.error(str(err))
+    cluster = cluster_settings(args, p)
     out = check_store_path(args.out, resume=True)
     candidates = sorted(set(args.candidates))
     names = [task_name(fmt, lr) for fmt in formats for lr in candidates]

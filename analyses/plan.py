@@ -41,7 +41,7 @@ from analyses.session import (
 )
 from landscape import plots
 from landscape.cli.common import cluster_settings
-from landscape.cluster import ClusterSettings, Sweep, run_sweep, shard_store_path
+from landscape.cluster import ClusterSettings, Sweep, run_sweep, shard_folder, shard_store_path
 from landscape.engine.basin import RadiusSearch, basin_statistics
 from landscape.engine.directions import DirectionSpec
 from landscape.engine.perturb import NLLObjective
@@ -244,7 +244,7 @@ def step_sweep(step: Step, session: Session, argv: Sequence[str]) -> Sweep:
     key = step_key(step, session)
     return Sweep(f"step {key}", "analyses.run_all:main", tuple(argv),
                  lambda i, n: ["--step", key, "--shard", f"{i}/{n}"], {step.store: step.points},
-                 step.store.with_name(step.store.name + ".shards"), job_flags=("--no-progress", "--no-png"))
+                 shard_folder(step.store), job_flags=("--no-progress", "--no-png"))
 
 
 def summary_text(reports: Sequence[StepReport]) -> str:

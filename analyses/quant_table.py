@@ -89,10 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             p.error(f"--only {unknown}: no such protocol; choose from {sorted(runs)}")
         runs = {name: runs[name] for name in args.only}
-    try:
-        cluster = cluster_settings(args)
-    except ValueError as err:
-        p.error(str(err))
+    cluster = cluster_settings(args, p)
     out = Path(args.out)
     if cluster.fans_out:
         stores = {out / f"{name}{args.tag}.h5": len(variants(protocol)) for name, protocol in runs.items()}

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from landscape.store import merge_stores, partial_path, read_store
+from landscape.store import merge_stores, partial_path
 from landscape.store.files import DONE, PROGRESS_ENV, progress_path
 
 EXECUTORS = ("none", "local", "slurm", "debug")
@@ -229,15 +229,13 @@ class Sweep:
         def shard_arguments(i: int, n: int) -> list[str]:
             return ["--shard", f"{i}/{n}", "--out", str(shard_store_path(store, i, n))]
 
-        return cls(name, entry, tuple(argv), shard_arguments, {store: points},
-                   store.with_name(store.name + ".shards"), job_flags)
+        return cls(name, entry, tuple(argv), shard_arguments, {store: points}, shard_folder(store), job_flags)
 
     def job(self, index: int, count: int) -> ShardJob:
         own = (a for a in self.argv if a != "--detach")  # the driver's flag, not the job's
         argv = (*own, *self.shard_arguments(index, count), "--executor", "none", "--jobs", "1",
                 *self.job_flags)
-        shards = tuple(str(shard_store_path(s, index, count)) for s in self.stores)
-        return ShardJob(self.entry, argv, shards)
+        return ShardJob(self.entry, argv)
 
 
 def shard_report(path: str | os.PathLike, done: np.ndarray, shard: tuple[int, int],
@@ -246,11 +244,16 @@ def shard_report(path: str | os.PathLike, done: np.ndarray, shard: tuple[int, in
     return f"{path}: {int(done.sum())} of {done.size} {unit} done (shard {shard[0]}/{shard[1]})"
 
 
+def shard_folder(store: str | os.PathLike) -> Path:
+    """The folder beside the final store ``store`` that holds its shards: ``<store>.shards``."""
+    store = Path(store)
+    return store.with_name(store.name + ".shards")
+
+
 def shard_store_path(store: str | os.PathLike, index: int, count: int) -> Path:
     """Where shard ``index`` of ``count`` of the final store ``store`` is written:
     ``<store>.shards/<index>-of-<count>.h5``."""
-    store = Path(store)
-    return store.with_name(store.name + ".shards") / f"{index}-of-{count}.h5"
+    return shard_folder(store) / f"{index}-of-{count}.h5"
 
 
 @dataclass(frozen=True)
@@ -260,7 +263,6 @@ class ShardJob:
 
     entry: str
     argv: tuple[str, ...]
-    shards: tuple[str, ...]  # the shard stores it writes (for messages)
 
     def __call__(self) -> int:
         module, _, function = self.entry.partition(":")
@@ -431,6 +433,7 @@ def _wait(sweep: Sweep, settings: ClusterSettings,
     total = sum(sweep.stores.values())
     failures: dict[int, tuple[str, str]] = {}
     pending = dict(handles)
+    finished: dict[Path, int] = {}  # finished shard stores' point counts
     with tqdm(total=total, desc=f"{sweep.name} ({n} jobs)", unit="point", leave=False) as bar:
         while True:
             for i, handle in list(pending.items()):
@@ -440,7 +443,7 @@ def _wait(sweep: Sweep, settings: ClusterSettings,
                         failures[i] = (handle.error, handle.log)
                     elif not _shard_finished(sweep, i, n):
                         failures[i] = (handle.unfinished(), handle.log)
-            bar.n = min(total, _points_done(sweep, n))
+            bar.n = min(total, _points_done(sweep, n, finished))
             bar.refresh()
             if not pending:
                 return failures
@@ -451,10 +454,7 @@ def _merge(store: Path, n: int) -> Path:
     """Merge the shard stores of ``store`` after checking they cover every point; verify the merged store;
     then remove the shard stores."""
     shards = [shard_store_path(store, i, n) for i in range(n)]
-    data = [read_store(p) for p in shards]
-    covered = np.zeros(data[0].grid_shape, dtype=bool)
-    for d in data:
-        covered |= d.done
+    covered = np.logical_or.reduce([_done_mask(p) for p in shards])
     if not covered.all():
         missing = np.flatnonzero(~covered.ravel())
         raise SweepError(f"the shards of {store} miss {missing.size} of {covered.size} points (flat indices "
@@ -463,8 +463,8 @@ def _merge(store: Path, n: int) -> Path:
         merged = store
     else:
         merged = merge_stores(store, shards)
-    check = read_store(merged)
-    if not check.done.all() or check.grid_shape != data[0].grid_shape:
+    check = _done_mask(merged)  # read back from disk
+    if not check.all() or check.shape != covered.shape:
         raise SweepError(f"{merged} does not hold every point after the merge; the shards are kept in "
                          f"{shards[0].parent}")
     for p in shards:
@@ -479,9 +479,19 @@ def _shard_finished(sweep: Sweep, index: int, count: int) -> bool:
     return all(store.exists() or shard_store_path(store, index, count).exists() for store in sweep.stores)
 
 
-def _points_done(sweep: Sweep, count: int) -> int:
-    """Finished points over every store and shard: finished shard stores are read, running ones report
-    through the progress file beside their partial store."""
+def _done_mask(path: Path) -> np.ndarray:
+    """The ``done`` mask of a finished store, without reading its arrays."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f[DONE][()]
+    except OSError as err:
+        raise SweepError(f"{path} cannot be read ({err}): rerun the same command") from None
+
+
+def _points_done(sweep: Sweep, count: int, finished: dict[Path, int]) -> int:
+    """Finished points over every store and shard: finished shard stores are counted once (``finished``
+    keeps their counts between polls), running ones report through the progress file beside their partial
+    store."""
     done = 0
     for store, points in sweep.stores.items():
         if store.exists():
@@ -489,17 +499,14 @@ def _points_done(sweep: Sweep, count: int) -> int:
             continue
         for i in range(count):
             shard = shard_store_path(store, i, count)
-            if shard.exists():
-                try:
-                    with h5py.File(shard, "r") as f:
-                        done += int(np.count_nonzero(f[DONE][()]))
-                except OSError:
-                    pass
-            else:
-                try:
-                    done += int(json.loads(progress_path(partial_path(shard)).read_text())["done"])
-                except (OSError, ValueError, KeyError):
-                    pass
+            if shard not in finished and shard.exists():
+                with contextlib.suppress(SweepError):  # unreadable for now: counted at a later poll
+                    finished[shard] = int(np.count_nonzero(_done_mask(shard)))
+            if shard in finished:
+                done += finished[shard]
+                continue
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                done += int(json.loads(progress_path(partial_path(shard)).read_text())["done"])
     return done
 
 
@@ -541,9 +548,10 @@ class _SweepState:
     """``jobs.json`` in the sweep's folder: the number of jobs, the executor, and each submitted job's id and
     log, so a driver started again re-attaches to its jobs."""
 
-    def __init__(self, folder: Path, data: dict[str, Any]):
+    def __init__(self, folder: Path, data: dict[str, Any], previous_executor: str | None = None):
         self.folder, self.data = folder, data
         self.logs = folder / "logs"
+        self.previous_executor = previous_executor  # whose jobs ``jobs.json`` lists
 
     @classmethod
     def open(cls, sweep: Sweep, settings: ClusterSettings) -> _SweepState:
@@ -558,15 +566,15 @@ class _SweepState:
                 raise ClusterError(f"{sweep.folder} holds a sweep started with {data.get('jobs')} jobs: "
                                    f"rerun it with --jobs {data.get('jobs')}, or remove that folder and the "
                                    f"shard stores (*.shards) to start over with {settings.jobs}")
-            data["executor_before"], data["executor"] = data.get("executor"), settings.executor
-            return cls(sweep.folder, data)
+            previous, data["executor"] = data.get("executor"), settings.executor
+            return cls(sweep.folder, data, previous)
         sweep.folder.mkdir(parents=True, exist_ok=True)
         return cls(sweep.folder, fresh)
 
     def attach(self, index: int) -> _Handle | None:
         """A handle on shard ``index``'s job if a previous driver submitted it and it still runs."""
         job = self.data["submitted"].get(str(index))
-        if not job or self.data.get("executor_before") != self.data["executor"]:
+        if not job or self.previous_executor != self.data["executor"]:
             return None
         if self.data["executor"] == "local":
             pid = int(job["job_id"])
@@ -583,9 +591,8 @@ class _SweepState:
         self.data["submitted"][str(index)] = {"job_id": str(job_id), "log": log}
 
     def save(self) -> None:
-        data = {k: v for k, v in self.data.items() if k != "executor_before"}
         tmp = self.folder / "jobs.json.tmp"
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
         os.replace(tmp, self.folder / "jobs.json")
 
     def finish(self) -> None:

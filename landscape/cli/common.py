@@ -223,9 +223,16 @@ def executor_arguments(p: argparse.ArgumentParser) -> None:
                    help="any other sbatch option, e.g. qos=high (repeatable)")
 
 
-def cluster_settings(args: argparse.Namespace) -> ClusterSettings:
-    """The :class:`~landscape.cluster.ClusterSettings` of the executor arguments (a bad combination raises
-    :class:`~landscape.cluster.ClusterError`, a ``ValueError``, before any work)."""
+def cluster_settings(args: argparse.Namespace,
+                     parser: argparse.ArgumentParser | None = None) -> ClusterSettings:
+    """The :class:`~landscape.cluster.ClusterSettings` of the executor arguments. A bad combination raises
+    :class:`~landscape.cluster.ClusterError` (a ``ValueError``) before any work, or, given the ``parser``,
+    ends there as argparse's usage error."""
+    if parser is not None:
+        try:
+            return cluster_settings(args)
+        except ValueError as err:
+            parser.error(str(err))
     slurm = SlurmSettings.from_toml(args.slurm_config) if args.slurm_config else SlurmSettings()
     slurm = slurm.updated(partition=args.slurm_partition, account=args.slurm_account,
                           gpus_per_task=args.slurm_gpus_per_task, cpus_per_task=args.slurm_cpus_per_task,

@@ -47,7 +47,7 @@ from landscape.engine.perturb import (
     output_names,
 )
 from landscape.engine.sweep import Execution
-from landscape.store import StoreData, finish_run, model_provenance, read_store, start_run
+from landscape.store import StoreData, finish_run, model_provenance, read_store, start_run, with_shard
 from landscape.weights import Base, as_base, weights_norm
 
 DEFAULT_QUANTILES: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -373,7 +373,7 @@ def basin_statistics(
     specs = [d.spec if isinstance(d, Direction) else d for d in directions]
     norm0 = weights_norm(model, layers)
     n_max = search.max_evaluations
-    run_provenance = {
+    run_provenance = with_shard({
         "kind": "basin_radius",
         **model_provenance(base),
         "directions": [s.to_dict() for s in specs],
@@ -386,9 +386,7 @@ def basin_statistics(
         "quantized": {label: _describe_result(r) for label, r in (quant_results or {}).items()},
         "units": "radii: Euclidean norm of the displacement over the directions' layers",
         **dict(execution.provenance),
-    }
-    if execution.shard != (0, 1):  # recorded only for shards: older single-process stores still resume
-        run_provenance["shard"] = execution.shard_provenance()
+    }, execution.shard)
     arrays = {"radius": ((), np.float64), "lower": ((), np.float64), "upper": ((), np.float64),
               "search_radius": ((n_max,), np.float64), "search_value": ((n_max,), np.float64)}
     if profile.size:

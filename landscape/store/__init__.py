@@ -53,6 +53,7 @@ from landscape.store.records import (
     model_provenance,
     provenance,
     run_tasks,
+    with_shard,
     write_record,
 )
 
@@ -60,4 +61,4 @@ __all__ = ["DONE", "PARTIAL_SUFFIX", "RUN_SPECIFIC_KEYS", "STORE_FORMAT_VERSION"
            "ResultStore", "StoreData", "StoreError", "StoreInProgressError", "StoreMismatchError",
            "StoreRecord", "check_store_path", "code_version", "finish_run", "merge_stores",
            "model_provenance", "normalize_provenance", "partial_path", "provenance", "read_store",
-           "run_tasks", "start_run", "write_record"]
+           "run_tasks", "start_run", "with_shard", "write_record"]

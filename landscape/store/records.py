@@ -103,6 +103,14 @@ def _write_whole(store: ResultStore | MemoryStore, record: StoreRecord, prefix: 
         store.write_table(prefix + name, columns)
 
 
+def with_shard(provenance: Mapping[str, Any], shard: tuple[int, int]) -> dict[str, Any]:
+    """``provenance`` plus the shard ``(i, n)`` a run computes, recorded only for a real shard (``n > 1``): a
+    single-process run's provenance is unchanged (older stores still resume), and :func:`merge_stores`
+    drops it."""
+    index, count = shard
+    return {**provenance, "shard": {"index": index, "count": count}} if count > 1 else dict(provenance)
+
+
 def run_tasks(path: str | os.PathLike | None, provenance: Mapping[str, Any],
               tasks: Mapping[str, Callable[[], StoreRecord]],
               shard: tuple[int, int] = (0, 1)) -> tuple[StoreData, Path | None]:
@@ -116,9 +124,8 @@ def run_tasks(path: str | os.PathLike | None, provenance: Mapping[str, Any],
     """
     names = list(tasks)
     index, count = shard
-    if count > 1:  # recorded only for shards; merge_stores drops it
-        provenance = {**provenance, "shard": {"index": index, "count": count}}
-    with start_run(path, provenance, {"seconds": ((), np.float64)}, (len(names),), resume=True) as record:
+    with start_run(path, with_shard(provenance, shard), {"seconds": ((), np.float64)}, (len(names),),
+                   resume=True) as record:
         for i, name in enumerate(names):
             if record.done[i] or i % count != index:
                 continue

@@ -38,7 +38,14 @@ from landscape.quant.methods import METHODS, QUANT_TABLE_METHODS, QuantJob, run_
 from landscape.quant.qaft import DEFAULT_LR, FinetuneSettings
 from landscape.quant.result import QuantResult
 from landscape.stats import ControlAdjustedGap, control_gaps, nll_interval
-from landscape.store import StoreData, check_store_path, model_provenance, read_store, start_run
+from landscape.store import (
+    StoreData,
+    check_store_path,
+    model_provenance,
+    read_store,
+    start_run,
+    with_shard,
+)
 from landscape.weights import layer_weights, swapped_weights
 
 FP32 = "fp32"
@@ -293,12 +300,10 @@ def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = Tr
         raise ValueError(f"groups {unassigned} of {name} are not in the shard order: pass task_groups() of "
                          f"every protocol run together")
     mine = [order[task_group(protocol, v)] % count == index for v in rows]
-    if count > 1:  # recorded only for shards; merge_stores drops it
-        provenance["shard"] = {"index": index, "count": count}
     ctx = _Context(lm, protocol, calib, mse_calib, out_dir / "results", fingerprint, progress)
     w0 = layer_weights(lm.model)
     w0_norm = float(torch.sqrt(sum(w.double().pow(2).sum() for w in w0.values())))
-    store = start_run(store_path, provenance, _arrays(protocol), (len(rows),), resume=True)
+    store = start_run(store_path, with_shard(provenance, shard), _arrays(protocol), (len(rows),), resume=True)
     try:
         if store.writable:  # (re)written on every resume: both are functions of the protocol only
             store.write_array("w0_norm", np.float64(w0_norm))
