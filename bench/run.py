@@ -1,7 +1,7 @@
 """Run every benchmark and write ``bench/RESULTS.md`` and ``bench/results.json`` (``make bench``).
 
-Each benchmark script (``scan``, ``gptq``, ``hessian``, ``memory``, ``scaling``) runs in its own fresh
-worker process, one after the other, with one torch thread (``torch.set_num_threads(1)``,
+Each benchmark script (``scan``, ``gptq``, ``qaft``, ``hessian``, ``memory``, ``scaling``) runs in its own
+fresh worker process, one after the other, with one torch thread (``torch.set_num_threads(1)``,
 ``OMP_NUM_THREADS=1``): the machine's cores are shared with other jobs, and several threads per process
 would oversubscribe them. A benchmark that fails is reported as failed (with the end of its error output)
 and the others still run; the exit status is then 1.
@@ -47,7 +47,7 @@ from bench.common import (
     worker_environment,
 )
 
-BENCHMARKS = ("scan", "gptq", "hessian", "memory", "scaling")
+BENCHMARKS = ("scan", "gptq", "qaft", "hessian", "memory", "scaling")
 WORKER_TIMEOUT_S = 4 * 3600
 
 

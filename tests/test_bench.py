@@ -209,3 +209,20 @@ def test_rebuild_report_recomputes_every_section_from_its_stored_data():
             and "stale note" not in rebuilt.sections[0].notes)
     assert rebuilt.machine == MACHINE and rebuilt.command == "bench/run.py --quick"
     assert rebuilt.rebuilt and "re-rendered from its results.json" in render_results(rebuilt)
+
+
+def test_qaft_section_relates_a_step_to_one_forward_backward_and_splits_a_miss():
+    from bench.qaft import build_section
+
+    settings = {"models": ["a", "b"], "format": "int4", "batch_size": 4, "seq_len": 128, "steps": 4,
+                "repeats": 3, "optimizer": "adamw"}
+    cases = [{"model": "a (1M params)", "layers": 8, "qaft_step_s": 3.0, "control_step_s": 2.0,
+              "forward_backward_s": 1.0, "run_s": {}},
+             {"model": "b (1M params)", "layers": 8, "qaft_step_s": 1.2, "control_step_s": 1.1,
+              "forward_backward_s": 1.0, "run_s": {}}]
+    section = build_section({"settings": settings, "cases": cases})
+    assert [r.value for r in section.rows] == pytest.approx([3.0, 1.2])
+    assert [r.status for r in section.rows] == ["MISS", "PASS"]
+    (note,) = section.notes  # only the miss is explained: 1 s of fake quantization, 1 s of loop
+    assert note.startswith("a (1M params)") and "1 s is the fake quantization" in note
+    assert "1 s the loop" in note
