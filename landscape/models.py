@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -35,7 +34,7 @@ import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from landscape.cache import building, cache_dir, file_sha256, stable_hash
+from landscape.cache import BUILD_FILE, CacheEntry, cache_dir, file_sha256, model_entry, stable_hash
 from landscape.refmodel import REF_CONFIGS, build_reference_model
 from landscape.weights import Base
 
@@ -182,7 +181,7 @@ def load_model(name: str, dtype: str | torch.dtype = torch.float32,
                                        SMOLLM2_CAVEAT, {})
     elif name in REF_CONFIGS:
         path = build_reference_model(name)
-        meta = json.loads((path / "landscape_build.json").read_text())
+        meta = json.loads((path / BUILD_FILE).read_text())  # verified against the entry's manifest
         source, caveat, extra = f"self-trained ({meta['key']})", REF_CAVEAT, {"build": meta}
     elif os.path.isdir(name):
         path, source, caveat, extra = Path(name), f"local directory {os.path.abspath(name)}", "", {}
@@ -299,23 +298,34 @@ def smollm2_gguf_path() -> Path:
     return Path(dist.locate_file(files[0]))
 
 
+SMOLLM2_BUILD_KEYS = ("gguf", "gguf_sha256")  # what its landscape_build.json holds
+
+
 def smollm2_dir() -> Path:
-    """Directory with SmolLM2-135M as fp32 safetensors, converted from the GGUF once and cached."""
+    """Directory with SmolLM2-135M as fp32 safetensors, converted from the GGUF once and cached (verified
+    against its manifest before use: see :func:`smollm2_entry`)."""
+    return smollm2_entry().path
+
+
+def smollm2_entry(force: bool = False, repair: bool = False) -> CacheEntry:
+    """The cache entry of SmolLM2-135M converted to fp32 safetensors (:func:`landscape.cache.model_entry`).
+
+    Converted when absent (about 30 s) or with ``force``; a cached entry is verified against its manifest, and
+    a damaged one raises :class:`~landscape.cache.CacheEntryDamaged` (``run `landscape build-model
+    smollm2-135m --force` to rebuild it``) unless ``repair`` (then it is converted again, with a warning).
+    """
     gguf = smollm2_gguf_path()
     stat = gguf.stat()
     key = stable_hash({"gguf": gguf.name, "size": stat.st_size, "transformers": transformers.__version__})
     target = cache_dir() / "models" / f"smollm2-135m-{key}"
-    if (target / "landscape_build.json").exists():
-        return target
-    with building(target):  # another process may be converting it right now: wait, then use its result
-        if (target / "landscape_build.json").exists():
-            return target
-        return _convert_smollm2(gguf, target)
+    return model_entry(target, lambda staging: _convert_smollm2(gguf, staging), "smollm2-135m",
+                       SMOLLM2_BUILD_KEYS, repair=repair, force=force)
 
 
-def _convert_smollm2(gguf: Path, target: Path) -> Path:
+def _convert_smollm2(gguf: Path, target: Path) -> None:
+    """Convert the GGUF into ``target``: fp32 safetensors, the tokenizer and ``landscape_build.json``."""
     t0 = time.time()
-    print(f"[landscape] converting {gguf.name} to fp32 safetensors (once, about 30 s) -> {target}",
+    print(f"[landscape] converting {gguf.name} to fp32 safetensors (once, about 30 s) into {target.parent}",
           flush=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -323,13 +333,8 @@ def _convert_smollm2(gguf: Path, target: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
     meta = {"gguf": str(gguf), "gguf_sha256": file_sha256(gguf),
             "convert_seconds": round(time.time() - t0, 1)}
-    (tmp / "landscape_build.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return target
+    (target / BUILD_FILE).write_text(json.dumps(meta, indent=1))

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from landscape.cache import building, cache_dir, stable_hash
+from landscape.cache import CacheEntry, cache_dir, model_entry, stable_hash
 from landscape.data import heldout_set, wiki_documents, wiki_identity
 from landscape.objectives import nll
 
@@ -97,23 +95,38 @@ def _cache_key(name: str, cfg: RefModelConfig) -> str:
                         "torch": torch.__version__})
 
 
-def build_reference_model(name: str, force: bool = False, progress: bool = True) -> Path:
+BUILD_KEYS = ("name", "key", "config", "heldout_nll", "train_seconds")  # what landscape_build.json holds
+
+
+def build_reference_model(name: str, force: bool = False, progress: bool = True,
+                          repair: bool = False) -> Path:
     """Train (or find in the cache) the reference model ``name``; returns its directory.
 
-    The build is atomic: it trains into a temporary directory that is renamed into place at the end,
-    so an interrupted build leaves nothing that could be mistaken for a model.
+    See :func:`reference_model_entry`: a cached entry is verified against its manifest first, and a damaged
+    one raises :class:`~landscape.cache.CacheEntryDamaged` (``run `landscape build-model NAME --force` to
+    rebuild it``) unless ``repair``.
+    """
+    return reference_model_entry(name, force=force, progress=progress, repair=repair).path
+
+
+def reference_model_entry(name: str, force: bool = False, progress: bool = True,
+                          repair: bool = False) -> CacheEntry:
+    """The cache entry of the reference model ``name``, trained when absent
+    (:func:`landscape.cache.model_entry`).
+
+    The build is atomic: it trains into a temporary directory that gets its manifest last and is renamed into
+    place, so an interrupted build leaves nothing that could be mistaken for a model. A cached entry is
+    verified against its manifest (sizes and sha256 of every file, tokenizer and build record included);
+    a damaged one raises :class:`~landscape.cache.CacheEntryDamaged` unless ``repair`` (then it is trained
+    again, with a warning on stderr saying what was wrong), and ``force`` trains it again whatever its state.
     """
     cfg = _config(name)
-    target = reference_model_dir(name)
-    if (target / "landscape_build.json").exists() and not force:
-        return target
-    with building(target):  # another process may be training it right now: wait, then use its model
-        if (target / "landscape_build.json").exists() and not force:
-            return target
-        return _train(name, cfg, target, progress)
+    return model_entry(reference_model_dir(name), lambda staging: _train(name, cfg, staging, progress), name,
+                       BUILD_KEYS, repair=repair, force=force)
 
 
-def _train(name: str, cfg: RefModelConfig, target: Path, progress: bool) -> Path:
+def _train(name: str, cfg: RefModelConfig, target: Path, progress: bool) -> None:
+    """Train the reference model and write it, its tokenizer and ``landscape_build.json`` into ``target``."""
     t0 = time.time()
     docs = _train_documents(cfg)
     tokenizer = train_tokenizer(docs, cfg.vocab_size)
@@ -165,15 +178,13 @@ def _train(name: str, cfg: RefModelConfig, target: Path, progress: bool) -> Path
     model.eval()
     train_seconds = time.time() - t0
 
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
     heldout = heldout_set(tokenizer, cfg.n_ctx, max_segments=64)
     result = nll(model, heldout)
     meta = {
         "name": name,
-        "key": target.name,
+        "key": reference_model_dir(name).name,
         "config": asdict(cfg),
         "train_tokens": int(n_seq * cfg.n_ctx),
         "steps": total_steps,
@@ -183,7 +194,4 @@ def _train(name: str, cfg: RefModelConfig, target: Path, progress: bool) -> Path
         "heldout_convention": result.convention.to_dict(),
         "caveat": "barely notices weight quantization; for tests, demos and quick runs",
     }
-    (tmp / "landscape_build.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return target
+    (target / "landscape_build.json").write_text(json.dumps(meta, indent=1))

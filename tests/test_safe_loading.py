@@ -22,6 +22,7 @@ from conftest import tiny_model
 
 import landscape
 from landscape import cli
+from landscape.cache import write_manifest
 from landscape.data import DataError, token_stream, tokenizer_id
 from landscape.engine.directions import displacement_direction
 from landscape.models import UnsafeModelFileError, load_model
@@ -157,6 +158,7 @@ def test_stores_and_token_caches_holding_pickles_are_refused(tmp_path, torch_loa
     cache = Path(os.environ["LANDSCAPE_CACHE"]) / "tokens" / f"wiki-heldout-{tokenizer_id(tokenizer)}.npy"
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.save(cache, np.array([Payload(marker)], dtype=object), allow_pickle=True)
+    write_manifest(cache)  # as if landscape had written it (without a manifest it is rebuilt, never read)
     with pytest.raises(DataError, match="not a plain integer array"):
         token_stream(tokenizer, "wiki", "heldout")
     assert not marker.exists() and torch_load_calls == []

@@ -1,5 +1,6 @@
 """``landscape eval`` (held-out NLL with its convention, optionally after round-to-nearest) and
-``landscape build-model`` (train a reference model, or convert SmolLM2-135M, into the cache)."""
+``landscape build-model`` (train a reference model, or convert SmolLM2-135M, into the cache; check a cached
+one and rebuild it when damaged)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import sys
 import time
 
 from landscape import models
+from landscape.cache import BUILD_FILE, CacheEntry
 from landscape.cli.common import Command, data_arguments, format_arg, heldout, load, model_argument
 from landscape.objectives import nll
 from landscape.quant import rtn
-from landscape.refmodel import REF_CONFIGS, build_reference_model
+from landscape.refmodel import REF_CONFIGS, reference_model_entry
 from landscape.weights import swapped_weights
 
 
@@ -56,26 +58,47 @@ def run_eval(args: argparse.Namespace) -> int:
 def build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name",
                    help="a reference model name (ref-small, ref-tiny) or smollm2-135m (GGUF conversion)")
-    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild even if cached and intact (without it, a cached entry is checked against "
+                        "its manifest and rebuilt only when damaged)")
+
+
+ENTRY_STATES = {
+    "intact": "intact: every file matches its manifest",
+    "built": "built",
+    "adopted": "built by an older landscape: its files look sound (their bytes could not be checked) and "
+               "their manifest is written now; --force rebuilds it",
+}
+
+
+def describe_entry(entry: CacheEntry) -> str:
+    """One line on what ``build-model`` found and did."""
+    if entry.state == "rebuilt":
+        return ("rebuilt (--force)" if entry.problem == "--force"
+                else f"repaired: it was damaged ({entry.problem}) and is rebuilt")
+    return ENTRY_STATES[entry.state]
 
 
 def run_build(args: argparse.Namespace) -> int:
     if args.name == "smollm2-135m":
-        print(models.smollm2_dir())
+        entry = models.smollm2_entry(force=args.force, repair=True)
+        print(f"{entry.path}\n{describe_entry(entry)}")
         return 0
     if args.name not in REF_CONFIGS:
         print(f"error: cannot build {args.name!r}; buildable: smollm2-135m, {', '.join(sorted(REF_CONFIGS))}",
               file=sys.stderr)
         return 2
-    path = build_reference_model(args.name, force=args.force)
-    meta = json.loads((path / "landscape_build.json").read_text())
-    print(f"{path}\nheld-out NLL {meta['heldout_nll']:.4f} ({meta['train_seconds']} s to train)")
+    entry = reference_model_entry(args.name, force=args.force, repair=True)
+    meta = json.loads((entry.path / BUILD_FILE).read_text())
+    print(f"{entry.path}\n{describe_entry(entry)}\n"
+          f"held-out NLL {meta['heldout_nll']:.4f} ({meta['train_seconds']} s to train)")
     return 0
 
 
 COMMANDS = (
     Command("eval", "held-out NLL of a model (with its convention), optionally after round-to-nearest",
             eval_arguments, run_eval),
-    Command("build-model", "train a reference model (or convert smollm2-135m) into the cache",
+    Command("build-model", "train a reference model (or convert smollm2-135m) into the cache, or check the "
+            "cached one and rebuild it if damaged",
             build_arguments, run_build),
 )
