@@ -33,6 +33,7 @@ from landscape.cli.common import (
     parse_shard,
     progress_argument,
 )
+from landscape.cli.errors import script_main
 from landscape.cluster import Sweep, run_sweep, shard_report
 from landscape.curvature import Curvature, read_curvature
 from landscape.data import calibration_set, heldout_set
@@ -171,4 +172,4 @@ def report(store) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(script_main(main, "analyses.curvature_study"))

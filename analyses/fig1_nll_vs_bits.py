@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 from analyses.plan import Step, quant_table_steps, run_figure_script
 from analyses.session import Session, quant_tables
 from landscape import plots
+from landscape.cli.errors import script_main
 
 FIGURE = "fig1_nll_vs_bits"
 TITLE = "NLL against bits per weight"
@@ -36,4 +37,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(main, "analyses.fig1_nll_vs_bits"))

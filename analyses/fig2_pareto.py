@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 from analyses.plan import Step, facts_step, quant_table_steps, run_figure_script
 from analyses.session import Session, facts_store, quant_tables
 from landscape import plots
+from landscape.cli.errors import script_main
 from landscape.store import read_store
 
 FIGURE = "fig2_pareto"
@@ -39,4 +40,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(main, "analyses.fig2_pareto"))

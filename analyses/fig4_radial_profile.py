@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from analyses.plan import Step, basin_step, quant_table_steps, run_figure_script
 from analyses.session import Session, basin_store, quant_tables
 from landscape import plots
+from landscape.cli.errors import script_main
 from landscape.store import read_store
 
 FIGURE = "fig4_radial_profile"
@@ -42,4 +43,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(main, "analyses.fig4_radial_profile"))

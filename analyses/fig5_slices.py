@@ -18,6 +18,7 @@ import plotly.graph_objects as go
 from analyses.plan import COSTS, Step, quant_table_steps, run_figure_script
 from analyses.session import Session, eval_set, model_protocols, quantized_model_path
 from landscape import plots
+from landscape.cli.errors import script_main
 from landscape.engine.directions import (
     displacement_direction,
     orthogonalize,
@@ -123,4 +124,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(main, "analyses.fig5_slices"))

@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 from analyses.plan import COSTS, Step, quant_table_steps, run_figure_script
 from analyses.session import Session, eval_set, model_protocols, quantized_model_path
 from landscape import plots
+from landscape.cli.errors import script_main
 from landscape.curvature import Curvature
 from landscape.engine.directions import displacement_direction, random_direction_of_length
 from landscape.store import provenance, read_store, run_tasks
@@ -99,4 +100,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(main, "analyses.fig6_curvature"))

@@ -16,6 +16,7 @@ from analyses.plan import Step, basin_step, facts_step, quant_table_steps, run_f
 from analyses.profiles import reference_model_built
 from analyses.session import Session, basin_store, facts_store, table_stores
 from landscape import plots
+from landscape.cli.errors import script_main
 from landscape.store import StoreData, read_store
 
 FIGURE = "fig7_model_size"
@@ -57,4 +58,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(main, "analyses.fig7_model_size"))

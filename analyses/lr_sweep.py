@@ -28,6 +28,7 @@ from landscape.cli.common import (
     parse_shard,
     progress_argument,
 )
+from landscape.cli.errors import script_main
 from landscape.cluster import Sweep, run_sweep, shard_report
 from landscape.data import calibration_set
 from landscape.quant import parse_format
@@ -119,4 +120,4 @@ def report(store: StoreData) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(script_main(main, "analyses.lr_sweep"))

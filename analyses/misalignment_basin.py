@@ -27,12 +27,14 @@ on the calibration text gains). ``--from-store STUDY.h5`` re-analyses a finished
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from analyses.session import load_model_of, model_options
+from landscape.cli.errors import script_main
 from landscape.data import calibration_set, heldout_set
 from landscape.outputs import check_output_path
 from landscape.quant import gptq, parse_format, rtn
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
             stem = results / f"{method}-{fmt}"
             if not stem.with_name(stem.name + ".json").exists():
                 t0 = time.time()
-                (rtn(lm.base, fmt) if method == "rtn" else gptq(lm.base, calib, fmt)).save(stem)
+                result = rtn(lm.base, fmt) if method == "rtn" else gptq(lm.base, calib, fmt)
+                result.save(stem, overwrite=True)  # no .json: at most a killed save's tensors, replaced
                 print(f"{method} {fmt}: {time.time() - t0:.0f} s, saved to {stem}", flush=True)
     candidates = {**saved_candidates(results, tuple(args.methods)), **specs}
     held = heldout_set(tok, args.eval_seq_len, "wiki", args.eval_segments, context_length=ctx)
@@ -140,4 +143,4 @@ def report(table: CandidateTable, radius: float, out: Path | None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(script_main(main, "analyses.misalignment_basin"))

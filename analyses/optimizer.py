@@ -32,6 +32,7 @@ import torch
 
 from analyses.session import load_model_of, model_options, model_slug
 from landscape.cache import stable_hash
+from landscape.cli.errors import script_main
 from landscape.data import TokenSet, calibration_set, heldout_set
 from landscape.models import LoadedModel
 from landscape.objectives import nll
@@ -175,4 +176,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(main, "analyses.optimizer"))

@@ -24,6 +24,7 @@ import torch
 
 from analyses.session import load_model_of, model_options, model_slug
 from landscape.cache import stable_hash
+from landscape.cli.errors import script_main
 from landscape.curvature import Curvature
 from landscape.data import calibration_set, heldout_set
 from landscape.engine.basin import RadiusSearch, basin_radius
@@ -150,4 +151,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(main, "analyses.precision"))

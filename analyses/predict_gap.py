@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
+from landscape.cli.errors import script_main
 from landscape.outputs import check_output_path
 from landscape.studies.predict import cases_from_quant_table, evaluate_predictor
 from landscape.studies.quant_table import read_quant_table
@@ -71,4 +73,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(script_main(main, "analyses.predict_gap"))

@@ -26,6 +26,7 @@ from landscape.cli.common import (
     positive_int,
     progress_argument,
 )
+from landscape.cli.errors import script_main
 from landscape.cluster import Sweep, run_sweep
 from landscape.studies.quant_table import (
     Protocol,
@@ -126,4 +127,4 @@ def report(name: str, model: str, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(script_main(main, "analyses.quant_table"))

@@ -22,6 +22,7 @@ from analyses import (
 )
 from analyses.plan import execute, figure_cluster, plan_text, record_run, run_step_shard, summary_text
 from analyses.session import Session, parse_args, publish, session_from_args
+from landscape.cli.errors import script_main
 from landscape.plots import caption_of
 
 FIGURES = (fig1_nll_vs_bits, fig2_pareto, fig3_misalignment, fig4_radial_profile, fig5_slices, fig6_curvature,
@@ -85,4 +86,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(main, "analyses.run_all"))

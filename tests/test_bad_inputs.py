@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import VOCAB, random_tokens, tiny_model
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer
 
@@ -80,6 +81,7 @@ from landscape.quant import (
     qaft,
     rtn,
 )
+from landscape.quant.result import metadata_sha256, tensors_sha256
 from landscape.refmodel import train_tokenizer
 from landscape.store import ResultStore, StoreError, StoreMismatchError, merge_stores, read_store
 from landscape.studies.quant_table import Protocol, read_quant_table, run_quant_table
@@ -229,14 +231,18 @@ def zero_direction(c: Context) -> Direction:
 def edited_result(c: Context, name: str = "q", edit: Callable[[dict[str, Any]], None] | None = None,
                   tensors_from: Path | None = None, truncate_json: bool = False,
                   truncate_tensors: bool = False) -> Path:
-    """A copy of the seed-0 RTN result in the output directory, its metadata or tensors altered."""
+    """A copy of the seed-0 RTN result in the output directory, its metadata or tensors altered, with the
+    sha256 of both recomputed (as a consistent rewrite would: the rows test the checks behind the hashes;
+    tests/test_result_integrity.py tests the hashes)."""
     src, stem = c.assets.own_result, c.out / name
     meta = json.loads(src.with_name(src.name + ".json").read_text())
     if edit:
         edit(meta)
+    tensor_file = (tensors_from or src).with_name((tensors_from or src).name + ".safetensors")
+    meta["sha256"] = {"tensors": tensors_sha256(load_file(tensor_file)), "metadata": metadata_sha256(meta)}
     text = json.dumps(meta)
     stem.with_name(name + ".json").write_text(text[:80] if truncate_json else text)
-    tensors = (tensors_from or src).with_name((tensors_from or src).name + ".safetensors").read_bytes()
+    tensors = tensor_file.read_bytes()
     stem.with_name(name + ".safetensors").write_bytes(tensors[:300] if truncate_tensors else tensors)
     return stem
 

@@ -174,6 +174,8 @@ def test_shards_merged_equal_one_full_run(gpt2, tokens, tmp_path):
 
 KILLED_SCAN = textwrap.dedent("""
     import os, signal, sys
+    import torch
+    torch.set_num_threads(1)  # as the test process: the thread count is part of a store's provenance
     sys.path.insert(0, {tests!r})
     from test_perturb import GRID_2D, Quadratic
     from landscape.engine.directions import random_direction

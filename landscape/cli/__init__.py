@@ -11,13 +11,15 @@ import argparse
 import sys
 
 from landscape.cli import compare, evaluate, quantize, scan, spectrum
-from landscape.cluster import SweepError
+from landscape.cli.errors import DEBUG_FLAG, run_guarded, split_debug
 
 COMMAND_MODULES = (evaluate, quantize, scan, compare, spectrum)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="landscape", description=__doc__.splitlines()[0])
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help="show the traceback of a failure (anywhere on the command line)")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES:
         for command in module.COMMANDS:
@@ -28,11 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Run one command; failures become one ``error:`` line (:mod:`landscape.cli.errors`)."""
+    argv, debug = split_debug(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # what a fanned-out sweep's jobs run again, on their shards
-    try:
-        return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, SweepError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_guarded(lambda: args.func(args), "landscape", argv, debug, resumable=hasattr(args, "resume"))

@@ -31,6 +31,7 @@ from landscape.data import (
 from landscape.engine.perturb import grid_axis
 from landscape.models import LoadedModel, ModelInfo, parse_dtype, resolve_device
 from landscape.quant.formats import parse_format
+from landscape.workload import DEFAULT_MAX_POINTS, WorkLimits, parse_size
 
 MODEL_HELP = "smollm2-135m, ref-small, ref-tiny, a hub id or a local directory"
 # argparse takes "-1:1:21" for an option; let arguments that start like a negative number be values.
@@ -89,6 +90,10 @@ def checked(parse: Callable[[str], T]) -> Callable[[str], T]:
 format_arg = checked(parse_format)  # a QuantFormat
 
 
+MAX_AXIS_POINTS = 10_000_000  # one grid axis (parsed into an array at once)
+MAX_COEFFICIENT = 1e4  # |a| of a grid point: a * u with ||u|| ~ ||w0|| leaves float range long before 1e30
+
+
 def parse_grid(text: str) -> np.ndarray:
     """``START:STOP:COUNT`` -> ``COUNT`` evenly spaced coefficients from START to STOP inclusive."""
     parts = text.split(":")
@@ -96,10 +101,22 @@ def parse_grid(text: str) -> np.ndarray:
         start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
         if len(parts) != 3:
             raise ValueError
-        return grid_axis(start, stop, count)
     except (ValueError, IndexError):
         raise argparse.ArgumentTypeError(f"grid must be START:STOP:COUNT with finite numbers and an integer "
                                          f"COUNT >= 1 (e.g. -1:1:21), got {text!r}") from None
+    if count > MAX_AXIS_POINTS:
+        raise argparse.ArgumentTypeError(f"grid {text!r} has {count:,} points on one axis; at most "
+                                         f"{MAX_AXIS_POINTS:,} are accepted (and --max-points bounds a run)")
+    if max(abs(start), abs(stop)) > MAX_COEFFICIENT:
+        raise argparse.ArgumentTypeError(
+            f"grid {text!r} reaches {max(abs(start), abs(stop)):g}; coefficients are multiples of the "
+            f"direction (a filter-normalised one is as large as w0 itself), so |a| <= {MAX_COEFFICIENT:g} is "
+            f"accepted: beyond it the weights overflow and every NLL is nan")
+    try:
+        return grid_axis(start, stop, count)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"grid must be START:STOP:COUNT with finite numbers and an integer "
+                                         f"COUNT >= 1 (e.g. -1:1:21), got {text!r} ({err})") from None
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -184,6 +201,20 @@ def store_arguments(p: argparse.ArgumentParser, *, required: bool = True, resume
         p.add_argument("--out", type=Path, default=None, help="also write the results to this new HDF5 store")
     if resume:
         p.add_argument("--resume", action="store_true", help="continue an unfinished store at --out")
+
+
+def limit_arguments(p: argparse.ArgumentParser) -> None:
+    """``--max-points`` and ``--max-memory``: the bounds a run's estimate is checked against before it starts
+    (:mod:`landscape.workload`)."""
+    g = p.add_argument_group("bounds (checked before any work)")
+    g.add_argument("--max-points", type=positive_int, default=DEFAULT_MAX_POINTS,
+                   help=f"most points one run may evaluate (default {DEFAULT_MAX_POINTS:,})")
+    g.add_argument("--max-memory", type=checked(parse_size), default=None,
+                   help="most memory the run's estimate may need, e.g. 16G (default: the memory available)")
+
+
+def work_limits(args: argparse.Namespace) -> WorkLimits:
+    return WorkLimits(args.max_points, args.max_memory)
 
 
 def progress_argument(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,10 @@ Example::
     landscape quantize ref-tiny --method qaft --format int4 --out q/qaft.int4
     landscape compare ref-tiny q/rtn.int4 q/gptq.int4 q/qaft.int4 --eigenvectors 4 --out compare.h5
 
-Every result is loaded and checked (files present, same base weights as the model) before any evaluation.
+Every result is loaded and checked (files present, unchanged since saved, same base weights as the model, on
+its format's grid) before any evaluation. A result is labelled by its method and format; results that share
+that label are told apart by the shortest trailing part of their paths (``runs/a/g4`` and ``runs/b/g4``:
+``rtn int4 (a/g4)`` and ``rtn int4 (b/g4)``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from landscape.cli.common import (
 )
 from landscape.curvature import Curvature
 from landscape.engine.directions import quant_result_path
-from landscape.quant.result import QuantResult
+from landscape.quant.result import QuantResult, distinct_names
+from landscape.store import check_store_path
 from landscape.studies.compare import ComparisonSettings, check_same_base, compare_displacements
 
 
@@ -38,6 +42,18 @@ def label_pair(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(f"a segment is START=>END with two result labels (e.g. 'gptq "
                                          f"int4=>qaft int4'), got {text!r}")
     return start.strip(), end.strip()
+
+
+def result_labels(stems: list[Path], labels: list[str]) -> list[str]:
+    """One row label per result: its ``label`` (method and format), followed by the shortest distinguishing
+    trailing part of its path (:func:`distinct_names`) among the results that share that label."""
+    out = list(labels)
+    for label in set(labels):
+        same = [i for i, x in enumerate(labels) if x == label]
+        if len(same) > 1:
+            for i, name in zip(same, distinct_names([stems[i] for i in same])):
+                out[i] = f"{label} ({name})"
+    return out
 
 
 def compare_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,8 +95,8 @@ def run_compare(args: argparse.Namespace) -> int:
                          f"{args.lanczos_steps}")
     if args.krylov_dir is not None and not args.krylov_dir.is_dir():
         raise ValueError(f"--krylov-dir {args.krylov_dir} is not an existing directory")
-    if args.out is not None and (args.out.exists() or Path(f"{args.out}.partial").exists()):
-        raise ValueError(f"{args.out} already exists: choose another --out or remove it")
+    if args.out is not None:
+        check_store_path(args.out)  # writable and new, before the comparison (was: failed after it)
     settings = ComparisonSettings(path_t=args.path, curvature_t=() if args.no_curvature else args.curvature_t,
                                   between=args.between or "gptq-qaft", batch_size=args.batch_size)
     stems = [quant_result_path(p) for p in args.results]
@@ -88,12 +104,9 @@ def run_compare(args: argparse.Namespace) -> int:
                if not (os.path.exists(f"{s}.json") and os.path.exists(f"{s}.safetensors"))]
     if missing:
         raise ValueError(f"no saved quantized model at {missing} (each needs PATH.json and PATH.safetensors)")
+    distinct_names(stems)  # the same result given twice is refused
     loaded = [QuantResult.load(s) for s in stems]
-    results = {}
-    for stem, result in zip(stems, loaded):
-        label = (result.label if [r.label for r in loaded].count(result.label) == 1
-                 else f"{result.label} ({stem.name})")
-        results[label] = result
+    results = dict(zip(result_labels(stems, [r.label for r in loaded]), loaded))
 
     lm, data = load_with_data(args)
     curvature_data = data.subset(slice(0, min(args.curvature_segments, data.n_segments)))

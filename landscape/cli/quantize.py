@@ -24,14 +24,13 @@ from landscape.cli.common import (
     progress_argument,
     text_argument,
 )
-from landscape.outputs import check_output_path
 from landscape.quant.capture import resolve_layers
 from landscape.quant.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, GPTQSettings
 from landscape.quant.lorc import DEFAULT_RANK
 from landscape.quant.lr_selection import LearningRateSweepSettings
 from landscape.quant.methods import METHODS, QuantJob, run_method
 from landscape.quant.qaft import DEFAULT_LR, OPTIMIZERS, FinetuneSettings, LearningRateSweep
-from landscape.quant.result import QuantResult, result_stem
+from landscape.quant.result import QuantResult, check_result_path
 
 
 def _learning_rate(text: str) -> float | str:
@@ -54,7 +53,10 @@ def quantize_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"quantization method ({methods})")
     p.add_argument("--format", required=True, type=format_arg, dest="fmt", metavar="FORMAT",
                    help="weight format: int4, int3-g128, int4-sym, int8-tensor, mxint4-32 ...")
-    p.add_argument("--out", required=True, help="output path: writes PATH.safetensors and PATH.json")
+    p.add_argument("--out", required=True, help="output path: writes PATH.safetensors and PATH.json (an "
+                                                 "existing result there is refused, see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a saved result already at --out (otherwise refused before any work)")
     p.add_argument("--calib-sequences", type=positive_int, default=128,
                    help="calibration sequences (default 128, the study's data budget)")
     p.add_argument("--calib-seq-len", type=positive_int, default=None,
@@ -117,7 +119,8 @@ def _print_sweep(result: QuantResult) -> None:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    check_output_path(f"{result_stem(args.out)}.json")  # an unwritable --out fails before the model loads
+    # an unwritable --out, or a saved result already there, fails before the model loads
+    check_result_path(args.out, args.overwrite)
     gptq_settings = GPTQSettings(damp=args.damp, block_size=args.block_size, act_order=args.act_order)
     finetune = finetune_settings(args)  # bad settings fail before the model loads, too
     t0 = time.perf_counter()
@@ -132,7 +135,7 @@ def run_quantize(args: argparse.Namespace) -> int:
                    batch_size=args.batch_size, progress=not args.no_progress)
     result = run_method(args.method, job)
     _print_sweep(result)
-    path = result.save(args.out)
+    path = result.save(args.out, overwrite=args.overwrite)
     n_weights = sum(w.numel() for w in result.weights.values())
     bits = result.storage_bits()
     print(f"model    {lm.info.name} ({lm.info.source})")

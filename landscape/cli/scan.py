@@ -28,12 +28,14 @@ from landscape.cli.common import (
     data_arguments,
     executor_arguments,
     fan_out,
+    limit_arguments,
     load_with_data,
     model_argument,
     parse_grid,
     parse_shard,
     progress_argument,
     store_arguments,
+    work_limits,
 )
 from landscape.cluster import shard_report
 from landscape.engine.basin import BasinStatistics, RadiusSearch, basin_statistics
@@ -47,8 +49,10 @@ from landscape.engine.directions import (
 )
 from landscape.engine.perturb import NLLObjective, default_objectives, scan
 from landscape.engine.sweep import Execution
+from landscape.quant.result import distinct_names
 from landscape.store import check_store_path, merge_stores, read_store
-from landscape.weights import layer_patterns, weights_norm
+from landscape.weights import layer_patterns, quantizable_layers, weights_norm
+from landscape.workload import WorkEstimate, scan_workload
 
 RANDOM_KINDS = {"random": "none", "filter": "filter", "layer": "layer"}  # --kind -> normalisation
 
@@ -65,6 +69,7 @@ def sweep_arguments(p: argparse.ArgumentParser) -> None:
                         "time per point")
     data_arguments(p, segments=8)
     store_arguments(p)
+    limit_arguments(p)
     progress_argument(p)
     p.add_argument("--shard", type=parse_shard, default=(0, 1),
                    help="i/n: evaluate only points (directions) i, i+n, ... into --out; join the stores with "
@@ -101,6 +106,19 @@ def scan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-mse", action="store_true", help="also store every perturbed layer's output MSE")
 
 
+def sweep_workload(lm, data, args: argparse.Namespace, what: str, points: int, directions: int,
+                   evaluations_per_point: int = 1) -> WorkEstimate:
+    """The work and memory estimate of a scan or radius search on the loaded model (landscape.workload)."""
+    model_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    layer_mse = getattr(args, "layer_mse", False)
+    streamed = args.low_memory and not layer_mse
+    layers = len(quantizable_layers(lm.model)) if layer_mse else 0
+    vocab = lm.model.get_input_embeddings().num_embeddings
+    return scan_workload(what, points, directions, model_bytes, model_bytes, data.n_segments,
+                         data.tokens.shape[1], args.batch_size, vocab, 8 * (1 + layers) + 1, streamed,
+                         evaluations_per_point)
+
+
 def direction(model, kind: str, seed: int, quantized: str | None, layers: str, streamed: bool):
     if kind == "displacement":
         return displacement_direction(model, quantized, layers, streamed=streamed)
@@ -116,9 +134,19 @@ def run_scan(args: argparse.Namespace) -> int:
         raise ValueError("--kind displacement needs --quantized PATH (a saved QuantResult)")
     if two_d and kind2 == "displacement" and not args.quantized2:
         raise ValueError("a displacement second direction needs --quantized2 PATH")
+    if not two_d and (args.kind2 or args.quantized2 or args.seed2 is not None or args.orthogonalize):
+        given = [f for f, v in (("--kind2", args.kind2), ("--quantized2", args.quantized2),
+                                ("--seed2", args.seed2), ("--orthogonalize", args.orthogonalize)) if v]
+        raise ValueError(f"{', '.join(given)} describe a second direction, which only a 2-D scan has: add "
+                         f"--grid2 START:STOP:COUNT, or drop them")
+    if args.quantized2 and kind2 != "displacement":
+        raise ValueError(f"--quantized2 is the target of a displacement second direction, but the second "
+                         f"direction is {kind2!r}: add --kind2 displacement, or drop --quantized2")
     check_quantized([args.quantized, args.quantized2 if two_d else None])
+    points = len(args.grid) * (len(args.grid2) if two_d else 1)
+    limits = work_limits(args)
+    limits.check_points("this scan", points)
     if cluster.fans_out:
-        points = len(args.grid) * (len(args.grid2) if two_d else 1)
         for path in fan_out(args, cluster, "scan", args.out, points):
             nll_values = read_store(path).arrays["nll"]
             print(f"{path}: {points} points, merged from {args.jobs} jobs; NLL "
@@ -133,6 +161,7 @@ def run_scan(args: argparse.Namespace) -> int:
         directions.append(orthogonalize(second, directions[0]) if args.orthogonalize else second)
     grid = [args.grid, args.grid2] if two_d else [args.grid]
     objectives = default_objectives(data, args.layer_mse, args.batch_size, lm.info.name)
+    sweep_workload(lm, data, args, "this scan", points, len(directions)).check(limits)
     execution = Execution(store=args.out, resume=args.resume, shard=args.shard,
                           provenance={"model_info": lm.info.to_dict()}, progress=not args.no_progress)
     result = scan(lm.base, directions, grid, objectives, data=data, execution=execution)
@@ -172,11 +201,16 @@ def run_radius(args: argparse.Namespace) -> int:
                          f"{np.round(args.profile, 6).tolist()}")
     search = RadiusSearch(args.threshold, args.relative, args.tolerance)
     check_quantized(args.quantized)
+    labels = distinct_names(args.quantized)  # runs/a/g4 and runs/b/g4: a/g4 and b/g4; twice: refused
+    points = args.directions * (1 + (len(args.profile) if args.profile is not None else 0))
+    limits = work_limits(args)
+    limits.check_points("this radius search (directions x (1 + profile radii))", points)
     if cluster.fans_out:
         for path in fan_out(args, cluster, "radius", args.out, args.directions):
             report_radius(BasinStatistics.from_store(path), path)
         return 0
     lm, data = load_with_data(args)
+    sweep_workload(lm, data, args, "this radius search", points, 1, search.max_evaluations).check(limits)
     base = lm.base
     patterns = layer_patterns(args.layers)
     layers = check_spec(base, DirectionSpec("random", patterns, seed=args.seed))
@@ -184,7 +218,7 @@ def run_radius(args: argparse.Namespace) -> int:
                            base_fingerprint=base.fingerprint(layers)) for i in range(args.directions)]
     norm0 = weights_norm(lm.model, layers)
     profile = args.profile * norm0 if args.profile is not None else ()
-    results = {quant_result_path(q).name: q for q in args.quantized}
+    results = dict(zip(labels, args.quantized))
     execution = Execution(store=args.out, resume=args.resume, shard=args.shard,
                           provenance={"model_info": lm.info.to_dict()}, progress=not args.no_progress,
                           low_memory=args.low_memory)

@@ -106,6 +106,8 @@ def run_spectrum(args: argparse.Namespace) -> int:
         tasks["density"] = lambda: curvature.density(args.density_runs, args.density_steps, seed=args.seed,
                                                      krylov_dir=args.krylov_dir).to_record()
     assert list(tasks) == spectrum_tasks(args)
+    curvature.check_spectrum(args.k, args.k_bottom, lanczos_steps=args.lanczos_steps,  # before the store
+                             return_eigenvectors=args.save_eigenvectors, krylov_dir=args.krylov_dir)
     settings = computed_settings(args, "out", "krylov_dir", "model", "device", "dtype")
     store, path = run_tasks(out, provenance("curvature", lm.base, data, model_info=lm.info.to_dict(),
                                             settings=settings, tasks=list(tasks)), tasks, shard=args.shard)

@@ -24,6 +24,7 @@ from landscape.curvature.spectrum import (
     Density,
     Spectrum,
     TraceEstimate,
+    check_spectrum_settings,
     hutchpp_trace,
     lanczos_spectrum,
     slq_density,
@@ -136,6 +137,13 @@ class Curvature:
         """
         return lanczos_spectrum(self._problem, k, k_bottom, lanczos_steps, tol, seed, return_eigenvectors,
                                 krylov_dir)
+
+    def check_spectrum(self, k: int = 10, k_bottom: int = 3, *, lanczos_steps: int | None = None,
+                       return_eigenvectors: bool = True, krylov_dir: str | os.PathLike | None = None) -> int:
+        """Check :meth:`spectrum`'s settings and memory without computing anything (an entry point calls it
+        before it creates its store); returns the Lanczos steps it would take. Raises ``CurvatureError``."""
+        return check_spectrum_settings(self._problem, k, k_bottom, lanczos_steps,
+                                       return_eigenvectors=return_eigenvectors, krylov_dir=krylov_dir)
 
     def trace(self, n_matvecs: int = 30, *, seed: int = 0) -> TraceEstimate:
         """Trace by Hutch++ (Meyer et al. 2021): a third of the products sketch the top subspace (its trace is

@@ -157,28 +157,42 @@ class Spectrum(StoredTask):
                 f"bottom {np.array2string(self.bottom.eigenvalues, precision=4)}")
 
 
-def lanczos_spectrum(problem: NLLProblem, k: int, k_bottom: int, lanczos_steps: int | None, tol: float,
-                     seed: int, return_eigenvectors: bool, krylov_dir: str | os.PathLike | None) -> Spectrum:
-    """Top-``k`` and bottom-``k_bottom`` eigenpairs by one reorthogonalised Lanczos run of ``lanczos_steps``
-    products from a seeded Gaussian start vector (the body of :meth:`landscape.curvature.Curvature.spectrum`,
-    which documents the arguments). Every setting and the memory are checked before the first product."""
+def check_spectrum_settings(problem: NLLProblem, k: int, k_bottom: int, lanczos_steps: int | None,
+                            tol: float = DEFAULT_TOL, return_eigenvectors: bool = True,
+                            krylov_dir: str | os.PathLike | None = None) -> int:
+    """Check a spectrum's settings and memory before any work; returns its number of Lanczos steps.
+
+    Raises :class:`CurvatureError` naming the bad value and the accepted range."""
     problem.check_model()
     space = problem.space
     if not isinstance(k, int) or k < 1:
         raise CurvatureError(f"k (top eigenpairs) must be an integer >= 1, got {k!r}")
     if not isinstance(k_bottom, int) or k_bottom < 0:
         raise CurvatureError(f"k_bottom must be an integer >= 0, got {k_bottom!r}")
+    if k + k_bottom > space.size:
+        raise CurvatureError(f"k + k_bottom = {k} + {k_bottom} eigenpairs asked of a Hessian of dimension "
+                             f"{space.size} (the selected weights): ask for at most {space.size} in all")
     steps = (min(max(DEFAULT_LANCZOS_STEPS, 2 * (k + k_bottom)), space.size) if lanczos_steps is None
              else lanczos_steps)
     if not isinstance(steps, int) or not k + k_bottom <= steps <= space.size:
-        raise CurvatureError(f"lanczos_steps must be an integer in [k + k_bottom, n_params] = "
-                             f"[{k + k_bottom}, {space.size}], got {steps!r}")
+        raise CurvatureError(f"lanczos_steps must be an integer from k + k_bottom = {k + k_bottom} to the "
+                             f"Hessian's dimension {space.size}, got {steps!r}")
     if not tol > 0:
         raise CurvatureError(f"tol must be > 0, got {tol!r}")
     # Lanczos keeps its basis (a vector per step; on disk with krylov_dir), and the Ritz vectors if asked.
     returned = k + k_bottom if return_eigenvectors else 0
     check_krylov_memory(problem.model, space, steps + 1, returned, f"lanczos_steps={steps}", "lanczos_steps",
                         krylov_dir)
+    return steps
+
+
+def lanczos_spectrum(problem: NLLProblem, k: int, k_bottom: int, lanczos_steps: int | None, tol: float,
+                     seed: int, return_eigenvectors: bool, krylov_dir: str | os.PathLike | None) -> Spectrum:
+    """Top-``k`` and bottom-``k_bottom`` eigenpairs by one reorthogonalised Lanczos run of ``lanczos_steps``
+    products from a seeded Gaussian start vector (the body of :meth:`landscape.curvature.Curvature.spectrum`,
+    which documents the arguments). Every setting and the memory are checked before the first product."""
+    steps = check_spectrum_settings(problem, k, k_bottom, lanczos_steps, tol, return_eigenvectors, krylov_dir)
+    space = problem.space
     op = problem.operator()
 
     generator = torch.Generator().manual_seed(seed)

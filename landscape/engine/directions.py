@@ -11,7 +11,9 @@ Kinds (``DirectionSpec.kind``):
   generator seeded by ``(seed, layer name)``, so a layer's entries do not depend on which other layers
   were selected, nor on the model's dtype (draws are float32, then cast) or device.
 * ``displacement``: ``w_q - w0`` toward a quantized model (a :class:`~landscape.quant.result.QuantResult`,
-  refused if it was computed on other base weights).
+  refused if it was computed on other base weights or its weights are off the grid it states). Its spec
+  records the result's identity, the sha256 of its tensors (``content_hash``): a direction regenerated from
+  a path whose result was replaced is refused, and so is a resumed run (the stored spec differs).
 * ``eigenvector``: a Hessian eigenvector (any user tensor map; :mod:`landscape.curvature` produces them).
 * ``user``: any other user-supplied tensor map.
 
@@ -40,7 +42,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 import math
 import os
 import weakref
@@ -53,7 +54,17 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from landscape.quant.result import QuantResult, read_result_metadata, result_stem
+from landscape.quant.formats import parse_format
+from landscape.quant.result import (
+    QuantResult,
+    ResultMismatchError,
+    check_on_grid,
+    read_result_metadata,
+    recorded_tensors_sha256,
+    result_stem,
+    saved_tensors_sha256,
+    tensors_sha256,
+)
 from landscape.weights import (
     ALL_LAYERS,
     Base,
@@ -89,6 +100,10 @@ class DirectionSpec:
         unit_norm: rescaled to Euclidean norm 1 over all its layers (last step).
         source: where its tensors came from (a QuantResult path or label, an eigenvector's origin).
         base_fingerprint: :func:`~landscape.models.weights_fingerprint` of w0 on its layers.
+        content_hash: a displacement's result, by content: its
+            :func:`~landscape.quant.result.tensors_sha256` (64 hex); ``""`` for the other kinds and for
+            displacements recorded before it existed (:meth:`to_dict` then leaves it out, so their provenance
+            reads as before).
     """
 
     kind: DirectionKind
@@ -99,6 +114,7 @@ class DirectionSpec:
     unit_norm: bool = False
     source: str = ""
     base_fingerprint: str = ""
+    content_hash: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in DIRECTION_KINDS:
@@ -109,10 +125,12 @@ class DirectionSpec:
             raise DirectionError(f"a random direction needs an integer seed, got {self.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (nested ``orthogonal_to`` as a dict)."""
+        """JSON-ready form (nested ``orthogonal_to`` as a dict; ``content_hash`` only where there is one)."""
         out = asdict(self)
         out["layers"] = list(self.layers)
         out["orthogonal_to"] = self.orthogonal_to.to_dict() if self.orthogonal_to else None
+        if not self.content_hash:
+            del out["content_hash"]
         return out
 
     @classmethod
@@ -346,14 +364,19 @@ def displacement_direction(model: nn.Module | Base, result: Any,
 
     Args:
         result: a :class:`~landscape.quant.result.QuantResult` or the path it was saved to (the path is
-            recorded, so the direction can be regenerated).
+            recorded, so the direction can be regenerated); either way the spec records the sha256 of its
+            tensors (``content_hash``).
         streamed: each layer's difference formed when asked for (from a path: ``w_q`` of that layer read
-            from the safetensors file, the file never loaded whole).
+            from the safetensors file, the file never loaded whole; the file's sha256 is verified first, one
+            layer at a time, and a file replaced while the direction is in use is refused when a layer is
+            read).
 
     Raises:
         DirectionError: if the result was computed on other base weights (its ``base_fingerprint``
             differs from :func:`~landscape.models.weights_fingerprint` of this model on the result's
-            layers, in the result's order), a layer's shape differs from the model's, or no layer matches.
+            layers, in the result's order), a layer's shape differs from the model's, its weights are off
+            the grid its format states (:meth:`~landscape.quant.result.QuantResult.check_grid`), or no layer
+            matches. ResultIntegrityError: a saved result changed since it was saved.
     """
     base = as_base(model)
     model = base.model
@@ -381,6 +404,14 @@ def displacement_direction(model: nn.Module | Base, result: Any,
         if shape != (expected := tuple(layer_weight(model, n).shape)):
             raise DirectionError(f"quantized model {quantized.label!r} has a weight of shape {shape} "
                                  f"for layer {n!r}, whose (out, in) weight is {expected}")
+    try:
+        used = LayerwiseTensors(names, lambda n: quantized.weights[n])  # one layer at a time
+        check_on_grid(used, quantized.format, quantized.method, quantized.extra, base,
+                      f"quantized model {source or quantized.label!r}")
+    except ResultMismatchError as err:
+        raise DirectionError(str(err)) from None
+    content_hash = (quantized.content_hash if isinstance(quantized, _SavedWeights)
+                    else tensors_sha256(quantized.weights))
 
     def layer(n: str) -> torch.Tensor:
         # w_q as the model would hold it, the difference formed in float32 for bf16 / fp16 and rounded once
@@ -389,19 +420,31 @@ def displacement_direction(model: nn.Module | Base, result: Any,
         return (w_q.to(work) - w0.to(work)).to(w0.dtype)
 
     spec = DirectionSpec("displacement", patterns, source=source or quantized.label,
-                         base_fingerprint=base.fingerprint(names))
+                         base_fingerprint=base.fingerprint(names), content_hash=content_hash)
     return Direction(_layerwise(names, layer, streamed), spec)
 
 
 class _SavedWeights:
     """A saved QuantResult's metadata, with its weights read one layer at a time from the safetensors file
-    (what a streamed displacement needs of a :class:`~landscape.quant.result.QuantResult`)."""
+    (what a streamed displacement needs of a :class:`~landscape.quant.result.QuantResult`).
+
+    The tensors' sha256 is verified (one layer at a time) when it is made; a layer read after either file
+    was replaced or modified (another inode, size or modification time) is refused, so a streamed direction
+    never mixes two results."""
 
     def __init__(self, stem: str):
+        self.path, self.stem = f"{stem}.safetensors", stem
+        try:
+            self._identity = _files_identity(stem)  # before anything is read: a later replacement is caught
+        except FileNotFoundError:
+            read_result_metadata(stem)  # says which file of the pair is missing
+            raise
         meta = read_result_metadata(stem)
-        self.path = f"{stem}.safetensors"
         self.label = f"{meta['method']} {meta['format'] or 'fp32'}"  # as QuantResult.label
         self.base_model, self.base_fingerprint = meta["base_model"], meta["base_fingerprint"]
+        self.format = parse_format(meta["format"]) if meta["format"] else None
+        self.method, self.extra = meta["method"], meta["extra"]
+        self.content_hash = saved_tensors_sha256(stem)
         with safe_open(self.path, framework="pt") as f:
             stored = set(f.keys())
             self.shapes = {n: tuple(f.get_slice(n).get_shape()) for n in stored}
@@ -410,8 +453,19 @@ class _SavedWeights:
         self.weights = LayerwiseTensors(meta["layers"], self._read)
 
     def _read(self, name: str) -> torch.Tensor:
+        if _files_identity(self.stem) != self._identity:
+            raise DirectionError(f"the saved result {self.stem} was replaced or modified while a direction "
+                                 f"read it (its sha256 was {self.content_hash[:16]}): a direction never "
+                                 f"mixes two results; run again on one result")
         with safe_open(self.path, framework="pt") as f:
             return f.get_tensor(name)
+
+
+def _files_identity(stem: str) -> tuple[tuple[int, int, int, int], ...]:
+    """Device, inode, size and modification time of a saved result's two files: what changes when either is
+    replaced or rewritten."""
+    stats = [os.stat(f"{stem}{ext}") for ext in (".safetensors", ".json")]
+    return tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
 
 
 def quant_result_path(path: str | os.PathLike) -> Path:
@@ -497,8 +551,11 @@ def _base_layers(base: Base, spec: DirectionSpec) -> tuple[list[str], str]:
     if spec.kind == "random":
         names = select_layers(base.model, spec.layers)
     elif spec.kind == "displacement" and os.path.exists(f"{spec.source}.json"):
-        names = [n for n in json.loads(Path(f"{spec.source}.json").read_text())["layers"]
-                 if any(fnmatch.fnmatchcase(n, p) for p in spec.layers)]
+        meta = read_result_metadata(spec.source)
+        recorded = recorded_tensors_sha256(meta)
+        if spec.content_hash and recorded is not None and recorded != spec.content_hash:
+            raise DirectionError(_replaced(spec, recorded))
+        names = [n for n in meta["layers"] if any(fnmatch.fnmatchcase(n, p) for p in spec.layers)]
     else:
         raise DirectionError(f"cannot regenerate a {spec.kind} direction from its spec [{spec.describe()}]: "
                              f"only random directions and displacements saved to a path are; "
@@ -527,10 +584,18 @@ def regenerate(model: nn.Module | Base, spec: DirectionSpec, *, streamed: bool =
         drawn = _gaussian(base.model, names, raw, streamed)
     else:
         drawn = displacement_direction(base, spec.source, spec.layers, streamed=streamed)
+        if spec.content_hash and drawn.spec.content_hash != spec.content_hash:
+            raise DirectionError(_replaced(spec, drawn.spec.content_hash))
     direction = normalize(base, drawn, spec.normalization)
     if spec.orthogonal_to is not None:
         direction = orthogonalize(direction, regenerate(base, spec.orthogonal_to, streamed=streamed))
     return direction.unit() if spec.unit_norm else direction
+
+
+def _replaced(spec: DirectionSpec, found: str) -> str:
+    return (f"the saved result {spec.source} is not the one direction [{spec.describe()}] was made from: "
+            f"its tensors have sha256 {found[:16]}, the direction recorded {spec.content_hash[:16]} (the "
+            f"result was replaced or changed since); use the result it was made from, or start a new run")
 
 
 def _gaussian(model: nn.Module, names: Sequence[str], spec: DirectionSpec, streamed: bool) -> Direction:

@@ -37,14 +37,22 @@ from landscape.quant.qaft import (
     paired_control,
     qaft,
 )
-from landscape.quant.result import QuantResult, ResultFileError, ResultMismatchError
+from landscape.quant.result import (
+    QuantResult,
+    ResultExistsError,
+    ResultFileError,
+    ResultIntegrityError,
+    ResultMismatchError,
+    ResultOffGridError,
+)
 from landscape.quant.rtn import rtn
 
 __all__ = ["LLM_QAT_SETTINGS", "METHODS", "QUANT_TABLE_METHODS", "ActivationQuant", "ActivationQuantError",
            "BitSetting", "CholeskyError", "FinetuneSettings", "FormatError", "GPTQLayerInfo",
            "GPTQSettings", "GenerationSettings", "Grid", "LearningRateSweep", "LearningRateSweepSettings",
-           "Method", "QAFTError", "QuantFormat", "QuantJob", "QuantResult", "ResultFileError",
-           "ResultMismatchError", "UnknownMethodError", "fake_quant_activations", "fp_finetune",
+           "Method", "QAFTError", "QuantFormat", "QuantJob", "QuantResult", "ResultExistsError",
+           "ResultFileError", "ResultIntegrityError", "ResultMismatchError", "ResultOffGridError",
+           "UnknownMethodError", "fake_quant_activations", "fp_finetune",
            "generate_training_text", "gptq", "gptq_layer", "kv_projections", "llm_qat", "lorc", "make_grid",
            "paired_control", "parse_bit_setting", "parse_format", "qaft", "quantized_activations", "rtn",
            "run_method", "select_learning_rate", "sqnr_db"]

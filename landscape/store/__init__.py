@@ -28,24 +28,28 @@ Layout and guarantees (see FIELD_NOTES.md on HDF5):
 """
 
 from landscape.store.files import (
-    DONE,
-    PARTIAL_SUFFIX,
     RUN_SPECIFIC_KEYS,
-    STORE_FORMAT_VERSION,
-    ArraySpec,
     MemoryStore,
     ResultStore,
+    check_store_path,
+    code_version,
+    finish_run,
+    interrupted_runs,
+    normalize_provenance,
+    start_run,
+)
+from landscape.store.hdf5 import (
+    DONE,
+    PARTIAL_SUFFIX,
+    STORE_FORMAT_VERSION,
+    ArraySpec,
     StoreData,
     StoreError,
     StoreInProgressError,
     StoreMismatchError,
-    check_store_path,
-    code_version,
-    finish_run,
-    normalize_provenance,
+    StoreWriteError,
     partial_path,
     read_store,
-    start_run,
 )
 from landscape.store.records import (
     StoreRecord,
@@ -59,6 +63,6 @@ from landscape.store.records import (
 
 __all__ = ["DONE", "PARTIAL_SUFFIX", "RUN_SPECIFIC_KEYS", "STORE_FORMAT_VERSION", "ArraySpec", "MemoryStore",
            "ResultStore", "StoreData", "StoreError", "StoreInProgressError", "StoreMismatchError",
-           "StoreRecord", "check_store_path", "code_version", "finish_run", "merge_stores",
-           "model_provenance", "normalize_provenance", "partial_path", "provenance", "read_store",
-           "run_tasks", "start_run", "with_shard", "write_record"]
+           "StoreRecord", "StoreWriteError", "check_store_path", "code_version", "finish_run",
+           "interrupted_runs", "merge_stores", "model_provenance", "normalize_provenance", "partial_path",
+           "provenance", "read_store", "run_tasks", "start_run", "with_shard", "write_record"]

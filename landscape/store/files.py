@@ -1,15 +1,16 @@
-"""The store files: paths, the writer of one run (a file, or memory), the reader, and the checks of both.
+"""The writer of one run's store (a file, or memory), the checks before it starts and on resume, and the
+provenance helpers; reading and the file system below it are in :mod:`landscape.store.hdf5`.
 
 See :mod:`landscape.store` for the layout and the guarantees.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,35 +18,39 @@ import h5py
 import numpy as np
 
 from landscape.outputs import check_output_path
+from landscape.store.hdf5 import (
+    DONE,
+    STORE_FORMAT_VERSION,
+    ArraySpec,
+    StoreData,
+    StoreError,
+    StoreInProgressError,
+    StoreMismatchError,
+    StoreWriteError,
+    _create_dataset,
+    _fill_value,
+    _reason,
+    _reported_h5py_errors,
+    _WriterLock,
+    check_free_space,
+    partial_path,
+    read_store,
+    store_bytes,
+)
 from landscape.version import __version__
 
-STORE_FORMAT_VERSION = 1
-PARTIAL_SUFFIX = ".partial"
 # Set in a job of a fanned-out sweep (landscape.cluster): the writer keeps a small JSON file beside each
 # partial store with its number of finished points, for the driver (HDF5 locks the store while written).
 PROGRESS_ENV = "LANDSCAPE_REPORT_PROGRESS"
-DONE = "done"
 # Provenance keys that describe how a run was executed, not what it computed: two runs that differ only
 # in these hold the same results (a resumed run keeps its store's keys; merging drops "shard").
 RUN_SPECIFIC_KEYS: tuple[str, ...] = ("created", "shard", "merged_from")
 
 # What stores written before these keys existed computed in: a missing key there means this value.
 OLDER_DEFAULTS: dict[str, Any] = {"model_info.device": "cpu", "device": "cpu", "dtype": "float32"}
-
-ArraySpec = tuple[tuple[int, ...], Any]  # (point shape, numpy dtype-like)
-
-
-class StoreError(ValueError):
-    """A store that cannot be used: unreadable, truncated, not a landscape store, or a forbidden write."""
-
-
-class StoreMismatchError(StoreError):
-    """An existing store was written for a different run (another model, data set, grid, directions...)."""
-
-
-class StoreInProgressError(StoreError):
-    """A store whose run has not finished: its writer is still running (the file is locked), or the run
-    stopped early and only its ``.partial`` file exists (resume it)."""
+# Keys that stores written before them do not hold, with no value to assume: such a store is not compared on
+# them (a resume of an older store goes on; a store that holds the key must match it).
+UNRECORDED_BEFORE: tuple[str, ...] = ("torch_threads",)
 
 
 def check_store_path(path: str | os.PathLike, resume: bool = False) -> Path:
@@ -53,17 +58,29 @@ def check_store_path(path: str | os.PathLike, resume: bool = False) -> Path:
     (:func:`~landscape.outputs.check_output_path`) and, without ``resume``, neither ``path`` nor its
     partial file already there. Returns ``path`` as a :class:`Path`."""
     path = check_output_path(path)
+    partial = partial_path(path)
+    if partial.exists():
+        _check_partial_readable(partial)
     if not resume:
-        for existing in (path, partial_path(path)):
-            if existing.exists():
-                raise StoreError(f"{existing} already exists: resume it, or remove it to start over")
+        if path.exists():
+            raise StoreError(f"{path} already exists: resume its run (--resume) to check it is this one, or "
+                             f"remove it to start over")
+        if partial.exists():
+            raise StoreError(f"{partial} (an unfinished run) already exists: resume it (--resume), or remove "
+                             f"it to start over")
     return path
 
 
-def partial_path(path: str | os.PathLike) -> Path:
-    """Where a store lives while its run is unfinished: ``<path>.partial``."""
-    path = Path(path)
-    return path.with_name(path.name + PARTIAL_SUFFIX)
+def _check_partial_readable(partial: Path) -> None:
+    """Raise a :class:`StoreError` that says to delete ``partial`` if it cannot be read (a write that
+    failed, a disk that filled); a partial file held by a running writer passes."""
+    try:
+        read_store(partial)
+    except StoreInProgressError:
+        return
+    except StoreError as err:
+        raise StoreError(f"{partial} is left from a run that stopped while writing and cannot be read back "
+                         f"({err}): delete it, then run the command again (its points are lost)") from None
 
 
 def progress_path(partial: str | os.PathLike) -> Path:
@@ -80,15 +97,32 @@ def code_version() -> str:
 class ResultStore:
     """An open store being written (or a finished one opened for a resume check). Use :meth:`create`,
     :meth:`open_run` or :meth:`resume`; close with :meth:`finish` (complete) or :meth:`close` (unfinished).
+
+    The one writer of every store file. While it writes it holds an ``fcntl`` lock of its own on
+    ``<path>.lock`` (so two writers are exclusive even with ``HDF5_USE_FILE_LOCKING=FALSE``), keeps every
+    dataset open (HDF5 then reports a failed write at the flush that follows it, not later in a destructor),
+    and checks every operation: the first write that fails stops the run with :class:`StoreWriteError`,
+    whose message says whether the ``.partial`` file is still readable (and so resumable, with how many
+    points) or must be deleted. :meth:`finish` re-reads the closed file (every dataset's ``fletcher32``
+    checksum) and moves it into place only if it holds every point this writer marked done.
     """
 
     def __init__(self, file: h5py.File, path: Path, grid_shape: tuple[int, ...],
-                 specs: Mapping[str, ArraySpec]):
+                 specs: Mapping[str, ArraySpec], lock: _WriterLock | None = None):
         self._file = file
         self.path = path  # the final path
         self.grid_shape = grid_shape
         self._specs = dict(specs)
         self.point_arrays = tuple(specs)
+        self._lock = lock
+        self._failed = False
+        self._datasets: dict[str, h5py.Dataset] = {}
+        if self.writable:
+            with self._checked("open"):
+                self._datasets = {n: file[n] for n in (DONE, *self.point_arrays)}
+                self._done = np.array(file[DONE][()], dtype=bool)  # an array even for a single-point store
+        else:
+            self._done = np.array(file[DONE][()], dtype=bool)
         self._report_progress()
 
     # ---------------------------------------------------------------------------------- opening
@@ -96,6 +130,10 @@ class ResultStore:
     def create(cls, path: str | os.PathLike, provenance: Mapping[str, Any], arrays: Mapping[str, ArraySpec],
                grid_shape: Sequence[int] = ()) -> ResultStore:
         """Start a new store at ``<path>.partial`` (refused if ``path`` or the partial file exists).
+
+        The file's whole space is allocated here (every point array at its final size, ``fletcher32``
+        checksums on every array of more than one value), after checking the file system has room for
+        it: a full disk or a file-size limit is met now, before any work, not at the hundredth point.
 
         Args:
             provenance: JSON-serialisable description of the run; ``code_version`` and ``created``
@@ -105,41 +143,64 @@ class ResultStore:
             grid_shape: shape of the grid of points (``()`` for a store with a single point).
 
         Raises:
-            OutputPathError: ``path`` cannot be written; StoreError: it (or its partial file) exists already.
+            OutputPathError: ``path`` cannot be written; StoreError: it (or its partial file) exists already,
+            or the file system has no room for it; StoreInProgressError: another process writes it;
+            StoreWriteError: writing the empty store failed.
         """
         path, partial = Path(path), partial_path(path)
         grid, specs = _check_schema(arrays, grid_shape)
         prov = _stamped(provenance)
         check_store_path(path)
+        check_free_space(path, store_bytes(specs, grid))
         path.parent.mkdir(parents=True, exist_ok=True)
-        # The empty store is written under a temporary name and renamed: a run killed while creating it leaves
-        # no .partial that cannot be read (a new HDF5 file is unreadable until it is first flushed).
-        fresh = partial.with_name(partial.name + ".new")
+        lock = _WriterLock.acquire(path)
         try:
-            with h5py.File(fresh, "w") as file:
-                file.attrs["landscape_store"] = STORE_FORMAT_VERSION
-                file.attrs["provenance"] = json.dumps(prov, sort_keys=True)
-                file.attrs["grid_shape"] = np.asarray(grid, dtype=np.int64)
-                file.attrs["point_arrays"] = json.dumps(list(specs))
-                file.create_dataset(DONE, shape=grid, dtype=bool, fillvalue=False)
-                for name, (shape, dtype) in specs.items():
-                    file.create_dataset(name, shape=grid + shape, dtype=dtype, fillvalue=_fill_value(dtype))
-            os.replace(fresh, partial)
+            check_store_path(path)  # again, now that no other writer can start it
+            # The empty store is written under a temporary name and renamed: a run killed while creating
+            # it leaves no .partial that cannot be read (a new HDF5 file is unreadable until first flushed).
+            fresh = partial.with_name(partial.name + ".new")
+            try:
+                with _reported_h5py_errors() as errors:
+                    with h5py.File(fresh, "w") as file:
+                        file.attrs["landscape_store"] = STORE_FORMAT_VERSION
+                        file.attrs["provenance"] = json.dumps(prov, sort_keys=True)
+                        file.attrs["grid_shape"] = np.asarray(grid, dtype=np.int64)
+                        file.attrs["point_arrays"] = json.dumps(list(specs))
+                        _create_dataset(file, DONE, grid, bool)
+                        for name, (shape, dtype) in specs.items():
+                            _create_dataset(file, name, grid + shape, dtype)
+                if errors:
+                    raise errors[0]
+                os.replace(fresh, partial)
+            except (OSError, RuntimeError) as err:
+                fresh.unlink(missing_ok=True)
+                raise StoreWriteError(f"could not create the store {partial}: {_reason(err)}. Nothing was "
+                                      f"computed; make room (or raise the file-size limit) and run again") \
+                    from None
+            except BaseException:
+                fresh.unlink(missing_ok=True)
+                raise
+            return cls(_open_for_writing(partial), path, grid, specs, lock)
         except BaseException:
-            fresh.unlink(missing_ok=True)
+            lock.release()
             raise
-        return cls(h5py.File(partial, "r+"), path, grid, specs)
 
     @classmethod
     def resume(cls, path: str | os.PathLike, provenance: Mapping[str, Any], arrays: Mapping[str, ArraySpec],
                grid_shape: Sequence[int] = ()) -> ResultStore:
         """Reopen the unfinished ``<path>.partial`` for writing, after checking it was written for this run
         (same provenance except ``created``, grid and arrays); raises :class:`StoreMismatchError`
-        otherwise."""
+        otherwise, and :class:`StoreInProgressError` if another process writes it."""
         grid, specs = _check_schema(arrays, grid_shape)
         partial = partial_path(path)
-        _check_same_run(read_store(partial), provenance, grid, specs)
-        return cls(h5py.File(partial, "r+"), Path(path), grid, specs)
+        lock = _WriterLock.acquire(Path(path))
+        try:
+            _check_partial_readable(partial)
+            _check_same_run(read_store(partial), provenance, grid, specs)
+            return cls(_open_for_writing(partial), Path(path), grid, specs, lock)
+        except BaseException:
+            lock.release()
+            raise
 
     @classmethod
     def open_run(cls, path: str | os.PathLike, provenance: Mapping[str, Any], arrays: Mapping[str, ArraySpec],
@@ -166,7 +227,7 @@ class ResultStore:
     @property
     def done(self) -> np.ndarray:
         """Boolean mask (``grid_shape``) of the finished points."""
-        return self._file[DONE][()]
+        return self._done.copy()
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -174,7 +235,8 @@ class ResultStore:
 
     @property
     def writable(self) -> bool:
-        return self._file.mode == "r+"
+        # a file whose close failed must not be asked anything more (h5py may crash on it)
+        return not self._failed and self._file.id.valid and self._file.mode == "r+"
 
     # ----------------------------------------------------------------------------------- writing
     def write_point(self, index: int | tuple[int, ...], values: Mapping[str, Any]) -> None:
@@ -184,10 +246,13 @@ class ResultStore:
         """
         self._require_writable()
         idx = _grid_index(index, self.grid_shape)
-        for name, value in _checked_point(values, self._specs).items():
-            self._file[name][idx] = value
-        self._file[DONE][idx] = True
-        self._file.flush()
+        point = _checked_point(values, self._specs)
+        with self._checked(f"point {idx}"):
+            for name, value in point.items():
+                self._datasets[name][idx] = value
+            self._datasets[DONE][idx] = True
+            self._file.flush()
+        self._done[idx] = True
         self._report_progress()
 
     def write_points(self, values: Mapping[str, np.ndarray], done: np.ndarray) -> None:
@@ -198,13 +263,15 @@ class ResultStore:
         if done.shape != self.grid_shape or set(values) != set(self.point_arrays):
             raise StoreError(f"write_points needs a done mask of shape {self.grid_shape} and exactly the "
                              f"arrays {sorted(self.point_arrays)}; got {done.shape} and {sorted(values)}")
-        for name in self.point_arrays:
-            ds = self._file[name]
-            full = ds[()]
-            full[done] = np.asarray(values[name], dtype=ds.dtype)[done]
-            ds[()] = full
-        self._file[DONE][()] = self.done | done
-        self._file.flush()
+        with self._checked(f"{int(done.sum())} points"):
+            for name in self.point_arrays:
+                ds = self._datasets[name]
+                full = ds[()]
+                full[done] = np.asarray(values[name], dtype=ds.dtype)[done]
+                ds[()] = full
+            self._datasets[DONE][()] = self._done | done
+            self._file.flush()
+        self._done |= done
         self._report_progress()
 
     def write_array(self, name: str, array: Any) -> None:
@@ -212,40 +279,74 @@ class ResultStore:
         name."""
         self._require_writable()
         _check_name(name, self.point_arrays)
-        if name in self._file:
-            del self._file[name]
-        self._file.create_dataset(name, data=_to_hdf5(array))
-        self._file.flush()
+        data = _to_hdf5(array)
+        with self._checked(f"array {name!r}"):
+            if name in self._file:
+                del self._file[name]
+            _create_dataset(self._file, name, data.shape, data.dtype, data)
+            self._file.flush()
 
     def write_table(self, name: str, columns: Mapping[str, Sequence[Any]]) -> None:
         """Store a small table as a group of equally long 1-D columns (numbers or strings)."""
         self._require_writable()
         _check_table(name, columns, self.point_arrays)
-        if name in self._file:
-            del self._file[name]
-        group = self._file.create_group(name)
-        group.attrs["table"] = True
-        for col, values in columns.items():
-            group.create_dataset(col, data=_to_hdf5(values))
-        self._file.flush()
+        with self._checked(f"table {name!r}"):
+            if name in self._file:
+                del self._file[name]
+            group = self._file.create_group(name)
+            group.attrs["table"] = True
+            for col, values in columns.items():
+                data = _to_hdf5(values)
+                _create_dataset(group, col, data.shape, data.dtype, data)
+            self._file.flush()
 
     # ------------------------------------------------------------------------------------ closing
     def finish(self) -> Path:
-        """Close and move the finished run into place (``os.replace(<path>.partial, <path>)``); returns
-        ``path``."""
+        """Close, verify and move the finished run into place (``os.replace(<path>.partial, <path>)``);
+        returns ``path``.
+
+        The closed partial file is read back whole (checksums verified) and must hold every point this
+        writer marked done; otherwise it is not renamed and :class:`StoreWriteError` says what is left.
+        """
+        if self._failed:
+            raise StoreError(f"store {self.path} failed earlier: it cannot be finished")
         if not self._file.id.valid:
             raise StoreError(f"store {self.path} is closed: reopen it with resume to finish it")
-        writable = self.writable
-        self._file.close()
-        if writable:
-            os.replace(partial_path(self.path), self.path)
-            progress_path(partial_path(self.path)).unlink(missing_ok=True)
+        if not self.writable:
+            self._file.close()
+            return self.path
+        partial = partial_path(self.path)
+        with self._checked("the end of the run"):
+            self._datasets.clear()
+            self._file.close()
+        try:
+            stored = read_store(partial)
+            problem = (None if np.array_equal(stored.done, self._done) else
+                       f"it holds {int(stored.done.sum())} finished points where {int(self._done.sum())} "
+                       f"were written")
+        except StoreError as err:
+            problem = str(err)
+        if problem:
+            self._release()
+            raise StoreWriteError(f"the store {partial} did not read back as written ({problem}); it was "
+                                  f"not moved to {self.path.name}. {_left_on_disk(partial)}")
+        os.replace(partial, self.path)
+        progress_path(partial).unlink(missing_ok=True)
+        self._release()
         return self.path
 
     def close(self) -> None:
-        """Close without finishing: the partial file stays, to be resumed."""
-        if self._file.id.valid:
-            self._file.close()
+        """Close without finishing: the partial file stays, to be resumed (its count of finished points is
+        kept for :func:`interrupted_runs`)."""
+        if not self._failed and self._file.id.valid:
+            unfinished = self.writable and not self._failed
+            with _reported_h5py_errors():
+                with contextlib.suppress(OSError, RuntimeError):
+                    self._datasets.clear()
+                    self._file.close()
+            if unfinished:
+                _INTERRUPTED[str(partial_path(self.path))] = (int(self._done.sum()), self._done.size)
+        self._release()
 
     def __enter__(self) -> ResultStore:
         return self
@@ -253,20 +354,87 @@ class ResultStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # --------------------------------------------------------------------------------- internals
+    @contextlib.contextmanager
+    def _checked(self, what: str) -> Iterator[None]:
+        """Run one store operation; any HDF5 or OS error in it (raised, or only reported by a destructor)
+        ends the run: the file is closed, the lock let go, and :class:`StoreWriteError` says what is left."""
+        try:
+            with _reported_h5py_errors() as errors:
+                yield
+            if errors:
+                raise errors[0]
+        except (OSError, RuntimeError, ValueError) as err:  # h5py maps some HDF5 I/O failures to ValueError
+            self._fail()
+            partial = partial_path(self.path)
+            failed = f"writing {what} to {partial} failed: {_reason(err)}"
+            error = StoreWriteError(f"{failed}. {_left_on_disk(partial)}")
+            error.what = failed  # for writers that remove the partial (merge, whole records)
+            raise error from None
+
+    def _fail(self) -> None:
+        self._failed = True
+        self._datasets.clear()
+        with _reported_h5py_errors(), contextlib.suppress(OSError, RuntimeError):
+            self._file.close()
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def _report_progress(self) -> None:
         """In a sweep's job, the number of finished points to the progress file (replaced atomically)."""
         if not os.environ.get(PROGRESS_ENV) or not self.writable:
             return
         path = progress_path(partial_path(self.path))
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"done": int(self.done.sum()), "points": int(np.prod(self.grid_shape)),
+        tmp.write_text(json.dumps({"done": int(self._done.sum()), "points": int(np.prod(self.grid_shape)),
                                    "pid": os.getpid()}))
         os.replace(tmp, path)
 
     def _require_writable(self) -> None:
-        if not self._file.id.valid or not self.writable:
+        if self._failed:
+            raise StoreError(f"store {self.path} failed earlier: no more points can be written to it")
+        if not self.writable:
             raise StoreError(f"store {self.path} is "
                              f"{'closed' if not self._file.id.valid else 'finished (read-only)'}")
+
+
+# Unfinished stores closed in this process: partial path -> (finished points, points). The CLI reads it
+# after Ctrl-C to say what was kept and how to resume.
+_INTERRUPTED: dict[str, tuple[int, int]] = {}
+
+
+def interrupted_runs() -> dict[str, tuple[int, int]]:
+    """Stores this process closed unfinished: ``partial path -> (finished points, points)``."""
+    return dict(_INTERRUPTED)
+
+
+def _open_for_writing(partial: Path) -> h5py.File:
+    try:
+        return h5py.File(partial, "r+")
+    except BlockingIOError:
+        raise StoreInProgressError(f"{partial} is open for writing by another process (HDF5's lock): wait "
+                                   f"for it to finish or stop it") from None
+    except OSError as err:
+        raise StoreError(f"{partial} cannot be opened for writing ({_reason(err)}). "
+                         f"{_left_on_disk(partial)}") from None
+
+
+def _left_on_disk(partial: Path) -> str:
+    """What a failed or interrupted write left: a readable partial (resumable, with its points) or one that
+    must be deleted."""
+    if not partial.exists():
+        return "Nothing was kept; run the command again."
+    try:
+        stored = read_store(partial)
+    except StoreError as err:
+        return (f"{partial} cannot be read back ({err}): delete it, make room (or raise the file-size "
+                f"limit) and run the command again")
+    return (f"{partial} is readable and keeps {int(stored.done.sum())} of {stored.done.size} finished "
+            f"points: make room (or raise the file-size limit) and run the same command with --resume")
 
 
 # ------------------------------------------------------------------------------------- in memory
@@ -338,90 +506,6 @@ def finish_run(record: ResultStore | MemoryStore) -> tuple[StoreData, Path | Non
         return record.data(), None
     path = record.finish()
     return read_store(path), path
-
-
-# ------------------------------------------------------------------------------------------ the reader
-@dataclass(frozen=True)
-class StoreData:
-    """Everything in a store, as numpy arrays.
-
-    Attributes:
-        arrays: dataset path -> array: point arrays (shape ``grid_shape + point_shape``; values where
-            ``done`` is False are fill values), finished arrays, and table columns (``table/column``).
-        done: boolean mask of finished points (shape ``grid_shape``).
-        provenance: the run's JSON provenance.
-        point_arrays: names of the arrays written point by point.
-        grid_shape: shape of the grid of points.
-    """
-
-    arrays: dict[str, np.ndarray]
-    done: np.ndarray
-    provenance: dict[str, Any]
-    point_arrays: tuple[str, ...]
-    grid_shape: tuple[int, ...]
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.done.all())
-
-    def table(self, name: str) -> dict[str, np.ndarray]:
-        """The columns of a table written with :meth:`ResultStore.write_table`."""
-        prefix = name + "/"
-        columns = {k[len(prefix):]: v for k, v in self.arrays.items() if k.startswith(prefix)}
-        if not columns:
-            raise KeyError(f"no table {name!r} in this store")
-        return columns
-
-
-def read_store(path: str | os.PathLike) -> StoreData:
-    """Read a whole store (finished, or a ``.partial`` one by that name) into numpy arrays.
-
-    Raises:
-        StoreInProgressError: the run has not finished: only its partial file exists, or a writer holds the
-            file.
-        StoreError: missing, unreadable (corrupted, truncated) or not a landscape store.
-    """
-    path = Path(path)
-    unfinished = partial_path(path).exists()  # looked at first: finish() renames the partial file to path
-    if not path.exists():
-        if unfinished:
-            raise StoreInProgressError(f"no finished store at {path} (an unfinished run is at "
-                                       f"{partial_path(path)}: in progress, or stopped and resumable; "
-                                       f"readable once no writer holds it)")
-        raise StoreError(f"no store at {path}")
-    try:
-        file = h5py.File(path, "r")
-    except BlockingIOError:
-        raise StoreInProgressError(f"{path} is open for writing by another process (a run in progress): "
-                                   f"read it when the writer has finished or stopped") from None
-    except FileNotFoundError:
-        raise StoreError(f"no store at {path} "
-                         f"(it was moved away as it was opened: its run just finished?)") from None
-    except OSError as err:
-        raise StoreError(f"{path} is not a readable HDF5 store (corrupted, truncated, or open for writing "
-                         f"by another process): {err}") from None
-    with file:
-        if file.attrs.get("landscape_store") != STORE_FORMAT_VERSION or DONE not in file:
-            raise StoreError(f"{path} is not a landscape result store of format version "
-                             f"{STORE_FORMAT_VERSION} (found version {file.attrs.get('landscape_store')!r})")
-        try:
-            provenance = json.loads(file.attrs["provenance"])
-            grid = tuple(int(n) for n in file.attrs["grid_shape"])
-            point_arrays = tuple(json.loads(file.attrs["point_arrays"]))  # in declaration order
-            arrays: dict[str, np.ndarray] = {}
-
-            def visit(name: str, obj: Any) -> None:
-                if isinstance(obj, h5py.Dataset) and name != DONE:
-                    arrays[name] = obj.asstr()[()] if h5py.check_string_dtype(obj.dtype) else obj[()]
-
-            file.visititems(visit)
-            arrays = {**{n: arrays[n] for n in point_arrays}, **arrays}
-            done = file[DONE][()]
-        except (OSError, KeyError, ValueError) as err:
-            raise StoreError(f"{path} is damaged: {err}") from None
-    if done.shape != grid:
-        raise StoreError(f"{path} is damaged: done mask shape {done.shape} differs from grid shape {grid}")
-    return StoreData(arrays, done, provenance, point_arrays, grid)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -499,28 +583,58 @@ def _check_same_run(existing: StoreData, provenance: Mapping[str, Any], grid: tu
     expected = _flatten({"code_version": code_version(), **normalize_provenance(provenance)})
     found = _flatten(existing.provenance)
     found |= {k: v for k, v in OLDER_DEFAULTS.items() if k not in found and k in expected}
-    keep = lambda key: key.split(".")[0] not in ignore  # noqa: E731
-    diffs = [f"{k}: store has {_short(found.get(k))}, this run has {_short(expected.get(k))}"
-             for k in sorted(set(expected) | set(found)) if keep(k) and found.get(k) != expected.get(k)]
+    skipped = {k for k in UNRECORDED_BEFORE if k not in found}
+    keep = lambda key: _root(key) not in ignore and key not in skipped  # noqa: E731
+    missing = object()
+    diffs = [f"{k}: store has {_show(found.get(k, missing))}, "
+             f"this run has {_show(expected.get(k, missing))}"
+             for k in sorted(set(expected) | set(found))
+             if keep(k) and found.get(k, missing) != expected.get(k, missing)]
     if existing.grid_shape != grid:
         diffs.append(f"grid shape: store has {existing.grid_shape}, this run has {grid}")
     stored_specs = {n: (existing.arrays[n].shape[len(existing.grid_shape):], existing.arrays[n].dtype)
                     for n in existing.point_arrays}
-    if stored_specs != dict(specs):
-        diffs.append(f"point arrays: store has {_short(sorted(stored_specs))}, "
-                     f"this run has {_short(sorted(specs))}")
+    for name in sorted(set(stored_specs) | set(specs)):
+        if stored_specs.get(name) != dict(specs).get(name):
+            diffs.append(f"point array {name!r}: store has {_spec(stored_specs.get(name))}, this run has "
+                         f"{_spec(dict(specs).get(name))}")
     if diffs:
-        raise StoreMismatchError("the store was written for a different run: " + "; ".join(diffs))
+        raise StoreMismatchError(f"the store was written for a different run ({len(diffs)} "
+                                 f"difference{'s' if len(diffs) > 1 else ''}):\n  " + "\n  ".join(diffs))
+
+
+def _root(key: str) -> str:
+    return key.split(".")[0].split("[")[0]
+
+
+def _show(value: Any) -> str:
+    """A provenance value in full (never cut: the difference may be at its end)."""
+    return "(absent)" if not isinstance(value, (str, int, float, bool, list, dict, type(None))) else \
+        json.dumps(value, default=str)
+
+
+def _spec(spec: Any) -> str:
+    return "(absent)" if spec is None else f"point shape {tuple(spec[0])}, dtype {np.dtype(spec[1])}"
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested provenance as ``a.b[2].c -> value`` leaves, so a mismatch names the one key that differs (a
+    direction's ``directions[1].seed``, not the whole list)."""
     flat = {}
     for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
+        flat.update(_leaves(value, f"{prefix}{key}"))
     return flat
+
+
+def _leaves(value: Any, key: str) -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        return {k: v for sub, item in value.items() for k, v in _leaves(item, f"{key}.{sub}").items()}
+    if isinstance(value, list) and value and any(isinstance(v, (Mapping, list)) for v in value):
+        out = {f"{key}.length": len(value)}
+        for i, item in enumerate(value):
+            out.update(_leaves(item, f"{key}[{i}]"))
+        return out
+    return {key: value}
 
 
 def normalize_provenance(provenance: Mapping[str, Any]) -> dict[str, Any]:
@@ -539,15 +653,6 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
-
-
-def _short(value: Any, limit: int = 120) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _fill_value(dtype: np.dtype) -> Any:
-    return np.nan if dtype.kind in "fc" else (False if dtype.kind == "b" else 0)
 
 
 def _to_hdf5(values: Any) -> np.ndarray:

@@ -422,7 +422,7 @@ def _result_of(base: Base, candidate: Candidate, is_saved: bool) -> QuantResult:
     if isinstance(candidate, RoundingSpec):
         return rounded(base, candidate)
     if is_saved:
-        return QuantResult.load(candidate)  # its base was checked from the metadata
+        return QuantResult.load(candidate, base=base)  # its base, and that it lies on its grid
     return candidate
 
 

@@ -51,7 +51,7 @@ from landscape.curvature import (
 from landscape.data import TokenSet
 from landscape.engine.directions import Direction
 from landscape.objectives import NLLResult, layer_mse, nll
-from landscape.quant.result import QuantResult
+from landscape.quant.result import QuantResult, ResultMismatchError
 from landscape.stats import (
     DEFAULT_RESAMPLES,
     StatsError,
@@ -270,9 +270,10 @@ def check_same_base(model: nn.Module | Base, results: Mapping[str, QuantResult])
     """The union of the results' layers (forward order), after checking every result against ``model``.
 
     Raises:
-        ComparisonError: a layer the model does not have, a weight of the wrong shape, or a result computed on
+        ComparisonError: a layer the model does not have, a weight of the wrong shape, a result computed on
             other base weights (its ``base_fingerprint`` differs from :func:`weights_fingerprint` of this
-            model on the result's layers).
+            model on the result's layers), or weights off the grid the result states
+            (:meth:`QuantResult.check_grid`: never reported under a format it is not in).
     """
     base = as_base(model)
     available = quantizable_layers(base.model)
@@ -284,6 +285,10 @@ def check_same_base(model: nn.Module | Base, results: Mapping[str, QuantResult])
             if tuple(w.shape) != expected:
                 raise ComparisonError(f"result {label!r}: weight of {n!r} has shape {tuple(w.shape)}, the "
                                       f"layer's (out, in) weight is {expected}")
+        try:
+            result.check_grid(base, f"result {label!r}")
+        except ResultMismatchError as err:
+            raise ComparisonError(str(err)) from None
     used = {n for r in results.values() for n in r.weights}
     return [n for n in available if n in used]
 
@@ -469,4 +474,4 @@ def _describe(result: QuantResult) -> dict[str, Any]:
             "format": result.format.name if result.format else None, "base_model": result.base_model,
             "base_fingerprint": result.base_fingerprint,
             "calibration_hash": result.calibration.get("data_hash"), "settings": result.settings,
-            "layers": len(result.weights)}
+            "layers": len(result.weights), "sha256": result.tensors_sha256()}

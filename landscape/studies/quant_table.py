@@ -181,10 +181,10 @@ def _quantized(ctx: _Context, v: Variant) -> QuantResult:
     # Saved results are keyed by the calibration data too: a result is reused only under the same budget.
     path = result_path(ctx.results_dir.parent, ctx.protocol, v, ctx.calib.content_hash)
     if path.with_name(key + ".json").exists():
-        result = QuantResult.load(path, base_fingerprint=ctx.fingerprint)
+        result = QuantResult.load(path, base_fingerprint=ctx.fingerprint, base=ctx.lm.base)
     else:
         result = run_method(v.method, _job(ctx, v))
-        result.save(path)
+        result.save(path, overwrite=True)  # no .json: at most the tensors of a run killed while saving
     return result
 
 
