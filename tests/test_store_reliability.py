@@ -467,3 +467,12 @@ def test_compare_out_in_an_unwritable_place_is_refused_before_the_comparison(tmp
     (tmp_path / "file").write_text("")
     status, _, err = cli_run(["compare", "ref-tiny", "x", "y", "--out", str(tmp_path / "file" / "c.h5")])
     assert status == 2 and "is a file, not a directory" in err and loads == []
+
+
+@pytest.mark.parametrize("flag", ["--seq-len", "--segments", "--batch-size"])
+def test_a_zero_size_is_refused_not_replaced_by_a_default(model_dir, tmp_path, flag):
+    argv = ["scan", str(model_dir), "--grid", "0:1:3", "--segments", "2", "--seq-len", "16", "--out",
+            str(tmp_path / "s.h5"), "--no-progress"]
+    status, _, err = cli_run([*argv, flag, "0"])
+    assert status == 2 and f"argument {flag}: must be a positive integer, got 0" in err
+    assert list(tmp_path.iterdir()) == []
