@@ -476,3 +476,29 @@ def test_a_zero_size_is_refused_not_replaced_by_a_default(model_dir, tmp_path, f
     status, _, err = cli_run([*argv, flag, "0"])
     assert status == 2 and f"argument {flag}: must be a positive integer, got 0" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_radius_records_its_results_by_content_and_refuses_a_replaced_one(model_dir, tmp_path):
+    result, out = tmp_path / "runs" / "g4", tmp_path / "r.h5"
+    quantize = ["quantize", str(model_dir), "--method", "rtn", "--calib-sequences", "2",
+                "--calib-seq-len", "16", "--no-progress"]
+    assert cli_run([*quantize, "--format", "int4", "--out", str(result)])[0] == 0
+    radius = ["radius", str(model_dir), "--directions", "1", "--tolerance", "0.2", "--segments", "2",
+              "--seq-len", "16", "--quantized", str(result), "--out", str(out), "--no-progress"]
+    assert cli_run(radius)[0] == 0
+    assert read_store(out).provenance["quantized"]["g4"]["sha256"]
+    assert cli_run([*quantize, "--format", "int3", "--out", str(result), "--overwrite"])[0] == 0
+    status, _, err = cli_run([*radius, "--resume"])
+    assert status == 2 and "quantized.g4.sha256: store has" in err
+
+
+def test_an_older_radius_store_without_result_hashes_still_resumes(tmp_path):
+    old = {**PROVENANCE, "quantized": {"g4": {"path": "runs/g4"}}}
+    path = points_store(tmp_path / "s.h5", [], finish=False)
+    with h5py.File(partial_path(path), "r+") as f:
+        f.attrs["provenance"] = json.dumps({**json.loads(f.attrs["provenance"]), **old})
+    new = {**old, "quantized": {"g4": {"path": "runs/g4", "sha256": "ab" * 32}}}
+    ResultStore.resume(path, new, ARRAYS, (8,)).close()
+    with pytest.raises(StoreMismatchError, match="quantized.g4.path"):
+        ResultStore.resume(path, {**new, "quantized": {"g4": {"path": "runs/g5", "sha256": "ab"}}}, ARRAYS,
+                           (8,))

@@ -47,6 +47,7 @@ from landscape.engine.perturb import (
     output_names,
 )
 from landscape.engine.sweep import Execution
+from landscape.quant.result import result_stem, saved_tensors_sha256, tensors_sha256
 from landscape.store import StoreData, finish_run, model_provenance, read_store, start_run, with_shard
 from landscape.weights import Base, as_base, weights_norm
 
@@ -459,7 +460,9 @@ def _padded(values: np.ndarray, length: int) -> np.ndarray:
 
 
 def _describe_result(result: Any) -> dict[str, Any]:
+    """A result whose displacement norm a radius run reports, by path or label and by the sha256 of its
+    tensors (a resume after the file was replaced is refused)."""
     if isinstance(result, (str, Path)):
-        return {"path": str(result)}
+        return {"path": str(result), "sha256": saved_tensors_sha256(result_stem(result))}
     return {"label": result.label, "base_model": result.base_model,
-            "base_fingerprint": result.base_fingerprint}
+            "base_fingerprint": result.base_fingerprint, "sha256": tensors_sha256(result.weights)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fnmatch
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -50,7 +51,7 @@ RUN_SPECIFIC_KEYS: tuple[str, ...] = ("created", "shard", "merged_from")
 OLDER_DEFAULTS: dict[str, Any] = {"model_info.device": "cpu", "device": "cpu", "dtype": "float32"}
 # Keys that stores written before them do not hold, with no value to assume: such a store is not compared on
 # them (a resume of an older store goes on; a store that holds the key must match it).
-UNRECORDED_BEFORE: tuple[str, ...] = ("torch_threads",)
+UNRECORDED_BEFORE: tuple[str, ...] = ("torch_threads", "quantized.*.sha256")  # fnmatch patterns
 
 
 def check_store_path(path: str | os.PathLike, resume: bool = False) -> Path:
@@ -583,7 +584,8 @@ def _check_same_run(existing: StoreData, provenance: Mapping[str, Any], grid: tu
     expected = _flatten({"code_version": code_version(), **normalize_provenance(provenance)})
     found = _flatten(existing.provenance)
     found |= {k: v for k, v in OLDER_DEFAULTS.items() if k not in found and k in expected}
-    skipped = {k for k in UNRECORDED_BEFORE if k not in found}
+    skipped = {k for k in expected
+               if k not in found and any(fnmatch.fnmatchcase(k, p) for p in UNRECORDED_BEFORE)}
     keep = lambda key: _root(key) not in ignore and key not in skipped  # noqa: E731
     missing = object()
     diffs = [f"{k}: store has {_show(found.get(k, missing))}, "
