@@ -22,14 +22,17 @@ from analyses.session import load_model_of, model_options
 from landscape.cli.common import (
     cluster_settings,
     executor_arguments,
+    limit_arguments,
     parse_shard,
     positive_int,
     progress_argument,
+    work_limits,
 )
 from landscape.cli.errors import script_main
 from landscape.cluster import Sweep, run_sweep
 from landscape.studies.quant_table import (
     Protocol,
+    check_formats_fit,
     read_quant_table,
     run_quant_table,
     table_control_gaps,
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
                         "you)")
     progress_argument(p)
     executor_arguments(p)
+    limit_arguments(p, "rows (quantized models measured, each a GPTQ or a training)", default=1000)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     runs = protocols(args)  # every protocol is validated before the model loads
@@ -90,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             p.error(f"--only {unknown}: no such protocol; choose from {sorted(runs)}")
         runs = {name: runs[name] for name in args.only}
+    work_limits(args).check_points("these tables (rows: quantized models measured)",
+                                   sum(len(variants(protocol)) for protocol in runs.values()))
     cluster = cluster_settings(args, p)
     out = Path(args.out)
     if cluster.fans_out:
@@ -100,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         paths = run_sweep(sweep, cluster)
     else:
         lm = load_model_of(args)
+        check_formats_fit(lm.model, list(runs.values()))  # every table's formats, before the first table
         groups = task_groups(list(runs.values()))  # one order over every protocol: no result computed twice
         paths = [run_quant_table(protocol, out, progress=not args.no_progress, lm=lm, name=name + args.tag,
                                  shard=args.shard, groups=groups) for name, protocol in runs.items()]

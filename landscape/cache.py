@@ -73,7 +73,15 @@ ADOPTED_NOTE = "adopted: built before manifests; its structure was checked, its 
 def cache_dir() -> Path:
     """Root of the landscape cache (created on first use)."""
     root = Path(os.environ.get("LANDSCAPE_CACHE") or platformdirs.user_cache_dir("landscape"))
-    root.mkdir(parents=True, exist_ok=True)
+    where = "LANDSCAPE_CACHE" if os.environ.get("LANDSCAPE_CACHE") else "the default cache location"
+    if root.exists() and not root.is_dir():
+        raise CacheWriteError(f"the cache {root} ({where}) is a file, not a directory: point LANDSCAPE_CACHE "
+                              f"at a directory (it is created if missing)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CacheWriteError(f"cannot create the cache {root} ({where}): {err.strerror or err}; point "
+                              f"LANDSCAPE_CACHE at a writable directory") from None
     return root
 
 

@@ -72,12 +72,13 @@ class WorkLimits:
             return self.max_memory, "--max-memory"
         return int(psutil.virtual_memory().available), "the memory available now"
 
-    def check_points(self, what: str, points: int, flag_hint: str = "") -> None:
-        """Refuse more than ``max_points`` points before anything is loaded."""
+    def check_points(self, what: str, points: int) -> None:
+        """Refuse more than ``max_points`` points (grid points, directions, Hessian-vector products, optimiser
+        steps: ``what`` says which) before anything is loaded."""
         if points > self.max_points:
             raise WorkTooLargeError(
-                f"{what} asks for {points:,} points, more than --max-points {self.max_points:,}"
-                f"{flag_hint}: choose fewer points, or raise --max-points if you mean it")
+                f"{what} asks for {points:,} points, more than --max-points {self.max_points:,}: choose "
+                f"fewer, or raise --max-points if you mean it")
 
 
 @dataclass(frozen=True)

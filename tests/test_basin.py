@@ -146,7 +146,7 @@ def test_bad_settings_and_directions_are_refused_before_any_evaluation():
     counting = FunctionObjective("loss", lambda m: calls.append(1) or 0.0)
     with pytest.raises(ValueError, match="threshold must be a finite number > 0"):
         RadiusSearch(threshold=-1)
-    with pytest.raises(ValueError, match=r"tolerance must be in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"tolerance must be in \[1e-09, 1\)"):
         RadiusSearch(tolerance=0)
     with pytest.raises(ValueError, match="value_name 'nll' is not an output"):
         basin_radius(model, random_direction(model, 0), counting)

@@ -255,12 +255,40 @@ def flip_one_bit(path: Path, dataset: str, element: int) -> None:
 def test_a_flipped_bit_in_a_stored_nll_is_caught_by_reader_and_merge(tmp_path):
     path = points_store(tmp_path / "s.h5", list(range(8)))
     flip_one_bit(path, "nll", 5)
-    with pytest.raises(StoreError, match="is damaged: a checksum \\(fletcher32\\) does not match"):
+    with pytest.raises(StoreError, match="is damaged: a checksum \\(fletcher32"):
         read_store(path)
     other = points_store(tmp_path / "t.h5", [])
     with pytest.raises(StoreError, match="fletcher32"):
         merge_stores(tmp_path / "m.h5", [other, path])
     assert not (tmp_path / "m.h5").exists() and not partial_path(tmp_path / "m.h5").exists()
+
+
+def test_a_flipped_bit_in_a_single_stored_number_is_caught_too(tmp_path):
+    path = tmp_path / "s.h5"
+    store = ResultStore.create(path, PROVENANCE, ARRAYS, (2,))
+    store.write_array("center_value", 5.7715)  # a scalar: HDF5 cannot chunk it, so no fletcher32 there
+    store.write_point(0, {"nll": 1.0, "mse": np.zeros(3)})
+    store.write_point(1, {"nll": 2.0, "mse": np.zeros(3)})
+    store.finish()
+    assert read_store(path).arrays["center_value"] == 5.7715
+    with h5py.File(path, "r") as f:
+        offset = f["center_value"].id.get_offset()
+    with open(path, "r+b") as f:
+        f.seek(offset + 7)
+        byte = f.read(1)[0]
+        f.seek(offset + 7)
+        f.write(bytes([byte ^ 0x40]))  # an exponent bit: 5.77 becomes another number
+    with pytest.raises(StoreError, match="is damaged: a checksum"):
+        read_store(path)
+
+
+def test_a_single_point_store_keeps_its_checksum_current_as_it_is_written(tmp_path):
+    path = tmp_path / "one.h5"
+    store = ResultStore.create(path, PROVENANCE, {"nll": ((), np.float64)}, ())
+    store.write_point((), {"nll": 3.25})
+    store.finish()
+    data = read_store(path)  # verified: the sha256 was renewed by the write
+    assert data.arrays["nll"] == 3.25 and bool(data.done)
 
 
 # --------------------------------------------------------------------------- bounded work (6, 8)
@@ -302,7 +330,8 @@ def test_work_estimate_counts_points_passes_and_memory():
 
 def test_spectrum_settings_beyond_the_dimension_leave_no_partial(model_dir, tmp_path):
     out = tmp_path / "spec.h5"
-    for extra, words in ((["--k", "1000000"], "eigenpairs asked of a Hessian of dimension"),
+    for extra, words in ((["--k", "1000000", "--max-points", "10000000"],
+                          "eigenpairs asked of a Hessian of dimension"),
                          (["--layers", "nope*"], "nope*")):
         status, _, err = cli_run(["spectrum", str(model_dir), "--segments", "2", "--seq-len", "16",
                                   "--out", str(out), "--no-progress", *extra])
@@ -502,3 +531,47 @@ def test_an_older_radius_store_without_result_hashes_still_resumes(tmp_path):
     with pytest.raises(StoreMismatchError, match="quantized.g4.path"):
         ResultStore.resume(path, {**new, "quantized": {"g4": {"path": "runs/g5", "sha256": "ab"}}}, ARRAYS,
                            (8,))
+
+
+# ------------------------------------------------------------ cases of our own probe (closing note of #20)
+@pytest.mark.parametrize("argv, words", [
+    (["spectrum", "{model}", "--density-runs", "1000000000", "--out", "{tmp}/s.h5"],
+     "Hessian-vector products: Lanczos, trace, density) asks for"),
+    (["compare", "{model}", "a", "b", "--path", "0:1:10000000"], "this comparison (points along the paths"),
+    (["quantize", "{model}", "--method", "qaft", "--format", "int4", "--steps", "1000000000", "--out",
+      "{tmp}/q"], "this qaft run (optimiser steps) asks for 1,000,000,000 points"),
+    (["radius", "{model}", "--tolerance", "1e-300", "--out", "{tmp}/r.h5"],
+     "tolerance must be in [1e-09, 1)"),
+    (["eval", "{model}", "--rtn", "int9"], "format 'int9': bits must be an integer in 2..8, got 9"),
+])
+def test_more_unbounded_or_unclear_requests_are_refused_before_work(model_dir, tmp_path, argv, words):
+    argv = [a.format(model=model_dir, tmp=tmp_path) for a in argv]
+    status, _, err = cli_run(argv)
+    assert status == 2 and words in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_density_settings_beyond_the_dimension_leave_no_partial(model_dir, tmp_path):
+    out = tmp_path / "s.h5"
+    status, _, err = cli_run(["spectrum", str(model_dir), "--segments", "2", "--seq-len", "16",
+                              "--density-runs", "1", "--density-steps", "900000", "--out", str(out),
+                              "--no-progress"])
+    assert status == 2 and "density steps) must be an integer from 1 to the Hessian's dimension" in err
+    assert not out.exists() and not partial_path(out).exists()
+
+
+def test_a_cache_location_that_is_a_file_is_named(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("LANDSCAPE_CACHE", str(tmp_path / "afile"))
+    status, _, err = cli_run(["eval", "ref-tiny"])
+    assert status == 2 and "is a file, not a directory: point LANDSCAPE_CACHE at a directory" in err
+
+
+def test_every_table_format_is_checked_before_the_first_table(model_dir, tmp_path):
+    from landscape.studies.quant_table import Protocol, check_formats_fit
+
+    model = tiny_model()  # in_features 32 and 128
+    with pytest.raises(ValueError, match="group size 48 of format int4-g48 does not divide"):
+        check_formats_fit(model, [Protocol(model="m", formats=("int4",)),
+                                  Protocol(model="m", formats=("int4-g48",))])
+    check_formats_fit(model, [Protocol(model="m", formats=("int4", "int4-g32"))])

@@ -203,12 +203,13 @@ def store_arguments(p: argparse.ArgumentParser, *, required: bool = True, resume
         p.add_argument("--resume", action="store_true", help="continue an unfinished store at --out")
 
 
-def limit_arguments(p: argparse.ArgumentParser) -> None:
+def limit_arguments(p: argparse.ArgumentParser, points: str = "points",
+                    default: int = DEFAULT_MAX_POINTS) -> None:
     """``--max-points`` and ``--max-memory``: the bounds a run's estimate is checked against before it starts
-    (:mod:`landscape.workload`)."""
+    (:mod:`landscape.workload`). ``points`` says what a point of this command is."""
     g = p.add_argument_group("bounds (checked before any work)")
-    g.add_argument("--max-points", type=positive_int, default=DEFAULT_MAX_POINTS,
-                   help=f"most points one run may evaluate (default {DEFAULT_MAX_POINTS:,})")
+    g.add_argument("--max-points", type=positive_int, default=default,
+                   help=f"most {points} one run may evaluate (default {default:,})")
     g.add_argument("--max-memory", type=checked(parse_size), default=None,
                    help="most memory the run's estimate may need, e.g. 16G (default: the memory available)")
 

@@ -22,11 +22,13 @@ from pathlib import Path
 from landscape.cli.common import (
     Command,
     data_arguments,
+    limit_arguments,
     load_with_data,
     model_argument,
     parse_grid,
     progress_argument,
     store_arguments,
+    work_limits,
 )
 from landscape.curvature import Curvature
 from landscape.engine.directions import quant_result_path
@@ -58,6 +60,7 @@ def result_labels(stems: list[Path], labels: list[str]) -> list[str]:
 
 def compare_arguments(p: argparse.ArgumentParser) -> None:
     model_argument(p)
+    limit_arguments(p, "points along the paths (NLL and curvature, over every result)")
     p.add_argument("results", nargs="+", metavar="RESULT",
                    help="saved QuantResults (PATH of PATH.json + PATH.safetensors, from "
                         "`landscape quantize`)")
@@ -97,6 +100,8 @@ def run_compare(args: argparse.Namespace) -> int:
         raise ValueError(f"--krylov-dir {args.krylov_dir} is not an existing directory")
     if args.out is not None:
         check_store_path(args.out)  # writable and new, before the comparison (was: failed after it)
+    points = len(args.results) * (len(args.path) + (0 if args.no_curvature else len(args.curvature_t)))
+    work_limits(args).check_points("this comparison (points along the paths, over every result)", points)
     settings = ComparisonSettings(path_t=args.path, curvature_t=() if args.no_curvature else args.curvature_t,
                                   between=args.between or "gptq-qaft", batch_size=args.batch_size)
     stems = [quant_result_path(p) for p in args.results]

@@ -17,12 +17,14 @@ from landscape.cli.common import (
     Command,
     default_seq_len,
     format_arg,
+    limit_arguments,
     load,
     model_argument,
     positive_float,
     positive_int,
     progress_argument,
     text_argument,
+    work_limits,
 )
 from landscape.quant.capture import resolve_layers
 from landscape.quant.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, GPTQSettings
@@ -47,6 +49,7 @@ def _learning_rate(text: str) -> float | str:
 
 
 def quantize_arguments(p: argparse.ArgumentParser) -> None:
+    limit_arguments(p, "optimiser steps")
     methods = "; ".join(f"{name}: {m.description}" for name, m in METHODS.items())
     model_argument(p)
     p.add_argument("--method", required=True, choices=sorted(METHODS),
@@ -123,6 +126,9 @@ def run_quantize(args: argparse.Namespace) -> int:
     check_result_path(args.out, args.overwrite)
     gptq_settings = GPTQSettings(damp=args.damp, block_size=args.block_size, act_order=args.act_order)
     finetune = finetune_settings(args)  # bad settings fail before the model loads, too
+    if finetune is not None:
+        work_limits(args).check_points(f"this {args.method} run (optimiser steps)",
+                                       finetune.steps_for(args.calib_sequences))
     t0 = time.perf_counter()
     lm = load(args)
     # layer globs, format vs shapes, finite weights: before any data

@@ -25,10 +25,12 @@ from landscape.cli.common import (
     data_arguments,
     executor_arguments,
     fan_out,
+    limit_arguments,
     load_with_data,
     model_argument,
     parse_shard,
     progress_argument,
+    work_limits,
 )
 from landscape.cluster import shard_report
 from landscape.curvature import Curvature, read_curvature
@@ -37,6 +39,7 @@ from landscape.store import check_store_path, provenance, read_store, run_tasks
 
 def spectrum_arguments(p: argparse.ArgumentParser) -> None:
     model_argument(p)
+    limit_arguments(p, "Hessian-vector products")
     p.add_argument("--layers", default=None,
                    help="glob(s), comma-separated, of the layers whose weights span the space (default: "
                         "every quantizable decoder linear); a subset gives that diagonal block "
@@ -77,6 +80,10 @@ def check_spectrum_args(args: argparse.Namespace) -> None:
                          f"{args.lanczos_steps}")
     if args.krylov_dir is not None and not args.krylov_dir.is_dir():
         raise ValueError(f"--krylov-dir {args.krylov_dir} is not an existing directory")
+    products = ((args.lanczos_steps or max(50, 2 * (args.k + args.k_bottom))) + args.trace_matvecs
+                + args.density_runs * args.density_steps)
+    work_limits(args).check_points("this spectrum (Hessian-vector products: Lanczos, trace, density)",
+                                   products)
 
 
 def spectrum_tasks(args: argparse.Namespace) -> list[str]:
@@ -108,6 +115,8 @@ def run_spectrum(args: argparse.Namespace) -> int:
     assert list(tasks) == spectrum_tasks(args)
     curvature.check_spectrum(args.k, args.k_bottom, lanczos_steps=args.lanczos_steps,  # before the store
                              return_eigenvectors=args.save_eigenvectors, krylov_dir=args.krylov_dir)
+    if args.density_runs:
+        curvature.check_density(args.density_runs, args.density_steps, krylov_dir=args.krylov_dir)
     settings = computed_settings(args, "out", "krylov_dir", "model", "device", "dtype")
     store, path = run_tasks(out, provenance("curvature", lm.base, data, model_info=lm.info.to_dict(),
                                             settings=settings, tasks=list(tasks)), tasks, shard=args.shard)

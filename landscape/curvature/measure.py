@@ -24,6 +24,7 @@ from landscape.curvature.spectrum import (
     Density,
     Spectrum,
     TraceEstimate,
+    check_density_settings,
     check_spectrum_settings,
     hutchpp_trace,
     lanczos_spectrum,
@@ -137,6 +138,11 @@ class Curvature:
         """
         return lanczos_spectrum(self._problem, k, k_bottom, lanczos_steps, tol, seed, return_eigenvectors,
                                 krylov_dir)
+
+    def check_density(self, n_runs: int = 5, lanczos_steps: int = 50, *,
+                      krylov_dir: str | os.PathLike | None = None) -> None:
+        """Check :meth:`density`'s settings and memory without computing anything (``CurvatureError``)."""
+        check_density_settings(self._problem, n_runs, lanczos_steps, krylov_dir=krylov_dir)
 
     def check_spectrum(self, k: int = 10, k_bottom: int = 3, *, lanczos_steps: int | None = None,
                        return_eigenvectors: bool = True, krylov_dir: str | os.PathLike | None = None) -> int:

@@ -382,23 +382,30 @@ class Density(StoredTask):
 
 
 
-def slq_density(problem: NLLProblem, n_runs: int, lanczos_steps: int, n_grid: int, sigma: float | None,
-                seed: int, krylov_dir: str | os.PathLike | None) -> Density:
-    """Stochastic Lanczos quadrature density (the body of :meth:`landscape.curvature.Curvature.density`, which
-    documents the arguments)."""
+def check_density_settings(problem: NLLProblem, n_runs: int, lanczos_steps: int, n_grid: int = 2000,
+                           sigma: float | None = None, krylov_dir: str | os.PathLike | None = None) -> None:
+    """Check a density's settings and memory before any work; raises :class:`CurvatureError`."""
     problem.check_model()
     space = problem.space
     if not isinstance(n_runs, int) or n_runs < 1:
         raise CurvatureError(f"n_runs must be an integer >= 1, got {n_runs!r}")
     if not isinstance(lanczos_steps, int) or not 1 <= lanczos_steps <= space.size:
-        raise CurvatureError(f"lanczos_steps must be an integer in [1, n_params={space.size}], got "
-                             f"{lanczos_steps!r}")
+        raise CurvatureError(f"lanczos_steps (density steps) must be an integer from 1 to the Hessian's "
+                             f"dimension {space.size}, got {lanczos_steps!r}")
     if not isinstance(n_grid, int) or n_grid < 2:
         raise CurvatureError(f"n_grid must be an integer >= 2, got {n_grid!r}")
     if sigma is not None and not sigma > 0:
         raise CurvatureError(f"sigma must be > 0 or None (automatic), got {sigma!r}")
     check_krylov_memory(problem.model, space, lanczos_steps + 1, 0, f"lanczos_steps={lanczos_steps}",
                         "lanczos_steps", krylov_dir)
+
+
+def slq_density(problem: NLLProblem, n_runs: int, lanczos_steps: int, n_grid: int, sigma: float | None,
+                seed: int, krylov_dir: str | os.PathLike | None) -> Density:
+    """Stochastic Lanczos quadrature density (the body of :meth:`landscape.curvature.Curvature.density`, which
+    documents the arguments)."""
+    check_density_settings(problem, n_runs, lanczos_steps, n_grid, sigma, krylov_dir)
+    space = problem.space
     op = problem.operator()
     started = time.perf_counter()
     with (krylov_backend(krylov_dir) as backend,

@@ -54,6 +54,9 @@ from landscape.weights import Base, as_base, weights_norm
 DEFAULT_QUANTILES: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
+MIN_TOLERANCE = 1e-9  # a bracket relative width float64 bisection reaches in about 30 halvings
+
+
 @dataclass(frozen=True)
 class RadiusSearch:
     """Settings of the radius search (radii in units of ``||w0||`` over the direction's layers).
@@ -81,8 +84,9 @@ class RadiusSearch:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.threshold) and self.threshold > 0):
             raise ValueError(f"threshold must be a finite number > 0, got {self.threshold!r}")
-        if not 0 < self.tolerance < 1:
-            raise ValueError(f"tolerance must be in (0, 1) (relative width of the final bracket), "
+        if not MIN_TOLERANCE <= self.tolerance < 1:
+            raise ValueError(f"tolerance must be in [{MIN_TOLERANCE:g}, 1) (relative width of the final "
+                             f"bracket; below {MIN_TOLERANCE:g} float64 radii cannot halve it), "
                              f"got {self.tolerance!r}")
         if not 0 < self.min_fraction <= self.initial_fraction <= self.max_fraction < math.inf:
             raise ValueError(f"need 0 < min_fraction <= initial_fraction <= max_fraction < inf, got "

@@ -147,15 +147,17 @@ def parse_format(spec: str | QuantFormat) -> QuantFormat:
                           f"int<b>-g<G>[-sym|-fz], int<b>-tensor[-sym|-fz], int<b>-fz, mxint<b>-<block>, "
                           f"with b in {MIN_BITS}..{MAX_BITS}")
     bits = int(m["bits"])
-    if m["mx"]:
-        if m["sym"]:
-            raise FormatError(f"format {spec!r}: MX formats are always symmetric; drop the suffix "
-                              f"{m['sym']!r}")
-        return QuantFormat(bits, True, "mx", int(m["block"]))
-    sym, fz = m["sym"] == "-sym", m["sym"] == "-fz"
-    if m["group"]:
-        return QuantFormat(bits, sym, "group", int(m["group"]), float_zero=fz)
-    return QuantFormat(bits, sym, "tensor" if m["tensor"] else "channel", float_zero=fz)
+    try:
+        if m["mx"]:
+            if m["sym"]:
+                raise FormatError(f"MX formats are always symmetric; drop the suffix {m['sym']!r}")
+            return QuantFormat(bits, True, "mx", int(m["block"]))
+        sym, fz = m["sym"] == "-sym", m["sym"] == "-fz"
+        if m["group"]:
+            return QuantFormat(bits, sym, "group", int(m["group"]), float_zero=fz)
+        return QuantFormat(bits, sym, "tensor" if m["tensor"] else "channel", float_zero=fz)
+    except FormatError as err:  # name the format the user wrote, not only the field
+        raise FormatError(f"format {spec!r}: {err}") from None
 
 
 # ----------------------------------------------------------------------------------------------- grid

@@ -36,6 +36,7 @@ from landscape.store.hdf5 import (
     check_free_space,
     partial_path,
     read_store,
+    seal,
     store_bytes,
 )
 from landscape.version import __version__
@@ -252,6 +253,7 @@ class ResultStore:
             for name, value in point.items():
                 self._datasets[name][idx] = value
             self._datasets[DONE][idx] = True
+            self._seal_unchunked()
             self._file.flush()
         self._done[idx] = True
         self._report_progress()
@@ -271,6 +273,7 @@ class ResultStore:
                 full[done] = np.asarray(values[name], dtype=ds.dtype)[done]
                 ds[()] = full
             self._datasets[DONE][()] = self._done | done
+            self._seal_unchunked()
             self._file.flush()
         self._done |= done
         self._report_progress()
@@ -372,6 +375,12 @@ class ResultStore:
             error = StoreWriteError(f"{failed}. {_left_on_disk(partial)}")
             error.what = failed  # for writers that remove the partial (merge, whole records)
             raise error from None
+
+    def _seal_unchunked(self) -> None:
+        """Renew the sha256 attribute of the point arrays HDF5 cannot checksum (a single-point store's)."""
+        for ds in self._datasets.values():
+            if ds.chunks is None:
+                seal(ds)
 
     def _fail(self) -> None:
         self._failed = True

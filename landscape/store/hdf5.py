@@ -9,6 +9,7 @@ See :mod:`landscape.store` for the layout and the guarantees; :mod:`landscape.st
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ except ImportError:  # pragma: no cover - not POSIX: no lock of our own (HDF5's 
 STORE_FORMAT_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
 DONE = "done"
+CHECKSUM_ATTR = "landscape_sha256"  # the sha256 of an unchunked dataset's value (no fletcher32 there)
 ArraySpec = tuple[tuple[int, ...], Any]  # (point shape, numpy dtype-like)
 
 class StoreError(ValueError):
@@ -126,16 +128,23 @@ def read_store(path: str | os.PathLike) -> StoreData:
             arrays: dict[str, np.ndarray] = {}
 
             def visit(name: str, obj: Any) -> None:
-                if isinstance(obj, h5py.Dataset) and name != DONE:
-                    arrays[name] = obj.asstr()[()] if h5py.check_string_dtype(obj.dtype) else obj[()]
+                if isinstance(obj, h5py.Dataset):
+                    value = obj.asstr()[()] if h5py.check_string_dtype(obj.dtype) else obj[()]
+                    recorded = obj.attrs.get(CHECKSUM_ATTR)
+                    if recorded is not None and recorded != _digest(value):
+                        raise OSError(f"the checksum of {name!r}: its value does not match the sha256 "
+                                      f"recorded when it was written")
+                    if name != DONE:
+                        arrays[name] = value
 
             file.visititems(visit)
             done = file[DONE][()] if DONE in file else None
         except (OSError, KeyError, ValueError, TypeError) as err:
-            if "filter returned failure" in str(err) or "fletcher32" in str(err):
-                raise StoreError(f"{path} is damaged: a checksum (fletcher32) does not match its data: the "
-                                 f"file was changed or damaged on disk after it was written; recompute it "
-                                 f"(its run's command again, into a new file)") from None
+            if "filter returned failure" in str(err) or "checksum" in str(err):
+                raise StoreError(f"{path} is damaged: a checksum (fletcher32, or the sha256 of a single "
+                                 f"value) does not match its data: the file was changed or damaged on disk "
+                                 f"after it was written; recompute it (its run's command again, into a new "
+                                 f"file)") from None
             raise StoreError(f"{path} is damaged: {err}") from None
     problem = _layout_problem(arrays, done, grid, point_arrays)
     if problem:
@@ -298,12 +307,16 @@ def _create_dataset(group: h5py.Group, name: str, shape: tuple[int, ...], dtype:
                     data: np.ndarray | None = None) -> h5py.Dataset:
     """A dataset whose space is allocated when it is created (``H5D_ALLOC_TIME_EARLY``: a full disk shows
     then, not at a later point) with a ``fletcher32`` checksum per chunk when it holds numbers in more than
-    one element (HDF5 verifies it on every read). Strings and single numbers are stored plainly."""
+    one element (HDF5 verifies it on every read). Strings and single numbers, which HDF5 cannot chunk, carry
+    the sha256 of their value in an attribute instead (:func:`seal`), verified by :func:`read_store`."""
     numeric = not h5py.check_string_dtype(np.dtype(dtype)) and np.dtype(dtype).kind in "biuf"
     if not numeric or int(np.prod(shape, dtype=np.int64)) <= 1:
         if data is not None:
-            return group.create_dataset(name, data=data)
-        return group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=_fill_value(np.dtype(dtype)))
+            ds = group.create_dataset(name, data=data)
+        else:
+            ds = group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=_fill_value(np.dtype(dtype)))
+        seal(ds)
+        return ds
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     ds = group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=_fill_value(np.dtype(dtype)),
@@ -312,6 +325,21 @@ def _create_dataset(group: h5py.Group, name: str, shape: tuple[int, ...], dtype:
         ds[()] = data
     return ds
 
+
+def seal(ds: h5py.Dataset) -> None:
+    """Record the sha256 of an unchunked dataset's value (a single number, strings) in its attribute
+    :data:`CHECKSUM_ATTR`; call it again after every write. Chunked datasets have ``fletcher32``."""
+    if ds.chunks is None:
+        ds.attrs[CHECKSUM_ATTR] = _digest(ds.asstr()[()] if h5py.check_string_dtype(ds.dtype) else ds[()])
+
+
+def _digest(value: Any) -> str:
+    array = np.asarray(value)
+    if array.dtype.kind in "OUS":
+        payload = "\0".join(str(v) for v in array.ravel()).encode("utf-8")
+    else:
+        payload = array.tobytes()
+    return hashlib.sha256(payload).hexdigest()
 
 
 def _fill_value(dtype: np.dtype) -> Any:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from landscape.cluster import shard_store_path
@@ -46,7 +47,7 @@ from landscape.store import (
     start_run,
     with_shard,
 )
-from landscape.weights import layer_weights, swapped_weights
+from landscape.weights import layer_weights, quantizable_layers, swapped_weights, weight_matrix
 
 FP32 = "fp32"
 
@@ -249,6 +250,16 @@ def _arrays(protocol: Protocol) -> dict[str, tuple[tuple[int, ...], str]]:
     return arrays
 
 
+def check_formats_fit(model: nn.Module, protocols: Sequence[Protocol]) -> None:
+    """Raise ``FormatError`` before any work unless every format of every protocol can quantize every
+    quantizable layer of ``model`` (e.g. a group size that divides each layer's in_features): otherwise a
+    run would fail at its first impossible format, after the tables before it."""
+    shapes = {n: tuple(weight_matrix(m).shape) for n, m in quantizable_layers(model).items()}
+    for fmt in dict.fromkeys(f for protocol in protocols for f in protocol.formats):
+        for name, shape in shapes.items():
+            parse_format(fmt).check_shape(shape, name)
+
+
 def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = True,
                     lm: LoadedModel | None = None, name: str = "quant_table",
                     shard: tuple[int, int] = (0, 1), groups: Sequence[str] | None = None) -> Path:
@@ -269,6 +280,7 @@ def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = Tr
         store_path = shard_store_path(store_path, index, count)
     check_store_path(store_path, resume=True)  # an unwritable location fails before any work
     lm = lm or load_model(protocol.model)
+    check_formats_fit(lm.model, [protocol])
     tok, ctx_len = lm.tokenizer, lm.info.context_length
     calib = calibration_set(tok, protocol.calib_sequences, protocol.calib_seq_len, protocol.calib_seed,
                             context_length=ctx_len)
