@@ -54,7 +54,7 @@ from typing import Any, Literal
 
 import platformdirs
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 try:
     import fcntl
@@ -401,8 +401,8 @@ def _build(target: Path, build: Callable[[Path], None]) -> None:
     try:
         try:
             build(staging)
-        except OSError as err:  # a full disk, a file-size limit: not numpy's "N requested and M written"
-            reason = err.strerror or str(err)
+        except (OSError, SafetensorError) as err:  # a full disk, a file-size limit (not numpy's "N requested
+            reason = getattr(err, "strerror", None) or str(err).splitlines()[0]  # and M written")
             raise CacheWriteError(f"could not write the cache entry at {target} ({reason}): make room (or "
                                   f"raise the file-size limit, ulimit -f) in {cache_dir()} or point "
                                   f"LANDSCAPE_CACHE elsewhere, and run again") from None

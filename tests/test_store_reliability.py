@@ -575,3 +575,40 @@ def test_every_table_format_is_checked_before_the_first_table(model_dir, tmp_pat
         check_formats_fit(model, [Protocol(model="m", formats=("int4",)),
                                   Protocol(model="m", formats=("int4-g48",))])
     check_formats_fit(model, [Protocol(model="m", formats=("int4", "int4-g32"))])
+
+
+def test_an_incomplete_merge_is_an_unfinished_store_that_the_run_resumes(tmp_path):
+    model, data = tiny_model(), random_tokens(2, 8)
+    direction, grid = random_direction(model, seed=0), [np.linspace(-1, 1, 6)]
+    whole = scan(model, [direction], grid, data=data).values["nll"]
+    shard = tmp_path / "s0.h5"
+    scan(model, [direction], grid, data=data, execution=Execution(store=shard, shard=(0, 2), progress=False))
+    merged = merge_stores(tmp_path / "m.h5", [shard])  # shard 1/2 missing
+    assert merged == partial_path(tmp_path / "m.h5") and not (tmp_path / "m.h5").exists()
+    assert read_store(merged).done.sum() == 3
+    resumed = scan(model, [direction], grid, data=data,
+                   execution=Execution(store=tmp_path / "m.h5", resume=True, progress=False))
+    assert np.array_equal(resumed.values["nll"], whole) and (tmp_path / "m.h5").exists()
+    again = scan(model, [direction], grid, data=data,  # a finished merge resumes as the run it is
+                 execution=Execution(store=tmp_path / "m.h5", resume=True, progress=False))
+    assert np.array_equal(again.values["nll"], whole)
+
+
+def test_torch_out_of_memory_is_an_expected_error_not_a_bug(monkeypatch):
+    import argparse
+
+    def oom(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 745 GB")
+
+    real = cli.build_parser
+
+    def parser():
+        p = real()
+        next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices["eval"].set_defaults(
+            func=oom)
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", parser)
+    status, _, err = cli_run(["eval", "ref-tiny"])
+    assert status == 2 and err.startswith("error: out of memory") and "smaller batch" in err

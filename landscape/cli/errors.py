@@ -56,12 +56,29 @@ def run_guarded(run: Callable[[], int | None], program: str, argv: Sequence[str]
             raise
         print(f"error: {describe(err)}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # torch reports running out of memory as a RuntimeError
+        if debug:
+            raise
+        if out_of_memory(err):
+            print(f"error: {describe(MemoryError(str(err).splitlines()[0]))}", file=sys.stderr)
+            return 2
+        return _bug(err)
     except Exception as err:  # a bug: say so in one line
         if debug:
             raise
-        print(f"error: unexpected {type(err).__name__}: {describe(err)} (this is a bug in landscape: run the "
-              f"same command with {DEBUG_FLAG} for the traceback and report it)", file=sys.stderr)
-        return 1
+        return _bug(err)
+
+
+def _bug(err: BaseException) -> int:
+    print(f"error: unexpected {type(err).__name__}: {describe(err)} (this is a bug in landscape: run the "
+          f"same command with {DEBUG_FLAG} for the traceback and report it)", file=sys.stderr)
+    return 1
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is torch's way of saying it ran out of memory (CPU allocator or CUDA)."""
+    text = str(err)
+    return isinstance(err, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 def describe(err: BaseException) -> str:

@@ -148,9 +148,8 @@ def run_scan(args: argparse.Namespace) -> int:
     limits.check_points("this scan", points)
     if cluster.fans_out:
         for path in fan_out(args, cluster, "scan", args.out, points):
-            nll_values = read_store(path).arrays["nll"]
-            print(f"{path}: {points} points, merged from {args.jobs} jobs; NLL "
-                  f"{np.nanmin(nll_values):.4f} .. {np.nanmax(nll_values):.4f} nats/token")
+            print(f"{path}: {points} points, merged from {args.jobs} jobs"
+                  f"{nll_summary(read_store(path).arrays['nll'])}")
         return 0
     lm, data = load_with_data(args)
     streamed = args.low_memory and not args.layer_mse  # each layer's direction computed while it is applied
@@ -165,8 +164,7 @@ def run_scan(args: argparse.Namespace) -> int:
     execution = Execution(store=args.out, resume=args.resume, shard=args.shard,
                           provenance={"model_info": lm.info.to_dict()}, progress=not args.no_progress)
     result = scan(lm.base, directions, grid, objectives, data=data, execution=execution)
-    nll_values = result.values["nll"][result.done]
-    summary = f"; NLL {nll_values.min():.4f} .. {nll_values.max():.4f} nats/token" if nll_values.size else ""
+    summary = nll_summary(result.values["nll"][result.done])
     print(f"{result.path}: {int(result.done.sum())} of {result.done.size} points done "
           f"(shard {args.shard[0]}/{args.shard[1]}){summary}")
     return 0
@@ -231,12 +229,27 @@ def run_radius(args: argparse.Namespace) -> int:
     return 0
 
 
+def nll_summary(values: np.ndarray) -> str:
+    """``; NLL a .. b nats/token`` over the finite values, and how many are not finite (no ``nan .. nan``)."""
+    finite = values[np.isfinite(values)]
+    out = f"; NLL {finite.min():.4f} .. {finite.max():.4f} nats/token" if finite.size else ""
+    if finite.size < values.size:
+        out += (f"; {values.size - finite.size} points have a non-finite NLL (nan/inf: the perturbed weights "
+                f"left the range of the model's dtype; choose smaller coefficients)")
+    return out
+
+
 def report_radius(stats: BasinStatistics, path: Path) -> None:
     q = stats.quantiles()
     print(f"{path}: NLL(w0) = {stats.center_value:.4f}, level {stats.level:.4f}, "
           f"||w0|| = {stats.weights_norm:.2f}")
     print(f"R(w0) median {stats.median:.3f} ({stats.median / stats.weights_norm:.2%} of ||w0||), "
           f"10-90% {q[0.1]:.3f} .. {q[0.9]:.3f} over {len(stats.per_direction)} directions")
+    unbounded = int(np.isinf(stats.radii).sum())
+    if unbounded:
+        print(f"  {unbounded} of {len(stats.radii)} directions never left the basin up to the search's "
+              f"largest radius, 10 x ||w0|| (their R is reported as inf, a lower bound): a smaller "
+              f"--threshold finds a crossing sooner")
     for label, norm in stats.displacement_norms.items():
         print(f"  {label}: ||w_q - w0|| = {norm:.3f} = {norm / stats.median:.2f} x median R")
 
@@ -253,6 +266,9 @@ def run_merge(args: argparse.Namespace) -> int:
     merged = read_store(path)
     print(f"{path}: {int(merged.done.sum())} of {merged.done.size} points done, from "
           f"{len(args.shards)} stores")
+    if not merged.complete:
+        print(f"unfinished: the stores miss {int((~merged.done).sum())} points; run the sweep's command with "
+              f"--out {args.out} --resume (without --shard) to compute them")
     return 0
 
 

@@ -248,7 +248,13 @@ class MappedBasisBackend(SingleDeviceBackend):
     def scale(self, alpha: float | torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         path = self.directory / f"v{self.n_files:06d}.f{a.element_size()}"
         self.n_files += 1
-        out = torch.from_file(str(path), shared=True, size=a.numel(), dtype=a.dtype).view(a.shape)
+        try:
+            out = torch.from_file(str(path), shared=True, size=a.numel(), dtype=a.dtype).view(a.shape)
+        except RuntimeError as err:  # a full disk or a read-only folder: torch says "unable to resize file"
+            size, reason = a.numel() * a.element_size(), str(err).splitlines()[0]
+            raise CurvatureError(f"cannot write Krylov vector {self.n_files} ({size:,} B) in --krylov-dir "
+                                 f"{self.directory.parent}: {reason}; free space there (it needs one vector "
+                                 f"per Lanczos step) or choose another directory") from None
         return torch.mul(a, alpha, out=out)
 
 

@@ -198,8 +198,9 @@ class QuantResult:
         except BaseException as err:
             st_tmp.unlink(missing_ok=True)
             js_tmp.unlink(missing_ok=True)
-            if isinstance(err, OSError):  # a full disk, a file-size limit: one message, nothing replaced
-                raise ResultFileError(f"could not write the result {path} ({err.strerror or err}): nothing "
+            if isinstance(err, (OSError, SafetensorError)):  # a full disk, a file-size limit: one message
+                reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+                raise ResultFileError(f"could not write the result {path} ({reason}): nothing "
                                       f"was replaced; make room (or raise the file-size limit) and run "
                                       f"again") from None
             raise

@@ -49,7 +49,9 @@ PROGRESS_ENV = "LANDSCAPE_REPORT_PROGRESS"
 RUN_SPECIFIC_KEYS: tuple[str, ...] = ("created", "shard", "merged_from")
 
 # What stores written before these keys existed computed in: a missing key there means this value.
-OLDER_DEFAULTS: dict[str, Any] = {"model_info.device": "cpu", "device": "cpu", "dtype": "float32"}
+# A store without "shard" (a merged one, or a run that records no shard) holds the whole run: shard 0 of 1.
+OLDER_DEFAULTS: dict[str, Any] = {"model_info.device": "cpu", "device": "cpu", "dtype": "float32",
+                                  "shard.index": 0, "shard.count": 1}
 # Keys that stores written before them do not hold, with no value to assume: such a store is not compared on
 # them (a resume of an older store goes on; a store that holds the key must match it).
 UNRECORDED_BEFORE: tuple[str, ...] = ("torch_threads", "quantized.*.sha256")  # fnmatch patterns
@@ -588,7 +590,7 @@ def _check_name(name: str, taken: Sequence[str]) -> None:
 
 
 def _check_same_run(existing: StoreData, provenance: Mapping[str, Any], grid: tuple[int, ...], specs: Mapping,
-                    ignore: Sequence[str] = ("created",)) -> None:
+                    ignore: Sequence[str] = ("created", "merged_from")) -> None:
     """Raise :class:`StoreMismatchError` naming every difference between a stored run and the expected one."""
     expected = _flatten({"code_version": code_version(), **normalize_provenance(provenance)})
     found = _flatten(existing.provenance)

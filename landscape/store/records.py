@@ -167,6 +167,10 @@ def merge_stores(out: str | os.PathLike, shards: Iterable[str | os.PathLike]) ->
     result in :func:`run_tasks`, is taken from it). The merged provenance drops ``shard`` and lists
     ``merged_from``.
 
+    Returns:
+        ``out`` when the stores hold every point between them; otherwise the unfinished ``<out>.partial``,
+        which the run's own command with ``--resume`` (and ``--out out``, without ``--shard``) completes.
+
     Raises:
         StoreError / StoreMismatchError: before anything is written.
     """
@@ -215,6 +219,9 @@ def merge_stores(out: str | os.PathLike, shards: Iterable[str | os.PathLike]) ->
         store.write_points(values, done)
         for name, array in whole.items():
             store.write_array(name, array)
-        return store.finish()
+        if done.all():
+            return store.finish()
+        store.close()  # not every point: an unfinished store, which the run's --resume completes
+        return partial_path(out)
     except BaseException as err:
         _discard(store, out, err)
