@@ -612,3 +612,28 @@ def test_torch_out_of_memory_is_an_expected_error_not_a_bug(monkeypatch):
     monkeypatch.setattr(cli, "build_parser", parser)
     status, _, err = cli_run(["eval", "ref-tiny"])
     assert status == 2 and err.startswith("error: out of memory") and "smaller batch" in err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["scan", "{model}", "--grid", "0:1:1", "--out", "{tmp}/s.h5"], "STOP 1 would be dropped"),
+    (["quantize", "{model}", "--method", "rtn", "--format", "int4", "--lr", "0.1", "--rank", "4", "--out",
+      "{tmp}/q"], "--method rtn does not use --lr, --rank: drop them"),
+    (["quantize", "{model}", "--method", "qaft", "--format", "int4", "--damp", "0.1", "--out", "{tmp}/q"],
+     "--method qaft does not use --damp"),
+    (["compare", "{model}", "a", "--no-curvature", "--curvature-t", "0:1:5"],
+     "--curvature-t gives the points of a curvature that --no-curvature skips"),
+])
+def test_flags_that_would_be_ignored_are_refused(model_dir, tmp_path, argv, words):
+    status, _, err = cli_run([a.format(model=model_dir, tmp=tmp_path) for a in argv])
+    assert status == 2 and words in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_curvature_task_with_damaged_attributes_names_the_damage(tmp_path):
+    from landscape.curvature.space import CurvatureError
+    from landscape.curvature.stored import task_record
+    from landscape.store import StoreData
+
+    data = StoreData({"spectrum/attrs": np.array("garbage{")}, np.ones(1, bool), {}, ("seconds",), (1,))
+    with pytest.raises(CurvatureError, match="damaged: task 'spectrum'.s attributes .* not a JSON object"):
+        task_record(data, "spectrum", "spectrum")

@@ -104,6 +104,9 @@ def parse_grid(text: str) -> np.ndarray:
     except (ValueError, IndexError):
         raise argparse.ArgumentTypeError(f"grid must be START:STOP:COUNT with finite numbers and an integer "
                                          f"COUNT >= 1 (e.g. -1:1:21), got {text!r}") from None
+    if count == 1 and start != stop:
+        raise argparse.ArgumentTypeError(f"grid {text!r} has one point, so STOP {stop:g} would be dropped: "
+                                         f"give START:START:1 for the single point {start:g}, or COUNT >= 2")
     if count > MAX_AXIS_POINTS:
         raise argparse.ArgumentTypeError(f"grid {text!r} has {count:,} points on one axis; at most "
                                          f"{MAX_AXIS_POINTS:,} are accepted (and --max-points bounds a run)")

@@ -19,6 +19,8 @@ import argparse
 import os
 from pathlib import Path
 
+import numpy as np
+
 from landscape.cli.common import (
     Command,
     data_arguments,
@@ -58,6 +60,9 @@ def result_labels(stems: list[Path], labels: list[str]) -> list[str]:
     return out
 
 
+CURVATURE_T_DEFAULT = parse_grid("0:1:3")
+
+
 def compare_arguments(p: argparse.ArgumentParser) -> None:
     model_argument(p)
     limit_arguments(p, "points along the paths (NLL and curvature, over every result)")
@@ -67,7 +72,7 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
     data_arguments(p, segments=8, stride=False)
     p.add_argument("--path", type=parse_grid, default=parse_grid("0:1:5"),
                    help="coordinates t of the NLL along w0 + t (w_q - w0), START:STOP:COUNT (default 0:1:5)")
-    p.add_argument("--curvature-t", type=parse_grid, default=parse_grid("0:1:3"),
+    p.add_argument("--curvature-t", type=parse_grid, default=CURVATURE_T_DEFAULT,
                    help="coordinates of the Rayleigh quotient along the path, START:STOP:COUNT "
                         "(default 0:1:3)")
     p.add_argument("--no-curvature", action="store_true", help="skip the curvature (Hessian-vector products)")
@@ -98,6 +103,8 @@ def run_compare(args: argparse.Namespace) -> int:
                          f"{args.lanczos_steps}")
     if args.krylov_dir is not None and not args.krylov_dir.is_dir():
         raise ValueError(f"--krylov-dir {args.krylov_dir} is not an existing directory")
+    if args.no_curvature and not np.array_equal(args.curvature_t, CURVATURE_T_DEFAULT):
+        raise ValueError("--curvature-t gives the points of a curvature that --no-curvature skips: drop one")
     if args.out is not None:
         check_store_path(args.out)  # writable and new, before the comparison (was: failed after it)
     points = len(args.results) * (len(args.path) + (0 if args.no_curvature else len(args.curvature_t)))

@@ -121,9 +121,30 @@ def _print_sweep(result: QuantResult) -> None:
         print(LearningRateSweep(**recorded).table())
 
 
+FINETUNE_FLAGS = ("lr", "steps", "epochs", "train_batch_size", "micro_batch_size", "seed", "distill_weight",
+                  "learned_scales", "optimizer", "momentum")
+GPTQ_FLAGS = ("act_order", "damp", "block_size")
+
+
+def unused_flags(args: argparse.Namespace) -> list[str]:
+    """The flags given (not at their defaults) that ``--method`` does not use: fine-tuning flags for a method
+    that does not train, GPTQ's for one that does not run GPTQ, ``--rank`` without LoRC."""
+    defaults = argparse.ArgumentParser()
+    quantize_arguments(defaults)
+    method = args.method
+    unused = [*(() if METHODS[method].finetune_defaults is not None else FINETUNE_FLAGS),
+              *(() if method.startswith("gptq") else GPTQ_FLAGS), *(() if "lorc" in method else ("rank",))]
+    return [("--no-act-order" if name == "act_order" else "--" + name.replace("_", "-"))
+            for name in unused if getattr(args, name) != defaults.get_default(name)]
+
+
 def run_quantize(args: argparse.Namespace) -> int:
     # an unwritable --out, or a saved result already there, fails before the model loads
     check_result_path(args.out, args.overwrite)
+    if unused := unused_flags(args):
+        trained = ", ".join(m for m in sorted(METHODS) if METHODS[m].finetune_defaults)
+        raise ValueError(f"--method {args.method} does not use {', '.join(unused)}: drop them (fine-tuning "
+                         f"flags apply to {trained}; GPTQ flags to the gptq methods; --rank to +lorc ones)")
     gptq_settings = GPTQSettings(damp=args.damp, block_size=args.block_size, act_order=args.act_order)
     finetune = finetune_settings(args)  # bad settings fail before the model loads, too
     if finetune is not None:

@@ -39,7 +39,13 @@ def task_record(data: StoreData, task: str, kind: str) -> StoreRecord:
     if not has_task(data, task):
         tasks = sorted(name[: -len(ATTRS) - 1] for name in data.arrays if name.endswith(f"/{ATTRS}"))
         raise CurvatureError(f"the store has no curvature task {task!r} (its tasks: {tasks})")
-    provenance = json.loads(str(data.arrays[f"{task}/{ATTRS}"]))
+    try:
+        provenance = json.loads(str(data.arrays[f"{task}/{ATTRS}"]))
+    except ValueError:
+        provenance = None
+    if not isinstance(provenance, dict):
+        raise CurvatureError(f"the store is damaged: task {task!r}'s attributes ({task}/{ATTRS}) are not a "
+                             f"JSON object; recompute the store")
     if provenance.get("kind") != kind:
         raise CurvatureError(f"task {task!r} holds a {provenance.get('kind')!r} result, not a {kind!r} one")
     prefix = f"{task}/"
