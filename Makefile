@@ -38,10 +38,10 @@ test-all: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
-# Your model, device and dtype: make figures MODEL=facebook/opt-125m DEVICE=cuda DTYPE=bfloat16
+# Your model, device, dtype and text: make figures MODEL=facebook/opt-125m DEVICE=cuda DTYPE=bfloat16 TEXT=my.jsonl
 # Sweep steps as jobs: make figures EXECUTOR=slurm JOBS=8 (Slurm flags: FIGURE_EXTRA="--slurm-partition gpu")
 FIGURE_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(DEVICE),--device $(DEVICE)) $(if $(DTYPE),--dtype $(DTYPE)) \
-	$(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(JOBS),--jobs $(JOBS)) $(FIGURE_EXTRA)
+	$(if $(TEXT),--text $(TEXT)) $(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(JOBS),--jobs $(JOBS)) $(FIGURE_EXTRA)
 
 figures: setup chromium
 	$(PY) -m analyses.run_all --quick --out figures $(FIGURE_ARGS)

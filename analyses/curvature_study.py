@@ -3,7 +3,8 @@
     python -m analyses.curvature_study --model smollm2-135m --results results/quant_table/results \\
         --formats int4 int4-g64 int3-g64 --out results/curvature_study.h5
 
-On held-out wiki windows (``--segments`` x ``--seq-len`` tokens; every Hessian product covers all of them):
+On held-out wiki windows, or those of ``--text FILE`` (``--segments`` x ``--seq-len`` tokens; every Hessian
+product covers all of them):
 
 * ``spectrum``: the top ``--k-top`` and bottom ``--k-bottom`` Hessian eigenvalues at w0 by reorthogonalised
   Lanczos with ``--lanczos-steps`` products, with each Ritz pair's residual and convergence flag;
@@ -25,7 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from analyses.session import load_model_of, model_options
+from analyses.session import corpus_of, load_model_of, model_options
 from landscape.cli.common import (
     cluster_settings,
     computed_settings,
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     lm = load_model_of(args)
-    calib = calibration_set(lm.tokenizer, 128, args.calib_seq_len, 0, context_length=lm.info.context_length)
+    calib = calibration_set(lm.tokenizer, 128, args.calib_seq_len, 0, corpus_of(args),
+                            context_length=lm.info.context_length)
     results = Path(args.results) / f"calib-{calib.content_hash}"
     protocol = Protocol(model=args.model, qaft_lr=args.qaft_lr)  # only its QAFT settings name the files
     sources = {(m, f): results / result_key(protocol, Variant(m, f)) for f in formats for m in METHODS}
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
                                         if not s.with_name(s.name + ".json").exists()]
     if missing:
         p.error(f"no saved results {missing}: run python -m analyses.quant_table first")
-    data = heldout_set(lm.tokenizer, args.seq_len, "wiki", args.segments,
+    data = heldout_set(lm.tokenizer, args.seq_len, corpus_of(args), args.segments,
                        context_length=lm.info.context_length)
 
     def random_like(fmt: str):

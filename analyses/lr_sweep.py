@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from analyses.session import load_model_of, model_options
+from analyses.session import corpus_of, load_model_of, model_options
 from landscape.cli.common import (
     cluster_settings,
     computed_settings,
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         report(read_store(path))
         return
     lm = load_model_of(args)
-    calib = calibration_set(lm.tokenizer, args.calib_sequences, args.calib_seq_len, 0,
+    calib = calibration_set(lm.tokenizer, args.calib_sequences, args.calib_seq_len, 0, corpus_of(args),
                             context_length=lm.info.context_length)
 
     def candidate(fmt: str, lr: float) -> StoreRecord:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analyses.session import load_model_of, model_options
+from analyses.session import corpus_of, load_model_of, model_options
 from landscape.cli.errors import script_main
 from landscape.data import calibration_set, heldout_set
 from landscape.outputs import check_output_path
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
 
     lm = load_model_of(args)
     tok, ctx = lm.tokenizer, lm.info.context_length
-    calib = calibration_set(tok, 128, args.calib_seq_len, 0, context_length=ctx)
+    calib = calibration_set(tok, 128, args.calib_seq_len, 0, corpus_of(args), context_length=ctx)
     results = Path(args.results) / f"calib-{calib.content_hash}"
     results.mkdir(parents=True, exist_ok=True)
     for method, formats in (("rtn", args.rtn_formats), ("gptq", args.gptq_formats)):
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
                 result.save(stem, overwrite=True)  # no .json: at most a killed save's tensors, replaced
                 print(f"{method} {fmt}: {time.time() - t0:.0f} s, saved to {stem}", flush=True)
     candidates = {**saved_candidates(results, tuple(args.methods)), **specs}
-    held = heldout_set(tok, args.eval_seq_len, "wiki", args.eval_segments, context_length=ctx)
+    held = heldout_set(tok, args.eval_seq_len, corpus_of(args), args.eval_segments, context_length=ctx)
     table = measure_candidates(Base(lm.model, lm.info.name), candidates, held,
                                mse_data=calib.subset(range(args.mse_sequences)), batch_size=4)
     report(table, args.radius, out)

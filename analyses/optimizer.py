@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from analyses.session import load_model_of, model_options, model_slug
+from analyses.session import corpus_of, load_model_of, model_options, model_slug
 from landscape.cache import stable_hash
 from landscape.cli.errors import script_main
-from landscape.data import TokenSet, calibration_set, heldout_set
+from landscape.data import TokenSet, calibration_set, corpus_label, heldout_set
 from landscape.models import LoadedModel
 from landscape.objectives import nll
 from landscape.quant import rtn
@@ -160,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         lm = load_model_of(args)
         ctx = lm.info.context_length
-        held = heldout_set(lm.tokenizer, args.seq_len, "wiki", args.segments, context_length=ctx)
-        calib = calibration_set(lm.tokenizer, args.calib_sequences, args.seq_len, 0, context_length=ctx)
+        held = heldout_set(lm.tokenizer, args.seq_len, corpus_of(args), args.segments, context_length=ctx)
+        calib = calibration_set(lm.tokenizer, args.calib_sequences, args.seq_len, 0, corpus_of(args),
+                                context_length=ctx)
         tasks = tasks_for(lm, args, calib, held)
         provenance = {"kind": "optimizer", "model": lm.info.name, "dtype": str(args.dtype),
                       "device": str(args.device), "tasks": list(tasks),
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     scored = int(np.sum(stored.arrays["rtn-int4/segment_tokens"]))
     print(f"\n{args.model}: QAFT, 1 epoch over {args.calib_sequences} x {args.seq_len} calibration tokens in "
           f"batches of {args.batch_size}; NLL in nats per scored token, token-mean over {args.segments} x "
-          f"{args.seq_len} held-out wiki tokens ({scored:,} scored, stride {args.seq_len})\n")
+          f"{args.seq_len} held-out {corpus_label(corpus_of(args))} tokens ({scored:,} scored, stride "
+          f"{args.seq_len})\n")
     print(report(stored.arrays))
     return 0
 

@@ -28,6 +28,7 @@ from analyses.profiles import SMOLLM2_PARAMETERS, approximate_parameters
 from analyses.session import (
     Session,
     basin_store,
+    check_data,
     eval_set,
     facts_store,
     format_seconds,
@@ -191,6 +192,8 @@ def execute(steps: Sequence[Step], session: Session, cluster: ClusterSettings = 
     reports: list[StepReport] = []
     if not todo:
         return reports
+    for model in dict.fromkeys(s.model for s in todo if s.model):
+        check_data(session, model)  # text too short for a model's calibration or evaluation fails here
 
     def weight(step: Step) -> int:  # estimated seconds, at least 1 so that every step moves the bar
         return max(1, round(step.estimate_s))

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from analyses.session import load_model_of, model_options, model_slug
+from analyses.session import corpus_of, load_model_of, model_options, model_slug
 from landscape.cache import stable_hash
 from landscape.cli.errors import script_main
 from landscape.curvature import Curvature
-from landscape.data import calibration_set, heldout_set
+from landscape.data import calibration_set, corpus_label, heldout_set
 from landscape.engine.basin import RadiusSearch, basin_radius
 from landscape.engine.directions import random_direction
 from landscape.models import LoadedModel
@@ -63,8 +63,9 @@ def nll_record(lm: LoadedModel, held, weights: dict[str, torch.Tensor] | None = 
 
 def tasks_for(lm: LoadedModel, args: argparse.Namespace) -> dict[str, Any]:
     ctx = lm.info.context_length
-    held = heldout_set(lm.tokenizer, args.seq_len, "wiki", args.segments, context_length=ctx)
-    calib = calibration_set(lm.tokenizer, args.calib_sequences, args.seq_len, 0, context_length=ctx)
+    held = heldout_set(lm.tokenizer, args.seq_len, corpus_of(args), args.segments, context_length=ctx)
+    calib = calibration_set(lm.tokenizer, args.calib_sequences, args.seq_len, 0, corpus_of(args),
+                            context_length=ctx)
     tasks: dict[str, Any] = {"w0": lambda: nll_record(lm, held)}
     for method, quantize in QUANTIZERS.items():
         for fmt in FORMATS:
@@ -144,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     conv = stores["float32"].arrays
     n_tokens = int(np.sum(conv["w0/segment_tokens"]))
     print(f"\n{args.model} on {args.device}: NLL token-mean over {args.segments} x {args.seq_len} held-out "
-          f"wiki tokens ({n_tokens:,} scored, stride {args.seq_len}); R(w0) on the first "
-          f"{args.radius_segments} segments; eigenvalue on 2 segments.\n")
+          f"{corpus_label(corpus_of(args))} tokens ({n_tokens:,} scored, stride {args.seq_len}); R(w0) on "
+          f"the first {args.radius_segments} segments; eigenvalue on 2 segments.\n")
     print(table)
     return 0 if all(math.isfinite(float(v)) for v in conv["w0/segment_nll_sum"]) else 1
 

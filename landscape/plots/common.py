@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
+from landscape.data import TEXT_PREFIX, corpus_label
 from landscape.quant.formats import parse_format
 from landscape.quant.methods import METHODS, QUANT_TABLE_METHODS
 from landscape.stats import Interval, difference_interval
@@ -28,6 +29,14 @@ QUANTIZED_METHODS = tuple(m for m in QUANT_TABLE_METHODS if m != "fp-finetune") 
 LABEL_SIDE = {"fp32": "top center", "rtn": "middle left", "gptq": "top center", "gptq-noact": "bottom center",
               "gptq+lorc": "bottom center", "qaft": "middle right"}
 CORPUS_TITLES = {"wiki": "in-domain: wiki held-out", "sotu": "out-of-domain: State of the Union"}
+
+
+def corpus_title(corpus: str) -> str:
+    """A subplot title for an evaluation corpus (a user's text: its file name, in-domain held-out)."""
+    if corpus in CORPUS_TITLES:
+        return CORPUS_TITLES[corpus]
+    label = corpus_label(corpus)
+    return f"in-domain: {label.removeprefix(TEXT_PREFIX)} held-out" if label != corpus else corpus
 DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 
 
@@ -94,6 +103,11 @@ def gap_interval(a: Mapping[str, Any], b: Mapping[str, Any], corpus: str) -> Int
                                a["segment_nll_sum"][corpus], a["segment_tokens"][corpus], paired=True)
 
 
+def in_domain(table: StoreData) -> str:
+    """A quantization table's in-domain evaluation corpus (the first of its protocol's)."""
+    return table.provenance["protocol"]["eval_corpora"][0]
+
+
 def require_kind(data: StoreData, kind: str) -> None:
     found = data.provenance.get("kind")
     if found != kind:
@@ -150,15 +164,15 @@ def model_sentence(model: str, caveat: str) -> str:
 def table_convention(provenance: Mapping[str, Any]) -> str:
     """The NLL convention and calibration budget of a quantization table, in words."""
     p = provenance["protocol"]
-    parts = [f"{c}/{e['split']} {e['n_segments']} × {e['seq_len']} tokens (stride {e['stride']}, "
-             f"{e['n_scored_tokens']:,} scored tokens, data {e['data_hash']})"
+    parts = [f"{corpus_label(c)}/{e['split']} {e['n_segments']} × {e['seq_len']} tokens (stride "
+             f"{e['stride']}, {e['n_scored_tokens']:,} scored tokens, data {e['data_hash']})"
              for c, e in ((c, provenance["evaluation"][c]) for c in p["eval_corpora"])]
     cal = provenance["calibration"]
     return (f"NLL: token-mean nats per scored token over disjoint windows of {'; '.join(parts)}. "
             f"Error bars: 95 % bootstrap over segments. Every method uses the same {cal['n_segments']} "
-            f"calibration sequences × {cal['seq_len']} tokens ({cal['corpus']}/{cal['split']}, seed "
-            f"{cal['seed']}, data {cal['data_hash']}) and the same min-max grid of w0 per layer; GPTQ with "
-            f"act-order (gptq-noact: without; every saved quantized model records its settings); QAFT: "
+            f"calibration sequences × {cal['seq_len']} tokens ({corpus_label(cal['corpus'])}/{cal['split']}, "
+            f"seed {cal['seed']}, data {cal['data_hash']}) and the same min-max grid of w0 per layer; GPTQ "
+            f"with act-order (gptq-noact: without; every saved quantized model records its settings); QAFT: "
             f"straight-through estimator, AdamW lr {p['qaft_lr']:g}, {p['qaft_epochs']:g} epoch(s) in "
             f"batches of {p['qaft_batch_size']}; LoRC rank {p['lorc_rank']}.")
 
@@ -168,9 +182,9 @@ def nll_convention_sentence(convention: Mapping[str, Any] | None) -> str:
     if not convention:
         return ""
     c = convention
-    return (f"NLL: token-mean nats per scored token on {c['corpus']}/{c['split']} {c['n_segments']} × "
-            f"{c['seq_len']} tokens (stride {c['stride']}, {c['n_tokens']:,} scored tokens, data "
-            f"{c['data_hash']}).")
+    return (f"NLL: token-mean nats per scored token on {corpus_label(c['corpus'])}/{c['split']} "
+            f"{c['n_segments']} × {c['seq_len']} tokens (stride {c['stride']}, {c['n_tokens']:,} scored "
+            f"tokens, data {c['data_hash']}).")
 
 
 def model_of(provenance: Mapping[str, Any]) -> tuple[str, str]:

@@ -12,6 +12,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from landscape.curvature import read_curvature
+from landscape.data import corpus_label
 from landscape.engine.basin import BasinStatistics
 from landscape.plots.common import (
     DISTANCE_AXIS,
@@ -23,6 +24,7 @@ from landscape.plots.common import (
     add_caption,
     find_row,
     gap_interval,
+    in_domain,
     merged_rows,
     model_of,
     model_sentence,
@@ -305,7 +307,7 @@ def size_points(models: Sequence[tuple[StoreData, StoreData, StoreData]], fmt: s
         q = stats.quantiles((0.1, 0.5, 0.9), relative=True)
         points.append({"model": facts.provenance["model"], "n_params": int(facts.arrays["n_params"]),
                        "caveat": facts.provenance["model_info"].get("caveat", ""), "radius": stats.median,
-                       "relative_radius": q, "gap": gap_interval(gptq, qaft, "wiki"),
+                       "relative_radius": q, "gap": gap_interval(gptq, qaft, in_domain(table)),
                        "gptq_norm_over_r": (stats.displacement_norms.get(gptq["label"], math.nan)
                                             / stats.median)})
     return sorted(points, key=lambda p: p["n_params"])
@@ -320,8 +322,9 @@ def model_size(models: Sequence[tuple[StoreData, StoreData, StoreData]], fmt: st
     points = size_points(models, fmt)
     x = [p["n_params"] for p in points]
     names = [p["model"] for p in points]
+    corpus = corpus_label(in_domain(models[0][2]))
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
-                        subplot_titles=["relative basin radius", f"GPTQ − QAFT NLL gap at {fmt} (wiki)"])
+                        subplot_titles=["relative basin radius", f"GPTQ − QAFT NLL gap at {fmt} ({corpus})"])
     rel = np.array([p["relative_radius"][0.5] for p in points])
     with np.errstate(invalid="ignore"):  # an unbounded radius (inf) has no bar (nor a point): see the caption
         above = np.array([p["relative_radius"][0.9] for p in points]) - rel
@@ -354,8 +357,8 @@ def model_size(models: Sequence[tuple[StoreData, StoreData, StoreData]], fmt: st
     return add_caption(fig, [
         f"R(w0): the radius where the held-out NLL first rises by {basin['search']['threshold']:g} nats "
         f"along random filter-normalised directions, relative to ‖w0‖ over the quantized linears. Gap: GPTQ "
-        f"minus QAFT on the same held-out wiki windows, same calibration budget per model (sequence lengths "
-        f"capped at each model's context; each model's NLL convention is in its stores).",
+        f"minus QAFT on the same held-out {corpus} windows, same calibration budget per model (sequence "
+        f"lengths capped at each model's context; each model's NLL convention is in its stores).",
         "Caveats. " + " ".join(caveats)])
 
 

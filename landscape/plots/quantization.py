@@ -12,13 +12,13 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from landscape.plots.common import (
-    CORPUS_TITLES,
     LABEL_SIDE,
     METHOD_COLORS,
     METHOD_LABELS,
     NLL_AXIS,
     QUANTIZED_METHODS,
     add_caption,
+    corpus_title,
     find_row,
     gap_interval,
     granularity_of,
@@ -48,7 +48,7 @@ def nll_vs_bits(tables: Sequence[StoreData]) -> go.Figure:
     rows = merged_rows(tables)
     prov = tables[0].provenance
     corpora = list(prov["protocol"]["eval_corpora"])
-    fig = make_subplots(rows=1, cols=len(corpora), subplot_titles=[CORPUS_TITLES.get(c, c) for c in corpora],
+    fig = make_subplots(rows=1, cols=len(corpora), subplot_titles=[corpus_title(c) for c in corpora],
                         shared_yaxes=True, horizontal_spacing=0.05)
     bits = sorted({parse_format(r["format"]).bits for r in rows if r["method"] in QUANTIZED_METHODS})
     x_span = [min(bits) - 0.3, max(bits) + 0.3] if bits else [2, 8]
@@ -158,7 +158,7 @@ def pareto(tables: Sequence[StoreData], facts: StoreData) -> go.Figure:
     prov = tables[0].provenance
     corpora = list(prov["protocol"]["eval_corpora"])
     sizes = [model_size_mib(r["bits_per_weight"], facts) for r in rows]
-    fig = make_subplots(rows=1, cols=len(corpora), subplot_titles=[CORPUS_TITLES.get(c, c) for c in corpora],
+    fig = make_subplots(rows=1, cols=len(corpora), subplot_titles=[corpus_title(c) for c in corpora],
                         shared_yaxes=True, horizontal_spacing=0.05)
     for col, corpus in enumerate(corpora, start=1):
         nlls = [float(r["nll"][corpus]) for r in rows]

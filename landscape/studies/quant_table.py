@@ -1,8 +1,9 @@
 """The quantization study: every method on every format under one protocol, into one HDF5 store.
 
 A :class:`Protocol` fixes everything that defines the numbers: the model, the calibration budget (128
-sequences, seeded), the evaluation sets (in-domain ``wiki`` and out-of-domain ``sotu``, same
-convention), the formats, the methods and their settings. :func:`run_quant_table` then
+sequences, seeded, from ``wiki`` or a user's text), the evaluation sets (in-domain, by default ``wiki``,
+and out-of-domain ``sotu``, same convention), the formats, the methods and their settings.
+:func:`run_quant_table` then
 
 1. quantizes with each method of the registry (:mod:`landscape.quant.methods`: ``rtn``, ``gptq`` with
    act-order, ``gptq-noact``, ``gptq+lorc``, ``qaft``, and the full-precision control ``fp-finetune``: the
@@ -29,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from landscape.cluster import shard_store_path
-from landscape.data import calibration_set, heldout_set
+from landscape.data import calibration_set, check_corpus_name, corpus_label, heldout_set
 from landscape.memory import release_freed_memory
 from landscape.models import LoadedModel, load_model
 from landscape.objectives import layer_mse, nll
@@ -59,6 +60,8 @@ class Protocol:
     Attributes:
         model: model name (:func:`landscape.models.load_model`).
         calib_sequences, calib_seq_len, calib_seed: the calibration budget (the same for every method).
+        calib_corpus: the calibration text (its training split): ``wiki`` or a user's ``text:PATH``
+            (:func:`landscape.data.text_corpus`), whose held-out split is then the in-domain evaluation set.
         eval_corpora, eval_seq_len, eval_segments: held-out evaluation (token-mean NLL, disjoint windows).
         formats: weight formats (:func:`landscape.quant.parse_format` names).
         methods: subset of the registry's table methods (:data:`landscape.quant.methods.QUANT_TABLE_METHODS`,
@@ -80,6 +83,7 @@ class Protocol:
     calib_sequences: int = 128
     calib_seq_len: int = 512
     calib_seed: int = 0
+    calib_corpus: str = "wiki"
     eval_corpora: tuple[str, ...] = ("wiki", "sotu")
     eval_seq_len: int = 512
     eval_segments: int = 24
@@ -95,6 +99,11 @@ class Protocol:
     layer_mse_sequences: int | None = None
 
     def __post_init__(self) -> None:
+        for corpus in (self.calib_corpus, *self.eval_corpora):
+            check_corpus_name(corpus)
+        labels = [corpus_label(c) for c in self.eval_corpora]
+        if not labels or len(set(labels)) != len(labels):
+            raise ValueError(f"eval_corpora must be distinct and not empty, got {self.eval_corpora}")
         for f in self.formats:
             parse_format(f)  # raises FormatError naming the bad format
         unknown = set(self.methods) - set(METHODS)
@@ -118,6 +127,8 @@ class Protocol:
         d = asdict(self)
         if self.qaft_micro_batch_size is None:  # recorded only when set: older stores still match
             del d["qaft_micro_batch_size"]
+        if self.calib_corpus == "wiki":  # likewise
+            del d["calib_corpus"]
         return d
 
 
@@ -243,7 +254,7 @@ def _arrays(protocol: Protocol) -> dict[str, tuple[tuple[int, ...], str]]:
         "seconds": ((), "f8"), "layer_mse_sum": ((), "f8"), "displacement_norm": ((), "f8"),
         "bits_per_weight": ((), "f8"),
     }
-    for c in protocol.eval_corpora:
+    for c in map(corpus_label, protocol.eval_corpora):
         arrays |= {f"nll/{c}": ((), "f8"), f"nll_low/{c}": ((), "f8"), f"nll_high/{c}": ((), "f8"),
                    f"segment_nll_sum/{c}": ((protocol.eval_segments,), "f8"),
                    f"segment_tokens/{c}": ((protocol.eval_segments,), "i8")}
@@ -283,7 +294,7 @@ def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = Tr
     check_formats_fit(lm.model, [protocol])
     tok, ctx_len = lm.tokenizer, lm.info.context_length
     calib = calibration_set(tok, protocol.calib_sequences, protocol.calib_seq_len, protocol.calib_seed,
-                            context_length=ctx_len)
+                            protocol.calib_corpus, context_length=ctx_len)
     evals = {c: heldout_set(tok, protocol.eval_seq_len, c, protocol.eval_segments, context_length=ctx_len)
              for c in protocol.eval_corpora}
     for c, data in evals.items():
@@ -348,13 +359,13 @@ def _measure(ctx: _Context, v: Variant, evals: dict, w0: dict[str, torch.Tensor]
         "bits_per_weight": _bits_per_weight(result, w0),
     }
     with swapped_weights(ctx.lm.model, weights), quantized_activations(ctx.lm.model, v.act_bits):
-        for c, data in evals.items():
+        for corpus, data in evals.items():
             r = nll(ctx.lm.model, data, batch_size=4, model_name=ctx.lm.info.name)
-            ci = nll_interval(r)
+            ci, c = nll_interval(r), corpus_label(corpus)
             values |= {f"nll/{c}": r.value, f"nll_low/{c}": ci.low, f"nll_high/{c}": ci.high,
                        f"segment_nll_sum/{c}": r.segment_nll_sum, f"segment_tokens/{c}": r.segment_tokens}
     if ctx.progress:
-        nlls = ", ".join(f"{c} {values[f'nll/{c}']:.4f}" for c in evals)
+        nlls = ", ".join(f"{c} {values[f'nll/{c}']:.4f}" for c in map(corpus_label, evals))
         print(f"  {v.label:<28} {nlls}  ({time.time() - t0:.0f} s eval)", flush=True)
     return values
 
@@ -420,9 +431,9 @@ def quant_table_rows(data: StoreData) -> list[dict[str, Any]]:
         for k in ("seconds", "layer_mse_sum", "displacement_norm", "bits_per_weight"):
             row[k] = float(data.arrays[k][i])
         for k in ("nll", "nll_low", "nll_high"):
-            row[k] = {c: float(data.arrays[f"{k}/{c}"][i]) for c in corpora}
+            row[k] = {c: float(data.arrays[f"{k}/{corpus_label(c)}"][i]) for c in corpora}
         for k in ("segment_nll_sum", "segment_tokens"):
-            row[k] = {c: data.arrays[f"{k}/{c}"][i] for c in corpora}
+            row[k] = {c: data.arrays[f"{k}/{corpus_label(c)}"][i] for c in corpora}
         rows.append(row)
     return rows
 
