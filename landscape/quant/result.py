@@ -112,7 +112,10 @@ class QuantResult:
 
     @property
     def label(self) -> str:
-        return f"{self.method} {self.format.name if self.format else 'fp32'}"
+        """``<method> <format>``; a result without a format: ``fp32``, or what ``extra["off_grid_label"]``
+        says (an imported checkpoint whose lattice is none of ours: ``int4-g128 (off our grid)``)."""
+        stated = self.format.name if self.format else self.extra.get("off_grid_label", "fp32")
+        return f"{self.method} {stated}"
 
     @property
     def total_layer_mse(self) -> float:
@@ -121,7 +124,8 @@ class QuantResult:
     def storage_bits(self, unquantized_bits: int = 32) -> int:
         """Bits to store the result's layers: codes, scales and zero points of ``format``, plus any extra
         tensors (LoRC's U and V); layers of a full-precision result count ``unquantized_bits`` per weight."""
-        total = sum(self.format.storage_bits(tuple(w.shape)) if self.format else unquantized_bits * w.numel()
+        stored = self.format or _checkpoint_format(self.extra)
+        total = sum(stored.storage_bits(tuple(w.shape)) if stored else unquantized_bits * w.numel()
                     for w in self.weights.values())
         return total + int(self.extra.get("extra_storage_bits_total", 0))
 
@@ -271,6 +275,12 @@ class QuantResult:
 
 
 # ------------------------------------------------------------------------------------ content hashes
+def _checkpoint_format(extra: Mapping[str, Any]) -> QuantFormat | None:
+    """The format whose storage an imported checkpoint off our grid has (its bits, groups and scales)."""
+    nearest = (extra.get("checkpoint_grid") or {}).get("nearest_format")
+    return parse_format(nearest) if nearest else None
+
+
 def tensors_sha256(weights: Mapping[str, torch.Tensor]) -> str:
     """sha256 (64 hex) of a result's weights: for each layer in sorted name order, its name, dtype and
     shape (as JSON) then its raw little-endian bytes. Independent of the file's layout and of the order of

@@ -1,0 +1,50 @@
+"""``landscape import``: a quantized checkpoint of another tool as a saved result against its base."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from landscape.cli.common import Command, load, model_argument
+from landscape.interop import import_checkpoint, read_checkpoint_kind
+from landscape.quant.result import check_result_path
+from landscape.weights import get_layer, weight_matrix
+
+
+def import_arguments(p: argparse.ArgumentParser) -> None:
+    model_argument(p)
+    p.add_argument("checkpoint", type=Path,
+                   help="the quantized checkpoint's folder (config.json with quantization_config, "
+                        "*.safetensors): GPTQ-packed (quant_method gptq, v1 or v2 zero points)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="result path stem (writes <out>.safetensors and <out>.json; an existing result there "
+                        "is refused, see --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a saved result already at --out")
+
+
+def run_import(args: argparse.Namespace) -> int:
+    check_result_path(args.out, args.overwrite)  # before the checkpoint or the model is read
+    kind, config = read_checkpoint_kind(args.checkpoint)
+    t0 = time.perf_counter()
+    lm = load(args)
+    result = import_checkpoint(lm.base, args.checkpoint)
+    path = result.save(args.out, overwrite=args.overwrite)
+    grid = result.extra["checkpoint_grid"]
+    d = torch.sqrt(sum((w.double() - weight_matrix(get_layer(lm.model, n)).detach().double()).pow(2).sum()
+                       for n, w in result.weights.items()))
+    print(f"model    {lm.info.name} ({lm.info.source})")
+    print(f"import   {args.checkpoint} ({kind}: {config.get('bits')} bits, group {grid['group_size']}, "
+          f"{'symmetric' if grid['sym'] else 'asymmetric'}, act-order {grid['desc_act']}, "
+          f"{grid['checkpoint_format']} zero points)")
+    print(f"result   {result.label}: {len(result.weights)} layers, ||w_q - w0|| {float(d):.4g}"
+          + ("" if grid["on_our_grid"] else f"; its lattice is not {grid['nearest_format']}'s on w0"))
+    print(f"seconds  {time.perf_counter() - t0:.2f}")
+    print(f"saved    {path}.safetensors and {path}.json")
+    return 0
+
+
+COMMANDS = (Command("import", "a quantized checkpoint of another tool (GPTQ-packed) as a result against its "
+                              "full-precision base", import_arguments, run_import),)
