@@ -95,7 +95,8 @@ def test_the_in_domain_nll_is_the_texts_held_out_nll(pipeline):
         lm = session.model(session.profile.model)
         held = D.heldout_set(lm.tokenizer, session.profile.eval_seq_len, D.text_corpus(text),
                              session.profile.eval_segments)
-        wiki = D.heldout_set(lm.tokenizer, session.profile.eval_seq_len, "wiki", session.profile.eval_segments)
+        wiki = D.heldout_set(lm.tokenizer, session.profile.eval_seq_len, "wiki",
+                             session.profile.eval_segments)
         assert torch.equal(eval_set(session, session.profile.model).tokens, held.tokens)
         direct, on_wiki = nll(lm.model, held).value, nll(lm.model, wiki).value
     data = read_store(quant_stores(root / "figures")[0])

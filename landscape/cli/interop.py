@@ -17,8 +17,9 @@ from landscape.weights import get_layer, weight_matrix
 def import_arguments(p: argparse.ArgumentParser) -> None:
     model_argument(p)
     p.add_argument("checkpoint", type=Path,
-                   help="the quantized checkpoint's folder (config.json with quantization_config, "
-                        "*.safetensors): GPTQ-packed (quant_method gptq, v1 or v2 zero points)")
+                   help="a GGUF file, or the quantized checkpoint's folder (config.json with "
+                        "quantization_config, *.safetensors): GPTQ-packed (quant_method gptq, v1 or v2 zero "
+                        "points)")
     p.add_argument("--out", required=True, type=Path,
                    help="result path stem (writes <out>.safetensors and <out>.json; an existing result there "
                         "is refused, see --overwrite)")
@@ -36,9 +37,13 @@ def run_import(args: argparse.Namespace) -> int:
     d = torch.sqrt(sum((w.double() - weight_matrix(get_layer(lm.model, n)).detach().double()).pow(2).sum()
                        for n, w in result.weights.items()))
     print(f"model    {lm.info.name} ({lm.info.source})")
-    print(f"import   {args.checkpoint} ({kind}: {config.get('bits')} bits, group {grid['group_size']}, "
-          f"{'symmetric' if grid['sym'] else 'asymmetric'}, act-order {grid['desc_act']}, "
-          f"{grid['checkpoint_format']} zero points)")
+    if kind == "gguf":
+        print(f"import   {args.checkpoint} (GGUF, {config['architecture']}; quantized linears: "
+              f"{grid['tensor_types']})")
+    else:
+        print(f"import   {args.checkpoint} ({kind}: {config.get('bits')} bits, group {grid['group_size']}, "
+              f"{'symmetric' if grid['sym'] else 'asymmetric'}, act-order {grid['desc_act']}, "
+              f"{grid['checkpoint_format']} zero points)")
     print(f"result   {result.label}: {len(result.weights)} layers, ||w_q - w0|| {float(d):.4g}"
           + ("" if grid["on_our_grid"] else f"; its lattice is not {grid['nearest_format']}'s on w0"))
     print(f"seconds  {time.perf_counter() - t0:.2f}")
@@ -46,5 +51,5 @@ def run_import(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (Command("import", "a quantized checkpoint of another tool (GPTQ-packed) as a result against its "
-                              "full-precision base", import_arguments, run_import),)
+COMMANDS = (Command("import", "a quantized checkpoint of another tool (GGUF, GPTQ-packed) as a result "
+                              "against its full-precision base", import_arguments, run_import),)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from landscape.interop.gguf_file import FULL_PRECISION, full_precision_names, gguf_grid, load_gguf, read_gguf
 from landscape.interop.gptq_packed import (
     CheckpointError,
     GPTQPackedConfig,
@@ -21,80 +23,119 @@ from landscape.interop.gptq_packed import (
 )
 from landscape.quant.formats import FormatError, QuantFormat, make_grid, parse_format
 from landscape.quant.result import QuantResult
-from landscape.weights import Base, quantizable_layers, weight_matrix
+from landscape.weights import Base, decoder_blocks, quantizable_layers, weight_matrix
 
 MIN_COSINE = 0.5  # a quantized copy of w0 points its way (int2 RTN: about 0.9); another model's: about 0
 IMPORTERS = ("gptq",)  # quantization_config.quant_method values read
 
 
 def read_checkpoint_kind(checkpoint: str | os.PathLike) -> tuple[str, dict[str, Any]]:
-    """The checkpoint's ``quant_method`` and ``quantization_config``, checked before any model is loaded."""
-    directory = Path(checkpoint)
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint {str(checkpoint)!r} is not a directory; give the folder a tool "
-                              f"saved with save_pretrained (config.json with quantization_config, "
-                              f"*.safetensors)")
-    config = read_config(directory).get("quantization_config")
+    """The checkpoint's kind (``gptq`` or ``gguf``) and what it says of its quantization, checked before any
+    model is loaded."""
+    path = Path(checkpoint)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        architecture, types = read_gguf(path)
+        return "gguf", {"architecture": architecture, "tensor_types": dict(Counter(types.values()))}
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r} is neither a .gguf file nor a directory; "
+                              f"give the folder a tool saved with save_pretrained (config.json with "
+                              f"quantization_config, *.safetensors) or a GGUF file")
+    config = read_config(path).get("quantization_config")
     if not isinstance(config, dict):
-        raise CheckpointError(f"{directory}/config.json has no quantization_config: not a quantized "
+        raise CheckpointError(f"{path}/config.json has no quantization_config: not a quantized "
                               f"checkpoint (accepted quant_method: {IMPORTERS})")
     kind = config.get("quant_method")
     if kind not in IMPORTERS:
-        raise CheckpointError(f"{directory}: quant_method {kind!r} is not one this importer reads; accepted: "
+        raise CheckpointError(f"{path}: quant_method {kind!r} is not one this importer reads; accepted: "
                               f"{IMPORTERS}")
-    GPTQPackedConfig.from_config(config, str(directory))  # its packing, bits and groups
+    GPTQPackedConfig.from_config(config, str(path))  # its packing, bits and groups
     return kind, config
 
 
 def import_checkpoint(base: Base, checkpoint: str | os.PathLike) -> QuantResult:
-    """The quantized checkpoint at ``checkpoint`` as a result against ``base`` (its w0).
+    """The quantized checkpoint at ``checkpoint`` (a GPTQ-packed folder or a GGUF file) as a result against
+    ``base`` (its w0).
 
     Raises:
         CheckpointError: an unknown packing or config, tensors missing or misshapen, layers the base does not
-            have, or a checkpoint made from another base (named with both fingerprints).
+            have, another architecture, or a checkpoint made from another base (named with both fingerprints).
     """
     started = time.perf_counter()
-    directory = Path(checkpoint)
-    kind, config = read_checkpoint_kind(directory)
-    cfg = GPTQPackedConfig.from_config(config, str(directory))
-    tensors = read_tensors(directory)
-    packed = packed_layers(tensors)
+    path = Path(checkpoint)
+    kind, config = read_checkpoint_kind(path)
     layers = quantizable_layers(base.model)
-    if not packed:
-        raise CheckpointError(f"{directory} holds no packed layers (no '<layer>.qweight' tensors)")
-    unknown = sorted(set(packed) - set(layers))
-    if unknown:
-        raise CheckpointError(f"{directory} quantizes layers the base {base.label!r} does not have: "
-                              f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''} (another architecture?)")
-    packed_keys = {f"{n}.{suffix}" for n, parts in packed.items() for suffix in parts}
-    check_same_base(base, {k: t for k, t in tensors.items() if k not in packed_keys}, directory)
-    weights, top_code_zeros = {}, 0
-    for name in (n for n in layers if n in packed):  # the base's forward order (its fingerprint's)
+    if kind == "gguf":
+        weights, full_precision, grid = _gguf_weights(base, path)
+    else:
+        weights, full_precision, grid = _gptq_weights(base, path, config)
+    check_same_base(base, full_precision, path)
+    ordered = {}
+    for name in (n for n in layers if n in weights):  # the base's forward order (its fingerprint's)
         w0 = weight_matrix(layers[name]).detach()
-        w, info = dequantize(packed[name], cfg, w0.shape[1], name)
+        w = weights[name]
         if tuple(w.shape) != tuple(w0.shape):
             raise CheckpointError(f"layer {name!r}: the checkpoint's weight is {tuple(w.shape)}, the base's "
                                   f"{tuple(w0.shape)}")
         cosine = float(torch.nn.functional.cosine_similarity(w.double().flatten(), w0.double().flatten(),
                                                              dim=0))
         if cosine < MIN_COSINE:
-            raise CheckpointError(f"layer {name!r} of {directory} is not a quantized copy of the base "
+            raise CheckpointError(f"layer {name!r} of {path} is not a quantized copy of the base "
                                   f"{base.label!r}: cosine {cosine:.3f} with its w0 (a quantized copy has > "
                                   f"{MIN_COSINE}); import it against the model it was made from")
-        weights[name] = w.to(device=w0.device, dtype=w0.dtype)
-        top_code_zeros += info["v1_top_code_zeros"]
-    nearest = nearest_format(cfg)
-    on_grid = nearest is not None and on_our_grid(weights, nearest, layers)
-    grid = {**cfg.to_dict(), "kind": f"{kind}-packed", "nearest_format": nearest.name if nearest else None,
-            "on_our_grid": on_grid, "v1_top_code_zeros": top_code_zeros}
+        ordered[name] = w.to(device=w0.device, dtype=w0.dtype)
+    nearest = parse_format(grid["nearest_format"]) if grid["nearest_format"] else None
+    on_grid = nearest is not None and on_our_grid(ordered, nearest, layers)
+    grid = {**grid, "on_our_grid": on_grid}
     extra: dict[str, Any] = {"checkpoint_grid": grid}
     if not on_grid:
-        extra["off_grid_label"] = f"{nearest.name if nearest else f'int{cfg.bits}'} (off our grid)"
-    return QuantResult(weights, nearest if on_grid else None, f"{kind}-packed",
-                       settings={"checkpoint": str(directory.resolve()), "quantization_config": config,
-                                 "checkpoint_sha256": files_sha256(directory)},
-                       base_model=base.label, base_fingerprint=base.fingerprint(list(weights)),
+        stated = nearest.name if nearest else "/".join(grid.get("tensor_types", {})) or "int"
+        extra["off_grid_label"] = f"{stated} (off our grid)"
+    return QuantResult(ordered, nearest if on_grid else None, grid["kind"],
+                       settings={"checkpoint": str(path.resolve()), "quantization_config": config,
+                                 "checkpoint_sha256": files_sha256(path)},
+                       base_model=base.label, base_fingerprint=base.fingerprint(list(ordered)),
                        seconds=time.perf_counter() - started, extra=extra)
+
+
+def _gptq_weights(base: Base, directory: Path, config: dict[str, Any]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """A GPTQ-packed folder's dequantized layers, its full-precision tensors and its lattice."""
+    cfg = GPTQPackedConfig.from_config(config, str(directory))
+    tensors = read_tensors(directory)
+    packed = packed_layers(tensors)
+    if not packed:
+        raise CheckpointError(f"{directory} holds no packed layers (no '<layer>.qweight' tensors)")
+    layers = quantizable_layers(base.model)
+    unknown = sorted(set(packed) - set(layers))
+    if unknown:
+        raise CheckpointError(f"{directory} quantizes layers the base {base.label!r} does not have: "
+                              f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''} (another architecture?)")
+    weights, top_code_zeros = {}, 0
+    for name, parts in packed.items():
+        weights[name], info = dequantize(parts, cfg, weight_matrix(layers[name]).shape[1], name)
+        top_code_zeros += info["v1_top_code_zeros"]
+    packed_keys = {f"{n}.{suffix}" for n, parts in packed.items() for suffix in parts}
+    nearest = nearest_format(cfg)
+    grid = {**cfg.to_dict(), "kind": "gptq-packed", "nearest_format": nearest.name if nearest else None,
+            "v1_top_code_zeros": top_code_zeros}
+    return weights, {k: t for k, t in tensors.items() if k not in packed_keys}, grid
+
+
+def _gguf_weights(base: Base, path: Path
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """A GGUF's dequantized quantized layers, its unquantized tensors and what it says of its lattice."""
+    model_type = getattr(base.model.config, "model_type", "")
+    state = base.model.state_dict()
+    n_blocks = len(decoder_blocks(base.model))
+    loaded, types, _ = load_gguf(path, model_type, list(state), n_blocks)
+    layers = quantizable_layers(base.model)
+    quantized = [n for n in layers if types.get(f"{n}.weight", "F32") not in FULL_PRECISION]
+    if not quantized:
+        raise CheckpointError(f"{path} quantizes none of the base's linear layers (every one is stored in "
+                              f"full precision)")
+    weights = {n: loaded[f"{n}.weight"] for n in quantized}
+    full = {k: loaded[k] for k in full_precision_names(types) if k in loaded}
+    return weights, full, gguf_grid(types, quantized)
 
 
 def check_same_base(base: Base, full_precision: Mapping[str, torch.Tensor], directory: Path) -> None:
@@ -125,10 +166,11 @@ def tensors_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def files_sha256(directory: Path) -> str:
-    """sha256 (16 hex) of the checkpoint's safetensors files (names and bytes, in name order)."""
+def files_sha256(path: Path) -> str:
+    """sha256 (16 hex) of a GGUF file, or of a checkpoint folder's safetensors files (names and bytes, in name
+    order)."""
     h = hashlib.sha256()
-    for file in sorted(directory.glob("*.safetensors")):
+    for file in [path] if path.is_file() else sorted(path.glob("*.safetensors")):
         h.update(file.name.encode())
         with open(file, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 24), b""):
