@@ -215,7 +215,8 @@ def test_the_cli_saves_a_result_whose_displacement_is_the_checkpoints(model_dir,
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"quant_method": "awq"}, r"quant_method 'awq' is not one this importer reads; accepted: \('gptq',\)"),
+    ({"quant_method": "awq"}, r"quant_method 'awq' is not one this importer reads; accepted: \('gptq', "
+                              r"'compressed-tensors'\)"),
     ({"bits": 5}, r"bits 5 has no GPTQ packing this importer reads; accepted: \(2, 3, 4, 8\)"),
     ({"checkpoint_format": "marlin"}, r"checkpoint_format 'marlin' is a packing this importer does not read"),
     ({"group_size": 0}, r"group_size 0; accepted: -1 \(per channel\) or a positive integer"),

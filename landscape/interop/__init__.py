@@ -7,7 +7,11 @@ of ours (``landscape import BASE CHECKPOINT --out R``):
 * GPTQ-packed checkpoints (``quantization_config.quant_method: gptq``, v1 and v2 zero conventions), read by
   :mod:`landscape.interop.gptq_packed`;
 * GGUF files, dequantized through transformers' ``gguf_file`` loader, their tensor types read from the file
-  (:mod:`landscape.interop.gguf_file`).
+  (:mod:`landscape.interop.gguf_file`);
+* compressed-tensors checkpoints (``quant_method: compressed-tensors``, integer weights), dequantized by the
+  compressed-tensors library as transformers loads them.
+
+:func:`landscape.interop.export.export_compressed_tensors` goes the other way (``landscape export``).
 
 The checkpoint must come from the base it is imported against (and, for a GGUF, be of its architecture): its
 full-precision tensors (embeddings, norms, biases) must equal the base's, and every dequantized weight must

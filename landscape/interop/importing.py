@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
 from landscape.interop.gguf_file import FULL_PRECISION, full_precision_names, gguf_grid, load_gguf, read_gguf
 from landscape.interop.gptq_packed import (
@@ -26,7 +28,7 @@ from landscape.quant.result import QuantResult
 from landscape.weights import Base, decoder_blocks, quantizable_layers, weight_matrix
 
 MIN_COSINE = 0.5  # a quantized copy of w0 points its way (int2 RTN: about 0.9); another model's: about 0
-IMPORTERS = ("gptq",)  # quantization_config.quant_method values read
+IMPORTERS = ("gptq", "compressed-tensors")  # quantization_config.quant_method values read
 
 
 def read_checkpoint_kind(checkpoint: str | os.PathLike) -> tuple[str, dict[str, Any]]:
@@ -48,7 +50,10 @@ def read_checkpoint_kind(checkpoint: str | os.PathLike) -> tuple[str, dict[str, 
     if kind not in IMPORTERS:
         raise CheckpointError(f"{path}: quant_method {kind!r} is not one this importer reads; accepted: "
                               f"{IMPORTERS}")
-    GPTQPackedConfig.from_config(config, str(path))  # its packing, bits and groups
+    if kind == "gptq":
+        GPTQPackedConfig.from_config(config, str(path))  # its packing, bits and groups
+    else:
+        compressed_format(config, path)
     return kind, config
 
 
@@ -66,6 +71,8 @@ def import_checkpoint(base: Base, checkpoint: str | os.PathLike) -> QuantResult:
     layers = quantizable_layers(base.model)
     if kind == "gguf":
         weights, full_precision, grid = _gguf_weights(base, path)
+    elif kind == "compressed-tensors":
+        weights, full_precision, grid = _compressed_weights(path, config)
     else:
         weights, full_precision, grid = _gptq_weights(base, path, config)
     check_same_base(base, full_precision, path)
@@ -119,6 +126,53 @@ def _gptq_weights(base: Base, directory: Path, config: dict[str, Any]
     grid = {**cfg.to_dict(), "kind": "gptq-packed", "nearest_format": nearest.name if nearest else None,
             "v1_top_code_zeros": top_code_zeros}
     return weights, {k: t for k, t in tensors.items() if k not in packed_keys}, grid
+
+
+def compressed_format(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The weight arguments of a compressed-tensors checkpoint's one Linear group (integer weights only)."""
+    groups = [g for g in (config.get("config_groups") or {}).values() if g.get("weights")]
+    if len(groups) != 1:
+        raise CheckpointError(f"{path}: {len(groups)} weight groups in config_groups; this importer reads "
+                              f"checkpoints with one (every quantized linear in one integer format)")
+    args = groups[0]["weights"]
+    if args.get("type") != "int" or args.get("strategy") not in ("channel", "group", "tensor"):
+        raise CheckpointError(f"{path}: weights of type {args.get('type')!r} and strategy "
+                              f"{args.get('strategy')!r}; this importer reads type 'int' with strategy "
+                              f"channel, group or tensor")
+    return args
+
+
+def _compressed_weights(directory: Path, config: dict[str, Any]
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """A compressed-tensors checkpoint's layers, dequantized by the compressed-tensors library as transformers
+    loads it, its full-precision tensors and its lattice."""
+    args = compressed_format(config, directory)
+    raw = read_tensors(directory)
+    quantized = sorted({k.removesuffix(".weight_scale") for k in raw if k.endswith(".weight_scale")})
+    try:
+        with warnings.catch_warnings():  # "the model has a quantization_config": ours only dequantizes
+            warnings.simplefilter("ignore", UserWarning)
+            model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
+                                                         quantization_config=CompressedTensorsConfig(dequantize=True))
+    except (ValueError, OSError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"transformers (with compressed-tensors) cannot load {directory}: "
+                              f"{err}") from None
+    state = model.state_dict()
+    weights = {n: state[f"{n}.weight"].detach() for n in quantized}
+    full = {k: t for k, t in raw.items()
+            if t.is_floating_point() and not any(k.startswith(n + ".") for n in quantized)}
+    group = {"group": f"-g{args.get('group_size')}", "channel": "", "tensor": "-tensor"}[args["strategy"]]
+    name = f"int{args['num_bits']}{group}" + ("-sym" if args.get("symmetric", True) else "")
+    return weights, full, {"kind": "compressed-tensors", "weights": args,
+                           "nearest_format": nearest_name(name)}
+
+
+def nearest_name(name: str) -> str | None:
+    """``name`` if it is one of our formats, else None."""
+    try:
+        return parse_format(name).name
+    except FormatError:
+        return None
 
 
 def _gguf_weights(base: Base, path: Path
