@@ -156,9 +156,11 @@ def build_section(data: dict, seconds: float = 0.0) -> Section:
         if not HVP_VS_FORWARD_BACKWARD.met(hvp / fb):
             notes.append(f"{c['model']}: one HVP costs {hvp / fb:.2f}x a forward+backward and "
                          f"{HVP_VS_FORWARD_BACKWARD.miss_text(hvp / fb)}. The double-backward HVP runs a "
-                         f"forward, a backward that keeps its graph and a second backward through it; a "
-                         f"forward-over-reverse product (torch.func.jvp of the gradient) keeps no second "
-                         f"graph and is what to try.")
+                         f"forward, a backward that keeps its graph and a second backward through it. A "
+                         f"forward-over-reverse product (torch.func.jvp of torch.func.grad) is no way out: "
+                         f"on SmolLM2 (1 x 128 tokens, one thread) it took 1.43x the double backward's time "
+                         f"(6.56 s vs 4.59 s) and peaked 0.66 GB higher (4.00 vs 3.34 GB), with the same "
+                         f"product to 1e-5 relative.")
     overheads = [c["lanczos"]["median_s"] / (c["lanczos_steps"] * c["timings"]["hvp"]["median_s"])
                  for c in data["cases"]]
     notes.append(f"Lanczos top-{TOP_K} (reorthogonalised, {settings['lanczos_steps']} steps) costs "
