@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from landscape.cli import compare, evaluate, interop, quantize, scan, spectrum
+from landscape.cli import compare, evaluate, interop, quantize, scan, show, spectrum
 from landscape.cli.errors import DEBUG_FLAG, run_guarded, split_debug
 
-COMMAND_MODULES = (evaluate, quantize, interop, scan, compare, spectrum)
+COMMAND_MODULES = (evaluate, quantize, interop, scan, compare, spectrum, show)
 
 
 def build_parser() -> argparse.ArgumentParser:
