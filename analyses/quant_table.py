@@ -62,16 +62,16 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     model_options(p)
     p.add_argument("--out", default="results/quant_table")
-    p.add_argument("--calib-seq-len", type=int, default=256)
-    p.add_argument("--eval-seq-len", type=int, default=256)
-    p.add_argument("--eval-segments", type=int, default=16)
+    p.add_argument("--calib-seq-len", type=positive_int, default=256)
+    p.add_argument("--eval-seq-len", type=positive_int, default=256)
+    p.add_argument("--eval-segments", type=positive_int, default=16)
     p.add_argument("--qaft-lr", type=float, default=3e-4)
-    p.add_argument("--seeds", type=int, default=1,
+    p.add_argument("--seeds", type=positive_int, default=1,
                    help="seeds of QAFT and its control (>= 3 for a comparison)")
     p.add_argument("--core-formats", nargs="+", default=["int3", "int4"])
     p.add_argument("--core-methods", nargs="+", default=list(CORE_METHODS),
                    help=f"methods of the core protocols (default all: {' '.join(CORE_METHODS)})")
-    p.add_argument("--layer-mse-sequences", type=int, default=16,
+    p.add_argument("--layer-mse-sequences", type=positive_int, default=16,
                    help="first calibration sequences of every row's summed layer MSE (one forward pass each)")
     p.add_argument("--group-size", type=positive_int, default=None,
                    help="group size of the wide protocol's group formats (default 64 for smollm2-135m, else "

@@ -91,11 +91,13 @@ class WorkEstimate:
     tokens: int
     memory_bytes: int
     store_bytes: int
+    advice: str = "choose fewer points or directions, a smaller batch, --low-memory"
 
     def describe(self) -> str:
-        return (f"{self.what}: {self.points:,} points, {self.forward_passes:,} forward passes over "
-                f"{self.tokens:,} tokens, about {human_bytes(self.memory_bytes)} of memory and a "
-                f"{human_bytes(self.store_bytes)} store")
+        work = f", {self.forward_passes:,} forward passes over {self.tokens:,} tokens" if self.tokens else ""
+        store = f" and a {human_bytes(self.store_bytes)} store" if self.store_bytes else ""
+        return (f"{self.what}: {self.points:,} points{work}, about {human_bytes(self.memory_bytes)} of "
+                f"memory{store}")
 
     def check(self, limits: WorkLimits) -> None:
         """Raise :class:`WorkTooLargeError` (with this estimate) above ``limits``."""
@@ -103,8 +105,16 @@ class WorkEstimate:
         bound, source = limits.memory_bound()
         if self.memory_bytes > bound:
             raise WorkTooLargeError(f"{self.describe()}: the memory is more than {human_bytes(bound)} "
-                                    f"({source}): choose fewer points or directions, a smaller batch, "
-                                    f"--low-memory, or set --max-memory if you mean it")
+                                    f"({source}): {self.advice}, or set --max-memory if you mean it")
+
+
+def held_workload(what: str, points: int, model_bytes: int, weight_bytes: int, copies: float,
+                  advice: str) -> WorkEstimate:
+    """The estimate of a command whose memory is the model and ``copies`` float32 copies of the weights it
+    works on (``weight_bytes`` each): a spectrum's Krylov basis and Hessian-vector products, a comparison's
+    results and directions, a quantization method's state. ``points``: its products, points or steps;
+    ``advice``: what would need less."""
+    return WorkEstimate(what, points, points, 0, int(model_bytes + copies * weight_bytes), 0, advice)
 
 
 def scan_workload(what: str, points: int, directions: int, model_bytes: int, direction_bytes: int,

@@ -31,7 +31,8 @@ from landscape.data import (
 from landscape.engine.perturb import grid_axis
 from landscape.models import LoadedModel, ModelInfo, parse_dtype, resolve_device
 from landscape.quant.formats import parse_format
-from landscape.workload import DEFAULT_MAX_POINTS, WorkLimits, parse_size
+from landscape.weights import quantizable_layers, weight_matrix
+from landscape.workload import DEFAULT_MAX_POINTS, WorkLimits, held_workload, parse_size
 
 MODEL_HELP = "smollm2-135m, ref-small, ref-tiny, a hub id or a local directory"
 # argparse takes "-1:1:21" for an option; let arguments that start like a negative number be values.
@@ -318,6 +319,15 @@ def load_with_data(args: argparse.Namespace) -> tuple[LoadedModel, TokenSet]:
     """The model of ``args.model`` and its held-out data."""
     lm = load(args)
     return lm, heldout(lm, args)
+
+
+def check_memory(lm: LoadedModel, args: argparse.Namespace, what: str, points: int, copies: float,
+                 advice: str) -> None:
+    """Refuse, before any store or result is written, a run whose model plus ``copies`` float32 copies of its
+    quantizable weights are above ``--max-memory`` (or the memory available): :func:`held_workload`."""
+    model_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    weight_bytes = 4 * sum(weight_matrix(m).numel() for m in quantizable_layers(lm.model).values())
+    held_workload(what, points, model_bytes, weight_bytes, copies, advice).check(work_limits(args))
 
 
 def load(args: argparse.Namespace) -> LoadedModel:

@@ -23,6 +23,7 @@ import numpy as np
 
 from landscape.cli.common import (
     Command,
+    check_memory,
     data_arguments,
     limit_arguments,
     load_with_data,
@@ -121,6 +122,11 @@ def run_compare(args: argparse.Namespace) -> int:
     results = dict(zip(result_labels(stems, [r.label for r in loaded]), loaded))
 
     lm, data = load_with_data(args)
+    # each result and its direction beside the model, and (with --eigenvectors) a Krylov basis and products
+    steps = args.lanczos_steps or 2 * args.eigenvectors
+    basis = 0 if not args.eigenvectors or args.krylov_dir else steps + 7
+    check_memory(lm, args, "this comparison", points, 2 * len(stems) + basis,
+                 "fewer results, or --krylov-dir for the eigenvectors' basis")
     curvature_data = data.subset(slice(0, min(args.curvature_segments, data.n_segments)))
     eigenvectors = None
     if args.eigenvectors:

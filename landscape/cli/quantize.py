@@ -15,6 +15,7 @@ from dataclasses import replace
 from landscape import data
 from landscape.cli.common import (
     Command,
+    check_memory,
     default_seq_len,
     format_arg,
     limit_arguments,
@@ -152,6 +153,12 @@ def run_quantize(args: argparse.Namespace) -> int:
                                        finetune.steps_for(args.calib_sequences))
     t0 = time.perf_counter()
     lm = load(args)
+    # the result, and a fine-tuning method's float32 latent weights, gradients and optimiser moments
+    state = 0.5 if args.method.startswith("gptq") else 0.0
+    if finetune is not None:
+        state = 3.0 if finetune.optimizer == "sgd" else 4.0
+    check_memory(lm, args, f"this {args.method} run", 1, 1 + state + ("lorc" in args.method),
+                 "--layers for fewer layers, or --optimizer sgd (one moment less)")
     # layer globs, format vs shapes, finite weights: before any data
     resolve_layers(lm.model, args.layers, args.fmt)
     seq_len = args.calib_seq_len or default_seq_len(lm.info)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from landscape.cli.common import (
     Command,
+    check_memory,
     cluster_settings,
     computed_settings,
     data_arguments,
@@ -35,6 +36,7 @@ from landscape.cli.common import (
 from landscape.cluster import shard_report
 from landscape.curvature import Curvature, read_curvature
 from landscape.store import check_store_path, provenance, read_store, run_tasks
+from landscape.weights import quantizable_layers, weight_matrix
 
 
 def spectrum_arguments(p: argparse.ArgumentParser) -> None:
@@ -100,6 +102,13 @@ def run_spectrum(args: argparse.Namespace) -> int:
             print(f"\nunits: nats/token per squared weight unit; store: {path}")
         return 0
     lm, data = load_with_data(args)
+    dimension = sum(weight_matrix(m).numel() for m in quantizable_layers(lm.model).values())
+    steps = min(dimension, max(args.lanczos_steps or max(50, 2 * (args.k + args.k_bottom)),
+                               args.density_steps if args.density_runs else 0))  # more are refused below
+    # a double-backward product holds about 6 weight-sized buffers (measured on SmolLM2), the basis one a step
+    basis = 0 if args.krylov_dir else steps + 1
+    check_memory(lm, args, "this spectrum (Hessian-vector products)", steps, 6 + basis,
+                 "fewer --lanczos-steps, --layers, or --krylov-dir for the basis")
     layers = [g.strip() for g in args.layers.split(",")] if args.layers else None
     curvature = Curvature(lm.model, data, layers=layers, operator=args.operator, batch_size=args.batch_size,
                           progress=not args.no_progress)

@@ -185,6 +185,15 @@ def merge_stores(out: str | os.PathLike, shards: Iterable[str | os.PathLike]) ->
     if Path(out).resolve() in seen:
         raise StoreError(f"the merged store {out} is one of the stores to merge: choose a new path")
     data = [read_store(p) for p in paths]
+    shards: dict[tuple[int, int], Path] = {}
+    for path, d in zip(paths, data):  # a copy of one shard is not another shard
+        shard = d.provenance.get("shard")
+        if isinstance(shard, dict) and shard.get("count", 1) > 1:
+            key = (shard.get("index"), shard.get("count"))
+            if key in shards:
+                raise StoreError(f"{path} and {shards[key]} are both shard {key[0]}/{key[1]} of the run: a "
+                                 f"copy of one shard, not two shards; give each shard once")
+            shards[key] = path
     first = data[0]
     specs = {n: (first.arrays[n].shape[len(first.grid_shape):], first.arrays[n].dtype)
              for n in first.point_arrays}
