@@ -152,8 +152,9 @@ def _compressed_weights(directory: Path, config: dict[str, Any]
     try:
         with warnings.catch_warnings():  # "the model has a quantization_config": ours only dequantizes
             warnings.simplefilter("ignore", UserWarning)
-            model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
-                                                         quantization_config=CompressedTensorsConfig(dequantize=True))
+            model = AutoModelForCausalLM.from_pretrained(
+                str(directory), dtype=torch.float32, use_safetensors=True,  # never a pickle
+                quantization_config=CompressedTensorsConfig(dequantize=True))
     except (ValueError, OSError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"transformers (with compressed-tensors) cannot load {directory}: "
                               f"{err}") from None
