@@ -28,14 +28,30 @@ Above the package, ``analyses/`` composes these into the headline figures and th
 The names of the README's library example are importable from here.
 """
 
-from landscape.data import calibration_set, heldout_set
-from landscape.engine.basin import basin_radius
-from landscape.engine.directions import cosine, displacement_direction, random_direction
-from landscape.models import load_model
-from landscape.objectives import layer_mse, nll
-from landscape.quant import gptq, qaft, rtn
+import importlib
+
 from landscape.version import __version__
-from landscape.weights import Base
+
+# Imported on first use (PEP 562), so that ``import landscape`` (and the command's entry point,
+# landscape.start, which guards the heavy imports against Ctrl-C) does not load torch and transformers.
+_EXPORTS = {"calibration_set": "landscape.data", "heldout_set": "landscape.data",
+            "basin_radius": "landscape.engine.basin", "cosine": "landscape.engine.directions",
+            "displacement_direction": "landscape.engine.directions",
+            "random_direction": "landscape.engine.directions", "load_model": "landscape.models",
+            "layer_mse": "landscape.objectives", "nll": "landscape.objectives", "gptq": "landscape.quant",
+            "qaft": "landscape.quant", "rtn": "landscape.quant", "Base": "landscape.weights"}
 
 __all__ = ["Base", "__version__", "basin_radius", "calibration_set", "cosine", "displacement_direction",
            "gptq", "heldout_set", "layer_mse", "load_model", "nll", "qaft", "random_direction", "rtn"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'landscape' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

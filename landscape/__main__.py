@@ -2,6 +2,6 @@
 
 import sys
 
-from landscape.cli import main
+from landscape.start import main
 
 sys.exit(main())

@@ -1,12 +1,14 @@
 """Defects our own second probe found after the reliability work (issue #20's closing table), each reproduced:
 ``--max-memory`` accepted but not enforced by spectrum, compare and quantize; a copy of one shard merged as if
 it were a second shard; a zero given to the quantization-table script's sizes answered without the flag's
-name.
+name; Ctrl-C while the command imports torch and transformers answered with a traceback.
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from test_store_reliability import cli_run
 
 from analyses import quant_table
 from landscape.quant import rtn
+from landscape.start import INTERRUPTED_AT_START
 from landscape.store import ResultStore, StoreError, merge_stores, read_store, with_shard
 from landscape.weights import Base
 
@@ -66,3 +69,25 @@ def test_the_quant_table_script_names_a_zero_size(tmp_path, capsys, flag):
     err = capsys.readouterr().err
     assert f"argument {flag}: must be a positive integer, got 0" in err, err
     assert not (tmp_path / "qt").exists()
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
+    """A KeyboardInterrupt raised while transformers is imported (what Ctrl-C in the first second does)."""
+    code = ("import builtins, runpy\n_import = builtins.__import__\n"
+            "def interrupted(name, *args, **kwargs):\n"
+            "    if name == 'transformers':\n        raise KeyboardInterrupt\n"
+            "    return _import(name, *args, **kwargs)\n"
+            "builtins.__import__ = interrupted\nrunpy.run_module('landscape', run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", code, "scan", "m", "--out", str(tmp_path / "s.h5")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130 and done.stderr == INTERRUPTED_AT_START + "\n", done.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_importing_landscape_loads_no_torch_until_a_name_is_used():
+    code = ("import sys, landscape\nassert 'torch' not in sys.modules\n"
+            "from landscape import nll\n"
+            "assert 'torch' in sys.modules and nll.__module__ == 'landscape.objectives'\n"
+            "assert 'load_model' in dir(landscape)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
