@@ -96,7 +96,7 @@ class WorkEstimate:
     def describe(self) -> str:
         work = f", {self.forward_passes:,} forward passes over {self.tokens:,} tokens" if self.tokens else ""
         store = f" and a {human_bytes(self.store_bytes)} store" if self.store_bytes else ""
-        return (f"{self.what}: {self.points:,} points{work}, about {human_bytes(self.memory_bytes)} of "
+        return (f"{self.what}: {self.points:,} point{'s' * (self.points != 1)}{work}, about {human_bytes(self.memory_bytes)} of "
                 f"memory{store}")
 
     def check(self, limits: WorkLimits) -> None:

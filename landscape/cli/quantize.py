@@ -157,7 +157,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     state = 0.5 if args.method.startswith("gptq") else 0.0
     if finetune is not None:
         state = 3.0 if finetune.optimizer == "sgd" else 4.0
-    check_memory(lm, args, f"this {args.method} run", 1, 1 + state + ("lorc" in args.method),
+    steps = finetune.steps_for(args.calib_sequences) if finetune is not None else 1
+    check_memory(lm, args, f"this {args.method} run", steps, 1 + state + ("lorc" in args.method),
                  "--layers for fewer layers, or --optimizer sgd (one moment less)")
     # layer globs, format vs shapes, finite weights: before any data
     resolve_layers(lm.model, args.layers, args.fmt)
