@@ -96,8 +96,8 @@ class WorkEstimate:
     def describe(self) -> str:
         work = f", {self.forward_passes:,} forward passes over {self.tokens:,} tokens" if self.tokens else ""
         store = f" and a {human_bytes(self.store_bytes)} store" if self.store_bytes else ""
-        return (f"{self.what}: {self.points:,} point{'s' * (self.points != 1)}{work}, about {human_bytes(self.memory_bytes)} of "
-                f"memory{store}")
+        points = f"{self.points:,} point{'s' * (self.points != 1)}"
+        return f"{self.what}: {points}{work}, about {human_bytes(self.memory_bytes)} of memory{store}"
 
     def check(self, limits: WorkLimits) -> None:
         """Raise :class:`WorkTooLargeError` (with this estimate) above ``limits``."""
