@@ -120,6 +120,8 @@ def function_imports(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_imports_sit_at_the_top_of_modules(name):
+    if "marimo.App(" in MODULES[name].read_text(encoding="utf-8"):
+        pytest.skip("a marimo notebook: each cell is a function that imports what it uses, by design")
     assert function_imports(MODULES[name]) == []
 
 
