@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +54,18 @@ def tiny_model(arch: str = "gpt2", dtype: torch.dtype = torch.float32, seed: int
     else:
         raise ValueError(arch)
     return prepare_model(model).to(dtype)
+
+
+def saved_tiny_llama(directory: Path, arch: str = "llama") -> Path:
+    """A tiny model of ``arch`` with a byte-level BPE tokenizer (trained on 200 wiki documents) saved into
+    ``directory`` as ``save_pretrained`` writes a user's checkpoint; returns ``directory``."""
+    from landscape.data import wiki_documents
+    from landscape.refmodel import train_tokenizer
+
+    tokenizer = train_tokenizer(wiki_documents("train")[:200], vocab_size=256)
+    tiny_model(arch, vocab=len(tokenizer)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 def random_tokens(n: int = 6, seq_len: int = 16, seed: int = 0, vocab: int = VOCAB) -> TokenSet:

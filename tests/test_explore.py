@@ -9,13 +9,11 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import tiny_model
+from conftest import saved_tiny_llama
 
-from landscape import data as D
 from landscape.cli import main as cli_main
 from landscape.models import load_model
 from landscape.plots.stores import store_figure
-from landscape.refmodel import train_tokenizer
 from landscape.store import read_store
 from landscape.studies.quant_table import Protocol, quant_table_rows, run_quant_table
 
@@ -26,10 +24,7 @@ SMALL = ["--segments", "2", "--seq-len", "16", "--no-progress"]
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("explore")
-    tokenizer = train_tokenizer(D.wiki_documents("train")[:200], vocab_size=256)
-    model = root / "my-llama"
-    tiny_model("llama", vocab=len(tokenizer)).save_pretrained(model)
-    tokenizer.save_pretrained(model)
+    model = saved_tiny_llama(root / "my-llama")
     stores = root / "figures" / "data"
     assert cli_main(["scan", str(model), "--kind", "filter", "--grid", "-1:1:5", *SMALL,
                      "--out", str(stores / "scan.h5")]) == 0

@@ -10,26 +10,20 @@ import json
 
 import pytest
 import torch
-from conftest import random_tokens, tiny_model
+from conftest import random_tokens, saved_tiny_llama, tiny_model
 from transformers import AutoModelForCausalLM
 
-from landscape import data as D
 from landscape.cli import main as cli_main
 from landscape.interop import import_checkpoint
 from landscape.models import load_model
 from landscape.objectives import nll
 from landscape.quant import gptq, rtn
-from landscape.refmodel import train_tokenizer
 from landscape.weights import Base, swapped_weights
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("export") / "my-llama"
-    tokenizer = train_tokenizer(D.wiki_documents("train")[:200], vocab_size=256)
-    tiny_model("llama", vocab=len(tokenizer)).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return saved_tiny_llama(tmp_path_factory.mktemp("export") / "my-llama")
 
 
 @pytest.mark.parametrize("method, fmt", [("rtn", "int4-g16"), ("gptq", "int3"), ("rtn", "int4-g16-sym"),

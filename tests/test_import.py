@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import saved_tiny_llama, tiny_model
 from safetensors.torch import save_file
 
-from landscape import data as D
 from landscape.cli import main as cli_main
 from landscape.engine.directions import displacement_direction
 from landscape.interop import import_checkpoint
@@ -26,7 +25,6 @@ from landscape.interop.gptq_packed import CheckpointError, unpack_rows
 from landscape.quant import rtn
 from landscape.quant.formats import make_grid
 from landscape.quant.result import QuantResult
-from landscape.refmodel import train_tokenizer
 from landscape.weights import Base, quantizable_layers, weight_matrix
 
 
@@ -177,11 +175,7 @@ def test_a_checkpoint_of_another_base_is_refused_with_both_fingerprints(tmp_path
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny Llama directory with a tokenizer, as ``save_pretrained`` writes it."""
-    directory = tmp_path_factory.mktemp("import") / "my-llama"
-    tokenizer = train_tokenizer(D.wiki_documents("train")[:200], vocab_size=256)
-    tiny_model("llama", vocab=len(tokenizer)).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return saved_tiny_llama(tmp_path_factory.mktemp("import") / "my-llama")
 
 
 def packed_from(model, bits=4, group=16) -> dict:

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import tiny_model
+from conftest import saved_tiny_llama
 
-from landscape import data as D
 from landscape.cli import main as cli_main
 from landscape.plots.stores import store_figure
-from landscape.refmodel import train_tokenizer
 from landscape.store import read_store
 
 pytestmark = pytest.mark.filterwarnings("ignore::landscape.curvature.ConvergenceWarning")
@@ -20,10 +18,7 @@ SMALL = ["--segments", "2", "--seq-len", "16", "--no-progress"]
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("show")
-    tokenizer = train_tokenizer(D.wiki_documents("train")[:200], vocab_size=256)
-    model = root / "my-llama"
-    tiny_model("llama", vocab=len(tokenizer)).save_pretrained(model)
-    tokenizer.save_pretrained(model)
+    model = saved_tiny_llama(root / "my-llama")
     runs = {"scan1": ["scan", str(model), "--kind", "filter", "--grid", "-1:1:5", *SMALL],
             "scan2": ["scan", str(model), "--kind", "filter", "--grid", "-1:1:3", "--kind2", "filter",
                       "--seed2", "1", "--grid2", "-1:1:3", *SMALL],
