@@ -48,7 +48,7 @@ from bench.common import (
     random_token_set,
 )
 from landscape.data import TokenSet
-from landscape.quant.capture import capture_block_inputs, quantize_block_by_block, run_block
+from landscape.quant.capture import capture_block_inputs, per_layer, quantize_block_by_block, run_block
 from landscape.quant.formats import Grid, QuantFormat, make_grid, parse_format
 from landscape.quant.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, gptq, gptq_layer
 from landscape.weights import decoder_blocks, quantizable_layers, weight_matrix
@@ -111,7 +111,7 @@ def reference_gptq_model(model: nn.Module, calib: TokenSet, fmt: QuantFormat | s
     def solve(name: str, w0: torch.Tensor, hessian: torch.Tensor):
         return reference_gptq_layer(w0, hessian, make_grid(w0, fmt, name), damp, act_order), None
 
-    solved = quantize_block_by_block(model, calib, list(quantizable_layers(model)), solve,
+    solved = quantize_block_by_block(model, calib, list(quantizable_layers(model)), per_layer(solve),
                                      batch_size=batch_size, compute_dtype=hessian_dtype, progress=False)
     return {name: s.weight for name, s in solved.items()}
 

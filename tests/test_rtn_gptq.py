@@ -20,7 +20,13 @@ from landscape.quant import (
     make_grid,
     rtn,
 )
-from landscape.quant.capture import capture_block_inputs, input_groups, quantize_block_by_block, run_block
+from landscape.quant.capture import (
+    capture_block_inputs,
+    input_groups,
+    per_layer,
+    quantize_block_by_block,
+    run_block,
+)
 from landscape.quant.gptq import inverse_cholesky_upper
 from landscape.weights import Base, decoder_blocks, layer_weights, quantizable_layers
 
@@ -399,7 +405,7 @@ def test_model_is_restored_when_a_solver_fails_midway():
         return w + 1.0, None
 
     with pytest.raises(RuntimeError, match="solver failed"):
-        quantize_block_by_block(model, calib, names, failing_solver, progress=False)
+        quantize_block_by_block(model, calib, names, per_layer(failing_solver), progress=False)
     assert len(solved) == 5
     assert all(torch.equal(w0[n], w) for n, w in layer_weights(model).items())
 
@@ -543,7 +549,8 @@ def test_earlier_blocks_are_back_at_w0_while_a_later_block_is_solved(sequential)
         checked.append(all(torch.equal(now[n], w0[n]) for n in earlier))
         return torch.round(w * 4) / 4, None
 
-    solved = quantize_block_by_block(model, calib, names, solver, sequential=sequential, progress=False)
+    solved = quantize_block_by_block(model, calib, names, per_layer(solver), sequential=sequential,
+                                     progress=False)
     assert len(checked) == len(names) and all(checked) and max(block_of.values()) >= 1
     assert all(torch.equal(solved[n].weight, torch.round(w0[n] * 4) / 4) for n in names)
     assert all(torch.equal(w0[n], w) for n, w in layer_weights(model).items())

@@ -17,7 +17,7 @@ from landscape.quant.activations import (
     quantized_activations,
 )
 from landscape.quant.formats import FormatError, Grid, QuantFormat, make_grid, parse_format, sqnr_db
-from landscape.quant.gptq import CholeskyError, GPTQLayerInfo, GPTQSettings, gptq, gptq_layer
+from landscape.quant.gptq import CholeskyError, GPTQLayerInfo, GPTQSettings, gptq, gptq_group, gptq_layer
 from landscape.quant.llm_qat import LLM_QAT_SETTINGS, GenerationSettings, generate_training_text, llm_qat
 from landscape.quant.lorc import lorc
 from landscape.quant.lr_selection import LearningRateSweepSettings, select_learning_rate
@@ -52,7 +52,7 @@ __all__ = ["LLM_QAT_SETTINGS", "METHODS", "QUANT_TABLE_METHODS", "ActivationQuan
            "GPTQSettings", "GenerationSettings", "Grid", "LearningRateSweep", "LearningRateSweepSettings",
            "Method", "QAFTError", "QuantFormat", "QuantJob", "QuantResult", "ResultExistsError",
            "ResultFileError", "ResultIntegrityError", "ResultMismatchError", "ResultOffGridError",
-           "UnknownMethodError", "fake_quant_activations", "fp_finetune",
-           "generate_training_text", "gptq", "gptq_layer", "kv_projections", "llm_qat", "lorc", "make_grid",
+           "UnknownMethodError", "fake_quant_activations", "fp_finetune", "generate_training_text", "gptq",
+           "gptq_group", "gptq_layer", "kv_projections", "llm_qat", "lorc", "make_grid",
            "paired_control", "parse_bit_setting", "parse_format", "qaft", "quantized_activations", "rtn",
            "run_method", "select_learning_rate", "sqnr_db"]

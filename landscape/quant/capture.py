@@ -287,6 +287,19 @@ LayerSolver = Callable[[str, torch.Tensor, torch.Tensor], tuple[torch.Tensor, An
 """``solve(name, w0, hessian) -> (w_q, info)``: quantize one layer's ``(out, in)`` weight given its
 Hessian."""
 
+GroupSolver = Callable[[list[str], list[torch.Tensor], torch.Tensor], list[tuple[torch.Tensor, Any]]]
+"""``solve(names, w0s, hessian) -> [(w_q, info), ...]``: quantize the layers of one input group (layers that
+read the same input tensor, such as q/k/v or gate/up, and so share one Hessian), one result per layer in the
+order given. A solver whose rows are independent given ``H`` (GPTQ) solves the group as one problem."""
+
+
+def per_layer(solve: LayerSolver) -> GroupSolver:
+    """A :data:`GroupSolver` that solves each layer of a group on its own with ``solve``."""
+    def solve_group(names: list[str], w0s: list[torch.Tensor], hessian: torch.Tensor):
+        return [solve(name, w0, hessian) for name, w0 in zip(names, w0s)]
+
+    return solve_group
+
 
 @dataclass(frozen=True)
 class SolvedLayer:
@@ -310,7 +323,7 @@ def quantize_block_by_block(
     model: nn.Module,
     calib: TokenSet,
     names: Sequence[str],
-    solve: LayerSolver,
+    solve: GroupSolver,
     *,
     sequential: bool = True,
     true_sequential: bool = True,
@@ -326,17 +339,19 @@ def quantize_block_by_block(
 
     Args:
         names: layers to quantize (already validated, e.g. by :func:`resolve_layers`).
-        solve: the layer solver, called once per layer in forward order.
+        solve: the solver, called once per input group (layers reading the same tensor, see
+            :func:`input_groups`) in forward order with the group's one Hessian; wrap a one-layer solver
+            with :func:`per_layer`.
         sequential: each block's inputs come from the model whose earlier blocks are already
             quantized (GPTQ's default). ``False``: every layer sees the full-precision model's inputs.
-        true_sequential: with ``sequential``, layers inside a block are solved group by group (layers
-            reading the same tensor form a group, see :func:`input_groups`), and each group's inputs
-            are recaptured after the earlier groups are quantized. Ignored when ``sequential=False``.
+        true_sequential: with ``sequential``, a block's input groups are solved in order and each group's
+            inputs are recaptured after the earlier groups are quantized. Ignored when ``sequential=False``.
         compute_dtype: dtype of the Hessians handed to ``solve``.
 
     Returns:
-        layer name -> :class:`SolvedLayer`, in forward order. The model's weights are restored to w0
-        bit-exactly before returning (and on any exception).
+        layer name -> :class:`SolvedLayer`, in forward order (a group's solver seconds are shared among its
+        layers in proportion to their rows). The model's weights are restored to w0 bit-exactly before
+        returning (and on any exception).
     """
     check_compute_dtype(compute_dtype)
     modules = quantizable_layers(model)
@@ -355,15 +370,22 @@ def quantize_block_by_block(
     solved: dict[str, SolvedLayer] = {}
     bar = _progress(len(names), progress)
 
-    def solve_and_install(name: str, w0: torch.Tensor, hessian: torch.Tensor) -> None:
+    def solve_and_install(group: list[str], w0: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor]):
+        hessian = hessians[group[0]]
+        if any(hessians[n] is not hessian for n in group):  # input_groups and run_block disagree
+            raise RuntimeError(f"layers {group} were grouped as reading one input but got different Hessians")
         t0 = time.perf_counter()
-        w_q, info = solve(name, w0, hessian)
+        results = solve(group, [w0[n] for n in group], hessian)
         seconds = time.perf_counter() - t0
-        target = weight_matrix(modules[name]).detach()
-        target.copy_(w_q)  # later layers (sequential) see this layer quantized
-        installed = target.clone(memory_format=torch.contiguous_format)
-        solved[name] = SolvedLayer(installed, info, output_mse(installed - w0, hessian), seconds)
-        bar.update(1)
+        rows = sum(w0[n].shape[0] for n in group)
+        for name, (w_q, info) in zip(group, results, strict=True):
+            target = weight_matrix(modules[name]).detach()
+            target.copy_(w_q)  # later layers (sequential) see this layer quantized
+            installed = target.clone(memory_format=torch.contiguous_format)
+            solved[name] = SolvedLayer(installed, info, output_mse(installed - w0[name], hessian),
+                                       seconds * w0[name].shape[0] / rows)
+            hessians.pop(name)
+        bar.update(len(group))
 
     try:
         for index in range(last_block + 1):
@@ -372,20 +394,25 @@ def quantize_block_by_block(
             # One block's w0 aside at a time: once its outputs (the next block's inputs) are computed, the
             # block goes back to w0, bit-exactly, also on an exception.
             with restored_on_exit(model, list(layers)) as w0:
-                if layers and sequential:
-                    groups = input_groups(block, layers, calls[0]) if true_sequential else [list(layers)]
+                groups = input_groups(block, layers, calls[0]) if layers else []
+                if layers and sequential and true_sequential:
                     for group in groups:
                         _, hessians = run_block(block, calls, {n: layers[n] for n in group}, compute_dtype,
                                                 keep_outputs=False)
-                        for name in group:
-                            solve_and_install(name, w0[name], hessians.pop(name))
+                        solve_and_install(group, w0, hessians)
+                    if index < last_block:
+                        calls, _ = run_block(block, calls)
+                elif layers and sequential:  # every group on the inputs of the block's w0, then the outputs
+                    _, hessians = run_block(block, calls, layers, compute_dtype, keep_outputs=False)
+                    for group in groups:
+                        solve_and_install(group, w0, hessians)
                     if index < last_block:
                         calls, _ = run_block(block, calls)
                 else:  # inputs and outputs of the full-precision block, in one pass
                     calls, hessians = run_block(block, calls, layers, compute_dtype,
                                                 keep_outputs=index < last_block)
-                    for name in layers:
-                        solve_and_install(name, w0[name], hessians.pop(name))
+                    for group in groups:
+                        solve_and_install(group, w0, hessians)
     finally:
         bar.close()
     return {n: solved[n] for n in names}

@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -246,6 +246,20 @@ class Grid:
 
     def to(self, *args, **kwargs) -> "Grid":
         return Grid(self.fmt, self.scale.to(*args, **kwargs), self.zero.to(*args, **kwargs), self.group_size)
+
+    @staticmethod
+    def stack_rows(grids: Sequence[Grid]) -> Grid:
+        """The grid of the matrices of ``grids`` stacked along their rows (``torch.cat(ws, 0)``): each row
+        keeps its own scale and zero point. The grids must share the format and the group size (same
+        ``in``); a per-tensor grid's scale is already stored per row, so it stacks too."""
+        first = grids[0]
+        for g in grids[1:]:
+            if (g.fmt, g.group_size, g.shape[1]) != (first.fmt, first.group_size, first.shape[1]):
+                raise ValueError(f"cannot stack grids of formats {first.fmt.name} (group {first.group_size}, "
+                                 f"shape {first.shape}) and {g.fmt.name} (group {g.group_size}, "
+                                 f"shape {g.shape})")
+        return Grid(first.fmt, torch.cat([g.scale for g in grids]), torch.cat([g.zero for g in grids]),
+                    first.group_size)
 
 
 def make_grid(w: torch.Tensor, fmt: QuantFormat | str, name: str = "weight") -> Grid:

@@ -218,7 +218,6 @@ def gptq_layer(
     damp, block_size, act_order = settings.damp, settings.block_size, settings.act_order
     compute_dtype = settings.compute_dtype
     n_in = w.shape[1]
-    W = w.detach().to(compute_dtype).clone()  # (out, in), updated in place by the error feedback
     diagonal = hessian.detach().diagonal().to(device=w.device, dtype=compute_dtype).clone()
     dead = diagonal == 0
     diagonal[dead] = 1.0
@@ -226,7 +225,6 @@ def gptq_layer(
         perm = torch.argsort(diagonal, descending=True, stable=True)
     else:
         perm = torch.arange(n_in, device=w.device)
-    W = W[:, perm]
 
     def permuted_hessian() -> torch.Tensor:
         """H in the compute dtype, dead inputs' diagonal set to 1, rows and columns in processing order."""
@@ -238,26 +236,54 @@ def gptq_layer(
     # U: (in, in), upper triangular; the permuted H is handed over whole and let go once factorised
     U, damp_used, lam, escalations = inverse_cholesky_upper(
         permuted_hessian(), damp, settings.max_escalations, name, rebuild=permuted_hessian)
+    # Columns are rows of the transposed matrices below, so every per-column step reads and writes contiguous
+    # memory (a column of an (out, in) row-major matrix is strided: one cache line per entry).
+    WT = w.detach().T.to(compute_dtype)[perm].contiguous()  # (in, out): processing order, error-fed as we go
     # Each column's grid scale and zero point, in the processing order (a column keeps its own group's).
-    scale, zero = grid.per_column(grid.scale).to(W)[:, perm], grid.per_column(grid.zero).to(W)[:, perm]
+    scale = grid.per_column(grid.scale).to(WT).T[perm].contiguous()  # (in, out)
+    zero = grid.per_column(grid.zero).to(WT).T[perm].contiguous()  # (in, out)
 
-    Q = torch.empty_like(W)
+    QT = torch.empty_like(WT)  # (in, out)
     for i1 in range(0, n_in, block_size):
         i2 = min(i1 + block_size, n_in)
-        W1 = W[:, i1:i2]  # (out, b) view: the block's columns, error-fed as we go
+        W1 = WT[i1:i2]  # (b, out) view: the block's columns, error-fed as we go
         E1 = torch.empty_like(W1)  # scaled rounding errors (w_j - q_j) / U_jj
         for j in range(i2 - i1):
-            w_j = W1[:, j : j + 1]  # (out, 1)
-            q_j = grid.round_on(w_j, scale[:, i1 + j : i1 + j + 1], zero[:, i1 + j : i1 + j + 1])
-            Q[:, i1 + j : i1 + j + 1] = q_j
-            E1[:, j : j + 1] = (w_j - q_j) / U[i1 + j, i1 + j]
-            W1[:, j + 1 :] -= E1[:, j : j + 1] @ U[i1 + j : i1 + j + 1, i1 + j + 1 : i2]
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy batch update of every later column
+            w_j = W1[j]  # (out,)
+            q_j = grid.round_on(w_j, scale[i1 + j], zero[i1 + j])
+            QT[i1 + j] = q_j
+            E1[j] = (w_j - q_j) / U[i1 + j, i1 + j]
+            W1[j + 1 :] -= U[i1 + j, i1 + j + 1 : i2, None] * E1[j]  # (b - j - 1, out) rank-1 update
+        WT[i2:] -= U[i1:i2, i2:].T @ E1  # lazy batch update of every later column
 
-    w_q = torch.empty_like(Q)
-    w_q[:, perm] = Q  # undo the act-order permutation
+    w_q = torch.empty(w.shape, dtype=QT.dtype, device=QT.device)  # (out, in)
+    w_q[:, perm] = QT.T  # undo the act-order permutation
     info = GPTQLayerInfo(damp_used, lam, escalations, int(dead.sum()), act_order, block_size)
     return w_q.to(w.dtype), info
+
+
+def gptq_group(
+    ws: list[torch.Tensor],
+    hessian: torch.Tensor,
+    grids: list[Grid],
+    settings: GPTQSettings = GPTQSettings(),
+    *,
+    names: list[str] | None = None,
+) -> list[tuple[torch.Tensor, GPTQLayerInfo]]:
+    """GPTQ on layers that read the same input (q/k/v, gate/up): one problem, their rows stacked.
+
+    GPTQ's rows are independent given ``H``: the act-order permutation, the damping and the Cholesky factor
+    depend on ``H`` alone, and each row's error feedback stays in its row. So the stacked problem gives every
+    layer exactly what :func:`gptq_layer` gives it alone, with one factorisation and one column loop for the
+    group instead of one per layer. Returns ``(w_q, info)`` per layer, in the order given.
+    """
+    names = names or [f"layer {i}" for i in range(len(ws))]
+    if len(ws) == 1:
+        return [gptq_layer(ws[0], hessian, grids[0], settings, name=names[0])]
+    for w, grid, name in zip(ws, grids, names, strict=True):
+        _check_layer_problem(w, hessian, grid, name)
+    w_q, info = gptq_layer(torch.cat(ws), hessian, Grid.stack_rows(grids), settings, name=" + ".join(names))
+    return [(part, info) for part in w_q.split([w.shape[0] for w in ws])]
 
 
 def gptq(
@@ -275,7 +301,8 @@ def gptq(
     Every argument is validated (format against every layer's shape, finite weights, token ids, solver
     settings) before any forward pass. Blocks are processed in order (see
     :func:`landscape.quant.capture.quantize_block_by_block` for ``settings.sequential`` and
-    ``settings.true_sequential``); each layer's grid is ``make_grid(w0, fmt)``. The model is left with its
+    ``settings.true_sequential``); layers that read one input (q/k/v, gate/up) are solved together
+    (:func:`gptq_group`); each layer's grid is ``make_grid(w0, fmt)``. The model is left with its
     weights w0 (bit-exact).
 
     Args:
@@ -302,8 +329,9 @@ def gptq(
 
     start = time.perf_counter()
 
-    def solve(name: str, w0: torch.Tensor, hessian: torch.Tensor):
-        return gptq_layer(w0, hessian, make_grid(w0, fmt, name), settings, name=name)
+    def solve(group: list[str], w0s: list[torch.Tensor], hessian: torch.Tensor):
+        grids = [make_grid(w0, fmt, name) for name, w0 in zip(group, w0s)]
+        return gptq_group(w0s, hessian, grids, settings, names=group)
 
     solved = quantize_block_by_block(base.model, calib, names, solve, sequential=settings.sequential,
                                      true_sequential=settings.true_sequential, batch_size=batch_size,
