@@ -52,18 +52,24 @@ def _(mo, models, quant_table_rows, stores):
     fmt = mo.ui.dropdown(formats, value=formats[0] if formats else None, label="format")
     method = mo.ui.dropdown(["(all)", *methods], value="(all)", label="method")
     mo.hstack([model, fmt, method])
-    return fmt, method, model, rows
+    return fmt, method, model, rows, tables
 
 
 @app.cell
-def _(fmt, method, mo, model, rows):
+def _(fmt, method, mo, model, rows, tables):
     selected_rows = [
         {"label": r["label"], "NLL (in-domain)": next(iter(r["nll"].values())),
          "||w_q - w0||": r["displacement_norm"], "layer MSE": r["layer_mse_sum"],
          "bits/weight": r["bits_per_weight"]}
         for r in rows if r["model"] == model.value and r["format"] in (fmt.value, "")
         and (method.value == "(all)" or r["method"] in (method.value, "fp32"))]
-    mo.ui.table(selected_rows, label=f"quantization tables of {model.value} at {fmt.value}")
+    conventions = sorted({f"{p['eval_segments']} x {p['eval_seq_len']} held-out tokens per corpus"
+                          for p in (d.provenance["protocol"] for d in tables.values())
+                          if p.get("model") == model.value})
+    mo.ui.table(selected_rows, format_mapping={"NLL (in-domain)": "{:.4f}", "||w_q - w0||": "{:.4g}",
+                                               "layer MSE": "{:.4g}", "bits/weight": "{:.3f}"},
+                label=f"quantization tables of {model.value} at {fmt.value} (NLL: token-mean nats per scored "
+                      f"token, {'; '.join(conventions)})")
     return (selected_rows,)
 
 

@@ -42,7 +42,7 @@ def test_the_summary_says_what_the_store_holds(stores, capsys):
         assert out.startswith(f"{path.name}: {kind} store, {data.done.sum()} of {data.done.size} points done")
         for array in data.arrays:
             assert array in out, (name, array)
-        assert "NLL      NLL: token-mean nats per scored token" in out, name
+        assert "NLL      token-mean nats per scored token" in out, name
         assert not (path.parent / f"{path.stem}.h5.html").exists()
 
 

@@ -1,7 +1,8 @@
 """Our QAFT against torchao's quantization-aware training on SmolLM2-135M, matched (``make peers``).
 
-Runs in ``bench/peers/.venv`` (torchao's pins are not ours). Both start from RTN's lattice point (our QAFT's
-start), train the same 210 decoder linears on the same 128 calibration sequences in the same batches (seed 0),
+Runs in ``bench/peers/.venv`` (torchao's pins are not ours). Both start with latent weights at w0 (so the
+first forward pass of each is the RTN model, and every weight keeps its distance to its rounding boundary),
+train the same 210 decoder linears on the same 128 calibration sequences in the same batches (seed 0),
 with AdamW (betas 0.9/0.999, eps 1e-8, no weight decay), the same peak rate, linear-warm-up-free cosine
 schedule and step count, token-mean NLL, micro-batches of one sequence; torchao fake-quantizes through its
 ``QATConfig(weight_config=IntxFakeQuantizeConfig(intN, per channel, asymmetric, is_dynamic=False))`` with
@@ -49,20 +50,20 @@ SETTINGS = FinetuneSettings(lr=3e-4, epochs=1.0, batch_size=4, seed=0, micro_bat
 
 
 def torchao_qat(model, calib, fmt: str, start: dict[str, torch.Tensor]
-                ) -> tuple[dict[str, torch.Tensor], float]:
-    """torchao's QAT of ``model`` (a copy is trained) from ``start`` on our grid; its final lattice points."""
+                ) -> tuple[dict[str, torch.Tensor], float, float]:
+    """torchao's QAT of ``model`` (a copy is trained, latent weights from w0) on our grid; its final lattice
+    points, seconds, and the fraction of weights whose first fake-quantized value is not RTN's (``start``):
+    near-ties only, since it multiplies by 1/scale where we divide by the scale (over 0.1 % is an error)."""
     q = parse_format(fmt)
     student = copy.deepcopy(model)
     names = list(start)
     for p in student.parameters():
         p.requires_grad_(False)
-    with torch.no_grad():
-        for name in names:
-            weight_matrix(get_layer(student, name)).copy_(start[name])
     config = IntxFakeQuantizeConfig(INT_DTYPES[q.bits], "per_channel", is_symmetric=False, is_dynamic=False)
     quantize_(student, QATConfig(weight_config=config, step="prepare"),
               filter_fn=lambda module, fqn: fqn in names)
     offset = 2 ** (q.bits - 1)
+    first_differences = total = 0
     for name in names:
         layer = get_layer(student, name)
         assert isinstance(layer, FakeQuantizedLinear), (name, type(layer))
@@ -72,6 +73,13 @@ def torchao_qat(model, calib, fmt: str, start: dict[str, torch.Tensor]
         fq.scale = grid.scale.reshape(fq.scale.shape).to(fq.scale.dtype).clone()
         fq.zero_point = (grid.zero - offset).reshape(fq.zero_point.shape).to(fq.zero_point.dtype).clone()
         layer.weight.requires_grad_(True)
+        with torch.no_grad():  # the same lattice as ours: its first forward is RTN's model, up to near-ties
+            first = fq(layer.weight)  # (it multiplies by 1/scale where we divide by the scale)
+        first_differences += int((first != start[name]).sum())
+        total += first.numel()
+    if first_differences > total // 1000:
+        raise RuntimeError(f"torchao's first fake-quantized weights differ from RTN's in {first_differences} "
+                           f"of {total} entries: the injected grid is not ours")
     params = [get_layer(student, n).weight for n in names]
     optimizer = torch.optim.AdamW(params, lr=SETTINGS.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=0.0)
     steps = SETTINGS.steps_for(calib.n_segments)
@@ -92,7 +100,7 @@ def torchao_qat(model, calib, fmt: str, start: dict[str, torch.Tensor]
     with torch.no_grad():
         final = {n: get_layer(student, n).weight_fake_quantizer(get_layer(student, n).weight).detach().clone()
                  for n in names}
-    return final, seconds
+    return final, seconds, first_differences / total
 
 
 def compare_format(lm, calib, held, fmt: str) -> dict:
@@ -101,7 +109,7 @@ def compare_format(lm, calib, held, fmt: str) -> dict:
     t0 = time.perf_counter()
     ours = qaft(base, calib, fmt, SETTINGS, progress=False)
     ours_s = time.perf_counter() - t0
-    theirs, theirs_s = torchao_qat(lm.model, calib, fmt, start)
+    theirs, theirs_s, first_differences = torchao_qat(lm.model, calib, fmt, start)
     w0 = {n: weight_matrix(m).detach() for n, m in quantizable_layers(lm.model).items() if n in start}
     results = {}
     for label, weights in (("ours", ours.weights), ("torchao", theirs), ("rtn", start)):
@@ -116,7 +124,7 @@ def compare_format(lm, calib, held, fmt: str) -> dict:
     total = sum(w.numel() for w in w0.values())
     return {"format": fmt, "nll_rtn": results["rtn"].value, "nll_ours": b.value, "nll_torchao": a.value,
             "difference": {"value": gap.value, "low": gap.low, "high": gap.high},
-            "identical_lattice_points": same / total,
+            "identical_lattice_points": same / total, "first_forward_not_rtn": first_differences,
             "cosine": float(torch.nn.functional.cosine_similarity(d_ours, d_theirs, dim=0)),
             "seconds_ours": ours_s, "seconds_torchao": theirs_s,
             "steps": SETTINGS.steps_for(calib.n_segments)}

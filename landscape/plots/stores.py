@@ -38,7 +38,7 @@ def store_summary(data: StoreData, name: str = "store") -> str:
         lines.append(f"model    {model} ({p.get('dtype', '?')} on {p.get('device', '?')})")
     convention = nll_convention_sentence(p.get("nll_convention"))
     if convention:
-        lines.append(f"NLL      {convention}")
+        lines.append(f"NLL      {convention.removeprefix('NLL: ')}")
     for key in ("created", "landscape_version", "torch_threads"):
         if key in p:
             lines.append(f"{key:<8} {p[key]}")
@@ -115,7 +115,7 @@ def _radius(data: StoreData) -> go.Figure:
         fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=f"direction {i}"), row=1, col=2)
     fig.add_hline(y=float(data.arrays["level"]), line={"dash": "dot"}, row=1, col=2,
                   annotation_text="level (NLL(w0) + threshold)")
-    fig.update_xaxes(title_text="direction", row=1, col=1)
+    fig.update_xaxes(title_text="direction", dtick=1, row=1, col=1)
     fig.update_yaxes(title_text="radius", row=1, col=1)
     fig.update_xaxes(title_text="radius (Euclidean norm of the displacement)", row=1, col=2)
     fig.update_yaxes(title_text=data.provenance.get("value_name", "value"), row=1, col=2)
