@@ -8,8 +8,10 @@ import pytest
 from conftest import saved_tiny_llama
 
 from landscape.cli import main as cli_main
+from landscape.models import load_model
 from landscape.plots.stores import store_figure
 from landscape.store import read_store
+from landscape.studies.quant_table import Protocol, run_quant_table
 
 pytestmark = pytest.mark.filterwarnings("ignore::landscape.curvature.ConvergenceWarning")
 SMALL = ["--segments", "2", "--seq-len", "16", "--no-progress"]
@@ -29,6 +31,9 @@ def stores(tmp_path_factory):
     for name, argv in runs.items():
         paths[name] = root / f"{name}.h5"
         assert cli_main([*argv, "--out", str(paths[name])]) == 0, name
+    protocol = Protocol(model=str(model), calib_sequences=4, calib_seq_len=16, eval_corpora=("wiki",),
+                        eval_seq_len=16, eval_segments=2, formats=("int4",), methods=("rtn",))
+    paths["table"] = run_quant_table(protocol, root / "table", progress=False, lm=load_model(str(model)))
     return paths
 
 
@@ -72,6 +77,10 @@ def test_the_pages_draw_the_stores_numbers(stores, capsys):
     page = stores["radius"].with_name("radius.h5.html")
     assert page.exists() and (page.parent / "plotly.min.js").exists()
     assert "radius.h5: basin_radius" in page.read_text()
+    assert cli_main(["show", str(stores["table"])]) == 0  # a quantization table: its convention is a sentence
+    assert "quant_table.h5: quant_table" in stores["table"].with_name("quant_table.h5.html").read_text()
+    table_page = store_figure(read_store(stores["table"]))
+    assert [a.name for a in table_page.layout.annotations].count("caption") == 1  # one caption, no overlap
 
 
 def test_a_file_that_is_not_a_store_is_one_error_line(tmp_path, capsys):

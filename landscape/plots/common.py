@@ -177,10 +177,13 @@ def table_convention(provenance: Mapping[str, Any]) -> str:
             f"batches of {p['qaft_batch_size']}; LoRC rank {p['lorc_rank']}.")
 
 
-def nll_convention_sentence(convention: Mapping[str, Any] | None) -> str:
-    """An :class:`~landscape.objectives.NLLConvention` dict in words."""
+def nll_convention_sentence(convention: Mapping[str, Any] | str | None) -> str:
+    """An :class:`~landscape.objectives.NLLConvention` dict in words (a store that records its convention as
+    a sentence, such as a quantization table whose corpora each have their own windows, gives it as is)."""
     if not convention:
         return ""
+    if isinstance(convention, str):
+        return f"NLL: {convention.removeprefix('NLL: ')}"
     c = convention
     return (f"NLL: token-mean nats per scored token on {corpus_label(c['corpus'])}/{c['split']} "
             f"{c['n_segments']} × {c['seq_len']} tokens (stride {c['stride']}, {c['n_tokens']:,} scored "

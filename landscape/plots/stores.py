@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from landscape.curvature import read_curvature
-from landscape.plots.common import add_caption, nll_convention_sentence
+from landscape.plots.common import add_caption, caption_of, nll_convention_sentence
 from landscape.plots.quantization import nll_vs_bits
 from landscape.store import StoreData
 
@@ -68,6 +68,8 @@ def store_figure(data: StoreData, name: str = "store") -> go.Figure:
         fig = _arrays_table(data)
     done = f"{int(np.sum(data.done))} of {np.size(data.done)} points"
     fig.update_layout(title=f"{name}: {kind or 'store'} ({done})", template="plotly_white")
+    if caption_of(fig):  # a study's own figure (a quantization table) already states its convention
+        return fig
     return add_caption(fig, [nll_convention_sentence(data.provenance.get("nll_convention")) or
                              "Every number on this page is read from the store."])
 
