@@ -38,7 +38,8 @@ from landscape.cli.common import (
     work_limits,
 )
 from landscape.cluster import shard_report
-from landscape.engine.basin import BasinStatistics, RadiusSearch, basin_statistics
+from landscape.curvature import Curvature
+from landscape.engine.basin import BasinStatistics, RadiusSearch, basin_statistics, eigenvector_directions
 from landscape.engine.directions import (
     DirectionSpec,
     check_spec,
@@ -187,6 +188,17 @@ def radius_arguments(p: argparse.ArgumentParser) -> None:
                    help="also the radial profile at these radii, in fractions of ||w0||, START:STOP:COUNT")
     p.add_argument("--quantized", action="append", default=[],
                    help="saved QuantResult whose displacement norm is reported beside R (repeatable)")
+    worst = p.add_argument_group("worst-case basin", "R also along special directions, with the same "
+                                 "threshold: the basin's narrowest side against the random (most-case) R")
+    worst.add_argument("--along-quantized", action="store_true",
+                       help="also R along each --quantized result's normalised displacement")
+    worst.add_argument("--eigenvectors", type=int, default=0,
+                       help="also R along both signs of the top K Hessian eigenvectors (Lanczos on the "
+                            "first --hessian-segments held-out segments; default 0: none)")
+    worst.add_argument("--hessian-segments", type=int, default=2,
+                       help="held-out segments for the Hessian of --eigenvectors (default 2)")
+    worst.add_argument("--lanczos-steps", type=int, default=None,
+                       help="Lanczos steps for --eigenvectors (default max(50, 2K))")
 
 
 def run_radius(args: argparse.Namespace) -> int:
@@ -200,7 +212,8 @@ def run_radius(args: argparse.Namespace) -> int:
     search = RadiusSearch(args.threshold, args.relative, args.tolerance)
     check_quantized(args.quantized)
     labels = distinct_names(args.quantized)  # runs/a/g4 and runs/b/g4: a/g4 and b/g4; twice: refused
-    points = args.directions * (1 + (len(args.profile) if args.profile is not None else 0))
+    special = check_worst_case(args, cluster.fans_out)
+    points = (args.directions + special) * (1 + (len(args.profile) if args.profile is not None else 0))
     limits = work_limits(args)
     limits.check_points("this radius search (directions x (1 + profile radii))", points)
     if cluster.fans_out:
@@ -217,16 +230,51 @@ def run_radius(args: argparse.Namespace) -> int:
     norm0 = weights_norm(lm.model, layers)
     profile = args.profile * norm0 if args.profile is not None else ()
     results = dict(zip(labels, args.quantized))
+    directions = [*specs, *worst_case_directions(lm, data, args, patterns, results)]
     execution = Execution(store=args.out, resume=args.resume, shard=args.shard,
                           provenance={"model_info": lm.info.to_dict()}, progress=not args.no_progress,
                           low_memory=args.low_memory)
-    stats = basin_statistics(base, specs, NLLObjective(data, args.batch_size, lm.info.name), data=data,
+    stats = basin_statistics(base, directions, NLLObjective(data, args.batch_size, lm.info.name), data=data,
                              search=search, profile_radii=profile, quant_results=results, execution=execution)
     if stats is None:  # one shard of the directions
         print(shard_report(args.out, read_store(args.out).done, args.shard, "directions"))
         return 0
     report_radius(stats, args.out)
     return 0
+
+
+def check_worst_case(args: argparse.Namespace, fans_out: bool) -> int:
+    """How many special (worst-case) directions the run adds; bad settings refused before any work."""
+    if args.eigenvectors < 0:
+        raise ValueError(f"--eigenvectors must be >= 0, got {args.eigenvectors}")
+    if args.hessian_segments < 1:
+        raise ValueError(f"--hessian-segments must be >= 1, got {args.hessian_segments}")
+    if args.lanczos_steps is not None and args.lanczos_steps < max(args.eigenvectors, 1):
+        raise ValueError(f"--lanczos-steps must be >= --eigenvectors ({args.eigenvectors}), got "
+                         f"{args.lanczos_steps}")
+    if args.along_quantized and not args.quantized:
+        raise ValueError("--along-quantized searches R along each --quantized result's displacement: give at "
+                         "least one --quantized")
+    if args.eigenvectors and fans_out:
+        raise ValueError("--eigenvectors runs the Lanczos search in this process: drop --executor (or search "
+                         "the random directions with --executor and the eigenvectors in a second run)")
+    return 2 * args.eigenvectors + (len(args.quantized) if args.along_quantized else 0)
+
+
+def worst_case_directions(lm, data, args: argparse.Namespace, patterns, results: dict[str, str]) -> list:
+    """The normalised displacements (as specs, regenerable) and both signs of the top Hessian eigenvectors."""
+    out: list = []
+    if args.along_quantized:
+        out += [displacement_direction(lm.base, path, patterns, streamed=True).spec
+                for path in results.values()]
+    if args.eigenvectors:
+        hessian_data = data.subset(slice(0, min(args.hessian_segments, data.n_segments)))
+        curvature = Curvature(lm.model, hessian_data, layers=list(patterns), batch_size=args.batch_size,
+                              progress=not args.no_progress)
+        top = curvature.spectrum(args.eigenvectors, 0, lanczos_steps=args.lanczos_steps).top
+        out += eigenvector_directions(lm.base, top, f", on {hessian_data.n_segments} x "
+                                                    f"{hessian_data.tokens.shape[1]} held-out tokens")
+    return out
 
 
 def nll_summary(values: np.ndarray) -> str:
@@ -244,7 +292,8 @@ def report_radius(stats: BasinStatistics, path: Path) -> None:
     print(f"{path}: NLL(w0) = {stats.center_value:.4f}, level {stats.level:.4f}, "
           f"||w0|| = {stats.weights_norm:.2f}")
     print(f"R(w0) median {stats.median:.3f} ({stats.median / stats.weights_norm:.2%} of ||w0||), "
-          f"10-90% {q[0.1]:.3f} .. {q[0.9]:.3f} over {len(stats.per_direction)} directions")
+          f"10-90% {q[0.1]:.3f} .. {q[0.9]:.3f} over {len(stats.radii)} "
+          f"{'random ' if stats.along() else ''}directions")
     unbounded = int(np.isinf(stats.radii).sum())
     if unbounded:
         print(f"  {unbounded} of {len(stats.radii)} directions never left the basin up to the search's "
@@ -252,6 +301,14 @@ def report_radius(stats: BasinStatistics, path: Path) -> None:
               f"--threshold finds a crossing sooner")
     for label, norm in stats.displacement_norms.items():
         print(f"  {label}: ||w_q - w0|| = {norm:.3f} = {norm / stats.median:.2f} x median R")
+    along = stats.along()
+    if along:
+        print("worst case: R along special directions (same threshold), and R / median R:")
+        for label, radius in along.items():
+            print(f"  {label}: R = {radius:.4g} ({radius / stats.median:.3g} x median R)")
+        if np.isfinite(stats.worst_to_most_case()):
+            print(f"  worst- to most-case radius (sharpest eigenvector / median random): "
+                  f"{stats.worst_to_most_case():.3g}")
 
 
 # ---------------------------------------------------------------------------------------------- merge

@@ -33,6 +33,7 @@ from landscape.engine.directions import (
     check_direction,
     check_spec,
     displacement_direction,
+    eigenvector_direction,
     layer_weight,
     regenerate,
 )
@@ -273,8 +274,10 @@ class BasinStatistics:
 
     @property
     def radii(self) -> np.ndarray:
-        """R along each direction (``inf`` where no crossing was found)."""
-        return np.array([b.radius for b in self.per_direction])
+        """R along each random direction, the "most-case" sample (``inf`` where no crossing was found); every
+        direction when none is random. The other directions' radii are :meth:`along`."""
+        random = [b.radius for b in self.per_direction if b.direction.kind == "random"]
+        return np.array(random or [b.radius for b in self.per_direction])
 
     @property
     def relative_radii(self) -> np.ndarray:
@@ -282,13 +285,28 @@ class BasinStatistics:
 
     @property
     def median(self) -> float:
+        """The median of :attr:`radii`: R(w0), the most-case radius."""
         return quantile(self.radii, 0.5)
 
     def quantiles(self, levels: Sequence[float] = DEFAULT_QUANTILES,
                   relative: bool = False) -> dict[float, float]:
-        """Quantiles of R over directions (see :func:`quantile`), absolute or relative to ``||w0||``."""
+        """Quantiles of :attr:`radii` (see :func:`quantile`), absolute or relative to ``||w0||``."""
         radii = self.relative_radii if relative else self.radii
         return {float(q): quantile(radii, q) for q in levels}
+
+    def along(self) -> dict[str, float]:
+        """R along each direction that is not random (Hessian eigenvectors, normalised displacements), by
+        :func:`direction_label`: the worst-case side of the basin, in the units of :attr:`radii`."""
+        if all(b.direction.kind == "random" for b in self.per_direction):
+            return {}
+        return {direction_label(b.direction): b.radius for b in self.per_direction
+                if b.direction.kind != "random"}
+
+    def worst_to_most_case(self) -> float:
+        """The smallest R along a Hessian eigenvector (either sign) over the median R along random directions
+        (NaN without eigenvector directions): how much narrower the basin is in its sharpest direction."""
+        sharp = [b.radius for b in self.per_direction if b.direction.kind == "eigenvector"]
+        return min(sharp) / self.median if sharp else math.nan
 
     def displacement_to_radius(self) -> dict[str, float]:
         """Each quantized displacement's norm divided by the median R: above 1 means outside the basin."""
@@ -423,6 +441,28 @@ def basin_statistics(
             record.write_point(int(i), point)
         stored, path = finish_run(record)
     return BasinStatistics.from_data(stored, path) if execution.shard == (0, 1) else None
+
+
+def direction_label(spec: DirectionSpec) -> str:
+    """A short name of a non-random direction: an eigenvector's ``source`` (``+v1 (top Hessian eigenvector
+    1, ...)``), ``displacement to <result file name>``."""
+    if spec.kind == "displacement":
+        return f"displacement to {Path(spec.source).name or 'an unsaved result'}"
+    return spec.source or spec.describe()
+
+
+def eigenvector_directions(model: nn.Module | Base, top: Any, data_label: str = "") -> list[Direction]:
+    """Both signs of each top Hessian eigenvector of ``top`` (:class:`~landscape.curvature.Eigenpairs` with
+    eigenvectors) as directions for :func:`basin_statistics`: an eigenvector's sign is arbitrary and,
+    away from a minimum, the basin is not symmetric along it. Labelled ``+v1 (lambda = ...)``."""
+    out = []
+    for i, value in enumerate(top.eigenvalues):
+        vector = top.direction(i)
+        for sign, mark in ((1.0, "+"), (-1.0, "-")):
+            out.append(eigenvector_direction(
+                model, {n: sign * t for n, t in vector.items()},
+                f"{mark}v{i + 1} (top Hessian eigenvector {i + 1}, lambda = {value:.4g}{data_label})"))
+    return out
 
 
 # --------------------------------------------------------------------------------------------- helpers
