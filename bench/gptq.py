@@ -42,6 +42,7 @@ from bench.common import (
     Target,
     bench_main,
     check_profile,
+    context_length,
     describe_model,
     fmt_seconds,
     interleaved_medians,
@@ -177,7 +178,7 @@ PROFILES: dict[str, GPTQSettings] = {
                           ModelSpec("ref-tiny", "pretrained"),
                           ModelSpec("small-gpt2", "gpt2", hidden=256, layers=2, vocab=512),
                           ModelSpec("smollm2-135m", "pretrained")),
-                         calib_segments=16, calib_seq_len=128, repeats=2),
+                         calib_segments=128, calib_seq_len=256, repeats=2),  # the study's calibration budget
 }
 
 
@@ -203,7 +204,10 @@ def calibration_forward(model: nn.Module, calib: TokenSet, batch_size: int = 8) 
 def measure_model(spec: ModelSpec, settings: GPTQSettings) -> dict:
     """Per-layer and whole-model times of ours and the reference on one model; equality for every format."""
     model = spec.build()
-    calib = random_token_set(model, settings.calib_segments, settings.calib_seq_len, seed=1)
+    # the same number of tokens on every model: sequences as long as asked where the context allows
+    seq_len = min(settings.calib_seq_len, context_length(model))
+    segments = settings.calib_segments * settings.calib_seq_len // seq_len
+    calib = random_token_set(model, segments, seq_len, seed=1)
     layers = quantizable_layers(model)
     w0 = {n: weight_matrix(m).detach().clone() for n, m in layers.items()}
     hessians = layer_hessians(model, calib)
@@ -243,6 +247,7 @@ def measure_model(spec: ModelSpec, settings: GPTQSettings) -> dict:
         "forward": lambda: calibration_forward(model, calib),
     }, repeats=settings.repeats)
     return {"model": describe_model(spec.name, model), "format": fmt, "layers": len(compared),
+            "calib": [segments, seq_len],
             "model_layers": len(layers),
             "per_layer": per_layer, "whole_model": {k: v.to_dict() for k, v in whole.items()},
             "equality": equality}
@@ -297,7 +302,8 @@ def build_section(data: dict, seconds: float = 0.0) -> Section:
     rows, summary, layer_rows, notes = [], [], [], []
     for c in data["cases"]:
         t = solver_times(c)
-        case = (f"{c['model']}, {c['format']}, {settings['calib_segments']} x {settings['calib_seq_len']} "
+        segments, seq_len = c.get("calib", (settings["calib_segments"], settings["calib_seq_len"]))
+        case = (f"{c['model']}, {c['format']}, {segments} x {seq_len} "
                 f"calibration tokens")
         rows.append(Row("gptq", case, "ours / reference, layer solver (sum over layers)",
                         t["ours"] / t["reference"], "x", OURS_VS_REFERENCE,
