@@ -8,7 +8,10 @@ Each ``--model NAME RADIUS STORE...`` gives a model's R(w0) (median over random 
 ``landscape radius`` or figure 4's store) and its quantization-table stores; every format with RTN, GPTQ and
 QAFT rows becomes one case (QAFT averaged over its seeds). Prints
 :func:`landscape.studies.predict.evaluate_predictor`'s table (score, measured gap, rule verdicts,
-Spearman(score, gap) with a bootstrap interval over cases) and writes it to ``--out``.
+Spearman(score, gap) with a bootstrap interval over cases) and writes it to ``--out``. With ``--baselines``
+each model is loaded once to measure RTN's per-layer SQNR and ``||w0||``, and the score is compared with
+``||d_RTN|| / ||w0||``, RTN's SQNR and NLL(w0) as predictors of the same gaps
+(:func:`landscape.studies.baselines.compare_predictors`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import sys
 from pathlib import Path
 
 from landscape.cli.errors import script_main
+from landscape.models import load_model
 from landscape.outputs import check_output_path
+from landscape.studies.baselines import compare_predictors, rtn_features, with_features
 from landscape.studies.predict import cases_from_quant_table, evaluate_predictor
 from landscape.studies.quant_table import read_quant_table
 
@@ -34,6 +39,9 @@ def main(argv: list[str] | None = None) -> None:
                         "(tables with fp-finetune rows)")
     p.add_argument("--gap-threshold", type=float, default=0.1,
                    help="'far behind': gap above this (nats/token)")
+    p.add_argument("--baselines", action="store_true",
+                   help="also compare the score with ||d_RTN||/||w0||, RTN's SQNR and NLL(w0) "
+                        "(loads each model)")
     p.add_argument("--out", default=None, help="also write the evaluation to this new HDF5 store")
     args = p.parse_args(argv)
     inputs = []
@@ -66,6 +74,13 @@ def main(argv: list[str] | None = None) -> None:
                       if (c.model, c.format) not in known]  # a format in two stores counts once
     evaluation = evaluate_predictor(cases, gap_threshold=args.gap_threshold)
     print(evaluation.markdown())
+    if args.baselines:
+        measured = []
+        for name in dict.fromkeys(c.model for c in cases):
+            lm = load_model(name)
+            measured += [with_features(c, rtn_features(lm.base, c.format), c.nll_w0)
+                         for c in cases if c.model == name]
+        print("\n" + compare_predictors(measured).markdown())
     print(f"\nNLL: token-mean nats per scored token on held-out {args.corpus}, each table's own convention "
           f"(in its provenance)")
     if out is not None:

@@ -168,7 +168,7 @@ def test_curvature_study_paths_have_their_displacement_norms_and_a_rerun_does_no
 
 def test_predict_gap_cases_are_the_tables_gptq_minus_qaft(tables, tmp_path):
     from analyses import predict_gap
-    from landscape.studies.predict import PredictorEvaluation
+    from landscape.studies.predict import PredictorEvaluation, cases_from_quant_table
     from landscape.studies.quant_table import read_quant_table
 
     store = tables.parent / "core-int4.h5"
@@ -179,6 +179,9 @@ def test_predict_gap_cases_are_the_tables_gptq_minus_qaft(tables, tmp_path):
     assert case.gap == pytest.approx(rows["gptq int4"]["nll"]["wiki"] - rows["qaft int4 s0"]["nll"]["wiki"],
                                      abs=1e-12)
     assert case.score == pytest.approx(rows["rtn int4"]["displacement_norm"] / 0.5, rel=1e-12)
+    fp32 = next(r for r in rows.values() if r["method"] == "fp32")
+    (direct,) = cases_from_quant_table(read_quant_table(store), 0.5)
+    assert direct.nll_w0 == fp32["nll"]["wiki"]  # the baselines' NLL(w0), from the same table
     for bad in (["--model", "ref-tiny", "-2", str(store)], ["--model", "ref-small", "0.5", str(store)],
                 ["--model", "ref-tiny", "0.5", str(tmp_path / "none.h5")]):
         with pytest.raises(SystemExit):

@@ -37,6 +37,7 @@ from landscape.studies.quant_table import QuantTable
 
 DEFAULT_SCORE_THRESHOLD = 1.0
 DEFAULT_GAP_THRESHOLD = 0.1  # nats/token: "far behind"
+BASELINE_INPUTS = ("rtn_sqnr_db", "weights_norm", "nll_w0")  # the baseline predictors' PredictionCase fields
 
 
 class PredictionError(ValueError):
@@ -76,6 +77,9 @@ class PredictionCase:
         control_gain: what fine-tuning the same weights in full precision on the same calibration data gains,
             ``NLL(w0) - NLL(control)`` (nats/token, control averaged over seeds); 0 when not adjusted. The gap
             then counts only the part of QAFT's advantage that is not adaptation to the calibration text.
+        rtn_sqnr_db, weights_norm, nll_w0: the inputs of the baseline predictors
+            (:mod:`landscape.studies.baselines`): RTN's mean per-layer SQNR (dB), ``||w0||`` over the same
+            layers, NLL(w0) on the same evaluation text; NaN when not measured.
     """
 
     model: str
@@ -85,6 +89,9 @@ class PredictionCase:
     nll_gptq: float
     nll_qaft: float
     control_gain: float = 0.0
+    rtn_sqnr_db: float = math.nan
+    weights_norm: float = math.nan
+    nll_w0: float = math.nan
 
     def __post_init__(self) -> None:
         difficulty_score(self.rtn_displacement_norm, self.basin_radius)  # validates both
@@ -128,7 +135,9 @@ def cases_from_quant_table(
         adjust_for_control: subtract the full-precision control's gain (``fp32`` row minus the mean of the
             ``fp-finetune`` rows) from each gap; the table must have both.
 
-    Formats missing one of the three methods are skipped with a warning naming them.
+    Formats missing one of the three methods are skipped with a warning naming them. NLL(w0) is the table's
+    ``fp32`` row (NaN without one); RTN's SQNR and ``||w0||`` are left to
+    :func:`landscape.studies.baselines.with_features`.
     """
     rows = getattr(table, "rows", table)
     name = model or getattr(table, "provenance", {}).get("model")
@@ -143,6 +152,8 @@ def cases_from_quant_table(
     for row in rows:
         if row.get("format") and not row.get("act_bits"):
             by_format.setdefault(str(row["format"]), {}).setdefault(str(row["method"]), []).append(row)
+    fp32_rows = [r for r in rows if r.get("method") == "fp32"]
+    nll_w0 = float(fp32_rows[0]["nll"][corpus]) if fp32_rows else math.nan
     control_gain = 0.0
     if adjust_for_control:
         fp32 = [r for r in rows if r.get("method") == "fp32"]
@@ -159,7 +170,7 @@ def cases_from_quant_table(
         cases.append(PredictionCase(
             str(name), fmt, float(methods["rtn"][0]["displacement_norm"]), basin_radius,
             float(np.mean([r["nll"][corpus] for r in methods[gptq_method]])),
-            float(np.mean([r["nll"][corpus] for r in methods[qaft_method]])), control_gain))
+            float(np.mean([r["nll"][corpus] for r in methods[qaft_method]])), control_gain, nll_w0=nll_w0))
     if incomplete:
         warnings.warn(f"{name}: formats {incomplete} lack an rtn, {gptq_method} or {qaft_method} row "
                       f"and were skipped", stacklevel=2)
@@ -243,6 +254,7 @@ class PredictorEvaluation:
                 "score": self.scores, "nll_gptq": np.array([c.nll_gptq for c in self.cases]),
                 "nll_qaft": np.array([c.nll_qaft for c in self.cases]),
                 "control_gain": np.array([c.control_gain for c in self.cases]), "gap": self.gaps,
+                **{name: np.array([getattr(c, name) for c in self.cases]) for name in BASELINE_INPUTS},
                 "predicted": self.predicted, "actual": self.actual}
         rho = self.rank_correlation
         provenance = {"kind": "ptq_difficulty_prediction", "score": "||w_RTN - w0|| / R(w0)",
@@ -267,10 +279,18 @@ class PredictorEvaluation:
         cases = tuple(PredictionCase(str(m), str(f), float(a["rtn_displacement_norm"][i]),
                                      float(a["basin_radius"][i]), float(a["nll_gptq"][i]),
                                      float(a["nll_qaft"][i]),
-                                     float(a["control_gain"][i]) if "control_gain" in a else 0.0)
+                                     float(a["control_gain"][i]) if "control_gain" in a else 0.0,
+                                     **{name: _stored(a, name, i) for name in BASELINE_INPUTS})
                       for i, (m, f) in enumerate(zip(names["model"], names["format"])))
         rho = Interval(**prov["rank_correlation"]) if prov["rank_correlation"] else None
         return cls(cases, prov["score_threshold"], prov["gap_threshold"], rho)
+
+
+def _stored(arrays: Mapping[str, np.ndarray], name: str, i: int) -> float:
+    """A baseline input read back (``math.nan`` itself where it was not measured, so equal cases compare
+    equal)."""
+    value = float(arrays[name][i]) if name in arrays else math.nan
+    return value if math.isfinite(value) else math.nan
 
 
 def _verdict(far_behind: bool) -> str:

@@ -1,0 +1,193 @@
+"""The PTQ-difficulty score against cheaper predictors of the GPTQ-QAFT gap (beyond the paper).
+
+:mod:`landscape.studies.predict` asks whether ``score = ||d_RTN|| / R(w0)`` ranks models and formats by how
+far GPTQ falls behind QAFT. A score is only worth its basin search if it beats what is known for free.
+Candidates, each oriented so that a larger value should mean a larger gap (decided before any result):
+
+* ``score``: ``||w_RTN - w0|| / R(w0)`` (needs R(w0): NLL evaluations along random directions);
+* ``relative_norm``: ``||w_RTN - w0|| / ||w0||`` (no data at all);
+* ``neg_sqnr``: minus RTN's signal-to-quantization-noise ratio, the mean over layers of each layer's
+  ``10 log10(||w||^2 / ||w - w_RTN||^2)`` dB (the family of features the authors' companion paper,
+  arXiv 2410.12119, predicts PTQ loss from). Over all layers at once it would be a monotone function of
+  ``relative_norm``; the per-layer mean is not;
+* ``nll_w0``: the full-precision model's NLL on the evaluation text.
+
+For each: Spearman(candidate, gap) with a bootstrap interval over cases; leave-one-model-out and
+leave-one-format-out (the correlation on the cases left when one model, or one format, is removed: its
+smallest value says how much one group carries the result); and the paired bootstrap interval of
+``rho(score) - rho(candidate)`` (the same resamples of cases for both). Gaps are raw or control-adjusted as
+the cases are (:class:`~landscape.studies.predict.PredictionCase`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import scipy.stats as scipy_stats
+from torch import nn
+
+from landscape.quant import rtn, sqnr_db
+from landscape.quant.formats import QuantFormat
+from landscape.stats import (
+    DEFAULT_RESAMPLES,
+    MIN_PAIRS,
+    Interval,
+    check_interval_settings,
+    pearson_rows,
+    rank_correlation,
+    spearman,
+)
+from landscape.studies.predict import PredictionCase, PredictionError
+from landscape.weights import Base, LayerSelection, as_base, quantizable_layers, weight_matrix
+
+PREDICTORS: dict[str, Callable[[PredictionCase], float]] = {
+    "score": lambda c: c.score,
+    "relative_norm": lambda c: c.rtn_displacement_norm / c.weights_norm,
+    "neg_sqnr": lambda c: -c.rtn_sqnr_db,
+    "nll_w0": lambda c: c.nll_w0,
+}
+"""name -> the candidate's value on a case, larger meaning "GPTQ falls further behind" a priori."""
+
+
+@dataclass(frozen=True)
+class RTNFeatures:
+    """What RTN alone says about a model at a format (no data): ``mean_sqnr_db`` over layers (dB),
+    ``weights_norm`` ``||w0||`` and ``rtn_norm`` ``||w_RTN - w0||`` over the same layers (weight units)."""
+
+    mean_sqnr_db: float
+    weights_norm: float
+    rtn_norm: float
+
+
+def rtn_features(model: nn.Module | Base, fmt: QuantFormat | str,
+                 layers: LayerSelection = None) -> RTNFeatures:
+    """RTN's per-layer SQNR (mean in dB) and the norms of w0 and of RTN's displacement over ``layers``."""
+    base = as_base(model)
+    result = rtn(base, fmt, layers)
+    modules = quantizable_layers(base.model)
+    sqnr, w0_sq, d_sq = [], 0.0, 0.0
+    for name, w_q in result.weights.items():
+        w0 = weight_matrix(modules[name]).detach()
+        sqnr.append(sqnr_db(w0, w_q))
+        w0_sq += float(w0.double().pow(2).sum())
+        d_sq += float((w_q.double() - w0.double()).pow(2).sum())
+    return RTNFeatures(float(np.mean(sqnr)), math.sqrt(w0_sq), math.sqrt(d_sq))
+
+
+def with_features(case: PredictionCase, features: RTNFeatures, nll_w0: float) -> PredictionCase:
+    """``case`` with the baselines' inputs filled in."""
+    return replace(case, rtn_sqnr_db=features.mean_sqnr_db, weights_norm=features.weights_norm, nll_w0=nll_w0)
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    """One candidate predictor on the cases.
+
+    Attributes:
+        name: a key of :data:`PREDICTORS`.
+        rank_correlation: Spearman(candidate, gap) with its bootstrap interval over cases.
+        leave_one_model_out, leave_one_format_out: the left-out model (format) -> Spearman on the other cases
+            (NaN where fewer than 3 remain or one variable is constant there).
+        versus_score: ``rho(score) - rho(candidate)``, paired bootstrap over cases (``None`` for the score).
+    """
+
+    name: str
+    rank_correlation: Interval
+    leave_one_model_out: dict[str, float]
+    leave_one_format_out: dict[str, float]
+    versus_score: Interval | None
+
+
+@dataclass(frozen=True)
+class PredictorComparison:
+    """Every candidate of :data:`PREDICTORS` on the same cases (see the module docstring)."""
+
+    cases: tuple[PredictionCase, ...]
+    candidates: tuple[CandidateResult, ...]
+
+    def best(self) -> str:
+        """The candidate with the largest Spearman correlation with the gap."""
+        return max(self.candidates, key=lambda c: c.rank_correlation.value).name
+
+    def markdown(self) -> str:
+        adjusted = any(c.control_gain for c in self.cases)
+        lines = [f"# Predictors of the GPTQ-QAFT gap{' (control-adjusted)' if adjusted else ''}: "
+                 f"{len(self.cases)} cases, {len({c.model for c in self.cases})} models, "
+                 f"{len({c.format for c in self.cases})} formats", "",
+                 "| candidate | Spearman with gap [95 %] | min leave-one-model-out "
+                 "| min leave-one-format-out | rho(score) − rho(candidate) [95 %] |", "|---|---|---|---|---|"]
+        for c in self.candidates:
+            rho, vs = c.rank_correlation, c.versus_score
+            lines.append(f"| {c.name} | {rho.value:+.3f} [{rho.low:+.3f}, {rho.high:+.3f}] | "
+                         f"{_minimum(c.leave_one_model_out)} | {_minimum(c.leave_one_format_out)} | "
+                         + (f"{vs.value:+.3f} [{vs.low:+.3f}, {vs.high:+.3f}] |" if vs else "— |"))
+        lines += ["", f"largest correlation: {self.best()}"]
+        return "\n".join(lines)
+
+
+def compare_predictors(cases: Sequence[PredictionCase], *, level: float = 0.95,
+                       n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> PredictorComparison:
+    """Every candidate of :data:`PREDICTORS` against the measured gaps of ``cases``.
+
+    Raises:
+        PredictionError: fewer than 3 cases, duplicate (model, format) cases, a case without the baselines'
+            inputs (:func:`with_features`), or a constant candidate or gap; before any resampling.
+    """
+    cases = tuple(cases)
+    if len(cases) < MIN_PAIRS:
+        raise PredictionError(f"comparing predictors needs at least {MIN_PAIRS} cases, got {len(cases)}")
+    keys = [(c.model, c.format) for c in cases]
+    if len(set(keys)) < len(keys):
+        duplicates = sorted({k for k in keys if keys.count(k) > 1})
+        raise PredictionError(f"duplicate cases (model, format): {duplicates}")
+    missing = [f"{c.model} {c.format}" for c in cases
+               if not all(math.isfinite(v) for v in (c.rtn_sqnr_db, c.weights_norm, c.nll_w0))]
+    if missing:
+        raise PredictionError(f"cases {missing} lack RTN's SQNR, ||w0|| or NLL(w0): fill them with "
+                              f"with_features(case, rtn_features(model, format), nll_w0)")
+    check_interval_settings(level, n_resamples)
+    gaps = np.array([c.gap for c in cases])
+    values = {name: np.array([f(c) for c in cases]) for name, f in PREDICTORS.items()}
+    constant = [name for name, v in {"gap": gaps, **values}.items() if np.ptp(v) == 0]
+    if constant:
+        raise PredictionError(f"{constant} take one value over every case: no rank correlation is defined")
+    index = np.random.default_rng(seed).integers(0, len(cases), size=(n_resamples, len(cases)))
+    gap_ranks = scipy_stats.rankdata(gaps[index], axis=1)
+    boot = {name: pearson_rows(scipy_stats.rankdata(v[index], axis=1), gap_ranks)
+            for name, v in values.items()}
+    results = []
+    for name, v in values.items():
+        rho = rank_correlation(v, gaps, level=level, n_resamples=n_resamples, seed=seed, unit="cases")
+        versus = None
+        if name != "score":
+            diff = boot["score"] - boot[name]
+            diff = diff[np.isfinite(diff)]
+            low, high = np.quantile(diff, [(1 - level) / 2, (1 + level) / 2])
+            versus = Interval(spearman(values["score"], gaps) - rho.value, float(low), float(high), level,
+                              "paired bootstrap", n_resamples, len(cases), "cases")
+        results.append(CandidateResult(name, rho, leave_one_out(v, gaps, [c.model for c in cases]),
+                                       leave_one_out(v, gaps, [c.format for c in cases]), versus))
+    return PredictorComparison(cases, tuple(results))
+
+
+def leave_one_out(x: np.ndarray, y: np.ndarray, groups: Sequence[str]) -> dict[str, float]:
+    """group -> Spearman(x, y) over the cases not in that group (NaN where undefined)."""
+    groups = np.asarray(groups)
+    out = {}
+    for g in dict.fromkeys(groups.tolist()):
+        keep = groups != g
+        xs, ys = x[keep], y[keep]
+        defined = keep.sum() >= MIN_PAIRS and np.ptp(xs) > 0 and np.ptp(ys) > 0
+        out[str(g)] = spearman(xs, ys) if defined else math.nan
+    return out
+
+
+def _minimum(rhos: Mapping[str, float]) -> str:
+    finite = {k: v for k, v in rhos.items() if math.isfinite(v)}
+    if not finite:
+        return "n/a"
+    worst = min(finite, key=finite.get)
+    return f"{finite[worst]:+.3f} (without {worst})"
