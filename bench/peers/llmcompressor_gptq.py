@@ -13,8 +13,9 @@ their weights in ours and are zeroed in theirs. The control row ``ours_block_seq
 ``true_sequential=False``) separates the first from the rest.
 
 Reported per format: held-out NLL (16 x 256 wiki tokens) of w0, RTN, ours, llm-compressor's and the
-control, the paired 95 % bootstrap interval of llm-compressor - ours (and of control - ours), the
-fraction of weights on identical lattice points, the cosine between the two displacements w - w0,
+control, the paired 95 % bootstrap interval of ours - llm-compressor (and of ours - control), the
+fraction of weights on identical lattice points (overall and per decoder block), the cosine between the two
+displacements w - w0,
 whether both used the same scales and zero points (their zero point is signed: ours minus 2^(b-1)),
 seconds of each.
 
@@ -82,12 +83,16 @@ def lattice_agreement(w0, a, b, fmt: str, qparams=None) -> dict:
     q = parse_format(fmt)
     same = total = 0
     max_scale_rel, zero_same, zero_total = 0.0, 0, 0
+    per_block: dict[int, list[int]] = {}  # decoder block -> [identical, total]: where the two runs part
     for name, w in w0.items():
         grid = make_grid(w, q, name)
         tol = 1e-6 * grid.per_column(grid.scale)
         diff = (a[name] - b[name]).abs()
-        same += int(((diff <= tol) | (a[name] == b[name])).sum())
+        identical = int(((diff <= tol) | (a[name] == b[name])).sum())
+        same += identical
         total += w.numel()
+        counts = per_block.setdefault(int(name.split(".layers.")[1].split(".")[0]), [0, 0])
+        counts[0], counts[1] = counts[0] + identical, counts[1] + w.numel()
         if qparams is not None:
             scale, zero = qparams[name]
             max_scale_rel = max(max_scale_rel, float(((scale - grid.scale).abs() / grid.scale).max()))
@@ -96,6 +101,7 @@ def lattice_agreement(w0, a, b, fmt: str, qparams=None) -> dict:
     d_a = torch.cat([(a[n] - w0[n]).flatten().double() for n in w0])
     d_b = torch.cat([(b[n] - w0[n]).flatten().double() for n in w0])
     out = {"identical_lattice_points": same / total,
+           "identical_by_block": [round(i / t, 5) for _, (i, t) in sorted(per_block.items())],
            "cosine": float(torch.nn.functional.cosine_similarity(d_a, d_b, dim=0))}
     if qparams is not None:
         out.update(max_relative_scale_difference=max_scale_rel, identical_zero_points=zero_same / zero_total)
@@ -103,6 +109,7 @@ def lattice_agreement(w0, a, b, fmt: str, qparams=None) -> dict:
 
 
 def interval(a, b) -> dict:
+    """``NLL(b) - NLL(a)`` with its paired 95 % bootstrap interval (:func:`difference_interval`'s B - A)."""
     gap = difference_interval(a.segment_nll_sum, a.segment_tokens, b.segment_nll_sum, b.segment_tokens,
                               paired=True)
     return {"value": gap.value, "low": gap.low, "high": gap.high}
@@ -128,14 +135,14 @@ def compare_format(lm, calib, held, fmt: str, control: bool) -> dict:
         with swapped_weights(lm.model, weights):
             results[label] = nll(lm.model, held, batch_size=4)
     row = {"format": fmt, "layers": len(w0), "nll": {k: v.value for k, v in results.items()},
-           "difference_llmcompressor_minus_ours": interval(results["llmcompressor"], results["ours"]),
+           "difference_ours_minus_llmcompressor": interval(results["llmcompressor"], results["ours"]),
            "llmcompressor_vs_ours": lattice_agreement(w0, theirs, ours, fmt, qparams),
            "seconds": seconds}
     if control:
         ctl = runs["ours_block_sequential"]
-        row["difference_block_sequential_minus_ours"] = interval(results["ours_block_sequential"],
+        row["difference_ours_minus_block_sequential"] = interval(results["ours_block_sequential"],
                                                                  results["ours"])
-        row["difference_llmcompressor_minus_block_sequential"] = interval(results["llmcompressor"],
+        row["difference_block_sequential_minus_llmcompressor"] = interval(results["llmcompressor"],
                                                                           results["ours_block_sequential"])
         row["llmcompressor_vs_block_sequential"] = lattice_agreement(w0, theirs, ctl, fmt)
     return row
