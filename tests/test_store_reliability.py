@@ -347,19 +347,21 @@ def test_store_size_estimate_is_an_upper_bound_of_the_file(tmp_path):
 # ---------------------------------------------------------------------------- messages (7, 12, minor)
 def test_ctrl_c_says_what_was_kept_and_the_command_that_resumes(model_dir, tmp_path):
     out = tmp_path / "s.h5"
-    argv = scan_argv(model_dir, out, "--grid", "-1:1:4001")
+    # far more points than a loaded machine finishes before the signal (4001 once did, at load 7)
+    argv = scan_argv(model_dir, out, "--grid", "-1:1:400001")
     proc = cli_process(argv, env={PROGRESS_ENV: "1"})
     progress = partial_path(out).with_name(partial_path(out).name + ".progress")
     deadline = time.time() + 240
     while time.time() < deadline and not (progress.exists() and json.loads(progress.read_text())["done"] > 2):
+        assert proc.poll() is None, "the scan ended before it could be interrupted"
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     kept = int(read_store(partial_path(out)).done.sum())
     (line,) = [x for x in stderr.splitlines() if x.startswith("interrupted:")]
-    assert f"{kept} of 4001 points kept in {partial_path(out)}" in line
-    assert line.endswith("--resume") and "--grid -1:1:4001" in line
+    assert f"{kept} of 400001 points kept in {partial_path(out)}" in line
+    assert line.endswith("--resume") and "--grid -1:1:400001" in line
 
 
 def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(monkeypatch):
