@@ -321,6 +321,18 @@ def load_with_data(args: argparse.Namespace) -> tuple[LoadedModel, TokenSet]:
     return lm, heldout(lm, args)
 
 
+def check_eigenvector_settings(eigenvectors: int, lanczos_steps: int | None, segments: int,
+                               segments_flag: str) -> None:
+    """``--eigenvectors K`` (>= 0), ``--lanczos-steps`` (>= K) and the Hessian's held-out segments (>= 1),
+    refused before any work (compare and radius take the same three)."""
+    if segments < 1:
+        raise ValueError(f"{segments_flag} must be >= 1, got {segments}")
+    if eigenvectors < 0:
+        raise ValueError(f"--eigenvectors must be >= 0, got {eigenvectors}")
+    if lanczos_steps is not None and lanczos_steps < max(eigenvectors, 1):
+        raise ValueError(f"--lanczos-steps must be >= --eigenvectors ({eigenvectors}), got {lanczos_steps}")
+
+
 def check_memory(lm: LoadedModel, args: argparse.Namespace, what: str, points: int, copies: float,
                  advice: str) -> None:
     """Refuse, before any store or result is written, a run whose model plus ``copies`` float32 copies of its

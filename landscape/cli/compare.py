@@ -23,6 +23,7 @@ import numpy as np
 
 from landscape.cli.common import (
     Command,
+    check_eigenvector_settings,
     check_memory,
     data_arguments,
     limit_arguments,
@@ -95,13 +96,8 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    if args.curvature_segments < 1:
-        raise ValueError(f"--curvature-segments must be >= 1, got {args.curvature_segments}")
-    if args.eigenvectors < 0:
-        raise ValueError(f"--eigenvectors must be >= 0, got {args.eigenvectors}")
-    if args.lanczos_steps is not None and args.lanczos_steps < max(args.eigenvectors, 1):
-        raise ValueError(f"--lanczos-steps must be >= --eigenvectors ({args.eigenvectors}), got "
-                         f"{args.lanczos_steps}")
+    check_eigenvector_settings(args.eigenvectors, args.lanczos_steps, args.curvature_segments,
+                               "--curvature-segments")
     if args.krylov_dir is not None and not args.krylov_dir.is_dir():
         raise ValueError(f"--krylov-dir {args.krylov_dir} is not an existing directory")
     if args.no_curvature and not np.array_equal(args.curvature_t, CURVATURE_T_DEFAULT):

@@ -24,6 +24,7 @@ import numpy as np
 
 from landscape.cli.common import (
     Command,
+    check_eigenvector_settings,
     cluster_settings,
     data_arguments,
     executor_arguments,
@@ -245,13 +246,8 @@ def run_radius(args: argparse.Namespace) -> int:
 
 def check_worst_case(args: argparse.Namespace, fans_out: bool) -> int:
     """How many special (worst-case) directions the run adds; bad settings refused before any work."""
-    if args.eigenvectors < 0:
-        raise ValueError(f"--eigenvectors must be >= 0, got {args.eigenvectors}")
-    if args.hessian_segments < 1:
-        raise ValueError(f"--hessian-segments must be >= 1, got {args.hessian_segments}")
-    if args.lanczos_steps is not None and args.lanczos_steps < max(args.eigenvectors, 1):
-        raise ValueError(f"--lanczos-steps must be >= --eigenvectors ({args.eigenvectors}), got "
-                         f"{args.lanczos_steps}")
+    check_eigenvector_settings(args.eigenvectors, args.lanczos_steps, args.hessian_segments,
+                               "--hessian-segments")
     if args.along_quantized and not args.quantized:
         raise ValueError("--along-quantized searches R along each --quantized result's displacement: give at "
                          "least one --quantized")
