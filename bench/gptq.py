@@ -341,10 +341,15 @@ def build_section(data: dict, seconds: float = 0.0) -> Section:
                 f"{c['model']}: GPTQ takes {t['whole_ours'] / forward['median_s']:.1f}x one forward over its "
                 f"calibration tokens ({GPTQ_VS_FORWARD.miss_text(t['whole_ours'] / forward['median_s'])}). "
                 f"Why: true-sequential GPTQ replays each decoder block once per group of layers that read "
-                f"one input (q/k/v, the output projection, gate/up, down on a Llama) and once more for the "
-                f"next block's inputs, so a block runs about five times, and each layer also accumulates "
-                f"its (in, in) Hessian and solves it column by column. One replay per block "
-                f"(true_sequential=False) would bring it nearer 2x but changes the quantized weights.")
+                f"one input (q/k/v, the output projection, gate/up, down on a Llama), each replay stopping "
+                f"where its group's input is complete (about 2.2 block forwards on a Llama), then once more "
+                f"for the next block's inputs, and accumulates each group's (in, in) Hessian x^T x (about as "
+                f"many multiply-adds per token as the block's linears): about 4 block forwards per block, "
+                f"while one forward also runs the LM head. The solver itself is a few % of the time at this "
+                f"calibration budget (one factorisation and column loop per input group). One pass per "
+                f"block (true_sequential=False, llm-compressor's block-level calibration) takes 25 % less "
+                f"time on SmolLM2 (bench/PEERS.md) but changes the quantized weights and, at int3, costs "
+                f"NLL.")
     tables = (
         Table("Seconds (medians) per layer and for the whole model; identical lattice points checked "
               "for every format",
