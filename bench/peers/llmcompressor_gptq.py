@@ -38,13 +38,11 @@ from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
 
-from landscape.data import calibration_set, heldout_set
-from landscape.models import load_model
+from bench.peers.common import interval, smollm2_problem
 from landscape.objectives import nll
 from landscape.quant import gptq, rtn
 from landscape.quant.formats import make_grid, parse_format
 from landscape.quant.gptq import GPTQSettings
-from landscape.stats import difference_interval
 from landscape.weights import get_layer, quantizable_layers, swapped_weights, weight_matrix
 
 DAMP, BLOCK = 0.01, 128
@@ -108,13 +106,6 @@ def lattice_agreement(w0, a, b, fmt: str, qparams=None) -> dict:
     return out
 
 
-def interval(a, b) -> dict:
-    """``NLL(b) - NLL(a)`` with its paired 95 % bootstrap interval (:func:`difference_interval`'s B - A)."""
-    gap = difference_interval(a.segment_nll_sum, a.segment_tokens, b.segment_nll_sum, b.segment_tokens,
-                              paired=True)
-    return {"value": gap.value, "low": gap.low, "high": gap.high}
-
-
 def compare_format(lm, calib, held, fmt: str, control: bool) -> dict:
     base = lm.base
     w0 = {n: weight_matrix(m).detach().clone() for n, m in quantizable_layers(lm.model).items()}
@@ -155,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/peers/llmcompressor.json"))
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    lm = load_model("smollm2-135m")
-    calib = calibration_set(lm.tokenizer, 128, 256, 0, context_length=lm.info.context_length)
-    held = heldout_set(lm.tokenizer, 256, "wiki", 16, context_length=lm.info.context_length)
+    lm, calib, held = smollm2_problem()
     rows = []
     for fmt in args.formats:
         rows.append(compare_format(lm, calib, held, fmt, not args.no_control))

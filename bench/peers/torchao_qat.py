@@ -29,8 +29,7 @@ from torchao.quantization import quantize_
 from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
 from torchao.quantization.qat.linear import FakeQuantizedLinear
 
-from landscape.data import calibration_set, heldout_set
-from landscape.models import load_model
+from bench.peers.common import interval, smollm2_problem
 from landscape.objectives import nll
 from landscape.quant import rtn
 from landscape.quant.formats import make_grid, parse_format
@@ -42,7 +41,6 @@ from landscape.quant.training import (
     token_losses,
     training_batches,
 )
-from landscape.stats import difference_interval
 from landscape.weights import get_layer, quantizable_layers, swapped_weights, weight_matrix
 
 INT_DTYPES = {2: torch.int2, 3: torch.int3, 4: torch.int4, 8: torch.int8}
@@ -115,15 +113,13 @@ def compare_format(lm, calib, held, fmt: str) -> dict:
     for label, weights in (("ours", ours.weights), ("torchao", theirs), ("rtn", start)):
         with swapped_weights(lm.model, weights):
             results[label] = nll(lm.model, held, batch_size=4)
-    a, b = results["torchao"], results["ours"]
-    gap = difference_interval(a.segment_nll_sum, a.segment_tokens, b.segment_nll_sum, b.segment_tokens,
-                              paired=True)
     d_ours = torch.cat([(ours.weights[n] - w0[n]).flatten().double() for n in w0])
     d_theirs = torch.cat([(theirs[n] - w0[n]).flatten().double() for n in w0])
     same = sum(int(torch.isclose(ours.weights[n], theirs[n], rtol=0, atol=1e-7).sum()) for n in w0)
     total = sum(w.numel() for w in w0.values())
-    return {"format": fmt, "nll_rtn": results["rtn"].value, "nll_ours": b.value, "nll_torchao": a.value,
-            "difference": {"value": gap.value, "low": gap.low, "high": gap.high},
+    return {"format": fmt, "nll_rtn": results["rtn"].value, "nll_ours": results["ours"].value,
+            "nll_torchao": results["torchao"].value,
+            "difference": interval(results["torchao"], results["ours"]),  # ours - torchao
             "identical_lattice_points": same / total, "first_forward_not_rtn": first_differences,
             "cosine": float(torch.nn.functional.cosine_similarity(d_ours, d_theirs, dim=0)),
             "seconds_ours": ours_s, "seconds_torchao": theirs_s,
@@ -136,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/peers/torchao.json"))
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    lm = load_model("smollm2-135m")
-    calib = calibration_set(lm.tokenizer, 128, 256, 0, context_length=lm.info.context_length)
-    held = heldout_set(lm.tokenizer, 256, "wiki", 16, context_length=lm.info.context_length)
+    lm, calib, held = smollm2_problem()
     rows = []
     for fmt in args.formats:
         rows.append(compare_format(lm, calib, held, fmt))

@@ -297,8 +297,6 @@ class BasinStatistics:
     def along(self) -> dict[str, float]:
         """R along each direction that is not random (Hessian eigenvectors, normalised displacements), by
         :func:`direction_label`: the worst-case side of the basin, in the units of :attr:`radii`."""
-        if all(b.direction.kind == "random" for b in self.per_direction):
-            return {}
         return {direction_label(b.direction): b.radius for b in self.per_direction
                 if b.direction.kind != "random"}
 
