@@ -198,8 +198,9 @@ def design_estimate(workload: str, measured: dict) -> int:
 
     scan: the layer being run held at its point and its saved w0, plus that layer of u and of v (about 4 x
     the largest perturbed layer); radius: the same with one direction (3 x). gptq: the solve of the widest
-    layer, two float64 ``(in, in)`` matrices at once beside its float32 Hessian, and three float64 copies of
-    the layer (runs recorded before these fields: 2 x the largest layer). qaft, during a step: the
+    layer, two ``(in, in)`` matrices in the solver's dtype at once (float64; float32 for bfloat16 / float16
+    models) beside its float32 Hessian, and two copies of the layer in that dtype (the error-fed weights and
+    the lattice points; runs recorded before these fields: 2 x the largest layer). qaft, during a step: the
     latent weights, their gradients, two AdamW moments and the fake-quantized weights the backward pass keeps
     (5 x the trained weights; w0 is read from the model, and the optimiser is freed before the final
     layer-MSE pass), less the gradient that the train-step reference holds already (4 x).
@@ -208,7 +209,9 @@ def design_estimate(workload: str, measured: dict) -> int:
         return 4 * measured.get("trained_bytes", measured["perturbed_bytes"])
     largest = measured.get("largest_layer_bytes", 0)  # not recorded by runs before the streamed scan
     if workload == "gptq" and "widest_input" in measured:
-        return (2 * 8 + 4) * measured["widest_input"] ** 2 + 3 * 8 * measured["largest_trained_numel"]
+        solver = 4 if measured.get("dtype") in ("bfloat16", "float16") else 8  # bytes per solver element
+        width, numel = measured["widest_input"], measured["largest_trained_numel"]
+        return (2 * solver + 4) * width**2 + 2 * solver * numel
     return {"scan": 4, "radius": 3, "gptq": 2}[workload] * largest
 
 
@@ -251,13 +254,15 @@ def miss_note(workload: str, measured: dict, value: float) -> str:
                f"optimiser is freed before the final layer-MSE pass). Going lower needs a leaner method: "
                f"--optimizer sgd (one moment), training block by block, or 8-bit / factored moments.")
     elif workload == "gptq" and "widest_input" in measured:
-        n = measured["widest_input"]
-        why = (f"beside one block's w0, GPTQ solves each layer in float64: two ({n}, {n}) matrices "
-               f"at once ({8 * n * n / MIB:.0f} MiB each) beside the float32 Hessian, and float64 copies "
-               f"of the layer (design estimate {estimate:.2f}). They grow with the input width squared, "
-               f"not with the model: wide-MLP models that are small overall pay most (a 7B model's "
-               f"11,008-wide input: about 0.2 of its bf16 size). Closing it: a float32 solve "
-               f"(GPTQSettings.compute_dtype) halves them.")
+        n, low = measured["widest_input"], measured.get("dtype") in ("bfloat16", "float16")
+        solver = "float32" if low else "float64"
+        why = (f"beside one block's w0, GPTQ solves each layer in {solver}: two ({n}, {n}) matrices "
+               f"at once ({(4 if low else 8) * n * n / MIB:.0f} MiB each) beside the float32 Hessian, and "
+               f"{solver} copies of the layer (design estimate {estimate:.2f}). They grow with the input "
+               f"width squared, not with the model: wide-MLP models that are small overall pay most (a 7B "
+               f"model's 11,008-wide input: about 0.1 of its bf16 size)."
+               + ("" if low else " Closing it: a float32 solve (GPTQSettings(compute_dtype=torch.float32), "
+                                 "the default for bfloat16 / float16 models) halves them."))
     else:
         why = (f"by design it holds only a layer or a block beside the model (design estimate "
                f"{estimate:.2f}); the excess is allocator or library state that this measurement does not "

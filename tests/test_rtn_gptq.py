@@ -163,6 +163,25 @@ def test_gptq_layer_float32_agrees_with_float64():
     assert mse_on_inputs(w, q32.double(), x) == pytest.approx(mse_on_inputs(w, q64.double(), x), rel=1e-3)
 
 
+def test_gptq_solves_low_precision_weights_in_float32_by_default():
+    """bfloat16 / float16 weights: the solver runs in float32 unless told otherwise (half the memory of a
+    float64 solve); float32 / float64 weights keep the float64 solver."""
+    default = GPTQSettings()
+    assert default.solver_dtype(torch.bfloat16) == default.solver_dtype(torch.float16) == torch.float32
+    assert default.solver_dtype(torch.float32) == default.solver_dtype(torch.float64) == torch.float64
+    assert GPTQSettings(compute_dtype=torch.float64).solver_dtype(torch.bfloat16) == torch.float64
+    w, x = layer_problem(seed=7)
+    wb, H = w.to(torch.bfloat16), hessian_of(x).float()
+    grid = make_grid(wb, "int4-g8")
+    q_auto, _ = gptq_layer(wb, H, grid)
+    q_32, _ = gptq_layer(wb, H, grid, GPTQSettings(compute_dtype=torch.float32))
+    q_64, _ = gptq_layer(wb, H, grid, GPTQSettings(compute_dtype=torch.float64))
+    assert q_auto.dtype == torch.bfloat16 and torch.equal(q_auto, q_32)
+    assert mse_on_inputs(w, q_auto.double(), x) == pytest.approx(mse_on_inputs(w, q_64.double(), x), rel=1e-3)
+    with pytest.raises(ValueError, match="compute_dtype must be torch.float32 or torch.float64"):
+        GPTQSettings(compute_dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("act_order", [True, False])
 def test_gptq_with_identity_or_diagonal_hessian_is_rtn(act_order):
     """With no input correlations the error feedback is zero, so GPTQ rounds every weight to nearest."""

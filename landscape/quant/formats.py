@@ -229,8 +229,8 @@ class Grid:
     def round_on(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Nearest lattice point of ``w`` given its columns' ``scale`` and ``zero`` (broadcastable to ``w``).
 
-        For solvers that visit columns one at a time (GPTQ): expand ``per_column(scale)`` once and slice
-        it, instead of indexing the groups for every column.
+        For solvers that visit columns one at a time (GPTQ): pass the column's group's ``scale[:, g]`` and
+        ``zero[:, g]``.
         """
         return scale * (torch.clamp(torch.round(w / scale + zero), self.fmt.qmin, self.fmt.qmax) - zero)
 

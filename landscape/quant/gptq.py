@@ -99,7 +99,10 @@ class GPTQSettings:
             full-precision model's inputs.
         true_sequential: within a block, a layer's inputs also reflect the quantized layers before it
             (only with ``sequential``).
-        compute_dtype: dtype of the solver (the Cholesky factor and the error feedback): float64 or float32.
+        compute_dtype: dtype of the solver (the Cholesky factor and the error feedback): float64, float32, or
+            ``None`` (default): float64 for float32 / float64 weights, float32 for bfloat16 / float16 ones
+            (:meth:`solver_dtype`), as the reference implementation does: a float64 solve of a wide layer
+            holds two ``(in, in)`` float64 matrices, 1 GiB at 8,192 inputs, which is half a 1B bf16 model.
         hessian_dtype: dtype in which ``H = 2/n sum x x^T`` is accumulated (float32, as in the reference
             implementation: 2-2.5x faster on CPU than float64, the ``x x^T`` products dominating the cost;
             float64 for exact comparisons). It is converted to ``compute_dtype`` before the solver runs.
@@ -111,7 +114,7 @@ class GPTQSettings:
     act_order: bool = True
     sequential: bool = True
     true_sequential: bool = True
-    compute_dtype: torch.dtype = torch.float64
+    compute_dtype: torch.dtype | None = None
     hessian_dtype: torch.dtype = torch.float32
     max_escalations: int = MAX_DAMP_ESCALATIONS
 
@@ -120,8 +123,16 @@ class GPTQSettings:
         for name in ("act_order", "sequential", "true_sequential"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        check_compute_dtype(self.compute_dtype)
+        if self.compute_dtype is not None:
+            check_compute_dtype(self.compute_dtype)
         check_compute_dtype(self.hessian_dtype, "hessian_dtype")
+
+    def solver_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
+        """The solver's dtype for weights of ``weight_dtype``: :attr:`compute_dtype`, or when that is ``None``
+        float32 for bfloat16 / float16 weights and float64 otherwise."""
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return torch.float32 if weight_dtype in (torch.bfloat16, torch.float16) else torch.float64
 
 
 def _check_layer_problem(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, name: str) -> None:
@@ -216,7 +227,7 @@ def gptq_layer(
         raise TypeError(f"settings must be a GPTQSettings, got {type(settings).__name__}")
     _check_layer_problem(w, hessian, grid, name)
     damp, block_size, act_order = settings.damp, settings.block_size, settings.act_order
-    compute_dtype = settings.compute_dtype
+    compute_dtype = settings.solver_dtype(w.dtype)
     n_in = w.shape[1]
     diagonal = hessian.detach().diagonal().to(device=w.device, dtype=compute_dtype).clone()
     dead = diagonal == 0
@@ -239,9 +250,10 @@ def gptq_layer(
     # Columns are rows of the transposed matrices below, so every per-column step reads and writes contiguous
     # memory (a column of an (out, in) row-major matrix is strided: one cache line per entry).
     WT = w.detach().T.to(compute_dtype)[perm].contiguous()  # (in, out): processing order, error-fed as we go
-    # Each column's grid scale and zero point, in the processing order (a column keeps its own group's).
-    scale = grid.per_column(grid.scale).to(WT).T[perm].contiguous()  # (in, out)
-    zero = grid.per_column(grid.zero).to(WT).T[perm].contiguous()  # (in, out)
+    # Each column's grid scale and zero point are its group's: (n_groups, out) rows, looked up per column in
+    # the processing order (not expanded to (in, out): two more layer-sized matrices in the solver's dtype).
+    scale, zero = grid.scale.to(WT).T.contiguous(), grid.zero.to(WT).T.contiguous()  # (n_groups, out)
+    group_of = (perm // grid.group_size).tolist()  # the group of each column, in processing order
 
     QT = torch.empty_like(WT)  # (in, out)
     for i1 in range(0, n_in, block_size):
@@ -250,7 +262,8 @@ def gptq_layer(
         E1 = torch.empty_like(W1)  # scaled rounding errors (w_j - q_j) / U_jj
         for j in range(i2 - i1):
             w_j = W1[j]  # (out,)
-            q_j = grid.round_on(w_j, scale[i1 + j], zero[i1 + j])
+            g = group_of[i1 + j]
+            q_j = grid.round_on(w_j, scale[g], zero[g])
             QT[i1 + j] = q_j
             E1[j] = (w_j - q_j) / U[i1 + j, i1 + j]
             W1[j + 1 :] -= U[i1 + j, i1 + j + 1 : i2, None] * E1[j]  # (b - j - 1, out) rank-1 update
@@ -348,7 +361,8 @@ def gptq(
             "sequential": settings.sequential,
             "true_sequential": settings.true_sequential and settings.sequential,
             "batch_size": batch_size,
-            "compute_dtype": str(settings.compute_dtype).removeprefix("torch."),
+            "compute_dtype": str(settings.solver_dtype(next(base.model.parameters()).dtype)).removeprefix(
+                "torch."),
             "hessian_dtype": str(settings.hessian_dtype).removeprefix("torch."),
             "grid": "min-max of w0, static groups",
             "layers": layers if layers is None or isinstance(layers, str) else list(layers),
