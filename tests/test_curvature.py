@@ -181,6 +181,35 @@ def test_operator_products_equal_the_dense_hessian(gpt2_problem):
     assert weight_space(model).parameter_names == tuple(f"{n}.weight" for n in layers)
 
 
+def test_operator_equals_hessian_eigenthings_and_leaves_grads_alone(gpt2_problem):
+    """The lean operator (products accumulated into views of one output) computes what the library's
+    HessianOperator computes, and any .grad a parameter had before a product is there after it."""
+    from hessian_eigenthings import HessianOperator
+
+    model, data, layers, hessian = gpt2_problem
+    v = torch.randn(hessian.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    problem = Curvature(model, data, batch_size=3)
+    names = set(weight_space(model).parameter_names)
+    batches = list(data.batches(3))
+
+    def scaled(m, batch):
+        return segment_nll_sums(m, *batch).sum() * len(batches) / data.n_scored_tokens
+
+    library = HessianOperator(model, batches, scaled, param_filter=lambda name, _p: name in names)
+    before = {name: torch.full_like(p, 7.0) for name, p in model.named_parameters() if name in names}
+    for name, p in model.named_parameters():
+        p.grad = before.get(name)
+    try:
+        ours = problem.operator().matvec(v)
+        torch.testing.assert_close(ours, library.matvec(v), rtol=1e-12, atol=1e-14)
+        for name, p in model.named_parameters():
+            if name in names:
+                assert p.grad is before[name] and bool((p.grad == 7.0).all())
+    finally:
+        for p in model.parameters():
+            p.grad = None
+
+
 def test_top_and_bottom_eigenvalues_match_dense_eigh(gpt2_problem, gpt2_spectrum):
     _, _, _, hessian = gpt2_problem
     exact = torch.linalg.eigvalsh(hessian).numpy()  # ascending
@@ -517,12 +546,22 @@ def test_a_krylov_basis_on_disk_gives_bit_identical_spectra_and_leaves_no_files(
         return out
 
     monkeypatch.setattr(operators.MappedBasisBackend, "scale", spy)
+    released, original_release = set(), operators.MappedBasisBackend.release
+
+    def release_spy(self, *vectors):
+        released.update(v.data_ptr() for v in vectors if v.data_ptr() in self.maps)
+        original_release(self, *vectors)
+        mapped_vectors.update(self.maps)
+
+    mapped_vectors: dict = {}
+    monkeypatch.setattr(operators.MappedBasisBackend, "release", release_spy)
     settings = {"k": 3, "k_bottom": 2, "lanczos_steps": 14}
     with pytest.warns(curvature.ConvergenceWarning):  # 14 steps: not converged, and the same either way
         memory = Curvature(model, data, progress=False).spectrum(**settings)
     with pytest.warns(curvature.ConvergenceWarning):
         disk = Curvature(model, data, progress=False).spectrum(krylov_dir=tmp_path, **settings)
     assert len(made) == 14 and len(made[-1]) == 14  # every basis vector went to its own mapped file
+    assert len(mapped_vectors) == 14 and released == set(mapped_vectors)  # each let go after its use
     assert list(tmp_path.iterdir()) == []  # removed when the run ended
     for end in ("top", "bottom"):
         a, b = getattr(memory, end), getattr(disk, end)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import shutil
 import tempfile
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hessian_eigenthings import CurvatureOperator, GGNOperator, HessianOperator
+from hessian_eigenthings import CurvatureOperator, GGNOperator
 from hessian_eigenthings.linalg import SingleDeviceBackend
 from torch import nn
 from tqdm.auto import tqdm
@@ -64,10 +65,7 @@ def nll_operator(model: nn.Module, batches: list[Batch], loss_scale: float, spac
         return name in selected
 
     if kind == "hessian":
-        def scaled_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
-            return segment_nll_sums(model, *batch).sum() * loss_scale
-
-        return HessianOperator(model, batches, scaled_nll, param_filter=in_space)
+        return NLLHessianOperator(model, batches, loss_scale / len(batches), space)
 
     def logits_of(model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(input_ids=batch[0]).logits  # (b, t, vocab)
@@ -76,6 +74,59 @@ def nll_operator(model: nn.Module, batches: list[Batch], loss_scale: float, spac
         return nll_sums_from_logits(logits, *batch).sum() * loss_scale
 
     return GGNOperator(model, batches, logits_of, scaled_nll_of_logits, param_filter=in_space)
+
+
+class NLLHessianOperator(CurvatureOperator):
+    """``H v`` of ``scale * sum over batches of the summed NLL`` w.r.t. the weights of ``space``, in as little
+    memory as a double backward allows.
+
+    hessian-eigenthings' ``HessianOperator`` computes the same products (to float rounding; the tests check
+    it), but holds its batch's product as a tuple of tensors, concatenates it into a flat copy and adds that
+    into a running total: three space-sized vectors beside the first-order gradients of the double backward.
+    Here every batch's second backward accumulates, in place, into ``.grad`` tensors that are views of the one
+    flat output (each parameter's previous ``.grad`` is restored afterwards). On SmolLM2's 106 M decoder
+    weights that is about 0.4 GB per vector.
+    """
+
+    def __init__(self, model: nn.Module, batches: list[Batch], scale: float, space: WeightSpace) -> None:
+        named = dict(model.named_parameters())
+        self.model, self.batches, self.scale = model, batches, scale
+        self.params = [named[name] for name in space.parameter_names]
+        self.sizes = [p.numel() for p in self.params]
+        self._size = sum(self.sizes)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v`` for a flat ``(size,)`` vector ``v`` (the space's order), ``(size,)``."""
+        if v.shape != (self._size,):
+            raise ValueError(f"expected a vector of shape ({self._size},), got {tuple(v.shape)}")
+        out = torch.zeros_like(v)
+        tangents = [part.view_as(p) for part, p in zip(v.split(self.sizes), self.params)]
+        previous = [p.grad for p in self.params]
+        try:
+            for p, part in zip(self.params, out.split(self.sizes)):
+                p.grad = part.view_as(p)  # the second backward adds into the output in place
+            for tokens, mask in self.batches:
+                loss = segment_nll_sums(self.model, tokens, mask).sum() * self.scale
+                grads = torch.autograd.grad(loss, self.params, create_graph=True)
+                del loss
+                torch.autograd.backward(grads, grad_tensors=tangents, inputs=self.params)
+                del grads
+        finally:
+            for p, grad in zip(self.params, previous):
+                p.grad = grad
+        return out
 
 
 class WrappedOperator(CurvatureOperator):
@@ -237,25 +288,54 @@ def check_krylov_memory(model: nn.Module, space: WeightSpace, n_basis: int, n_re
 
 class MappedBasisBackend(SingleDeviceBackend):
     """hessian-eigenthings' vector arithmetic, except that ``scale``, which Lanczos uses to make each new
-    (unit) basis vector, writes its result into a new memory-mapped file: the basis lives in the page cache,
-    which the operating system can write out, instead of in process memory. Same kernels, so bit-identical
-    results."""
+    (unit) basis vector, writes its result into a new memory-mapped file, and that a mapped vector's pages
+    leave the process once an operation has read it (``madvise(MADV_DONTNEED)``; the file's pages stay in
+    the page cache, which the operating system can write out and reclaim): the basis costs the process one
+    vector at a time instead of one per step. Same kernels, so bit-identical results."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.n_files = 0
+        self.maps: dict[int, mmap.mmap] = {}  # data_ptr of each mapped vector -> its mapping
 
     def scale(self, alpha: float | torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         path = self.directory / f"v{self.n_files:06d}.f{a.element_size()}"
         self.n_files += 1
+        size = a.numel() * a.element_size()
         try:
-            out = torch.from_file(str(path), shared=True, size=a.numel(), dtype=a.dtype).view(a.shape)
-        except RuntimeError as err:  # a full disk or a read-only folder: torch says "unable to resize file"
-            size, reason = a.numel() * a.element_size(), str(err).splitlines()[0]
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)  # reserve the blocks: a full disk fails here, not mid-write
+                mapping = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+        except OSError as err:  # a full disk or a read-only folder
             raise CurvatureError(f"cannot write Krylov vector {self.n_files} ({size:,} B) in --krylov-dir "
-                                 f"{self.directory.parent}: {reason}; free space there (it needs one vector "
-                                 f"per Lanczos step) or choose another directory") from None
-        return torch.mul(a, alpha, out=out)
+                                 f"{self.directory.parent}: {err.strerror}; free space there (it needs one "
+                                 f"vector per Lanczos step) or choose another directory") from None
+        out = torch.frombuffer(mapping, dtype=a.dtype).view(a.shape)
+        self.maps[out.data_ptr()] = mapping
+        torch.mul(a, alpha, out=out)
+        self.release(out)
+        return out
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = super().dot(a, b)
+        self.release(a, b)
+        return out
+
+    def axpy(self, alpha: float | torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = super().axpy(alpha, a, b)
+        self.release(a)
+        return out
+
+    def release(self, *vectors: torch.Tensor) -> None:
+        """Drop the pages of those ``vectors`` that are mapped basis vectors from the process (their contents
+        stay in the file and come back on the next read)."""
+        for v in vectors:
+            mapping = self.maps.get(v.data_ptr())
+            if mapping is not None and hasattr(mapping, "madvise"):
+                mapping.madvise(mmap.MADV_DONTNEED)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -204,7 +204,8 @@ def lanczos_spectrum(problem: NLLProblem, k: int, k_bottom: int, lanczos_steps: 
         counted = CountedOperator(op, bar)
         krylov = lanczos_tridiagonal(counted, start_vector, steps, reorthogonalize=True, backend=backend)
         seconds = time.perf_counter() - started
-        top, bottom = _ritz_pairs(krylov, space, op, k, k_bottom, tol, return_eigenvectors)
+        top, bottom = _ritz_pairs(krylov, space, op, k, k_bottom, tol, return_eigenvectors,
+                                  getattr(backend, "release", None))
         spectrum = Spectrum(top, bottom, problem.kind, space.layers, space.size, krylov.iterations, seconds,
                             counted.seconds / max(counted.n_matvecs, 1),
                             {"tol": tol, "seed": seed, "k": k, "k_bottom": k_bottom, "reorthogonalize": True,
@@ -220,9 +221,10 @@ def lanczos_spectrum(problem: NLLProblem, k: int, k_bottom: int, lanczos_steps: 
 
 
 def _ritz_pairs(krylov: LanczosTridiag, space: WeightSpace, op: CurvatureOperator, k: int, k_bottom: int,
-                tol: float, return_eigenvectors: bool) -> tuple[Eigenpairs, Eigenpairs]:
+                tol: float, return_eigenvectors: bool,
+                release: Callable[[torch.Tensor], None] | None = None) -> tuple[Eigenpairs, Eigenpairs]:
     """The top-``k`` and bottom-``k_bottom`` Ritz pairs of a Lanczos run, with residuals and convergence
-    flags."""
+    flags (``release``: the disk basis's, called on each basis vector once it is read)."""
     # (m,) ascending Ritz values; (m, m) their coordinates in the Krylov basis, one column per value
     ritz_values, ritz_coords = torch.linalg.eigh(_tridiagonal(krylov))
     residuals = ritz_coords[-1].abs() * krylov.last_beta  # (m,) ||H y - theta y|| of each Ritz pair
@@ -244,6 +246,8 @@ def _ritz_pairs(krylov: LanczosTridiag, space: WeightSpace, op: CurvatureOperato
             stacked = torch.zeros(len(index), space.size, dtype=op.dtype, device=op.device)  # (k, n)
             for j, basis_vector in enumerate(krylov.basis):  # Ritz vector = Krylov basis @ Ritz coordinates
                 stacked.addr_(ritz_coords[j, idx], basis_vector)
+                if release is not None:
+                    release(basis_vector)
             vectors = space.unflatten(stacked)
         converged = (res <= tol * values.abs()) | (res <= roundoff)
         return Eigenpairs(end, _numpy(values), _numpy(res), _numpy(converged), vectors)
