@@ -316,6 +316,36 @@ def test_ggn_eigenvalues_match_dense_jt_h_j(gpt2_problem):
 
 
 # --------------------------------------------------------------------------------- trace and density
+@pytest.mark.parametrize("n_matvecs", [6, 30])
+def test_lean_hutch_plus_plus_equals_hessian_eigenthings(gpt2_problem, n_matvecs):
+    """The in-place Hutch++ draws the library's probes from the same seed and gives its estimate and standard
+    error (to rounding: Gram-Schmidt rows instead of a Householder QR span the same sketch); its chunked
+    random signs are the library's."""
+    from hessian_eigenthings import trace as library_trace
+    from hessian_eigenthings.linalg import SingleDeviceBackend
+
+    from landscape.curvature.operators import rademacher
+    from landscape.curvature.spectrum import lean_hutch_plus_plus
+
+    model, data, _, hessian = gpt2_problem
+    operator = Curvature(model, data, progress=False).operator()
+    ours = lean_hutch_plus_plus(operator, n_matvecs, seed=5)
+    theirs = library_trace(operator, num_matvecs=n_matvecs, method="hutch++", seed=5)
+    assert ours == pytest.approx((theirs.estimate, theirs.stderr), rel=1e-9)
+    probe = torch.empty(3_000_001)
+    expected = SingleDeviceBackend().rademacher_like(probe, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(rademacher(probe.numel(), probe.dtype, probe.device, torch.Generator().manual_seed(2),
+                                  chunk=65_536), expected)
+    # a sketch wider than the space: the vanishing rows are dropped and the low-rank part is the exact trace
+    from hessian_eigenthings import LambdaOperator
+
+    a = torch.randn(5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = a + a.T
+    small = LambdaOperator(lambda v: a @ v, 5, dtype=torch.float64)
+    value, _ = lean_hutch_plus_plus(small, 60, seed=0)  # 20 sketch rows in 5 dimensions
+    assert value == pytest.approx(float(a.trace()), rel=1e-10)
+
+
 def test_trace_is_within_its_stated_error_of_the_exact_trace(gpt2_problem):
     model, data, _, hessian = gpt2_problem
     exact = float(hessian.trace())
@@ -522,7 +552,10 @@ def test_a_krylov_basis_that_cannot_fit_in_memory_is_refused_before_any_product(
         Curvature(model, data, progress=False).spectrum(k=2, k_bottom=0, lanczos_steps=12)
     with pytest.raises(CurvatureError, match=r"lanczos_steps=20 keeps 21"):
         Curvature(model, data, progress=False).density(lanczos_steps=20)
-    with pytest.raises(CurvatureError, match=r"n_matvecs=30 keeps 30 full-length vectors"):  # Hutch++: 3 x 10
+    # Hutch++: its 12 sketch rows and a probe and its product (14 > 13.2); 10 + 2 fit
+    with pytest.raises(CurvatureError, match=r"n_matvecs=36 keeps 14 full-length vectors"):
+        Curvature(model, data, progress=False).trace(n_matvecs=36)
+    with pytest.raises(AssertionError, match="before the memory check"):
         Curvature(model, data, progress=False).trace(n_matvecs=30)
     with pytest.raises(AssertionError, match="before the memory check"):
         Curvature(model, data, progress=False).trace(n_matvecs=12)

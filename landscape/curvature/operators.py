@@ -286,7 +286,27 @@ def check_krylov_memory(model: nn.Module, space: WeightSpace, n_basis: int, n_re
         + " or use a larger machine")
 
 
-class MappedBasisBackend(SingleDeviceBackend):
+def rademacher(n: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None,
+               chunk: int = 1 << 20) -> torch.Tensor:
+    """A ``(n,)`` vector of random signs, the same as hessian-eigenthings' ``rademacher_like`` draws from
+    ``generator`` (``randint(0, 2)`` in order), made a chunk at a time: the library draws all ``n`` as int64
+    first (twice a float32 vector) and makes two more float copies on the way."""
+    out = torch.empty(n, dtype=dtype, device=device)
+    for i in range(0, n, chunk):
+        bits = torch.randint(0, 2, (min(chunk, n - i),), dtype=torch.int64, generator=generator)
+        out[i : i + len(bits)] = bits.to(device=device, dtype=dtype) * 2.0 - 1.0
+    return out
+
+
+class LeanBackend(SingleDeviceBackend):
+    """hessian-eigenthings' vector arithmetic with random signs drawn a chunk at a time
+    (:func:`rademacher`): the same vectors, without the transient int64 and float copies of a whole one."""
+
+    def rademacher_like(self, a: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        return rademacher(a.numel(), a.dtype, a.device, generator).view(a.shape)
+
+
+class MappedBasisBackend(LeanBackend):
     """hessian-eigenthings' vector arithmetic, except that ``scale``, which Lanczos uses to make each new
     (unit) basis vector, writes its result into a new memory-mapped file, and that a mapped vector's pages
     leave the process once an operation has read it (``madvise(MADV_DONTNEED)``; the file's pages stay in
@@ -339,11 +359,11 @@ class MappedBasisBackend(SingleDeviceBackend):
 
 
 @contextlib.contextmanager
-def krylov_backend(krylov_dir: str | os.PathLike | None) -> Iterator[SingleDeviceBackend]:
+def krylov_backend(krylov_dir: str | os.PathLike | None) -> Iterator[LeanBackend]:
     """The vector backend of a Lanczos run: in memory (``None``), or mapped files in a temporary folder under
     ``krylov_dir`` that is removed when the run ends."""
     if krylov_dir is None:
-        yield SingleDeviceBackend()
+        yield LeanBackend()
         return
     with tempfile.TemporaryDirectory(prefix="krylov-", dir=krylov_dir) as folder:
         yield MappedBasisBackend(Path(folder))
