@@ -121,7 +121,42 @@ def test_the_study_refuses_bad_requests_before_loading(tmp_path, capsys):
                          (["--replicates", "1", "2"], "one count or one per budget"),
                          (["--direction", "gptq"], "NAME=RESULT_PATH"),
                          (["--direction", f"gptq={tmp_path}/none"], "no saved quantization results"),
-                         (["--trace-matvecs", "3"], "0 or >= 6")]:
+                         (["--trace-matvecs", "3"], "0 or >= 6"),
+                         (["--k-top", "3", "--lanczos-steps", "4"], "lanczos_steps must be >= 2 x k_top")]:
         with pytest.raises(SystemExit):
             study.parse(base + extra)
         assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.filterwarnings("ignore::landscape.curvature.ConvergenceWarning")
+def test_landscape_spectrum_budgets_runs_the_sweep_at_w0(tmp_path, capsys, monkeypatch):
+    """``landscape spectrum --budgets``: flags the sweep does not take are refused before the model loads; the
+    stored replicate's trace is a Hutch++ run on that replicate's windows."""
+    import landscape.cli.spectrum  # noqa: F401  (registers the command)
+    from landscape import models
+    from landscape.cli import main
+    from landscape.curvature import TraceEstimate
+    from landscape.data import heldout_set
+    from landscape.models import load_model
+    from landscape.store import read_store
+
+    base = ["spectrum", "ref-tiny", "--k", "1", "--k-bottom", "0", "--lanczos-steps", "4", "--trace-matvecs",
+            "6", "--budgets", "16", "32", "--replicates", "2", "--no-progress"]
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model",
+                        lambda *a, **k: pytest.fail("the model loaded before the check"))
+    for bad, message in ((["--seq-len", "16", "--density-runs", "1"], "does not take --density-runs"),
+                         ([], "--budgets needs --seq-len"),
+                         (["--seq-len", "10"], "multiples of seq_len=10")):
+        assert main([*base, *bad, "--out", str(tmp_path / "bad.h5")]) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.setattr(models, "load_model", real_load)
+    assert main([*base, "--seq-len", "16", "--out", str(tmp_path / "s.h5")]) == 0
+    assert "trace (Hutch++)" in capsys.readouterr().out
+    store = read_store(tmp_path / "s.h5")
+    assert store.provenance["tasks"] == ["spectrum/16/0", "trace/16/0", "spectrum/16/1", "trace/16/1",
+                                         "spectrum/32/0", "trace/32/0", "spectrum/32/1", "trace/32/1"]
+    lm = load_model("ref-tiny")
+    windows = heldout_set(lm.tokenizer, 16, "wiki", 4, context_length=lm.info.context_length)
+    direct = Curvature(lm.model, windows.subset([2, 3]), batch_size=1, progress=False).trace(6)
+    assert TraceEstimate.from_data(store, "trace/32/1").value == pytest.approx(direct.value, rel=1e-6)

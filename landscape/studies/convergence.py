@@ -11,16 +11,24 @@ at that budget would see, and their mean (with a Student-t interval) shows the d
 * :func:`converge`: a quantity's values per budget -> :class:`Convergence` (mean and interval per budget, the
   largest single-replicate deviation from the reference, the smallest budget stable to a tolerance).
 * :func:`flattest_share`: in what share of replicates each direction is the flattest.
+* :class:`SweepSettings`, :func:`sweep_tasks`, :func:`report`: the sweep itself as resumable store tasks (for
+  :func:`landscape.store.run_tasks`) and its report (``python -m analyses.curvature_convergence``,
+  ``landscape spectrum --budgets``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from torch import nn
 
+from landscape.curvature import Curvature, DirectionalCurvature, Spectrum, TraceEstimate
+from landscape.data import TokenSet
+from landscape.engine.directions import displacement_direction, random_direction_of_length
 from landscape.stats import Interval, mean_t_interval
+from landscape.store import StoreData, StoreRecord
 
 DEFAULT_TOLERANCE = 0.10  # "stable to 10 %"
 
@@ -213,4 +221,147 @@ def markdown(rows: Sequence[Convergence], budgets: Budgets) -> str:
             cells.append(f"{body} (n={len(s.values)}), {s.deviation:.0%}")
         stable = f"{row.stable_tokens:,} tokens" if row.stable_tokens is not None else "not within the sweep"
         lines.append("| " + " | ".join([row.name, *cells, stable]) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- the sweep
+@dataclass(frozen=True)
+class SweepSettings:
+    """What a convergence sweep measures at every budget and replicate.
+
+    Attributes:
+        k_top: top Hessian eigenvalues per replicate (0: no spectrum); lanczos_steps: products per Lanczos
+            run.
+        trace_matvecs: Hutch++ products per replicate (0: no trace); seed: of the Lanczos start and the probes
+            (the same at every budget).
+        directions: name -> a saved quantization result (path without suffix) whose displacement's
+            ``u^T H u`` and ``g^T u`` are measured per window; random: random filter-normalised directions
+            ``random0``, ``random1``, ...
+        tolerance: the relative deviation a budget must stay within to count as stable.
+    """
+
+    k_top: int = 3
+    lanczos_steps: int = 10
+    trace_matvecs: int = 6
+    seed: int = 0
+    directions: tuple[tuple[str, str], ...] = ()
+    random: int = 0
+    tolerance: float = DEFAULT_TOLERANCE
+
+    def __post_init__(self) -> None:
+        if self.k_top < 0 or self.trace_matvecs < 0 or self.random < 0:
+            raise ConvergenceError(f"k_top, trace_matvecs and random must be >= 0, got {self.k_top}, "
+                                   f"{self.trace_matvecs}, {self.random}")
+        if 0 < self.trace_matvecs < 6:
+            raise ConvergenceError(f"trace_matvecs must be 0 or >= 6 (Hutch++), got {self.trace_matvecs}")
+        if self.k_top and self.lanczos_steps < 2 * self.k_top:
+            raise ConvergenceError(f"lanczos_steps must be >= 2 x k_top = {2 * self.k_top}, got "
+                                   f"{self.lanczos_steps}")
+        names = [n for n, _ in self.directions]
+        if len(set(names)) != len(names) or any(n.startswith("random") for n in names):
+            raise ConvergenceError(f"direction names must be distinct and not start with 'random', "
+                                   f"got {names}")
+        if not 0 < self.tolerance < 1:
+            raise ConvergenceError(f"tolerance must be in (0, 1), got {self.tolerance}")
+        if not (self.k_top or self.trace_matvecs or self.directions or self.random):
+            raise ConvergenceError("nothing to measure: no spectrum, trace, direction or random direction")
+
+    @property
+    def direction_names(self) -> list[str]:
+        return [n for n, _ in self.directions] + [f"random{s}" for s in range(self.random)]
+
+
+def task_names(budgets: Budgets, settings: SweepSettings) -> list[str]:
+    """The sweep's store tasks in order (a fanned-out run counts them before loading anything)."""
+    names = []
+    for i in range(len(budgets.segments)):
+        for r in range(budgets.replicates[i]):
+            names += [f"spectrum/{budgets.tokens(i)}/{r}"] if settings.k_top else []
+            names += [f"trace/{budgets.tokens(i)}/{r}"] if settings.trace_matvecs else []
+    for name in settings.direction_names:
+        names += [f"curvature/{name}", f"slope/{name}"]
+    return names
+
+
+def sweep_tasks(model: nn.Module, windows: TokenSet, budgets: Budgets, settings: SweepSettings, *,
+                progress: bool = True) -> dict[str, Callable[[], StoreRecord]]:
+    """The sweep's tasks (for :func:`landscape.store.run_tasks`) on the first ``budgets.n_windows`` of
+    ``windows`` (held-out windows of ``budgets.seq_len`` tokens). Nothing is computed until a task runs."""
+    if windows.seq_len != budgets.seq_len or windows.n_segments < budgets.n_windows:
+        raise ConvergenceError(f"the sweep needs {budgets.n_windows} windows of {budgets.seq_len} tokens, "
+                               f"got {windows.n_segments} of {windows.seq_len}")
+    data = windows.subset(slice(0, budgets.n_windows))
+
+    def on(group: range) -> Curvature:
+        return Curvature(model, data.subset(list(group)), batch_size=1, progress=progress)
+
+    tasks: dict[str, Callable[[], StoreRecord]] = {}
+    for i in range(len(budgets.segments)):
+        for r, group in enumerate(budgets.groups(i)):
+            key = f"{budgets.tokens(i)}/{r}"
+            if settings.k_top:
+                tasks[f"spectrum/{key}"] = lambda g=group: on(g).spectrum(
+                    settings.k_top, 0, lanczos_steps=settings.lanczos_steps, seed=settings.seed,
+                    return_eigenvectors=False).to_record(include_eigenvectors=False)
+            if settings.trace_matvecs:
+                tasks[f"trace/{key}"] = lambda g=group: on(g).trace(settings.trace_matvecs,
+                                                                    seed=settings.seed).to_record()
+    sources, whole = dict(settings.directions), range(budgets.n_windows)
+
+    def direction(name: str):  # built when its task runs, so a finished task loads nothing
+        if name in sources:
+            return displacement_direction(model, sources[name])
+        return random_direction_of_length(model, int(name.removeprefix("random")), 1.0)
+
+    for name in settings.direction_names:
+        tasks[f"curvature/{name}"] = lambda n=name: on(whole).rayleigh_quotient(direction(n)).to_record()
+        tasks[f"slope/{name}"] = lambda n=name: on(whole).slope(direction(n)).to_record()
+    assert list(tasks) == task_names(budgets, settings)
+    return tasks
+
+
+def sweep_rows(store: StoreData, budgets: Budgets,
+               settings: SweepSettings) -> tuple[list[Convergence], dict[str, list[np.ndarray]]]:
+    """Every quantity of a finished sweep store as a :class:`Convergence`, and each direction's ``u^T H u``
+    per budget and replicate (for :func:`flattest_share`)."""
+    rows: list[Convergence] = []
+    index = range(len(budgets.segments))
+
+    def per_budget(task: str, read: Callable[[str], float]) -> list[list[float]]:
+        return [[read(f"{task}/{budgets.tokens(i)}/{r}") for r in range(budgets.replicates[i])]
+                for i in index]
+
+    for j in range(settings.k_top):
+        rows.append(converge(f"lambda_{j + 1}", per_budget(
+            "spectrum", lambda t, j=j: float(Spectrum.from_data(store, t).top.eigenvalues[j])), budgets,
+            tolerance=settings.tolerance))
+    if settings.trace_matvecs:
+        rows.append(converge("trace (Hutch++)", per_budget(
+            "trace", lambda t: TraceEstimate.from_data(store, t).value), budgets,
+            tolerance=settings.tolerance))
+    curvatures = {}
+    for name in settings.direction_names:
+        for kind, symbol in (("curvature", "u^T H u"), ("slope", "g^T u")):
+            estimate = DirectionalCurvature.from_data(store, f"{kind}/{name}")
+            values = group_estimates(estimate.unit_sums, estimate.unit_tokens, budgets)
+            rows.append(converge(f"{symbol}, {name}", values, budgets, tolerance=settings.tolerance))
+            if kind == "curvature":
+                curvatures[name] = values
+    return rows, curvatures
+
+
+def report(store: StoreData, budgets: Budgets, settings: SweepSettings) -> str:
+    """A finished sweep as Markdown: the convergence table, its conventions, the flattest-direction shares."""
+    rows, curvatures = sweep_rows(store, budgets, settings)
+    corpus = store.provenance.get("nll_convention", {}).get("corpus", "?")
+    lines = [markdown(rows, budgets), "",
+             f"Held-out {corpus} windows of {budgets.seq_len} tokens (token-mean NLL; each window's first "
+             f"token unscored); replicates of a budget are disjoint; intervals: Student t over replicates; "
+             f"'max dev': the largest |replicate - reference| / |reference|, reference = the largest "
+             f"budget's mean; curvature in nats/token per squared weight unit, slope per weight unit."]
+    if len(curvatures) > 1:
+        lines += ["", "Share of replicates in which each direction has the smallest u^T H u:"]
+        for i, label in enumerate(budgets.labels()):
+            shares = flattest_share({n: v[i] for n, v in curvatures.items()})
+            lines.append(f"- {label}: " + ", ".join(f"{n} {s:.0%}" for n, s in shares.items()))
     return "\n".join(lines)
