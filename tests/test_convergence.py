@@ -74,6 +74,15 @@ def test_converge_interval_deviation_and_stability_by_hand():
         cv.converge("bad", [[1.0] * 3, [1.0] * 3, [1.0, float("nan")]], b)
 
 
+def test_markdown_says_when_only_the_largest_budget_is_within_tolerance():
+    b = cv.Budgets(seq_len=8, segments=(1, 2), replicates=(2, 2))
+    settled = cv.converge("a", [[10.0, 10.5], [10.0, 10.2]], b)
+    late = cv.converge("b", [[20.0, 30.0], [10.0, 10.4]], b)
+    text = cv.markdown([settled, late], b).splitlines()
+    assert text[2].endswith("| 8 tokens |")
+    assert "16 tokens only (the mean moved 145% from the budget before)" in text[3]  # |10.2 - 25| / 10.2
+
+
 def test_flattest_share_counts_replicate_winners():
     shares = cv.flattest_share({"a": [1.0, 5.0, 2.0, 0.5], "b": [2.0, 1.0, 3.0, 0.7],
                                 "c": [3.0, 4.0, 1.0, 9.0]})

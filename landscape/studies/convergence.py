@@ -219,7 +219,14 @@ def markdown(rows: Sequence[Convergence], budgets: Budgets) -> str:
             body = (f"{s.mean:.4g} [{s.interval.low:.4g}, {s.interval.high:.4g}]" if s.interval is not None
                     else f"{s.mean:.4g}")
             cells.append(f"{body} (n={len(s.values)}), {s.deviation:.0%}")
-        stable = f"{row.stable_tokens:,} tokens" if row.stable_tokens is not None else "not within the sweep"
+        if row.stable_from is None:
+            stable = "not within the sweep"
+        elif row.stable_from == len(row.budgets) - 1 and len(row.budgets) > 1:
+            # only the largest budget's replicates agree: say how far its mean moved from the budget before
+            drift = abs(row.budgets[-1].mean - row.budgets[-2].mean) / abs(row.reference or 1.0)
+            stable = f"{row.stable_tokens:,} tokens only (the mean moved {drift:.0%} from the budget before)"
+        else:
+            stable = f"{row.stable_tokens:,} tokens"
         lines.append("| " + " | ".join([row.name, *cells, stable]) + " |")
     return "\n".join(lines)
 
