@@ -94,11 +94,12 @@ def check_spectrum_args(args: argparse.Namespace) -> None:
         check_sweep_args(args)
     if args.krylov_dir is not None and not args.krylov_dir.is_dir():
         raise ValueError(f"--krylov-dir {args.krylov_dir} is not an existing directory")
-    products = ((args.lanczos_steps or max(50, 2 * (args.k + args.k_bottom))) + args.trace_matvecs
-                + args.density_runs * args.density_steps)
     if args.budgets is not None:  # every replicate's products run over its windows: count them in windows
         products = sum((args.sweep.lanczos_steps + args.trace_matvecs) * s * r
                        for s, r in zip(args.plan.segments, args.plan.replicates))
+    else:
+        products = ((args.lanczos_steps or max(50, 2 * (args.k + args.k_bottom))) + args.trace_matvecs
+                    + args.density_runs * args.density_steps)
     work_limits(args).check_points("this spectrum (Hessian-vector products: Lanczos, trace, density)",
                                    products)
 

@@ -59,13 +59,12 @@ def nll_operator(model: nn.Module, batches: list[Batch], loss_scale: float, spac
     With ``loss_scale = len(batches) / N`` the average is the curvature of the token-mean NLL over all
     batches; with one batch and ``loss_scale = 1`` it is that of the batch's summed NLL.
     """
+    if kind == "hessian":
+        return NLLHessianOperator(model, batches, loss_scale / len(batches), space)
     selected = set(space.parameter_names)
 
     def in_space(name: str, _param: nn.Parameter) -> bool:
         return name in selected
-
-    if kind == "hessian":
-        return NLLHessianOperator(model, batches, loss_scale / len(batches), space)
 
     def logits_of(model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(input_ids=batch[0]).logits  # (b, t, vocab)
