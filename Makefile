@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-done
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup test test-all figures figures-full chromium bench bench-full peers gpu-check clean-cache
+.PHONY: help setup test test-all figures figures-full size-family chromium bench bench-full peers gpu-check clean-cache
 
 help:
 	@echo "make setup        create .venv and install landscape with its pinned dependencies (idempotent)"
@@ -14,6 +14,7 @@ help:
 	@echo "make test-all     also the slow tests on SmolLM2-135M and the bundled corpus"
 	@echo "make figures      the headline measurements on smollm2-135m (quick protocol)"
 	@echo "make figures-full the full protocol (hours on CPU)"
+	@echo "make size-family  train the reference family ref-mini, ref-midi, ref-small for figure 7 (~25 min)"
 	@echo "make bench        speed and memory benchmarks -> bench/RESULTS.md"
 	@echo "make bench-full   the same with SmolLM2-135M rows (about 45 min on 2 cores)"
 	@echo "make peers        torchao QAT and llm-compressor GPTQ against ours on SmolLM2 (own venvs; ~1 h)"
@@ -42,13 +43,19 @@ test-all: setup
 # Your model, device, dtype and text: make figures MODEL=facebook/opt-125m DEVICE=cuda DTYPE=bfloat16 TEXT=my.jsonl
 # Sweep steps as jobs: make figures EXECUTOR=slurm JOBS=8 (Slurm flags: FIGURE_EXTRA="--slurm-partition gpu")
 FIGURE_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(DEVICE),--device $(DEVICE)) $(if $(DTYPE),--dtype $(DTYPE)) \
-	$(if $(TEXT),--text $(TEXT)) $(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(JOBS),--jobs $(JOBS)) $(FIGURE_EXTRA)
+	$(if $(TEXT),--text $(TEXT)) $(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(JOBS),--jobs $(JOBS)) \
+	$(if $(SIZE_MODELS),--size-models $(SIZE_MODELS)) $(FIGURE_EXTRA)
 
 figures: setup chromium
 	$(PY) -m analyses.run_all --quick --out figures $(FIGURE_ARGS)
 
 figures-full: setup chromium
 	$(PY) -m analyses.run_all --full --out figures $(FIGURE_ARGS)
+
+# Figure 7's reference family (one recipe at three sizes; cached, so `make figures` then includes them).
+# Figure 7 on any models: make figures SIZE_MODELS="facebook/opt-125m facebook/opt-350m"
+size-family: setup
+	for m in ref-mini ref-midi ref-small; do $(PY) -m landscape build-model $$m || exit 1; done
 
 # PNG export needs a Chromium (HTML does not). Installed where we can (root + apt); otherwise the
 # figure run says that PNGs were skipped.

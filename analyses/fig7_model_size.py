@@ -1,9 +1,11 @@
 """Figure 7: the relative basin radius R(w0) / ||w0|| and the GPTQ - QAFT gap against model size.
 
-For each model (the reference models ``ref-tiny``, ``ref-small`` when it is already built (it is never
-trained here), and the profile's model), the headline-format quantization table (RTN, GPTQ, QAFT on
-the same calibration budget) and R(w0) along random directions, as in figures 1 and 4. Sequence
-lengths are capped at each model's context.
+For each model (``ref-tiny``, the reference family ``ref-mini``, ``ref-midi``, ``ref-small`` (one recipe at
+three sizes) where already built (``make size-family`` trains them; they are never trained here unless named
+with ``--size-models``), and the profile's model), the headline-format quantization table (RTN, GPTQ, QAFT and
+the full-precision control on the same calibration budget) and R(w0) along random directions, as in figures
+1 and 4. Sequence lengths are capped at each model's context. ``--size-models`` takes any list: hub ids
+(e.g. ``facebook/opt-125m facebook/opt-350m``) and local directories included.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from analyses.profiles import reference_model_built
 from analyses.session import Session, basin_store, facts_store, table_stores
 from landscape import plots
 from landscape.cli.errors import script_main
+from landscape.refmodel import REF_CONFIGS
 from landscape.store import StoreData, read_store
 
 FIGURE = "fig7_model_size"
@@ -27,8 +30,10 @@ BUILT_HERE = ("ref-tiny",)  # reference models cheap enough to train inside `mak
 def models(session: Session) -> list[str]:
     """The profile's size models that are available (built, or cheap to build), then the main model."""
     main = session.profile.model
-    others = [m for m in session.profile.size_models
-              if m != main and (m in BUILT_HERE or not m.startswith("ref-") or reference_model_built(m))]
+    profile = session.profile
+    others = [m for m in profile.size_models
+              if m != main and (profile.train_size_models or m in BUILT_HERE or m not in REF_CONFIGS
+                                or reference_model_built(m))]
     return [*others, main]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from landscape.refmodel import REF_CONFIGS, reference_model_dir
+from landscape.refmodel import REF_CONFIGS, REF_FAMILY, reference_model_dir
 from landscape.studies.quant_table import Protocol
 
 PROFILE_NAMES = ("quick", "full", "tiny")
@@ -126,7 +126,10 @@ class Profile:
         headline_format: the format of figures 3 (with the others), 4, 5, 6 and 7.
         qaft_lr, qaft_epochs, qaft_batch_size: QAFT and its control; lorc_rank: LoRC's rank.
         qaft_micro_batch_size: sequences per QAFT forward/backward pass (memory only; ``None``: the batch).
-        size_models: further models of figure 7 (``ref-small`` only if already built).
+        size_models: further models of figure 7, smallest first.
+        train_size_models: train the reference models among ``size_models`` that are not built yet (set by
+            ``--size-models``); otherwise figure 7 uses those already built and never trains one (they take
+            minutes each: ``make size-family``).
     """
 
     name: str
@@ -149,6 +152,7 @@ class Profile:
     size_models: tuple[str, ...]
     qaft_micro_batch_size: int | None = None
     corpus: str = "wiki"
+    train_size_models: bool = False
 
     def __post_init__(self) -> None:
         headline = self.tables[0] if self.tables else None
@@ -211,7 +215,7 @@ QUICK = Profile(
     slices=SliceSettings(points_1d=9, points_2d=7, segments=4),
     curvature=CurvatureSettings(segments=1, seq_len=128, k_top=5, k_bottom=1, lanczos_steps=10,
                                 trace_matvecs=6, density_runs=1, density_steps=8, path_t=(0.0, 0.5, 1.0)),
-    size_models=("ref-tiny", "ref-small"),
+    size_models=("ref-tiny", *REF_FAMILY),
     qaft_micro_batch_size=1,  # a quarter of the activations: SmolLM2 QAFT peaks at 4.2 GB, not 6.0
 )
 
@@ -232,7 +236,7 @@ FULL = Profile(
     curvature=CurvatureSettings(segments=2, seq_len=512, k_top=10, k_bottom=3, lanczos_steps=50,
                                 trace_matvecs=30, density_runs=3, density_steps=30,
                                 path_t=(0.0, 0.25, 0.5, 0.75, 1.0), level=0.95),
-    size_models=("ref-tiny", "ref-small"),
+    size_models=("ref-tiny", *REF_FAMILY),
     qaft_micro_batch_size=1,  # a quarter of the activations: SmolLM2 QAFT peaks at 4.2 GB, not 6.0
 )
 

@@ -98,8 +98,10 @@ def format_seconds(seconds: float) -> str:
 # -------------------------------------------------------------------------------- quantization tables
 def quant_protocols(profile: Profile, main: bool = True) -> list[Protocol]:
     """The quantization tables of ``profile.model``: all of ``profile.tables`` for the main model, or
-    (``main=False``, figure 7's other models) only the headline format with RTN, GPTQ and QAFT."""
-    specs = profile.tables if main else (TableSpec((profile.headline_format,), ("rtn", "gptq", "qaft")),)
+    (``main=False``, figure 7's other models) only the headline format with RTN, GPTQ, QAFT and the
+    full-precision fine-tuning control (figure 7's gap after the control)."""
+    specs = profile.tables if main else (
+        TableSpec((profile.headline_format,), ("rtn", "gptq", "qaft", "fp-finetune")),)
     return [Protocol(model=profile.model, calib_sequences=profile.calib_sequences,
                      calib_seq_len=profile.calib_seq_len, calib_seed=0, calib_corpus=profile.corpus,
                      eval_corpora=profile.eval_corpora,
@@ -251,6 +253,11 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
                         help="the model of figures 1-6 (and the largest of figure 7): a built-in name, a hub "
                              "id or a local directory (default: the profile's, smollm2-135m; ref-tiny for "
                              "--tiny)")
+    parser.add_argument("--size-models", nargs="+", default=None, metavar="MODEL",
+                        help="figure 7's further models: built-in names, hub ids or local directories "
+                             "(default: the profile's, ref-tiny and the reference family ref-mini, ref-midi, "
+                             "ref-small, each only if already built; reference models named here are trained "
+                             "if missing)")
     parser.add_argument("--device", type=device_arg, default="auto",
                         help="where models compute: auto (cuda when available, else cpu), cpu, cuda, cuda:N, "
                              "mps")
@@ -273,6 +280,11 @@ def session_from_args(args: argparse.Namespace) -> Session:
         if not isinstance(args.model, str) or not args.model.strip():
             raise ValueError(f"--model must be a model name or path, got {args.model!r}")
         profile = replace(profile, model=args.model)
+    if getattr(args, "size_models", None) is not None:
+        empty = [m for m in args.size_models if not m.strip()]
+        if empty:
+            raise ValueError(f"--size-models must be model names or paths, got {args.size_models!r}")
+        profile = replace(profile, size_models=tuple(dict.fromkeys(args.size_models)), train_size_models=True)
     if getattr(args, "text", None):
         profile = profile.with_text(args.text)
     if args.out.exists() and not args.out.is_dir():

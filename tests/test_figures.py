@@ -334,10 +334,26 @@ def test_fig7_points_are_the_stored_radius_and_gap(run):
     assert radius.y[0] == pytest.approx(float(np.median(basin.arrays["radius"]))
                                         / float(basin.arrays["weights_norm"]))
     rows = table_arrays(session)
-    (_, _, g, i), (_, _, q, j) = rows["gptq int3"], rows["qaft int3 s0"]
-    gap = (g["segment_nll_sum/wiki"][i].sum() / g["segment_tokens/wiki"][i].sum()
-           - q["segment_nll_sum/wiki"][j].sum() / q["segment_tokens/wiki"][j].sum())
+    def nll(label):
+        _, _, a, k = rows[label]
+        return a["segment_nll_sum/wiki"][k].sum() / a["segment_tokens/wiki"][k].sum()
+
+    gap = nll("gptq int3") - nll("qaft int3 s0")
     assert trace(fig, "GPTQ − QAFT").y[0] == pytest.approx(gap, abs=1e-12)
+    # after the control: the gap less what full-precision fine-tuning gains on the same text
+    control = next(label for label, (method, _, _, _) in rows.items() if method == "fp-finetune")
+    assert trace(fig, "GPTQ − QAFT after the control").y[0] == pytest.approx(
+        gap - (nll("fp32") - nll(control)), abs=1e-12)
+    from landscape.quant.result import QuantResult
+    from landscape.weights import layer_weights
+
+    w0 = layer_weights(session.model("ref-tiny").model)
+    rtn = QuantResult.load(quantized_model_path(session, "ref-tiny", "rtn", "int3"))
+    rtn_norm = math.sqrt(sum(float((rtn.weights[n].double() - w.double()).pow(2).sum())
+                             for n, w in w0.items()))
+    reading = fig7_model_size.reading(session)
+    assert reading.count("‖d_RTN‖/R = ") == 1
+    assert f"‖d_RTN‖/R = {rtn_norm / float(np.median(basin.arrays['radius'])):.2f}," in reading
 
 
 # -------------------------------------------------------------------------------------- pages and reruns
@@ -448,3 +464,20 @@ def test_plots_refuse_mixed_or_wrong_stores(run):
     with pytest.raises(plots.PlotError, match="expected a 'basin_radius' store, got a 'quant_table' store"):
         plots.radial_profiles(tables[0], tables)
     assert plots.pareto_front([1.0, 2.0, 3.0, 2.0], [5.0, 4.0, 4.0, 6.0]) == [0, 1]
+
+
+def test_figure7_models_the_built_family_or_exactly_those_named(tmp_path, monkeypatch):
+    """By default figure 7 takes the profile's size models that are built (never training a reference
+    model but ref-tiny); --size-models takes any list in its order (duplicates and the main model once) and
+    trains the reference models it names."""
+    built = {"ref-midi"}
+    monkeypatch.setattr(fig7_model_size, "reference_model_built", lambda m: m in built)
+    quick = session_from_args(parse_args("", ["--quick", "--out", str(tmp_path)]))
+    assert quick.profile.size_models == ("ref-tiny", "ref-mini", "ref-midi", "ref-small")
+    assert fig7_model_size.models(quick) == ["ref-tiny", "ref-midi", "smollm2-135m"]
+    named = session_from_args(parse_args("", ["--quick", "--out", str(tmp_path), "--size-models", "ref-small",
+                                              "facebook/opt-125m", "ref-small", "smollm2-135m"]))
+    assert named.profile.train_size_models
+    assert fig7_model_size.models(named) == ["ref-small", "facebook/opt-125m", "smollm2-135m"]
+    with pytest.raises(ValueError, match="--size-models must be model names"):
+        session_from_args(parse_args("", ["--quick", "--out", str(tmp_path), "--size-models", " "]))

@@ -35,6 +35,7 @@ from landscape.plots.common import (
     subset_nll,
 )
 from landscape.store import StoreData
+from landscape.studies.quant_table import table_control_gaps
 
 
 # --------------------------------------------------------------------------- figure 4: radial profile
@@ -294,8 +295,9 @@ def reading_curvature(hessian: StoreData) -> str:
 
 # --------------------------------------------------------------------------------- figure 7: model size
 def size_points(models: Sequence[tuple[StoreData, StoreData, StoreData]], fmt: str) -> list[dict[str, Any]]:
-    """Per model ``(facts, basin, headline table)``: parameters, relative R(w0) quantiles and the GPTQ − QAFT
-    gap."""
+    """Per model ``(facts, basin, headline table)``: parameters, relative R(w0) quantiles, ``||d_RTN|| / R``
+    and ``||d_GPTQ|| / R``, the GPTQ − QAFT gap and, where the table has the full-precision fine-tuning
+    control, the gap after it (``adjusted_gap``: :class:`~landscape.stats.ControlAdjustedGap`, else None)."""
     points = []
     for facts, basin, table in models:
         require_kind(facts, "model_facts")
@@ -304,12 +306,17 @@ def size_points(models: Sequence[tuple[StoreData, StoreData, StoreData]], fmt: s
         gptq, qaft = find_row(rows, "gptq", fmt), find_row(rows, "qaft", fmt)
         if gptq is None or qaft is None:
             raise PlotError(f"the table of {table.provenance['model']} has no GPTQ and QAFT rows at {fmt}")
+        rtn = find_row(rows, "rtn", fmt)
+        corpus = in_domain(table)
+        adjusted = [g for g in table_control_gaps(rows, [corpus]) if g.format == fmt]
         q = stats.quantiles((0.1, 0.5, 0.9), relative=True)
+        norm = stats.displacement_norms
         points.append({"model": facts.provenance["model"], "n_params": int(facts.arrays["n_params"]),
                        "caveat": facts.provenance["model_info"].get("caveat", ""), "radius": stats.median,
-                       "relative_radius": q, "gap": gap_interval(gptq, qaft, in_domain(table)),
-                       "gptq_norm_over_r": (stats.displacement_norms.get(gptq["label"], math.nan)
-                                            / stats.median)})
+                       "relative_radius": q, "gap": gap_interval(gptq, qaft, corpus),
+                       "adjusted_gap": adjusted[0] if adjusted else None,
+                       "rtn_norm_over_r": norm.get(rtn["label"] if rtn else "", math.nan) / stats.median,
+                       "gptq_norm_over_r": norm.get(gptq["label"], math.nan) / stats.median})
     return sorted(points, key=lambda p: p["n_params"])
 
 
@@ -333,15 +340,28 @@ def model_size(models: Sequence[tuple[StoreData, StoreData, StoreData]], fmt: st
     fig.add_trace(go.Scatter(
         x=x, y=rel, mode="lines+markers+text", text=names, textposition="top center", name="R(w0) / ‖w0‖",
         error_y={"type": "data", "array": above, "arrayminus": below},
-        line={"color": "#2ca02c"}, customdata=[[p["radius"], p["gptq_norm_over_r"]] for p in points],
-        hovertemplate="%{text}: R/‖w0‖ = %{y:.4f}, R = %{customdata[0]:.4g}, ‖d_GPTQ‖ = %{customdata[1]:.2f} "
-                      "R<extra></extra>"), row=1, col=1)
+        line={"color": "#2ca02c"},
+        customdata=[[p["radius"], p["rtn_norm_over_r"], p["gptq_norm_over_r"]] for p in points],
+        hovertemplate="%{text}: R/‖w0‖ = %{y:.4f}, R = %{customdata[0]:.4g}, "
+                      "‖d_RTN‖ = %{customdata[1]:.2f} R, ‖d_GPTQ‖ = %{customdata[2]:.2f} R<extra></extra>"),
+        row=1, col=1)
     gap = np.array([p["gap"].value for p in points])
     fig.add_trace(go.Scatter(
         x=x, y=gap, mode="lines+markers+text", text=names, textposition="top center", name="GPTQ − QAFT",
         error_y={"type": "data", "array": [p["gap"].high for p in points] - gap,
                  "arrayminus": gap - [p["gap"].low for p in points]}, line={"color": "#d62728"}),
                   row=1, col=2)
+    controlled = [p for p in points if p["adjusted_gap"] is not None]
+    if controlled:
+        left = [p["adjusted_gap"].remaining for p in controlled]
+        remaining = np.array([i.value for i in left])
+        fig.add_trace(go.Scatter(
+            x=[p["n_params"] for p in controlled], y=remaining, mode="lines+markers",
+            name="GPTQ − QAFT after the control", line={"color": "#d62728", "dash": "dot"},
+            error_y={"type": "data", "array": [i.high for i in left] - remaining,
+                     "arrayminus": remaining - [i.low for i in left]},
+            text=[p["model"] for p in controlled],
+            hovertemplate="%{text}: after the control %{y:+.3f} nats<extra></extra>"), row=1, col=2)
     fig.add_hline(y=0, line={"color": "#888888", "width": 1}, row=1, col=2)
     for col in (1, 2):
         fig.update_xaxes(title_text="parameters (log scale)", type="log", row=1, col=col)
@@ -358,7 +378,11 @@ def model_size(models: Sequence[tuple[StoreData, StoreData, StoreData]], fmt: st
         f"R(w0): the radius where the held-out NLL first rises by {basin['search']['threshold']:g} nats "
         f"along random filter-normalised directions, relative to ‖w0‖ over the quantized linears. Gap: GPTQ "
         f"minus QAFT on the same held-out {corpus} windows, same calibration budget per model (sequence "
-        f"lengths capped at each model's context; each model's NLL convention is in its stores).",
+        f"lengths capped at each model's context; each model's NLL convention is in its stores); dotted: "
+        f"the gap left after subtracting what full-precision fine-tuning on the same calibration text gains "
+        f"(the control), where the table has it. Self-trained reference models barely notice quantization "
+        f"(their gaps sit near 0 whatever their basin): they show how R(w0) and ‖d_RTN‖/R move with size "
+        f"under one recipe, not how the gap does; a pretrained model (SmolLM2) is where the gap shows.",
         "Caveats. " + " ".join(caveats)])
 
 
@@ -368,7 +392,11 @@ def fmt_quantiles(point: dict[str, Any]) -> str:
 
 def reading_model_size(models: Sequence[tuple[StoreData, StoreData, StoreData]], fmt: str) -> str:
     points = size_points(models, fmt)
+    def interval(i) -> str:
+        return f"{i.value:+.3f} [{i.low:+.3f}, {i.high:+.3f}]"
+
     parts = [f"{p['model']} ({p['n_params']:,} parameters): R/‖w0‖ = {100 * p['relative_radius'][0.5]:.3g} "
-             f"%, GPTQ − QAFT = {p['gap'].value:+.3f} [{p['gap'].low:+.3f}, {p['gap'].high:+.3f}] nats"
+             f"%, ‖d_RTN‖/R = {p['rtn_norm_over_r']:.2f}, GPTQ − QAFT = {interval(p['gap'])} nats"
+             + (f", {interval(p['adjusted_gap'].remaining)} after the control" if p["adjusted_gap"] else "")
              for p in points]
     return f"At {fmt}: " + "; ".join(parts) + "."
