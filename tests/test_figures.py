@@ -481,3 +481,26 @@ def test_figure7_models_the_built_family_or_exactly_those_named(tmp_path, monkey
     assert fig7_model_size.models(named) == ["ref-small", "facebook/opt-125m", "smollm2-135m"]
     with pytest.raises(ValueError, match="--size-models must be model names"):
         session_from_args(parse_args("", ["--quick", "--out", str(tmp_path), "--size-models", " "]))
+
+
+def test_the_reference_family_is_one_recipe_at_growing_sizes():
+    """Figure 7's family differs only in depth, width and heads (so a trend across it is a size trend), and
+    its members grow in parameters in the order given."""
+    from dataclasses import asdict
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from landscape.refmodel import REF_CONFIGS, REF_FAMILY
+
+    size_fields = {"n_layer", "n_embd", "n_head"}
+    recipes = [{k: v for k, v in asdict(REF_CONFIGS[m]).items() if k not in size_fields} for m in REF_FAMILY]
+    assert len(REF_FAMILY) >= 3 and all(r == recipes[0] for r in recipes)
+    params = []
+    for m in REF_FAMILY:
+        cfg = REF_CONFIGS[m]
+        assert cfg.n_embd % cfg.n_head == 0
+        with torch.device("meta"):
+            model = GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
+                                               vocab_size=cfg.vocab_size, n_positions=cfg.n_ctx))
+        params.append(sum(p.numel() for p in model.parameters()))
+    assert params == sorted(params) and params[-1] > 3 * params[0]
