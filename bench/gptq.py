@@ -340,16 +340,17 @@ def build_section(data: dict, seconds: float = 0.0) -> Section:
             notes.append(
                 f"{c['model']}: GPTQ takes {t['whole_ours'] / forward['median_s']:.1f}x one forward over its "
                 f"calibration tokens ({GPTQ_VS_FORWARD.miss_text(t['whole_ours'] / forward['median_s'])}). "
-                f"Why: true-sequential GPTQ replays each decoder block once per group of layers that read "
-                f"one input (q/k/v, the output projection, gate/up, down on a Llama), each replay stopping "
-                f"where its group's input is complete (about 2.2 block forwards on a Llama), then once more "
-                f"for the next block's inputs, and accumulates each group's (in, in) Hessian x^T x (about as "
-                f"many multiply-adds per token as the block's linears): about 4 block forwards per block, "
-                f"while one forward also runs the LM head. The solver itself is a few % of the time at this "
-                f"calibration budget (one factorisation and column loop per input group). One pass per "
-                f"block (true_sequential=False, llm-compressor's block-level calibration) takes 25 % less "
-                f"time on SmolLM2 (bench/PEERS.md) but changes the quantized weights and, at int3, costs "
-                f"NLL.")
+                f"Why: true-sequential GPTQ runs each decoder block once (every calibration call's forward "
+                f"paused at each group of layers that read one input until the group is solved; before "
+                f"commit 1f8623d it replayed the block once per group, about 2.3 block forwards more on a "
+                f"Llama, and took 3.5x one forward on SmolLM2), accumulates each group's (in, in) Hessian "
+                f"x^T x (about as many multiply-adds per token as the block's linears: down_proj's "
+                f"intermediate-width square is the largest), and solves each group with a per-column loop "
+                f"whose cost does not grow with the calibration tokens (16-26 s on SmolLM2, so its share is "
+                f"largest on small budgets and small models). So about two block forwards of arithmetic per "
+                f"block plus the solver, against one forward that also runs the LM head. What would close "
+                f"it: the Hessian products on one triangle only (a symmetric rank-k update halves them), and "
+                f"on a GPU the solver's column loop is a small share.")
     tables = (
         Table("Seconds (medians) per layer and for the whole model; identical lattice points checked "
               "for every format",
