@@ -64,8 +64,9 @@ REF_CONFIGS: dict[str, RefModelConfig] = {
 }
 
 REF_FAMILY = ("ref-mini", "ref-midi", "ref-small")
-"""One recipe at three sizes (about 1.5M, 2.9M and 5.2M parameters, 8,192-token vocabulary; on 2 CPU cores
-about 4, 7 and 12 minutes to train), smallest first."""
+"""One recipe at three sizes (1.5M, 2.9M and 5.2M parameters, 8,192-token vocabulary), smallest first. Built
+one after the other on 2 CPU cores shared with other jobs: 22, 26 and 37 minutes, held-out NLL 5.33, 5.12 and
+5.00 (ref-small alone takes about 12 minutes)."""
 
 
 def _train_documents(cfg: RefModelConfig) -> list[str]:
