@@ -217,3 +217,23 @@ def test_run_tasks_keeps_finished_tasks_and_resumes_at_the_failed_one(tmp_path):
     np.testing.assert_array_equal(data.arrays["c/v"], np.arange(4))
     assert json.loads(str(data.arrays["a/attrs"])) == {"value": 2, "shape": [2]}
     assert data.arrays["seconds"].shape == (3,) and np.all(data.arrays["seconds"] >= 0)
+
+
+def test_a_ctrl_c_inside_a_write_counts_the_points_the_file_keeps(tmp_path, monkeypatch):
+    """A KeyboardInterrupt after a point is marked done in the file but before the writer records it: the
+    count that the CLI reports (interrupted_runs) must be the partial file's, not one short (seen in CI)."""
+    from landscape.store import interrupted_runs
+
+    store = ResultStore.create(tmp_path / "run.h5", PROVENANCE, ARRAYS, GRID)
+    store.write_point(0, point_values(0))
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ResultStore, "_seal_unchunked", interrupted)  # runs after the done flag is set
+    with pytest.raises(KeyboardInterrupt):
+        store.write_point(4, point_values(4))
+    store.close()
+    kept = read_store(partial_path(tmp_path / "run.h5")).done
+    assert int(kept.sum()) == 2 and kept.ravel()[4]
+    assert interrupted_runs()[str(partial_path(tmp_path / "run.h5"))] == (2, 6)

@@ -346,12 +346,16 @@ class ResultStore:
         kept for :func:`interrupted_runs`)."""
         if not self._failed and self._file.id.valid:
             unfinished = self.writable and not self._failed
+            done = self._done
             with _reported_h5py_errors():
+                if unfinished:  # the file's own mask: a Ctrl-C can land after a point is marked done in the
+                    with contextlib.suppress(OSError, RuntimeError, KeyError):  # file, before it is here
+                        done = np.asarray(self._datasets[DONE][()], dtype=bool) | self._done
                 with contextlib.suppress(OSError, RuntimeError):
                     self._datasets.clear()
                     self._file.close()
             if unfinished:
-                _INTERRUPTED[str(partial_path(self.path))] = (int(self._done.sum()), self._done.size)
+                _INTERRUPTED[str(partial_path(self.path))] = (int(done.sum()), done.size)
         self._release()
 
     def __enter__(self) -> ResultStore:
