@@ -14,7 +14,7 @@ help:
 	@echo "make test-all     also the slow tests on SmolLM2-135M and the bundled corpus"
 	@echo "make figures      the headline measurements on smollm2-135m (quick protocol)"
 	@echo "make figures-full the full protocol (hours on CPU)"
-	@echo "make size-family  train the reference family ref-mini, ref-midi, ref-small for figure 7 (~25 min)"
+	@echo "make size-family  train the reference family ref-mini, ref-midi, ref-small for figure 7 (tens of minutes)"
 	@echo "make bench        speed and memory benchmarks -> bench/RESULTS.md"
 	@echo "make bench-full   the same with SmolLM2-135M rows (about 45 min on 2 cores)"
 	@echo "make peers        torchao QAT and llm-compressor GPTQ against ours on SmolLM2 (own venvs; ~1 h)"

@@ -29,8 +29,8 @@ BUILT_HERE = ("ref-tiny",)  # reference models cheap enough to train inside `mak
 
 def models(session: Session) -> list[str]:
     """The profile's size models that are available (built, or cheap to build), then the main model."""
-    main = session.profile.model
     profile = session.profile
+    main = profile.model
     others = [m for m in profile.size_models
               if m != main and (profile.train_size_models or m in BUILT_HERE or m not in REF_CONFIGS
                                 or reference_model_built(m))]

@@ -172,6 +172,13 @@ def _block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def add_second_moment(total: torch.Tensor | None, inputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``total + x^T x`` over the rows ``x`` of a layer's input (``(..., in)``, in ``dtype``), accumulated in
+    place; ``total=None`` starts the sum."""
+    x = inputs.detach().reshape(-1, inputs.shape[-1]).to(dtype)  # (tokens, in)
+    return x.T @ x if total is None else total.addmm_(x.T, x)
+
+
 @torch.no_grad()
 def run_block(
     block: nn.Module,
@@ -213,8 +220,7 @@ def run_block(
                 if owner is not None:
                     shares[name] = owner
             if name not in shares:  # one x^T x per distinct input: q/k/v and gate/up share theirs
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).to(compute_dtype)  # (tokens, in)
-                sums[name] = x.T @ x if name not in sums else sums[name].addmm_(x.T, x)
+                sums[name] = add_second_moment(sums.get(name), args[0], compute_dtype)
             counts[name] += args[0].reshape(-1, args[0].shape[-1]).shape[0]
             seen_this_call[name] = args[0]
             if stop_early and len(seen_this_call) == len(watched):
@@ -388,9 +394,8 @@ def solve_in_one_pass(
             turn = getattr(_worker, "turn", None)
             if turn is None or index <= turn.paused_at:  # another caller, or a second call of the layer
                 return
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(compute_dtype)  # (tokens, in)
-            sums[index] = x.T @ x if sums[index] is None else sums[index].addmm_(x.T, x)
-            counts[index] += x.shape[0]
+            sums[index] = add_second_moment(sums[index], args[0], compute_dtype)
+            counts[index] += args[0].reshape(-1, args[0].shape[-1]).shape[0]
             turn.pause(index)
 
         return reached
