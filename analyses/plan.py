@@ -275,9 +275,10 @@ def record_run(session: Session, reports: Sequence[StepReport]) -> Path:
     return path
 
 
-def quant_table_steps(session: Session, model: str) -> list[Step]:
-    """One step per quantization table of ``model``
-    (:func:`landscape.studies.quant_table.run_quant_table`)."""
+def quant_table_steps(session: Session, model: str,
+                      protocols: Sequence[Protocol] | None = None) -> list[Step]:
+    """One step per quantization table of ``model`` (:func:`landscape.studies.quant_table.run_quant_table`):
+    ``protocols``, by default the session's tables of ``model``."""
     def step(protocol: Protocol) -> Step:
         methods = ", ".join(protocol.methods)
         def shard(i: int, n: int) -> Path:
@@ -288,7 +289,7 @@ def quant_table_steps(session: Session, model: str) -> list[Step]:
                     table_store(session, protocol), COSTS.quant_table(protocol),
                     lambda: shard(0, 1), model, shard, len(variants(protocol)))
 
-    return [step(p) for p in model_protocols(session, model)]
+    return [step(p) for p in (model_protocols(session, model) if protocols is None else protocols)]
 
 
 def facts_step(session: Session, model: str) -> Step:
@@ -317,7 +318,8 @@ def run_figure_script(module: ModuleType, argv: Sequence[str] | None = None) -> 
     """``main`` of a figure script: plan, measure what the stores lack, build and publish its figure.
 
     ``module`` provides ``FIGURE`` (the file stem), ``steps(session) -> list[Step]`` and
-    ``figure(session) -> go.Figure`` (from stores only).
+    ``figure(session) -> go.Figure`` (from stores only); a study that also has tables provides
+    ``report(session) -> str`` (markdown, from stores only), written beside the figure as ``FIGURE.md``.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(module.__doc__ or module.FIGURE, argv)
@@ -333,6 +335,10 @@ def run_figure_script(module: ModuleType, argv: Sequence[str] | None = None) -> 
     if reports:
         record_run(session, reports)
     print(publish(module.figure(session), session, module.FIGURE), flush=True)
+    if hasattr(module, "report"):
+        text = module.report(session)
+        (session.out / f"{module.FIGURE}.md").write_text(text, encoding="utf-8")
+        print(text, flush=True)
     return 0
 
 

@@ -96,22 +96,36 @@ def format_seconds(seconds: float) -> str:
 
 
 # -------------------------------------------------------------------------------- quantization tables
+CONTENDERS = ("rtn", "gptq", "qaft", "fp-finetune")  # figure 7's and the predictor study's methods
+
+
 def quant_protocols(profile: Profile, main: bool = True) -> list[Protocol]:
     """The quantization tables of ``profile.model``: all of ``profile.tables`` for the main model, or
     (``main=False``, figure 7's other models) only the headline format with RTN, GPTQ, QAFT and the
     full-precision fine-tuning control (figure 7's gap after the control)."""
-    specs = profile.tables if main else (
-        TableSpec((profile.headline_format,), ("rtn", "gptq", "qaft", "fp-finetune")),)
-    return [Protocol(model=profile.model, calib_sequences=profile.calib_sequences,
-                     calib_seq_len=profile.calib_seq_len, calib_seed=0, calib_corpus=profile.corpus,
-                     eval_corpora=profile.eval_corpora,
-                     eval_seq_len=profile.eval_seq_len, eval_segments=profile.eval_segments,
-                     formats=spec.formats, methods=spec.methods, seeds=(0,),
-                     qaft_lr=profile.qaft_lr, qaft_epochs=profile.qaft_epochs,
-                     qaft_batch_size=profile.qaft_batch_size,
-                     qaft_micro_batch_size=profile.qaft_micro_batch_size, lorc_rank=profile.lorc_rank,
-                     layer_mse_sequences=profile.misalignment.mse_sequences)  # figure 3's convention
-            for spec in specs]
+    specs = profile.tables if main else (TableSpec((profile.headline_format,), CONTENDERS),)
+    return [_protocol(profile, spec) for spec in specs]
+
+
+def predictor_protocol(session: Session, model: str) -> Protocol:
+    """The predictor study's table of ``model``: RTN, GPTQ, QAFT and the control at every one of the profile's
+    ``predictor_formats``, on figure 7's protocol (the same calibration set, evaluation and QAFT settings)."""
+    profile = session.profile_for(model)
+    if not profile.predictor_formats:
+        raise ValueError(f"profile {profile.name!r} has no predictor_formats")
+    return _protocol(profile, TableSpec(profile.predictor_formats, CONTENDERS))
+
+
+def _protocol(profile: Profile, spec: TableSpec) -> Protocol:
+    return Protocol(model=profile.model, calib_sequences=profile.calib_sequences,
+                    calib_seq_len=profile.calib_seq_len, calib_seed=0, calib_corpus=profile.corpus,
+                    eval_corpora=profile.eval_corpora,
+                    eval_seq_len=profile.eval_seq_len, eval_segments=profile.eval_segments,
+                    formats=spec.formats, methods=spec.methods, seeds=(0,),
+                    qaft_lr=profile.qaft_lr, qaft_epochs=profile.qaft_epochs,
+                    qaft_batch_size=profile.qaft_batch_size,
+                    qaft_micro_batch_size=profile.qaft_micro_batch_size, lorc_rank=profile.lorc_rank,
+                    layer_mse_sequences=profile.misalignment.mse_sequences)  # figure 3's convention
 
 
 def model_protocols(session: Session, model: str) -> list[Protocol]:

@@ -4,6 +4,7 @@ paired difference of correlations on cases built to separate them."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -11,14 +12,19 @@ import pytest
 import scipy.stats
 from conftest import tiny_model
 
+from landscape.store import read_store
 from landscape.studies.baselines import (
     RTNFeatures,
     compare_predictors,
     leave_one_out,
+    measure_rtn_features,
+    model_cases,
+    read_rtn_features,
     rtn_features,
     with_features,
 )
 from landscape.studies.predict import PredictionCase, PredictionError
+from landscape.studies.quant_table import QuantTable
 from landscape.weights import Base, quantizable_layers, weight_matrix
 
 
@@ -95,3 +101,48 @@ def test_bad_cases_are_refused_before_any_resampling():
     same = cases(n_models=1)
     with pytest.raises(PredictionError, match="nll_w0"):  # one model: NLL(w0) is constant
         compare_predictors(same)
+
+
+def test_rtn_features_store_holds_each_format_and_refuses_bad_formats_before_writing(tmp_path):
+    model = tiny_model("gpt2")
+    path = measure_rtn_features(model, ["int4", "int3-g16", "mxint4-32"], tmp_path / "f.h5",
+                                {"model": "tiny"})
+    stored = read_rtn_features(read_store(path))
+    assert list(stored) == ["int4", "int3-g16", "mxint4-32"]
+    for fmt, features in stored.items():
+        assert features == rtn_features(model, fmt)  # the same computation, stored exactly (float64)
+    for bad, match in ((["int4", "int9"], "int9"), (["int4", "int4"], "distinct")):
+        with pytest.raises(ValueError, match=match):
+            measure_rtn_features(model, bad, tmp_path / "bad.h5")
+        assert not list(tmp_path.glob("bad*"))
+    with pytest.raises(PredictionError, match="rtn_features"):
+        read_rtn_features(dataclasses.replace(read_store(path), provenance={"kind": "model_facts"}))
+
+
+def table(model: str, rows: list[tuple[str, str, float, float]]) -> QuantTable:
+    """A quant table of ``(method, format, wiki NLL, displacement norm)`` rows with an fp32 row at 3.0."""
+    out = [{"method": "fp32", "format": "", "act_bits": None, "displacement_norm": 0.0, "nll": {"wiki": 3.0}}]
+    out += [{"method": m, "format": f, "act_bits": None, "displacement_norm": d, "nll": {"wiki": nll}}
+            for m, f, nll, d in rows]
+    return QuantTable(out, {"model": model}, True)
+
+
+def test_model_cases_take_a_format_once_check_the_rtn_norm_and_adjust_for_the_control():
+    first = table("m", [("rtn", "int4", 3.5, 2.0), ("gptq", "int4", 3.3, 1.8), ("qaft", "int4", 3.1, 2.5),
+                        ("fp-finetune", "", 2.9, 1.0)])
+    second = table("m", [("rtn", "int4", 9.0, 2.0), ("gptq", "int4", 9.0, 1.8), ("qaft", "int4", 3.0, 2.5),
+                         ("rtn", "int3", 4.0, 4.0), ("gptq", "int3", 3.6, 3.0), ("qaft", "int3", 3.2, 3.5),
+                         ("fp-finetune", "", 2.8, 1.0)])
+    features = {"int4": RTNFeatures(20.0, 50.0, 2.0), "int3": RTNFeatures(14.0, 50.0, 4.0)}
+    raw = {c.format: c for c in model_cases([first, second], 8.0, features)}
+    assert raw["int4"].gap == pytest.approx(3.3 - 3.1)  # from the first table, not the second's 9.0
+    assert raw["int3"].gap == pytest.approx(3.6 - 3.2)
+    assert raw["int3"].score == pytest.approx(4.0 / 8.0) and raw["int3"].rtn_sqnr_db == 14.0
+    assert raw["int3"].nll_w0 == 3.0 and raw["int3"].weights_norm == 50.0
+    adjusted = {c.format: c for c in model_cases([first, second], 8.0, features, adjust_for_control=True)}
+    assert adjusted["int4"].gap == pytest.approx(0.2 - (3.0 - 2.9))  # each table's own control
+    assert adjusted["int3"].gap == pytest.approx(0.4 - (3.0 - 2.8))
+    with pytest.raises(PredictionError, match="not the same weights"):
+        model_cases([first], 8.0, {"int4": RTNFeatures(20.0, 50.0, 2.1)})
+    with pytest.raises(PredictionError, match="no RTN features"):
+        model_cases([second], 8.0, {"int4": features["int4"]})

@@ -16,7 +16,8 @@ Conventions shared by all figures:
 * **Intervals**: 95 % bootstrap over held-out segments (paired for differences), from the stored sums.
 
 Modules: :mod:`~landscape.plots.common` (labels, colours, reading quantization tables, captions),
-:mod:`~landscape.plots.quantization` (figures 1-3), :mod:`~landscape.plots.geometry` (figures 4-7). Write the
+:mod:`~landscape.plots.quantization` (figures 1-3), :mod:`~landscape.plots.geometry` (figures 4-7),
+:mod:`~landscape.plots.predictor` (the predictor study). Write the
 figures with :func:`landscape.figio.write_figure` (offline HTML, optional PNG).
 """
 
@@ -61,6 +62,7 @@ from landscape.plots.geometry import (
     size_points,
     slices,
 )
+from landscape.plots.predictor import predictor_cases_markdown, predictors, reading_predictors
 from landscape.plots.quantization import (
     misalignment,
     model_size_mib,
@@ -77,7 +79,8 @@ __all__ = ['CAPTION_WIDTH', 'CORPUS_TITLES', 'DISTANCE_AXIS', 'LABEL_SIDE', 'MET
            'corpus_title', 'curvature', 'find_row', 'gap_interval', 'granularity_of', 'in_domain',
            'merged_rows', 'misalignment',
            'model_of', 'model_sentence', 'model_size', 'model_size_mib', 'nll_convention_sentence',
-           'nll_vs_bits', 'num', 'pareto', 'pareto_front', 'quant_rows', 'radial_profiles',
+           'nll_vs_bits', 'num', 'pareto', 'pareto_front', 'predictor_cases_markdown', 'predictors',
+           'quant_rows', 'radial_profiles', 'reading_predictors',
            'reading_curvature', 'reading_misalignment', 'reading_model_size', 'reading_nll_vs_bits',
            'reading_pareto', 'reading_radial', 'reading_slices', 'require_kind', 'require_same_evaluation',
            'size_points', 'slices', 'subset_nll', 'table_convention', 'wrap']

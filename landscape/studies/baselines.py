@@ -22,14 +22,17 @@ the cases are (:class:`~landscape.studies.predict.PredictionCase`).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.stats as scipy_stats
 from torch import nn
 
-from landscape.quant import rtn, sqnr_db
+from landscape.quant import parse_format, rtn, sqnr_db
 from landscape.quant.formats import QuantFormat
 from landscape.stats import (
     DEFAULT_RESAMPLES,
@@ -40,7 +43,9 @@ from landscape.stats import (
     rank_correlation,
     spearman,
 )
-from landscape.studies.predict import PredictionCase, PredictionError
+from landscape.store import StoreData, finish_run, start_run
+from landscape.studies.predict import PredictionCase, PredictionError, cases_from_quant_table
+from landscape.studies.quant_table import QuantTable
 from landscape.weights import Base, LayerSelection, as_base, quantizable_layers, weight_matrix
 
 PREDICTORS: dict[str, Callable[[PredictionCase], float]] = {
@@ -80,6 +85,65 @@ def rtn_features(model: nn.Module | Base, fmt: QuantFormat | str,
 def with_features(case: PredictionCase, features: RTNFeatures, nll_w0: float) -> PredictionCase:
     """``case`` with the baselines' inputs filled in."""
     return replace(case, rtn_sqnr_db=features.mean_sqnr_db, weights_norm=features.weights_norm, nll_w0=nll_w0)
+
+
+FEATURE_ARRAYS = {"mean_sqnr_db": ((), np.float64), "weights_norm": ((), np.float64),
+                  "rtn_norm": ((), np.float64)}
+
+
+def measure_rtn_features(model: nn.Module | Base, formats: Sequence[QuantFormat | str],
+                         path: str | os.PathLike, provenance: Mapping[str, Any] | None = None) -> Path:
+    """:func:`rtn_features` at every one of ``formats`` into a new store at ``path`` (kind ``rtn_features``,
+    one point per format, resumed point by point), so that the predictor comparison is made from stores."""
+    names = [parse_format(f).name if isinstance(f, str) else f.name for f in formats]  # bad names fail here
+    if len(set(names)) < len(names):
+        raise ValueError(f"formats must be distinct, got {names}")
+    base = as_base(model)
+    prov = {"kind": "rtn_features", **(provenance or {}), "formats": names}
+    with start_run(path, prov, FEATURE_ARRAYS, grid_shape=(len(names),), resume=True) as record:
+        for i, name in enumerate(names):
+            if not record.done[i]:
+                f = rtn_features(base, name)
+                record.write_point(i, {"mean_sqnr_db": f.mean_sqnr_db, "weights_norm": f.weights_norm,
+                                       "rtn_norm": f.rtn_norm})
+        _, out = finish_run(record)
+    return out
+
+
+def read_rtn_features(store: StoreData) -> dict[str, RTNFeatures]:
+    """format -> :class:`RTNFeatures` of a :func:`measure_rtn_features` store."""
+    if store.provenance.get("kind") != "rtn_features" or not store.done.all():
+        raise PredictionError(f"not a finished rtn_features store (kind {store.provenance.get('kind')!r})")
+    return {name: RTNFeatures(*(float(store.arrays[a][i]) for a in FEATURE_ARRAYS))
+            for i, name in enumerate(store.provenance["formats"])}
+
+
+def model_cases(tables: Sequence[QuantTable], basin_radius: float, features: Mapping[str, RTNFeatures], *,
+                corpus: str = "wiki", adjust_for_control: bool = False) -> list[PredictionCase]:
+    """One model's cases, with the baselines' inputs: every format with RTN, GPTQ and QAFT rows in
+    ``tables`` (a format in several tables counts once, from the first), ``features`` from
+    :func:`read_rtn_features`. RTN's displacement norm must agree with the features' (same model and layers).
+
+    Raises:
+        PredictionError: a format without features, or an RTN norm that disagrees with them by more than
+            1e-4 relative (the table and the features were not measured on the same weights).
+    """
+    cases: dict[str, PredictionCase] = {}
+    for table in tables:
+        for case in cases_from_quant_table(table, basin_radius, corpus=corpus,
+                                           adjust_for_control=adjust_for_control):
+            cases.setdefault(case.format, case)
+    out = []
+    for fmt, case in cases.items():
+        if fmt not in features:
+            raise PredictionError(f"{case.model} {fmt}: no RTN features (measured: {sorted(features)})")
+        f = features[fmt]
+        if not math.isclose(f.rtn_norm, case.rtn_displacement_norm, rel_tol=1e-4):
+            raise PredictionError(f"{case.model} {fmt}: the table's ||d_RTN|| = "
+                                  f"{case.rtn_displacement_norm:.6g} but the features' is {f.rtn_norm:.6g}: "
+                                  f"not the same weights")
+        out.append(with_features(case, f, case.nll_w0))
+    return out
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,103 @@
+"""The predictor study (issue #22 item 4) end to end on two models, tiny profile: ref-tiny and a user's own
+GPT-2-architecture checkpoint given with ``--size-models``.
+
+Every plotted case must be the stored numbers recomputed independently: the score from a hand-written
+per-channel rounding of w0 and the stored radii, the gap from the tables' per-segment NLL sums, RTN's SQNR
+from the same hand rounding; the markdown report must hold every case; a rerun must measure nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import saved_tiny_llama
+from test_baselines import hand_rtn_int4
+
+import landscape.data
+from analyses import predictor_study
+from analyses.plan import plan_text
+from analyses.session import basin_store, parse_args, predictor_protocol, session_from_args, table_store
+from landscape.store import read_store
+from landscape.weights import quantizable_layers, weight_matrix
+
+SOTU_STANDIN = " ".join(f"Address {i} spoke of the budget, the army, schools and the year {1900 + i}."
+                        for i in range(150))
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predictor")
+    (root / "sotu").mkdir()
+    for year in (2001, 2002):
+        (root / "sotu" / f"{year}.json").write_text(json.dumps({"text": SOTU_STANDIN}))
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LANDSCAPE_CACHE", str(root / "cache"))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(landscape.data, "_sotu_dir", lambda: root / "sotu")
+        torch.set_num_threads(1)
+        try:
+            mine = str(saved_tiny_llama(root / "my-gpt2", arch="gpt2"))
+            argv = ["--tiny", "--size-models", mine, "--out", str(root / "out"), "--no-png", "--no-progress"]
+            assert predictor_study.main(argv) == 0
+            session = session_from_args(parse_args("", argv))
+            yield session, mine
+        finally:
+            torch.set_num_threads(threads)
+
+
+def stored_rows(session, model: str, fmt: str) -> dict[str, float]:
+    """method -> token-mean wiki NLL from the per-segment sums of the first table with a GPTQ row at ``fmt``
+    (the predictor table, then figure 7's), with its ``fp32`` and ``fp-finetune`` rows."""
+    first = table_store(session, predictor_protocol(session, model))
+    for path in (first, *sorted(first.parent.parent.glob("quant-*/quant_table.h5"))):
+        a = read_store(path).arrays
+        nll = a["segment_nll_sum/wiki"].sum(axis=1) / a["segment_tokens/wiki"].sum(axis=1)
+        rows = {(str(m), str(f)): float(nll[i])
+                for i, (m, f) in enumerate(zip(a["variants/method"], a["variants/format"], strict=True))}
+        if ("gptq", fmt) in rows:
+            return {m: v for (m, f), v in rows.items() if f == fmt or m in ("fp32", "fp-finetune")}
+    raise AssertionError(f"no table of {model} has a GPTQ row at {fmt}")
+
+
+def test_every_plotted_case_is_the_stored_numbers(study):
+    session, mine = study
+    fig = predictor_study.figure(session)
+    models = [mine, "ref-tiny"]
+    formats = ("int3", "int4", "int4-g32", "mxint4-32")
+    for model in models:
+        score = next(t for t in fig.data if t.name == model and t.xaxis == "x")  # raw gap x score
+        assert sorted(score.text) == sorted(formats)
+        radius = float(np.median(read_store(basin_store(session, model)).arrays["radius"]))
+        lm = session.model(model)
+        weights = [weight_matrix(m).detach().double().numpy() for m in quantizable_layers(lm.model).values()]
+        d = [hand_rtn_int4(w) - w for w in weights]
+        k = list(score.text).index("int4")
+        assert score.x[k] == pytest.approx(math.sqrt(sum((x ** 2).sum() for x in d)) / radius, rel=1e-5)
+        sqnr = next(t for t in fig.data if t.name == model and t.xaxis == "x3")
+        assert sqnr.x[k] == pytest.approx(-np.mean([10 * math.log10((w ** 2).sum() / (x ** 2).sum())
+                                                    for w, x in zip(weights, d, strict=True)]), rel=1e-5)
+        for i, fmt in enumerate(score.text):
+            nll = stored_rows(session, model, fmt)
+            gap = nll["gptq"] - nll["qaft"]
+            assert score.y[i] == pytest.approx(gap, abs=1e-9)
+            control = nll["fp32"] - nll["fp-finetune"]
+            after = next(t for t in fig.data if t.name == model and t.xaxis == "x5")
+            assert after.y[list(after.text).index(fmt)] == pytest.approx(gap - control, abs=1e-9)
+
+
+def test_the_report_holds_every_case_and_a_rerun_measures_nothing(study):
+    session, mine = study
+    report = (session.out / "predictor_study.md").read_text()
+    first_table = report.split("\n\n")[0].splitlines()
+    cases = [line for line in first_table if line.startswith(("| ref-tiny |", f"| {mine} |"))]
+    assert len(cases) == 8 and all(line.count("|") == 10 for line in cases)  # 9 columns: inputs and both gaps
+    assert report.count("largest correlation:") == 2  # raw and after the control
+    assert "leave-one-model-out" in report and (session.out / "predictor_study.html").exists()
+    assert "[to do" not in plan_text(predictor_study.steps(session), session)
+    reading = predictor_study.reading(session)
+    assert reading.startswith("raw (8 cases): best ") and "after the control (8 cases)" in reading
