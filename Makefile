@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-done
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup test test-all figures figures-full size-family predictor chromium bench bench-full peers gpu-check clean-cache
+.PHONY: help setup test test-all figures figures-full size-family predictor schedule chromium bench bench-full peers gpu-check clean-cache
 
 help:
 	@echo "make setup        create .venv and install landscape with its pinned dependencies (idempotent)"
@@ -16,6 +16,7 @@ help:
 	@echo "make figures-full the full protocol (hours on CPU)"
 	@echo "make size-family  train the reference family ref-mini, ref-midi, ref-small for figure 7 (tens of minutes)"
 	@echo "make predictor    which cheap quantity predicts the GPTQ-QAFT gap, on figure 7's models (about 1.5 h)"
+	@echo "make schedule     ref-mini trained with and without learning-rate decay: quantization cost, basin, Hessian"
 	@echo "make bench        speed and memory benchmarks -> bench/RESULTS.md"
 	@echo "make bench-full   the same with SmolLM2-135M rows (about 45 min on 2 cores)"
 	@echo "make peers        torchao QAT and llm-compressor GPTQ against ours on SmolLM2 (own venvs; ~1 h)"
@@ -62,6 +63,11 @@ size-family: setup
 # stores under figures/data), then ||d_RTN||/R(w0) against its baselines -> figures/predictor_study.{html,md}.
 predictor: setup chromium
 	$(PY) -m analyses.predictor_study --quick --out figures $(FIGURE_ARGS)
+
+# Issue #22 item 5: one recipe with a cosine and a constant learning rate (ref-mini, ref-mini-const; the
+# constant one is trained on first use, about 15 min), on figure 7's protocol -> figures/schedule_study.{html,md}.
+schedule: setup chromium
+	$(PY) -m analyses.schedule_study --quick --out figures $(FIGURE_ARGS)
 
 # PNG export needs a Chromium (HTML does not). Installed where we can (root + apt); otherwise the
 # figure run says that PNGs were skipped.

@@ -58,6 +58,9 @@ REF_CONFIGS: dict[str, RefModelConfig] = {
     # reference family of figure 7's model-size axis (REF_FAMILY).
     "ref-mini": RefModelConfig(n_layer=2, n_embd=128, n_head=2),
     "ref-midi": RefModelConfig(n_layer=3, n_embd=192, n_head=3),
+    # ref-mini's recipe with the learning rate held at its peak after the warm-up instead of decayed to 10 %
+    # (issue #22 item 5: does the decay, not the tokens, make a model fragile to quantization?).
+    "ref-mini-const": RefModelConfig(n_layer=2, n_embd=128, n_head=2, min_lr_fraction=1.0),
     # Seconds to build; for tests and smoke runs of the pipeline only.
     "ref-tiny": RefModelConfig(n_layer=2, n_embd=64, n_head=2, vocab_size=1024, n_ctx=128, batch_size=8,
                                epochs=1.0, warmup_steps=5, max_train_documents=400),

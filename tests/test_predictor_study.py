@@ -1,9 +1,10 @@
-"""The predictor study (issue #22 item 4) end to end on two models, tiny profile: ref-tiny and a user's own
-GPT-2-architecture checkpoint given with ``--size-models``.
+"""The predictor and schedule studies (issue #22 items 4 and 5) end to end on two models, tiny profile:
+ref-tiny and a user's own GPT-2-architecture checkpoint given with ``--size-models``.
 
 Every plotted case must be the stored numbers recomputed independently: the score from a hand-written
 per-channel rounding of w0 and the stored radii, the gap from the tables' per-segment NLL sums, RTN's SQNR
-from the same hand rounding; the markdown report must hold every case; a rerun must measure nothing.
+from the same hand rounding; the markdown reports must hold every case; a rerun must measure nothing. The
+schedule study reuses the predictor study's tables and adds the Hessian at w0.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from conftest import saved_tiny_llama
 from test_baselines import hand_rtn_int4
 
 import landscape.data
-from analyses import predictor_study
+from analyses import predictor_study, schedule_study
 from analyses.plan import plan_text
 from analyses.session import basin_store, parse_args, predictor_protocol, session_from_args, table_store
 from landscape.store import read_store
 from landscape.weights import quantizable_layers, weight_matrix
 
+pytestmark = pytest.mark.filterwarnings("ignore::landscape.curvature.ConvergenceWarning")  # tiny Lanczos runs
 SOTU_STANDIN = " ".join(f"Address {i} spoke of the budget, the army, schools and the year {1900 + i}."
                         for i in range(150))
 
@@ -42,8 +44,10 @@ def study(tmp_path_factory):
         torch.set_num_threads(1)
         try:
             mine = str(saved_tiny_llama(root / "my-gpt2", arch="gpt2"))
-            argv = ["--tiny", "--size-models", mine, "--out", str(root / "out"), "--no-png", "--no-progress"]
+            argv = ["--tiny", "--size-models", "ref-tiny", mine, "--out", str(root / "out"), "--no-png",
+                    "--no-progress"]
             assert predictor_study.main(argv) == 0
+            assert schedule_study.main(argv) == 0  # measures only the Hessians: the tables are the ones above
             session = session_from_args(parse_args("", argv))
             yield session, mine
         finally:
@@ -101,3 +105,25 @@ def test_the_report_holds_every_case_and_a_rerun_measures_nothing(study):
     assert "[to do" not in plan_text(predictor_study.steps(session), session)
     reading = predictor_study.reading(session)
     assert reading.startswith("raw (8 cases): best ") and "after the control (8 cases)" in reading
+
+
+def test_schedule_study_reports_the_stored_costs_and_curvature(study):
+    session, mine = study
+    points = {p["model"]: p for p in schedule_study.summary(session)}
+    assert list(points) == ["ref-tiny", mine]
+    assert points["ref-tiny"]["schedule"].startswith("cosine")
+    assert points[mine]["schedule"] == "not trained here"
+    for model, p in points.items():
+        for fmt in ("int3", "int4", "mxint4-32"):
+            nll = stored_rows(session, model, fmt)
+            for method in ("rtn", "gptq", "qaft"):
+                assert p["cost"][fmt][method] == pytest.approx(nll[method] - nll["fp32"], abs=1e-9)
+        hessian = read_store(schedule_study.curvature_store(session, model))
+        top = [float(v) for v in hessian.arrays["spectrum/top/eigenvalues"]]
+        assert p["top"] == top and top == sorted(top, reverse=True)
+        assert p["trace"] == json.loads(str(hessian.arrays["trace/attrs"]))["value"]
+        radius = read_store(basin_store(session, model))
+        assert p["relative_radius"] == pytest.approx(float(np.median(radius.arrays["radius"]))
+                                                     / float(radius.arrays["weights_norm"]))
+    report = (session.out / "schedule_study.md").read_text()
+    assert f"| {mine} | not trained here |" in report and "RTN's cost, " in report
