@@ -19,7 +19,10 @@ including building them) and ``radius``
 (:func:`landscape.quant.gptq.gptq` on the calibration set) against ``forward`` with the weights it returns
 also taken out (a result the size of the quantized layers is its output, not its working memory); and
 ``qaft`` (:func:`landscape.quant.qaft.qaft`, a few steps) against ``train-step`` (its activations: one forward
-and backward of one training batch with gradients for the trained weights, what any gradient method holds).
+and backward of one training batch with gradients for the trained weights, what any gradient method holds);
+``hvp`` (one Hessian-vector product of the NLL of one evaluation batch w.r.t. the trained weights, the unit of
+every Lanczos step, trace probe and path point of :mod:`landscape.curvature`, its vector included) against
+``train-step`` (no target: the issue sets none for one product; figure 6's memory is made of these).
 The reported figure is the peak in model sizes with the activations taken out:
 ``1 + (extra - extra of the reference [- returned weights]) / model bytes``. Targets (issue 18): a scan or a
 radius search at most 1.3 model sizes (only the touched layer's w0 and direction beside the model); GPTQ at
@@ -68,8 +71,9 @@ from landscape.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 # (model + extra - activations) / model, per workload
 MODEL_SIZES_AT_PEAK = {"scan": Target(1.3, "at_most"), "radius": Target(1.3, "at_most"),
                        "gptq": Target(1.5, "at_most"), "qaft": Target(4.5, "at_most")}
-WORKLOADS = ("forward", "scan", "radius", "gptq", "train-step", "qaft")
-REFERENCE_OF = {"scan": "forward", "radius": "forward", "gptq": "forward", "qaft": "train-step"}
+WORKLOADS = ("forward", "scan", "radius", "gptq", "train-step", "qaft", "hvp")
+REFERENCE_OF = {"scan": "forward", "radius": "forward", "gptq": "forward", "qaft": "train-step",
+                "hvp": "train-step"}
 RETURNS_WEIGHTS = ("gptq",)  # workloads whose result holds a weight-sized tensor per quantized layer
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
@@ -163,6 +167,18 @@ def run_workload(workload: str, spec: ModelSpec, settings: MemorySettings) -> di
         batch = calib.subset(slice(0, settings.qaft_batch_size))
         loss = segment_nll_sums(model, batch.tokens, batch.score_mask).sum() / batch.n_scored_tokens
         loss.backward()
+    elif workload == "hvp":
+        from landscape.curvature import Curvature
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for module in trained.values():
+            module.weight.requires_grad_(True)
+        batch = evaluation.subset(slice(0, settings.batch_size))
+        operator = Curvature(model, batch, layers=list(trained), batch_size=settings.batch_size,
+                             progress=False).operator()
+        operator.matvec(torch.randn(operator.size, generator=torch.Generator().manual_seed(0),
+                                    dtype=operator.dtype))
     else:
         qaft(model, calib, settings.qaft_format,
              FinetuneSettings(steps=settings.qaft_steps, batch_size=settings.qaft_batch_size),
@@ -203,10 +219,12 @@ def design_estimate(workload: str, measured: dict) -> int:
     the lattice points; runs recorded before these fields: 2 x the largest layer). qaft, during a step: the
     latent weights, their gradients, two AdamW moments and the fake-quantized weights the backward pass keeps
     (5 x the trained weights; w0 is read from the model, and the optimiser is freed before the final
-    layer-MSE pass), less the gradient that the train-step reference holds already (4 x).
+    layer-MSE pass), less the gradient that the train-step reference holds already (4 x). hvp: the vector,
+    the product and the first-order gradients the second backward differentiates, less the reference's
+    gradient (2 x the trained weights; the double backward's own graph is what the measurement adds beyond).
     """
-    if workload == "qaft":
-        return 4 * measured.get("trained_bytes", measured["perturbed_bytes"])
+    if workload in ("qaft", "hvp"):
+        return (4 if workload == "qaft" else 2) * measured.get("trained_bytes", measured["perturbed_bytes"])
     largest = measured.get("largest_layer_bytes", 0)  # not recorded by runs before the streamed scan
     if workload == "gptq" and "widest_input" in measured:
         solver = 4 if measured.get("dtype") in ("bfloat16", "float16") else 8  # bytes per solver element
@@ -281,7 +299,8 @@ def build_section(data: dict, seconds: float = 0.0) -> Section:
             "radius": f"radius search, 1 direction, {tokens}",
             "gptq": f"GPTQ {settings['qaft_format']}, {calibration}",
             "qaft": f"QAFT {settings['qaft_format']}, {settings['qaft_steps']} steps of "
-                    f"{settings['qaft_batch_size']} x {settings['seq_len']} tokens"}
+                    f"{settings['qaft_batch_size']} x {settings['seq_len']} tokens",
+            "hvp": f"one Hessian-vector product, {settings['batch_size']} x {settings['seq_len']} tokens"}
     rows, table, notes = [], [], []
     for c in data["cases"]:
         for workload, reference in REFERENCE_OF.items():
@@ -292,26 +311,26 @@ def build_section(data: dict, seconds: float = 0.0) -> Section:
             estimate = 1 + design_estimate(workload, m) / m["model_bytes"]
             trained = m.get("trained_bytes", m["perturbed_bytes"])
             per_trained = (f"; {added_bytes(workload, m, r) / trained:.2f} x the trained weights"
-                           if workload in ("gptq", "qaft") else "")
+                           if workload in ("gptq", "qaft", "hvp") else "")
             returned = " and returned weights" if workload in RETURNS_WEIGHTS else ""
             rows.append(Row("memory", f"{m['model']}, {m.get('dtype', 'float32')}, {what[workload]}",
                             f"peak in model sizes, activations{returned} excluded", value, "x",
-                            MODEL_SIZES_AT_PEAK[workload],
+                            MODEL_SIZES_AT_PEAK.get(workload),
                             f"+{m['extra_bytes'] / MIB:.0f} MiB over the loaded model ({model_mib:.0f} MiB); "
                             f"{reference} alone +{r['extra_bytes'] / MIB:.0f} MiB{per_trained}"))
             table.append((m["model"], workload, f"{model_mib:.1f}", f"{trained / MIB:.1f}",
                           f"{m['baseline_bytes'] / MIB:.0f}", f"{m['extra_bytes'] / MIB:.1f}",
                           f"{r['extra_bytes'] / MIB:.1f} ({reference})", f"{value:.2f}", f"{estimate:.2f}",
                           f"{m['seconds']:.1f}"))
-            if not MODEL_SIZES_AT_PEAK[workload].met(value):
+            if workload in MODEL_SIZES_AT_PEAK and not MODEL_SIZES_AT_PEAK[workload].met(value):
                 notes.append(miss_note(workload, m, value))
     notes.extend(scaling_notes(data["cases"]))
     tables = (Table("Peak RSS over the loaded model (MiB), each in a fresh process",
                     ("model", "workload", "model", "trained layers", "baseline RSS", "added at peak",
                      "reference added", "model sizes (measured)", "model sizes (design estimate)", "seconds"),
                     tuple(table)),)
-    return Section("memory", "Memory: peak RSS of scans, radius searches, GPTQ and QAFT", tuple(rows), tables,
-                   tuple(notes), data, seconds)
+    title = "Memory: peak RSS of scans, radius searches, GPTQ, QAFT and one HVP"
+    return Section("memory", title, tuple(rows), tables, tuple(notes), data, seconds)
 
 
 def scaling_notes(cases: list[dict]) -> list[str]:

@@ -196,6 +196,22 @@ def test_memory_section_counts_model_sizes_without_activations():
     assert "design estimate 4.00" in section.notes[0]  # 1 + 4 x 75 MiB / 100 MiB
 
 
+def test_memory_section_reports_one_hvp_against_a_gradient_without_a_target():
+    from bench.common import NO_TARGET
+    from bench.memory import build_section
+
+    data = memory_data(scan_extra=105, forward_extra=80, qaft_extra=400, train_extra=100)
+    case = data["cases"][0]
+    case["hvp"] = {**case["train-step"], "workload": "hvp", "extra_bytes": 400 * 2**20}
+    section = build_section(data)
+    hvp = section.rows[-1]
+    assert "one Hessian-vector product" in hvp.case and hvp.status == NO_TARGET
+    assert hvp.value == pytest.approx(1 + (400 - 100) / 100)  # beyond the gradient of one train step
+    assert "4.00 x the trained weights" in hvp.detail  # 300 MiB over 75 MiB of trained weights
+    assert not section.notes  # QAFT at 4.0 passes; an HVP has no target to miss
+    assert any(row[1] == "hvp" and row[8] == "2.50" for row in section.tables[0].rows)  # 1 + 2 x 75 / 100
+
+
 def test_rebuild_report_recomputes_every_section_from_its_stored_data():
     from bench.memory import build_section
     from bench.run import rebuild_report
