@@ -13,6 +13,7 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 
+from landscape import interrupts
 from landscape.cluster import SweepError
 from landscape.store.files import interrupted_runs
 
@@ -45,7 +46,8 @@ def run_guarded(run: Callable[[], int | None], program: str, argv: Sequence[str]
         resumable: the command takes ``--resume`` (else the Ctrl-C message does not offer it).
     """
     try:
-        return int(run() or 0)
+        with interrupts.guard():  # a Ctrl-C that a finalizer swallows still stops the run at its next point
+            return int(run() or 0)
     except KeyboardInterrupt:
         if debug:
             raise

@@ -18,6 +18,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from landscape import interrupts
 from landscape.outputs import check_output_path
 from landscape.store.hdf5 import (
     DONE,
@@ -259,6 +260,7 @@ class ResultStore:
             self._file.flush()
         self._done[idx] = True
         self._report_progress()
+        interrupts.check()  # a Ctrl-C swallowed by a finalizer stops the run here, with this point kept
 
     def write_points(self, values: Mapping[str, np.ndarray], done: np.ndarray) -> None:
         """Store whole point arrays at once for the points where ``done`` is True (e.g. merged shards),
