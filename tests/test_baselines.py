@@ -78,6 +78,20 @@ def test_leave_one_out_equals_a_hand_loop():
     assert math.isnan(leave_one_out(x[:4], y[:4], ["a", "a", "b", "b"])["a"])  # two cases left: undefined
 
 
+def test_within_model_correlations_equal_a_hand_loop():
+    comparison = compare_predictors(cases(n_models=3, formats=("int4", "int3", "int2", "int5")),
+                                    n_resamples=100)
+    by_name = {c.name: c for c in comparison.candidates}
+    for name in ("score", "neg_sqnr"):
+        for m in ("m0", "m1", "m2"):
+            mine = [c for c in comparison.cases if c.model == m]
+            x = [c.score if name == "score" else -c.rtn_sqnr_db for c in mine]
+            assert by_name[name].within_model[m] == pytest.approx(
+                scipy.stats.spearmanr(x, [c.gap for c in mine]).statistic)
+    assert all(math.isnan(v) for v in by_name["nll_w0"].within_model.values())  # constant within a model
+    assert "m0 +1.00" in comparison.markdown()
+
+
 def test_the_score_wins_where_it_orders_the_gaps_and_the_difference_is_paired():
     comparison = compare_predictors(cases(), n_resamples=500)
     by_name = {c.name: c for c in comparison.candidates}

@@ -14,9 +14,11 @@ Candidates, each oriented so that a larger value should mean a larger gap (decid
 
 For each: Spearman(candidate, gap) with a bootstrap interval over cases; leave-one-model-out and
 leave-one-format-out (the correlation on the cases left when one model, or one format, is removed: its
-smallest value says how much one group carries the result); and the paired bootstrap interval of
-``rho(score) - rho(candidate)`` (the same resamples of cases for both). Gaps are raw or control-adjusted as
-the cases are (:class:`~landscape.studies.predict.PredictionCase`).
+smallest value says how much one group carries the result); Spearman within each model (across its
+formats only); and the paired bootstrap interval of ``rho(score) - rho(candidate)`` (the same resamples of
+cases for both). Within one model R(w0) and ``||w0||`` are constants, so the score and ``relative_norm`` rank
+its formats identically and NLL(w0) does not vary: what the basin radius adds is only seen across models.
+Gaps are raw or control-adjusted as the cases are (:class:`~landscape.studies.predict.PredictionCase`).
 """
 
 from __future__ import annotations
@@ -155,6 +157,8 @@ class CandidateResult:
         rank_correlation: Spearman(candidate, gap) with its bootstrap interval over cases.
         leave_one_model_out, leave_one_format_out: the left-out model (format) -> Spearman on the other cases
             (NaN where fewer than 3 remain or one variable is constant there).
+        within_model: model -> Spearman over that model's cases alone (NaN where it has fewer than 3 cases or
+            one variable is constant there, as NLL(w0) always is).
         versus_score: ``rho(score) - rho(candidate)``, paired bootstrap over cases (``None`` for the score).
     """
 
@@ -163,6 +167,7 @@ class CandidateResult:
     leave_one_model_out: dict[str, float]
     leave_one_format_out: dict[str, float]
     versus_score: Interval | None
+    within_model: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -182,11 +187,15 @@ class PredictorComparison:
                  f"{len(self.cases)} cases, {len({c.model for c in self.cases})} models, "
                  f"{len({c.format for c in self.cases})} formats", "",
                  "| candidate | Spearman with gap [95 %] | min leave-one-model-out "
-                 "| min leave-one-format-out | rho(score) − rho(candidate) [95 %] |", "|---|---|---|---|---|"]
+                 "| min leave-one-format-out | within each model | rho(score) − rho(candidate) [95 %] |",
+                 "|---|---|---|---|---|---|"]
         for c in self.candidates:
             rho, vs = c.rank_correlation, c.versus_score
+            within = ", ".join(f"{m} {v:+.2f}" for m, v in c.within_model.items()
+                               if math.isfinite(v)) or "n/a"
             lines.append(f"| {c.name} | {rho.value:+.3f} [{rho.low:+.3f}, {rho.high:+.3f}] | "
                          f"{_minimum(c.leave_one_model_out)} | {_minimum(c.leave_one_format_out)} | "
+                         f"{within} | "
                          + (f"{vs.value:+.3f} [{vs.low:+.3f}, {vs.high:+.3f}] |" if vs else "— |"))
         lines += ["", f"largest correlation: {self.best()}"]
         return "\n".join(lines)
@@ -232,8 +241,10 @@ def compare_predictors(cases: Sequence[PredictionCase], *, level: float = 0.95,
             low, high = np.quantile(diff, [(1 - level) / 2, (1 + level) / 2])
             versus = Interval(spearman(values["score"], gaps) - rho.value, float(low), float(high), level,
                               "paired bootstrap", n_resamples, len(cases), "cases")
-        results.append(CandidateResult(name, rho, leave_one_out(v, gaps, [c.model for c in cases]),
-                                       leave_one_out(v, gaps, [c.format for c in cases]), versus))
+        models = [c.model for c in cases]
+        results.append(CandidateResult(name, rho, leave_one_out(v, gaps, models),
+                                       leave_one_out(v, gaps, [c.format for c in cases]), versus,
+                                       within_groups(v, gaps, models)))
     return PredictorComparison(cases, tuple(results))
 
 
@@ -243,6 +254,18 @@ def leave_one_out(x: np.ndarray, y: np.ndarray, groups: Sequence[str]) -> dict[s
     out = {}
     for g in dict.fromkeys(groups.tolist()):
         keep = groups != g
+        xs, ys = x[keep], y[keep]
+        defined = keep.sum() >= MIN_PAIRS and np.ptp(xs) > 0 and np.ptp(ys) > 0
+        out[str(g)] = spearman(xs, ys) if defined else math.nan
+    return out
+
+
+def within_groups(x: np.ndarray, y: np.ndarray, groups: Sequence[str]) -> dict[str, float]:
+    """group -> Spearman(x, y) over the cases of that group alone (NaN where undefined)."""
+    groups = np.asarray(groups)
+    out = {}
+    for g in dict.fromkeys(groups.tolist()):
+        keep = groups == g
         xs, ys = x[keep], y[keep]
         defined = keep.sum() >= MIN_PAIRS and np.ptp(xs) > 0 and np.ptp(ys) > 0
         out[str(g)] = spearman(xs, ys) if defined else math.nan
