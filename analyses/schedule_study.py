@@ -34,6 +34,7 @@ from landscape.store import provenance, read_store, run_tasks
 FIGURE = "schedule_study"
 TITLE = "Learning-rate decay and quantization"
 PAIR = ("ref-mini", "ref-mini-const")
+METHODS = ("rtn", "gptq", "qaft")
 CURVATURE = {"max_segments": 8, "k_top": 3, "lanczos_steps": 40, "trace_matvecs": 12}
 """The Hessian at w0: on the first ``max_segments`` held-out windows of the tables' length (quick profile: 8 x
 256 tokens, 2,040 scored: from about a thousand tokens the trace settles on SmolLM2, README "How much of that
@@ -97,27 +98,31 @@ def schedule_of(model: str) -> str:
 
 
 def summary(session: Session) -> list[dict[str, Any]]:
-    """Per model, from its stores: schedule, NLL(w0), R(w0)/||w0||, top eigenvalues and trace at w0, and per
-    format the NLL of RTN, GPTQ and QAFT minus NLL(w0) (nats/token, held-out wiki)."""
+    """Per model, from its stores: schedule, NLL(w0), R(w0) (absolute and over ||w0||), top eigenvalues and
+    trace at w0, what the full-precision control gains, and per format the NLL of RTN, GPTQ and QAFT minus
+    NLL(w0) (nats/token on the tables' held-out windows, each with its paired 95 % bootstrap interval)."""
     out = []
     for model in models(session):
-        rows: dict[tuple[str, str], float] = {}
+        rows: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}
         tables = (table_store(session, predictor_protocol(session, model)), table_stores(session, model)[0])
         for path in tables:
             table = read_store(path)
             corpus = plots.in_domain(table)
             for row in plots.quant_rows(table):
-                rows.setdefault((row["method"], row["format"] or ""), float(row["nll"][corpus]))
-        nll_w0 = rows[("fp32", "")]
+                key = (row["method"], "" if row["method"] in ("fp32", "fp-finetune") else row["format"] or "")
+                rows.setdefault(key, (row, corpus))
+        fp32, corpus = rows[("fp32", "")]
         stats = plots.basin_summary(read_store(basin_store(session, model)))
         hessian = read_curvature(read_store(curvature_store(session, model)))
+        relative = stats.quantiles((0.5,), relative=True)[0.5]
         out.append({
-            "model": model, "schedule": schedule_of(model), "nll_w0": nll_w0,
-            "relative_radius": stats.quantiles((0.5,), relative=True)[0.5], "radius": stats.median,
+            "model": model, "schedule": schedule_of(model), "nll_w0": float(fp32["nll"][corpus]),
+            "relative_radius": relative, "radius": stats.median, "weights_norm": stats.median / relative,
             "top": [float(v) for v in hessian.spectrum.top.eigenvalues],
             "top_converged": int(np.sum(hessian.spectrum.top.converged)), "trace": hessian.trace.value,
             "trace_stderr": hessian.trace.stderr,
-            "cost": {fmt: {m: rows[(m, fmt)] - nll_w0 for m in ("rtn", "gptq", "qaft")}
+            "control": plots.gap_interval(rows[("fp-finetune", "")][0], fp32, corpus),
+            "cost": {fmt: {m: plots.gap_interval(rows[(m, fmt)][0], fp32, corpus) for m in METHODS}
                      for fmt in formats(session)},
             "convention": hessian.provenance["nll_convention"]})
     return out
@@ -130,53 +135,63 @@ def figure(session: Session) -> go.Figure:
     for k, p in enumerate(points):
         for method, dash in (("rtn", "solid"), ("gptq", "dash")):
             fig.add_trace(go.Scatter(
-                x=fmts, y=[p["cost"][f][method] for f in fmts], mode="lines+markers",
+                x=fmts, y=[p["cost"][f][method].value for f in fmts], mode="lines+markers",
+                error_y={"type": "data", "array": [p["cost"][f][method].high - p["cost"][f][method].value
+                                                   for f in fmts],
+                         "arrayminus": [p["cost"][f][method].value - p["cost"][f][method].low for f in fmts]},
                 name=f"{p['model']}: {plots.METHOD_LABELS[method]}",
                 line={"color": MODEL_COLORS[k % len(MODEL_COLORS)], "dash": dash},
                 hovertemplate=f"{p['model']} {method} %{{x}}: +%{{y:.4f}} nats<extra></extra>"))
     fig.update_xaxes(title_text="format")
-    fig.update_yaxes(title_text="NLL − NLL(w0) (nats/token, held-out wiki)", type="log")
+    fig.update_yaxes(title_text="NLL − NLL(w0) (nats/token, held-out wiki; 95 % paired bootstrap)")
     fig.update_layout(title="Quantization cost of a model trained with and without learning-rate decay",
                       template="plotly_white")
     return plots.add_caption(fig, [
         "Each model's held-out NLL after RTN (solid) and GPTQ (dashed) minus its own NLL(w0), at the "
         "headline format and the predictor study's formats; one calibration set for every method and model "
         "(figure 7's protocol). " + " ".join(
-            f"{p['model']} ({p['schedule']}): NLL(w0) {p['nll_w0']:.3f}, R(w0)/‖w0‖ "
-            f"{100 * p['relative_radius']:.3g} %, top eigenvalue {p['top'][0]:.3g}, trace {p['trace']:.4g} "
-            f"± {p['trace_stderr']:.2g}." for p in points),
+            f"{p['model']} ({p['schedule']}): NLL(w0) {p['nll_w0']:.3f}, R(w0) {p['radius']:.4g} = "
+            f"{100 * p['relative_radius']:.3g} % of ‖w0‖, top eigenvalue {p['top'][0]:.3g}, trace "
+            f"{p['trace']:.4g} ± {p['trace_stderr']:.2g}, the full-precision control "
+            f"{p['control'].value:+.4f} nats." for p in points),
         f"Curvature: the Hessian of the token-mean NLL at w0 over the quantized linears, on each model's "
         f"first held-out windows ({CURVATURE['lanczos_steps']} Lanczos steps, Hutch++ with "
         f"{CURVATURE['trace_matvecs']} products). "
         + plots.nll_convention_sentence(points[0]["convention"])])
 
 
+def _interval(i) -> str:
+    return f"{i.value:+.4f} [{i.low:+.4f}, {i.high:+.4f}]"
+
+
 def reading(session: Session) -> str:
     points = summary(session)
     fmt = session.profile.headline_format
     return "; ".join(f"{p['model']} ({p['schedule']}): NLL(w0) {p['nll_w0']:.3f}, RTN {fmt} "
-                     f"+{p['cost'][fmt]['rtn']:.4f}, GPTQ +{p['cost'][fmt]['gptq']:.4f} nats, R(w0)/‖w0‖ "
-                     f"{100 * p['relative_radius']:.3g} %, λ1 {p['top'][0]:.3g}" for p in points) + "."
+                     f"{_interval(p['cost'][fmt]['rtn'])}, GPTQ {_interval(p['cost'][fmt]['gptq'])} nats, "
+                     f"R(w0)/‖w0‖ {100 * p['relative_radius']:.3g} %, λ1 {p['top'][0]:.3g}"
+                     for p in points) + "."
 
 
 def report(session: Session) -> str:
     points = summary(session)
     fmts = list(formats(session))
-    head = ("| model | schedule | NLL(w0) | R(w0)/‖w0‖ | top eigenvalues | trace | "
-            + " | ".join(f"RTN / GPTQ / QAFT − w0 at {f}" for f in fmts) + " |")
-    lines = [head, "|" + "---|" * (6 + len(fmts))]
+    lines = ["| model | schedule | NLL(w0) | R(w0) (‖w0‖) | top eigenvalues | trace | control − w0 |",
+             "|---|---|---|---|---|---|---|"]
     for p in points:
-        costs = " | ".join(" / ".join(f"{p['cost'][f][m]:+.4f}" for m in ("rtn", "gptq", "qaft"))
-                           for f in fmts)
         top = (", ".join(f"{v:.3g}" for v in p["top"])
                + f" ({p['top_converged']} of {len(p['top'])} converged)")
-        trace = f"{p['trace']:.4g} ± {p['trace_stderr']:.2g}"
-        lines.append(f"| {p['model']} | {p['schedule']} | {p['nll_w0']:.4f} | "
-                     f"{100 * p['relative_radius']:.3g} % | {top} | {trace} | {costs} |")
-    ratio = np.array([[p["cost"][f]["rtn"] for f in fmts] for p in points])
-    if len(points) == 2:
-        lines += ["", f"RTN's cost, {points[1]['model']} over {points[0]['model']}, per format: "
-                  + ", ".join(f"{f} {b / a:.2f}x" for f, a, b in zip(fmts, ratio[0], ratio[1], strict=True))]
+        lines.append(f"| {p['model']} | {p['schedule']} | {p['nll_w0']:.4f} | {p['radius']:.4g} "
+                     f"({p['weights_norm']:.4g}; {100 * p['relative_radius']:.3g} %) | {top} | "
+                     f"{p['trace']:.4g} ± {p['trace_stderr']:.2g} | {_interval(p['control'])} |")
+    lines += ["", "| format | " + " | ".join(f"{p['model']}: RTN / GPTQ / QAFT − w0" for p in points) + " |",
+              "|---|" + "---|" * len(points)]
+    for f in fmts:
+        cells = [" / ".join(_interval(p["cost"][f][m]) for m in METHODS) for p in points]
+        lines.append(f"| {f} | " + " | ".join(cells) + " |")
+    lines += ["", "Costs: NLL minus the same table's NLL(w0) on the same held-out windows, nats/token, "
+              "paired 95 % bootstrap over windows (each table's NLL convention is in its provenance). "
+              "The Hessian's sample: " + plots.nll_convention_sentence(points[0]["convention"])]
     return "\n".join(lines) + "\n"
 
 

@@ -117,7 +117,9 @@ def test_schedule_study_reports_the_stored_costs_and_curvature(study):
         for fmt in ("int3", "int4", "mxint4-32"):
             nll = stored_rows(session, model, fmt)
             for method in ("rtn", "gptq", "qaft"):
-                assert p["cost"][fmt][method] == pytest.approx(nll[method] - nll["fp32"], abs=1e-9)
+                cost = p["cost"][fmt][method]
+                assert cost.value == pytest.approx(nll[method] - nll["fp32"], abs=1e-9)
+                assert cost.low <= cost.value <= cost.high
         hessian = read_store(schedule_study.curvature_store(session, model))
         top = [float(v) for v in hessian.arrays["spectrum/top/eigenvalues"]]
         assert p["top"] == top and top == sorted(top, reverse=True)
@@ -126,4 +128,6 @@ def test_schedule_study_reports_the_stored_costs_and_curvature(study):
         assert p["relative_radius"] == pytest.approx(float(np.median(radius.arrays["radius"]))
                                                      / float(radius.arrays["weights_norm"]))
     report = (session.out / "schedule_study.md").read_text()
-    assert f"| {mine} | not trained here |" in report and "RTN's cost, " in report
+    assert f"| {mine} | not trained here |" in report and "paired 95 % bootstrap" in report
+    nll = stored_rows(session, "ref-tiny", "int3")
+    assert points["ref-tiny"]["control"].value == pytest.approx(nll["fp-finetune"] - nll["fp32"], abs=1e-9)
