@@ -160,20 +160,14 @@ def run_workload(workload: str, spec: ModelSpec, settings: MemorySettings) -> di
         gptq(model, calib, settings.qaft_format, layers=list(trained), batch_size=settings.qaft_batch_size,
              progress=False)
     elif workload == "train-step":
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for module in trained.values():
-            module.weight.requires_grad_(True)
+        _train_only(model, trained)
         batch = calib.subset(slice(0, settings.qaft_batch_size))
         loss = segment_nll_sums(model, batch.tokens, batch.score_mask).sum() / batch.n_scored_tokens
         loss.backward()
     elif workload == "hvp":
         from landscape.curvature import Curvature
 
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for module in trained.values():
-            module.weight.requires_grad_(True)
+        _train_only(model, trained)
         batch = evaluation.subset(slice(0, settings.batch_size))
         operator = Curvature(model, batch, layers=list(trained), batch_size=settings.batch_size,
                              progress=False).operator()
@@ -194,6 +188,14 @@ def run_workload(workload: str, spec: ModelSpec, settings: MemorySettings) -> di
             "widest_input": max(weight_matrix(m).shape[1] for m in trained.values()),
             "largest_trained_numel": max(weight_matrix(m).numel() for m in trained.values()),
             "trained_layers": len(trained), "exact_peak_reset": exact_peak, "seconds": seconds}
+
+
+def _train_only(model: torch.nn.Module, trained: dict[str, torch.nn.Module]) -> None:
+    """Gradients for the weights of ``trained`` only (what a train step or an HVP over them needs)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in trained.values():
+        module.weight.requires_grad_(True)
 
 
 def measure_in_fresh_process(workload: str, spec: ModelSpec, profile: str) -> dict:

@@ -11,18 +11,43 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import landscape.data
 from landscape.data import TokenSet, token_set_from_tensor
 from landscape.models import prepare_model
 from landscape.store import RUN_SPECIFIC_KEYS, read_store
 
 VOCAB = 97
+SOTU_STANDIN = " ".join(f"Address {i} spoke of the budget, the army, schools and the year {1900 + i}."
+                        for i in range(150))
+
+
+@contextlib.contextmanager
+def offline_pipeline(root: Path) -> Iterator[None]:
+    """For a module fixture that runs figure or study scripts: a private cache under ``root``, no hub, a
+    stand-in for the out-of-domain corpus (two addresses of :data:`SOTU_STANDIN`) and one torch thread; all
+    undone on exit."""
+    (root / "sotu").mkdir(exist_ok=True)
+    for year in (2001, 2002):
+        (root / "sotu" / f"{year}.json").write_text(json.dumps({"text": SOTU_STANDIN}))
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LANDSCAPE_CACHE", str(root / "cache"))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(landscape.data, "_sotu_dir", lambda: root / "sotu")
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 def tiny_model(arch: str = "gpt2", dtype: torch.dtype = torch.float32, seed: int = 0, vocab: int = VOCAB,

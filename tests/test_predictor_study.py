@@ -14,11 +14,9 @@ import math
 
 import numpy as np
 import pytest
-import torch
-from conftest import saved_tiny_llama
+from conftest import offline_pipeline, saved_tiny_llama
 from test_baselines import hand_rtn_int4
 
-import landscape.data
 from analyses import predictor_study, schedule_study
 from analyses.plan import plan_text
 from analyses.session import basin_store, parse_args, predictor_protocol, session_from_args, table_store
@@ -26,32 +24,19 @@ from landscape.store import read_store
 from landscape.weights import quantizable_layers, weight_matrix
 
 pytestmark = pytest.mark.filterwarnings("ignore::landscape.curvature.ConvergenceWarning")  # tiny Lanczos runs
-SOTU_STANDIN = " ".join(f"Address {i} spoke of the budget, the army, schools and the year {1900 + i}."
-                        for i in range(150))
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("predictor")
-    (root / "sotu").mkdir()
-    for year in (2001, 2002):
-        (root / "sotu" / f"{year}.json").write_text(json.dumps({"text": SOTU_STANDIN}))
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LANDSCAPE_CACHE", str(root / "cache"))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(landscape.data, "_sotu_dir", lambda: root / "sotu")
-        torch.set_num_threads(1)
-        try:
-            mine = str(saved_tiny_llama(root / "my-gpt2", arch="gpt2"))
-            argv = ["--tiny", "--size-models", "ref-tiny", mine, "--out", str(root / "out"), "--no-png",
-                    "--no-progress"]
-            assert predictor_study.main(argv) == 0
-            assert schedule_study.main(argv) == 0  # measures only the Hessians: the tables are the ones above
-            session = session_from_args(parse_args("", argv))
-            yield session, mine
-        finally:
-            torch.set_num_threads(threads)
+    with offline_pipeline(root):
+        mine = str(saved_tiny_llama(root / "my-gpt2", arch="gpt2"))
+        argv = ["--tiny", "--size-models", "ref-tiny", mine, "--out", str(root / "out"), "--no-png",
+                "--no-progress"]
+        assert predictor_study.main(argv) == 0
+        assert schedule_study.main(argv) == 0  # measures only the Hessians: the tables are the ones above
+        session = session_from_args(parse_args("", argv))
+        yield session, mine
 
 
 def stored_rows(session, model: str, fmt: str) -> dict[str, float]:

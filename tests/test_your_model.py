@@ -12,11 +12,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import tiny_model
+from conftest import offline_pipeline, tiny_model
 from safetensors import safe_open
 
-import landscape.data
 from analyses import run_all
 from landscape import data as D
 from landscape.refmodel import train_tokenizer
@@ -24,38 +22,25 @@ from landscape.store import read_store
 
 pytestmark = pytest.mark.filterwarnings("ignore::landscape.curvature.ConvergenceWarning")
 RUNS = {"llama": ("bfloat16",), "opt": ("float32",), "gpt2": ("float32", "float64")}
-SOTU_STANDIN = " ".join(f"Address {i} spoke of the budget, the army, schools and the year {1900 + i}."
-                        for i in range(150))
 
 
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, Path]]:
     """(arch, dtype) -> (model directory, figure folder) after ``run_all --tiny --model DIR --dtype D``."""
     root = tmp_path_factory.mktemp("your-model")
-    (root / "sotu").mkdir()
-    for year in (2001, 2002):
-        (root / "sotu" / f"{year}.json").write_text(json.dumps({"text": SOTU_STANDIN}))
-    threads = torch.get_num_threads()
     out: dict[tuple[str, str], tuple[Path, Path]] = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LANDSCAPE_CACHE", str(root / "cache"))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(landscape.data, "_sotu_dir", lambda: root / "sotu")
-        torch.set_num_threads(1)
-        try:
-            tokenizer = train_tokenizer(D.wiki_documents("train")[:300], vocab_size=512)
-            for arch, dtypes in RUNS.items():
-                directory = root / f"my-{arch}"
-                tiny_model(arch, vocab=len(tokenizer)).save_pretrained(directory)
-                tokenizer.save_pretrained(directory)
-                for dtype in dtypes:
-                    figures = root / f"figures-{arch}-{dtype}"
-                    argv = ["--tiny", "--model", str(directory), "--out", str(figures), "--dtype", dtype,
-                            "--no-png", "--no-progress"]
-                    assert run_all.main(argv) == 0
-                    out[arch, dtype] = directory, figures
-        finally:
-            torch.set_num_threads(threads)
+    with offline_pipeline(root):
+        tokenizer = train_tokenizer(D.wiki_documents("train")[:300], vocab_size=512)
+        for arch, dtypes in RUNS.items():
+            directory = root / f"my-{arch}"
+            tiny_model(arch, vocab=len(tokenizer)).save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
+            for dtype in dtypes:
+                figures = root / f"figures-{arch}-{dtype}"
+                argv = ["--tiny", "--model", str(directory), "--out", str(figures), "--dtype", dtype,
+                        "--no-png", "--no-progress"]
+                assert run_all.main(argv) == 0
+                out[arch, dtype] = directory, figures
     return out
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import offline_pipeline, tiny_model
 
 import landscape.data
 from analyses import run_all
@@ -26,8 +26,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::landscape.curvature.Convergence
 WORDS = ("river stone market harbour lantern orchard winter copper meadow signal bridge ledger forest "
          "engine quiet bright distant narrow heavy early carries builds follows opens gathers under "
          "beside toward through after").split()
-SOTU_STANDIN = " ".join(f"Address {i} spoke of the budget, the army, schools and the year {1900 + i}."
-                        for i in range(150))
 
 
 def synthetic_documents(n: int, seed: int = 0) -> list[str]:
@@ -42,29 +40,18 @@ def pipeline(tmp_path_factory):
     """A tiny GPT-2-architecture model directory, a JSON-lines text of 400 documents, and the figure folder of
     ``run_all --tiny --model DIR --text FILE``."""
     root = tmp_path_factory.mktemp("your-text")
-    (root / "sotu").mkdir()
-    for year in (2001, 2002):
-        (root / "sotu" / f"{year}.json").write_text(json.dumps({"text": SOTU_STANDIN}))
     text = root / "my corpus.jsonl"
     text.write_text("".join(json.dumps({"text": d}) + "\n" for d in synthetic_documents(400)))
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LANDSCAPE_CACHE", str(root / "cache"))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(landscape.data, "_sotu_dir", lambda: root / "sotu")
-        torch.set_num_threads(1)
-        try:
-            tokenizer = train_tokenizer(D.wiki_documents("train")[:300] + synthetic_documents(50, seed=1),
-                                        vocab_size=512)
-            model_dir = root / "my-gpt2"
-            tiny_model("gpt2", vocab=len(tokenizer)).save_pretrained(model_dir)
-            tokenizer.save_pretrained(model_dir)
-            argv = ["--tiny", "--model", str(model_dir), "--text", str(text), "--out", str(root / "figures"),
-                    "--no-png", "--no-progress"]
-            assert run_all.main(argv) == 0
-            yield root, argv, text
-        finally:
-            torch.set_num_threads(threads)
+    with offline_pipeline(root):
+        tokenizer = train_tokenizer(D.wiki_documents("train")[:300] + synthetic_documents(50, seed=1),
+                                    vocab_size=512)
+        model_dir = root / "my-gpt2"
+        tiny_model("gpt2", vocab=len(tokenizer)).save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        argv = ["--tiny", "--model", str(model_dir), "--text", str(text), "--out", str(root / "figures"),
+                "--no-png", "--no-progress"]
+        assert run_all.main(argv) == 0
+        yield root, argv, text
 
 
 def quant_stores(figures: Path) -> list[Path]:
