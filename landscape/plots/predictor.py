@@ -91,8 +91,17 @@ def reading_predictors(comparisons: Mapping[str, PredictorComparison]) -> str:
             f"{kind} ({len(comp.cases)} cases): best {PREDICTOR_LABELS[comp.best()]}; the score "
             f"{PREDICTOR_LABELS['score']} has {_rho(score)}, against {_rho(rival)} for "
             f"{PREDICTOR_LABELS[rival.name]} (difference {vs.value:+.2f} [{vs.low:+.2f}, {vs.high:+.2f}])"
-            + (f"; without {worst} the score's ρ is {lomo[worst]:+.2f}" if worst else ""))
+            + (f"; without {worst} the score's ρ is {lomo[worst]:+.2f}" if worst else "")
+            + _within(score))
     return "; ".join(parts) + "."
+
+
+def _within(score: CandidateResult) -> str:
+    """The score's Spearman inside each model (where defined): it only ranks that model's formats."""
+    inside = {m: v for m, v in score.within_model.items() if math.isfinite(v)}
+    if not inside:
+        return ""
+    return "; within each model " + ", ".join(f"{m} {v:+.2f}" for m, v in inside.items())
 
 
 def predictor_cases_markdown(raw: PredictorComparison, adjusted: PredictorComparison) -> str:
