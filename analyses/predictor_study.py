@@ -98,8 +98,10 @@ def reading(session: Session) -> str:
 def report(session: Session) -> str:
     """The tables in markdown: every case, the threshold rule, the predictors raw and after the control."""
     found = comparisons(session)
-    parts = [plots.predictor_cases_markdown(found["raw"], found["after the control"]),
-             evaluate_predictor(cases(session, False)).markdown()]
+    parts = [plots.predictor_cases_markdown(found["raw"], found["after the control"])]
+    for kind, adjusted in (("raw gaps", False), ("gaps after the control", True)):
+        evaluation = evaluate_predictor(cases(session, adjusted))
+        parts += [f"## The threshold rule on the {kind}", evaluation.markdown()]
     parts += [c.markdown() for c in found.values()]
     return "\n\n".join(parts) + "\n"
 
