@@ -37,10 +37,9 @@ def predictors(comparisons: Mapping[str, PredictorComparison], notes: Sequence[s
     ``notes``: further caption paragraphs (the NLL convention of the tables)."""
     kinds = list(comparisons)
     names = list(PREDICTORS)
-    titles = [f"{kind}: {PREDICTOR_LABELS[n]}<br>{_rho(_candidate(comparisons[kind], n))}"
-              for kind in kinds for n in names]
+    titles = [_rho(_candidate(comparisons[kind], n)) for kind in kinds for n in names]  # the row: its y title
     fig = make_subplots(rows=len(kinds), cols=len(names), subplot_titles=titles, horizontal_spacing=0.06,
-                        vertical_spacing=0.2)
+                        vertical_spacing=0.3)
     models = list(dict.fromkeys(c.model for comp in comparisons.values() for c in comp.cases))
     for row, kind in enumerate(kinds, start=1):
         cases = comparisons[kind].cases
@@ -60,7 +59,7 @@ def predictors(comparisons: Mapping[str, PredictorComparison], notes: Sequence[s
     fig.update_layout(title="Which cheap quantity predicts the GPTQ − QAFT gap?", template="plotly_white",
                       width=1500)
     first = next(iter(comparisons.values()))
-    return add_caption(fig, [
+    fig = add_caption(fig, [
         f"{len(first.cases)} cases: {len(models)} models × "
         f"{len({c.format for c in first.cases})} formats, each one quantization table row set (RTN, GPTQ, "
         f"QAFT, and the full-precision fine-tuning control on the same calibration text). Gap: NLL(GPTQ) − "
@@ -70,6 +69,7 @@ def predictors(comparisons: Mapping[str, PredictorComparison], notes: Sequence[s
         f"SQNR: the mean over layers of 10 log10(‖w‖² / ‖w − w_RTN‖²). ρ: Spearman over cases, 95 % "
         f"bootstrap interval over cases; the tables below the figure in predictor_study.md add "
         f"leave-one-model-out, leave-one-format-out and the paired difference to the score.", *notes])
+    return fig.update_layout(height=fig.layout.height + 200 * (len(kinds) - 1))
 
 
 def _candidate(comparison: PredictorComparison, name: str) -> CandidateResult:
