@@ -57,7 +57,8 @@ figures-full: setup chromium
 # Figure 7's reference family (one recipe at three sizes; cached, so `make figures` then includes them).
 # Figure 7 on any models: make figures SIZE_MODELS="facebook/opt-125m facebook/opt-350m"
 size-family: setup
-	for m in ref-mini ref-midi ref-small; do $(PY) -m landscape build-model $$m || exit 1; done
+	for m in $$($(PY) -c "from landscape.refmodel import REF_FAMILY; print(*REF_FAMILY)"); do \
+	  $(PY) -m landscape build-model $$m || exit 1; done
 
 # Issue #22 item 4: RTN, GPTQ, QAFT and the control at 6 more formats on figure 7's models (reusing figure 7's
 # stores under figures/data), then ||d_RTN||/R(w0) against its baselines -> figures/predictor_study.{html,md}.
