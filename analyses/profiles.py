@@ -177,7 +177,8 @@ class Profile:
         if not 1 <= self.misalignment.mse_sequences <= self.calib_sequences:
             raise ValueError(f"profile {self.name!r}: "
                              "misalignment.mse_sequences must be in 1..calib_sequences")
-        for spec in (*self.tables, TableSpec(self.predictor_formats or (self.headline_format,), ("rtn",))):
+        predictor = (TableSpec(self.predictor_formats, ("rtn",)),) if self.predictor_formats else ()
+        for spec in (*self.tables, *predictor):
             try:
                 Protocol(formats=spec.formats, methods=spec.methods)
             except ValueError as err:

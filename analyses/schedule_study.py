@@ -117,7 +117,7 @@ def summary(session: Session) -> list[dict[str, Any]]:
         relative = stats.quantiles((0.5,), relative=True)[0.5]
         out.append({
             "model": model, "schedule": schedule_of(model), "nll_w0": float(fp32["nll"][corpus]),
-            "relative_radius": relative, "radius": stats.median, "weights_norm": stats.median / relative,
+            "relative_radius": relative, "radius": stats.median, "weights_norm": stats.weights_norm,
             "top": [float(v) for v in hessian.spectrum.top.eigenvalues],
             "top_converged": int(np.sum(hessian.spectrum.top.converged)), "trace": hessian.trace.value,
             "trace_stderr": hessian.trace.stderr,

@@ -231,6 +231,7 @@ def compare_predictors(cases: Sequence[PredictionCase], *, level: float = 0.95,
     gap_ranks = scipy_stats.rankdata(gaps[index], axis=1)
     boot = {name: pearson_rows(scipy_stats.rankdata(v[index], axis=1), gap_ranks)
             for name, v in values.items()}
+    models, formats = [c.model for c in cases], [c.format for c in cases]
     results = []
     for name, v in values.items():
         rho = rank_correlation(v, gaps, level=level, n_resamples=n_resamples, seed=seed, unit="cases")
@@ -241,31 +242,29 @@ def compare_predictors(cases: Sequence[PredictionCase], *, level: float = 0.95,
             low, high = np.quantile(diff, [(1 - level) / 2, (1 + level) / 2])
             versus = Interval(spearman(values["score"], gaps) - rho.value, float(low), float(high), level,
                               "paired bootstrap", n_resamples, len(cases), "cases")
-        models = [c.model for c in cases]
         results.append(CandidateResult(name, rho, leave_one_out(v, gaps, models),
-                                       leave_one_out(v, gaps, [c.format for c in cases]), versus,
+                                       leave_one_out(v, gaps, formats), versus,
                                        within_groups(v, gaps, models)))
     return PredictorComparison(cases, tuple(results))
 
 
 def leave_one_out(x: np.ndarray, y: np.ndarray, groups: Sequence[str]) -> dict[str, float]:
     """group -> Spearman(x, y) over the cases not in that group (NaN where undefined)."""
-    groups = np.asarray(groups)
-    out = {}
-    for g in dict.fromkeys(groups.tolist()):
-        keep = groups != g
-        xs, ys = x[keep], y[keep]
-        defined = keep.sum() >= MIN_PAIRS and np.ptp(xs) > 0 and np.ptp(ys) > 0
-        out[str(g)] = spearman(xs, ys) if defined else math.nan
-    return out
+    return _spearman_by_group(x, y, groups, inside=False)
 
 
 def within_groups(x: np.ndarray, y: np.ndarray, groups: Sequence[str]) -> dict[str, float]:
     """group -> Spearman(x, y) over the cases of that group alone (NaN where undefined)."""
+    return _spearman_by_group(x, y, groups, inside=True)
+
+
+def _spearman_by_group(x: np.ndarray, y: np.ndarray, groups: Sequence[str], inside: bool) -> dict[str, float]:
+    """group -> Spearman(x, y) over the group's cases (``inside``) or over all the others; NaN where fewer
+    than 3 cases remain or either variable is constant on them."""
     groups = np.asarray(groups)
     out = {}
     for g in dict.fromkeys(groups.tolist()):
-        keep = groups == g
+        keep = (groups == g) if inside else (groups != g)
         xs, ys = x[keep], y[keep]
         defined = keep.sum() >= MIN_PAIRS and np.ptp(xs) > 0 and np.ptp(ys) > 0
         out[str(g)] = spearman(xs, ys) if defined else math.nan
