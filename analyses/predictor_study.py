@@ -87,8 +87,20 @@ def comparisons(session: Session) -> dict[str, PredictorComparison]:
             "after the control": compare_predictors(cases(session, True))}
 
 
+def convention(session: Session) -> str:
+    """The NLL convention of every model's gaps (each model's tables share their evaluation windows)."""
+    corpus = session.profile.corpus
+    parts = []
+    for model in fig7.models(session):
+        table = read_quant_table(table_store(session, predictor_protocol(session, model)))
+        e = table.provenance["evaluation"][corpus]
+        parts.append(f"{model} {e['n_segments']} × {e['seq_len']} tokens ({e['n_scored_tokens']:,} scored)")
+    return (f"NLL: token-mean nats per scored token over disjoint held-out {corpus} windows (stride = "
+            f"window): " + "; ".join(parts) + ".")
+
+
 def figure(session: Session) -> go.Figure:
-    return plots.predictors(comparisons(session))
+    return plots.predictors(comparisons(session), notes=[convention(session)])
 
 
 def reading(session: Session) -> str:
@@ -99,11 +111,10 @@ def report(session: Session) -> str:
     """The tables in markdown: every case, the threshold rule, the predictors raw and after the control."""
     found = comparisons(session)
     parts = [plots.predictor_cases_markdown(found["raw"], found["after the control"])]
-    for kind, adjusted in (("raw gaps", False), ("gaps after the control", True)):
-        evaluation = evaluate_predictor(cases(session, adjusted))
-        parts += [f"## The threshold rule on the {kind}", evaluation.markdown()]
+    for kind, comparison in found.items():
+        parts += [f"## The threshold rule, gaps {kind}", evaluate_predictor(comparison.cases).markdown()]
     parts += [c.markdown() for c in found.values()]
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join([*parts, convention(session)]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
