@@ -274,6 +274,47 @@ def test_a_closed_krylov_space_returns_exact_eigenvalues_with_a_warning(gpt2_pro
     assert spectrum.converged
 
 
+class _SharedLayers(torch.nn.Module):
+    """A model that is not a transformers one: a linear layer called twice, and a head tied to the embedding
+    (one parameter held by two modules), the cases where a layer's output gradient alone does not give its
+    weight's gradient."""
+
+    def __init__(self, vocab: int, hidden: int = 6) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.twice = torch.nn.Linear(hidden, hidden)
+        self.mix = torch.nn.Linear(hidden, hidden, bias=False)
+        self.head = torch.nn.Linear(hidden, vocab)
+        self.head.weight = self.embed.weight
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embed
+
+    def forward(self, input_ids: torch.Tensor):
+        from types import SimpleNamespace
+
+        x = torch.tanh(self.twice(torch.tanh(self.twice(self.embed(input_ids)))))
+        return SimpleNamespace(logits=self.head(torch.tanh(self.mix(x)) + x))
+
+
+def test_products_are_exact_for_a_layer_called_twice_and_a_tied_weight():
+    from conftest import VOCAB
+
+    torch.manual_seed(0)
+    model = _SharedLayers(VOCAB).double().eval()
+    data = random_tokens(3, 8)
+    space = weight_space(model)
+    modules = dict(model.named_modules())
+    params = [modules[layer].weight for layer in space.layers]
+    assert "head" in space.layers and params[space.layers.index("head")] is model.embed.weight
+    loss = segment_nll_sums(model, data.tokens, data.score_mask).sum() / data.n_scored_tokens
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, create_graph=True)])
+    hessian = jacobian_rows(grad, params)
+    v = torch.randn(hessian.shape[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    operator = Curvature(model, data, batch_size=2, progress=False).operator()
+    torch.testing.assert_close(operator.matvec(v), hessian @ v, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("arch, selection", [
     ("gpt2", "transformer.h.0.attn.c_attn"),  # one layer (Conv1D)
     ("gpt2", "transformer.h.0.mlp.*"),  # a glob subset

@@ -79,18 +79,27 @@ class NLLHessianOperator(CurvatureOperator):
     """``H v`` of ``scale * sum over batches of the summed NLL`` w.r.t. the weights of ``space``, in as little
     memory as a double backward allows.
 
+    ``H v`` is the gradient of the directional derivative ``g . v`` (``v`` held fixed). The first backward
+    does not form the weight gradient ``g`` (a space-sized vector with its graph): for a linear layer
+    ``y = x W^T`` whose weight enters the loss through that layer alone, ``<dL/dW, V> = sum over tokens of
+    <dL/dy, V x>``, so the first backward stops at the layers' outputs (activation-sized) and ``g . v`` is
+    formed from them and the layers' inputs; a weight that is also used elsewhere (tied to an embedding) gets
+    its gradient directly instead. The second backward accumulates, in place, into ``.grad`` tensors that are
+    views of the one flat output (each parameter's previous ``.grad`` is restored afterwards).
     hessian-eigenthings' ``HessianOperator`` computes the same products (to float rounding; the tests check
-    it), but holds its batch's product as a tuple of tensors, concatenates it into a flat copy and adds that
-    into a running total: three space-sized vectors beside the first-order gradients of the double backward.
-    Here every batch's second backward accumulates, in place, into ``.grad`` tensors that are views of the one
-    flat output (each parameter's previous ``.grad`` is restored afterwards). On SmolLM2's 106 M decoder
-    weights that is about 0.4 GB per vector.
+    it) with the weight gradient's graph and three more space-sized vectors; on SmolLM2's 106 M decoder
+    weights each is 0.4 GB (one product, 1 x 128 tokens: 1.45 GB beyond the vector, against 1.90 GB through
+    the weight gradient; README).
     """
 
     def __init__(self, model: nn.Module, batches: list[Batch], scale: float, space: WeightSpace) -> None:
-        named = dict(model.named_parameters())
+        modules = dict(model.named_modules())
         self.model, self.batches, self.scale = model, batches, scale
-        self.params = [named[name] for name in space.parameter_names]
+        self.layers = [modules[layer] for layer in space.layers]
+        self.params = [module.weight for module in self.layers]  # as stored (Conv1D: (in, out))
+        holders = _parameter_holders(model)
+        # a layer's weight used by no other module: g . v from the layer's output gradient and input
+        self.through_output = [holders[id(p)] == 1 for p in self.params]
         self.sizes = [p.numel() for p in self.params]
         self._size = sum(self.sizes)
 
@@ -117,15 +126,63 @@ class NLLHessianOperator(CurvatureOperator):
             for p, part in zip(self.params, out.split(self.sizes)):
                 p.grad = part.view_as(p)  # the second backward adds into the output in place
             for tokens, mask in self.batches:
-                loss = segment_nll_sums(self.model, tokens, mask).sum() * self.scale
-                grads = torch.autograd.grad(loss, self.params, create_graph=True)
-                del loss
-                torch.autograd.backward(grads, grad_tensors=tangents, inputs=self.params)
-                del grads
+                directional = self._directional_derivative(tokens, mask, tangents)
+                if directional is not None:
+                    torch.autograd.backward(directional, inputs=self.params)
+                del directional
         finally:
             for p, grad in zip(self.params, previous):
                 p.grad = grad
         return out
+
+    def _directional_derivative(self, tokens: torch.Tensor, mask: torch.Tensor,
+                                tangents: list[torch.Tensor]) -> torch.Tensor | None:
+        """``g . v`` of one batch's scaled NLL sum, with the graph to differentiate it again (float32 sum);
+        ``None`` where no weight of the space reaches the loss."""
+        calls: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.layers]
+
+        def recorder(i: int):
+            def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+                calls[i].append((args[0], output))
+            return hook
+
+        hooks = [layer.register_forward_hook(recorder(i))
+                 for i, (layer, through) in enumerate(zip(self.layers, self.through_output)) if through]
+        try:
+            loss = segment_nll_sums(self.model, tokens, mask).sum() * self.scale
+        finally:
+            for hook in hooks:
+                hook.remove()
+        direct = [i for i, through in enumerate(self.through_output) if not through]
+        outputs = [(i, x, y) for i in range(len(self.layers)) for x, y in calls[i]]
+        wrt = [y for _, _, y in outputs] + [self.params[i] for i in direct]
+        grads = torch.autograd.grad(loss, wrt, create_graph=True, allow_unused=True)
+        del loss
+        terms = []
+        for (i, x, _), grad_y in zip(outputs, grads):
+            if grad_y is not None:
+                change = _linear_of(self.layers[i], x, tangents[i])
+                terms.append(torch.sum(grad_y * change, dtype=torch.float32))
+        for i, grad_w in zip(direct, grads[len(outputs):]):
+            if grad_w is not None:
+                terms.append(torch.sum(grad_w * tangents[i], dtype=torch.float32))
+        del grads, outputs
+        return torch.stack(terms).sum() if terms else None
+
+
+def _parameter_holders(model: nn.Module) -> dict[int, int]:
+    """``id(parameter) -> number of modules that hold it`` (2 or more for tied weights)."""
+    counts: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            counts[id(p)] = counts.get(id(p), 0) + 1
+    return counts
+
+
+def _linear_of(layer: nn.Module, x: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    """What the layer's output would change by, per unit step along ``tangent`` (its weight's direction, in
+    the weight's stored layout): ``x V^T`` (``nn.Linear``) or ``x V`` (``Conv1D``, stored ``(in, out)``)."""
+    return x @ tangent if type(layer).__name__ == "Conv1D" else torch.nn.functional.linear(x, tangent)
 
 
 class WrappedOperator(CurvatureOperator):
