@@ -177,7 +177,9 @@ def test_operator_products_equal_the_dense_hessian(gpt2_problem):
         operator = Curvature(model, data, batch_size=batch_size).operator()
         with torch.no_grad():  # products enable autograd themselves
             torch.testing.assert_close(operator.matvec(v), hessian @ v, rtol=1e-10, atol=1e-12)
-        assert operator.n_matvecs == 1
+            # v^T H v folded layer by layer, without the product vector
+            assert operator.quadratic_form(v) == pytest.approx(float(v @ hessian @ v), rel=1e-10)
+        assert operator.n_matvecs == 2
     assert weight_space(model).parameter_names == tuple(f"{n}.weight" for n in layers)
 
 
@@ -202,6 +204,7 @@ def test_operator_equals_hessian_eigenthings_and_leaves_grads_alone(gpt2_problem
     try:
         ours = problem.operator().matvec(v)
         torch.testing.assert_close(ours, library.matvec(v), rtol=1e-12, atol=1e-14)
+        assert problem.operator().quadratic_form(v) == pytest.approx(float(v @ ours), rel=1e-12)
         for name, p in model.named_parameters():
             if name in names:
                 assert p.grad is before[name] and bool((p.grad == 7.0).all())
@@ -313,6 +316,7 @@ def test_products_are_exact_for_a_layer_called_twice_and_a_tied_weight():
     v = torch.randn(hessian.shape[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     operator = Curvature(model, data, batch_size=2, progress=False).operator()
     torch.testing.assert_close(operator.matvec(v), hessian @ v, rtol=1e-10, atol=1e-12)
+    assert operator.quadratic_form(v) == pytest.approx(float(v @ hessian @ v), rel=1e-10)
 
 
 @pytest.mark.parametrize("arch, selection", [
@@ -608,6 +612,22 @@ def test_a_krylov_basis_that_cannot_fit_in_memory_is_refused_before_any_product(
         Curvature(model, data, progress=False).spectrum(k=2, k_bottom=0, lanczos_steps=20)
 
 
+def test_lean_backend_arithmetic_is_the_librarys_bit_for_bit(monkeypatch):
+    """axpy written into b a chunk at a time rounds as the library's ``alpha * a + b``; the broadcast zero
+    reads as zeros."""
+    from hessian_eigenthings.linalg import SingleDeviceBackend
+
+    monkeypatch.setattr(operators.LeanBackend, "chunk", 7)  # several chunks and a ragged last one
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(40, generator=g), torch.randn(40, generator=g)
+    for alpha in (-0.3183, torch.tensor(1.7)):
+        expected = SingleDeviceBackend().axpy(alpha, a, b)
+        got = operators.LeanBackend().axpy(alpha, a, b.clone())
+        assert torch.equal(got, expected)
+    zeros = operators.LeanBackend().zeros_like(a)
+    assert zeros.shape == a.shape and not zeros.any()
+
+
 def test_a_krylov_basis_on_disk_gives_bit_identical_spectra_and_leaves_no_files(gpt2_problem, tmp_path,
                                                                                 monkeypatch):
     model, data, _, _ = gpt2_problem
@@ -634,8 +654,9 @@ def test_a_krylov_basis_on_disk_gives_bit_identical_spectra_and_leaves_no_files(
         memory = Curvature(model, data, progress=False).spectrum(**settings)
     with pytest.warns(curvature.ConvergenceWarning):
         disk = Curvature(model, data, progress=False).spectrum(krylov_dir=tmp_path, **settings)
-    assert len(made) == 14 and len(made[-1]) == 14  # every basis vector went to its own mapped file
-    assert len(mapped_vectors) == 14 and released == set(mapped_vectors)  # each let go after its use
+    # the start vector and every basis vector went to its own mapped file, each let go after its use
+    assert len(made) == 15 and len(made[-1]) == 15
+    assert len(mapped_vectors) == 15 and released == set(mapped_vectors)
     assert list(tmp_path.iterdir()) == []  # removed when the run ended
     for end in ("top", "bottom"):
         a, b = getattr(memory, end), getattr(disk, end)
@@ -647,7 +668,7 @@ def test_a_krylov_basis_on_disk_gives_bit_identical_spectra_and_leaves_no_files(
     made.clear()
     dense = Curvature(model, data, progress=False).density(n_runs=2, lanczos_steps=6)
     mapped = Curvature(model, data, progress=False).density(n_runs=2, lanczos_steps=6, krylov_dir=tmp_path)
-    assert len(made) == 12 and list(tmp_path.iterdir()) == []
+    assert len(made) == 14 and list(tmp_path.iterdir()) == []  # 2 runs x (start vector + 6 basis vectors)
     np.testing.assert_array_equal(dense.density, mapped.density)
     # with the basis on disk only the returned Ritz vectors count against memory; the disk must hold the basis
     monkeypatch.setattr(operators, "available_memory_bytes",

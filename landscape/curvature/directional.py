@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from landscape.curvature.operators import Batch, NLLProblem, nll_operator
+from landscape.curvature.operators import Batch, NLLProblem, nll_operator, quadratic_form
 from landscape.curvature.space import (
     CurvatureError,
     Direction,
@@ -40,7 +41,7 @@ from landscape.curvature.stored import StoredTask
 from landscape.objectives import segment_nll_sums
 from landscape.stats import Interval, token_mean_interval
 from landscape.store import StoreRecord
-from landscape.weights import layer_weights, swapped_weights, working_dtype
+from landscape.weights import get_layer, layer_weights, swapped_weights, weight_matrix, working_dtype
 
 Method = Literal["hvp", "finite-difference", "gradient"]
 
@@ -175,9 +176,8 @@ def hvp_rayleigh_quotient(problem: NLLProblem, direction: Direction, level: floa
 
     def product(batch: Batch, space: WeightSpace, unit_vector: torch.Tensor) -> float:
         batch_op = nll_operator(model, [batch], 1.0, space, kind)  # curvature of this batch's summed NLL
-        with torch.enable_grad():
-            product = batch_op.matvec(unit_vector.to(batch_op.dtype)).detach()  # (n,), model dtype
-            return float(torch.dot(unit_vector, product.to(unit_vector)))
+        with torch.enable_grad():  # u^T H u without the space-sized product H u where the operator can
+            return quadratic_form(batch_op, unit_vector.to(batch_op.dtype))
 
     problem.check_model(needs_double_backward=True)
     return _over_batches(problem, direction, product, "hvp", (level, n_resamples, seed))
@@ -289,12 +289,11 @@ def path_curvature(problem: NLLProblem, direction: Direction, t: Sequence[float]
         raise CurvatureError(f"t must be a non-empty sequence of finite path coordinates, got {t!r}")
     check_interval_request(level, n_resamples, len(problem.batches), "batches", problem.batch_size,
                            problem.data)
-    w0 = layer_weights(model, list(space.layers))  # layer -> (out, in)
     quiet = replace(problem, progress=False)  # one bar over the points, none per point
     estimates, slopes = [], []
     for point in tqdm(points, desc="curvature along path", disable=not problem.progress, leave=False):
-        moved = {n: w0[n] + float(point) * tensors[n].to(w0[n]) for n in space.layers}
-        with swapped_weights(model, moved):
+        # w0 + t d formed a layer at a time as the swap installs it (the swap keeps w0 and restores it)
+        with swapped_weights(model, _PathPoint(model, tensors, float(point))):
             estimates.append(hvp_rayleigh_quotient(quiet, tensors, level, n_resamples, seed))
             if slope:
                 slopes.append(gradient_slope(quiet, tensors, level, n_resamples, seed))
@@ -310,6 +309,25 @@ def path_curvature(problem: NLLProblem, direction: Direction, t: Sequence[float]
     settings = {"level": level, "seed": seed, "slope": slope, **problem.provenance()}
     return PathCurvature(points, *columns(estimates), tuple(estimates), estimates[0].direction_norm,
                          problem.kind, settings, *slope_columns)
+
+
+class _PathPoint(Mapping[str, torch.Tensor]):
+    """``layer -> w0 + t d`` (``(out, in)``, the model's dtype), each formed from the model's current weight
+    when it is read: read by :func:`~landscape.weights.swapped_weights` while the model is at w0, the point
+    costs one layer's temporary instead of a copy of every layer beside the one the swap keeps."""
+
+    def __init__(self, model: nn.Module, tensors: Mapping[str, torch.Tensor], t: float) -> None:
+        self.model, self.tensors, self.t = model, tensors, t
+
+    def __getitem__(self, layer: str) -> torch.Tensor:
+        w0 = weight_matrix(get_layer(self.model, layer)).detach()
+        return w0 + self.t * self.tensors[layer].to(w0)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
 
 
 def _directional(problem: NLLProblem, units: tuple[Sequence[float], Sequence[int], str],

@@ -135,6 +135,40 @@ class NLLHessianOperator(CurvatureOperator):
                 p.grad = grad
         return out
 
+    def quadratic_form(self, v: torch.Tensor) -> float:
+        """``v^T H v`` for a flat ``(size,)`` vector ``v``, without a product vector: each layer's share of
+        ``H v`` is folded into the sum and dropped as soon as the second backward has formed it (the memory of
+        one layer's product instead of the space's)."""
+        if v.shape != (self._size,):
+            raise ValueError(f"expected a vector of shape ({self._size},), got {tuple(v.shape)}")
+        if len({id(p) for p in self.params}) < len(self.params):  # a weight twice in the space
+            return float(torch.dot(v, self.matvec(v)))
+        tangents = {id(p): part.view_as(p) for part, p in zip(v.split(self.sizes), self.params)}
+        shares: list[torch.Tensor] = []
+
+        def fold(p: torch.Tensor) -> None:
+            wide = working_dtype(p.dtype)  # a bf16 layer's share is reduced in float32
+            share = torch.dot(p.grad.reshape(-1).to(wide), tangents[id(p)].reshape(-1).to(wide))
+            shares.append(share.double())
+            p.grad = None
+
+        previous = [p.grad for p in self.params]
+        handles = [p.register_post_accumulate_grad_hook(fold) for p in self.params]
+        try:
+            for p in self.params:
+                p.grad = None
+            for tokens, mask in self.batches:
+                directional = self._directional_derivative(tokens, mask, list(tangents.values()))
+                if directional is not None:
+                    torch.autograd.backward(directional, inputs=self.params)
+                del directional
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, grad in zip(self.params, previous):
+                p.grad = grad
+        return float(torch.stack(shares).sum()) if shares else 0.0
+
     def _directional_derivative(self, tokens: torch.Tensor, mask: torch.Tensor,
                                 tangents: list[torch.Tensor]) -> torch.Tensor | None:
         """``g . v`` of one batch's scaled NLL sum, with the graph to differentiate it again (float32 sum);
@@ -227,6 +261,24 @@ class CountedOperator(WrappedOperator):
             self.bar.update(1)
         return out
 
+    def quadratic_form(self, v: torch.Tensor) -> float:
+        """``v^T A v`` (one product, counted and timed like :meth:`matvec`)."""
+        start = time.perf_counter()
+        with torch.enable_grad():
+            value = quadratic_form(self.inner, v)
+        self.seconds += time.perf_counter() - start
+        self.n_matvecs += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        return value
+
+
+def quadratic_form(op: CurvatureOperator, v: torch.Tensor) -> float:
+    """``v^T A v`` of any operator: without a product vector where the operator can
+    (:class:`NLLHessianOperator` and the wrappers here), else ``v . (A v)``."""
+    form = getattr(op, "quadratic_form", None)
+    return form(v) if form is not None else float(torch.dot(v, op.matvec(v).to(v)))
+
 
 class WorkingPrecisionOperator(WrappedOperator):
     """A bfloat16 / float16 model's operator on float32 vectors.
@@ -245,6 +297,10 @@ class WorkingPrecisionOperator(WrappedOperator):
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` of a flat float32 ``(size,)`` vector, computed in the model's dtype, as float32."""
         return self.inner.matvec(v.to(self.inner.dtype)).to(self.dtype)
+
+    def quadratic_form(self, v: torch.Tensor) -> float:
+        """``v^T A v`` of a float32 vector, the product computed in the model's dtype."""
+        return quadratic_form(self.inner, v.to(self.inner.dtype))
 
 
 @dataclass(frozen=True, eq=False)
@@ -355,11 +411,26 @@ def rademacher(n: int, dtype: torch.dtype, device: torch.device, generator: torc
 
 
 class LeanBackend(SingleDeviceBackend):
-    """hessian-eigenthings' vector arithmetic with random signs drawn a chunk at a time
-    (:func:`rademacher`): the same vectors, without the transient int64 and float copies of a whole one."""
+    """hessian-eigenthings' vector arithmetic, bit for bit, without vector-sized temporaries: random signs
+    drawn a chunk at a time (:func:`rademacher`: no int64 and float copies of a whole vector), ``axpy``
+    written into its ``b`` a chunk at a time (the library's Lanczos always passes its own fresh product as
+    ``b`` and rebinds it to the result), and Lanczos's initial "previous vector" a broadcast zero (it is
+    never read before it is replaced)."""
+
+    chunk = 1 << 20
 
     def rademacher_like(self, a: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         return rademacher(a.numel(), a.dtype, a.device, generator).view(a.shape)
+
+    def axpy(self, alpha: float | torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.dim() != 1 or b.dim() != 1 or not b.is_contiguous() or b.requires_grad:
+            return super().axpy(alpha, a, b)
+        for i in range(0, b.numel(), self.chunk):  # b + alpha * a: the same two roundings per entry
+            b[i : i + self.chunk].add_(alpha * a[i : i + self.chunk])
+        return b
+
+    def zeros_like(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), dtype=a.dtype, device=a.device).expand_as(a)
 
 
 class MappedBasisBackend(LeanBackend):
@@ -392,12 +463,24 @@ class MappedBasisBackend(LeanBackend):
         out = torch.frombuffer(mapping, dtype=a.dtype).view(a.shape)
         self.maps[out.data_ptr()] = mapping
         torch.mul(a, alpha, out=out)
-        self.release(out)
+        self.release(a, out)
         return out
+
+    def keep(self, a: torch.Tensor) -> torch.Tensor:
+        """``a`` copied into a mapped file (bit for bit); drop ``a`` to hold the vector on disk instead."""
+        return self.scale(1.0, a)
+
+    def rademacher_like(self, a: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.keep(super().rademacher_like(a, generator=generator))  # SLQ's start vector, on disk
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out = super().dot(a, b)
         self.release(a, b)
+        return out
+
+    def norm(self, a: torch.Tensor) -> torch.Tensor:
+        out = super().norm(a)
+        self.release(a)
         return out
 
     def axpy(self, alpha: float | torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

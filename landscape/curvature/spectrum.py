@@ -31,9 +31,11 @@ from tqdm.auto import tqdm
 
 from landscape.curvature.operators import (
     CountedOperator,
+    MappedBasisBackend,
     NLLProblem,
     check_krylov_memory,
     krylov_backend,
+    quadratic_form,
     rademacher,
 )
 from landscape.curvature.space import ConvergenceWarning, CurvatureError, WeightSpace
@@ -206,6 +208,8 @@ def lanczos_spectrum(problem: NLLProblem, k: int, k_bottom: int, lanczos_steps: 
     with (krylov_backend(krylov_dir) as backend,  # a disk basis lives until the Ritz vectors are formed
           tqdm(total=steps, desc=f"Lanczos ({problem.kind})", disable=not problem.progress,
                leave=False) as bar):
+        if isinstance(backend, MappedBasisBackend):  # the start vector on disk too, not in memory for the run
+            start_vector = backend.keep(start_vector)
         counted = CountedOperator(op, bar)
         krylov = lanczos_tridiagonal(counted, start_vector, steps, reorthogonalize=True, backend=backend)
         seconds = time.perf_counter() - started
@@ -370,15 +374,15 @@ def lean_hutch_plus_plus(op: CurvatureOperator, budget: int, seed: int) -> tuple
         if norm > 1e3 * torch.finfo(op.dtype).eps * scale:
             row.div_(norm)
             kept.append(i)
-    q = sketch[kept]  # (r, n)
+    q = sketch if len(kept) == m else sketch[kept]  # (r, n); a copy only when a row was dropped
     del sketch
-    trace_low = sum(float(torch.dot(q[i], op.matvec(q[i]))) for i in range(len(kept)))
+    trace_low = sum(quadratic_form(op, q[i]) for i in range(len(kept)))
     samples = torch.empty(m, dtype=torch.float64)
     for i in range(m):
         g = probe()
         for j in range(len(kept)):
             g.sub_(q[j], alpha=float(torch.dot(q[j], g)))
-        samples[i] = float(torch.dot(g, op.matvec(g)))
+        samples[i] = quadratic_form(op, g)
     stderr = float(samples.std() / m**0.5) if m > 1 else float("nan")
     return trace_low + float(samples.mean()), stderr
 
