@@ -25,12 +25,15 @@ from landscape.quant.qaft import (
     qaft,
 )
 from landscape.quant.result import QuantResult
-from landscape.quant.training import learning_rate_at, lsq_fake_quant
+from landscape.quant.training import learning_rate_at, lsq_fake_quant, weights_made_when_used
 from landscape.weights import (
     get_layer,
     layer_weights,
+    parameter_layout,
+    quantizable_layers,
     swapped_weights,
     weight_is_transposed,
+    weight_matrix,
     weights_fingerprint,
 )
 
@@ -98,6 +101,43 @@ def test_lsq_fake_quant_forward_and_closed_form_gradients():
     d_output = torch.where(inside, s * (codes - z) - w.detach(), s * (codes.clamp(0, 7) - z))
     expected = (d_output * upstream).reshape(2, 2, 4).sum(-1)
     assert torch.allclose(grad_log_scale, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # Conv1D and nn.Linear layers
+def test_weights_made_when_used_give_the_same_outputs_and_gradients_and_are_not_kept(arch):
+    """Each layer's fake-quantized weight, made as the layer runs (and again in the backward pass), gives
+    bit for bit the outputs and latent gradients of weights made up front and substituted; the graph keeps
+    none of them, and the layers' forwards are restored on exit."""
+    import weakref
+
+    model = tiny_model(arch, hidden=16, layers=1)
+    tokens = random_tokens(2, 8).tokens
+    layers = quantizable_layers(model)
+    latent = {n: weight_matrix(m).detach().clone().requires_grad_(True) for n, m in layers.items()}
+    grids = {n: make_grid(latent[n].detach(), "int3") for n in layers}
+    frozen = {name: p.detach() for name, p in model.named_parameters()}
+    made, alive = [], []
+
+    def make(name: str) -> torch.Tensor:
+        made.append(name)
+        weight = grids[name].fake_quant(latent[name])
+        alive.append(weakref.ref(weight))
+        return weight
+
+    substituted = {**frozen, **{f"{n}.weight": parameter_layout(m, grids[n].fake_quant(latent[n]))
+                                for n, m in layers.items()}}
+    expected_logits = torch.func.functional_call(model, substituted, kwargs={"input_ids": tokens}).logits
+    expected = torch.autograd.grad(expected_logits.pow(2).mean(), list(latent.values()))
+    with weights_made_when_used(layers, make):
+        logits = torch.func.functional_call(model, frozen, kwargs={"input_ids": tokens}).logits
+    assert made == list(layers) and all(ref() is None for ref in alive)  # one at a time, none kept
+    assert torch.equal(logits, expected_logits)
+    got = torch.autograd.grad(logits.pow(2).mean(), list(latent.values()))
+    # made once more for its input's gradient, where the input needs one (not the frozen embedding's readers)
+    again = made[len(layers):]
+    assert len(again) == len(set(again)) and list(layers)[-1] in again and set(again) < set(layers)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert all("forward" not in m.__dict__ for m in layers.values())
 
 
 def test_learning_rate_schedule_closed_form():

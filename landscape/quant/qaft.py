@@ -74,13 +74,13 @@ from landscape.quant.training import (
     scored_tokens,
     token_losses,
     training_batches,
+    weights_made_when_used,
 )
 from landscape.weights import (
     Base,
     LayerSelection,
     as_base,
     get_layer,
-    parameter_layout,
     weight_matrix,
     working_dtype,
 )
@@ -491,9 +491,6 @@ def qaft(
             return lsq_fake_quant(latent[name], plan.grids[name], log_scales[name]).to(model_dtype)
         return plan.grids[name].fake_quant(latent[name]).to(model_dtype)
 
-    def substituted() -> dict[str, torch.Tensor]:
-        trained = {f"{n}.weight": parameter_layout(modules[n], forward_weight(n)) for n in plan.names}
-        return {**frozen, **trained}
 
     def forward_backward(rows: list[int], n_scored: float | None) -> tuple[float, float, float]:
         """Loss, NLL and KL of ``rows`` (each a sum over its tokens / ``n_scored``, or a token mean over its
@@ -504,8 +501,9 @@ def qaft(
         if alpha > 0:
             with torch.no_grad():
                 teacher_logits = model(input_ids=tokens).logits
-        with quantized_activations(model, settings.activations, settings.kv, plan.names):
-            logits = torch.func.functional_call(model, substituted(), kwargs={"input_ids": tokens}).logits
+        with (quantized_activations(model, settings.activations, settings.kv, plan.names),
+              weights_made_when_used(modules, forward_weight)):
+            logits = torch.func.functional_call(model, frozen, kwargs={"input_ids": tokens}).logits
         nll_t, kl_t = token_losses(logits, tokens, mask, teacher_logits, n_scored)
         loss = (1 - alpha) * nll_t + alpha * kl_t
         loss.backward()

@@ -5,14 +5,21 @@
 * **Quantizers**: the straight-through fake quantization of a grid of w0 is :meth:`Grid.fake_quant`; with
   learned scales (LSQ-style), :func:`lsq_fake_quant`, whose final lattice is :func:`learned_grid`.
 * **Losses**: token-mean NLL and ``KL(teacher || student)`` in nats/token over the scored positions.
+* **Memory**: :func:`weights_made_when_used` forms each layer's fake-quantized weight as the layer runs and
+  again in the backward pass, instead of keeping every layer's from the start of the forward pass to the end
+  of the backward pass.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from landscape.data import TokenSet
 from landscape.quant.formats import Grid
@@ -95,3 +102,56 @@ def token_losses(logits: torch.Tensor, tokens: torch.Tensor, score_mask: torch.T
     teacher_logp = F.log_softmax(teacher_logits[:, :-1].to(logp.dtype), dim=-1)
     kl_per_token = (teacher_logp.exp() * (teacher_logp - logp)).sum(-1)
     return nll_mean, (kl_per_token * mask).sum() / n_scored
+
+
+# ------------------------------------------------------------------------------------------------ memory
+@contextlib.contextmanager
+def weights_made_when_used(layers: Mapping[str, nn.Module],
+                           make: Callable[[str], torch.Tensor]) -> Iterator[None]:
+    """While inside, each named linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) computes its output with
+    ``make(name)``, its ``(out, in)`` forward weight (a fake-quantized latent weight), formed when the layer
+    runs instead of before the forward pass, and not kept for the backward pass: autograd keeps its name and
+    the backward pass gets ``make(name)`` again (bit for bit the same; ``make`` must be a deterministic
+    function of weights the backward pass does not change).
+
+    Made up front and kept by the graph, every layer's forward weight would stay in memory from the start of
+    the forward pass to the end of the backward pass: one more copy of the trained layers beside the latent
+    weights, their gradients and the optimiser's moments. Made when used, one layer's is alive at a time, for
+    a second rounding of each layer in the backward pass (far less than its matrix products). The layers'
+    own parameters are not read. Hooks on the layers (activation quantization) run as before.
+    """
+    replaced = {}
+    try:
+        for name, layer in layers.items():
+            replaced[name] = layer.__dict__.get("forward")
+            layer.forward = functools.partial(_made_weight_forward, layer, name, make)
+        yield
+    finally:
+        for name, previous in replaced.items():
+            del layers[name].forward
+            if previous is not None:
+                layers[name].forward = previous
+
+
+def _made_weight_forward(layer: nn.Module, name: str, make: Callable[[str], torch.Tensor],
+                         x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` with the weight ``make(name)`` (``(out, in)``), which the graph keeps as its name only."""
+    weight = make(name)
+    storage = weight.untyped_storage().data_ptr()
+
+    def pack(saved: torch.Tensor):
+        if saved.layout != torch.strided or saved.untyped_storage().data_ptr() != storage:
+            return saved
+        return saved.size(), saved.stride(), saved.storage_offset()  # the weight, or a view of it
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        with torch.no_grad():
+            return make(name).detach().as_strided(*packed)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        if type(layer).__name__ == "Conv1D":  # its own forward, on the (in, out) view of the made weight
+            out = torch.addmm(layer.bias, x.view(-1, x.size(-1)), weight.T)
+            return out.view(*x.shape[:-1], weight.shape[0])
+        return F.linear(x, weight, layer.bias)
