@@ -219,14 +219,15 @@ def design_estimate(workload: str, measured: dict) -> int:
     layer, two ``(in, in)`` matrices in the solver's dtype at once (float64; float32 for bfloat16 / float16
     models) beside its float32 Hessian, and two copies of the layer in that dtype (the error-fed weights and
     the lattice points; runs recorded before these fields: 2 x the largest layer). qaft, during a step: the
-    latent weights, their gradients, two AdamW moments and the fake-quantized weights the backward pass keeps
-    (5 x the trained weights; w0 is read from the model, and the optimiser is freed before the final
-    layer-MSE pass), less the gradient that the train-step reference holds already (4 x). hvp: the vector,
-    the product and the first-order gradients the second backward differentiates, less the reference's
-    gradient (2 x the trained weights; the double backward's own graph is what the measurement adds beyond).
+    latent weights, their gradients and two AdamW moments (4 x the trained weights; w0 is read from the
+    model, each layer's fake-quantized weight is made when it runs and again in the backward pass, and the
+    optimiser is freed before the final layer-MSE pass), less the gradient that the train-step reference
+    holds already (3 x). hvp: the vector and the product (the first backward stops at the layers' outputs:
+    no first-order weight gradients), less the reference's gradient (1 x the trained weights; the double
+    backward's own graph is what the measurement adds beyond).
     """
     if workload in ("qaft", "hvp"):
-        return (4 if workload == "qaft" else 2) * measured.get("trained_bytes", measured["perturbed_bytes"])
+        return (3 if workload == "qaft" else 1) * measured.get("trained_bytes", measured["perturbed_bytes"])
     largest = measured.get("largest_layer_bytes", 0)  # not recorded by runs before the streamed scan
     if workload == "gptq" and "widest_input" in measured:
         solver = 4 if measured.get("dtype") in ("bfloat16", "float16") else 8  # bytes per solver element
@@ -269,8 +270,8 @@ def miss_note(workload: str, measured: dict, value: float) -> str:
     estimate = 1 + design_estimate(workload, measured) / measured["model_bytes"]
     if workload == "qaft":
         why = (f"QAFT trains every quantized weight ({fraction:.0%} of the model) with AdamW, so latent "
-               f"weights, gradients, two moments and the fake-quantized weights the backward pass keeps are "
-               f"each weight-sized (design estimate {estimate:.2f}; w0 is read from the model and the "
+               f"weights, gradients and two moments are each weight-sized (design estimate {estimate:.2f}; "
+               f"w0 is read from the model, each layer's fake-quantized weight is made when it runs, and the "
                f"optimiser is freed before the final layer-MSE pass). Going lower needs a leaner method: "
                f"--optimizer sgd (one moment), training block by block, or 8-bit / factored moments.")
     elif workload == "gptq" and "widest_input" in measured:

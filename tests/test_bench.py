@@ -193,7 +193,7 @@ def test_memory_section_counts_model_sizes_without_activations():
     assert gptq_row.value == pytest.approx(1 + (150 - 80 - 75) / 100) and gptq_row.status == "PASS"
     assert qaft_row.value == pytest.approx(1 + (500 - 100) / 100) and qaft_row.status == "MISS"  # > 4.5
     assert len(section.notes) == 1 and "by a factor of 1.11" in section.notes[0]  # 5.0 / 4.5
-    assert "design estimate 4.00" in section.notes[0]  # 1 + 4 x 75 MiB / 100 MiB
+    assert "design estimate 3.25" in section.notes[0]  # 1 + 3 x 75 MiB / 100 MiB
 
 
 def test_memory_section_reports_one_hvp_against_a_gradient_without_a_target():
@@ -209,7 +209,7 @@ def test_memory_section_reports_one_hvp_against_a_gradient_without_a_target():
     assert hvp.value == pytest.approx(1 + (400 - 100) / 100)  # beyond the gradient of one train step
     assert "4.00 x the trained weights" in hvp.detail  # 300 MiB over 75 MiB of trained weights
     assert not section.notes  # QAFT at 4.0 passes; an HVP has no target to miss
-    assert any(row[1] == "hvp" and row[8] == "2.50" for row in section.tables[0].rows)  # 1 + 2 x 75 / 100
+    assert any(row[1] == "hvp" and row[8] == "1.75" for row in section.tables[0].rows)  # 1 + 1 x 75 / 100
 
 
 def test_rebuild_report_recomputes_every_section_from_its_stored_data():
