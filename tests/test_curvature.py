@@ -179,7 +179,10 @@ def test_operator_products_equal_the_dense_hessian(gpt2_problem):
             torch.testing.assert_close(operator.matvec(v), hessian @ v, rtol=1e-10, atol=1e-12)
             # v^T H v folded layer by layer, without the product vector
             assert operator.quadratic_form(v) == pytest.approx(float(v @ hessian @ v), rel=1e-10)
-        assert operator.n_matvecs == 2
+            out = torch.full_like(v, 5.0)  # whatever it held is overwritten
+            assert operator.matvec_into(v, out) is out
+            torch.testing.assert_close(out, hessian @ v, rtol=1e-10, atol=1e-12)
+        assert operator.n_matvecs == 3
     assert weight_space(model).parameter_names == tuple(f"{n}.weight" for n in layers)
 
 

@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,9 +117,15 @@ class NLLHessianOperator(CurvatureOperator):
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a flat ``(size,)`` vector ``v`` (the space's order), ``(size,)``."""
-        if v.shape != (self._size,):
-            raise ValueError(f"expected a vector of shape ({self._size},), got {tuple(v.shape)}")
-        out = torch.zeros_like(v)
+        return self.matvec_into(v, torch.empty_like(v))
+
+    def matvec_into(self, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``H v`` written into ``out`` (a contiguous ``(size,)`` tensor of ``v``'s dtype, not ``v``); returns
+        ``out``."""
+        if v.shape != (self._size,) or out.shape != (self._size,):
+            raise ValueError(f"expected vectors of shape ({self._size},), got {tuple(v.shape)} and "
+                             f"{tuple(out.shape)}")
+        out.zero_()
         tangents = [part.view_as(p) for part, p in zip(v.split(self.sizes), self.params)]
         previous = [p.grad for p in self.params]
         try:
@@ -252,25 +258,35 @@ class CountedOperator(WrappedOperator):
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a flat ``(size,)`` vector ``v``, detached, ``(size,)``."""
-        start = time.perf_counter()
-        with torch.enable_grad():
-            out = self.inner.matvec(v).detach()  # GGN products come back attached to a graph
-        self.seconds += time.perf_counter() - start
-        self.n_matvecs += 1
-        if self.bar is not None:
-            self.bar.update(1)
-        return out
+        return self._counted(lambda: self.inner.matvec(v).detach())  # GGN products come with a graph
+
+    def matvec_into(self, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``H v`` written into ``out`` (one product, counted and timed like :meth:`matvec`)."""
+        return self._counted(lambda: matvec_into(self.inner, v, out))
 
     def quadratic_form(self, v: torch.Tensor) -> float:
         """``v^T A v`` (one product, counted and timed like :meth:`matvec`)."""
+        return self._counted(lambda: quadratic_form(self.inner, v))
+
+    def _counted(self, product: Callable[[], Any]) -> Any:
+        """``product()`` with autograd on, counted, timed and shown on the bar."""
         start = time.perf_counter()
         with torch.enable_grad():
-            value = quadratic_form(self.inner, v)
+            value = product()
         self.seconds += time.perf_counter() - start
         self.n_matvecs += 1
         if self.bar is not None:
             self.bar.update(1)
         return value
+
+
+def matvec_into(op: CurvatureOperator, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``A v`` written into ``out``: without a separate product vector where the operator can
+    (:class:`NLLHessianOperator` and the wrappers here), else copied from ``A v``."""
+    into = getattr(op, "matvec_into", None)
+    if into is not None:
+        return into(v, out)
+    return out.copy_(op.matvec(v).detach())
 
 
 def quadratic_form(op: CurvatureOperator, v: torch.Tensor) -> float:
@@ -297,6 +313,10 @@ class WorkingPrecisionOperator(WrappedOperator):
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` of a flat float32 ``(size,)`` vector, computed in the model's dtype, as float32."""
         return self.inner.matvec(v.to(self.inner.dtype)).to(self.dtype)
+
+    def matvec_into(self, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``H v`` of a float32 vector into the float32 ``out``, computed in the model's dtype."""
+        return out.copy_(self.inner.matvec(v.to(self.inner.dtype)))
 
     def quadratic_form(self, v: torch.Tensor) -> float:
         """``v^T A v`` of a float32 vector, the product computed in the model's dtype."""

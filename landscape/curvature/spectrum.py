@@ -35,6 +35,7 @@ from landscape.curvature.operators import (
     NLLProblem,
     check_krylov_memory,
     krylov_backend,
+    matvec_into,
     quadratic_form,
     rademacher,
 )
@@ -362,7 +363,7 @@ def lean_hutch_plus_plus(op: CurvatureOperator, budget: int, seed: int) -> tuple
 
     sketch = torch.empty(m, op.size, dtype=op.dtype, device=op.device)  # (m, n): rows A s_i, then Q's rows
     for i in range(m):
-        sketch[i] = op.matvec(probe())
+        matvec_into(op, probe(), sketch[i])  # the product straight into its row
     kept = []  # rows of an orthonormal basis of the sketch's span (a row that vanishes is dropped)
     scale = float(sketch.norm(dim=1).max())
     for i in range(m):
