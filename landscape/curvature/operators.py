@@ -83,13 +83,15 @@ class NLLHessianOperator(CurvatureOperator):
     does not form the weight gradient ``g`` (a space-sized vector with its graph): for a linear layer
     ``y = x W^T`` whose weight enters the loss through that layer alone, ``<dL/dW, V> = sum over tokens of
     <dL/dy, V x>``, so the first backward stops at the layers' outputs (activation-sized) and ``g . v`` is
-    formed from them and the layers' inputs; a weight that is also used elsewhere (tied to an embedding) gets
-    its gradient directly instead. The second backward accumulates, in place, into ``.grad`` tensors that are
-    views of the one flat output (each parameter's previous ``.grad`` is restored afterwards).
+    formed from them and the layers' inputs; a weight that another module also holds (tied to an embedding)
+    gets its gradient directly instead. (A weight read outside its modules' forward calls would be missed;
+    transformers' architectures do not do that.) The second backward accumulates, in place, into ``.grad``
+    tensors that are views of the one flat output (each parameter's previous ``.grad`` is restored
+    afterwards), or folds each weight's share into ``v^T H v`` (:meth:`quadratic_form`).
     hessian-eigenthings' ``HessianOperator`` computes the same products (to float rounding; the tests check
-    it) with the weight gradient's graph and three more space-sized vectors; on SmolLM2's 106 M decoder
-    weights each is 0.4 GB (one product, 1 x 128 tokens: 1.45 GB beyond the vector, against 1.90 GB through
-    the weight gradient; README).
+    it) with the weight gradient's graph and three more space-sized vectors, 0.4 GB each on SmolLM2's 106 M
+    decoder weights: one product there adds 1.57 GB to the process, its vector included, against 2.00 GB
+    through the weight gradient (``python -m bench.memory --worker hvp --model smollm2-135m --profile full``).
     """
 
     def __init__(self, model: nn.Module, batches: list[Batch], scale: float, space: WeightSpace) -> None:
@@ -126,16 +128,11 @@ class NLLHessianOperator(CurvatureOperator):
             raise ValueError(f"expected vectors of shape ({self._size},), got {tuple(v.shape)} and "
                              f"{tuple(out.shape)}")
         out.zero_()
-        tangents = [part.view_as(p) for part, p in zip(v.split(self.sizes), self.params)]
         previous = [p.grad for p in self.params]
         try:
             for p, part in zip(self.params, out.split(self.sizes)):
                 p.grad = part.view_as(p)  # the second backward adds into the output in place
-            for tokens, mask in self.batches:
-                directional = self._directional_derivative(tokens, mask, tangents)
-                if directional is not None:
-                    torch.autograd.backward(directional, inputs=self.params)
-                del directional
+            self._second_backwards(v)
         finally:
             for p, grad in zip(self.params, previous):
                 p.grad = grad
@@ -163,17 +160,23 @@ class NLLHessianOperator(CurvatureOperator):
         try:
             for p in self.params:
                 p.grad = None
-            for tokens, mask in self.batches:
-                directional = self._directional_derivative(tokens, mask, list(tangents.values()))
-                if directional is not None:
-                    torch.autograd.backward(directional, inputs=self.params)
-                del directional
+            self._second_backwards(v)
         finally:
             for handle in handles:
                 handle.remove()
             for p, grad in zip(self.params, previous):
                 p.grad = grad
         return float(torch.stack(shares).sum()) if shares else 0.0
+
+    def _second_backwards(self, v: torch.Tensor) -> None:
+        """For every batch, the backward pass of ``g . v``: each weight's share of ``H v`` reaches its
+        ``.grad`` (and its post-accumulate hooks)."""
+        tangents = [part.view_as(p) for part, p in zip(v.split(self.sizes), self.params)]
+        for tokens, mask in self.batches:
+            directional = self._directional_derivative(tokens, mask, tangents)
+            if directional is not None:
+                torch.autograd.backward(directional, inputs=self.params)
+            del directional
 
     def _directional_derivative(self, tokens: torch.Tensor, mask: torch.Tensor,
                                 tangents: list[torch.Tensor]) -> torch.Tensor | None:
