@@ -138,6 +138,11 @@ def test_weights_made_when_used_give_the_same_outputs_and_gradients_and_are_not_
     assert len(again) == len(set(again)) and list(layers)[-1] in again and set(again) < set(layers)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     assert all("forward" not in m.__dict__ for m in layers.values())
+    stray = torch.nn.Linear(16, 16)  # a layer the model never calls: its made weight cannot reach the output
+    with pytest.raises(RuntimeError, match=r"1 trained layers were not called .*\['stray'\]"):
+        with weights_made_when_used({**layers, "stray": stray}, make):
+            torch.func.functional_call(model, frozen, kwargs={"input_ids": tokens})
+    assert "forward" not in stray.__dict__
 
 
 def test_learning_rate_schedule_closed_form():

@@ -119,13 +119,28 @@ def weights_made_when_used(layers: Mapping[str, nn.Module],
     weights, their gradients and the optimiser's moments. Made when used, one layer's is alive at a time, for
     a second rounding of each layer in the backward pass (far less than its matrix products). The layers'
     own parameters are not read. Hooks on the layers (activation quantization) run as before.
+
+    Raises:
+        RuntimeError: on leaving, if a named layer was never called: its made weight never reached the output
+            (a model that reads the layer's weight directly, or skips the layer).
     """
-    replaced = {}
+    replaced, called = {}, set()
+
+    def made(name: str) -> torch.Tensor:
+        called.add(name)
+        return make(name)
+
     try:
         for name, layer in layers.items():
             replaced[name] = layer.__dict__.get("forward")
-            layer.forward = functools.partial(_made_weight_forward, layer, name, make)
+            layer.forward = functools.partial(_made_weight_forward, layer, name, made)
         yield
+        missed = [name for name in layers if name not in called]
+        if missed:
+            raise RuntimeError(f"{len(missed)} trained layers were not called in the forward pass, so their "
+                               f"fake-quantized weights never reached the output: {missed[:3]}; a model that "
+                               f"reads a layer's weight outside the layer's forward call cannot be trained "
+                               f"this way: choose layers that the forward pass calls")
     finally:
         for name, previous in replaced.items():
             del layers[name].forward
