@@ -110,9 +110,9 @@ def weights_made_when_used(layers: Mapping[str, nn.Module],
                            make: Callable[[str], torch.Tensor]) -> Iterator[None]:
     """While inside, each named linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) computes its output with
     ``make(name)``, its ``(out, in)`` forward weight (a fake-quantized latent weight), formed when the layer
-    runs instead of before the forward pass, and not kept for the backward pass: autograd keeps its name and
-    the backward pass gets ``make(name)`` again (bit for bit the same; ``make`` must be a deterministic
-    function of weights the backward pass does not change).
+    runs instead of before the forward pass, and not kept for the backward pass: autograd keeps its view's
+    shape and strides, and the backward pass gets ``make(name)`` again (bit for bit the same; ``make`` must
+    be a deterministic function of weights the backward pass does not change).
 
     Made up front and kept by the graph, every layer's forward weight would stay in memory from the start of
     the forward pass to the end of the backward pass: one more copy of the trained layers beside the latent
