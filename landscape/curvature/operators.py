@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from landscape.curvature.space import CurvatureError, OperatorKind, WeightSpace, check_curvature_model
 from landscape.data import TokenSet
 from landscape.objectives import nll_sums_from_logits, segment_nll_sums
-from landscape.weights import model_label, working_dtype
+from landscape.weights import model_label, weight_is_transposed, working_dtype
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (tokens (b, t), score_mask (b, t))
 
@@ -225,7 +225,7 @@ def _parameter_holders(model: nn.Module) -> dict[int, int]:
 def _linear_of(layer: nn.Module, x: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
     """What the layer's output would change by, per unit step along ``tangent`` (its weight's direction, in
     the weight's stored layout): ``x V^T`` (``nn.Linear``) or ``x V`` (``Conv1D``, stored ``(in, out)``)."""
-    return x @ tangent if type(layer).__name__ == "Conv1D" else torch.nn.functional.linear(x, tangent)
+    return x @ tangent if weight_is_transposed(layer) else torch.nn.functional.linear(x, tangent)
 
 
 class WrappedOperator(CurvatureOperator):

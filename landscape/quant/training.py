@@ -23,7 +23,7 @@ from torch import nn
 
 from landscape.data import TokenSet
 from landscape.quant.formats import Grid
-from landscape.weights import working_dtype
+from landscape.weights import weight_is_transposed, working_dtype
 
 
 # ----------------------------------------------------------------------------- data order and schedule
@@ -166,7 +166,7 @@ def _made_weight_forward(layer: nn.Module, name: str, make: Callable[[str], torc
             return make(name).detach().as_strided(*packed)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        if type(layer).__name__ == "Conv1D":  # its own forward, on the (in, out) view of the made weight
+        if weight_is_transposed(layer):  # Conv1D's own forward, on the (in, out) view of the made weight
             out = torch.addmm(layer.bias, x.view(-1, x.size(-1)), weight.T)
             return out.view(*x.shape[:-1], weight.shape[0])
         return F.linear(x, weight, layer.bias)
