@@ -13,6 +13,7 @@ The RSS peak since the watch started is exact where the kernel lets a process re
 from __future__ import annotations
 
 import ctypes
+import functools
 import resource
 from dataclasses import dataclass
 
@@ -56,12 +57,20 @@ def release_freed_memory() -> bool:
     glibc keeps freed heap memory for later allocations: after SmolLM2's QAFT has returned and its tensors are
     freed, the process still holds 3.37 GB against 1.01 GB before it; this call brings it back to 1.01 GB in
     milliseconds. Call it between large pieces of work (each step of a figure run, each variant of a
-    quantization table), so one piece's peak is not the next one's floor.
+    quantization table, each task of a curvature store) and after each backward pass of a training loop, so
+    one piece's peak is not the next one's floor (SmolLM2's QAFT, 4 x 256 tokens: 3.67 GB against 3.89, at
+    no measurable cost in time).
     """
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
+
+
+@functools.cache
+def _malloc_trim():
     try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        return False
+        return None
 
 
 def _proc_status_kib(key: str) -> int:

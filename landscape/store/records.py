@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from landscape.data import TokenSet
+from landscape.memory import release_freed_memory
 from landscape.objectives import NLLConvention
 from landscape.store.files import (
     RUN_SPECIFIC_KEYS,
@@ -143,6 +144,7 @@ def run_tasks(path: str | os.PathLike | None, provenance: Mapping[str, Any],
         for i, name in enumerate(names):
             if record.done[i] or i % count != index:
                 continue
+            release_freed_memory()  # the last task's freed tensors: each task's peak is its own
             started = time.perf_counter()
             result = tasks[name]()
             if result.rows:
