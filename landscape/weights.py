@@ -40,6 +40,7 @@ class LayerSelectionError(ValueError, KeyError):
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+ROW_BLOCK_ELEMENTS = 1 << 20  # what one pass over a layer's weight works on at a time (4 MB in float32)
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -175,9 +176,30 @@ def layer_weights(model: nn.Module, names: Sequence[str] | None = None) -> dict[
 
 def weights_norm(model: nn.Module, names: Sequence[str]) -> float:
     """Euclidean norm ``||w0||`` of the named layers' ``(out, in)`` weights (float64): the unit of relative
-    radii."""
-    return math.sqrt(sum(float(weight_matrix(get_layer(model, n)).detach().double().pow(2).sum())
-                         for n in names))
+    radii. Squares are summed in float64 a block of rows at a time (:func:`row_blocks`), so a wide layer
+    costs a block's float64 copy, not its own."""
+    return math.sqrt(sum(float(block.double().pow(2).sum())
+                         for n in names for block in row_blocks(weight_matrix(get_layer(model, n)).detach())))
+
+
+def row_blocks(w: torch.Tensor, elements: int | None = None) -> tuple[torch.Tensor, ...]:
+    """``w`` (out, in) as consecutive views of whole rows, each at most ``elements`` elements (default
+    :data:`ROW_BLOCK_ELEMENTS`) unless that is less than the fewest rows that make a multiple of 64 elements;
+    a layer no larger than ``elements`` is one block, ``w`` itself.
+
+    For passes that make float32 or float64 temporaries of a layer (a norm, a hash, a perturbed point): one
+    block's temporaries instead of the layer's (a 2048 x 8192 layer's float64 copy is 134 MB). A layer no
+    larger than a block is passed whole, so its results are bit for bit those of a whole-layer pass (every
+    layer of SmolLM2-135M is); the blocks of a larger one hold multiples of 64 elements (whole vector
+    registers).
+    """
+    elements = ROW_BLOCK_ELEMENTS if elements is None else elements
+    if w.numel() <= elements:
+        return (w,)
+    cols = max(1, w.shape[-1])
+    align = 64 // math.gcd(cols, 64)  # rows per block: a multiple of this keeps blocks 64-element aligned
+    rows = max(align, elements // cols // align * align)
+    return w.split(rows)
 
 
 @contextlib.contextmanager
@@ -220,13 +242,15 @@ def restored_on_exit(model: nn.Module, names: Sequence[str]) -> Iterator[dict[st
 # ----------------------------------------------------------------------------------------- identity
 def weights_fingerprint(model: nn.Module, names: Sequence[str] | None = None) -> str:
     """sha256 (16 hex) of the named (default: all quantizable) layers' ``(out, in)`` weights as float32:
-    identifies the base w0 of a quantized model or a direction. Hashes one layer at a time (no copy of the
-    model)."""
+    identifies the base w0 of a quantized model or a direction. Hashes a block of rows at a time
+    (:func:`row_blocks`: the same bytes in the same order as the whole layer's), never a copy of the model or
+    of a wide layer."""
     h = hashlib.sha256()
     for name in quantizable_layers(model) if names is None else names:
         w = weight_matrix(get_layer(model, name)).detach()
         h.update(name.encode())
-        h.update(w.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+        for block in row_blocks(w):
+            h.update(block.to(device="cpu", dtype=torch.float32).contiguous().numpy())
     return h.hexdigest()[:16]
 
 

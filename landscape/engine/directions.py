@@ -71,6 +71,7 @@ from landscape.weights import (
     as_base,
     layer_patterns,
     quantizable_layers,
+    row_blocks,
     select_layers,
     weight_matrix,
     working_dtype,
@@ -234,8 +235,17 @@ class Direction:
 
 
 def dot(a: Direction, b: Direction) -> float:
-    """Euclidean inner product over the layers both cover (a layer only one covers contributes 0), float64."""
-    return float(sum((a[n].double() * b[n].double()).sum() for n in a.tensors if n in b.tensors))
+    """Euclidean inner product over the layers both cover (a layer only one covers contributes 0), float64,
+    summed a block of rows at a time (:func:`landscape.weights.row_blocks`); a streamed layer is computed
+    once, also for ``dot(d, d)``."""
+    total = 0.0
+    for n in a.tensors:
+        if n in b.tensors:
+            x = a[n]
+            y = x if b is a else b[n]
+            blocks = zip(row_blocks(x), row_blocks(y))
+            total += sum(float((xb.double() * yb.double()).sum()) for xb, yb in blocks)
+    return total
 
 
 def cosine(a: Direction, b: Direction) -> float:
@@ -605,8 +615,12 @@ def _gaussian(model: nn.Module, names: Sequence[str], spec: DirectionSpec, strea
     def layer(name: str) -> torch.Tensor:
         shape, device, dtype = shapes[name]
         generator = torch.Generator().manual_seed(_layer_seed(spec.seed, name))
-        draw = torch.randn(shape, generator=generator, dtype=torch.float32)  # (out, in), on CPU
-        return draw.to(device=device, dtype=dtype)
+        out = torch.empty(shape, dtype=dtype)  # (out, in), on CPU
+        # drawn in float32 a block of rows at a time from one stream: the numbers of one draw of the whole
+        # layer (tests/test_row_blocks.py), without the layer's float32 copy
+        for block in row_blocks(out):
+            block.copy_(torch.randn(block.shape, generator=generator, dtype=torch.float32))
+        return out.to(device)
 
     return Direction(_layerwise(names, layer, streamed), spec)
 

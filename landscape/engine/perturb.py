@@ -35,7 +35,7 @@ from landscape.engine.directions import Direction, DirectionSpec, check_directio
 from landscape.engine.sweep import POINT_ORDER, Execution
 from landscape.objectives import InputSource, NLLConvention, check_in_vocabulary, layer_mse, nll
 from landscape.store import StoreData, finish_run, model_provenance, read_store, start_run
-from landscape.weights import Base, as_base, working_dtype
+from landscape.weights import Base, as_base, row_blocks, working_dtype
 
 COORDINATE_PREFIX = "coords/axis"
 
@@ -231,22 +231,30 @@ class Perturbation:
             self.restore()
 
     def _write(self, name: str, target: torch.Tensor, w0: torch.Tensor) -> None:
-        """``target <- w0 + sum_k c_k d_k[name]``, one direction's layer at a time (a streamed one is computed
-        here and let go after its add); formed in float32 and rounded once for bfloat16 / float16."""
+        """``target <- w0 + sum_k c_k d_k[name]``; formed in float32 and rounded once for bfloat16 / float16.
+
+        Whole float32 directions add into the layer itself. Otherwise the point is formed in a buffer a block
+        of rows at a time (:func:`landscape.weights.row_blocks`) once every direction's layer is at hand (a
+        streamed one is computed here, and a streamed displacement reads w0 from the layer): a block's
+        float32 temporaries instead of the layer's."""
         moves = [(step, c) for step, c in zip(self._steps, self._coefficients) if name in step]
         work = working_dtype(target.dtype)
         with torch.no_grad():
             if work == target.dtype and not self.streamed:  # whole directions: the layer is the buffer
-                point = target.copy_(w0)
-            else:  # a buffer: the layer keeps w0 until the point is complete (streamed displacements read it)
-                point = w0.to(work, copy=True)
-            for step, c in moves:
-                if work == target.dtype:
-                    point.add_(step[name].to(target), alpha=c)
-                else:  # bfloat16 / float16: ((w0 + c1 d1) + c2 d2) in float32, rounded to the model's once
-                    point.add_(step[name].to(target).to(work).mul_(c))  # c·d rounded, then added
-            if point is not target:
-                target.copy_(point)
+                target.copy_(w0)
+                for step, c in moves:
+                    target.add_(step[name].to(target), alpha=c)
+                return
+            layers = [step[name].to(target) for step, _ in moves]
+            coefficients = [c for _, c in moves]
+            for out, start, *rows in zip(row_blocks(target), row_blocks(w0), *map(row_blocks, layers)):
+                point = start.to(work, copy=True)
+                for d, c in zip(rows, coefficients):
+                    if work == target.dtype:
+                        point.add_(d, alpha=c)
+                    else:  # bf16 / fp16: ((w0 + c1 d1) + c2 d2) in float32, rounded to the model's once
+                        point.add_(d.to(work).mul_(c))  # c·d rounded, then added
+                out.copy_(point)
 
     def _register(self, name: str) -> list[Any]:
         module = self.model.get_submodule(name)
