@@ -215,7 +215,8 @@ def design_estimate(workload: str, measured: dict) -> int:
     construction of the code.
 
     scan: the layer being run held at its point and its saved w0, plus that layer of u and of v (about 4 x
-    the largest perturbed layer); radius: the same with one direction (3 x). gptq: the solve of the widest
+    the largest perturbed layer; float32 temporaries are a block of rows each); radius: the same with one
+    direction (3 x). gptq: the solve of the widest
     layer, two ``(in, in)`` matrices in the solver's dtype at once (float64; float32 for bfloat16 / float16
     models) beside its float32 Hessian, and two copies of the layer in that dtype (the error-fed weights and
     the lattice points; runs recorded before these fields: 2 x the largest layer). qaft, during a step: the
@@ -348,14 +349,17 @@ def scaling_notes(cases: list[dict]) -> list[str]:
         b = model_sizes_at_peak(workload, large[workload], large[REFERENCE_OF[workload]])
         parts.append(f"{workload} {b:.2f} vs {a:.2f} model sizes ({(b - a) / a:+.1%}, "
                      f"{'within' if abs(b - a) <= 0.1 * a else 'outside'} 10 %)")
-    return [f"Scaling, llama-1b-bf16 against smollm2-135m: {'; '.join(parts)}. A scan's extra is a few "
-            f"layer-sized temporaries (the layer's saved w0, its float32 point and step, the direction's "
-            f"float32 draw and its normalised and unit forms): a layer is 0.65 % of SmolLM2's weights, in "
-            f"float32, but 1.5 % of the 1B model's, in bfloat16, where each float32 temporary is twice the "
-            f"layer's bytes. Forming the point a block of rows at a time would bring the 1B model to "
-            f"SmolLM2's. GPTQ and QAFT on the 1B model quantize two decoder blocks, so their figures compare "
-            f"per trained byte (rows above), and QAFT's differs by design between dtypes: its float32 "
-            f"master weights, gradients and moments are 2 x a bfloat16 weight each."]
+    return [f"Scaling, llama-1b-bf16 against smollm2-135m: {'; '.join(parts)}. A scan's extra is the "
+            f"layer being run's saved w0 and its directions' layers, in the model's dtype; every float32 or "
+            f"float64 temporary of a layer (the point, a random draw, norms, dot products, the fingerprint) "
+            f"is made a block of rows at a time (landscape.weights.row_blocks, 4 MB in float32), so a wide "
+            f"layer costs a block, not its float32 copy (before that, at 4758871: 1.19 / 1.19 model sizes). "
+            f"GPTQ's extra is the solve of the widest input, two (in, in) matrices beside its Hessian, which "
+            f"grows with that width squared (1,536 on SmolLM2, 8,192 on the 1B model), not with the model, "
+            f"so its model sizes are not expected to agree; each is near its design estimate. GPTQ and QAFT "
+            f"on the 1B model quantize two decoder blocks, so their figures compare per trained byte (rows "
+            f"above), and QAFT's differs by design between dtypes: its float32 master weights, gradients and "
+            f"moments are 2 x a bfloat16 weight each."]
 
 
 def main(argv: list[str] | None = None) -> int:
