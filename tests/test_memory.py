@@ -53,3 +53,16 @@ def test_freed_heap_memory_goes_back_to_the_system_when_released():
     released, grown, after = out[0] == "True", float(out[1]), float(out[3])
     assert grown > 200  # the tensors were resident
     assert released and after < 16
+
+
+def test_a_periodic_release_trims_at_most_once_per_interval(monkeypatch):
+    """A training loop calls it after every backward pass: a toy's millisecond passes must not pay a trim
+    each, a model whose pass takes seconds gets one after every pass."""
+    import landscape.memory as memory
+
+    calls = []
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: calls.append(1) or True)
+    rare = memory.PeriodicRelease(interval_s=3600.0)
+    assert [rare() for _ in range(5)] == [False] * 5 and calls == []
+    every = memory.PeriodicRelease(interval_s=0.0)
+    assert [every() for _ in range(3)] == [True] * 3 and len(calls) == 3

@@ -63,7 +63,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from landscape.data import TokenSet
-from landscape.memory import release_freed_memory
+from landscape.memory import PeriodicRelease
 from landscape.objectives import layer_mse
 from landscape.quant.activations import ActivationQuant, as_activation_quant, quantized_activations
 from landscape.quant.capture import check_calibration, resolve_layers
@@ -509,10 +509,11 @@ def qaft(
         nll_t, kl_t = token_losses(logits, tokens, mask, teacher_logits, n_scored)
         loss = (1 - alpha) * nll_t + alpha * kl_t
         loss.backward()
-        release_freed_memory()  # the pass's freed activations: the next pass's peak is not on top of them
+        release_heap()  # the pass's freed activations: the next pass's peak is not on top of them
         return float(loss.detach()), float(nll_t.detach()), float(kl_t.detach())
 
     batches = training_batches(calib.n_segments, settings.batch_size, plan.steps, settings.seed)
+    release_heap = PeriodicRelease()
     curves: dict[str, list[float]] = {"loss": [], "nll": [], "kl": [], "lr": []}
     alpha = settings.distill_weight
     t0 = time.perf_counter()
