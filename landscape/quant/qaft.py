@@ -494,6 +494,8 @@ def qaft(
             return lsq_fake_quant(latent[name], plan.grids[name], log_scales[name]).to(model_dtype)
         return plan.grids[name].fake_quant(latent[name]).to(model_dtype)
 
+    release_heap = PeriodicRelease()
+
     def forward_backward(rows: list[int], n_scored: float | None) -> tuple[float, float, float]:
         """Loss, NLL and KL of ``rows`` (each a sum over its tokens / ``n_scored``, or a token mean over its
         own tokens if ``None``), its gradient added to the latent weights' ``.grad``."""
@@ -513,7 +515,6 @@ def qaft(
         return float(loss.detach()), float(nll_t.detach()), float(kl_t.detach())
 
     batches = training_batches(calib.n_segments, settings.batch_size, plan.steps, settings.seed)
-    release_heap = PeriodicRelease()
     curves: dict[str, list[float]] = {"loss": [], "nll": [], "kl": [], "lr": []}
     alpha = settings.distill_weight
     t0 = time.perf_counter()
