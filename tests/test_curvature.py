@@ -631,6 +631,53 @@ def test_lean_backend_arithmetic_is_the_librarys_bit_for_bit(monkeypatch):
     assert zeros.shape == a.shape and not zeros.any()
 
 
+class _DenseOperator:
+    """``A v`` of a dense symmetric matrix, a fresh tensor per product; records each product's address."""
+
+    def __init__(self, a: torch.Tensor) -> None:
+        self.a, self.addresses = a, []
+        self.size, self.device, self.dtype = a.shape[0], a.device, a.dtype
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        out = self.a @ v
+        self.addresses.append(out.data_ptr())
+        return out
+
+    def matvec_into(self, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        self.addresses.append(out.data_ptr())
+        return torch.mv(self.a, v, out=out)
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_lanczos_products_are_recycled_and_the_run_is_the_librarys_bit_for_bit(on_disk, tmp_path):
+    """Through ``backend.products`` the loop's consumed product becomes its next basis vector (in memory) or
+    the next product's buffer (on disk), and the tridiagonal matrix and basis equal those of the library's
+    Lanczos with its own backend and a fresh product per step."""
+    from hessian_eigenthings import lanczos_tridiagonal
+    from hessian_eigenthings.linalg import SingleDeviceBackend
+
+    g = torch.Generator().manual_seed(5)
+    m = torch.randn(60, 60, generator=g, dtype=torch.float64)
+    a, v0 = m + m.T, torch.randn(60, generator=g, dtype=torch.float64)
+    reference = lanczos_tridiagonal(_DenseOperator(a), v0.clone(), 12, reorthogonalize=True,
+                                    backend=SingleDeviceBackend())
+    with operators.krylov_backend(tmp_path if on_disk else None) as backend:
+        op = _DenseOperator(a)
+        got = lanczos_tridiagonal(backend.products(op), v0.clone(), 12, reorthogonalize=True, backend=backend)
+        assert torch.equal(got.alphas, reference.alphas) and torch.equal(got.betas, reference.betas)
+        assert all(torch.equal(x, y) for x, y in zip(got.basis, reference.basis, strict=True))
+        if on_disk:  # every product after the first is written into the first one's memory
+            assert len(op.addresses) == 12 and set(op.addresses) == {op.addresses[0]}
+        else:  # basis vector j + 1 is product j itself, scaled in place
+            assert [v.data_ptr() for v in got.basis[1:]] == op.addresses[:-1]
+        backend.release_spare()
+    # a tensor that is not the loop's last product is never scaled in place
+    lean = operators.LeanBackend()
+    plain = torch.ones(4, dtype=torch.float64)
+    assert lean.scale(0.5, plain).data_ptr() != plain.data_ptr()
+    assert torch.equal(plain, torch.ones(4, dtype=torch.float64))
+
+
 def test_a_krylov_basis_on_disk_gives_bit_identical_spectra_and_leaves_no_files(gpt2_problem, tmp_path,
                                                                                 monkeypatch):
     model, data, _, _ = gpt2_problem

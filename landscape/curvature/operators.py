@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -438,9 +439,52 @@ class LeanBackend(SingleDeviceBackend):
     drawn a chunk at a time (:func:`rademacher`: no int64 and float copies of a whole vector), ``axpy``
     written into its ``b`` a chunk at a time (the library's Lanczos always passes its own fresh product as
     ``b`` and rebinds it to the result), and Lanczos's initial "previous vector" a broadcast zero (it is
-    never read before it is replaced)."""
+    never read before it is replaced).
+
+    Lanczos's products (through :meth:`products`) are recycled: the loop turns each product into its next
+    basis vector (:meth:`scale`) and never reads it again, but still holds it while the next product is made
+    (``av = operator.matvec(...)`` rebinds ``av`` only afterwards): that is one vector too many beside the
+    product's own memory (0.42 GB on SmolLM2's decoder weights). So in memory the product is scaled in place
+    and becomes the basis vector, and with the basis on disk (:class:`MappedBasisBackend`) its buffer, once
+    copied to its file, receives the next product. Same kernels, so bit-identical results."""
 
     chunk = 1 << 20
+
+    def __init__(self) -> None:
+        self._product: weakref.ref[torch.Tensor] | None = None  # the last product, while the loop holds it
+        self._spare: torch.Tensor | None = None  # a consumed product's buffer, for the next product
+
+    def products(self, op: CurvatureOperator) -> CurvatureOperator:
+        """``op`` for this backend's Lanczos loop: its ``matvec`` writes into a recycled buffer where there is
+        one and marks the product as the loop's own (:meth:`scale` may then consume it)."""
+        return _RecycledProducts(op, self)
+
+    def release_spare(self) -> None:
+        """Drop a recycled buffer that no product has taken (call when the loop has ended)."""
+        self._spare = None
+
+    def _product_buffer(self, v: torch.Tensor) -> torch.Tensor:
+        buffer, self._spare = self._spare, None
+        if buffer is None or buffer.shape != v.shape or buffer.dtype != v.dtype or buffer.device != v.device:
+            return torch.empty_like(v)
+        return buffer
+
+    def _made(self, product: torch.Tensor) -> torch.Tensor:
+        self._product = weakref.ref(product)
+        return product
+
+    def _consume(self, a: torch.Tensor) -> bool:
+        """Whether ``a`` is the loop's last product (the library's Lanczos never reads it after ``scale``)."""
+        mine = (self._product is not None and self._product() is a and a.is_contiguous()
+                and not a.requires_grad)
+        if mine:
+            self._product = None
+        return mine
+
+    def scale(self, alpha: float | torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        if isinstance(alpha, float) and self._consume(a):
+            return a.mul_(alpha)  # the library's alpha * a, in the product's own memory
+        return super().scale(alpha, a)
 
     def rademacher_like(self, a: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         return rademacher(a.numel(), a.dtype, a.device, generator).view(a.shape)
@@ -464,6 +508,7 @@ class MappedBasisBackend(LeanBackend):
     vector at a time instead of one per step. Same kernels, so bit-identical results."""
 
     def __init__(self, directory: Path) -> None:
+        super().__init__()
         self.directory = directory
         self.n_files = 0
         self.maps: dict[int, mmap.mmap] = {}  # data_ptr of each mapped vector -> its mapping
@@ -487,6 +532,8 @@ class MappedBasisBackend(LeanBackend):
         self.maps[out.data_ptr()] = mapping
         torch.mul(a, alpha, out=out)
         self.release(a, out)
+        if self._consume(a):
+            self._spare = a  # the product is on disk now: its memory takes the next one
         return out
 
     def keep(self, a: torch.Tensor) -> torch.Tensor:
@@ -518,6 +565,17 @@ class MappedBasisBackend(LeanBackend):
             mapping = self.maps.get(v.data_ptr())
             if mapping is not None and hasattr(mapping, "madvise"):
                 mapping.madvise(mmap.MADV_DONTNEED)
+
+
+class _RecycledProducts(WrappedOperator):
+    """``inner``'s products for a :class:`LeanBackend`'s Lanczos loop (:meth:`LeanBackend.products`)."""
+
+    def __init__(self, inner: CurvatureOperator, backend: LeanBackend) -> None:
+        super().__init__(inner)
+        self.backend = backend
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.backend._made(matvec_into(self.inner, v, self.backend._product_buffer(v)))
 
 
 @contextlib.contextmanager

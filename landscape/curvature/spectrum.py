@@ -212,7 +212,9 @@ def lanczos_spectrum(problem: NLLProblem, k: int, k_bottom: int, lanczos_steps: 
         if isinstance(backend, MappedBasisBackend):  # the start vector on disk too, not in memory for the run
             start_vector = backend.keep(start_vector)
         counted = CountedOperator(op, bar)
-        krylov = lanczos_tridiagonal(counted, start_vector, steps, reorthogonalize=True, backend=backend)
+        krylov = lanczos_tridiagonal(backend.products(counted), start_vector, steps, reorthogonalize=True,
+                                     backend=backend)
+        backend.release_spare()
         seconds = time.perf_counter() - started
         top, bottom = _ritz_pairs(krylov, space, op, k, k_bottom, tol, return_eigenvectors,
                                   getattr(backend, "release", None))
@@ -468,7 +470,7 @@ def slq_density(problem: NLLProblem, n_runs: int, lanczos_steps: int, n_grid: in
           tqdm(total=n_runs * lanczos_steps, desc=f"SLQ ({problem.kind})", disable=not problem.progress,
                leave=False) as bar):
         counted = CountedOperator(op, bar)
-        result = spectral_density(counted, num_runs=n_runs, lanczos_steps=lanczos_steps,
+        result = spectral_density(backend.products(counted), num_runs=n_runs, lanczos_steps=lanczos_steps,
                                   num_grid_points=n_grid, sigma=sigma, seed=seed, backend=backend)
     return Density(_numpy(result.grid), _numpy(result.density), float(result.sigma),
                    _numpy(result.raw_eigenvalues), _numpy(result.raw_weights), problem.kind, space.layers,
