@@ -57,14 +57,15 @@ def measure(session: Session) -> None:
                                           displacement_direction(lm.base, sources["gptq"]).norm())
 
     curvature = Curvature(lm.model, data, batch_size=1, progress=session.progress)
-    # The Lanczos bases go to files beside the store (removed after each run; bit-identical results): a
-    # basis vector of SmolLM2's decoder weights is 0.4 GB; the process holds one at a time, not one per step.
+    # The Lanczos bases and the Hutch++ sketch go to files beside the store (removed after each run;
+    # bit-identical results): a vector of SmolLM2's decoder weights is 0.4 GB; the process holds the one in
+    # use.
     krylov_dir = store(session).parent
     tasks = {
         "spectrum": lambda: curvature.spectrum(
             c.k_top, c.k_bottom, lanczos_steps=c.lanczos_steps, return_eigenvectors=False,
             krylov_dir=krylov_dir).to_record(include_eigenvectors=False),
-        "trace": lambda: curvature.trace(c.trace_matvecs).to_record(),
+        "trace": lambda: curvature.trace(c.trace_matvecs, krylov_dir=krylov_dir).to_record(),
         "density": lambda: curvature.density(c.density_runs, c.density_steps,
                                              krylov_dir=krylov_dir).to_record(),
         **{f"path/{path_label(m, fmt)}": (lambda m=m: curvature.along(

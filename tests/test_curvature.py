@@ -186,6 +186,26 @@ def test_operator_products_equal_the_dense_hessian(gpt2_problem):
     assert weight_space(model).parameter_names == tuple(f"{n}.weight" for n in layers)
 
 
+def test_flat_vectors_and_their_layer_views_follow_the_stored_layout(gpt2_problem):
+    """A flat vector is each weight parameter flattened as stored (GPT-2's Conv1D: (in, out)); ``views`` gives
+    each layer's (out, in) matrix without a copy, and ``flatten`` of those views is the vector again."""
+    model, _, layers, _ = gpt2_problem
+    space = weight_space(model)
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(2)
+    tensors = {n: torch.randn(params[f"{n}.weight"].shape[::-1], generator=g, dtype=torch.float64)
+               for n in space.layers}  # (out, in) of each (in, out) parameter
+    flat = space.flatten(tensors, torch.empty(0, dtype=torch.float64))
+    expected = torch.cat([tensors[n].T.reshape(-1) for n in space.layers])  # stored layout, in order
+    assert torch.equal(flat, expected)
+    views = space.views(flat)
+    assert all(torch.equal(views[n], tensors[n]) for n in space.layers)
+    assert all(views[n].untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for n in views)
+    views[space.layers[-1]][0, 1] = 7.0  # a write through a view is a write to the flat vector
+    assert torch.equal(space.flatten(views, flat), flat) and (flat == 7.0).sum() == 1
+    assert space.unflatten(flat).keys() == views.keys()
+
+
 def test_operator_equals_hessian_eigenthings_and_leaves_grads_alone(gpt2_problem):
     """The lean operator (products accumulated into views of one output) computes what the library's
     HessianOperator computes, and any .grad a parameter had before a product is there after it."""
@@ -392,6 +412,27 @@ def test_lean_hutch_plus_plus_equals_hessian_eigenthings(gpt2_problem, n_matvecs
     small = LambdaOperator(lambda v: a @ v, 5, dtype=torch.float64)
     value, _ = lean_hutch_plus_plus(small, 60, seed=0)  # 20 sketch rows in 5 dimensions
     assert value == pytest.approx(float(a.trace()), rel=1e-10)
+
+
+def test_a_hutchpp_sketch_on_disk_gives_the_same_trace_and_leaves_no_files(gpt2_problem, tmp_path,
+                                                                            monkeypatch):
+    """With krylov_dir the sketch's rows are mapped files (one per row, each let go after each use): the
+    estimate and its error are those of the sketch in memory, bit for bit, and the folder is emptied."""
+    model, data, _, _ = gpt2_problem
+    made, released, original_release = [], [], operators.MappedBasisBackend.release
+
+    def release_spy(self, *vectors):
+        made[:] = list(self.maps)
+        released.extend(v.data_ptr() for v in vectors if v.data_ptr() in self.maps)
+        original_release(self, *vectors)
+
+    monkeypatch.setattr(operators.MappedBasisBackend, "release", release_spy)
+    memory = Curvature(model, data, progress=False).trace(n_matvecs=12, seed=4)
+    disk = Curvature(model, data, progress=False).trace(n_matvecs=12, seed=4, krylov_dir=tmp_path)
+    assert (disk.value, disk.stderr) == (memory.value, memory.stderr)
+    assert len(made) == 4 and set(released) == set(made)  # 12 / 3 sketch rows, each released
+    assert list(tmp_path.iterdir()) == []
+    assert disk.settings["sketch_storage"] == "disk" and memory.settings["sketch_storage"] == "memory"
 
 
 def test_trace_is_within_its_stated_error_of_the_exact_trace(gpt2_problem):

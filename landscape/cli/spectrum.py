@@ -62,7 +62,8 @@ def spectrum_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--density-steps", type=int, default=50, help="Lanczos steps per SLQ run (default 50)")
     p.add_argument("--seed", type=int, default=0, help="seed of the start and probe vectors")
     p.add_argument("--krylov-dir", type=Path, default=None,
-                   help="keep Lanczos bases in memory-mapped files in this directory instead of in memory")
+                   help="keep Lanczos bases and the Hutch++ sketch in memory-mapped files in this directory "
+                        "instead of in memory")
     p.add_argument("--budgets", nargs="+", type=int, default=None, metavar="TOKENS",
                    help="a convergence sweep instead: top --k eigenvalues and the trace at each token budget "
                         "(multiples of --seq-len, which must be given), on --replicates disjoint groups of "
@@ -156,7 +157,8 @@ def run_spectrum(args: argparse.Namespace) -> int:
         return_eigenvectors=args.save_eigenvectors,
         krylov_dir=args.krylov_dir).to_record(include_eigenvectors=args.save_eigenvectors)}
     if args.trace_matvecs:
-        tasks["trace"] = lambda: curvature.trace(args.trace_matvecs, seed=args.seed).to_record()
+        tasks["trace"] = lambda: curvature.trace(args.trace_matvecs, seed=args.seed,
+                                                 krylov_dir=args.krylov_dir).to_record()
     if args.density_runs:
         tasks["density"] = lambda: curvature.density(args.density_runs, args.density_steps, seed=args.seed,
                                                      krylov_dir=args.krylov_dir).to_record()

@@ -151,7 +151,8 @@ class Curvature:
         return check_spectrum_settings(self._problem, k, k_bottom, lanczos_steps,
                                        return_eigenvectors=return_eigenvectors, krylov_dir=krylov_dir)
 
-    def trace(self, n_matvecs: int = 30, *, seed: int = 0) -> TraceEstimate:
+    def trace(self, n_matvecs: int = 30, *, seed: int = 0,
+              krylov_dir: str | os.PathLike | None = None) -> TraceEstimate:
         """Trace by Hutch++ (Meyer et al. 2021): a third of the products sketch the top subspace (its trace is
         exact), the rest estimate the remainder with Rademacher probes.
 
@@ -159,8 +160,10 @@ class Curvature:
             n_matvecs: product budget, >= 6 (rounded down to a multiple of 3; Hutch++ needs two residual
                 probes to state an error).
             seed: seed of the sketch and probe vectors.
+            krylov_dir: keep the ``n_matvecs / 3`` sketch vectors in files under this folder (as
+                :meth:`spectrum` keeps its basis; the same numbers) instead of in memory.
         """
-        return hutchpp_trace(self._problem, n_matvecs, seed)
+        return hutchpp_trace(self._problem, n_matvecs, seed, krylov_dir)
 
     def density(self, n_runs: int = 5, lanczos_steps: int = 50, *, n_grid: int = 2000,
                 sigma: float | None = None, seed: int = 0,

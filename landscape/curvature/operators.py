@@ -463,6 +463,14 @@ class LeanBackend(SingleDeviceBackend):
         """Drop a recycled buffer that no product has taken (call when the loop has ended)."""
         self._spare = None
 
+    def vectors(self, count: int, like: torch.Tensor) -> list[torch.Tensor]:
+        """``count`` uninitialised vectors of ``like``'s shape, dtype and device (here the rows of one
+        tensor; :class:`MappedBasisBackend`: one mapped file each)."""
+        return list(torch.empty((count, *like.shape), dtype=like.dtype, device=like.device))
+
+    def release(self, *vectors: torch.Tensor) -> None:
+        """Nothing here (:meth:`MappedBasisBackend.release` drops a mapped vector's pages)."""
+
     def _product_buffer(self, v: torch.Tensor) -> torch.Tensor:
         buffer, self._spare = self._spare, None
         if buffer is None or buffer.shape != v.shape or buffer.dtype != v.dtype or buffer.device != v.device:
@@ -514,9 +522,21 @@ class MappedBasisBackend(LeanBackend):
         self.maps: dict[int, mmap.mmap] = {}  # data_ptr of each mapped vector -> its mapping
 
     def scale(self, alpha: float | torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        path = self.directory / f"v{self.n_files:06d}.f{a.element_size()}"
+        out = self._mapped(a)
+        torch.mul(a, alpha, out=out)
+        self.release(a, out)
+        if self._consume(a):
+            self._spare = a  # the product is on disk now: its memory takes the next one
+        return out
+
+    def vectors(self, count: int, like: torch.Tensor) -> list[torch.Tensor]:
+        return [self._mapped(like) for _ in range(count)]
+
+    def _mapped(self, like: torch.Tensor) -> torch.Tensor:
+        """A new vector of ``like``'s shape and dtype in a new mapped file (zeros; no page resident yet)."""
+        path = self.directory / f"v{self.n_files:06d}.f{like.element_size()}"
         self.n_files += 1
-        size = a.numel() * a.element_size()
+        size = like.numel() * like.element_size()
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
@@ -527,13 +547,10 @@ class MappedBasisBackend(LeanBackend):
         except OSError as err:  # a full disk or a read-only folder
             raise CurvatureError(f"cannot write Krylov vector {self.n_files} ({size:,} B) in --krylov-dir "
                                  f"{self.directory.parent}: {err.strerror}; free space there (it needs one "
-                                 f"vector per Lanczos step) or choose another directory") from None
-        out = torch.frombuffer(mapping, dtype=a.dtype).view(a.shape)
+                                 f"vector per Lanczos step or Hutch++ sketch row) or choose another "
+                                 f"directory") from None
+        out = torch.frombuffer(mapping, dtype=like.dtype).view(like.shape)
         self.maps[out.data_ptr()] = mapping
-        torch.mul(a, alpha, out=out)
-        self.release(a, out)
-        if self._consume(a):
-            self._spare = a  # the product is on disk now: its memory takes the next one
         return out
 
     def keep(self, a: torch.Tensor) -> torch.Tensor:

@@ -69,12 +69,21 @@ class WeightSpace:
 
     def flatten(self, tensors: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         """``layer -> (out, in)`` map (exactly these layers) to a flat ``(size,)`` vector with ``like``'s
-        dtype and device."""
-        parts = []
-        for layer, transposed in zip(self.layers, self.transposed):
-            matrix = tensors[layer].to(dtype=like.dtype, device=like.device)  # (out, in)
-            parts.append((matrix.T if transposed else matrix).reshape(-1))
-        return torch.cat(parts)
+        dtype and device, copied in a layer at a time (a streamed direction's layers are read one by one)."""
+        flat = torch.empty(self.size, dtype=like.dtype, device=like.device)
+        for layer, part in self.views(flat).items():
+            part.copy_(tensors[layer])  # (out, in)
+        return flat
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``layer -> (out, in)`` views of a flat ``(size,)`` vector (no copy: a write to one is a write to
+        the other)."""
+        out, offset = {}, 0
+        for layer, (rows, cols), transposed in zip(self.layers, self.shapes, self.transposed):
+            piece = flat[offset : offset + rows * cols]
+            offset += rows * cols
+            out[layer] = piece.view(cols, rows).T if transposed else piece.view(rows, cols)
+        return out
 
     def unflatten(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
         """Flat ``(size,)`` or stacked ``(k, size)`` vectors to ``layer -> (out, in)`` or ``(k, out, in)``."""

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from landscape.curvature.operators import (
     CountedOperator,
+    LeanBackend,
     MappedBasisBackend,
     NLLProblem,
     check_krylov_memory,
@@ -326,7 +327,8 @@ class TraceEstimate(StoredTask):
                 f"products, {self.n_params:,} weights)")
 
 
-def hutchpp_trace(problem: NLLProblem, n_matvecs: int, seed: int) -> TraceEstimate:
+def hutchpp_trace(problem: NLLProblem, n_matvecs: int, seed: int,
+                  krylov_dir: str | os.PathLike | None = None) -> TraceEstimate:
     """Hutch++ trace with a budget of ``n_matvecs`` products (the body of
     :meth:`landscape.curvature.Curvature.trace`, which documents the arguments)."""
     problem.check_model()
@@ -335,56 +337,73 @@ def hutchpp_trace(problem: NLLProblem, n_matvecs: int, seed: int) -> TraceEstima
         raise CurvatureError(f"n_matvecs must be an integer >= 6 (Hutch++ spends a third on residual probes, "
                              f"and needs >= 2 of them for an error estimate), got {n_matvecs!r}")
     budget = 3 * (n_matvecs // 3)
-    # the sketch's budget/3 rows (orthonormalised in place) and a probe and its product beside them
-    check_krylov_memory(problem.model, space, 0, budget // 3 + 2, f"n_matvecs={n_matvecs}", "n_matvecs", None)
+    # the sketch's budget/3 rows (orthonormalised in place; in files under krylov_dir) and a probe and its
+    # product beside them
+    check_krylov_memory(problem.model, space, budget // 3, 2, f"n_matvecs={n_matvecs}", "n_matvecs",
+                        krylov_dir)
     op = problem.operator()
     started = time.perf_counter()
-    with tqdm(total=budget, desc=f"Hutch++ ({problem.kind})", disable=not problem.progress,
-              leave=False) as bar:
+    with (krylov_backend(krylov_dir) as backend,
+          tqdm(total=budget, desc=f"Hutch++ ({problem.kind})", disable=not problem.progress,
+               leave=False) as bar):
         counted = CountedOperator(op, bar)
-        value, stderr = lean_hutch_plus_plus(counted, budget, seed)
+        value, stderr = lean_hutch_plus_plus(counted, budget, seed, backend)
     return TraceEstimate(value, stderr, counted.n_matvecs, problem.kind, space.layers,
                          space.size, time.perf_counter() - started,
-                         {"method": "hutch++", "seed": seed, **problem.provenance()})
+                         {"method": "hutch++", "seed": seed,
+                          "sketch_storage": "disk" if krylov_dir else "memory", **problem.provenance()})
 
 
-def lean_hutch_plus_plus(op: CurvatureOperator, budget: int, seed: int) -> tuple[float, float]:
+def lean_hutch_plus_plus(op: CurvatureOperator, budget: int, seed: int,
+                         backend: LeanBackend | None = None) -> tuple[float, float]:
     """Hutch++ (Meyer et al. 2021) with ``budget`` products, as hessian-eigenthings' ``hutch_plus_plus``
     computes it (the same probes from the same seed; the tests compare them), in less memory: the sketch
     ``A S`` is kept as ``budget/3`` rows and orthonormalised in place by Gram-Schmidt (twice, for rounding)
-    instead of a column matrix, a Householder QR factor beside it and LAPACK's copy of both.
+    instead of a column matrix, a Householder QR factor beside it and LAPACK's copy of both. With a
+    :class:`~landscape.curvature.operators.MappedBasisBackend` each row is a mapped file whose pages leave the
+    process after each use: a product then has only its own vector (and its probe) in memory.
 
     Returns ``(estimate, stderr)``: the exact trace of ``Q^T A Q`` plus the mean of the residual probes
     ``g^T A g`` with ``g = (I - Q Q^T) z``, whose standard error is ``stderr``.
     """
+    backend = backend if backend is not None else LeanBackend()
     m = budget // 3
     generator = torch.Generator().manual_seed(seed)
 
     def probe() -> torch.Tensor:
         return rademacher(op.size, op.dtype, op.device, generator)
 
-    sketch = torch.empty(m, op.size, dtype=op.dtype, device=op.device)  # (m, n): rows A s_i, then Q's rows
-    for i in range(m):
-        matvec_into(op, probe(), sketch[i])  # the product straight into its row
-    kept = []  # rows of an orthonormal basis of the sketch's span (a row that vanishes is dropped)
-    scale = float(sketch.norm(dim=1).max())
-    for i in range(m):
-        row = sketch[i]
+    def dot(a: torch.Tensor, b: torch.Tensor) -> float:
+        value = float(torch.dot(a, b))
+        backend.release(a, b)
+        return value
+
+    rows = backend.vectors(m, torch.empty(op.size, dtype=op.dtype, device=op.device))  # rows A s_i, then Q
+    scale = 0.0
+    for row in rows:
+        matvec_into(op, probe(), row)  # the product straight into its row
+        scale = max(scale, float(row.norm()))
+        backend.release(row)
+    kept: list[torch.Tensor] = []  # an orthonormal basis of the sketch's span (vanishing rows dropped)
+    for row in rows:
         for _ in range(2):
-            for j in kept:
-                row.sub_(sketch[j], alpha=float(torch.dot(sketch[j], row)))
+            for q in kept:
+                row.sub_(q, alpha=dot(q, row))
         norm = float(row.norm())
         if norm > 1e3 * torch.finfo(op.dtype).eps * scale:
             row.div_(norm)
-            kept.append(i)
-    q = sketch if len(kept) == m else sketch[kept]  # (r, n); a copy only when a row was dropped
-    del sketch
-    trace_low = sum(quadratic_form(op, q[i]) for i in range(len(kept)))
+            kept.append(row)
+        backend.release(row)
+    del rows
+    trace_low = 0.0
+    for q in kept:
+        trace_low += quadratic_form(op, q)
+        backend.release(q)
     samples = torch.empty(m, dtype=torch.float64)
     for i in range(m):
         g = probe()
-        for j in range(len(kept)):
-            g.sub_(q[j], alpha=float(torch.dot(q[j], g)))
+        for q in kept:
+            g.sub_(q, alpha=dot(q, g))
         samples[i] = quadratic_form(op, g)
     stderr = float(samples.std() / m**0.5) if m > 1 else float("nan")
     return trace_low + float(samples.mean()), stderr
