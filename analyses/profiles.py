@@ -126,6 +126,8 @@ class Profile:
         headline_format: the format of figures 3 (with the others), 4, 5, 6 and 7.
         qaft_lr, qaft_epochs, qaft_batch_size: QAFT and its control; lorc_rank: LoRC's rank.
         qaft_micro_batch_size: sequences per QAFT forward/backward pass (memory only; ``None``: the batch).
+        qaft_recompute_blocks: recompute each decoder block in QAFT's backward passes (memory only, the same
+            bits, one more forward pass per backward pass).
         size_models: further models of figure 7, smallest first.
         train_size_models: train the reference models among ``size_models`` that are not built yet (set by
             ``--size-models``); otherwise figure 7 uses those already built and never trains one (they take
@@ -154,6 +156,7 @@ class Profile:
     curvature: CurvatureSettings
     size_models: tuple[str, ...]
     qaft_micro_batch_size: int | None = None
+    qaft_recompute_blocks: bool = False
     corpus: str = "wiki"
     train_size_models: bool = False
     predictor_formats: tuple[str, ...] = ()
@@ -228,6 +231,7 @@ QUICK = Profile(
                                 trace_matvecs=6, density_runs=1, density_steps=8, path_t=(0.0, 0.5, 1.0)),
     size_models=("ref-tiny", *REF_FAMILY),
     qaft_micro_batch_size=1,  # a quarter of the activations: SmolLM2 QAFT peaks at 4.2 GB, not 6.0
+    qaft_recompute_blocks=True,  # and a block's at a time: 3.34 GB against 3.66 for QAFT alone, +30 % time
     predictor_formats=PREDICTOR_FORMATS,
 )
 

@@ -124,7 +124,8 @@ def _protocol(profile: Profile, spec: TableSpec) -> Protocol:
                     formats=spec.formats, methods=spec.methods, seeds=(0,),
                     qaft_lr=profile.qaft_lr, qaft_epochs=profile.qaft_epochs,
                     qaft_batch_size=profile.qaft_batch_size,
-                    qaft_micro_batch_size=profile.qaft_micro_batch_size, lorc_rank=profile.lorc_rank,
+                    qaft_micro_batch_size=profile.qaft_micro_batch_size,
+                    qaft_recompute_blocks=profile.qaft_recompute_blocks, lorc_rank=profile.lorc_rank,
                     layer_mse_sequences=profile.misalignment.mse_sequences)  # figure 3's convention
 
 

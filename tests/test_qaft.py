@@ -145,6 +145,48 @@ def test_weights_made_when_used_give_the_same_outputs_and_gradients_and_are_not_
     assert "forward" not in stray.__dict__
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "opt"])
+def test_recomputed_blocks_give_the_same_training_bit_for_bit_holding_fewer_activations(arch):
+    """QAFT (and its control) with each decoder block recomputed in the backward pass: the same weights and
+    loss curve, bit for bit, the blocks run again in each backward pass (so their activations were not
+    kept), the blocks' forwards and the parameters' gradient flags are restored and no model parameter gets
+    a .grad."""
+    from landscape.weights import decoder_blocks
+
+    model = tiny_model(arch, hidden=32, layers=3)
+    calib = random_tokens(8, 16)
+    for control in (False, True):
+        runs = [(fp_finetune if control else qaft)(
+            model, calib, "int3", FinetuneSettings(lr=1e-2, **FAST, micro_batch_size=2, recompute_blocks=r),
+            progress=False) for r in (False, True)]
+        plain, recomputed = runs
+        assert all(torch.equal(plain.weights[n], recomputed.weights[n]) for n in plain.weights)
+        assert plain.extra["loss_curve"] == recomputed.extra["loss_curve"]
+        assert plain.settings == recomputed.settings  # memory only: not part of what was computed
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert all("forward" not in b.__dict__ for b in decoder_blocks(model))
+
+    # 6 passes (3 steps of 2 micro-batches), then one forward pass for the result's layer MSE; recomputed, a
+    # block's layers run again in each backward pass up to the last one whose outputs the backward pass needs
+    # (non-reentrant checkpointing stops there: a block's last layer runs once)
+    calls = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
+             for n, m in quantizable_layers(model).items()]
+    try:
+        for r, expected in ((False, {6 + 1}), (True, {6 + 1, 12 + 1})):
+            calls.clear()
+            settings = FinetuneSettings(lr=1e-2, **FAST, micro_batch_size=2, recompute_blocks=r)
+            qaft(model, calib, "int3", settings, progress=False)
+            assert set(calls.values()) == expected
+            if r:
+                assert sum(v == 13 for v in calls.values()) > len(calls) / 2
+    finally:
+        for h in hooks:
+            h.remove()
+    with pytest.raises(ValueError, match="recompute_blocks must be True or False"):
+        FinetuneSettings(recompute_blocks="yes")
+
+
 def test_learning_rate_schedule_closed_form():
     assert learning_rate_at(0, 1.0, 10, 2) == 0.5 and learning_rate_at(1, 1.0, 10, 2) == 1.0
     assert learning_rate_at(2, 1.0, 10, 2) == 1.0

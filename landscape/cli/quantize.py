@@ -91,6 +91,10 @@ def quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch-size", type=positive_int, default=None,
                    help="sequences per forward/backward pass (memory only: gradients summed over a step's "
                         "micro-batches, equal up to float rounding; default: the whole batch)")
+    p.add_argument("--recompute-blocks", action="store_true",
+                   help="keep only each decoder block's input through the backward pass and run the "
+                        "block again there (activation checkpointing: memory only, the same result bit for "
+                        "bit, one more forward pass per step)")
     p.add_argument("--seed", type=int, default=0, help="fine-tuning data-order seed")
     p.add_argument("--distill-weight", type=float, default=None,
                    help="weight a of the KL to the fp model in (1-a) NLL + a KL (default: 0 for qaft and "
@@ -112,7 +116,8 @@ def finetune_settings(args: argparse.Namespace) -> FinetuneSettings | None:
     lr = defaults.lr if args.lr == "auto" else args.lr  # auto: chosen by the job's sweep (QuantJob.lr_sweep)
     return replace(defaults, lr=lr, epochs=args.epochs, steps=args.steps, batch_size=args.train_batch_size,
                    seed=args.seed, distill_weight=distill_weight, learned_scales=args.learned_scales,
-                   optimizer=args.optimizer, momentum=args.momentum, micro_batch_size=args.micro_batch_size)
+                   optimizer=args.optimizer, momentum=args.momentum, micro_batch_size=args.micro_batch_size,
+                   recompute_blocks=args.recompute_blocks)
 
 
 def _print_sweep(result: QuantResult) -> None:
@@ -122,8 +127,8 @@ def _print_sweep(result: QuantResult) -> None:
         print(LearningRateSweep(**recorded).table())
 
 
-FINETUNE_FLAGS = ("lr", "steps", "epochs", "train_batch_size", "micro_batch_size", "seed", "distill_weight",
-                  "learned_scales", "optimizer", "momentum")
+FINETUNE_FLAGS = ("lr", "steps", "epochs", "train_batch_size", "micro_batch_size", "recompute_blocks", "seed",
+                  "distill_weight", "learned_scales", "optimizer", "momentum")
 GPTQ_FLAGS = ("act_order", "damp", "block_size")
 
 

@@ -70,10 +70,12 @@ from landscape.quant.capture import check_calibration, resolve_layers
 from landscape.quant.formats import Grid, QuantFormat, make_grid, parse_format
 from landscape.quant.result import QuantResult
 from landscape.quant.training import (
+    frozen_parameters,
     learned_grid,
     learning_rate_at,
     lsq_fake_quant,
     micro_batches,
+    recomputed_blocks,
     scored_tokens,
     token_losses,
     training_batches,
@@ -83,6 +85,7 @@ from landscape.weights import (
     Base,
     LayerSelection,
     as_base,
+    decoder_blocks,
     get_layer,
     weight_matrix,
     working_dtype,
@@ -215,6 +218,9 @@ class FinetuneSettings:
             a step's gradient is summed over its micro-batches, each normalised by the whole batch's scored
             tokens, so it equals the whole batch's up to float rounding; the activations held shrink by
             ``batch_size / micro_batch_size``.
+        recompute_blocks: keep only each decoder block's input through the backward pass and run the block
+            again there (activation checkpointing: :func:`~landscape.quant.training.recomputed_blocks`).
+            Memory only, bit for bit the same result, for one more forward pass per backward pass.
     """
 
     lr: float | LearningRateSweep = DEFAULT_LR
@@ -233,6 +239,7 @@ class FinetuneSettings:
     optimizer: str = "adamw"
     momentum: float = 0.9
     micro_batch_size: int | None = None
+    recompute_blocks: bool = False
 
     def __post_init__(self) -> None:
         def is_number(v: Any) -> bool:
@@ -265,6 +272,8 @@ class FinetuneSettings:
                                                   or not 1 <= self.micro_batch_size <= self.batch_size):
             raise QAFTError(f"micro_batch_size must be an integer in 1..batch_size={self.batch_size} "
                             f"(or None: the whole batch), got {self.micro_batch_size!r}")
+        if not isinstance(self.recompute_blocks, bool):
+            raise QAFTError(f"recompute_blocks must be True or False, got {self.recompute_blocks!r}")
         if not is_number(self.weight_decay) or self.weight_decay < 0:
             raise QAFTError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if not is_int(self.warmup_steps) or self.warmup_steps < 0:
@@ -311,6 +320,7 @@ class FinetuneSettings:
             del d["optimizer"], d["momentum"]
         if self.micro_batch_size is None:  # likewise: recorded only when set
             del d["micro_batch_size"]
+        del d["recompute_blocks"]  # how memory was spent, not what was computed (the same bits either way)
         d["activations"] = self.activations.name if self.activations else None
         d["kv"] = self.kv.name if self.kv else None
         return d
@@ -475,7 +485,6 @@ def qaft(
     plan = plan_run(base, calib, fmt, layers, start, settings)
     device = next(iter(plan.w0.values())).device
     modules = {n: get_layer(model, n) for n in plan.names}
-    frozen = {name: p.detach() for name, p in model.named_parameters()}
     # (out, in) latent weights; a bfloat16 / float16 model trains float32 master weights (an AdamW update of
     # lr 1e-5 is far below a bf16 weight's resolution), cast to the model's dtype in each forward pass
     model_dtype = next(iter(plan.w0.values())).dtype
@@ -495,6 +504,7 @@ def qaft(
         return plan.grids[name].fake_quant(latent[name]).to(model_dtype)
 
     release_heap = PeriodicRelease()
+    recomputed = decoder_blocks(model) if settings.recompute_blocks else ()
 
     def forward_backward(rows: list[int], n_scored: float | None) -> tuple[float, float, float]:
         """Loss, NLL and KL of ``rows`` (each a sum over its tokens / ``n_scored``, or a token mean over its
@@ -505,12 +515,14 @@ def qaft(
         if alpha > 0:
             with torch.no_grad():
                 teacher_logits = model(input_ids=tokens).logits
-        with (quantized_activations(model, settings.activations, settings.kv, plan.names),
-              weights_made_when_used(modules, forward_weight)):
-            logits = torch.func.functional_call(model, frozen, kwargs={"input_ids": tokens}).logits
-        nll_t, kl_t = token_losses(logits, tokens, mask, teacher_logits, n_scored)
-        loss = (1 - alpha) * nll_t + alpha * kl_t
-        loss.backward()
+        # the backward pass inside too: recomputed blocks run again with the same hooks and made weights
+        with (frozen_parameters(model),
+              quantized_activations(model, settings.activations, settings.kv, plan.names),
+              weights_made_when_used(modules, forward_weight), recomputed_blocks(recomputed)):
+            logits = model(input_ids=tokens, use_cache=False).logits
+            nll_t, kl_t = token_losses(logits, tokens, mask, teacher_logits, n_scored)
+            loss = (1 - alpha) * nll_t + alpha * kl_t
+            loss.backward()
         release_heap()  # the pass's freed activations: the next pass's peak is not on top of them
         return float(loss.detach()), float(nll_t.detach()), float(kl_t.detach())
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from landscape.data import TokenSet
 from landscape.quant.formats import Grid
@@ -146,6 +147,41 @@ def weights_made_when_used(layers: Mapping[str, nn.Module],
             del layers[name].forward
             if previous is not None:
                 layers[name].forward = previous
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """While inside, no parameter of ``model`` requires a gradient (each one's flag is restored on leaving):
+    a backward pass then reaches only the tensors trained outside the model (latent weights)."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def recomputed_blocks(blocks: Iterable[nn.Module]) -> Iterator[None]:
+    """While inside, each block keeps only its inputs for the backward pass and runs its forward again when
+    the backward pass reaches it (activation checkpointing, non-reentrant ``torch.utils.checkpoint``): a
+    forward pass holds one block's activations for the backward pass instead of every block's, for one more
+    forward pass. The same numbers, bit for bit, on deterministic kernels. The backward pass must run inside
+    too (the recomputation then sees the same hooks and made weights), and the forward pass must not write a
+    key-value cache (``use_cache=False``)."""
+    replaced = {}
+    try:
+        for block in blocks:
+            replaced[block] = block.__dict__.get("forward")
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        yield
+    finally:
+        for block, previous in replaced.items():
+            del block.forward
+            if previous is not None:
+                block.forward = previous
 
 
 def _made_weight_forward(layer: nn.Module, name: str, make: Callable[[str], torch.Tensor],

@@ -71,6 +71,8 @@ class Protocol:
             per seed, the same for QAFT and its control.
         qaft_micro_batch_size: sequences per forward and backward pass of QAFT and its control (memory only,
             equal up to float rounding; ``None``: the whole batch).
+        qaft_recompute_blocks: recompute each decoder block in QAFT's backward passes (memory only, the same
+            bits; not part of the table's identity: see :class:`~landscape.quant.qaft.FinetuneSettings`).
         lorc_rank: rank of LoRC's correction.
         act_bits: extra variants evaluated with per-token activation fake quantization at these bits
             on top of the GPTQ weights (e.g. ``((4, 8),)`` for W4A8: (weight bits, activation bits)).
@@ -94,6 +96,7 @@ class Protocol:
     qaft_epochs: float = 1.0
     qaft_batch_size: int = 4
     qaft_micro_batch_size: int | None = None
+    qaft_recompute_blocks: bool = False
     lorc_rank: int = 8
     act_bits: tuple[tuple[int, int], ...] = ()
     layer_mse_sequences: int | None = None
@@ -129,6 +132,7 @@ class Protocol:
             del d["qaft_micro_batch_size"]
         if self.calib_corpus == "wiki":  # likewise
             del d["calib_corpus"]
+        del d["qaft_recompute_blocks"]  # how memory is spent, not what is computed
         return d
 
 
@@ -208,7 +212,8 @@ def _job(ctx: _Context, v: Variant) -> QuantJob:
     """
     p = ctx.protocol
     settings = FinetuneSettings(lr=p.qaft_lr, epochs=p.qaft_epochs, batch_size=p.qaft_batch_size, seed=v.seed,
-                                micro_batch_size=p.qaft_micro_batch_size)
+                                micro_batch_size=p.qaft_micro_batch_size,
+                                recompute_blocks=p.qaft_recompute_blocks)
 
     def result_of(method: str) -> QuantResult:
         return _quantized(ctx, Variant(method, v.format, v.seed if _seeded(method) else 0))
