@@ -68,6 +68,7 @@ class Costs:
     train_tokens_per_s: float = 165.0    # QAFT: 6-7 s per step of 4 x 256 tokens (measured, all 210 linears)
     hvp_tokens_per_s: float = 17.0       # one Hessian-vector product over 2 x 256 tokens in about 30 s
     lorc_svds: float = 15.0              # rank-r SVDs of the 210 error matrices
+    recompute_slowdown: float = 1.3      # QAFT recomputing each block in the backward pass: one more forward
 
     def scale(self, model: str) -> float:
         """Cost relative to SmolLM2-135M: the parameter ratio, at least 1 % (small models are
@@ -97,7 +98,8 @@ class Costs:
         evaluation = self.forward(m, len(protocol.eval_corpora) * protocol.eval_segments
                                   * protocol.eval_seq_len)
         steps = max(1, round(protocol.qaft_epochs * protocol.calib_sequences / protocol.qaft_batch_size))
-        finetune = self.train(m, steps * protocol.qaft_batch_size * protocol.calib_seq_len) + mse
+        finetune = (self.train(m, steps * protocol.qaft_batch_size * protocol.calib_seq_len)
+                    * (self.recompute_slowdown if protocol.qaft_recompute_blocks else 1.0) + mse)
         method_cost = {"rtn": 0.0, "gptq": self.scale(m) * self.gptq_per_format * calib / 32768,
                        "gptq+lorc": self.scale(m) * self.lorc_svds, "qaft": finetune, "fp-finetune": finetune}
         method_cost["gptq-noact"] = method_cost["gptq"]

@@ -55,6 +55,42 @@ def test_freed_heap_memory_goes_back_to_the_system_when_released():
     assert released and after < 16
 
 
+THREADS_THEN_MAIN = """
+import sys, threading
+import torch
+from landscape.memory import current_rss_bytes, share_malloc_arenas
+shared = sys.argv[1] == "shared" and share_malloc_arenas()
+n_threads, blocks, pins = 8, 512, []  # 64 KiB blocks (glibc heap memory): 32 MiB per thread
+together = threading.Barrier(n_threads)
+def work():
+    together.wait()  # all alive at once: unshared, each takes an arena of its own
+    held = [torch.ones(2**14) for _ in range(blocks)]
+    pins.append(torch.ones(16))  # kept above the freed blocks: glibc cannot hand those back by itself
+    together.wait()
+    del held
+threads = [threading.Thread(target=work) for _ in range(n_threads)]
+for t in threads: t.start()
+for t in threads: t.join()
+before = current_rss_bytes()
+mine = [torch.ones(2**14) for _ in range(n_threads * blocks)]
+print(shared, (current_rss_bytes() - before) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator and /proc are Linux's")
+def test_threads_that_share_the_arenas_leave_their_freed_memory_to_the_next_allocation():
+    """Eight threads free 256 MiB that glibc keeps: in arenas of their own the main thread cannot reuse it and
+    grows by as much; after share_malloc_arenas() it reuses it (GPTQ's one-pass solver runs such threads)."""
+    def grown(mode: str) -> tuple[bool, float]:
+        out = subprocess.run([sys.executable, "-c", THREADS_THEN_MAIN, mode], capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out[0] == "True", float(out[1])
+
+    (_, apart), (shared, reused) = grown("apart"), grown("shared")
+    assert apart > 200
+    assert shared and reused < 32
+
+
 def test_a_periodic_release_trims_at_most_once_per_interval(monkeypatch):
     """A training loop calls it after every backward pass: a toy's millisecond passes must not pay a trim
     each, a model whose pass takes seconds gets one after every pass."""

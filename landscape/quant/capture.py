@@ -40,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from landscape.data import TokenSet
+from landscape.memory import share_malloc_arenas
 from landscape.objectives import check_in_vocabulary
 from landscape.quant.formats import QuantFormat, parse_format
 from landscape.weights import (
@@ -375,7 +376,8 @@ def solve_in_one_pass(
     result is bit-identical to replaying the block once per group (:func:`run_block` with
     ``keep_outputs=False``) and once more for its outputs, at the cost of one block forward instead of about
     three; the price is that every call's activations at the pause point are alive at once (on a Llama,
-    the MLP's intermediate activations of the whole calibration set while ``down_proj`` is solved).
+    the MLP's intermediate activations of the whole calibration set while ``down_proj`` is solved). The calls'
+    threads share the C allocator's arenas (:func:`landscape.memory.share_malloc_arenas`).
 
     A group's first layer is expected to be called once per forward: a second call passes through.
 
@@ -401,6 +403,7 @@ def solve_in_one_pass(
         return reached
 
     handles = [layers[group[0]].register_forward_pre_hook(hook_for(i)) for i, group in enumerate(groups)]
+    share_malloc_arenas()  # a thread per call: without this, each one's freed memory stays in its own arena
     turns = [_Turn(block, call) for call in calls]
     try:
         for index, group in enumerate(groups):

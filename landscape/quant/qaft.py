@@ -21,9 +21,9 @@ Conventions:
 
 * Only the quantized layers' weights train (in the ``(out, in)`` orientation of
   :func:`landscape.models.weight_matrix`); every other parameter is frozen. The model itself is never
-  written to: the forward pass runs in :func:`torch.func.functional_call` over detached parameters, the
-  trained layers computing with their fake-quantized latent weights, each made when the layer runs and again
-  in the backward pass (:func:`landscape.quant.training.weights_made_when_used`), so the model holds w0
+  written to: its parameters are frozen for the pass (:func:`landscape.quant.training.frozen_parameters`),
+  the trained layers computing with their fake-quantized latent weights, each made when the layer runs and
+  again in the backward pass (:func:`landscape.quant.training.weights_made_when_used`), so the model holds w0
   bit-exactly during, after, and on an exception out of the loop.
 * The model stays in eval mode (no dropout): a step is a deterministic function of (weights, batch).
 * ``NLL`` is the token mean over the calibration set's scored positions (nats/token); ``KL`` is
@@ -395,8 +395,8 @@ def plan_run(base: Base, data: TokenSet, fmt: QuantFormat | str | None, layers: 
         raise QAFTError("QAFT needs a weight format (e.g. 'int4'); fmt=None is only for fp-finetune")
     steps = settings.steps_for(data.n_segments)
     names = resolve_layers(model, layers, fmt)
-    # (out, in) views of the model's own weights, not copies: training runs in a functional call and never
-    # writes the model's parameters, so w0 stays as it is and costs no memory
+    # (out, in) views of the model's own weights, not copies: training never writes the model's parameters
+    # (its layers run with made weights: weights_made_when_used), so w0 stays as it is and costs no memory
     w0 = {n: weight_matrix(get_layer(model, n)).detach() for n in names}
     grids = {n: make_grid(w0[n], fmt, n) for n in names} if fmt is not None else {}
     if start is not None:
@@ -451,9 +451,9 @@ def qaft(
     ``settings.quantize=False``, and :func:`landscape.quant.llm_qat.llm_qat` runs it on generated text.
 
     Args:
-        model: the model at w0 (left bit-exactly unchanged: training runs in a ``functional_call`` that
-            never writes its parameters), or its :class:`~landscape.weights.Base` (whose label is recorded as
-            ``base_model``; default label: the config's ``name_or_path``).
+        model: the model at w0 (left bit-exactly unchanged: training never writes its parameters), or its
+            :class:`~landscape.weights.Base` (whose label is recorded as ``base_model``; default label: the
+            config's ``name_or_path``).
         calib: the training sequences: the calibration set (the same 128 GPTQ sees), or generated text.
         fmt: weight format (``"int4"``, ``QuantFormat``...). With ``settings.quantize=False`` only recorded
             (as the paired format; it then also gives ``extra["changed_vs_rtn"]``).

@@ -329,8 +329,8 @@ def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = Tr
                          f"every protocol run together")
     mine = [order[task_group(protocol, v)] % count == index for v in rows]
     ctx = _Context(lm, protocol, calib, mse_calib, out_dir / "results", fingerprint, progress)
-    # views of the model's own weights, not a copy: every method leaves the model at w0 (QAFT trains in a
-    # functional call, GPTQ restores what it installs), and a row reads them before swapping its weights in
+    # views of the model's own weights, not a copy: every method leaves the model at w0 (QAFT never writes
+    # them, GPTQ restores what it installs), and a row reads them before swapping its weights in
     w0 = {n: weight_matrix(m).detach() for n, m in quantizable_layers(lm.model).items()}
     w0_norm = float(torch.sqrt(sum(w.double().pow(2).sum() for w in w0.values())))
     store = start_run(store_path, with_shard(provenance, shard), _arrays(protocol), (len(rows),), resume=True)
