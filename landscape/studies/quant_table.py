@@ -353,6 +353,7 @@ def run_quant_table(protocol: Protocol, out_dir: str | Path, progress: bool = Tr
 def _measure(ctx: _Context, v: Variant, evals: dict, w0: dict[str, torch.Tensor]) -> dict[str, Any]:
     t0 = time.time()
     result = None if v.method == FP32 else _quantized(ctx, v)
+    release_freed_memory()  # what quantizing freed (GPTQ: 2 GB of heap) goes back before the measurements
     weights = result.weights if result else {}
     # One convention for every row (GPTQ's own layer_mse is on sequentially quantized inputs, QAFT's on
     # its training data): the first layer_mse_sequences calibration sequences, full-precision inputs.
