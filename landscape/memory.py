@@ -62,7 +62,7 @@ def release_freed_memory() -> bool:
     backward passes of a training loop, so one piece's peak is not the next one's floor (SmolLM2's QAFT, 4 x
     256 tokens: 3.67 GB against 3.89, at no measurable cost in time).
     """
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim")
     return bool(trim(0)) if trim is not None else False
 
 
@@ -77,7 +77,7 @@ def share_malloc_arenas() -> bool:
     tokens (16 threads) GPTQ peaked at 4.59 GB with an arena per thread and 3.42 GB with one shared arena, in
     no more time (277 s against 339 s on shared cores; ``MALLOC_ARENA_MAX=1`` in the environment).
     """
-    mallopt = _mallopt()
+    mallopt = _glibc("mallopt")
     return bool(mallopt(_M_ARENA_MAX, 1)) if mallopt is not None else False
 
 
@@ -103,17 +103,10 @@ _M_ARENA_MAX = -8  # glibc's malloc.h
 
 
 @functools.cache
-def _mallopt():
+def _glibc(function: str):
+    """glibc's ``function`` (looked up once), or ``None`` where the C library is not glibc."""
     try:
-        return ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return None
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL("libc.so.6"), function)
     except (OSError, AttributeError):
         return None
 
