@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -168,11 +168,19 @@ class PathCurvature(StoredTask):
 
 
 # ------------------------------------------------------------------------------------ measurements
+class FlatDirection(NamedTuple):
+    """A direction ``d`` made once for many measurements (:func:`flat_direction`): ``vector`` its flat
+    ``(n,)`` form in the space's order, ``norm`` its ``||d||`` over the direction's layers (weight units)."""
+
+    vector: torch.Tensor
+    norm: float
+
+
 def hvp_rayleigh_quotient(problem: NLLProblem, direction: Direction, level: float | None, n_resamples: int,
-                          seed: int, flat: torch.Tensor | None = None) -> DirectionalCurvature:
+                          seed: int, flat: FlatDirection | None = None) -> DirectionalCurvature:
     """``d^T H d / d^T d`` at the current weights, one product per batch (the body of
     :meth:`landscape.curvature.Curvature.rayleigh_quotient`, which documents the arguments). ``flat``: the
-    direction already as a flat vector (:func:`flat_direction`), else made here."""
+    direction already made (:func:`flat_direction`), else made here."""
     model, kind = problem.model, problem.kind
 
     def product(batch: Batch, space: WeightSpace, d: torch.Tensor) -> float:
@@ -185,7 +193,7 @@ def hvp_rayleigh_quotient(problem: NLLProblem, direction: Direction, level: floa
 
 
 def gradient_slope(problem: NLLProblem, direction: Direction, level: float | None, n_resamples: int,
-                   seed: int, flat: torch.Tensor | None = None) -> DirectionalCurvature:
+                   seed: int, flat: FlatDirection | None = None) -> DirectionalCurvature:
     """``g^T u`` at the current weights, one backward pass per batch (the body of
     :meth:`landscape.curvature.Curvature.slope`); ``flat`` as in :func:`hvp_rayleigh_quotient`."""
     model = problem.model
@@ -201,17 +209,20 @@ def gradient_slope(problem: NLLProblem, direction: Direction, level: float | Non
     return _over_batches(problem, direction, gradient, "gradient", (level, n_resamples, seed), flat)
 
 
-def flat_direction(model: nn.Module, space: WeightSpace, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def flat_direction(model: nn.Module, space: WeightSpace,
+                   tensors: Mapping[str, torch.Tensor]) -> FlatDirection:
     """``d`` as one flat ``(n,)`` vector of the space (the model's device; float32 for a bf16 / fp16 model, so
-    every dot product is reduced in float32), made a layer at a time."""
+    every dot product is reduced in float32), made a layer at a time, with its norm."""
     like = next(model.parameters())
-    return space.flatten(tensors, like.new_empty(0, dtype=working_dtype(like.dtype)))
+    return FlatDirection(space.flatten(tensors, like.new_empty(0, dtype=working_dtype(like.dtype))),
+                         direction_norm(tensors, space.layers))
 
 
 def _over_batches(problem: NLLProblem, direction: Direction,
                   measure: Callable[[Batch, WeightSpace, torch.Tensor], float],
                   method: Literal["hvp", "gradient"],
-                  interval: tuple[float | None, int, int], flat: torch.Tensor | None) -> DirectionalCurvature:
+                  interval: tuple[float | None, int, int],
+                  flat: FlatDirection | None) -> DirectionalCurvature:
     """Checks, then ``measure(batch, space, d)`` of each batch's summed NLL for the flat direction ``d``
     (``flat``, or :func:`flat_direction`), divided by ``||d||^2`` (``"hvp"``: ``u^T H u``, ``u = d / ||d||``)
     or ``||d||`` (``"gradient"``: ``g^T u``), combined by :func:`_directional` (the body of
@@ -223,8 +234,7 @@ def _over_batches(problem: NLLProblem, direction: Direction,
     tensors = direction_tensors(direction)
     level, n_resamples, _ = interval
     check_interval_request(level, n_resamples, len(batches), "batches", problem.batch_size, problem.data)
-    norm = direction_norm(tensors, space.layers)
-    d = flat_direction(model, space, tensors) if flat is None else flat  # (n,)
+    d, norm = flat_direction(model, space, tensors) if flat is None else flat  # (n,), ||d||
     scale = norm**2 if method == "hvp" else norm
     operator = "gradient" if method == "gradient" else problem.kind
     started = time.perf_counter()
@@ -294,7 +304,7 @@ def path_curvature(problem: NLLProblem, direction: Direction, t: Sequence[float]
     space = direction_space(model, direction)  # checked here, at w0
     # d as one flat vector, its layers views of it: the points and the products share one copy of d
     flat = flat_direction(model, space, direction_tensors(direction))
-    tensors = space.views(flat)
+    tensors = space.views(flat.vector)
     points = np.asarray(t, dtype=np.float64)  # (P,)
     if points.ndim != 1 or len(points) == 0 or not np.all(np.isfinite(points)):
         raise CurvatureError(f"t must be a non-empty sequence of finite path coordinates, got {t!r}")

@@ -471,13 +471,13 @@ class LeanBackend(SingleDeviceBackend):
     def release(self, *vectors: torch.Tensor) -> None:
         """Nothing here (:meth:`MappedBasisBackend.release` drops a mapped vector's pages)."""
 
-    def _product_buffer(self, v: torch.Tensor) -> torch.Tensor:
+    def matvec(self, op: CurvatureOperator, v: torch.Tensor) -> torch.Tensor:
+        """``op``'s product with ``v``, written into the recycled buffer where there is one that fits, and
+        marked as the loop's own product (:meth:`scale` may consume it)."""
         buffer, self._spare = self._spare, None
         if buffer is None or buffer.shape != v.shape or buffer.dtype != v.dtype or buffer.device != v.device:
-            return torch.empty_like(v)
-        return buffer
-
-    def _made(self, product: torch.Tensor) -> torch.Tensor:
+            buffer = torch.empty_like(v)
+        product = matvec_into(op, v, buffer)
         self._product = weakref.ref(product)
         return product
 
@@ -592,7 +592,7 @@ class _RecycledProducts(WrappedOperator):
         self.backend = backend
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self.backend._made(matvec_into(self.inner, v, self.backend._product_buffer(v)))
+        return self.backend.matvec(self.inner, v)
 
 
 @contextlib.contextmanager
