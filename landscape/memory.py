@@ -81,6 +81,22 @@ def share_malloc_arenas() -> bool:
     return bool(mallopt(_M_ARENA_MAX, 1)) if mallopt is not None else False
 
 
+def map_large_blocks(threshold_bytes: int = 64 * 1024) -> bool:
+    """Let the C allocator serve every block of ``threshold_bytes`` or more from a mapping of its own, handed
+    back to the system when the block is freed (glibc's ``mallopt(M_MMAP_THRESHOLD)``); returns False where
+    the C library is not glibc (nothing happens). Process-wide, from the next allocation on.
+
+    glibc starts at 128 KiB but raises its threshold to the size of each mapped block that is freed, up to 32
+    MiB: after the first large tensor of a run is freed, every activation below that size comes from the heap,
+    where a freed block stays resident as long as a live block sits above it. A Hessian-vector product over
+    1 x 128 tokens of SmolLM2 frees hundreds of such blocks (0.3-0.8 MiB) between the ones its graph keeps:
+    it added 1.64 GB to the process with the default, 1.02 GB with 64 KiB (the same product). The price is a
+    mapping and its first-touch page faults per large allocation.
+    """
+    mallopt = _glibc("mallopt")
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes))) if mallopt is not None else False
+
+
 class PeriodicRelease:
     """:func:`release_freed_memory` at most once per ``interval_s`` seconds of the work that calls it: after
     every backward pass of a model whose pass takes a second or more (SmolLM2's QAFT), rarely on a toy whose
@@ -100,6 +116,7 @@ class PeriodicRelease:
 
 
 _M_ARENA_MAX = -8  # glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
 
 
 @functools.cache
