@@ -12,10 +12,12 @@ The RSS peak since the watch started is exact where the kernel lets a process re
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -81,20 +83,38 @@ def share_malloc_arenas() -> bool:
     return bool(mallopt(_M_ARENA_MAX, 1)) if mallopt is not None else False
 
 
-def map_large_blocks(threshold_bytes: int = 64 * 1024) -> bool:
-    """Let the C allocator serve every block of ``threshold_bytes`` or more from a mapping of its own, handed
-    back to the system when the block is freed (glibc's ``mallopt(M_MMAP_THRESHOLD)``); returns False where
-    the C library is not glibc (nothing happens). Process-wide, from the next allocation on.
+@contextlib.contextmanager
+def large_blocks_mapped(threshold_bytes: int = 64 * 1024) -> Iterator[bool]:
+    """While inside, the C allocator serves every block of ``threshold_bytes`` or more from a mapping of its
+    own, handed back to the system when the block is freed (glibc's ``mallopt(M_MMAP_THRESHOLD)``); yields
+    False where the C library is not glibc (nothing happens). Process-wide while inside; nested uses share the
+    outermost one's setting.
 
     glibc starts at 128 KiB but raises its threshold to the size of each mapped block that is freed, up to 32
     MiB: after the first large tensor of a run is freed, every activation below that size comes from the heap,
     where a freed block stays resident as long as a live block sits above it. A Hessian-vector product over
     1 x 128 tokens of SmolLM2 frees hundreds of such blocks (0.3-0.8 MiB) between the ones its graph keeps:
-    it added 1.64 GB to the process with the default, 1.02 GB with 64 KiB (the same product). The price is a
-    mapping and its first-touch page faults per large allocation.
+    it added 1.64 GB to the process with glibc's threshold, 1.02 GB inside (the same product, about 10 % more
+    time: a mapping and first-touch page faults per block). Not for training loops: QAFT's steps took 2.6
+    times as long inside (the kernel's time for mapping and zeroing every activation of every pass).
+
+    On leaving, the threshold is set to 32 MiB, the ceiling glibc's own rule reaches once a large tensor has
+    been freed (any model load does), and stays fixed there: blocks below it come from the heap again.
     """
+    global _mapping_depth
     mallopt = _glibc("mallopt")
-    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes))) if mallopt is not None else False
+    if mallopt is None:
+        yield False
+        return
+    if _mapping_depth == 0:
+        mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes))
+    _mapping_depth += 1
+    try:
+        yield True
+    finally:
+        _mapping_depth -= 1
+        if _mapping_depth == 0:
+            mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_CEILING)
 
 
 class PeriodicRelease:
@@ -117,6 +137,8 @@ class PeriodicRelease:
 
 _M_ARENA_MAX = -8  # glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_CEILING = 32 * 1024 * 1024  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+_mapping_depth = 0  # nested large_blocks_mapped() calls
 
 
 @functools.cache

@@ -92,35 +92,44 @@ def test_threads_that_share_the_arenas_leave_their_freed_memory_to_the_next_allo
 
 
 FREED_BETWEEN_LIVE_BLOCKS = """
-import sys
+import contextlib, sys
 import torch
-from landscape.memory import current_rss_bytes, map_large_blocks
-mapped = sys.argv[1] == "mapped" and map_large_blocks()
+from landscape.memory import current_rss_bytes, large_blocks_mapped
 big = torch.ones(2**22)  # 16 MiB, mapped: freeing it raises glibc's threshold to 16 MiB
 del big
-blocks, pins = [], []
-for _ in range(512):
-    blocks.append(torch.ones(2**16))  # 256 KiB
-    pins.append(torch.ones(16))  # a live block above each one
-before = current_rss_bytes()
-del blocks
-print(mapped, (before - current_rss_bytes()) / 2**20)
+pins = []
+
+def handed_back():
+    blocks = []
+    for _ in range(512):
+        blocks.append(torch.ones(2**16))  # 256 KiB
+        pins.append(torch.ones(16))  # a live block above each one
+    before = current_rss_bytes()
+    del blocks
+    return (before - current_rss_bytes()) / 2**20
+
+scope = large_blocks_mapped() if sys.argv[1] == "mapped" else contextlib.nullcontext(False)
+with scope as mapped:
+    inside = handed_back()
+print(mapped, inside, handed_back())
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator and /proc are Linux's")
-def test_blocks_freed_between_live_ones_leave_the_process_once_large_blocks_are_mapped():
+def test_blocks_freed_between_live_ones_leave_the_process_while_large_blocks_are_mapped():
     """128 MiB of 256 KiB blocks, each below a block that stays: once a 16 MiB block has been freed, glibc
-    serves them from its heap and keeps them resident when they are freed; after map_large_blocks() each has
-    its own mapping and leaves with its tensor (the blocks a Hessian-vector product frees are like these)."""
-    def handed_back(mode: str) -> tuple[bool, float]:
+    serves them from its heap and keeps them resident when they are freed; inside large_blocks_mapped() each
+    has its own mapping and leaves with its tensor (the blocks a Hessian-vector product frees are like these),
+    and after it they come from the heap again."""
+    def run(mode: str) -> tuple[bool, float, float]:
         out = subprocess.run([sys.executable, "-c", FREED_BETWEEN_LIVE_BLOCKS, mode], capture_output=True,
                              text=True, check=True).stdout.split()
-        return out[0] == "True", float(out[1])
+        return out[0] == "True", float(out[1]), float(out[2])
 
-    (_, kept), (mapped, released) = handed_back("heap"), handed_back("mapped")
+    (_, kept, _), (mapped, released, kept_after) = run("heap"), run("mapped")
     assert kept < 16
     assert mapped and released > 120
+    assert kept_after < 16
 
 
 def test_a_periodic_release_trims_at_most_once_per_interval(monkeypatch):

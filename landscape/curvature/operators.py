@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from landscape.curvature.space import CurvatureError, OperatorKind, WeightSpace, check_curvature_model
 from landscape.data import TokenSet
+from landscape.memory import large_blocks_mapped
 from landscape.objectives import nll_sums_from_logits, segment_nll_sums
 from landscape.weights import model_label, weight_is_transposed, working_dtype
 
@@ -173,11 +174,12 @@ class NLLHessianOperator(CurvatureOperator):
         """For every batch, the backward pass of ``g . v``: each weight's share of ``H v`` reaches its
         ``.grad`` (and its post-accumulate hooks)."""
         tangents = [part.view_as(p) for part, p in zip(v.split(self.sizes), self.params)]
-        for tokens, mask in self.batches:
-            directional = self._directional_derivative(tokens, mask, tangents)
-            if directional is not None:
-                torch.autograd.backward(directional, inputs=self.params)
-            del directional
+        with large_blocks_mapped():  # the blocks both backward passes free leave the process at once
+            for tokens, mask in self.batches:
+                directional = self._directional_derivative(tokens, mask, tangents)
+                if directional is not None:
+                    torch.autograd.backward(directional, inputs=self.params)
+                del directional
 
     def _directional_derivative(self, tokens: torch.Tensor, mask: torch.Tensor,
                                 tangents: list[torch.Tensor]) -> torch.Tensor | None:
