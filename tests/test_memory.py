@@ -30,6 +30,13 @@ def test_a_known_allocation_is_the_peak_it_adds():
 
 
 
+def in_fresh_process(script: str, *args: str) -> tuple[bool, list[float]]:
+    """Run ``script`` in a new Python process; it prints a flag (``True`` / ``False``) and numbers (MiB)."""
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                         check=True).stdout.split()
+    return out[0] == "True", [float(x) for x in out[1:]]
+
+
 FREE_THEN_RELEASE = """
 import torch
 from landscape.memory import current_rss_bytes, release_freed_memory
@@ -48,9 +55,7 @@ print(released, (grown - before) / 2**20, (kept - before) / 2**20, (current_rss_
 def test_freed_heap_memory_goes_back_to_the_system_when_released():
     """256 MiB of 1 MiB tensors, freed: whatever glibc keeps of them (a fresh process), release_freed_memory()
     hands back, leaving the RSS within a few MiB of where it started."""
-    out = subprocess.run([sys.executable, "-c", FREE_THEN_RELEASE], capture_output=True, text=True,
-                         check=True).stdout.split()
-    released, grown, after = out[0] == "True", float(out[1]), float(out[3])
+    released, (grown, _, after) = in_fresh_process(FREE_THEN_RELEASE)
     assert grown > 200  # the tensors were resident
     assert released and after < 16
 
@@ -81,12 +86,8 @@ print(shared, (current_rss_bytes() - before) / 2**20)
 def test_threads_that_share_the_arenas_leave_their_freed_memory_to_the_next_allocation():
     """Eight threads free 256 MiB that glibc keeps: in arenas of their own the main thread cannot reuse it and
     grows by as much; after share_malloc_arenas() it reuses it (GPTQ's one-pass solver runs such threads)."""
-    def grown(mode: str) -> tuple[bool, float]:
-        out = subprocess.run([sys.executable, "-c", THREADS_THEN_MAIN, mode], capture_output=True, text=True,
-                             check=True).stdout.split()
-        return out[0] == "True", float(out[1])
-
-    (_, apart), (shared, reused) = grown("apart"), grown("shared")
+    _, (apart,) = in_fresh_process(THREADS_THEN_MAIN, "apart")
+    shared, (reused,) = in_fresh_process(THREADS_THEN_MAIN, "shared")
     assert apart > 200
     assert shared and reused < 32
 
@@ -121,12 +122,8 @@ def test_blocks_freed_between_live_ones_leave_the_process_while_large_blocks_are
     serves them from its heap and keeps them resident when they are freed; inside large_blocks_mapped() each
     has its own mapping and leaves with its tensor (the blocks a Hessian-vector product frees are like these),
     and after it they come from the heap again."""
-    def run(mode: str) -> tuple[bool, float, float]:
-        out = subprocess.run([sys.executable, "-c", FREED_BETWEEN_LIVE_BLOCKS, mode], capture_output=True,
-                             text=True, check=True).stdout.split()
-        return out[0] == "True", float(out[1]), float(out[2])
-
-    (_, kept, _), (mapped, released, kept_after) = run("heap"), run("mapped")
+    _, (kept, _) = in_fresh_process(FREED_BETWEEN_LIVE_BLOCKS, "heap")
+    mapped, (released, kept_after) = in_fresh_process(FREED_BETWEEN_LIVE_BLOCKS, "mapped")
     assert kept < 16
     assert mapped and released > 120
     assert kept_after < 16
