@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -433,6 +434,40 @@ def test_a_hutchpp_sketch_on_disk_gives_the_same_trace_and_leaves_no_files(gpt2_
     assert len(made) == 4 and set(released) == set(made)  # 12 / 3 sketch rows, each released
     assert list(tmp_path.iterdir()) == []
     assert disk.settings["sketch_storage"] == "disk" and memory.settings["sketch_storage"] == "memory"
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads the process's mappings from /proc")
+def test_a_hutchpp_product_on_disk_holds_at_most_its_own_sketch_row(gpt2_problem, tmp_path, monkeypatch):
+    """While each product or quadratic form runs, the sketch rows' resident pages (the process's own, read
+    from /proc/self/smaps) are at most one row's: the row it writes or reads. Orthogonalising a vector against
+    the kept rows reads each row twice (a dot product, then the subtraction); each goes after both."""
+    from landscape.curvature import spectrum
+
+    model, data, _, _ = gpt2_problem
+    resident: list[int] = []  # bytes of sketch-file pages in the process as each product starts
+
+    def sketch_bytes() -> int:
+        total, in_sketch = 0, False
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
+                in_sketch = len(head) >= 6 and head[5].startswith(str(tmp_path))
+            elif in_sketch and head[0] == "Rss:":
+                total += int(head[1]) * 1024
+        return total
+
+    def watched(function):
+        def call(op, v, *rest):
+            resident.append(sketch_bytes())
+            return function(op, v, *rest)
+        return call
+
+    monkeypatch.setattr(spectrum, "matvec_into", watched(spectrum.matvec_into))
+    monkeypatch.setattr(spectrum, "quadratic_form", watched(spectrum.quadratic_form))
+    result = Curvature(model, data, progress=False).trace(n_matvecs=12, seed=4, krylov_dir=tmp_path)
+    row = result.n_params * 4  # float32
+    assert len(resident) == 12 and max(resident) <= row + 4096, [r / row for r in resident]
+    assert resident[-4:] == [0, 0, 0, 0]  # the residual probes are in memory: no row stays resident
 
 
 def test_trace_is_within_its_stated_error_of_the_exact_trace(gpt2_problem):

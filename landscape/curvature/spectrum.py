@@ -373,10 +373,10 @@ def lean_hutch_plus_plus(op: CurvatureOperator, budget: int, seed: int,
     def probe() -> torch.Tensor:
         return rademacher(op.size, op.dtype, op.device, generator)
 
-    def dot(a: torch.Tensor, b: torch.Tensor) -> float:
-        value = float(torch.dot(a, b))
-        backend.release(a, b)
-        return value
+    def subtract_projections(x: torch.Tensor) -> None:  # x -= (q . x) q for every kept q, in place
+        for q in kept:
+            x.sub_(q, alpha=float(torch.dot(q, x)))
+            backend.release(q, x)  # q's pages leave after their last read (a dot, then the subtraction)
 
     rows = backend.vectors(m, torch.empty(op.size, dtype=op.dtype, device=op.device))  # rows A s_i, then Q
     scale = 0.0
@@ -387,8 +387,7 @@ def lean_hutch_plus_plus(op: CurvatureOperator, budget: int, seed: int,
     kept: list[torch.Tensor] = []  # an orthonormal basis of the sketch's span (vanishing rows dropped)
     for row in rows:
         for _ in range(2):
-            for q in kept:
-                row.sub_(q, alpha=dot(q, row))
+            subtract_projections(row)
         norm = float(row.norm())
         if norm > 1e3 * torch.finfo(op.dtype).eps * scale:
             row.div_(norm)
@@ -402,8 +401,7 @@ def lean_hutch_plus_plus(op: CurvatureOperator, budget: int, seed: int,
     samples = torch.empty(m, dtype=torch.float64)
     for i in range(m):
         g = probe()
-        for q in kept:
-            g.sub_(q, alpha=dot(q, g))
+        subtract_projections(g)
         samples[i] = quadratic_form(op, g)
     stderr = float(samples.std() / m**0.5) if m > 1 else float("nan")
     return trace_low + float(samples.mean()), stderr
