@@ -117,8 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     data = heldout_set(lm.tokenizer, args.seq_len, corpus_of(args), args.segments,
                        context_length=lm.info.context_length)
 
+    def displacement(source: Path):  # streamed: a path's flat vector is its only copy
+        return displacement_direction(lm.model, source, streamed=True)
+
     def random_like(fmt: str):
-        length = displacement_direction(lm.model, sources[("gptq", fmt)]).norm()
+        length = displacement(sources[("gptq", fmt)]).norm()
         return random_direction_of_length(lm.model, args.random_seed, length)
 
     curvature = Curvature(lm.model, data, batch_size=1, progress=not args.no_progress)
@@ -136,13 +139,13 @@ def main(argv: list[str] | None = None) -> None:
         for m in METHODS:
             paths[f"{m} {f}"] = str(sources[(m, f)])
             tasks[f"path/{m} {f}"] = path_task(
-                lambda m=m, f=f: displacement_direction(lm.model, sources[(m, f)]))
+                lambda m=m, f=f: displacement(sources[(m, f)]))
         label = f"random (GPTQ {f}'s length)"
         paths[label] = f"filter seed {args.random_seed}, GPTQ {f}'s norm"
         tasks[f"path/{label}"] = path_task(lambda f=f: random_like(f))
     for name, source in extra.items():
         paths[name] = str(source)
-        tasks[f"path/{name}"] = path_task(lambda source=source: displacement_direction(lm.model, source))
+        tasks[f"path/{name}"] = path_task(lambda source=source: displacement(source))
     assert list(tasks) == task_names(args, formats)
     # device and dtype: the provenance's own
     settings = computed_settings(args, "out", "results", "krylov_dir", "device", "dtype")

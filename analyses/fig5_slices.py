@@ -43,8 +43,10 @@ def store(session: Session, kind: str) -> Path:
 
 
 def displacement(session: Session, lm, method: str):
+    """``w_q - w0`` toward the headline format's quantized model, streamed: a layer is read from the result's
+    file when asked for, so only the direction a scan holds whole (:meth:`Direction.whole`) takes memory."""
     path = quantized_model_path(session, session.profile.model, method, session.profile.headline_format)
-    return displacement_direction(lm.model, str(path))
+    return displacement_direction(lm.model, str(path), streamed=True)
 
 
 def line_step(session: Session, kind: str) -> Step:
@@ -58,12 +60,13 @@ def line_step(session: Session, kind: str) -> Step:
         t = np.linspace(-0.5, 1.5, p.slices.points_1d)  # t = 0 (w0) and t = 1 (the endpoint) lie on the grid
         gptq = displacement(session, lm, "gptq")
         if kind == "random":
-            direction = random_direction(lm.model, p.slices.random_seed, "filter")
+            direction = random_direction(lm.model, p.slices.random_seed, "filter", streamed=True)
             length, endpoint = gptq.norm(), None
         else:
             direction = gptq if kind == "gptq" else displacement(session, lm, kind)
             length = endpoint = direction.norm()
-        scan(Base(lm.model, model), direction.unit(), t * length,
+        # one whole direction beside the model (the scan holds w0 of its layers): the unit vector
+        scan(Base(lm.model, model), direction.unit().whole(), t * length,
              data=eval_set(session, model, p.slices.segments), batch_size=4,
              execution=Execution(store=store(session, kind), resume=True, progress=session.progress,
                                  provenance={"model_info": lm.info.to_dict(),
@@ -83,13 +86,15 @@ def plane_step(session: Session) -> Step:
     def run() -> None:
         lm = session.model(model)
         gptq, qaft = displacement(session, lm, "gptq"), displacement(session, lm, "qaft")
-        u, v = gptq.unit(), orthogonalize(qaft, gptq).unit()
+        # the two unit vectors are the only whole directions (the displacements are read when needed)
+        u, v = gptq.unit().whole(), orthogonalize(qaft, gptq).unit().whole()
         a_qaft, b_qaft = plane_coordinates(qaft, u, v)
-        a_span = max(gptq.norm(), abs(a_qaft))
-        a = np.linspace(min(0.0, a_qaft) - 0.25 * a_span, max(gptq.norm(), a_qaft) + 0.25 * a_span, n)
+        a_gptq = gptq.norm()
+        a_span = max(a_gptq, abs(a_qaft))
+        a = np.linspace(min(0.0, a_qaft) - 0.25 * a_span, max(a_gptq, a_qaft) + 0.25 * a_span, n)
         b = np.linspace(-0.25 * b_qaft, 1.25 * b_qaft, n)
         fmt = p.headline_format
-        endpoints = {f"GPTQ {fmt}": {"a": gptq.norm(), "b": 0.0, "method": "gptq"},
+        endpoints = {f"GPTQ {fmt}": {"a": a_gptq, "b": 0.0, "method": "gptq"},
                      f"QAFT {fmt}": {"a": a_qaft, "b": b_qaft, "method": "qaft"}}
         scan(Base(lm.model, model), [u, v], [a, b], data=eval_set(session, model, p.slices.segments),
              batch_size=4,

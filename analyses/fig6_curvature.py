@@ -51,10 +51,10 @@ def measure(session: Session) -> None:
 
     def direction(method: str):
         """The displacement ``w_q - w0``, or a random filter-normalised direction as long as GPTQ's."""
-        if method != "random":
-            return displacement_direction(lm.base, sources[method])
-        return random_direction_of_length(lm.base, c.random_seed,
-                                          displacement_direction(lm.base, sources["gptq"]).norm())
+        if method != "random":  # streamed: the path's flat vector is its only copy
+            return displacement_direction(lm.base, sources[method], streamed=True)
+        length = displacement_direction(lm.base, sources["gptq"], streamed=True).norm()
+        return random_direction_of_length(lm.base, c.random_seed, length)
 
     curvature = Curvature(lm.model, data, batch_size=1, progress=session.progress)
     # The Lanczos bases and the Hutch++ sketch go to files beside the store (removed after each run;

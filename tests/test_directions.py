@@ -24,6 +24,7 @@ from landscape.engine.directions import (
     orthogonalize,
     plane_coordinates,
     random_direction,
+    random_direction_of_length,
     regenerate,
     user_direction,
 )
@@ -187,6 +188,11 @@ def test_streamed_directions_equal_the_eager_ones_bit_for_bit_and_hold_one_layer
         assert streamed.names == eager.names
         assert all(torch.equal(streamed[n], eager[n]) for n in eager.names), streamed.spec.describe()
         assert streamed.norm() == eager.norm()
+        # whole(): every layer computed once and held, the same bits and spec; a whole direction as it is
+        whole = streamed.whole()
+        assert not whole.streamed and isinstance(whole.tensors, dict) and whole.spec == streamed.spec
+        assert all(torch.equal(whole[n], eager[n]) for n in eager.names)
+        assert whole[eager.names[0]] is whole[eager.names[0]] and eager.whole() is eager
     spec = orthogonalize(random_direction(gpt2, 1), random_direction(gpt2, 2)).unit().spec
     assert all(torch.equal(a, b) for a, b in zip(regenerate(gpt2, spec, streamed=True).tensors.values(),
                                                   regenerate(gpt2, spec).tensors.values()))
@@ -202,6 +208,14 @@ def test_streamed_directions_equal_the_eager_ones_bit_for_bit_and_hold_one_layer
     assert computed == ["a", "b", "a", "b", "b"]
     with pytest.raises(KeyError):
         lazy["c"]
+
+
+def test_a_random_direction_of_a_given_length_is_the_rescaled_unit_direction(gpt2):
+    eager = random_direction(gpt2, 3, "filter").unit()
+    scaled = random_direction_of_length(gpt2, 3, 2.5)
+    assert list(scaled) == eager.names and all(torch.equal(scaled[n], 2.5 * eager[n]) for n in eager.names)
+    norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in scaled.values()))
+    assert math.isclose(norm, 2.5, rel_tol=1e-6)
 
 
 def test_a_streamed_displacement_refuses_another_base_and_a_wrong_shape(gpt2, tmp_path):

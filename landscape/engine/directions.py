@@ -233,6 +233,16 @@ class Direction:
         return Direction(_layerwise(self.names, lambda n: tensors[n] / length, self.streamed),
                          replace(self.spec, unit_norm=True))
 
+    def whole(self) -> Direction:
+        """This direction with every layer computed now and held (the same tensors bit for bit); a direction
+        that is already whole is returned as it is.
+
+        Build a chain streamed (``displacement -> orthogonalize -> unit``) and make only its last link whole:
+        the links before it then hold no layer, where whole ones would each hold a copy of the direction."""
+        if not self.streamed:
+            return self
+        return Direction({n: self.tensors[n] for n in self.names}, self.spec)
+
 
 def dot(a: Direction, b: Direction) -> float:
     """Euclidean inner product over the layers both cover (a layer only one covers contributes 0), float64,
@@ -363,8 +373,9 @@ def random_direction(model: nn.Module | Base, seed: int, normalization: Normaliz
 
 def random_direction_of_length(model: nn.Module | Base, seed: int, length: float) -> dict[str, torch.Tensor]:
     """A random filter-normalised direction rescaled to Euclidean norm ``length`` (``layer -> (out, in)``):
-    the baseline of the same length as a displacement."""
-    unit = random_direction(model, seed, "filter").unit()
+    the baseline of the same length as a displacement. Each layer is drawn twice (for the norm, then for the
+    result; the same numbers), so the result is the only whole copy."""
+    unit = random_direction(model, seed, "filter", streamed=True).unit()
     return {n: length * t for n, t in unit.tensors.items()}
 
 
