@@ -113,6 +113,8 @@ class NLLHessianOperator(CurvatureOperator):
         self.through_output = [holders[id(p)] == 1 for p in self.params]
         self.sizes = [p.numel() for p in self.params]
         self._size = sum(self.sizes)
+        # a product over this much weight maps its large blocks (see _second_backwards); a toy's does not
+        self._maps_blocks = self._size * self.params[0].element_size() >= MAPPED_PRODUCT_BYTES
 
     @property
     def size(self) -> int:
@@ -181,9 +183,8 @@ class NLLHessianOperator(CurvatureOperator):
         """For every batch, the backward pass of ``g . v``: each weight's share of ``H v`` reaches its
         ``.grad`` (and its post-accumulate hooks)."""
         tangents = [part.view_as(p) for part, p in zip(v.split(self.sizes), self.params)]
-        large = self._size * v.element_size() >= MAPPED_PRODUCT_BYTES
         # the blocks both backward passes free leave the process at once
-        with large_blocks_mapped() if large else contextlib.nullcontext():
+        with large_blocks_mapped() if self._maps_blocks else contextlib.nullcontext():
             for tokens, mask in self.batches:
                 directional = self._directional_derivative(tokens, mask, tangents)
                 if directional is not None:
@@ -308,7 +309,7 @@ def quadratic_form(op: CurvatureOperator, v: torch.Tensor) -> float:
     """``v^T A v`` of any operator: without a product vector where the operator can
     (:class:`NLLHessianOperator` and the wrappers here), else ``v . (A v)``."""
     form = getattr(op, "quadratic_form", None)
-    return form(v) if form is not None else float(torch.dot(v, op.matvec(v).to(v)))
+    return form(v) if form is not None else float(torch.dot(v, op.matvec(v).detach().to(v)))
 
 
 class WorkingPrecisionOperator(WrappedOperator):
