@@ -213,6 +213,7 @@ def test_streamed_directions_equal_the_eager_ones_bit_for_bit_and_hold_one_layer
 def test_a_random_direction_of_a_given_length_is_the_rescaled_unit_direction(gpt2):
     eager = random_direction(gpt2, 3, "filter").unit()
     scaled = random_direction_of_length(gpt2, 3, 2.5)
+    assert isinstance(scaled, LayerwiseTensors)  # drawn when asked for: a whole copy is the caller's choice
     assert list(scaled) == eager.names and all(torch.equal(scaled[n], 2.5 * eager[n]) for n in eager.names)
     norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in scaled.values()))
     assert math.isclose(norm, 2.5, rel_tol=1e-6)

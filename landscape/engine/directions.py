@@ -371,12 +371,13 @@ def random_direction(model: nn.Module | Base, seed: int, normalization: Normaliz
                                            normalization=normalization), streamed=streamed)
 
 
-def random_direction_of_length(model: nn.Module | Base, seed: int, length: float) -> dict[str, torch.Tensor]:
+def random_direction_of_length(model: nn.Module | Base, seed: int,
+                               length: float) -> Mapping[str, torch.Tensor]:
     """A random filter-normalised direction rescaled to Euclidean norm ``length`` (``layer -> (out, in)``):
-    the baseline of the same length as a displacement. Each layer is drawn twice (for the norm, then for the
-    result; the same numbers), so the result is the only whole copy."""
+    the baseline of the same length as a displacement. Its layers are drawn when asked for (the same numbers
+    every time, :class:`LayerwiseTensors`): a curvature along it holds only its own flat copy."""
     unit = random_direction(model, seed, "filter", streamed=True).unit()
-    return {n: length * t for n, t in unit.tensors.items()}
+    return LayerwiseTensors(unit.names, lambda n: length * unit[n])
 
 
 def displacement_direction(model: nn.Module | Base, result: Any,

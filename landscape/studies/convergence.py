@@ -315,9 +315,9 @@ def sweep_tasks(model: nn.Module, windows: TokenSet, budgets: Budgets, settings:
                                                                     seed=settings.seed).to_record()
     sources, whole = dict(settings.directions), range(budgets.n_windows)
 
-    def direction(name: str):  # built when its task runs, so a finished task loads nothing
+    def direction(name: str):  # built when its task runs (a finished task loads nothing), layer by layer
         if name in sources:
-            return displacement_direction(model, sources[name])
+            return displacement_direction(model, sources[name], streamed=True)
         return random_direction_of_length(model, int(name.removeprefix("random")), 1.0)
 
     for name in settings.direction_names:
