@@ -93,16 +93,38 @@ def segment_nll_sums(model: nn.Module, tokens: torch.Tensor, score_mask: torch.T
     return nll_sums_from_logits(model(input_ids=tokens).logits, tokens, score_mask)
 
 
+# Without gradients, the log-softmax is taken over at most this many logits at a time (64 MB in float32).
+LOG_SOFTMAX_CHUNK = 1 << 24
+
+
 def nll_sums_from_logits(logits: torch.Tensor, tokens: torch.Tensor,
                          score_mask: torch.Tensor) -> torch.Tensor:
     """Summed NLL of the scored tokens of each segment from ``(b, t, vocab)`` logits: ``(b,)``.
 
     bfloat16 / float16 logits are normalised and summed in float32 (a bf16 log-softmax over a 49k
     vocabulary and a bf16 sum over 2k tokens would each cost more than the effects we measure).
+
+    Without gradients (evaluations) the log-probabilities are formed a block of positions at a time
+    (:data:`LOG_SOFTMAX_CHUNK` logits), not as a second logits-sized tensor: 0.4 GB for SmolLM2's 49k
+    vocabulary over 4 x 512 tokens. Each position's log-softmax is its own row, so the sums are the same
+    bits; with gradients the whole tensor is formed, so the graph (and a Hessian's double backward) is the
+    one it always was.
     """
-    logits = logits.to(working_dtype(logits.dtype))
-    logp = F.log_softmax(logits[:, :-1], dim=-1)  # predicts tokens[:, 1:]
-    nll_tok = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (b, t-1)
+    work = working_dtype(logits.dtype)
+    b, t, vocab = logits.shape
+    n = t - 1  # position p predicts tokens[:, p + 1]
+    whole = logits.requires_grad and torch.is_grad_enabled()
+    step = n if whole else max(1, LOG_SOFTMAX_CHUNK // max(1, b * vocab))
+    pieces, start = [], 0
+    while True:
+        stop = min(start + step, n)
+        logp = F.log_softmax(logits[:, start:stop].to(work), dim=-1)
+        pieces.append(-logp.gather(-1, tokens[:, start + 1 : stop + 1, None]).squeeze(-1))
+        del logp
+        start = stop
+        if start >= n:
+            break
+    nll_tok = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)  # (b, t-1)
     return (nll_tok * score_mask[:, 1:]).sum(dim=1)
 
 

@@ -135,3 +135,29 @@ def test_layer_mse_rejects_bad_input():
         layer_mse(model, data, {name: torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="inputs"):
         layer_mse(model, data, {}, inputs="both")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_nll_sums_in_blocks_of_positions_equal_the_whole_log_softmax_bit_for_bit(dtype, monkeypatch):
+    """Without gradients the log-softmax is taken a block of positions at a time (here blocks of 3 positions,
+    a remainder and the one-token edge case); the sums are those of one log-softmax over every position, bit
+    for bit, and with gradients the same function differentiates as the whole one does."""
+    import landscape.objectives as objectives
+
+    generator = torch.Generator().manual_seed(0)
+    for b, t, vocab in [(3, 37, 101), (2, 1, 11), (1, 2, 7)]:
+        logits = (3 * torch.randn(b, t, vocab, generator=generator, dtype=torch.float64)).to(dtype)
+        tokens = torch.randint(0, vocab, (b, t), generator=generator)
+        mask = (torch.rand(b, t, generator=generator) > 0.2).to(torch.float32)
+        work = torch.float32 if dtype == torch.bfloat16 else dtype
+        logp = torch.log_softmax(logits[:, :-1].to(work), dim=-1)  # the whole tensor, by hand
+        expected = (-logp.gather(-1, tokens[:, 1:, None]).squeeze(-1) * mask[:, 1:]).sum(dim=1)
+        monkeypatch.setattr(objectives, "LOG_SOFTMAX_CHUNK", 3 * b * vocab)
+        with torch.no_grad():
+            assert torch.equal(objectives.nll_sums_from_logits(logits, tokens, mask), expected)
+        leaf = logits.detach().to(work).requires_grad_(True)
+        grad, = torch.autograd.grad(objectives.nll_sums_from_logits(leaf, tokens, mask).sum(), leaf)
+        by_hand = torch.softmax(leaf.detach()[:, :-1], dim=-1)
+        by_hand.scatter_add_(-1, tokens[:, 1:, None], -torch.ones_like(by_hand[..., :1]))
+        assert torch.allclose(grad[:, :-1], by_hand * mask[:, 1:, None], atol=1e-6)
+        assert not grad[:, -1].any()
