@@ -114,16 +114,13 @@ def nll_sums_from_logits(logits: torch.Tensor, tokens: torch.Tensor,
     b, t, vocab = logits.shape
     n = t - 1  # position p predicts tokens[:, p + 1]
     whole = logits.requires_grad and torch.is_grad_enabled()
-    step = n if whole else max(1, LOG_SOFTMAX_CHUNK // max(1, b * vocab))
-    pieces, start = [], 0
-    while True:
+    step = max(1, n if whole else LOG_SOFTMAX_CHUNK // max(1, b * vocab))
+    pieces = []
+    for start in range(0, max(n, 1), step):  # one empty block for a one-token segment
         stop = min(start + step, n)
         logp = F.log_softmax(logits[:, start:stop].to(work), dim=-1)
         pieces.append(-logp.gather(-1, tokens[:, start + 1 : stop + 1, None]).squeeze(-1))
         del logp
-        start = stop
-        if start >= n:
-            break
     nll_tok = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)  # (b, t-1)
     return (nll_tok * score_mask[:, 1:]).sum(dim=1)
 
