@@ -51,7 +51,7 @@ from landscape.memory import MemoryPeak, MemoryWatch, release_freed_memory
 from landscape.quant import parse_format
 from landscape.store import finish_run, start_run
 from landscape.studies.quant_table import Protocol, run_quant_table, variants
-from landscape.weights import Base, layer_weights, select_layers, weights_norm
+from landscape.weights import Base, quantizable_layers, select_layers, weight_matrix, weights_norm
 
 
 # ---------------------------------------------------------------------------------------------- costs
@@ -300,7 +300,8 @@ def facts_step(session: Session, model: str) -> Step:
 
     def run() -> None:
         lm = session.model(model)
-        w0 = layer_weights(lm.model)
+        # views of the model's weights, not copies
+        w0 = {n: weight_matrix(m).detach() for n, m in quantizable_layers(lm.model).items()}
         arrays = {"n_params": ((), np.int64), "n_quantized": ((), np.int64), "w0_norm": ((), np.float64)}
         with start_run(facts_store(session, model), {"kind": "model_facts", "model": model,
                                                      "model_info": lm.info.to_dict()}, arrays) as record:

@@ -204,26 +204,32 @@ def row_blocks(w: torch.Tensor, elements: int | None = None) -> tuple[torch.Tens
 
 @contextlib.contextmanager
 def swapped_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
-    """Temporarily replace the ``(out, in)`` weights of named layers; w0 is restored bit-exactly on exit.
+    """Temporarily let named layers compute with other ``(out, in)`` weights; w0 is back bit-exactly on exit.
 
-    Only the swapped layers' original weights are copied (no second model), and restoring happens even
-    when the body raises.
+    Each layer's weight parameter is pointed at the given tensor (in the parameter's layout, dtype and
+    device: a tensor that already has them is used as it is, not copied) and pointed back at w0's own
+    storage on exit, also when the body raises. So no copy of w0 is made: swapping in a quantized model
+    costs nothing beside the model and the given weights (SmolLM2's 210 layers: 0.42 GB less than copying w0
+    aside), and views of w0 taken before the swap keep reading w0. In-place writes to a swapped layer's
+    weight inside the context go to the given tensor.
     """
-    saved: dict[str, torch.Tensor] = {}
+    swapped: list[tuple[nn.Parameter, torch.Tensor]] = []  # (parameter, its w0 storage), in swap order
     try:
         with torch.no_grad():
             for name, w in weights.items():
-                target = weight_matrix(get_layer(model, name))
-                if tuple(w.shape) != tuple(target.shape):
+                module = get_layer(model, name)
+                param = module.weight
+                expected = tuple(weight_matrix(module).shape)
+                if tuple(w.shape) != expected:
                     raise ValueError(f"weight for {name!r} has shape {tuple(w.shape)}, layer expects "
-                                     f"{tuple(target.shape)}")
-                saved[name] = target.detach().clone()
-                target.copy_(w.to(target.dtype))
+                                     f"{expected}")
+                installed = parameter_layout(module, w.detach().to(device=param.device, dtype=param.dtype))
+                swapped.append((param, param.data))
+                param.data = installed
         yield model
     finally:
-        with torch.no_grad():
-            for name, w in saved.items():
-                weight_matrix(get_layer(model, name)).copy_(w)
+        for param, w0 in reversed(swapped):  # reversed: a parameter swapped twice (tied) ends at its w0
+            param.data = w0
 
 
 @contextlib.contextmanager

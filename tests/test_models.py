@@ -54,6 +54,44 @@ def test_swapped_weights_restores_bit_exactly_even_on_error():
         assert torch.equal(v, before[k]), k
 
 
+def test_swapped_weights_compute_with_the_given_tensors_without_copying_w0(arch):
+    """Inside the swap the model equals a copy whose weights were written in (an independent computation);
+    the given tensors are used as they are (same storage: nothing copied), views of w0 taken before keep
+    reading w0, and on exit every parameter is back on its own storage."""
+    import copy
+
+    model = tiny_model(arch)
+    layers = quantizable_layers(model)
+    gen = torch.Generator().manual_seed(0)
+    given = {n: torch.randn(weight_matrix(m).shape, generator=gen) for n, m in layers.items()}
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, m in quantizable_layers(reference).items():
+            weight_matrix(m).copy_(given[n])
+    w0_views = {n: weight_matrix(m).detach() for n, m in layers.items()}
+    w0_values = {n: w.clone() for n, w in w0_views.items()}
+    storage = {n: m.weight.data_ptr() for n, m in layers.items()}
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9), generator=gen)
+    with swapped_weights(model, given):
+        inside = model(input_ids=tokens).logits
+        for n, m in layers.items():
+            assert weight_matrix(m).data_ptr() == given[n].data_ptr(), n  # the given tensor, not a copy
+            assert torch.equal(w0_views[n], w0_values[n]), n
+    assert torch.equal(inside, reference(input_ids=tokens).logits)
+    for n, m in layers.items():
+        assert m.weight.data_ptr() == storage[n] and torch.equal(weight_matrix(m), w0_values[n]), n
+
+
+def test_swapped_weights_cast_to_the_models_dtype():
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    name, module = next(iter(quantizable_layers(model).items()))
+    given = torch.randn(weight_matrix(module).shape, dtype=torch.float32)
+    with swapped_weights(model, {name: given}):
+        assert module.weight.dtype == torch.bfloat16
+        assert torch.equal(weight_matrix(module), given.to(torch.bfloat16))
+    assert given.dtype == torch.float32
+
+
 def test_swapped_weights_rejects_wrong_shape_and_unknown_layer():
     model = tiny_model("llama")
     name = next(iter(quantizable_layers(model)))
