@@ -187,6 +187,24 @@ def test_operator_products_equal_the_dense_hessian(gpt2_problem):
     assert weight_space(model).parameter_names == tuple(f"{n}.weight" for n in layers)
 
 
+def test_a_mapped_product_hands_the_heap_back_after_each_batch(gpt2_problem, monkeypatch):
+    """A product large enough to map its blocks (SmolLM2's) releases the heap's freed memory after each
+    batch's backward pass, the same product to the last bit; a small one (a toy's) never pays for one."""
+    from landscape.curvature import operators
+
+    model, data, _, hessian = gpt2_problem
+    v = torch.randn(hessian.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    calls: list[int] = []
+    monkeypatch.setattr(operators, "release_freed_memory", lambda: calls.append(1) or True)
+    small = Curvature(model, data, batch_size=3).operator()  # batches of 3 + 1 segments
+    expected = small.matvec(v)
+    assert calls == []
+    monkeypatch.setattr(operators, "MAPPED_PRODUCT_BYTES", 0)
+    mapped = Curvature(model, data, batch_size=3).operator()
+    assert torch.equal(mapped.matvec(v), expected)
+    assert len(calls) == 2
+
+
 def test_flat_vectors_and_their_layer_views_follow_the_stored_layout(gpt2_problem):
     """A flat vector is each weight parameter flattened as stored (GPT-2's Conv1D: (in, out)); ``views`` gives
     each layer's (out, in) matrix without a copy, and ``flatten`` of those views is the vector again."""

@@ -127,3 +127,24 @@ def test_gptq_in_one_pass_equals_gptq_with_replays(arch):
     assert fast.layer_mse == slow.layer_mse
     with pytest.raises(ValueError, match="one_pass must be True or False"):
         GPTQSettings(one_pass="yes")
+
+
+def test_gptq_hands_the_heap_back_after_each_input_group_when_groups_take_long(monkeypatch):
+    """The driver releases the heap's freed memory after each solved group, at most once per interval: with a
+    zero interval (a model whose groups take seconds, SmolLM2) once per group, the same weights bit for bit;
+    with the default interval, a toy's millisecond groups pay at most one release."""
+    from landscape import memory
+    from landscape.quant import capture
+
+    model = tiny_model("llama")
+    calib = random_tokens(5, 16, seed=7)
+    settings = GPTQSettings(block_size=16)
+    calls: list[int] = []
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: calls.append(1) or True)
+    toy = gptq(Base(model, "tiny"), calib, "int3", settings, batch_size=2, progress=False)
+    assert len(calls) <= 1
+    calls.clear()
+    monkeypatch.setattr(capture, "PeriodicRelease", lambda: memory.PeriodicRelease(interval_s=0.0))
+    every = gptq(Base(model, "tiny"), calib, "int3", settings, batch_size=2, progress=False)
+    assert len(calls) == 4 * len(decoder_blocks(model))  # a Llama block: q/k/v, o, gate/up, down
+    assert all(torch.equal(toy.weights[n], every.weights[n]) for n in toy.weights)

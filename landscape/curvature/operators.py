@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from landscape.curvature.space import CurvatureError, OperatorKind, WeightSpace, check_curvature_model
 from landscape.data import TokenSet
-from landscape.memory import large_blocks_mapped
+from landscape.memory import large_blocks_mapped, release_freed_memory
 from landscape.objectives import nll_sums_from_logits, segment_nll_sums
 from landscape.weights import model_label, weight_is_transposed, working_dtype
 
@@ -190,6 +190,8 @@ class NLLHessianOperator(CurvatureOperator):
                 if directional is not None:
                     torch.autograd.backward(directional, inputs=self.params)
                 del directional
+                if self._maps_blocks:
+                    release_freed_memory()  # what the heap served instead of mappings (a long run's heap)
 
     def _directional_derivative(self, tokens: torch.Tensor, mask: torch.Tensor,
                                 tangents: list[torch.Tensor]) -> torch.Tensor | None:

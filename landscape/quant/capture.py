@@ -40,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from landscape.data import TokenSet
-from landscape.memory import share_malloc_arenas
+from landscape.memory import PeriodicRelease, share_malloc_arenas
 from landscape.objectives import check_in_vocabulary
 from landscape.quant.formats import QuantFormat, parse_format
 from landscape.weights import (
@@ -526,6 +526,11 @@ def quantize_block_by_block(
 
     solved: dict[str, SolvedLayer] = {}
     bar = _progress(len(names), progress)
+    # After each group (at most once a second: every group of SmolLM2, rarely a toy's), the heap's freed
+    # blocks go back to the system: in a process whose heap has free space left by earlier work, the
+    # calibration forwards' activations come from it, not from mappings of their own, and stay resident once
+    # freed.
+    release_heap = PeriodicRelease()
 
     def solve_and_install(group: list[str], w0: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor]):
         hessian = hessians[group[0]]
@@ -543,6 +548,7 @@ def quantize_block_by_block(
                                        seconds * w0[name].shape[0] / rows)
             hessians.pop(name)
         bar.update(len(group))
+        release_heap()
 
     try:
         for index in range(last_block + 1):
