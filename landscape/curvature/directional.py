@@ -334,8 +334,9 @@ def path_curvature(problem: NLLProblem, direction: Direction, t: Sequence[float]
 
 class _PathPoint(Mapping[str, torch.Tensor]):
     """``layer -> w0 + t d`` (``(out, in)``, the model's dtype), each formed from the model's current weight
-    when it is read: read by :func:`~landscape.weights.swapped_weights` while the model is at w0, the point
-    costs one layer's temporary instead of a copy of every layer beside the one the swap keeps."""
+    when it is read: read by :func:`~landscape.weights.swapped_weights` while the model is at w0, each layer's
+    point is formed just before the swap installs it, so the point costs one copy of its layers (the ones
+    installed), not a second one built beforehand."""
 
     def __init__(self, model: nn.Module, tensors: Mapping[str, torch.Tensor], t: float) -> None:
         self.model, self.tensors, self.t = model, tensors, t
