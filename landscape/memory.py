@@ -98,6 +98,11 @@ def large_blocks_mapped(threshold_bytes: int = 64 * 1024) -> Iterator[bool]:
     time: a mapping and first-touch page faults per block). Not for training loops: QAFT's steps took 2.6
     times as long inside (the kernel's time for mapping and zeroing every activation of every pass).
 
+    glibc maps a block only when no free space of its heap fits it: in a process whose heap has free space
+    left by earlier work (a figure run's later steps), blocks that fit it still come from the heap and stay
+    resident once freed, so long work inside also calls :func:`release_freed_memory` now and then (the Hessian
+    operator after each batch of a product).
+
     On leaving, the threshold is set to 32 MiB, the ceiling glibc's own rule reaches once a large tensor has
     been freed (any model load does), and stays fixed there: blocks below it come from the heap again.
     """
